@@ -1,0 +1,116 @@
+"""The one-device reference executor: whole maps, numpy kernels.
+
+This is the oracle every other execution path is compared with (tiled
+execution, generated kernels, sockets), and it is itself compared with
+PyTorch autograd and finite differences in the tests.
+"""
+import numpy as np
+
+from tilec_runtime import ops
+from tilec_runtime.program import LOSSES, pads_of
+
+
+def _input(acts, j, images):
+    return images if j == -1 else acts[j]
+
+
+def forward(program, params, buffers, images, target, train=True):
+    """Run the program; returns (loss, cache). Updates running statistics
+    in ``buffers`` when ``train`` (as torch's batch_norm(training=True))."""
+    acts, cache = {}, {}
+    loss = None
+    for layer in program:
+        i, kind = layer["index"], layer["kind"]
+        x = _input(acts, layer["inputs"][0], images)
+        if kind == "conv":
+            z = ops.conv2d_forward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer))
+            if layer["bn"]:
+                if train:
+                    n, mean, m2 = ops.bn_stats(z)
+                    var = m2 / n
+                    ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
+                else:
+                    mean = buffers[f"{i}.bn.running_mean"].astype(np.float64)
+                    var = buffers[f"{i}.bn.running_var"].astype(np.float64)
+                z, xhat, inv_std = ops.bn_normalize(z, mean, var, params[f"{i}.bn.weight"], params[f"{i}.bn.bias"])
+                cache[i] = (xhat, inv_std)
+            else:
+                z = z + params[f"{i}.conv.bias"][None, :, None, None]
+            acts[i] = ops.act_forward(z, layer["act"])
+        elif kind == "maxpool":
+            acts[i], cache[i] = ops.maxpool_forward(x, layer["size"], layer["stride"], pads_of(layer))
+        elif kind == "avgpool":
+            acts[i] = ops.avgpool_forward(x)
+        elif kind == "connected":
+            y = ops.connected_forward(x, params[f"{i}.fc.weight"], params[f"{i}.fc.bias"])
+            acts[i] = ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
+        elif kind == "route":
+            acts[i] = np.concatenate([_input(acts, j, images) for j in layer["inputs"]], axis=1)
+        elif kind == "reorg":
+            acts[i] = ops.reorg_forward(x, layer["stride"])
+        elif kind == "softmax":
+            loss, cache[i] = ops.softmax_xent(x.reshape(x.shape[0], -1), target)
+            acts[i] = x
+        elif kind == "cost":
+            loss, cache[i] = ops.sse(x, target.reshape(x.shape))
+            acts[i] = x
+    return loss, (acts, cache)
+
+
+def backward(program, params, images, state):
+    """Gradients of the loss w.r.t. every parameter, from ``forward``'s state."""
+    acts, cache = state
+    grads = {}
+    dout = {}
+
+    def add(j, g):
+        if j == -1:
+            return  # the network input needs no gradient
+        dout[j] = dout[j] + g if j in dout else g
+
+    for layer in reversed(program):
+        i, kind = layer["index"], layer["kind"]
+        j = layer["inputs"][0]
+        x = _input(acts, j, images)
+        if kind in LOSSES:
+            add(j, cache[i].reshape(x.shape))
+            continue
+        if i not in dout:
+            continue  # feeds nothing that reaches the loss
+        dy = dout.pop(i)
+        if kind == "conv":
+            dz = ops.act_backward(acts[i], layer["act"], dy)
+            if layer["bn"]:
+                xhat, inv_std = cache[i]
+                s1, s2 = ops.bn_grad_sums(dz, xhat)
+                count = dz.shape[0] * dz.shape[2] * dz.shape[3]
+                grads[f"{i}.bn.weight"] = s2.astype(dz.dtype)
+                grads[f"{i}.bn.bias"] = s1.astype(dz.dtype)
+                dz = ops.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
+            else:
+                grads[f"{i}.conv.bias"] = dz.sum(axis=(0, 2, 3))
+            dx, grads[f"{i}.conv.weight"] = ops.conv2d_backward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer), dz)
+            add(j, dx)
+        elif kind == "maxpool":
+            add(j, ops.maxpool_backward(x.shape, layer["size"], layer["stride"], pads_of(layer), cache[i], dy))
+        elif kind == "avgpool":
+            add(j, ops.avgpool_backward(x.shape, dy))
+        elif kind == "connected":
+            dz = ops.act_backward(acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
+            dx, grads[f"{i}.fc.weight"], grads[f"{i}.fc.bias"] = ops.connected_backward(x, params[f"{i}.fc.weight"], dz)
+            add(j, dx)
+        elif kind == "route":
+            start = 0
+            for src in layer["inputs"]:
+                c = _input(acts, src, images).shape[1]
+                add(src, dy[:, start:start + c])
+                start += c
+        elif kind == "reorg":
+            add(j, ops.reorg_backward(dy, layer["stride"]))
+    return grads
+
+
+def train_step(program, params, buffers, images, target):
+    """Forward and backward; returns (loss, grads)."""
+    loss, state = forward(program, params, buffers, images, target, train=True)
+    return loss, backward(program, params, images, state)

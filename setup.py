@@ -1,0 +1,21 @@
+"""tilec: fused-tile CNN training across a cluster of small edge devices."""
+from setuptools import setup
+
+setup(
+    name="tilec",
+    version="0.1.0",
+    description="Compiler and runtime for fused-tile CNN training on edge clusters",
+    python_requires=">=3.10",
+    # The runtime is importable as `tilec_runtime` and needs numpy alone; the
+    # planner (`tilec`) brings the heavy dependencies.
+    packages=["tilec", "tilec.ir", "tilec.frontend", "tilec.analysis", "tilec.plan",
+              "tilec.inspect", "tilec_runtime"],
+    package_dir={"tilec_runtime": "runtime"},
+    package_data={"tilec": ["models/*.cfg"]},
+    include_package_data=True,
+    install_requires=["numpy>=1.24", "networkx>=3.0", "PyYAML>=6.0"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.80"],
+    },
+    entry_points={"console_scripts": ["tilec=tilec.cli:main"]},
+)
