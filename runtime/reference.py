@@ -10,18 +10,23 @@ from tilec_runtime import ops
 from tilec_runtime.program import LOSSES, pads_of
 
 
-def _input(acts, j, images):
-    return images if j == -1 else acts[j]
-
-
 def forward(program, params, buffers, images, target, train=True):
-    """Run the program; returns (loss, cache). Updates running statistics
+    """Run the program; returns (loss, state). Updates running statistics
     in ``buffers`` when ``train`` (as torch's batch_norm(training=True))."""
-    acts, cache = {}, {}
+    acts = {-1: images}
+    loss, cache = forward_layers(program, params, buffers, acts, target, train)
+    return loss, (acts, cache)
+
+
+def forward_layers(layers, params, buffers, acts, target, train=True):
+    """Forward through ``layers`` (a slice of a program), reading inputs from
+    and writing outputs to ``acts`` (``acts[-1]`` is the image batch).
+    Returns (loss or None, cache for ``backward_layers``)."""
+    cache = {}
     loss = None
-    for layer in program:
+    for layer in layers:
         i, kind = layer["index"], layer["kind"]
-        x = _input(acts, layer["inputs"][0], images)
+        x = acts[layer["inputs"][0]]
         if kind == "conv":
             z = ops.conv2d_forward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer))
             if layer["bn"]:
@@ -45,7 +50,7 @@ def forward(program, params, buffers, images, target, train=True):
             y = ops.connected_forward(x, params[f"{i}.fc.weight"], params[f"{i}.fc.bias"])
             acts[i] = ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
         elif kind == "route":
-            acts[i] = np.concatenate([_input(acts, j, images) for j in layer["inputs"]], axis=1)
+            acts[i] = np.concatenate([acts[j] for j in layer["inputs"]], axis=1)
         elif kind == "reorg":
             acts[i] = ops.reorg_forward(x, layer["stride"])
         elif kind == "softmax":
@@ -54,24 +59,31 @@ def forward(program, params, buffers, images, target, train=True):
         elif kind == "cost":
             loss, cache[i] = ops.sse(x, target.reshape(x.shape))
             acts[i] = x
-    return loss, (acts, cache)
+    return loss, cache
 
 
 def backward(program, params, images, state):
     """Gradients of the loss w.r.t. every parameter, from ``forward``'s state."""
     acts, cache = state
+    return backward_layers(program, params, acts, cache)[0]
+
+
+def backward_layers(layers, params, acts, cache, dout=None):
+    """Backward through ``layers`` from the loss (if among them) and the
+    output gradients in ``dout``. Returns (grads, dout) where ``dout`` now
+    holds the gradients of the tensors the layers read but did not produce."""
     grads = {}
-    dout = {}
+    dout = dict(dout or {})
 
     def add(j, g):
         if j == -1:
             return  # the network input needs no gradient
         dout[j] = dout[j] + g if j in dout else g
 
-    for layer in reversed(program):
+    for layer in reversed(layers):
         i, kind = layer["index"], layer["kind"]
         j = layer["inputs"][0]
-        x = _input(acts, j, images)
+        x = acts[j]
         if kind in LOSSES:
             add(j, cache[i].reshape(x.shape))
             continue
@@ -102,12 +114,12 @@ def backward(program, params, images, state):
         elif kind == "route":
             start = 0
             for src in layer["inputs"]:
-                c = _input(acts, src, images).shape[1]
+                c = acts[src].shape[1]
                 add(src, dy[:, start:start + c])
                 start += c
         elif kind == "reorg":
             add(j, ops.reorg_backward(dy, layer["stride"]))
-    return grads
+    return grads, dout
 
 
 def train_step(program, params, buffers, images, target):

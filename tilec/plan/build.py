@@ -1,0 +1,205 @@
+"""Build a plan: groups, tiles, devices, and every message between them.
+
+Input: a program (``Graph.to_program()``), the layer groups over its spatial
+prefix, and for each group the split lines and the device of each tile. The
+layers after the prefix form one *tail* group on rank 0, which also reads
+the data and runs the loss. Output: the plan dict of
+``tilec_runtime.planfile`` (sealed with its hash).
+
+Messages are explicit so that any backend can put them on a wire unchanged
+and so that the bytes each device sends per step are known:
+
+- forward, at a group's input: every owner of part of the input map sends
+  each tile the intersection of what it owns with what the tile reads;
+- forward, into the tail: owners send their owned cells of each prefix
+  layer the tail reads;
+- backward: the same regions in the other direction, carrying partial
+  gradients that the receiver adds (overlap-add).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from tilec.analysis.regions import area_of, even_splits, intersect
+from tilec.analysis.tiles import group_tiles, spatial_prefix
+from tilec.errors import PlanError
+from tilec_runtime.planfile import FORMAT, VERSION, seal
+from tilec_runtime.program import param_shapes
+
+
+@dataclass
+class GroupChoice:
+    """A group over program[first..last] with its split lines and devices.
+
+    ``devices[t]`` is the device of tile t, tiles in row-major grid order.
+    """
+    first: int
+    last: int
+    row_splits: list
+    col_splits: list
+    devices: list
+
+
+def parse_groups(spec, prefix):
+    """Group boundaries over a spatial prefix of ``prefix`` layers.
+
+    ``spec``: ``"all"`` (one group), ``"each"`` (one per layer), or ranges
+    such as ``"0-3,4-7,8"`` that must cover 0..prefix-1 in order.
+    """
+    if prefix == 0:
+        return []
+    if spec == "all":
+        return [(0, prefix - 1)]
+    if spec == "each":
+        return [(i, i) for i in range(prefix)]
+    groups, expect = [], 0
+    for part in spec.split(","):
+        try:
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise PlanError(f"--groups: cannot read {part!r} (expected 'all', 'each' or ranges like 0-3,4-7)") from None
+        if first != expect or last < first:
+            raise PlanError(f"--groups: range {part.strip()!r} must start at layer {expect}")
+        groups.append((first, last))
+        expect = last + 1
+    if expect != prefix:
+        raise PlanError(f"--groups: ranges end at layer {expect - 1}, the spatial prefix is layers 0..{prefix - 1}")
+    return groups
+
+
+def parse_grid(spec):
+    try:
+        r, c = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise PlanError(f"--grid: cannot read {spec!r} (expected RxC, e.g. 2x3)") from None
+    if r < 1 or c < 1:
+        raise PlanError(f"--grid: {spec!r} must be at least 1x1")
+    return r, c
+
+
+def default_grid(n_devices):
+    """The most square R x C = n grid, more rows than columns."""
+    c = max(d for d in range(1, int(n_devices ** 0.5) + 1) if n_devices % d == 0)
+    return n_devices // c, c
+
+
+def even_choices(program, groups, grid, n_devices):
+    """GroupChoice per group: the grid (shrunk where a map is too small), even splits."""
+    rows, cols = grid
+    if rows * cols > n_devices:
+        raise PlanError(f"grid {rows}x{cols} has {rows * cols} tiles for {n_devices} devices")
+    choices = []
+    for first, last in groups:
+        _, h, w = program[last]["out_shape"]
+        r, c = min(rows, h), min(cols, w)
+        choices.append(GroupChoice(first, last, even_splits(h, r), even_splits(w, c), list(range(r * c))))
+    return choices
+
+
+def _rng(r):
+    return [int(r[0]), int(r[1])]
+
+
+def _message(group, tensor, sender, receiver, rows, cols, channels, batch, itemsize):
+    return {"phase": "forward", "group": group, "tensor": tensor, "sender": sender, "receiver": receiver,
+            "rows": _rng(rows), "cols": _rng(cols),
+            "bytes": 0 if sender == receiver else batch * channels * area_of(rows, cols) * itemsize}
+
+
+def build_plan(program, choices, *, model, batch, dtype, devices, optimizer):
+    """The sealed plan dict. ``devices``: list of device names (rank order)."""
+    prefix = spatial_prefix(program)
+    itemsize = np.dtype(dtype).itemsize
+    expect = 0
+    for ch in choices:
+        if ch.first != expect or ch.last < ch.first or ch.last >= prefix:
+            raise PlanError(f"group {ch.first}-{ch.last} must start at layer {expect} and lie in the spatial prefix 0..{prefix - 1}")
+        expect = ch.last + 1
+        ntiles = (len(ch.row_splits) - 1) * (len(ch.col_splits) - 1)
+        if len(ch.devices) != ntiles or len(set(ch.devices)) != ntiles:
+            raise PlanError(f"group {ch.first}-{ch.last}: {ntiles} tiles need {ntiles} distinct devices, got {ch.devices}")
+        if any(not 0 <= d < len(devices) for d in ch.devices):
+            raise PlanError(f"group {ch.first}-{ch.last}: device out of range in {ch.devices}")
+    if expect != prefix:
+        raise PlanError(f"groups end at layer {expect - 1}, the spatial prefix is layers 0..{prefix - 1}")
+
+    groups, messages, owners = [], [], {}  # owners[layer] = [(device, owned region)]
+    for ch in choices:
+        try:
+            tiles = group_tiles(program, ch.first, ch.last, ch.row_splits, ch.col_splits)
+        except ValueError as exc:
+            raise PlanError(f"group {ch.first}-{ch.last}: {exc}") from None
+        in_tensor = ch.first - 1
+        channels = program[ch.first]["in_shape"][0]
+        tile_dicts = []
+        for tile, dev in zip(tiles, ch.devices):
+            tile_dicts.append({
+                "device": dev, "rows": _rng(tile.rows), "cols": _rng(tile.cols),
+                "input": [_rng(tile.input[0]), _rng(tile.input[1])],
+                "layers": [{"layer": tl.layer, "region": [_rng(r) for r in tl.region],
+                            "owned": [_rng(r) for r in tl.owned], "src": [_rng(r) for r in tl.src],
+                            "pads": list(tl.pads)} for tl in tile.layers]})
+            # the group input: the image from rank 0, or the previous group's owners
+            sources = owners[in_tensor] if in_tensor >= 0 else [(0, tile.input)]
+            for src_dev, src_region in sources:
+                rows = intersect(src_region[0], tile.input[0])
+                cols = intersect(src_region[1], tile.input[1])
+                if rows and cols:
+                    messages.append(_message(len(groups), in_tensor, src_dev, dev, rows, cols, channels, batch, itemsize))
+        for tl_index, layer in enumerate(program[ch.first:ch.last + 1]):
+            owners[layer["index"]] = [(dev, tile.layers[tl_index].owned) for tile, dev in zip(tiles, ch.devices)]
+        groups.append({"kind": "tiled", "layers": [ch.first, ch.last], "row_splits": list(ch.row_splits),
+                       "col_splits": list(ch.col_splits), "tiles": tile_dicts})
+
+    tail_reads = sorted({j for layer in program[prefix:] for j in layer["inputs"] if j < prefix})
+    for tensor in tail_reads:
+        c, h, w = program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
+        sources = owners[tensor] if tensor >= 0 else [(0, ((0, h - 1), (0, w - 1)))]
+        for src_dev, (rows, cols) in sources:
+            if length_ok(rows) and length_ok(cols):
+                messages.append(_message(len(groups), tensor, src_dev, 0, rows, cols, c, batch, itemsize))
+    last_shape = program[-1]["out_shape"]
+    groups.append({"kind": "tail", "layers": [prefix, len(program) - 1],
+                   "tiles": [{"device": 0, "rows": [0, last_shape[1] - 1], "cols": [0, last_shape[2] - 1]}]})
+
+    # backward: partial gradients travel the forward messages in reverse
+    messages += [dict(m, phase="backward", sender=m["receiver"], receiver=m["sender"])
+                 for m in messages if m["tensor"] >= 0]
+    plan = {
+        "format": FORMAT, "version": VERSION, "model": model, "batch": batch, "dtype": str(np.dtype(dtype)),
+        "optimizer": dict(optimizer),
+        "devices": [{"rank": r, "name": name} for r, name in enumerate(devices)],
+        "program": program, "groups": groups, "messages": messages,
+        "collectives": _collectives(program, groups, batch),
+    }
+    return seal(plan)
+
+
+def length_ok(r):
+    return r[1] >= r[0]
+
+
+def _collectives(program, groups, batch):
+    """The all-reduces of a step, with the bytes each member sends.
+
+    Batch-norm statistics (count, mean, m2) forward and the two gradient
+    sums backward are float64; weight gradients go in the data dtype.
+    Members send their contribution to every other member.
+    """
+    out = []
+    for group in groups:
+        members = sorted({t["device"] for t in group["tiles"]})
+        if len(members) < 2:
+            continue
+        first, last = group["layers"]
+        for layer in program[first:last + 1]:
+            if layer["kind"] == "conv" and layer["bn"]:
+                c = layer["filters"]
+                out.append({"kind": "bn_stats", "layer": layer["index"], "devices": members, "bytes": 8 * (2 * c + 1)})
+                out.append({"kind": "bn_grad", "layer": layer["index"], "devices": members, "bytes": 8 * 2 * c})
+            shapes = {k: s for k, s in param_shapes(layer).items() if ".bn." not in k}
+            if shapes:
+                out.append({"kind": "grad", "layer": layer["index"], "devices": members,
+                            "keys": sorted(shapes), "elements": int(sum(np.prod(s) for s in shapes.values()))})
+    return out
