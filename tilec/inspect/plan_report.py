@@ -1,0 +1,103 @@
+"""What a plan costs each device: activation memory, halo work, bytes sent.
+
+Pure functions of the plan dict (the same numbers for any backend).
+Activation memory counts every array a device keeps from forward for
+backward: each layer's output region (and the group input region), the
+normalised values of batch-norm layers, and max-pool argmax indices (int16).
+"""
+import numpy as np
+
+
+def _area(region):
+    (r0, r1), (c0, c1) = region
+    return (r1 - r0 + 1) * (c1 - c0 + 1)
+
+
+def _layer_bytes(layer, positions, batch, itemsize):
+    c = layer["out_shape"][0]
+    values = batch * c * positions
+    if layer["kind"] == "conv":
+        return values * itemsize * (2 if layer["bn"] else 1)
+    if layer["kind"] == "maxpool":
+        return values * (itemsize + 2)
+    return values * itemsize
+
+
+def activation_bytes(plan):
+    """Bytes of activations each device keeps for backward, by rank."""
+    program, batch = plan["program"], plan["batch"]
+    itemsize = np.dtype(plan["dtype"]).itemsize
+    out = [0] * len(plan["devices"])
+    for group in plan["groups"]:
+        first, last = group["layers"]
+        for tile in group["tiles"]:
+            d = tile["device"]
+            if group["kind"] == "tail":
+                read = {m["tensor"] for m in plan["messages"] if m["phase"] == "forward" and m["receiver"] == d
+                        and m["group"] == plan["groups"].index(group)}
+                for t in read:
+                    c, h, w = program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]
+                    out[d] += batch * c * h * w * itemsize
+                for layer in program[first:last + 1]:
+                    _, h, w = layer["out_shape"]
+                    out[d] += _layer_bytes(layer, h * w, batch, itemsize)
+                continue
+            out[d] += batch * program[first]["in_shape"][0] * _area(tile["input"]) * itemsize
+            for tl in tile["layers"]:
+                out[d] += _layer_bytes(program[tl["layer"]], _area(tl["region"]), batch, itemsize)
+    return out
+
+
+def halo_overhead(plan):
+    """Redundant forward FLOPs of the tiled groups, as a fraction of their own."""
+    from tilec.analysis.tiles import flops_per_position
+    program = plan["program"]
+    done = needed = 0
+    for group in plan["groups"]:
+        if group["kind"] != "tiled":
+            continue
+        first, last = group["layers"]
+        for layer in program[first:last + 1]:
+            needed += flops_per_position(layer) * layer["out_shape"][1] * layer["out_shape"][2]
+        for tile in group["tiles"]:
+            for tl in tile["layers"]:
+                done += flops_per_position(program[tl["layer"]]) * _area(tl["region"])
+    return done / needed - 1 if needed else 0.0
+
+
+def bytes_sent(plan):
+    """Bytes each device sends per training step, by rank: (messages, collectives)."""
+    itemsize = np.dtype(plan["dtype"]).itemsize
+    n = len(plan["devices"])
+    msgs, coll = [0] * n, [0] * n
+    for m in plan["messages"]:
+        msgs[m["sender"]] += m["bytes"]
+    for c in plan["collectives"]:
+        size = c["elements"] * itemsize if c["kind"] == "grad" else c["bytes"]
+        for d in c["devices"]:
+            coll[d] += size * (len(c["devices"]) - 1)
+    return msgs, coll
+
+
+def plan_summary(plan, baseline=None):
+    """Text: groups, and per device activation memory (vs ``baseline`` bytes,
+    the one-device figure), halo overhead and bytes sent per step."""
+    mem = activation_bytes(plan)
+    msgs, coll = bytes_sent(plan)
+    lines = [f"plan {plan['hash'][:12]}  model {plan['model']}  batch {plan['batch']}  {plan['dtype']}  "
+             f"{len(plan['devices'])} device(s)"]
+    for g, group in enumerate(plan["groups"]):
+        first, last = group["layers"]
+        if group["kind"] == "tiled":
+            grid = f"{len(group['row_splits']) - 1}x{len(group['col_splits']) - 1}"
+            lines.append(f"  group {g}: layers {first}-{last}  grid {grid}  rows {group['row_splits']}  "
+                         f"cols {group['col_splits']}  devices {[t['device'] for t in group['tiles']]}")
+        else:
+            lines.append(f"  group {g}: layers {first}-{last}  tail on device 0")
+    lines.append(f"  halo overhead (redundant forward FLOPs): {100 * halo_overhead(plan):.1f}%")
+    lines.append(f"  {'device':<10}{'activations MB':>16}{'vs 1 device':>13}{'sent MB/step':>14}{'(tiles':>9}{' + all-reduce)':>15}")
+    for d, dev in enumerate(plan["devices"]):
+        ratio = f"{mem[d] / baseline:.2f}x" if baseline else "-"
+        lines.append(f"  {dev['name']:<10}{mem[d] / 1e6:>16.2f}{ratio:>13}{(msgs[d] + coll[d]) / 1e6:>14.2f}"
+                     f"{msgs[d] / 1e6:>9.2f}{coll[d] / 1e6:>15.2f}")
+    return "\n".join(lines)
