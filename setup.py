@@ -9,7 +9,7 @@ setup(
     # The runtime is importable as `tilec_runtime` and needs numpy alone; the
     # planner (`tilec`) brings the heavy dependencies.
     packages=["tilec", "tilec.ir", "tilec.frontend", "tilec.analysis", "tilec.plan",
-              "tilec.inspect", "tilec_runtime"],
+              "tilec.inspect", "tilec.commands", "tilec_runtime"],
     package_dir={"tilec_runtime": "runtime"},
     package_data={"tilec": ["models/*.cfg"]},
     include_package_data=True,
