@@ -180,12 +180,13 @@ def bn_backward(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat, owned=None):
     scale = (gamma * inv_std)[None, :, None, None]
     m1 = mean_dy.astype(dt)[None, :, None, None]
     m2 = mean_dy_xhat.astype(dt)[None, :, None, None]
-    if owned is None:
-        return scale * (dy - m1 - xhat * m2)
+    # one order of operations for whole maps and tiles alike, so that one
+    # tile covering the map gives bit-identical numbers
+    rs, cs = owned if owned is not None else (slice(None), slice(None))
     dx = dy.copy()
-    rs, cs = owned
     dx[:, :, rs, cs] -= m1 + xhat[:, :, rs, cs] * m2
-    return dx * scale
+    dx *= scale
+    return dx
 
 
 # -- the layers after the spatial prefix -----------------------------------

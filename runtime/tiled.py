@@ -71,11 +71,11 @@ class DeviceStep:
         """Send each message's range, cut out of ``source`` covering ``region``."""
         for m in msgs:
             piece = source[:, :, _sl(m["rows"], region[0][0]), _sl(m["cols"], region[1][0])]
-            self.comm.send(m["receiver"], self._tag(phase, m["tensor"]), piece)
+            self.comm.send(m["receiver"], self._tag(phase, m["group"], m["tensor"]), piece)
 
     def _recv_pieces(self, msgs, phase, target, region, add):
         for m in msgs:
-            piece = self.comm.recv(m["sender"], self._tag(phase, m["tensor"]))
+            piece = self.comm.recv(m["sender"], self._tag(phase, m["group"], m["tensor"]))
             view = target[:, :, _sl(m["rows"], region[0][0]), _sl(m["cols"], region[1][0])]
             if piece.shape != view.shape:
                 raise ValueError(f"message {m} has shape {piece.shape}, expected {view.shape}")

@@ -1,0 +1,196 @@
+"""N-device fused-tile training equals one-device training.
+
+Random stacks (tests/programs.py), random group boundaries, random uneven
+split lines, 1-6 devices in random placement: after several SGD steps with
+momentum, weights and batch-norm running statistics equal those of the
+one-device reference executor, float64 to 1e-10 relative, float32 to 1e-4.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from programs import ProgramBuilder, random_stacks
+from tilec.analysis.tiles import spatial_prefix
+from tilec.plan.build import GroupChoice, build_plan
+from tilec_runtime import data, inprocess, reference, tiled, weights
+from tilec_runtime.optim import SGD
+
+OPT = {"lr": 0.01, "momentum": 0.9, "decay": 5e-4}
+
+
+def one_device(program, params, buffers, batches, steps):
+    p = {k: v.copy() for k, v in params.items()}
+    b = {k: v.copy() for k, v in buffers.items()}
+    opt, losses = SGD(**OPT), []
+    for step in range(steps):
+        images, target = batches.get(step)
+        loss, grads = reference.train_step(program, p, b, images, target)
+        opt.step(p, grads)
+        losses.append(loss)
+    return losses, p, b
+
+
+def rel_err(a, b, floor=1e-30):
+    """Max error relative to the largest magnitude of ``b`` (at least ``floor``)."""
+    scale = max(np.abs(b).max(), floor)
+    return float(np.abs(a - b).max() / scale)
+
+
+# Errors are relative to max(|value|, 1): parameters start at O(1) (He
+# init, gamma 1). A parameter whose true gradient is zero (a conv feeding
+# batch norm through one channel is scale-invariant; a bias in front of batch
+# norm) moves only by rounding noise, amplified by 1/|w| through the
+# normalisation, so a relative error on its own tiny magnitude says nothing.
+# A tiling error is of the order of lr * gradient, many orders above.
+FLOOR = 1.0
+
+
+def assert_same(got, want, tol, floor):
+    losses, params, buffers = got
+    wl, wp, wb = want
+    assert set(params) == set(wp) and set(buffers) == set(wb)
+    np.testing.assert_allclose(losses, wl, rtol=tol)
+    for key in wp:
+        assert rel_err(params[key], wp[key], floor) < tol, key
+    for key in wb:
+        assert rel_err(buffers[key], wb[key], floor) < tol, key
+
+
+@st.composite
+def splits(draw, n, most):
+    """Strictly increasing split lines over n positions, 1..most parts."""
+    parts = draw(st.integers(1, min(n, most)))
+    cuts = draw(st.lists(st.integers(1, n - 1), min_size=parts - 1, max_size=parts - 1, unique=True)) if n > 1 else []
+    return [0, *sorted(cuts), n]
+
+
+@st.composite
+def tiled_cases(draw, max_devices=6):
+    """(program, choices, n_devices, batch): random groups, splits, placement."""
+    program = draw(random_stacks(max_prefix=5))
+    prefix = spatial_prefix(program)
+    n_dev = draw(st.integers(1, max_devices))
+    bounds = sorted(draw(st.sets(st.integers(1, prefix - 1), max_size=prefix - 1))) if prefix > 1 else []
+    choices = []
+    for first, last in zip([0, *bounds], [*(b - 1 for b in bounds), prefix - 1]):
+        _, h, w = program[last]["out_shape"]
+        rows = draw(splits(h, n_dev))
+        cols = draw(splits(w, max(1, n_dev // (len(rows) - 1))))
+        ntiles = (len(rows) - 1) * (len(cols) - 1)
+        devices = draw(st.permutations(range(n_dev)))[:ntiles]
+        choices.append(GroupChoice(first, last, rows, cols, list(devices)))
+    # Batch norm straight into global average pooling gives, at batch 1, a
+    # map whose mean is exactly beta: the next activation then sits on its
+    # kink at 0, where rounding decides the branch. Not a tiling question.
+    last = program[prefix - 1]
+    degenerate = program[prefix]["kind"] == "avgpool" and last["kind"] == "conv" and last["bn"]
+    return program, choices, n_dev, draw(st.integers(2 if degenerate else 1, 3))
+
+
+def converges(losses):
+    """Diverging training amplifies rounding without bound, which says
+    nothing about tiling: such random examples are discarded."""
+    return max(losses) < 10 * losses[0]
+
+
+def run_case(program, choices, n_dev, batch, dtype, steps=3, seed=7):
+    params, buffers = weights.init_params(program, seed, dtype)
+    batches = data.generated_batches(program, batch, seed, dtype)
+    plan = build_plan(program, choices, model="random", batch=batch, dtype=dtype,
+                      devices=[f"d{i}" for i in range(n_dev)], optimizer=OPT)
+    losses, p, b, _ = inprocess.train(plan, params, buffers, batches, steps, timeout=30)
+    return (losses, p, b), one_device(program, params, buffers, batches, steps)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiled_cases())
+def test_tiled_float64_equals_one_device(case):
+    got, want = run_case(*case, dtype="float64")
+    assume(converges(want[0]))
+    assert_same(got, want, 1e-10, FLOOR)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiled_cases(max_devices=4))
+def test_tiled_float32_equals_one_device(case):
+    got, want = run_case(*case, dtype="float32")
+    assume(converges(want[0]))
+    assert_same(got, want, 1e-4, FLOOR)
+
+
+def bn_stack():
+    """Batch norm after a stride-2 conv and a k > s pool on an odd map."""
+    b = ProgramBuilder(2, 17, 13)
+    b.conv(4, 3, 2, "same", bn=True, act="leaky")
+    b.maxpool(3, 2)
+    b.conv(3, 3, 1, 1, bn=True, act="relu")
+    b.conv(2, 1, 1, 0, bn=False)
+    b.cost()
+    return b.build()
+
+
+BN_CHOICES = [GroupChoice(0, 1, [0, 3, 5], [0, 2, 4], [3, 0, 2, 1]), GroupChoice(2, 3, [0, 1, 5], [0, 4], [1, 2])]
+
+
+def test_batch_norm_statistics_are_synchronised(monkeypatch):
+    """The exactness check is sensitive to batch norm: per-tile statistics
+    (no all-reduce) change the result far beyond the tolerance."""
+    program = bn_stack()
+    got, want = run_case(program, BN_CHOICES, 4, 2, "float64")
+    assert_same(got, want, 1e-10, FLOOR)
+
+    def local_only(self, i, stats, members):
+        return stats  # each tile normalises with its own statistics
+    monkeypatch.setattr(tiled.DeviceStep, "_bn_allreduce", local_only)
+    got, want = run_case(program, BN_CHOICES, 4, 2, "float64")
+    worst = max(rel_err(got[1][k], want[1][k]) for k in want[1])
+    assert worst > 1e-3
+
+
+def test_owner_applies_batch_norm_mean_terms_once(monkeypatch):
+    """Applying the batch-norm mean terms on every computed position instead
+    of on owned cells only double-counts them where regions overlap."""
+    from tilec_runtime import ops
+    program = bn_stack()
+    real = ops.bn_backward
+
+    def everywhere(dy, xhat, gamma, inv_std, m1, m2, owned=None):
+        return real(dy, xhat, gamma, inv_std, m1, m2, None)
+    monkeypatch.setattr(ops, "bn_backward", everywhere)
+    got, want = run_case(program, BN_CHOICES, 4, 2, "float64")
+    assert max(rel_err(got[1][k], want[1][k]) for k in want[1]) > 1e-6
+
+
+def test_every_device_holds_identical_replicas():
+    """All-reduces combine in rank order, so replicated weights never drift."""
+    program = bn_stack()
+    params, buffers = weights.init_params(program, 1, "float32")
+    plan = build_plan(program, BN_CHOICES, model="m", batch=2, dtype="float32",
+                      devices=["a", "b", "c", "d"], optimizer=OPT)
+    hub = inprocess.InProcessHub(4, 30)
+    devices = [inprocess.Device(plan, hub.comm(r), params, buffers, OPT) for r in range(4)]
+    batches = data.generated_batches(program, 2, 1, "float32")
+    import threading
+    threads = [threading.Thread(target=(lambda d=d, r=r: d.train_step(*batches.get(0)) if r == 0 else d.train_step()))
+               for r, d in enumerate(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in devices[1].params:
+        holders = [d.params[key] for d in devices if key in d.params]
+        assert len(holders) >= 2
+        for h in holders[1:]:
+            assert np.array_equal(h, holders[0]), key
+
+
+def test_a_failed_device_stops_the_others():
+    program = bn_stack()
+    params, buffers = weights.init_params(program, 1, "float64")
+    plan = build_plan(program, BN_CHOICES, model="m", batch=2, dtype="float64",
+                      devices=["a", "b", "c", "d"], optimizer=OPT)
+    del params["2.conv.weight"]  # device(s) computing layer 2 fail with KeyError
+    batches = data.generated_batches(program, 2, 1, "float64")
+    with pytest.raises(KeyError):
+        inprocess.train(plan, params, buffers, batches, 1, timeout=30)
