@@ -1,0 +1,17 @@
+"""Frontends: model descriptions (.cfg files, the Python builder) to the IR.
+
+The names below load lazily, so that ``import tilec.frontend`` (say, to list
+the bundled models) does not import networkx.
+"""
+import importlib
+
+_EXPORTS = {"parse_cfg": "tilec.frontend.cfg", "Model": "tilec.frontend.builder",
+            "load_model": "tilec.frontend.models", "bundled_names": "tilec.frontend.models"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,327 @@
+"""Darknet ``.cfg`` files to the graph IR.
+
+Syntax: ``[section]`` headers, ``key=value`` lines, blank lines, comments
+from ``#`` or ``;`` to the end of the line (darknet allows them only at the
+start of a line; values never contain them, so trailing comments are
+harmless). Whitespace around keys and values is ignored.
+
+Sections (darknet's short aliases in parentheses) and their keys:
+
+- ``[net]`` (``[network]``), first and once: ``height``, ``width``,
+  ``channels`` (required); ``batch`` (images per training step, default 1),
+  ``learning_rate``, ``momentum``, ``decay`` (darknet's defaults 0.001, 0.9,
+  0.0001). Accepted and ignored: ``subdivisions`` (tilec's batch is the whole
+  step; darknet would split it in ``subdivisions`` passes) and the training
+  schedule and augmentation keys ``max_batches, policy, steps, scales,
+  burn_in, angle, saturation, exposure, hue``.
+- ``[convolutional]`` (``[conv]``): ``filters``, ``size`` (required);
+  ``stride`` (1); ``pad`` (0 or 1: 1 means ``size//2``); ``padding`` (an
+  explicit count; it must agree with ``pad=1`` when both are given, because
+  darknet lets ``pad`` win while others let ``padding`` win);
+  ``batch_normalize`` (0/1, default 0); ``activation`` (linear, leaky, relu;
+  default **linear**, not darknet's logistic, which tilec does not support).
+- ``[maxpool]`` (``[max]``): ``stride`` (1), ``size`` (= stride), ``padding``
+  (total over both borders, = size - 1): darknet's defaults.
+- ``[avgpool]`` (``[avg]``): no keys.
+- ``[connected]`` (``[conn]``): ``output`` (required), ``activation`` (linear).
+- ``[softmax]`` (``[soft]``): ``groups`` (only 1).
+- ``[cost]``: ``type`` (only sse, the default).
+- ``[route]``: ``layers``, comma-separated; a negative entry is relative to
+  the route's own index (``-1`` is the layer before it), others absolute.
+- ``[reorg]``: ``stride`` (required; only 2).
+
+A loss (``[softmax]`` or ``[cost]``) must be the last section. Every error is a
+:class:`~tilec.errors.ConfigError` reading ``file:line: [section]: what``;
+a wrong key or value points at its line, a missing key or an impossible
+shape at the section header.
+"""
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tilec.errors import ConfigError, IRError
+
+SECTION_ALIASES = {
+    "net": "net", "network": "net",
+    "convolutional": "conv", "conv": "conv",
+    "maxpool": "maxpool", "max": "maxpool",
+    "avgpool": "avgpool", "avg": "avgpool",
+    "connected": "connected", "conn": "connected",
+    "softmax": "softmax", "soft": "softmax",
+    "cost": "cost", "route": "route", "reorg": "reorg",
+}
+"""Section name as written -> IR kind (``net`` for the model settings)."""
+
+# Darknet sections a user may reasonably bring; named so the error says
+# "not supported yet" rather than "unknown".
+UNSUPPORTED = ("region", "yolo", "detection", "shortcut", "upsample", "dropout", "local",
+               "batchnorm", "crop", "rnn", "gru", "lstm", "crnn", "deconvolutional")
+
+NET_IGNORED = ("subdivisions", "max_batches", "policy", "steps", "scales", "burn_in",
+               "angle", "saturation", "exposure", "hue")
+"""[net] keys accepted and ignored (training schedule, augmentation)."""
+
+_INT = re.compile(r"[+-]?\d+\Z")
+_REQUIRED = object()
+
+
+@dataclass
+class _Section:
+    name: str                                    # as written, lower-case
+    line: int                                    # of the header
+    options: dict = field(default_factory=dict)  # key -> (value, line)
+
+
+class _Reader:
+    """Typed access to one section's options, with errors that point at the
+    option's line (or the header's, for a missing key)."""
+
+    def __init__(self, section, path, known):
+        self.section, self.path = section, path
+        for key, (_, line) in section.options.items():
+            if key not in known:
+                expected = ", ".join(known) if known else "none"
+                self.fail(f"unknown key {key!r} (keys: {expected})", line)
+
+    def fail(self, message, line=None):
+        raise ConfigError(message, path=self.path, line=line or self.section.line,
+                          section=self.section.name)
+
+    def _raw(self, key, default):
+        if key not in self.section.options:
+            if default is _REQUIRED:
+                self.fail(f"missing required key {key!r}")
+            return None, None
+        return self.section.options[key]
+
+    def has(self, key):
+        return key in self.section.options
+
+    def int(self, key, default=_REQUIRED, minimum=1, choices=None):
+        text, line = self._raw(key, default)
+        if text is None:
+            return default
+        if not _INT.match(text):
+            self.fail(f"{key}={text}: expected an integer", line)
+        value = int(text)
+        if choices is not None and value not in choices:
+            self.fail(f"{key}={text}: must be {' or '.join(map(str, choices))}", line)
+        if value < minimum:
+            kind = "positive" if minimum == 1 else f">= {minimum}"
+            self.fail(f"{key}={text}: must be {kind}", line)
+        return value
+
+    def float(self, key, default, upper=math.inf):
+        text, line = self._raw(key, default)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            self.fail(f"{key}={text}: expected a number", line)
+        if not 0 <= value < upper:  # also rejects nan
+            bound = f"in [0, {upper:g})" if upper < math.inf else "a finite number >= 0"
+            self.fail(f"{key}={text}: must be {bound}", line)
+        return value
+
+    def choice(self, key, choices, default):
+        text, line = self._raw(key, default)
+        if text is None:
+            return default
+        if text not in choices:
+            self.fail(f"{key}={text}: unknown {key} (supported: {', '.join(choices)})", line)
+        return text
+
+    def int_list(self, key):
+        text, line = self._raw(key, _REQUIRED)
+        items = [item.strip() for item in text.split(",")]
+        if not all(_INT.match(item) for item in items):
+            self.fail(f"{key}={text}: expected comma-separated integers", line)
+        return [int(item) for item in items], line
+
+
+def _tokenize(text, path):
+    """Split the text into sections; syntax errors only."""
+    sections = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = re.split(r"[#;]", raw, maxsplit=1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            if not line.endswith("]") or len(line) < 3:
+                raise ConfigError(f"malformed section header {line!r}", path=path, line=number)
+            sections.append(_Section(line[1:-1].strip().lower(), number))
+            continue
+        if "=" not in line:
+            raise ConfigError(f"expected key=value or [section], got {line!r}",
+                              path=path, line=number,
+                              section=sections[-1].name if sections else None)
+        if not sections:
+            raise ConfigError(f"{line!r} comes before any [section]", path=path, line=number)
+        key, value = (part.strip() for part in line.split("=", 1))
+        section = sections[-1]
+        if not key or not value:
+            raise ConfigError(f"expected key=value, got {line!r}", path=path, line=number,
+                              section=section.name)
+        if key in section.options:
+            raise ConfigError(f"duplicate key {key!r} (first set at line {section.options[key][1]})",
+                              path=path, line=number, section=section.name)
+        section.options[key] = (value, number)
+    return sections
+
+
+def _read_net(section, path):
+    known = ("batch", "height", "width", "channels", "learning_rate", "momentum", "decay")
+    r = _Reader(section, path, known + NET_IGNORED)
+    if r.has("subdivisions"):
+        r.int("subdivisions")  # ignored, but a typo there is still a typo
+    return {"input_shape": [r.int("channels"), r.int("height"), r.int("width")],
+            "batch": r.int("batch", 1),
+            "learning_rate": r.float("learning_rate", 0.001),
+            "momentum": r.float("momentum", 0.9, upper=1.0),
+            "decay": r.float("decay", 0.0001)}
+
+
+def _read_layer(kind, section, path, index):
+    """(inputs, fields) of a layer section; ``index`` is its layer index."""
+    prev = [index - 1]
+    if kind == "conv":
+        r = _Reader(section, path, ("filters", "size", "stride", "pad", "padding",
+                                    "batch_normalize", "activation"))
+        size = r.int("size")
+        pad = size // 2 if r.int("pad", 0, minimum=0, choices=(0, 1)) else 0
+        if r.has("padding"):
+            padding = r.int("padding", minimum=0)
+            if r.has("pad") and pad and padding != pad:
+                r.fail(f"pad=1 (padding {pad}) conflicts with padding={padding}; give one",
+                       section.options["padding"][1])
+            pad = padding
+        return prev, {"filters": r.int("filters"), "size": size, "stride": r.int("stride", 1),
+                      "pad": pad, "bn": bool(r.int("batch_normalize", 0, minimum=0, choices=(0, 1))),
+                      "act": r.choice("activation", ("linear", "leaky", "relu"), "linear")}
+    if kind == "maxpool":
+        r = _Reader(section, path, ("size", "stride", "padding"))
+        stride = r.int("stride", 1)
+        size = r.int("size", stride)
+        return prev, {"size": size, "stride": stride, "padding": r.int("padding", size - 1, minimum=0)}
+    if kind == "avgpool":
+        _Reader(section, path, ())
+        return prev, {}
+    if kind == "connected":
+        r = _Reader(section, path, ("output", "activation"))
+        return prev, {"output": r.int("output"),
+                      "act": r.choice("activation", ("linear", "leaky", "relu"), "linear")}
+    if kind == "softmax":
+        _Reader(section, path, ("groups",)).int("groups", 1, choices=(1,))
+        return prev, {}
+    if kind == "cost":
+        return prev, {"type": _Reader(section, path, ("type",)).choice("type", ("sse",), "sse")}
+    if kind == "route":
+        r = _Reader(section, path, ("layers",))
+        entries, line = r.int_list("layers")
+        inputs = []
+        for entry in entries:
+            j = index + entry if entry < 0 else entry
+            if not 0 <= j < index:
+                reach = f"layers 0..{index - 1}" if index else "no layer (it is layer 0)"
+                r.fail(f"layers={section.options['layers'][0]}: {entry} is layer {j}, "
+                       f"but route {index} can read only {reach}", line)
+            inputs.append(j)
+        return inputs, {}
+    if kind == "reorg":
+        return prev, {"stride": _Reader(section, path, ("stride",)).int("stride", choices=(2,))}
+    raise AssertionError(kind)  # SECTION_ALIASES maps only to the kinds above
+
+
+def _read_text(path_or_text, path):
+    """(text, path for messages, model name)."""
+    is_path = isinstance(path_or_text, Path) or (
+        isinstance(path_or_text, str) and "\n" not in path_or_text
+        and path_or_text.strip() and not path_or_text.lstrip().startswith(("[", "#", ";")))
+    if is_path:
+        file = Path(path_or_text)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read: {err}", path=str(path or file)) from None
+        return text, str(path or file), file.stem
+    if not isinstance(path_or_text, str):
+        raise TypeError(f"expected a path or cfg text, got {type(path_or_text).__name__}")
+    return path_or_text, str(path or "<cfg>"), Path(path).stem if path else "model"
+
+
+def parse_cfg(path_or_text, *, path=None):
+    """Parse a darknet .cfg into a verified :class:`~tilec.ir.graph.Graph`.
+
+    Parameters
+    ----------
+    path_or_text : str or pathlib.Path
+        A path to a .cfg file, or the cfg text itself (a str that has a
+        newline, is blank, or starts with ``[``, ``#`` or ``;``).
+    path : str, optional
+        The name used in error messages (and for the model's name) when
+        text is given; overrides the file name otherwise.
+
+    Returns
+    -------
+    Graph
+        Shapes inferred, ``graph.name`` the file's stem.
+
+    Raises
+    ------
+    ConfigError
+        ``file:line: [section]: what is wrong``.
+
+    Examples
+    --------
+    >>> g = parse_cfg("[net]\\nheight=8\\nwidth=8\\nchannels=1\\n[avgpool]\\n[softmax]\\n")
+    >>> [layer["out_shape"] for layer in g.layers()]
+    [[1, 1, 1], [1, 1, 1]]
+    """
+    from tilec.ir.graph import Graph  # networkx is heavy; only parsing needs it
+
+    text, where, name = _read_text(path_or_text, path)
+    sections = _tokenize(text, where)
+    if not sections or SECTION_ALIASES.get(sections[0].name) != "net":
+        first = sections[0] if sections else None
+        raise ConfigError("the first section must be [net]", path=where,
+                          line=first.line if first else None,
+                          section=first.name if first else None)
+    net = _read_net(sections[0], where)
+    graph = Graph(net.pop("input_shape"), name=name, **net)
+    loss = None
+    for section in sections[1:]:
+        kind = SECTION_ALIASES.get(section.name)
+
+        def fail(message, section=section):
+            raise ConfigError(message, path=where, line=section.line, section=section.name)
+
+        if kind is None:
+            if section.name in UNSUPPORTED:
+                fail(f"[{section.name}] is not supported yet"
+                     + (" (use [cost] type=sse in its place for now)"
+                        if section.name == "region" else ""))
+            fail("unknown section")
+        if kind == "net":
+            fail(f"[net] may appear only once, as the first section (line {sections[0].line})")
+        if loss is not None:
+            fail(f"a loss must be the last layer, but [{loss.name}] at line {loss.line} "
+                 "comes before this section")
+        index = len(graph)
+        inputs, fields = _read_layer(kind, section, where, index)
+        try:
+            graph.add_layer(kind, inputs, **fields)
+            graph.infer_shapes()  # only the new layer: report a bad shape where it occurs
+        except IRError as err:
+            fail(f"layer {index}: {getattr(err, 'detail', err)}")
+        if kind in ("softmax", "cost"):
+            loss = section
+    if len(graph) == 0:
+        raise ConfigError("no layers after [net]", path=where, line=sections[0].line,
+                          section=sections[0].name)
+    if loss is None:
+        last = sections[-1]
+        raise ConfigError("the last section must be a loss ([softmax] or [cost])",
+                          path=where, line=last.line, section=last.name)
+    return graph.verify()

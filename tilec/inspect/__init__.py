@@ -1,0 +1,1 @@
+"""Inspection: human-readable views of the IR and, later, of plans."""
