@@ -15,7 +15,9 @@ setup(
     include_package_data=True,
     install_requires=["numpy>=1.24", "networkx>=3.0", "PyYAML>=6.0"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80"],
+        # torch is pinned: it is the tests' independent oracle, never a
+        # dependency of tilec itself (an unpinned torch pulls a CUDA build)
+        "test": ["pytest>=7", "hypothesis>=6.80", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["tilec=tilec.cli:main"]},
 )

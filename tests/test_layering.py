@@ -1,0 +1,94 @@
+"""The pipeline flows one way: each stage imports only the stages before it.
+
+Checked on the source (every import statement, including those inside
+functions), so a lazy import cannot hide a backwards dependency.
+"""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# stage -> the tilec stages it may import (tilec.errors is always allowed)
+STAGES = {
+    "ir": set(),
+    "frontend": {"ir"},
+    "analysis": set(),
+    "profiles": set(),
+    "cost": {"analysis", "ir", "profiles"},
+    "plan": {"analysis"},
+    "solve": {"analysis", "cost", "plan", "profiles"},
+    "codegen": {"analysis", "plan"},
+    "inspect": {"ir", "analysis", "cost", "plan", "profiles"},
+}
+# modules that compose the stages may import any of them
+COMPOSITION = {"cli", "commands", "compile", "train", "cluster", "profile_measure", "__init__", "errors"}
+# third-party packages that only one stage may import
+EXCLUSIVE = {"networkx": {"ir"}, "ortools": {"solve"}, "jinja2": {"codegen"}, "Cython": {"codegen"},
+             "matplotlib": {"inspect", "commands"}}
+RUNTIME_ALLOWED_THIRD_PARTY = {"numpy"}
+FORBIDDEN_EVERYWHERE = {"pickle", "cPickle", "dill", "marshal", "shelve"}
+
+
+def imports(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+def stage_of(path):
+    rel = path.relative_to(ROOT / "tilec").parts
+    return rel[0] if len(rel) > 1 else rel[0][:-3]
+
+
+def planner_files():
+    return sorted((ROOT / "tilec").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", planner_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_planner_stage_imports_only_earlier_stages(path):
+    stage = stage_of(path)
+    for name in imports(path):
+        top = name.split(".")[0]
+        assert top not in FORBIDDEN_EVERYWHERE, f"{path.name} imports {name}"
+        if top in EXCLUSIVE:
+            assert stage in EXCLUSIVE[top] or stage in COMPOSITION - {"__init__", "errors"}, \
+                f"{path.relative_to(ROOT)} imports {name}, reserved for {EXCLUSIVE[top]}"
+        if top == "tilec" and stage in STAGES:
+            parts = name.split(".")
+            if len(parts) > 1 and parts[1] != "errors" and parts[1] != stage:
+                assert parts[1] in STAGES[stage], f"stage {stage} ({path.name}) imports {name}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "runtime").rglob("*.py")), ids=lambda p: p.name)
+def test_runtime_needs_only_numpy_and_the_standard_library(path):
+    stdlib = set(sys.stdlib_module_names)
+    for name in imports(path):
+        top = name.split(".")[0]
+        assert top not in FORBIDDEN_EVERYWHERE, f"runtime/{path.name} imports {name}"
+        assert top in stdlib or top in RUNTIME_ALLOWED_THIRD_PARTY or top == "tilec_runtime", \
+            f"runtime/{path.name} imports {name}"
+
+
+def _loaded_after(statement):
+    code = f"import sys; {statement}; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_import_tilec_is_light():
+    loaded = _loaded_after("import tilec, tilec.cli")
+    for heavy in ("networkx", "ortools", "jinja2", "Cython", "matplotlib", "torch", "yaml"):
+        assert heavy not in loaded, heavy
+
+
+def test_runtime_imports_without_the_planner():
+    loaded = _loaded_after("import tilec_runtime.tiled, tilec_runtime.inprocess, tilec_runtime.planfile")
+    assert "tilec" not in loaded and "networkx" not in loaded
