@@ -114,11 +114,27 @@ class DeviceStep:
     # -- tiled groups ----------------------------------------------------------
 
     def _forward_group(self, g, group, tile, members, params, buffers):
+        """Compute the tile's regions; returns what backward needs: every
+        activation, or (for a group that recomputes) only its input and the
+        batch-norm statistics, which backward must reuse, not recompute."""
         first, _ = group["layers"]
         in_region = tile["input"]
         c_in = self.program[first]["in_shape"][0]
         x = np.zeros((self.batch, c_in, *_rows_cols(in_region)), self.dtype)
         self._recv_pieces(self.fwd_in.get((g, first - 1), []), "f", x, in_region, add=False)
+        stats = {}
+
+        def synced_stats(i, owned):
+            n, mean, m2 = stats[i] = self._bn_allreduce(i, ops.bn_stats(owned), members)
+            ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
+            return n, mean, m2
+
+        acts, caches = self._run_layers(tile, params, x, in_region, synced_stats, send=True)
+        if group.get("recompute"):
+            return None, None, in_region, (x, stats)
+        return acts, caches, in_region, None
+
+    def _run_layers(self, tile, params, x, in_region, bn_stats, send):
         prev, prev_region = x, in_region
         acts, caches = [], []
         for tl in tile["layers"]:
@@ -129,8 +145,7 @@ class DeviceStep:
                 z = ops.conv2d_forward(src, params[f"{i}.conv.weight"], layer["stride"], tl["pads"])
                 if layer["bn"]:
                     owned = z[:, :, _sl(tl["owned"][0], tl["region"][0][0]), _sl(tl["owned"][1], tl["region"][1][0])]
-                    n, mean, m2 = self._bn_allreduce(i, ops.bn_stats(owned), members)
-                    ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
+                    n, mean, m2 = bn_stats(i, owned)
                     z, xhat, inv_std = ops.bn_normalize(z, mean, m2 / n, params[f"{i}.bn.weight"], params[f"{i}.bn.bias"])
                     cache = (src, xhat, inv_std)
                 else:
@@ -144,9 +159,10 @@ class DeviceStep:
                 raise AssertionError(f"layer {i}: computed {y.shape[2:]} for region {tl['region']}")
             acts.append(y)
             caches.append(cache)
-            self._send_pieces(self.fwd_out.get(i, []), "f", y, tl["region"])
+            if send:
+                self._send_pieces(self.fwd_out.get(i, []), "f", y, tl["region"])
             prev, prev_region = y, tl["region"]
-        return acts, caches, in_region
+        return acts, caches
 
     def _bn_allreduce(self, i, stats, members):
         n, mean, m2 = stats
@@ -156,7 +172,10 @@ class DeviceStep:
         return ops.bn_combine([(int(p[0]), p[1:1 + c], p[1 + c:]) for p in parts])
 
     def _backward_group(self, g, group, tile, members, params, state):
-        acts, caches, in_region = state
+        acts, caches, in_region, kept = state
+        if kept is not None:
+            x, stats = kept
+            acts, caches = self._run_layers(tile, params, x, in_region, lambda i, owned: stats[i], send=False)
         first, _ = group["layers"]
         grads = {}
         layers = tile["layers"]

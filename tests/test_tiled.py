@@ -14,6 +14,7 @@ from programs import ProgramBuilder, random_stacks
 from tilec.analysis.tiles import spatial_prefix
 from tilec.plan.build import GroupChoice, build_plan
 from tilec_runtime import data, inprocess, reference, tiled, weights
+from tilec_runtime.planfile import seal
 from tilec_runtime.optim import SGD
 
 OPT = {"lr": 0.01, "momentum": 0.9, "decay": 5e-4}
@@ -85,7 +86,8 @@ def tiled_cases(draw, max_devices=6):
     # kink at 0, where rounding decides the branch. Not a tiling question.
     last = program[prefix - 1]
     degenerate = program[prefix]["kind"] == "avgpool" and last["kind"] == "conv" and last["bn"]
-    return program, choices, n_dev, draw(st.integers(2 if degenerate else 1, 3))
+    recompute = draw(st.lists(st.booleans(), min_size=len(choices), max_size=len(choices)))
+    return program, choices, n_dev, draw(st.integers(2 if degenerate else 1, 3)), recompute
 
 
 def converges(losses):
@@ -94,11 +96,16 @@ def converges(losses):
     return max(losses) < 10 * losses[0]
 
 
-def run_case(program, choices, n_dev, batch, dtype, steps=3, seed=7):
+def run_case(program, choices, n_dev, batch, recompute=(), *, dtype, steps=3, seed=7):
+    """Train with the plan and on one device; ``recompute[g]`` makes group g
+    keep only its input and recompute its activations in backward."""
     params, buffers = weights.init_params(program, seed, dtype)
     batches = data.generated_batches(program, batch, seed, dtype)
     plan = build_plan(program, choices, model="random", batch=batch, dtype=dtype,
                       devices=[f"d{i}" for i in range(n_dev)], optimizer=OPT)
+    for group, flag in zip(plan["groups"], recompute):
+        group["recompute"] = flag
+    plan = seal(plan)
     losses, p, b, _ = inprocess.train(plan, params, buffers, batches, steps, timeout=30)
     return (losses, p, b), one_device(program, params, buffers, batches, steps)
 
@@ -137,13 +144,13 @@ def test_batch_norm_statistics_are_synchronised(monkeypatch):
     """The exactness check is sensitive to batch norm: per-tile statistics
     (no all-reduce) change the result far beyond the tolerance."""
     program = bn_stack()
-    got, want = run_case(program, BN_CHOICES, 4, 2, "float64")
+    got, want = run_case(program, BN_CHOICES, 4, 2, dtype="float64")
     assert_same(got, want, 1e-10, FLOOR)
 
     def local_only(self, i, stats, members):
         return stats  # each tile normalises with its own statistics
     monkeypatch.setattr(tiled.DeviceStep, "_bn_allreduce", local_only)
-    got, want = run_case(program, BN_CHOICES, 4, 2, "float64")
+    got, want = run_case(program, BN_CHOICES, 4, 2, dtype="float64")
     worst = max(rel_err(got[1][k], want[1][k]) for k in want[1])
     assert worst > 1e-3
 
@@ -158,8 +165,25 @@ def test_owner_applies_batch_norm_mean_terms_once(monkeypatch):
     def everywhere(dy, xhat, gamma, inv_std, m1, m2, owned=None):
         return real(dy, xhat, gamma, inv_std, m1, m2, None)
     monkeypatch.setattr(ops, "bn_backward", everywhere)
-    got, want = run_case(program, BN_CHOICES, 4, 2, "float64")
+    got, want = run_case(program, BN_CHOICES, 4, 2, dtype="float64")
     assert max(rel_err(got[1][k], want[1][k]) for k in want[1]) > 1e-6
+
+
+def test_recomputing_groups_train_the_same_and_keep_only_their_input():
+    program = bn_stack()
+    got, want = run_case(program, BN_CHOICES, 4, 2, [True, True], dtype="float64")
+    assert_same(got, want, 1e-10, FLOOR)
+    # one device, so that a group's forward runs on its own
+    plan = build_plan(program, [GroupChoice(0, 3, [0, 5], [0, 4], [0])], model="m", batch=2,
+                      dtype="float64", devices=["a"], optimizer=OPT)
+    plan["groups"][0]["recompute"] = True
+    step = tiled.DeviceStep(seal(plan), inprocess.InProcessHub(1, 5).comm(0))
+    params, buffers = weights.init_params(program, 1, "float64")
+    images, _ = data.generated_batches(program, 2, 1, "float64").get(0)
+    step.comm.send(0, step._tag("f", 0, -1), images)  # the image, as rank 0 sends it
+    acts, caches, _, (x, stats) = step._forward_group(0, plan["groups"][0], step.groups[0][1], [0], params, buffers)
+    assert acts is None and caches is None
+    assert x.shape == images.shape and sorted(stats) == [0, 2]
 
 
 def test_every_device_holds_identical_replicas():

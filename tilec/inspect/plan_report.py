@@ -24,10 +24,16 @@ def _layer_bytes(layer, positions, batch, itemsize):
 
 
 def activation_bytes(plan):
-    """Bytes of activations each device keeps for backward, by rank."""
+    """Peak bytes of activations each device holds for backward, by rank.
+
+    A group that recomputes keeps only its input region; its activations
+    exist again only while its own backward runs, so the peak adds the
+    largest such group once.
+    """
     program, batch = plan["program"], plan["batch"]
     itemsize = np.dtype(plan["dtype"]).itemsize
     out = [0] * len(plan["devices"])
+    workspace = [0] * len(plan["devices"])
     for group in plan["groups"]:
         first, last = group["layers"]
         for tile in group["tiles"]:
@@ -43,9 +49,12 @@ def activation_bytes(plan):
                     out[d] += _layer_bytes(layer, h * w, batch, itemsize)
                 continue
             out[d] += batch * program[first]["in_shape"][0] * _area(tile["input"]) * itemsize
-            for tl in tile["layers"]:
-                out[d] += _layer_bytes(program[tl["layer"]], _area(tl["region"]), batch, itemsize)
-    return out
+            acts = sum(_layer_bytes(program[tl["layer"]], _area(tl["region"]), batch, itemsize) for tl in tile["layers"])
+            if group.get("recompute"):
+                workspace[d] = max(workspace[d], acts)
+            else:
+                out[d] += acts
+    return [a + w for a, w in zip(out, workspace)]
 
 
 def halo_overhead(plan):
