@@ -18,8 +18,8 @@ from tilec_runtime.tiled import DeviceStep
 class Device:
     """One device's state: its schedule, parameters, buffers, optimiser."""
 
-    def __init__(self, plan, comm, params, buffers, optimizer):
-        self.exec = DeviceStep(plan, comm)
+    def __init__(self, plan, comm, params, buffers, optimizer, kernels=None):
+        self.exec = DeviceStep(plan, comm, kernels)
         keys = set(self.exec.param_keys())
         if comm.rank == 0:
             first = plan["groups"][-1]["layers"][0]
@@ -48,13 +48,14 @@ def gather_state(devices):
     return params, buffers, momentum
 
 
-def train(plan, params, buffers, batches, steps, on_step=None, timeout=120.0, first_step=0, momentum=None):
+def train(plan, params, buffers, batches, steps, on_step=None, timeout=120.0, first_step=0, momentum=None,
+          kernels=None):
     """Train ``steps`` steps with every device a thread. Returns
     (losses, params, buffers, momentum). ``on_step(step, loss, seconds)`` is
-    called by rank 0 after each step."""
+    called by rank 0 after each step. ``kernels``: see ``DeviceStep``."""
     n = len(plan["devices"])
     hub = InProcessHub(n, timeout)
-    devices = [Device(plan, hub.comm(r), params, buffers, plan["optimizer"]) for r in range(n)]
+    devices = [Device(plan, hub.comm(r), params, buffers, plan["optimizer"], kernels) for r in range(n)]
     if momentum:
         for dev in devices:
             dev.opt.velocity = {k: momentum[k].copy() for k in dev.params if k in momentum}

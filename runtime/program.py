@@ -4,25 +4,30 @@ A program is a list of layer dicts in execution order; ``layer["index"]`` is
 its position (the 0-based index of the .cfg section after ``[net]``).
 Fields common to every layer:
 
-- ``kind``: conv | maxpool | avgpool | connected | softmax | cost | route | reorg
+- ``kind``: conv | maxpool | avgpool | connected | softmax | cost | region | route | reorg
 - ``inputs``: indices of the layers it reads (``-1`` is the network input)
 - ``in_shape``: [C, H, W] of its (first) input; ``out_shape``: [C, H, W]
 
 Per kind: conv ``filters, size, stride, pad, bn, act``; maxpool ``size,
 stride, padding`` (total padding, darknet's: the map is offset by
 ``padding // 2`` at the top/left); connected ``output, act``; cost ``type``
-(``sse``); reorg ``stride``. ``act`` is linear | leaky | relu.
+(``sse``); reorg ``stride``; region (the YOLOv2 loss, ``tilec_runtime.region``)
+``anchors`` (2*num numbers, in cells), ``classes, coords, num, softmax,
+rescore, bias_match, object_scale, noobject_scale, class_scale, coord_scale,
+thresh, max_boxes`` (truth rows per image) and ``jitter`` (read by the data
+loader, not the loss). ``act`` is linear | leaky | relu.
 
 The planner produces programs from its graph IR; the runtime validates what
 it reads (a plan comes from a file or a socket) before allocating anything.
 """
 
+from tilec_runtime import region
 from tilec_runtime.errors import ProgramError
 
-KINDS = ("conv", "maxpool", "avgpool", "connected", "softmax", "cost", "route", "reorg")
+KINDS = ("conv", "maxpool", "avgpool", "connected", "softmax", "cost", "region", "route", "reorg")
 SPATIAL = ("conv", "maxpool")
 ACTIVATIONS = ("linear", "leaky", "relu")
-LOSSES = ("softmax", "cost")
+LOSSES = ("softmax", "cost", "region")
 
 _REQUIRED = {
     "conv": ("filters", "size", "stride", "pad", "bn", "act"),
@@ -31,6 +36,8 @@ _REQUIRED = {
     "connected": ("output", "act"),
     "softmax": (),
     "cost": ("type",),
+    "region": ("anchors", "classes", "coords", "num", "softmax", "rescore", "bias_match", "object_scale",
+               "noobject_scale", "class_scale", "coord_scale", "thresh", "max_boxes", "jitter"),
     "route": (),
     "reorg": ("stride",),
 }
@@ -103,8 +110,12 @@ def validate(program):
             raise ProgramError(f"layer {pos} ({kind}): inputs {inputs!r} must name earlier layers")
         if kind == "conv" and layer["act"] not in ACTIVATIONS:
             raise ProgramError(f"layer {pos} (conv): unknown activation {layer['act']!r}")
+        if kind == "region":
+            problem = region.check(layer)
+            if problem:
+                raise ProgramError(f"layer {pos} (region): {problem}")
         if kind in LOSSES and pos != len(program) - 1:
             raise ProgramError(f"layer {pos} ({kind}): a loss must be the last layer")
     if program[-1]["kind"] not in LOSSES:
-        raise ProgramError("the last layer must be a loss (softmax or cost)")
+        raise ProgramError("the last layer must be a loss (softmax, cost or region)")
     return program

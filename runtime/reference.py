@@ -6,44 +6,47 @@ PyTorch autograd and finite differences in the tests.
 """
 import numpy as np
 
-from tilec_runtime import ops
+from tilec_runtime import ops, region
 from tilec_runtime.program import LOSSES, pads_of
 
 
-def forward(program, params, buffers, images, target, train=True):
+def forward(program, params, buffers, images, target, train=True, kernels=None):
     """Run the program; returns (loss, state). Updates running statistics
-    in ``buffers`` when ``train`` (as torch's batch_norm(training=True))."""
+    in ``buffers`` when ``train`` (as torch's batch_norm(training=True)).
+    ``kernels``: an object with the functions of ``ops`` (default ``ops``;
+    ``tilec_runtime.genops.GeneratedOps`` runs the generated kernels)."""
     acts = {-1: images}
-    loss, cache = forward_layers(program, params, buffers, acts, target, train)
+    loss, cache = forward_layers(program, params, buffers, acts, target, train, kernels)
     return loss, (acts, cache)
 
 
-def forward_layers(layers, params, buffers, acts, target, train=True):
+def forward_layers(layers, params, buffers, acts, target, train=True, kernels=None):
     """Forward through ``layers`` (a slice of a program), reading inputs from
     and writing outputs to ``acts`` (``acts[-1]`` is the image batch).
     Returns (loss or None, cache for ``backward_layers``)."""
     cache = {}
     loss = None
+    k = kernels or ops
     for layer in layers:
         i, kind = layer["index"], layer["kind"]
         x = acts[layer["inputs"][0]]
         if kind == "conv":
-            z = ops.conv2d_forward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer))
+            z = k.conv2d_forward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer))
             if layer["bn"]:
                 if train:
-                    n, mean, m2 = ops.bn_stats(z)
+                    n, mean, m2 = k.bn_stats(z)
                     var = m2 / n
                     ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
                 else:
                     mean = buffers[f"{i}.bn.running_mean"].astype(np.float64)
                     var = buffers[f"{i}.bn.running_var"].astype(np.float64)
-                z, xhat, inv_std = ops.bn_normalize(z, mean, var, params[f"{i}.bn.weight"], params[f"{i}.bn.bias"])
+                z, xhat, inv_std = k.bn_normalize(z, mean, var, params[f"{i}.bn.weight"], params[f"{i}.bn.bias"])
                 cache[i] = (xhat, inv_std)
             else:
                 z = z + params[f"{i}.conv.bias"][None, :, None, None]
-            acts[i] = ops.act_forward(z, layer["act"])
+            acts[i] = k.act_forward(z, layer["act"])
         elif kind == "maxpool":
-            acts[i], cache[i] = ops.maxpool_forward(x, layer["size"], layer["stride"], pads_of(layer))
+            acts[i], cache[i] = k.maxpool_forward(x, layer["size"], layer["stride"], pads_of(layer))
         elif kind == "avgpool":
             acts[i] = ops.avgpool_forward(x)
         elif kind == "connected":
@@ -59,21 +62,25 @@ def forward_layers(layers, params, buffers, acts, target, train=True):
         elif kind == "cost":
             loss, cache[i] = ops.sse(x, target.reshape(x.shape))
             acts[i] = x
+        elif kind == "region":
+            loss, cache[i] = region.forward(x, target, layer)
+            acts[i] = x
     return loss, cache
 
 
-def backward(program, params, images, state):
+def backward(program, params, images, state, kernels=None):
     """Gradients of the loss w.r.t. every parameter, from ``forward``'s state."""
     acts, cache = state
-    return backward_layers(program, params, acts, cache)[0]
+    return backward_layers(program, params, acts, cache, kernels=kernels)[0]
 
 
-def backward_layers(layers, params, acts, cache, dout=None):
+def backward_layers(layers, params, acts, cache, dout=None, kernels=None):
     """Backward through ``layers`` from the loss (if among them) and the
     output gradients in ``dout``. Returns (grads, dout) where ``dout`` now
     holds the gradients of the tensors the layers read but did not produce."""
     grads = {}
     dout = dict(dout or {})
+    k = kernels or ops
 
     def add(j, g):
         if j == -1:
@@ -91,20 +98,20 @@ def backward_layers(layers, params, acts, cache, dout=None):
             continue  # feeds nothing that reaches the loss
         dy = dout.pop(i)
         if kind == "conv":
-            dz = ops.act_backward(acts[i], layer["act"], dy)
+            dz = k.act_backward(acts[i], layer["act"], dy)
             if layer["bn"]:
                 xhat, inv_std = cache[i]
-                s1, s2 = ops.bn_grad_sums(dz, xhat)
+                s1, s2 = k.bn_grad_sums(dz, xhat)
                 count = dz.shape[0] * dz.shape[2] * dz.shape[3]
                 grads[f"{i}.bn.weight"] = s2.astype(dz.dtype)
                 grads[f"{i}.bn.bias"] = s1.astype(dz.dtype)
-                dz = ops.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
+                dz = k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
             else:
                 grads[f"{i}.conv.bias"] = dz.sum(axis=(0, 2, 3))
-            dx, grads[f"{i}.conv.weight"] = ops.conv2d_backward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer), dz)
+            dx, grads[f"{i}.conv.weight"] = k.conv2d_backward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer), dz)
             add(j, dx)
         elif kind == "maxpool":
-            add(j, ops.maxpool_backward(x.shape, layer["size"], layer["stride"], pads_of(layer), cache[i], dy))
+            add(j, k.maxpool_backward(x.shape, layer["size"], layer["stride"], pads_of(layer), cache[i], dy))
         elif kind == "avgpool":
             add(j, ops.avgpool_backward(x.shape, dy))
         elif kind == "connected":
@@ -122,7 +129,7 @@ def backward_layers(layers, params, acts, cache, dout=None):
     return grads, dout
 
 
-def train_step(program, params, buffers, images, target):
+def train_step(program, params, buffers, images, target, kernels=None):
     """Forward and backward; returns (loss, grads)."""
-    loss, state = forward(program, params, buffers, images, target, train=True)
-    return loss, backward(program, params, images, state)
+    loss, state = forward(program, params, buffers, images, target, train=True, kernels=kernels)
+    return loss, backward(program, params, images, state, kernels=kernels)

@@ -23,7 +23,8 @@ def yolov2_tiny():
         m.conv(filters, bn=True, act="leaky").maxpool(2, 2)
     m.conv(512, bn=True, act="leaky").maxpool(2, 1)
     m.conv(1024, bn=True, act="leaky").conv(1024, bn=True, act="leaky")
-    return m.conv(125, size=1).sse()
+    # darknet's yolov2-tiny-voc [region]
+    return m.conv(125, size=1).region([1.08, 1.19, 3.42, 4.41, 6.63, 11.38, 9.42, 5.11, 16.62, 10.52], 20)
 
 
 def yolov2():
@@ -40,11 +41,21 @@ def yolov2():
     m.reorg(2)
     m.route(-1, -4)
     leaky(1024)
-    return m.conv(425, size=1).sse()
+    anchors = [0.57273, 0.677385, 1.87446, 2.06253, 3.33843, 5.47434, 7.88282, 3.52778, 9.77052, 9.16828]
+    return m.conv(425, size=1).region(anchors, 80, jitter=0.3)
+
+
+def detector_small():
+    m = Model(96, 96, 3, batch=16, learning_rate=0.01, momentum=0.9, decay=0.0005, name="detector-small")
+    for filters in (16, 32, 64, 128):
+        m.conv(filters, bn=True, act="leaky").maxpool(2, 2)
+    m.conv(128, bn=True, act="leaky")
+    return m.conv(3 * (5 + 4), size=1).region([1.0, 1.0, 1.7, 1.7, 2.7, 2.7], 4, rescore=False, max_boxes=8,
+                                              jitter=0.1)
 
 
 @pytest.mark.parametrize("name, build", [("tiny", tiny), ("yolov2-tiny", yolov2_tiny),
-                                         ("yolov2", yolov2)])
+                                         ("yolov2", yolov2), ("detector-small", detector_small)])
 def test_builder_equals_cfg(name, build):
     built, parsed = build().build(), load_model(name)
     assert built.to_program() == parsed.to_program()

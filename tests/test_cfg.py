@@ -23,10 +23,10 @@ def conv_params(c, f, k, bn):
 # -- bundled models ----------------------------------------------------------
 
 def test_bundled_names():
-    assert bundled_names() == ["tiny", "yolov2", "yolov2-tiny"]
+    assert bundled_names() == ["detector-small", "tiny", "yolov2", "yolov2-tiny"]
 
 
-@pytest.mark.parametrize("name", ["tiny", "yolov2-tiny", "yolov2"])
+@pytest.mark.parametrize("name", ["tiny", "yolov2-tiny", "yolov2", "detector-small"])
 def test_every_bundled_model_parses_to_a_valid_program(name):
     g = load_model(name)
     assert g.name == name
@@ -52,12 +52,20 @@ def test_yolov2_tiny_shapes_params_flops():
     g = load_model("yolov2-tiny")
     layers = g.layers()
     assert g.input_shape == [3, 416, 416]
-    assert [layer["kind"] for layer in layers] == ["conv", "maxpool"] * 6 + ["conv"] * 3 + ["cost"]
+    assert [layer["kind"] for layer in layers] == ["conv", "maxpool"] * 6 + ["conv"] * 3 + ["region"]
     # Maxpools 2/2 (padding 1): 416 -> 208 -> 104 -> 52 -> 26 -> 13; the
     # sixth is 2/1 with padding 1: (13 + 1 - 2)//1 + 1 = 13.
     assert [layers[i]["out_shape"][1] for i in (1, 3, 5, 7, 9, 11)] == [208, 104, 52, 26, 13, 13]
     assert layers[14]["out_shape"] == [125, 13, 13]
     assert layers[14]["act"] == "linear" and not layers[14]["bn"] and layers[14]["pad"] == 0
+    # darknet's [region] of yolov2-tiny-voc.cfg: 5 anchors x (4 + 1 + 20) = 125 channels
+    region = layers[15]
+    assert region["in_shape"] == region["out_shape"] == [125, 13, 13]
+    assert region["anchors"] == [1.08, 1.19, 3.42, 4.41, 6.63, 11.38, 9.42, 5.11, 16.62, 10.52]
+    assert (region["num"], region["classes"], region["coords"]) == (5, 20, 4)
+    assert region["softmax"] and region["rescore"] and region["bias_match"]
+    assert (region["object_scale"], region["noobject_scale"], region["class_scale"], region["coord_scale"],
+            region["thresh"], region["jitter"], region["max_boxes"]) == (5, 1, 1, 1, 0.6, 0.2, 30)
     # Parameters, by hand (3x3 convs with bn, then the 1x1 with bias):
     #   3*16*9 + 32       =       464
     #   16*32*9 + 64      =     4,672
@@ -97,6 +105,8 @@ def test_yolov2_passthrough():
     assert layers[28]["inputs"] == [27, 24]                                     # layers=-1,-4
     assert layers[28]["out_shape"] == [256 + 1024, 19, 19]
     assert layers[30]["out_shape"] == [425, 19, 19]
+    assert layers[31]["kind"] == "region" and (layers[31]["classes"], layers[31]["num"]) == (80, 5)
+    assert layers[31]["jitter"] == 0.3 and layers[31]["anchors"][:2] == [0.57273, 0.677385]
     # Parameters: the Darknet-19 part (layers 0-22, bn everywhere)
     #   3x3: 3*32, 32*64, 64*128, 64*128, 128*256, 128*256, 256*512 x3, 512*1024 x3 (x9 each)
     #   1x1: 128*64, 256*128, 512*256 x2, 1024*512 x2
@@ -186,7 +196,19 @@ ERRORS = [
     ("duplicate key", NET + CONV + "size=3\n", 8, "convolutional",
      "duplicate key 'size' (first set at line 7)"),
     ("unknown section", NET + "[foo]\n[cost]\n", 5, "foo", "unknown section"),
-    ("region", NET + "[region]\nclasses=20\n", 5, "region", "[region] is not supported yet"),
+    ("yolo", NET + "[yolo]\nclasses=20\n", 5, "yolo", "[yolo] is not supported yet"),
+    ("region channels", NET + "[convolutional]\nfilters=12\nsize=1\n[region]\nclasses=2\nnum=2\n", 8, "region",
+     "layer 1: input has 12 channels, but num=2 x (4 coords + 1 + 2 classes) = 14"),
+    ("region anchors", NET + "[region]\nnum=2\nanchors=1,1,2\n", 7, "region",
+     "anchors: 3 values for num=2 (need 4: a width and a height each)"),
+    ("region anchor value", NET + "[region]\nanchors=1,x\n", 6, "region",
+     "anchors=1,x: expected comma-separated numbers"),
+    ("region zero anchor", NET + "[region]\nanchors=1,0\n", 6, "region", "every value must be a positive number"),
+    ("region coords", NET + "[region]\ncoords=5\n", 6, "region", "coords=5: must be 4"),
+    ("region softmax flag", NET + "[region]\nsoftmax=2\n", 6, "region", "softmax=2: must be 0 or 1"),
+    ("region thresh", NET + "[region]\nthresh=1.5\n", 6, "region", "thresh=1.5: must be in [0, 1)"),
+    ("region unknown key", NET + "[region]\nmask=0,1\n", 6, "region", "unknown key 'mask'"),
+    ("region random typo", NET + "[region]\nrandom=yes\n", 6, "region", "random=yes: expected an integer"),
     ("shortcut", NET + "[shortcut]\n", 5, "shortcut", "not supported yet"),
     ("second [net]", NET + "[net]\n", 5, "net", "[net] may appear only once"),
     ("unknown net key", NET + "max_crop=3\n", 5, "net", "unknown key 'max_crop'"),
@@ -254,11 +276,11 @@ def test_errors(name, text, line, section, fragment):
 
 def test_error_names_the_file(tmp_path):
     path = tmp_path / "bad.cfg"
-    path.write_text(NET + "[region]\n")
-    with pytest.raises(ConfigError, match=r"bad\.cfg:5: \[region\]: \[region\] is not supported yet"):
+    path.write_text(NET + "[yolo]\n")
+    with pytest.raises(ConfigError, match=r"bad\.cfg:5: \[yolo\]: \[yolo\] is not supported yet"):
         parse_cfg(path)
     with pytest.raises(ConfigError, match=r"^<cfg>:5: "):
-        parse_cfg(NET + "[region]\n")
+        parse_cfg(NET + "[yolo]\n")
 
 
 def test_first_error_in_file_order_wins():

@@ -1,21 +1,27 @@
 """The composition of the planner's stages: model -> program -> plan.
 
-(Until the optimiser lands, groups and splits come from flags or from a
-simple rule: grow a group while its redundant halo work stays small.)
+By default the optimiser chooses the layer groups, split lines, tile
+devices and keep-or-recompute (cost model + CP-SAT, ``tilec.solve``) for a
+cluster: a cluster file, or N copies of this machine's profile. With
+``grid`` or ``groups`` the old rules apply instead: the given groups (or
+greedy groups that keep the halo small) on an even grid.
 """
+from pathlib import Path
+
 from tilec.analysis.regions import even_splits
 from tilec.analysis.tiles import group_flops, group_tiles, spatial_prefix, tile_flops
 from tilec.errors import PlanError
-from tilec.plan.build import build_plan, default_grid, even_choices, parse_grid, parse_groups
+from tilec.plan.build import GroupChoice, build_plan, default_grid, even_choices, parse_grid, parse_groups
 
 DEFAULT_HALO_LIMIT = 0.15
+DEFAULT_TIME_LIMIT = 3.0
 
 
-def auto_groups(program, grid, limit=DEFAULT_HALO_LIMIT):
-    """Greedy groups over the spatial prefix: extend a group by the next layer
-    while the redundant (halo) FLOPs of an even ``grid`` split stay within
-    ``limit`` of the group's own FLOPs."""
-    prefix = spatial_prefix(program)
+def auto_groups(program, grid, limit=DEFAULT_HALO_LIMIT, prefix=None):
+    """Greedy groups over the spatial prefix (or its first ``prefix`` layers):
+    extend a group by the next layer while the redundant (halo) FLOPs of an
+    even ``grid`` split stay within ``limit`` of the group's own FLOPs."""
+    prefix = spatial_prefix(program) if prefix is None else min(prefix, spatial_prefix(program))
     groups, first = [], 0
     for last in range(prefix):
         if last == first:
@@ -35,19 +41,105 @@ def halo_overhead(program, first, last, grid):
     return sum(tile_flops(program, t) for t in tiles) / group_flops(program, first, last) - 1
 
 
-def compile_plan(graph, *, devices, batch=None, dtype="float32", grid=None, groups=None, optimizer=None):
-    """A sealed plan for ``graph`` on ``devices`` (a count or a list of names)."""
+def resolve_cluster(devices, cluster):
+    """A Cluster from a cluster (object or YAML path) or a device count (copies of this machine)."""
+    from tilec.cluster import Cluster, load_cluster, uniform_cluster
+    if isinstance(cluster, Cluster):
+        return cluster
+    if cluster is not None:
+        return load_cluster(Path(cluster))
+    from tilec.cluster import local_profile
     names = [f"dev{r}" for r in range(devices)] if isinstance(devices, int) else list(devices)
-    if not names:
+    return uniform_cluster(local_profile(), len(names), names)
+
+
+def compile_plan(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
+                 cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True):
+    """A sealed plan for ``graph`` on ``devices`` (a count or a list of names)
+    or on ``cluster`` (a :class:`tilec.cluster.Cluster` or a YAML path)."""
+    return plan_with_solution(graph, devices=devices, batch=batch, dtype=dtype, grid=grid, groups=groups,
+                              optimizer=optimizer, cluster=cluster, tiled_prefix=tiled_prefix,
+                              time_limit=time_limit, workers=workers, recompute=recompute)[0]
+
+
+def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
+                       cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True):
+    """(plan, Solution or None, CostModel or None): the plan and how it was chosen.
+
+    The optimiser runs unless ``grid`` or ``groups`` (other than "auto") is
+    given; then the model's prediction is attached only if a ``cluster`` is.
+    """
+    import numpy as np
+    if cluster is None and not isinstance(devices, int):
+        devices = list(devices)
+        if not devices:
+            raise PlanError("at least one device is needed")
+    if isinstance(devices, int) and devices < 1:
         raise PlanError("at least one device is needed")
+    if tiled_prefix is not None and tiled_prefix < 0:
+        raise PlanError(f"--tile-layers must be >= 0, got {tiled_prefix}")
     program = graph.to_program()
     net = graph.net
-    grid = parse_grid(grid) if isinstance(grid, str) else (grid or default_grid(len(names)))
-    if groups is None or groups == "auto":
-        spans = auto_groups(program, grid)
-    else:
-        spans = parse_groups(groups, spatial_prefix(program))
-    choices = even_choices(program, spans, grid, len(names))
+    batch = batch or net["batch"]
     opt = optimizer or {"lr": net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
-    return build_plan(program, choices, model=graph.name, batch=batch or net["batch"], dtype=dtype,
-                      devices=names, optimizer=opt)
+    prefix = spatial_prefix(program) if tiled_prefix is None else min(tiled_prefix, spatial_prefix(program))
+    itemsize = np.dtype(dtype).itemsize
+    use_optimizer = grid is None and groups in (None, "auto")
+    clus = resolve_cluster(devices, cluster) if (use_optimizer or cluster is not None) else None
+    names = clus.names if clus is not None else (
+        [f"dev{r}" for r in range(devices)] if isinstance(devices, int) else list(devices))
+    model = solution = None
+    if clus is not None:
+        from tilec.cost.model import CostModel
+        model = CostModel(program, clus, batch, itemsize, prefix=prefix)
+    if use_optimizer:
+        from tilec.cost.candidates import enumerate_candidates
+        from tilec.cost.layouts import layouts
+        from tilec.solve.cpsat import solve
+        cands = enumerate_candidates(model, layouts(clus))
+        solution = solve(cands, time_limit=time_limit, workers=workers, recompute=recompute)
+        choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices), rec)
+                   for g, rec in solution.choices]
+        prediction = solution.prediction
+    else:
+        grid = parse_grid(grid) if isinstance(grid, str) else (grid or default_grid(len(names)))
+        if groups is None or groups == "auto":
+            spans = auto_groups(program, grid, prefix=prefix)
+        else:
+            spans = parse_groups(groups, prefix)
+        choices = even_choices(program, spans, grid, len(names))
+        prediction = predict_choices(model, choices) if model is not None else None
+    predicted = prediction.to_json(names) if prediction is not None else None
+    plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
+                      optimizer=opt, prefix=prefix, predicted=predicted)
+    return plan, solution, model
+
+
+def predict_choices(model, choices):
+    """The cost model's prediction for GroupChoices made without it (an even grid, given groups)."""
+    return model.evaluate([(model.group(c.first, c.last, c.row_splits, c.col_splits, c.devices), c.recompute)
+                           for c in choices])
+
+
+def prediction_report(plan, solution=None):
+    """Text: per group and device the predicted seconds and memory, and the solver's statistics."""
+    pred = plan.get("predicted")
+    if not pred:
+        return "  (no prediction: give --cluster, or let the optimiser choose)"
+    lines = [f"  predicted step: {pred['step_s']:.3f} s  (tail on rank 0: {pred['tail_s']:.3f} s)"]
+    tiled = [g for g in plan["groups"] if g["kind"] == "tiled"]
+    for g, secs in zip(tiled, pred["group_s"]):
+        first, last = g["layers"]
+        grid = f"{len(g['row_splits']) - 1}x{len(g['col_splits']) - 1}"
+        lines.append(f"    group {first}-{last}: {grid} on {[t['device'] for t in g['tiles']]}"
+                     f"{'  recompute' if g.get('recompute') else ''}: {secs:.3f} s")
+    lines.append(f"  {'device':<10}{'compute s':>11}{'memory MB':>11}{'state':>9}{'kept':>9}{'workspace':>11}")
+    for d in pred["per_device"]:
+        lines.append(f"  {d['name']:<10}{d['compute_s']:>11.3f}{d['memory_bytes'] / 1e6:>11.1f}"
+                     f"{d['state'] / 1e6:>9.1f}{d['kept'] / 1e6:>9.1f}{d['workspace'] / 1e6:>11.1f}")
+    if solution is not None:
+        st = solution.stats()
+        lines.append(f"  solver: {st['solver']}  status {st['status']}  objective {st['objective_s']:.4f} s  "
+                     f"bound {st['bound_s']:.4f} s  gap {100 * st['gap']:.2f}%  {st['booleans']} booleans  "
+                     f"{st['wall_s']:.2f} s")
+    return "\n".join(lines)

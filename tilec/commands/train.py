@@ -5,9 +5,22 @@ def add_parser(sub, common):
     p = sub.add_parser("train", help="train a model (default: the bundled 'tiny' on a generated batch)")
     common.model(p, required=False)
     common.plan_flags(p)
-    p.add_argument("--backend", choices=("inprocess",), default="inprocess",
-                   help="how devices run: inprocess = threads of this process")
+    p.add_argument("--backend", choices=("local", "inprocess"),
+                   help="how several devices run on this machine: local = one worker process each, over "
+                        "loopback (default); inprocess = threads of this process")
+    p.add_argument("--cluster", metavar="FILE", help="train on the devices of this cluster file (each running "
+                   "`tilec worker`)")
+    p.add_argument("--key-file", metavar="FILE", help="the cluster key (default: $TILEC_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds a device waits for a peer before it declares it lost (default 120)")
+    p.add_argument("--checkpoint", metavar="DIR", help="write the training state to DIR/checkpoint.npz")
+    p.add_argument("--checkpoint-every", type=int, metavar="K", help="every K steps (default: at the end)")
+    p.add_argument("--resume", metavar="DIR", help="continue from DIR's checkpoint (--steps counts from the "
+                   "start; the devices may differ)")
     p.add_argument("--plan", metavar="DIR", help="train with this plan (from `tilec compile`)")
+    p.add_argument("--kernels", choices=("generated", "reference"), default="generated",
+                   help="generated: kernels compiled from templates for this model (built once, then cached; "
+                        "needs a C compiler); reference: the numpy kernels (default: generated)")
     p.add_argument("--data", metavar="FILE", help="batch .npz (images + labels/targets); default: generated")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float)
@@ -16,7 +29,9 @@ def add_parser(sub, common):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-weights", metavar="FILE")
     p.add_argument("--save-weights", metavar="FILE")
-    p.add_argument("--metrics", metavar="FILE.jsonl")
+    p.add_argument("--metrics", metavar="FILE.jsonl",
+                   help="one JSON line per step (loss), and with workers one per device and step (compute, "
+                        "wait, bytes sent, peak memory)")
 
 
 def run(args):
@@ -29,6 +44,9 @@ def run(args):
                          decay=args.decay, seed=args.seed, dtype=args.dtype, data=args.data,
                          init_weights=args.init_weights, save_weights=args.save_weights,
                          metrics=args.metrics, devices=args.devices, plan=plan, grid=args.grid,
-                         groups=args.groups)
-    print(f"trained {len(losses)} steps: loss {losses[0]:.6f} -> {losses[-1]:.6f}")
+                         groups=args.groups, backend=args.backend, cluster=args.cluster, key_file=args.key_file,
+                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                         timeout=args.timeout, kernels=args.kernels)
+    if losses:
+        print(f"trained {len(losses)} steps: loss {losses[0]:.6f} -> {losses[-1]:.6f}")
     return 0

@@ -78,6 +78,20 @@ class Model:
         """Sum-of-squared-errors loss, a .cfg's ``[cost] type=sse``."""
         return self._add("cost", type="sse")
 
+    def region(self, anchors, classes, *, softmax=True, rescore=True, bias_match=True, object_scale=5.0,
+               noobject_scale=1.0, class_scale=1.0, coord_scale=1.0, thresh=0.6, max_boxes=30, jitter=0.2):
+        """The YOLOv2 region loss (must be the last layer): ``anchors`` is a
+        flat list of width, height pairs in grid cells, one pair per anchor;
+        the previous layer must have ``len(anchors)/2 * (5 + classes)``
+        channels. The defaults are darknet's yolov2-voc settings (its .cfg
+        defaults differ: see ``tilec.frontend.cfg``)."""
+        anchors = [float(a) for a in anchors] if isinstance(anchors, (list, tuple)) else anchors
+        num = len(anchors) // 2 if isinstance(anchors, list) else 0
+        return self._add("region", anchors=anchors, classes=classes, coords=4, num=num, softmax=softmax,
+                         rescore=rescore, bias_match=bias_match, object_scale=object_scale,
+                         noobject_scale=noobject_scale, class_scale=class_scale, coord_scale=coord_scale,
+                         thresh=thresh, max_boxes=max_boxes, jitter=jitter)
+
     def route(self, *layers):
         """Concatenate the channels of ``layers``: negative entries are
         relative to this route (``-1`` is the layer before it), others

@@ -29,8 +29,17 @@ Sections (darknet's short aliases in parentheses) and their keys:
 - ``[route]``: ``layers``, comma-separated; a negative entry is relative to
   the route's own index (``-1`` is the layer before it), others absolute.
 - ``[reorg]``: ``stride`` (required; only 2).
+- ``[region]``: the YOLOv2 detection loss (``tilec_runtime.region`` states
+  its exact semantics). ``anchors`` (comma-separated width, height pairs in
+  grid cells; darknet's default 0.5 each), ``classes`` (20), ``coords``
+  (only 4), ``num`` (1), ``softmax`` (0/1, 0), ``rescore`` (0), ``bias_match``
+  (0), ``object_scale``, ``noobject_scale``, ``class_scale``,
+  ``coord_scale`` (1 each), ``thresh`` (0.5), ``max`` (truth boxes per
+  image, 30), ``jitter`` (0.2: the data loader's crop/scale jitter).
+  Accepted and ignored: ``random`` (darknet's multi-scale training) and
+  ``absolute``. The input must have ``num * (5 + classes)`` channels.
 
-A loss (``[softmax]`` or ``[cost]``) must be the last section. Every error is a
+A loss (``[softmax]``, ``[cost]`` or ``[region]``) must be the last section. Every error is a
 :class:`~tilec.errors.ConfigError` reading ``file:line: [section]: what``;
 a wrong key or value points at its line, a missing key or an impossible
 shape at the section header.
@@ -49,13 +58,13 @@ SECTION_ALIASES = {
     "avgpool": "avgpool", "avg": "avgpool",
     "connected": "connected", "conn": "connected",
     "softmax": "softmax", "soft": "softmax",
-    "cost": "cost", "route": "route", "reorg": "reorg",
+    "cost": "cost", "route": "route", "reorg": "reorg", "region": "region",
 }
 """Section name as written -> IR kind (``net`` for the model settings)."""
 
 # Darknet sections a user may reasonably bring; named so the error says
 # "not supported yet" rather than "unknown".
-UNSUPPORTED = ("region", "yolo", "detection", "shortcut", "upsample", "dropout", "local",
+UNSUPPORTED = ("yolo", "detection", "shortcut", "upsample", "dropout", "local",
                "batchnorm", "crop", "rnn", "gru", "lstm", "crnn", "deconvolutional")
 
 NET_IGNORED = ("subdivisions", "max_batches", "policy", "steps", "scales", "burn_in",
@@ -132,6 +141,21 @@ class _Reader:
         if text not in choices:
             self.fail(f"{key}={text}: unknown {key} (supported: {', '.join(choices)})", line)
         return text
+
+    def float_list(self, key, default):
+        text, line = self._raw(key, default)
+        if text is None:
+            return default
+        try:
+            values = [float(item) for item in text.split(",")]
+        except ValueError:
+            self.fail(f"{key}={text}: expected comma-separated numbers", line)
+        if not all(0 < v < math.inf for v in values):
+            self.fail(f"{key}={text}: every value must be a positive number", line)
+        return values
+
+    def flag(self, key, default):
+        return bool(self.int(key, int(default), minimum=0, choices=(0, 1)))
 
     def int_list(self, key):
         text, line = self._raw(key, _REQUIRED)
@@ -231,7 +255,33 @@ def _read_layer(kind, section, path, index):
         return inputs, {}
     if kind == "reorg":
         return prev, {"stride": _Reader(section, path, ("stride",)).int("stride", choices=(2,))}
+    if kind == "region":
+        return prev, _read_region(section, path)
     raise AssertionError(kind)  # SECTION_ALIASES maps only to the kinds above
+
+
+REGION_IGNORED = ("random", "absolute")
+"""[region] keys accepted and ignored (multi-scale training; a no-op in darknet's region layer)."""
+
+
+def _read_region(section, path):
+    known = ("anchors", "classes", "coords", "num", "softmax", "rescore", "bias_match", "object_scale",
+             "noobject_scale", "class_scale", "coord_scale", "thresh", "max", "jitter")
+    r = _Reader(section, path, known + REGION_IGNORED)
+    for key in REGION_IGNORED:
+        if r.has(key):
+            r.int(key, minimum=0, choices=(0, 1))  # ignored, but a typo there is still a typo
+    num = r.int("num", 1)
+    anchors = r.float_list("anchors", [0.5] * (2 * num))
+    if len(anchors) != 2 * num:
+        r.fail(f"anchors: {len(anchors)} values for num={num} (need {2 * num}: a width and a height each)",
+               section.options["anchors"][1])
+    return {"anchors": anchors, "classes": r.int("classes", 20), "coords": r.int("coords", 4, choices=(4,)),
+            "num": num, "softmax": r.flag("softmax", False), "rescore": r.flag("rescore", False),
+            "bias_match": r.flag("bias_match", False), "object_scale": r.float("object_scale", 1.0),
+            "noobject_scale": r.float("noobject_scale", 1.0), "class_scale": r.float("class_scale", 1.0),
+            "coord_scale": r.float("coord_scale", 1.0), "thresh": r.float("thresh", 0.5, upper=1.0),
+            "max_boxes": r.int("max", 30), "jitter": r.float("jitter", 0.2, upper=1.0)}
 
 
 def _read_text(path_or_text, path):
@@ -299,9 +349,7 @@ def parse_cfg(path_or_text, *, path=None):
 
         if kind is None:
             if section.name in UNSUPPORTED:
-                fail(f"[{section.name}] is not supported yet"
-                     + (" (use [cost] type=sse in its place for now)"
-                        if section.name == "region" else ""))
+                fail(f"[{section.name}] is not supported yet")
             fail("unknown section")
         if kind == "net":
             fail(f"[net] may appear only once, as the first section (line {sections[0].line})")
@@ -315,13 +363,13 @@ def parse_cfg(path_or_text, *, path=None):
             graph.infer_shapes()  # only the new layer: report a bad shape where it occurs
         except IRError as err:
             fail(f"layer {index}: {getattr(err, 'detail', err)}")
-        if kind in ("softmax", "cost"):
+        if kind in ("softmax", "cost", "region"):
             loss = section
     if len(graph) == 0:
         raise ConfigError("no layers after [net]", path=where, line=sections[0].line,
                           section=sections[0].name)
     if loss is None:
         last = sections[-1]
-        raise ConfigError("the last section must be a loss ([softmax] or [cost])",
+        raise ConfigError("the last section must be a loss ([softmax], [cost] or [region])",
                           path=where, line=last.line, section=last.name)
     return graph.verify()

@@ -19,7 +19,8 @@ Shape rules (darknet's):
 - maxpool: ``(H + padding - size) // stride + 1`` (``padding`` is the total
   over both borders)
 - avgpool: ``[C, 1, 1]``; connected: ``[output, 1, 1]``
-- softmax, cost: the shape of their input
+- softmax, cost, region: the shape of their input (region: ``C`` must be
+  ``num * (4 + 1 + classes)``)
 - route: the channels of its inputs concatenated (all inputs the same H, W)
 - reorg: ``[C*s*s, H/s, W/s]`` (H and W divisible by ``s``)
 
@@ -79,6 +80,26 @@ def _cost_type(v):
     return None if v == "sse" else f"must be 'sse', got {v!r}"
 
 
+def _nonneg_num(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        return f"must be a finite number >= 0, got {v!r}"
+    return None
+
+
+def _fraction(v):
+    return _nonneg_num(v) or (None if v <= 1 else f"must be in [0, 1], got {v!r}")
+
+
+def _coords(v):
+    return None if v == 4 and not isinstance(v, bool) else f"must be 4 (x, y, w, h), got {v!r}"
+
+
+def _anchors(v):
+    if not isinstance(v, list) or not v or len(v) % 2 or any(_nonneg_num(a) or a == 0 for a in v):
+        return f"must be a non-empty list of width, height pairs of positive numbers, got {v!r}"
+    return None
+
+
 FIELDS = {
     "conv": {"filters": _pos_int, "size": _pos_int, "stride": _pos_int, "pad": _nonneg_int,
              "bn": _bool, "act": _act},
@@ -87,6 +108,10 @@ FIELDS = {
     "connected": {"output": _pos_int, "act": _act},
     "softmax": {},
     "cost": {"type": _cost_type},
+    "region": {"anchors": _anchors, "classes": _pos_int, "coords": _coords, "num": _pos_int, "softmax": _bool,
+               "rescore": _bool, "bias_match": _bool, "object_scale": _nonneg_num, "noobject_scale": _nonneg_num,
+               "class_scale": _nonneg_num, "coord_scale": _nonneg_num, "thresh": _fraction,
+               "max_boxes": _pos_int, "jitter": _fraction},
     "route": {},
     "reorg": {"stride": _pos_int},
 }
@@ -147,6 +172,14 @@ def out_shape(kind, fields, in_shapes, inputs):
     if kind == "connected":
         return [fields["output"], 1, 1]
     if kind in ("softmax", "cost"):
+        return [c, h, w]
+    if kind == "region":
+        num, classes = fields["num"], fields["classes"]
+        if len(fields["anchors"]) != 2 * num:
+            raise ValueError(f"{len(fields['anchors'])} anchor values for num={num} (need {2 * num})")
+        if c != num * (5 + classes):
+            raise ValueError(f"input has {c} channels, but num={num} x (4 coords + 1 + {classes} classes) "
+                             f"= {num * (5 + classes)}")
         return [c, h, w]
     if kind == "route":
         for j, shape in zip(inputs[1:], in_shapes[1:]):

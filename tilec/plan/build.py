@@ -32,12 +32,15 @@ class GroupChoice:
     """A group over program[first..last] with its split lines and devices.
 
     ``devices[t]`` is the device of tile t, tiles in row-major grid order.
+    ``recompute``: keep only the group's input in forward and recompute its
+    activations in backward (less memory, more compute).
     """
     first: int
     last: int
     row_splits: list
     col_splits: list
     devices: list
+    recompute: bool = False
 
 
 def parse_groups(spec, prefix):
@@ -107,9 +110,14 @@ def _message(group, tensor, sender, receiver, rows, cols, channels, batch, items
             "bytes": 0 if sender == receiver else batch * channels * area_of(rows, cols) * itemsize}
 
 
-def build_plan(program, choices, *, model, batch, dtype, devices, optimizer):
-    """The sealed plan dict. ``devices``: list of device names (rank order)."""
-    prefix = spatial_prefix(program)
+def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, prefix=None, predicted=None):
+    """The sealed plan dict. ``devices``: list of device names (rank order).
+
+    ``prefix``: tile only the first ``prefix`` layers of the spatial prefix
+    (the rest joins the tail); ``predicted``: the cost model's prediction,
+    stored as the plan's ``predicted`` field.
+    """
+    prefix = spatial_prefix(program) if prefix is None else min(prefix, spatial_prefix(program))
     itemsize = np.dtype(dtype).itemsize
     expect = 0
     for ch in choices:
@@ -150,7 +158,7 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer):
         for tl_index, layer in enumerate(program[ch.first:ch.last + 1]):
             owners[layer["index"]] = [(dev, tile.layers[tl_index].owned) for tile, dev in zip(tiles, ch.devices)]
         groups.append({"kind": "tiled", "layers": [ch.first, ch.last], "row_splits": list(ch.row_splits),
-                       "col_splits": list(ch.col_splits), "tiles": tile_dicts})
+                       "col_splits": list(ch.col_splits), "recompute": bool(ch.recompute), "tiles": tile_dicts})
 
     tail_reads = sorted({j for layer in program[prefix:] for j in layer["inputs"] if j < prefix})
     for tensor in tail_reads:
@@ -173,6 +181,8 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer):
         "program": program, "groups": groups, "messages": messages,
         "collectives": _collectives(program, groups, batch),
     }
+    if predicted is not None:
+        plan["predicted"] = predicted
     return seal(plan)
 
 

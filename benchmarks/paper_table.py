@@ -1,0 +1,273 @@
+"""The paper's table: speedup over one core and memory per device for YOLOv2
+(608x608, the first 16 layers tiled) and YOLOv2-tiny (416x416), batch 1/2/4/8,
+next to the ranges Rama et al. (2024) report: 2x-15x speedup, up to 8x less
+memory per device, up to 1.5x from layer grouping.
+
+Two sources, side by side:
+
+- **simulated**: 1-6 Raspberry Pi 3 (the shipped ``rpi3b`` profile) on
+  100 Mbit/s Ethernet. For each (model, batch, N) the optimiser's plan
+  (``tilec.compile.plan_with_solution``: cost model + CP-SAT, the Pi's memory
+  as the limit) is replayed by the simulator (``tilec.inspect.simulate``).
+  Speedup = one Pi core running the whole step on whole maps (the cost
+  model's ``one_core_seconds``) / the simulated step. Memory per device =
+  the cost model's largest per-device total (state, kept activations,
+  workspace); the reduction is the one-device total (computed with no
+  memory limit) over it. Grouping = the simulated step of the same devices
+  with every layer its own group (no fusion, even grid) / the optimiser's.
+  A plan that fits no Pi's memory is shown as "does not fit"; grouping is
+  compared only where the layer-by-layer plan fits as well.
+- **measured**: this machine, 1 and 2 local worker processes (one BLAS
+  thread each, over loopback: ``tilec_runtime.launch.train_local``), the
+  plan ``tilec compile --devices N`` makes, a generated batch, float32.
+  Step time is rank 0's median over the steps after the first; memory is
+  each worker's peak resident set during a step (the whole process,
+  Python and numpy included), next to the cost model's prediction. The
+  machine's usable parallelism (two single-threaded matmul loops side by
+  side / one alone, ``benchmarks/cluster.py``) is measured in the same run:
+  read the 2-worker speedup against it.
+
+    python benchmarks/paper_table.py [--out benchmarks/results/paper_table] [--batches 1,2,4,8]
+        [--measure-batches 1,2] [--steps 3] [--max-devices 6] [--profile rpi3b] [--kernels reference]
+        [--time-limit 6] [--no-measure]
+
+Writes OUT.md (the tables), OUT.png (speedup and memory against devices)
+and OUT.json (every number).
+"""
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+MODELS = (("yolov2", 16, "YOLOv2 608, layers 0-15 tiled"), ("yolov2-tiny", None, "YOLOv2-tiny 416"))
+PAPER = {"speedup": (2.0, 15.0), "memory": 8.0, "grouping": 1.5}
+
+
+# -- simulated Raspberry Pi 3 clusters ------------------------------------------------------
+
+
+def simulated_cell(graph, prefix, batch, n, profile, time_limit):
+    """Speedup, memory and grouping gain of ``n`` copies of ``profile``."""
+    from tilec.cluster import uniform_cluster
+    from tilec.compile import compile_plan, plan_with_solution
+    from tilec.errors import PlanError
+    from tilec.inspect.simulate import simulate
+
+    cluster = uniform_cluster(profile, n)
+    try:
+        plan, _, model = plan_with_solution(graph, devices=n, cluster=cluster, batch=batch, tiled_prefix=prefix,
+                                            time_limit=time_limit)
+    except PlanError as exc:
+        return {"devices": n, "fits": False, "why": str(exc).splitlines()[0]}
+    step = simulate(plan, cluster, keep_events=False).step_s
+    one_core = model.one_core_seconds()
+    memory = max(d["memory_bytes"] for d in plan["predicted"]["per_device"])
+    # layer by layer: compared only where it fits too (else the optimiser's plan may be slower
+    # because it recomputes to fit, and the comparison says nothing about grouping)
+    each = compile_plan(graph, devices=n, cluster=cluster, batch=batch, tiled_prefix=prefix, groups="each")
+    each_memory = max(d["memory_bytes"] for d in each["predicted"]["per_device"])
+    each_fits = each_memory <= profile.memory_bytes
+    step_each = simulate(each, cluster, keep_events=False).step_s
+    return {"devices": n, "fits": True, "step_s": step, "one_core_s": one_core, "speedup": one_core / step,
+            "memory_bytes": memory, "step_each_s": step_each, "each_memory_bytes": each_memory,
+            "each_fits": each_fits, "grouping": step_each / step if each_fits else None,
+            "groups": [g["layers"] for g in plan["groups"] if g["kind"] == "tiled"]}
+
+
+def one_device_memory(graph, prefix, batch, profile):
+    """The predicted memory of one device running everything, with no memory limit."""
+    from tilec.cluster import uniform_cluster
+    from tilec.compile import plan_with_solution
+    roomy = dataclasses.replace(profile, memory_bytes=1 << 50)
+    plan, _, _ = plan_with_solution(graph, devices=1, cluster=uniform_cluster(roomy, 1), batch=batch,
+                                    tiled_prefix=prefix)
+    return plan["predicted"]["per_device"][0]["memory_bytes"]
+
+
+def simulate_all(batches, max_devices, profile_name, time_limit, log):
+    from tilec.frontend.models import load_model
+    from tilec.profiles import load_profile
+    profile = load_profile(profile_name)
+    rows = []
+    for name, prefix, label in MODELS:
+        graph = load_model(name)
+        for batch in batches:
+            t0 = time.perf_counter()
+            base = one_device_memory(graph, prefix, batch, profile)
+            cells = [simulated_cell(graph, prefix, batch, n, profile, time_limit) for n in range(1, max_devices + 1)]
+            for c in cells:
+                if c["fits"]:
+                    c["memory_reduction"] = base / c["memory_bytes"]
+            rows.append({"model": name, "label": label, "batch": batch, "one_device_memory_bytes": base,
+                         "cells": cells})
+            log(f"simulated {label} batch {batch}: {time.perf_counter() - t0:.1f} s")
+    return {"profile": profile.name, "rows": rows}
+
+
+# -- measured on this machine --------------------------------------------------------------
+
+
+def measured_job(graph, prefix, devices, batch, steps, kernels):
+    """(median step s, peak RSS per worker, predicted memory per device) of one local job."""
+    from tilec.compile import compile_plan
+    from tilec_runtime import data, launch, weights
+    program = graph.to_program()
+    plan = compile_plan(graph, devices=devices, batch=batch, dtype="float32", tiled_prefix=prefix)
+    params, buffers = weights.init_params(program, 0, "float32")
+    batches = data.generated_batches(program, batch, 0, "float32")
+    records = []
+    source = None
+    if kernels == "generated":
+        from tilec.codegen import generate
+        generated = generate(("float32",))
+        source = {"module": generated.module, "source": generated.text}
+    launch.train_local(plan, params, buffers, batches, steps=steps, threads=1, on_metrics=records.append,
+                       kernels=source)
+    steady = records[1:] or records
+    predicted = [d["memory_bytes"] for d in (plan.get("predicted") or {}).get("per_device", [])]
+    return {"step_s": statistics.median(r[0]["step_s"] for r in steady),
+            "peak_bytes": [max(r[d]["peak_bytes"] for r in steady) for d in range(devices)],
+            "predicted_bytes": predicted}
+
+
+def measure_all(batches, steps, kernels, log):
+    from cluster import parallel_capacity
+    from tilec.frontend.models import load_model
+    capacity = parallel_capacity()
+    log(f"usable parallelism of this machine: {capacity:.2f} (2.0 = two free cores)")
+    rows = []
+    for name, prefix, label in MODELS:
+        graph = load_model(name)
+        for batch in batches:
+            row = {"model": name, "label": label, "batch": batch}
+            for n in (1, 2):
+                t0 = time.perf_counter()
+                row[f"w{n}"] = measured_job(graph, prefix, n, batch, steps, kernels)
+                log(f"measured {label} batch {batch} on {n} worker(s): {row[f'w{n}']['step_s']:.2f} s/step "
+                    f"({time.perf_counter() - t0:.0f} s)")
+            row["speedup"] = row["w1"]["step_s"] / row["w2"]["step_s"]
+            rows.append(row)
+    return {"capacity": capacity, "kernels": kernels, "steps": steps, "rows": rows}
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _mb(v):
+    return f"{v / 2 ** 20:,.0f}"
+
+
+def markdown(sim, meas, paper=PAPER):
+    n_max = len(sim["rows"][0]["cells"])
+    lines = [f"### Simulated: 1-{n_max} Raspberry Pi 3 (`{sim['profile']}` profile)", "",
+             "Each cell: speedup over one Pi core / largest memory per device in MB (reduction against one "
+             "device). Grouping: simulated step with every layer its own group / the optimiser's groups, "
+             "where the layer-by-layer plan fits the Pi's memory too.", "",
+             "| model | batch | " + " | ".join(f"{n} Pi" for n in range(1, n_max + 1)) + " | grouping |",
+             "|---|---:|" + "---:|" * n_max + "---:|"]
+    for row in sim["rows"]:
+        cells = []
+        for c in row["cells"]:
+            cells.append(f"{c['speedup']:.1f}x / {_mb(c['memory_bytes'])} ({c['memory_reduction']:.1f}x)"
+                         if c["fits"] else "does not fit")
+        gains = [c["grouping"] for c in row["cells"] if c["fits"] and c["devices"] > 1 and c["grouping"]]
+        grouping = f"{min(gains):.2f}-{max(gains):.2f}x" if gains else "-"
+        lines.append(f"| {row['label']} | {row['batch']} | " + " | ".join(cells) + f" | {grouping} |")
+    fits = [c for row in sim["rows"] for c in row["cells"] if c["fits"]]
+    multi = [c for c in fits if c["devices"] > 1]
+    lines += ["", "### Against the paper", "",
+              "| | paper (Rama et al. 2024) | tilec, simulated Pi 3 |", "|---|---|---|",
+              f"| speedup over one core | {paper['speedup'][0]:g}x-{paper['speedup'][1]:g}x | "
+              f"{min(c['speedup'] for c in multi):.1f}x-{max(c['speedup'] for c in multi):.1f}x |",
+              f"| memory per device | up to {paper['memory']:g}x less | up to "
+              f"{max(c['memory_reduction'] for c in multi):.1f}x less |",
+              f"| layer grouping | up to {paper['grouping']:g}x | up to "
+              f"{max((c['grouping'] for c in multi if c['grouping']), default=float('nan')):.2f}x |"]
+    if meas:
+        lines += ["", f"### Measured: this machine, 1 and 2 local workers ({meas['kernels']} kernels, one thread "
+                      f"each; usable parallelism {meas['capacity']:.2f} of 2)", "",
+                  "| model | batch | 1 worker s/step | 2 workers s/step | speedup | peak RSS MB 1 worker | "
+                  "peak RSS MB per worker, 2 | predicted MB 1 / 2 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in meas["rows"]:
+            w1, w2 = row["w1"], row["w2"]
+            pred = " / ".join(_mb(max(r["predicted_bytes"])) if r["predicted_bytes"] else "-" for r in (w1, w2))
+            lines.append(f"| {row['label']} | {row['batch']} | {w1['step_s']:.2f} | {w2['step_s']:.2f} | "
+                         f"{row['speedup']:.2f}x | {_mb(w1['peak_bytes'][0])} | "
+                         f"{', '.join(_mb(b) for b in w2['peak_bytes'])} | {pred} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(sim, meas, path, paper=PAPER):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"yolov2": "-", "yolov2-tiny": "--"}
+    for row in sim["rows"]:
+        fits = [c for c in row["cells"] if c["fits"]]
+        if not fits:
+            continue
+        label = f"{row['label']}, batch {row['batch']}"
+        ax_s.plot([c["devices"] for c in fits], [c["speedup"] for c in fits], styles[row["model"]], marker="o",
+                  label=label)
+        ax_m.plot([c["devices"] for c in fits], [c["memory_reduction"] for c in fits], styles[row["model"]],
+                  marker="o", label=label)
+    ax_s.axhspan(*paper["speedup"], color="0.9", zorder=0, label="paper's range")
+    ax_m.axhline(paper["memory"], color="0.5", linestyle=":", label="paper: up to 8x")
+    if meas:
+        for row in meas["rows"]:
+            ax_s.plot([2], [row["speedup"]], "k^", markersize=8)
+        ax_s.plot([], [], "k^", label="measured here, 2 workers")
+    ax_s.set(xlabel="Raspberry Pi 3 devices (simulated)", ylabel="speedup over one core",
+             title="training step speedup")
+    ax_m.set(xlabel="Raspberry Pi 3 devices (simulated)", ylabel="memory reduction per device",
+             title="memory per device (one device / N devices)")
+    for ax in (ax_s, ax_m):
+        ax.set_xticks(range(1, len(sim["rows"][0]["cells"]) + 1))
+    ax_s.legend(fontsize=7)
+    ax_m.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(HERE / "results" / "paper_table"))
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--measure-batches", default="1,2")
+    ap.add_argument("--steps", type=int, default=3, help="steps per measured job (the first is dropped)")
+    ap.add_argument("--max-devices", type=int, default=6)
+    ap.add_argument("--profile", default="rpi3b")
+    ap.add_argument("--kernels", choices=("generated", "reference"), default="reference")
+    ap.add_argument("--time-limit", type=float, default=6.0, help="solver seconds per plan")
+    ap.add_argument("--no-measure", action="store_true")
+    args = ap.parse_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    batches = [int(b) for b in args.batches.split(",")]
+    sim = simulate_all(batches, args.max_devices, args.profile, args.time_limit, log)
+    meas = None
+    if not args.no_measure:
+        meas = measure_all([int(b) for b in args.measure_batches.split(",")], args.steps, args.kernels, log)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(sim, meas)
+    out.with_suffix(".md").write_text(text)
+    plot(sim, meas, out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps({"paper": PAPER, "simulated": sim, "measured": meas}, indent=1))
+    print(text)
+    print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The functions of a generated kernel module for one dtype, and the band
+rule that sizes a convolution's im2col workspace (shared by the planner's
+lowering and the runtime's drop-in kernels)."""
+import numpy as np
+
+_SUFFIX = {"float32": "f32", "float64": "f64"}
+FUNCTIONS = ("conv_forward", "conv_backward", "bn_act", "act_grad", "pool_forward", "pool_backward", "bn_stats",
+             "bn_constants", "bn_grad_constants", "bn_backward", "sse", "sgd")
+
+
+# im2col band of a conv: whole output rows adding up to about BAND_POSITIONS
+# columns of the GEMM (fewer and BLAS runs below speed on small matrices),
+# and at most BAND_ELEMENTS elements (C*k*k x positions) so that a band stays
+# in cache between im2col and the GEMM. Measured on x86 (a sweep over
+# YOLOv2-tiny's layers at 416x416): 1024 positions is within 5% of the best
+# band for every layer. The planner's lowering uses the same rule.
+BAND_POSITIONS = 1024
+BAND_ELEMENTS = 1 << 20
+
+
+def band_rows(c, k, ho, wo):
+    """Output rows per im2col band of a conv with c input channels, k x k."""
+    rows = min(BAND_POSITIONS // wo, BAND_ELEMENTS // (c * k * k * wo))
+    return max(1, min(ho, rows))
+
+
+class Kernels:
+    """The functions of a generated module for one dtype, by short name."""
+
+    def __init__(self, module, dtype):
+        name = np.dtype(dtype).name
+        if name not in _SUFFIX or name not in module.DTYPES:
+            raise ValueError(f"kernel module {module.__name__} has no {name} kernels (it has {module.DTYPES})")
+        for fn in FUNCTIONS:
+            setattr(self, fn, getattr(module, f"{fn}_{_SUFFIX[name]}"))
+        self.pre, self.act = module.PRE_CODES, module.ACT_CODES

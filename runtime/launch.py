@@ -1,0 +1,334 @@
+"""The launcher's side of a job, and the local backend.
+
+``run_job`` sends a plan and each rank's state to workers that are already
+listening (``tilec worker`` on each device of a cluster, or processes this
+machine starts with ``LocalWorkers``), streams the batches to rank 0,
+collects per-step metrics from every device and the model state at
+checkpoint steps, and returns the final state. The first fault anywhere
+ends the job with one line naming the device and the step.
+"""
+import contextlib
+import json
+import os
+import secrets
+import select
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from tilec_runtime.auth import handshake
+from tilec_runtime.collectives import RING_MIN_BYTES
+from tilec_runtime.comm import PeerLost
+from tilec_runtime.errors import RuntimeFault
+from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
+                                     connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
+from tilec_runtime.worker import (BUILD_TIMEOUT, LISTENING, MAX_METRICS_BYTES, SETUP_TIMEOUT, has_momentum,
+                                  holdings, owned, state_spec, state_steps, state_table)
+
+
+class JobFailed(PeerLost):
+    """A job ended early; the message is the one-line report of the fault."""
+
+
+def run_job(plan, addresses, key, params, buffers, batches, *, steps, first_step=0, momentum=None,
+            timeout=120.0, state_every=0, on_step=None, on_metrics=None, on_state=None,
+            ring_min_bytes=RING_MIN_BYTES, connect_timeout=30.0, kernels=None):
+    """Train ``steps`` steps from ``first_step`` on workers at ``addresses``
+    (rank order). Returns (losses, params, buffers, momentum).
+
+    ``kernels``: ``{"module": name, "source": C text}`` of the generated
+    kernels (``tilec.codegen.generate``), which every worker builds (once:
+    they are cached) and runs; None for the numpy kernels.
+
+    ``on_step(step, loss, seconds)`` after each step, ``on_metrics(records)``
+    with every device's record of the step, ``on_state(done, params,
+    buffers, momentum)`` after steps ``first_step + k * state_every``.
+    """
+    job = _Job(plan, addresses, key, timeout, ring_min_bytes)
+    try:
+        job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels)
+        return job.train(batches, first_step, steps, state_every, on_step, on_metrics, on_state)
+    except BaseException as exc:
+        job.abort(str(exc) if isinstance(exc, RuntimeFault) else f"the launcher stopped: {type(exc).__name__}")
+        raise
+
+
+class _Job:
+    def __init__(self, plan, addresses, key, timeout, ring_min_bytes):
+        self.plan, self.addresses, self.key = plan, [tuple(a) for a in addresses], key
+        self.timeout, self.ring_min_bytes = float(timeout), ring_min_bytes
+        self.n = len(plan["devices"])
+        if len(self.addresses) != self.n:
+            raise RuntimeFault(f"{len(self.addresses)} worker addresses for a plan of {self.n} devices")
+        self.names = [d["name"] for d in plan["devices"]]
+        self.table = state_table(plan["program"])
+        # what each rank reports: the state no lower rank holds as well
+        self.owned = [owned(plan, r, has_momentum(plan)) for r in range(self.n)]
+        self.mailbox = Mailbox()
+        self.socks, self.links = [], {}
+        self.step = 0  # the step in progress (0-based), for messages
+
+    def who(self, rank):
+        return f"device {rank} ({self.names[rank]})"
+
+    # -- set-up -------------------------------------------------------------------
+
+    def start(self, params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels):
+        plan = self.plan
+        self.step = first_step
+        deadline = time.monotonic() + connect_timeout
+        for r, address in enumerate(self.addresses):
+            with self.blame(r, ""):
+                sock = connect(address, deadline, what="its worker")
+            sock.settimeout(SETUP_TIMEOUT)
+            self.socks.append(sock)
+            with self.blame(r, f" at {address[0]}:{address[1]}"):
+                handshake(sock, self.key, role="launcher", ident="launcher", plan=plan["hash"], initiator=True)
+        send_momentum = momentum is not None and has_momentum(plan)
+        sections = {"param": params, "buffer": buffers, "momentum": momentum or {}}
+        job_id = secrets.token_hex(8)
+        for r, sock in enumerate(self.socks):
+            with self.blame(r, " while receiving the job"):
+                send_frame(sock, Kind.JOB, 0, 0, as_bytes({
+                    "job": job_id, "rank": r, "peers": [list(a) for a in self.addresses],
+                    "first_step": first_step, "steps": steps, "timeout": self.timeout, "state_every": state_every,
+                    "momentum": send_momentum, "ring_min_bytes": self.ring_min_bytes, "kernels": kernels,
+                    "plan": plan}))
+                for index in holdings(plan, r, send_momentum):
+                    section, key, shape = self.table[index]
+                    array = sections[section].get(key)
+                    if array is None:  # no velocity yet: zero is the same to SGD
+                        array = np.zeros(shape, plan["dtype"])
+                    send_frame(sock, Kind.STATE, 0, index, np.asarray(array, plan["dtype"]))
+        for r, sock in enumerate(self.socks):
+            with self.blame(r, " while getting ready"):
+                sock.settimeout(BUILD_TIMEOUT if kernels else SETUP_TIMEOUT)  # it may build the kernels first
+                reply = read_expected(sock, {Kind.READY: EMPTY, Kind.ERROR: text_spec()})
+            if reply.kind == Kind.ERROR:
+                raise JobFailed(f"{self.who(r)} refused the job: {reply.text()}")
+        for r, sock in enumerate(self.socks):
+            with self.blame(r, " at the start"):
+                send_frame(sock, Kind.GO, 0, 0)
+        last = first_step + steps
+        reports = state_steps(first_step, last, state_every)
+        for r, sock in enumerate(self.socks):
+            self.links[r] = Link(sock, r, self.mailbox, self._expect(r, first_step, last, reports),
+                                 on_frame=self._relay, heartbeat=heartbeat_interval(self.timeout))
+
+    @contextlib.contextmanager
+    def blame(self, rank, when):
+        """Errors of a set-up exchange with ``rank`` name that device."""
+        try:
+            yield
+        except (OSError, RuntimeFault) as exc:
+            if isinstance(exc, JobFailed):
+                raise
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            raise JobFailed(f"{self.who(rank)}{when}: {reason}") from None
+
+    def _relay(self, link, frame):
+        """A worker's ERROR is the job's fault, in the worker's words."""
+        if frame.kind == Kind.ERROR:
+            self.mailbox.fail(link.peer, frame.text(), relayed=True)
+            return True
+        return False
+
+    def _expect(self, rank, first, last, reports):
+        mine = set(self.owned[rank])
+        seen = set()
+
+        def expect(kind, step, tensor):
+            if kind == Kind.METRICS and tensor == 0 and first <= step < last:
+                spec = text_spec(MAX_METRICS_BYTES)
+            elif kind == Kind.STATE and tensor in mine and step in reports:
+                spec = state_spec(self.plan, tensor)
+            elif kind == Kind.DONE and step == last and tensor == 0:
+                spec = EMPTY
+            elif kind == Kind.ERROR:
+                return text_spec()
+            else:
+                raise FrameError(f"{kind_name(kind)} {tensor} for step {step} is not expected from device {rank}")
+            if (kind, step, tensor) in seen:
+                raise FrameError(f"second {kind_name(kind)} {tensor} for step {step}")
+            seen.add((kind, step, tensor))
+            return spec
+        return expect
+
+    # -- training -------------------------------------------------------------------
+
+    def wait(self, rank, kind, step, tensor=0):
+        try:
+            return await_frame(self.mailbox, list(self.links.values()), (rank, kind, step, tensor), self.timeout)
+        except Silent as exc:
+            raise JobFailed(f"{self.who(exc.peer)} sent nothing for {exc.seconds:.0f} s at step {self.step + 1} "
+                            f"(stopped, hung or cut off)") from None
+        except Lost as exc:
+            fault = exc.fault
+            if fault.relayed:
+                raise JobFailed(fault.reason) from None
+            raise JobFailed(f"{self.who(fault.peer)} lost at step {self.step + 1} ({fault.reason})") from None
+
+    def train(self, batches, first, steps, state_every, on_step, on_metrics, on_state):
+        last = first + steps
+        reports = state_steps(first, last, state_every)
+        dtype = np.dtype(self.plan["dtype"])
+        target_dtype = np.int64 if self.plan["program"][-1]["kind"] == "softmax" else dtype
+
+        def send_batch(step):
+            if step < last:
+                images, target = batches.get(step)
+                self.links[0].send(Kind.BATCH, step, 0, np.ascontiguousarray(images, dtype))
+                self.links[0].send(Kind.BATCH, step, 1, np.ascontiguousarray(target, target_dtype))
+
+        # two batches ahead: rank 0 never waits for data while the launcher is busy
+        send_batch(first)
+        send_batch(first + 1)
+        losses, state = [], None
+        for step in range(first, last):
+            self.step = step
+            records = [self.wait(r, Kind.METRICS, step) for r in range(self.n)]
+            records = [_json(a, self.who(r)) for r, a in enumerate(records)]
+            send_batch(step + 2)
+            losses.append(records[0]["loss"])
+            if on_metrics:
+                on_metrics(records)
+            if on_step:
+                on_step(step, records[0]["loss"], records[0]["step_s"])
+            if step + 1 in reports:
+                state = self.collect(step + 1)
+                if on_state:
+                    on_state(step + 1, *state)
+        for r in range(self.n):
+            self.wait(r, Kind.DONE, last)
+        for link in self.links.values():
+            link.send(Kind.BYE, 0, 0)
+            link.close()
+        return (losses, *state)
+
+    def collect(self, done):
+        """(params, buffers, momentum) reported after ``done`` steps."""
+        out = {"param": {}, "buffer": {}, "momentum": {}}
+        for r in range(self.n):
+            for index in self.owned[r]:
+                section, key, _ = self.table[index]
+                out[section][key] = self.wait(r, Kind.STATE, done, index)
+        return out["param"], out["buffer"], out["momentum"]
+
+    def abort(self, message):
+        """Tell every worker to stop (a cluster's workers then serve again)."""
+        for r, sock in enumerate(self.socks):
+            link = self.links.get(r)
+            try:
+                if link is not None:
+                    link.send(Kind.ABORT, 0, 0, as_bytes(message[:4000]))
+                    link.close(2.0)
+                else:
+                    send_frame(sock, Kind.ABORT, 0, 0, as_bytes(message[:4000]))
+                    sock.close()
+            except OSError:
+                pass
+
+
+def _json(array, who):
+    try:
+        record = json.loads(array.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise JobFailed(f"{who} sent unreadable metrics") from None
+    if not isinstance(record, dict) or "step_s" not in record:
+        raise JobFailed(f"{who} sent malformed metrics")
+    return record
+
+
+# -- the local backend ---------------------------------------------------------------
+
+
+class LocalWorkers:
+    """``n`` one-job worker processes on 127.0.0.1 (free ports), each with
+    ``threads`` BLAS threads (default: this machine's cores shared out).
+    A context manager: leaving it waits briefly, then kills what is left, so
+    no worker outlives its launcher. Worker stderr goes to ``log_dir``."""
+
+    def __init__(self, n, key, *, threads=None, log_dir=None, startup_timeout=60.0, command=None, env=None):
+        self.n, self.key = n, key
+        self.threads = threads or max(1, (os.cpu_count() or 1) // n)
+        self.log_dir = log_dir
+        self.startup_timeout = startup_timeout
+        self.command = command or [sys.executable, "-m", "tilec_runtime.worker"]
+        self.extra_env = env or {}
+        self.procs, self.addresses, self.logs = [], [], []
+        self.returncodes = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        if self.log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tilec-workers-")
+            self.log_dir = self._tmp.name
+        os.makedirs(self.log_dir, exist_ok=True)
+        env = dict(os.environ, TILEC_KEY=self.key, **self.extra_env)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(self.threads)
+        try:
+            for r in range(self.n):
+                path = os.path.join(self.log_dir, f"worker{r}.log")
+                self.logs.append(path)
+                with open(path, "wb") as log:
+                    self.procs.append(subprocess.Popen(
+                        self.command + ["--listen", "127.0.0.1:0", "--once", "--parent", str(os.getpid())],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env))
+            deadline = time.monotonic() + self.startup_timeout
+            self.addresses = [self._address(r, p, deadline) for r, p in enumerate(self.procs)]
+        except BaseException:
+            self.stop(0)
+            raise
+
+    def _address(self, rank, proc, deadline):
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, left))
+            chunk = os.read(proc.stdout.fileno(), 256) if ready else b""
+            if not chunk:
+                raise RuntimeFault(f"local worker {rank} did not start: {self.log(rank).strip()[-500:]}")
+            line += chunk
+        text = line.decode().strip()
+        if not text.startswith(LISTENING):
+            raise RuntimeFault(f"local worker {rank} said {text!r}")
+        host, _, port = text[len(LISTENING):].strip().rpartition(":")
+        return host, int(port)
+
+    def log(self, rank):
+        try:
+            with open(self.logs[rank], errors="replace") as f:
+                return f.read()
+        except (OSError, IndexError):
+            return ""
+
+    def stop(self, timeout=10.0):
+        """Wait up to ``timeout`` s for the workers to exit, then kill them."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        self.returncodes = [p.returncode for p in self.procs]
+        return self.returncodes
+
+
+def train_local(plan, params, buffers, batches, *, steps, key=None, threads=None, log_dir=None, **kwargs):
+    """``run_job`` on ``len(plan["devices"])`` local worker processes."""
+    key = key or secrets.token_hex(32)
+    with LocalWorkers(len(plan["devices"]), key, threads=threads, log_dir=log_dir) as workers:
+        return run_job(plan, workers.addresses, key.encode(), params, buffers, batches, steps=steps, **kwargs)

@@ -1,0 +1,440 @@
+"""Binary frames over TCP, validated before any buffer is touched.
+
+A frame is a fixed 40-byte header followed by the raw bytes of one array::
+
+    magic "TLCF" | version u8 | kind u8 | dtype u8 | ndim u8 | step u32 |
+    tensor u32 | shape 4 x u32 | payload length u64        (network order)
+
+The receiver reads the header into a preallocated buffer, asks its
+``expect(kind, step, tensor)`` what the plan says this sender may send
+there (a ``Spec``: dtype and exact shape, or a byte string up to a bound),
+checks dtype, shape and length against it, and only then allocates the
+array and fills it with ``recv_into``. So a peer cannot make a device
+allocate more than the plan allows, and nothing is ever unpickled: control
+messages are UTF-8 JSON in a ``uint8`` payload.
+
+``Link`` is one connection in use: a reader thread that validates frames and
+files them in a ``Mailbox``, and a sender thread that writes queued frames
+in order (so a device computes while its sends drain, and two devices
+sending to each other at once cannot deadlock on full socket buffers).
+An idle link sends a HEARTBEAT a few times per receive timeout, so that
+``await_frame`` tells a silent peer (stopped, hung, cut off without a FIN)
+from one that is merely waiting for someone else, and names the right one.
+"""
+import collections
+import enum
+import json
+import queue
+import socket
+import struct
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from tilec_runtime.errors import RuntimeFault
+
+MAGIC = b"TLCF"
+VERSION = 1
+MAX_DIMS = 4
+HEADER = struct.Struct("!4sBBBBII4IQ")
+DTYPES = tuple(np.dtype(d) for d in ("uint8", "float32", "float64", "int64"))
+_DCODE = {d: i for i, d in enumerate(DTYPES)}
+BYTES = np.dtype("uint8")
+
+MAX_TEXT = 4096  # error and abort messages
+
+
+class Kind(enum.IntEnum):
+    # connection set-up (auth.py)
+    HELLO = 1
+    PROOF = 2
+    REFUSE = 3
+    # launcher <-> worker (worker.py, launch.py)
+    JOB = 10
+    STATE = 11
+    READY = 12
+    GO = 13
+    BATCH = 14
+    METRICS = 15
+    ERROR = 16
+    DONE = 17
+    PEER = 18
+    # any link: a peer stops the job (ABORT), leaves cleanly (BYE), or is
+    # idle but alive (HEARTBEAT)
+    ABORT = 20
+    BYE = 21
+    HEARTBEAT = 22
+    # the plan's tensors between devices (socketcomm.py, collectives.py)
+    FWD = 30
+    BWD = 31
+    BN = 32
+    BNG = 33
+    GRAD = 34
+    RING_RS = 35
+    RING_AG = 36
+
+
+class FrameError(RuntimeFault):
+    """A frame that the plan does not allow here (or not a frame at all)."""
+
+
+class ConnectionClosed(RuntimeFault):
+    """The peer closed the connection (possibly in the middle of a frame)."""
+
+
+class Spec(NamedTuple):
+    """What a frame may carry: ``dtype`` and exact ``shape``, or with
+    ``variable`` a 1-d array of at most ``shape[0]`` elements."""
+    dtype: np.dtype
+    shape: tuple
+    variable: bool = False
+
+    @property
+    def max_bytes(self):
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def kind_name(kind):
+    return Kind(kind).name if kind in Kind._value2member_map_ else f"kind-{kind}"
+
+
+def text_spec(limit=MAX_TEXT):
+    return Spec(BYTES, (limit,), True)
+
+
+EMPTY = Spec(BYTES, (0,))
+
+
+class Frame(NamedTuple):
+    kind: int
+    step: int
+    tensor: int
+    array: np.ndarray
+
+    def json(self):
+        try:
+            return json.loads(self.array.tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FrameError(f"{Kind(self.kind).name} frame is not JSON: {exc}") from None
+
+    def text(self):
+        return self.array.tobytes().decode("utf-8", errors="replace")
+
+
+def as_bytes(value):
+    """A JSON-able value or a str as a uint8 payload."""
+    raw = value.encode("utf-8") if isinstance(value, str) else json.dumps(value, separators=(",", ":")).encode()
+    return np.frombuffer(raw, BYTES)
+
+
+def header(kind, step, tensor, array):
+    if array.ndim > MAX_DIMS:
+        raise ValueError(f"a frame carries at most {MAX_DIMS} dimensions, got {array.shape}")
+    shape = list(array.shape) + [0] * (MAX_DIMS - array.ndim)
+    return HEADER.pack(MAGIC, VERSION, int(kind), _DCODE[array.dtype], array.ndim, step, tensor, *shape, array.nbytes)
+
+
+def send_frame(sock, kind, step, tensor, array=None):
+    array = np.empty(0, BYTES) if array is None else np.asarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+    head = header(kind, step, tensor, array)
+    if array.nbytes <= 65536:
+        sock.sendall(head + array.tobytes())  # one segment for small frames
+    else:
+        sock.sendall(head)
+        sock.sendall(memoryview(array).cast("B"))
+
+
+def recv_exact(sock, view, alive=None):
+    """Fill ``view`` (a writable byte memoryview) from ``sock``; ``alive()``
+    after every chunk (a long frame on a slow link is a sign of life)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionClosed("connection closed" + (f" after {got} of {n} bytes" if got else ""))
+        got += k
+        if alive is not None:
+            alive()
+
+
+def read_header(sock, buf, alive=None):
+    """(kind, step, tensor, dtype, shape, length) from a header read into ``buf``."""
+    recv_exact(sock, memoryview(buf), alive)
+    magic, version, kind, dcode, ndim, step, tensor, *dims, length = HEADER.unpack(buf)
+    if magic != MAGIC:
+        raise FrameError(f"not a tilec frame (magic {magic!r})")
+    if version != VERSION:
+        raise FrameError(f"frame version {version} (this runtime speaks {VERSION})")
+    if dcode >= len(DTYPES):
+        raise FrameError(f"unknown dtype code {dcode}")
+    if ndim > MAX_DIMS or any(dims[ndim:]):
+        raise FrameError(f"bad shape: ndim {ndim}, dims {dims}")
+    return kind, step, tensor, DTYPES[dcode], tuple(dims[:ndim]), length
+
+
+def check(spec, kind, dtype, shape, length):
+    """Raise FrameError unless a header agrees with ``spec``."""
+    name = kind_name(kind)
+    if dtype != spec.dtype:
+        raise FrameError(f"{name} frame has dtype {dtype}, expected {spec.dtype}")
+    if spec.variable:
+        if len(shape) != 1 or shape[0] > spec.shape[0]:
+            raise FrameError(f"{name} frame has shape {shape}, expected at most ({spec.shape[0]},)")
+    elif shape != tuple(spec.shape):
+        raise FrameError(f"{name} frame has shape {shape}, expected {tuple(spec.shape)}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if length != nbytes:
+        raise FrameError(f"{name} frame claims {length} payload bytes for shape {shape} {dtype} ({nbytes})")
+
+
+def read_frame(sock, expect, buf=None, alive=None):
+    """Read one frame; ``expect(kind, step, tensor)`` returns its ``Spec`` or
+    raises FrameError. The payload array is allocated only after the header
+    passed every check."""
+    buf = buf if buf is not None else bytearray(HEADER.size)
+    kind, step, tensor, dtype, shape, length = read_header(sock, buf, alive)
+    check(expect(kind, step, tensor), kind, dtype, shape, length)
+    array = np.empty(shape, dtype)
+    if length:
+        recv_exact(sock, memoryview(array).cast("B"), alive)
+    return Frame(kind, step, tensor, array)
+
+
+def expect_kinds(table):
+    """An ``expect`` for a fixed {kind: Spec} table (set-up exchanges)."""
+    def expect(kind, step, tensor):
+        if kind not in table:
+            raise FrameError(f"unexpected {kind_name(kind)} frame (expected {', '.join(Kind(k).name for k in table)})")
+        return table[kind]
+    return expect
+
+
+def read_expected(sock, table):
+    return read_frame(sock, expect_kinds(table))
+
+
+# -- connecting ------------------------------------------------------------------
+
+
+def parse_address(text, default_host="127.0.0.1"):
+    """``HOST:PORT`` (or ``PORT``) -> (host, port)."""
+    host, sep, port = str(text).rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise RuntimeFault(f"bad address {text!r} (expected HOST:PORT)") from None
+    if not 0 <= port < 65536:
+        raise RuntimeFault(f"bad port in {text!r}")
+    return (host.strip("[]") if sep and host else default_host), port
+
+
+def tune(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def connect(address, deadline, what="peer"):
+    """Connect to ``(host, port)``, retrying with exponential backoff (a
+    peer may still be starting) until ``deadline`` (time.monotonic())."""
+    delay, last = 0.05, None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionClosed(f"cannot connect to {what} at {address[0]}:{address[1]}: {last}")
+        try:
+            sock = socket.create_connection(address, timeout=min(left, 10.0))
+            tune(sock)
+            return sock
+        except OSError as exc:
+            last = exc
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 1.0)
+
+
+# -- links in use ----------------------------------------------------------------
+
+
+class Fault(NamedTuple):
+    peer: object
+    reason: str
+    relayed: bool  # the reason is another device's own one-line report
+
+
+class Lost(RuntimeFault):
+    """A wait ended because a link failed; ``fault`` says which and why."""
+
+    def __init__(self, fault):
+        super().__init__(fault.reason)
+        self.fault = fault
+
+
+class Silent(RuntimeFault):
+    """A wait ended because ``peer`` has sent nothing, not even a heartbeat,
+    for ``seconds`` (stopped, hung, or cut off without a FIN)."""
+
+    def __init__(self, peer, seconds):
+        super().__init__(f"{peer} silent for {seconds:.1f} s")
+        self.peer, self.seconds = peer, seconds
+
+
+def heartbeat_interval(timeout):
+    """How often an idle link says it is alive: several times per timeout."""
+    return max(0.05, min(5.0, timeout / 4))
+
+
+def await_frame(mailbox, links, key, timeout, patience=4):
+    """``mailbox.get(key)`` that tells a dead peer from a slow one.
+
+    Raises ``Silent`` as soon as any link in ``links`` has been silent for
+    ``timeout`` (so the device that stopped is the one named, not the one
+    this device happens to wait for), and ``Silent(key[0])`` if the frame
+    has not come after ``patience * timeout`` although everyone is alive
+    (a deadlock guard). Raises ``Lost`` on any link's fault."""
+    start = time.monotonic()
+    tick = heartbeat_interval(timeout)
+    while True:
+        try:
+            return mailbox.get(key, tick)
+        except TimeoutError:
+            pass
+        now = time.monotonic()
+        live = [link for link in links if link.peer not in mailbox.left]
+        if live:
+            quiet = min(live, key=lambda link: link.heard)
+            if now - quiet.heard > timeout:
+                raise Silent(quiet.peer, now - quiet.heard)
+        if now - start > patience * timeout:
+            raise Silent(key[0], now - start)
+
+
+class Mailbox:
+    """Frames that arrived, keyed ``(peer, kind, step, tensor)``; the first
+    fault of any link wakes every waiter (a full mesh: one lost device
+    dooms the step for all)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.boxes = collections.defaultdict(collections.deque)
+        self.fault = None
+        self.left = set()  # peers that said BYE
+
+    def put(self, key, array):
+        with self.cond:
+            self.boxes[key].append(array)
+            self.cond.notify_all()
+
+    def fail(self, peer, reason, relayed=False):
+        with self.cond:
+            if self.fault is None:
+                self.fault = Fault(peer, reason, relayed)
+            self.cond.notify_all()
+
+    def bye(self, peer):
+        with self.cond:
+            self.left.add(peer)
+            self.cond.notify_all()
+
+    def get(self, key, timeout):
+        """The next array filed under ``key``; raises ``Lost`` on a fault and
+        TimeoutError after ``timeout`` seconds."""
+        box = self.boxes[key]
+        with self.cond:
+            if not self.cond.wait_for(lambda: box or self.fault is not None, timeout=timeout):
+                raise TimeoutError(key)
+            if box:
+                array = box.popleft()
+                if not box:
+                    del self.boxes[key]
+                return array
+            raise Lost(self.fault)
+
+    def wait_left(self, peers, timeout):
+        with self.cond:
+            return self.cond.wait_for(lambda: self.left >= set(peers) or self.fault is not None, timeout=timeout)
+
+
+class Link:
+    """One connection in use. The reader files each valid frame under
+    ``(peer, kind, step, tensor)``; an invalid frame, an ABORT or the
+    connection closing without a BYE is a fault of this peer."""
+
+    def __init__(self, sock, peer, mailbox, expect, on_frame=None, heartbeat=None):
+        self.sock, self.peer, self.mailbox, self.expect = sock, peer, mailbox, expect
+        self.on_frame = on_frame
+        self.heartbeat = heartbeat  # seconds of idleness before a HEARTBEAT (None: never)
+        self.heard = time.monotonic()  # when the peer last sent anything
+        self.sock.settimeout(None)  # waits are timed in the mailbox
+        self.queue = queue.SimpleQueue()
+        self.closing = False
+        self.reader = threading.Thread(target=self._read, name=f"tilec-read-{peer}", daemon=True)
+        self.sender = threading.Thread(target=self._write, name=f"tilec-send-{peer}", daemon=True)
+        self.reader.start()
+        self.sender.start()
+
+    def send(self, kind, step, tensor, array=None):
+        """Queue a frame. The array must not change until it is sent."""
+        self.queue.put((kind, step, tensor, array))
+
+    def _write(self):
+        while True:
+            try:
+                item = self.queue.get(timeout=self.heartbeat)
+            except queue.Empty:
+                item = (Kind.HEARTBEAT, 0, 0, None)
+            if item is None:
+                return
+            try:
+                send_frame(self.sock, *item)
+            except OSError as exc:
+                if not self.closing:
+                    self.mailbox.fail(self.peer, f"connection broken ({exc.strerror or exc})")
+                return
+
+    def _alive(self):
+        self.heard = time.monotonic()
+
+    def _read(self):
+        buf = bytearray(HEADER.size)
+        try:
+            while True:
+                frame = read_frame(self.sock, self._expect, buf, self._alive)
+                if frame.kind == Kind.HEARTBEAT:
+                    continue
+                if frame.kind == Kind.BYE:
+                    self.mailbox.bye(self.peer)
+                elif frame.kind == Kind.ABORT:
+                    self.mailbox.fail(self.peer, frame.text(), relayed=True)
+                    return
+                elif self.on_frame is None or not self.on_frame(self, frame):
+                    self.mailbox.put((self.peer, frame.kind, frame.step, frame.tensor), frame.array)
+        except ConnectionClosed as exc:
+            if not (self.closing or self.peer in self.mailbox.left):
+                self.mailbox.fail(self.peer, str(exc))
+        except FrameError as exc:
+            self.mailbox.fail(self.peer, f"sent an invalid frame: {exc}")
+        except OSError as exc:
+            if not self.closing:
+                self.mailbox.fail(self.peer, f"connection broken ({exc.strerror or exc})")
+
+    def _expect(self, kind, step, tensor):
+        if kind in (Kind.BYE, Kind.HEARTBEAT):
+            return EMPTY
+        if kind == Kind.ABORT:
+            return text_spec()
+        return self.expect(kind, step, tensor)
+
+    def close(self, grace=5.0):
+        """Flush queued frames (for up to ``grace`` seconds), then close."""
+        self.queue.put(None)
+        self.sender.join(grace)
+        self.closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.reader.join(grace)

@@ -1,0 +1,481 @@
+"""A worker: one device's process, serving jobs from a launcher.
+
+``python -m tilec_runtime.worker --listen HOST:PORT`` (or ``tilec worker``)
+binds to the address it is told (loopback by default), prints
+``tilec worker listening on HOST:PORT``, and serves one job at a time. Every
+connection first passes the HMAC handshake (``auth.py``); a client without
+the key is refused and the worker goes on serving. A job, all frames on the
+launcher's connection::
+
+    launcher -> worker   JOB    JSON: job id, rank, peers, steps, timeout, plan,
+                                and the generated kernels' C source (built
+                                here, into the build cache, on first use)
+    launcher -> worker   STATE  the parameters, buffers (and momentum) this
+                                rank computes with, in ``state_table`` order
+    worker -> launcher   READY  (or ERROR: the plan or state was refused)
+    launcher -> worker   GO     every worker is ready: open the mesh
+    launcher -> rank 0   BATCH  images and labels/targets of each step
+    worker -> launcher   METRICS  per step: loss (rank 0), compute, wait,
+                                bytes sent, peak memory
+    worker -> launcher   STATE  at checkpoint steps and at the end: the
+                                state this rank is the lowest holder of
+    worker -> launcher   DONE
+
+A fault ends the job on every worker: the first one to see it sends its
+one-line report to the launcher (ERROR) and to its peers (ABORT), who
+relay the same line. ``--once`` exits after one job, with status 1 if it
+failed (what the local launcher uses).
+"""
+import argparse
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+
+from tilec_runtime import planfile
+from tilec_runtime.auth import AuthError, handshake, load_key
+from tilec_runtime.comm import Comm, PeerLost
+from tilec_runtime.errors import ProgramError, RuntimeFault
+from tilec_runtime.inprocess import Device
+from tilec_runtime.program import buffer_shapes, param_shapes
+from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
+from tilec_runtime.tiled import DeviceStep
+from tilec_runtime.transport import (BYTES, EMPTY, ConnectionClosed, FrameError, Kind, Spec, as_bytes, kind_name,
+                                     parse_address, read_expected, read_frame, send_frame, tune)
+
+MAX_JOB_BYTES = 64 << 20
+MAX_METRICS_BYTES = 64 << 10
+HANDSHAKE_TIMEOUT = 10.0
+SETUP_TIMEOUT = 120.0
+BUILD_TIMEOUT = 1800.0  # a first build of the kernels from C, on a slow device
+MAX_PENDING = 32  # connections being authenticated or served at once
+LISTENING = "tilec worker listening on"
+
+
+# -- what each rank holds -------------------------------------------------------------
+
+
+def state_table(program):
+    """[(section, key, shape)]: the tensor ids of STATE frames."""
+    params = sorted((k, s) for layer in program for k, s in param_shapes(layer).items())
+    buffers = sorted((k, s) for layer in program for k, s in buffer_shapes(layer).items())
+    return ([("param", k, tuple(s)) for k, s in params] + [("buffer", k, tuple(s)) for k, s in buffers]
+            + [("momentum", k, tuple(s)) for k, s in params])
+
+
+def device_keys(plan, rank):
+    """The parameter and buffer keys rank ``rank`` computes with (as ``Device``)."""
+    keys = set(DeviceStep(plan, Comm(rank, len(plan["devices"]), 0)).param_keys())
+    if rank == 0:
+        first = plan["groups"][-1]["layers"][0]
+        keys.update(k for layer in plan["program"][first:] for k in param_shapes(layer))
+    layers = {k.split(".")[0] for k in keys}
+    buffers = {k for layer in plan["program"] for k in buffer_shapes(layer) if k.split(".")[0] in layers}
+    return keys, buffers
+
+
+def has_momentum(plan):
+    return plan["optimizer"].get("momentum", 0) > 0
+
+
+def holdings(plan, rank, momentum):
+    """Indices into ``state_table`` of what ``rank`` holds."""
+    params, buffers = device_keys(plan, rank)
+    return [i for i, (section, key, _) in enumerate(state_table(plan["program"]))
+            if (section == "param" and key in params) or (section == "buffer" and key in buffers)
+            or (section == "momentum" and momentum and key in params)]
+
+
+def owned(plan, rank, momentum):
+    """Indices of the state ``rank`` reports: what no lower rank holds too
+    (replicas are bit-identical, so the lowest holder speaks for all)."""
+    lower = set()
+    for r in range(rank):
+        lower.update(holdings(plan, r, momentum))
+    return [i for i in holdings(plan, rank, momentum) if i not in lower]
+
+
+def batch_specs(plan):
+    """Specs of the images (tensor 0) and labels/targets (tensor 1) of a step."""
+    program, dtype, batch = plan["program"], np.dtype(plan["dtype"]), plan["batch"]
+    images = Spec(dtype, (batch, *program[0]["in_shape"]))
+    if program[-1]["kind"] == "softmax":
+        return images, Spec(np.dtype("int64"), (batch,))
+    return images, Spec(dtype, (batch, *program[-1]["in_shape"]))
+
+
+def state_spec(plan, index):
+    return Spec(np.dtype(plan["dtype"]), state_table(plan["program"])[index][2])
+
+
+# -- memory ---------------------------------------------------------------------------
+
+
+def reset_peak():
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes():
+    """Peak resident memory since ``reset_peak`` (else since start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- one job ----------------------------------------------------------------------------
+
+
+class JobError(RuntimeFault):
+    """A job could not start (bad plan or state); reported to the launcher."""
+
+
+def parse_job(job):
+    try:
+        plan = planfile.validate(job["plan"])
+        rank, peers = job["rank"], job["peers"]
+        if not (isinstance(rank, int) and 0 <= rank < len(plan["devices"])):
+            raise JobError(f"rank {rank!r} is not a device of the plan")
+        if len(peers) != len(plan["devices"]) or not all(isinstance(p, list) and len(p) == 2 for p in peers):
+            raise JobError(f"{len(peers)} peer addresses for {len(plan['devices'])} devices")
+        for key in ("first_step", "steps", "state_every", "ring_min_bytes"):
+            if not (isinstance(job[key], int) and job[key] >= 0):
+                raise JobError(f"job field {key!r} must be a non-negative integer")
+        if not (isinstance(job["timeout"], (int, float)) and job["timeout"] > 0):
+            raise JobError("job field 'timeout' must be positive")
+        kernels = job.get("kernels")
+        if kernels is not None and not (isinstance(kernels, dict) and isinstance(kernels.get("source"), str)
+                                        and isinstance(kernels.get("module"), str)
+                                        and kernels["module"].isidentifier()):
+            raise JobError("job field 'kernels' must be {module: a name, source: C text}")
+        return plan
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise JobError(f"malformed job ({exc!r})") from None
+    except ProgramError as exc:
+        raise JobError(f"bad plan: {exc}") from None
+
+
+def receive_state(conn, plan, wanted):
+    """{section: {key: array}} from the STATE frames listed in ``wanted``."""
+    table = state_table(plan["program"])
+    state = {"param": {}, "buffer": {}, "momentum": {}}
+    for index in wanted:
+        def expect(kind, step, tensor, index=index):
+            if kind != Kind.STATE or tensor != index:
+                raise FrameError(f"expected STATE {index}, got {kind_name(kind)} {tensor}")
+            return state_spec(plan, index)
+        frame = read_frame(conn, expect)
+        section, key, _ = table[index]
+        state[section][key] = frame.array
+    return state
+
+
+def state_steps(first, last, every):
+    """Steps (counted in completed steps) after which the state is reported."""
+    steps = set(range(first + every, last + 1, every)) if every else set()
+    return steps | {last}
+
+
+class Job:
+    def __init__(self, server, conn, job):
+        self.server, self.conn, self.job = server, conn, job
+        self.plan = parse_job(job)
+        self.rank = job["rank"]
+        self.name = self.plan["devices"][self.rank]["name"]
+        self.id = str(job["job"])
+        self.hash = self.plan["hash"]
+        self.accepted = queue.Queue()
+        self.comm = None
+        self.current = job["first_step"]  # the step in progress (0-based)
+        self.reported = owned(self.plan, self.rank, has_momentum(self.plan))
+
+    def run(self):
+        """Returns None, or the one-line error that ended the job."""
+        plan, job, rank = self.plan, self.job, self.rank
+        step = job["first_step"]
+        try:
+            momentum = bool(job.get("momentum")) and has_momentum(plan)
+            state = receive_state(self.conn, plan, holdings(plan, rank, momentum))
+            kernels = self._kernels()
+            job.pop("kernels", None)  # built: the source may go
+            send_frame(self.conn, Kind.READY, 0, 0)
+            read_expected(self.conn, {Kind.GO: EMPTY})
+            deadline = time.monotonic() + SETUP_TIMEOUT
+            socks = open_mesh(rank, job["peers"], self.server.key, self.hash, self.id, self.accepted, deadline)
+            self.comm = comm = SocketComm(plan, rank, socks, float(job["timeout"]),
+                                          launcher=(self.conn, self._launcher_expect()),
+                                          ring_min_bytes=job["ring_min_bytes"])
+            comm.step = step + 1
+            dev = Device(plan, comm, state["param"], state["buffer"], plan["optimizer"], kernels)
+            if momentum:
+                dev.opt.velocity = {k: v for k, v in state["momentum"].items() if k in dev.params}
+            del state
+            last = step + job["steps"]
+            reports = state_steps(step, last, job["state_every"])
+            launcher = comm.links[LAUNCHER]
+            for step in range(step, last):
+                self.current, comm.step = step, step + 1
+                reset_peak()
+                wait0, sent0, t0, cpu0 = comm.wait_s, comm.bytes_sent, time.perf_counter(), time.process_time()
+                images = target = None
+                if rank == 0:
+                    images = comm.wait((LAUNCHER, Kind.BATCH, step, 0), LAUNCHER, lambda: "images")
+                    target = comm.wait((LAUNCHER, Kind.BATCH, step, 1), LAUNCHER, lambda: "labels")
+                loss = dev.train_step(images, target)
+                if loss is not None and not np.isfinite(loss):
+                    raise FloatingPointError("the loss diverged (not finite): lower --lr")
+                seconds = time.perf_counter() - t0
+                wait = comm.wait_s - wait0
+                launcher.send(Kind.METRICS, step, 0, as_bytes({
+                    "step": step, "device": rank, "name": self.name,
+                    "loss": None if loss is None else float(loss), "step_s": seconds,
+                    "compute_s": seconds - wait, "wait_s": wait, "cpu_s": time.process_time() - cpu0,
+                    "bytes_sent": comm.bytes_sent - sent0,
+                    "peak_bytes": peak_bytes()}))
+                if step + 1 in reports:
+                    self._report_state(dev, step + 1)
+            launcher.send(Kind.DONE, last, 0)
+            comm.close()
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the one-line report
+            message = self._message(exc, step)
+            if self.comm is not None:
+                self.comm.links[LAUNCHER].send(Kind.ERROR, 0, 0, as_bytes(message[:4000]))
+                self.comm.close(error=message)
+            else:
+                try:
+                    send_frame(self.conn, Kind.ERROR, 0, 0, as_bytes(message[:4000]))
+                except OSError:
+                    pass
+            return message
+
+    def _kernels(self):
+        """The generated kernels the launcher sent (as C), built here into
+        the build cache on first use; None for the numpy kernels."""
+        spec = self.job.get("kernels")
+        if spec is None:
+            return None
+        from tilec_runtime.genops import GeneratedOps
+        from tilec_runtime.kernels import build_and_load
+        module, _ = build_and_load(spec["source"], spec["module"])
+        return GeneratedOps(module)
+
+    def _message(self, exc, step):
+        if isinstance(exc, PeerLost):
+            return str(exc)
+        if isinstance(exc, (ConnectionClosed, FrameError, OSError)) and self.comm is None:
+            return f"device {self.rank} ({self.name}): the launcher's connection failed before training ({exc})"
+        where = f"device {self.rank} ({self.name}) failed at step {step + 1}"
+        if isinstance(exc, RuntimeFault):
+            return f"{where}: {exc}"
+        return f"{where}: {type(exc).__name__}: {exc}"
+
+    def _launcher_expect(self):
+        """What the launcher may send during training: batches (to rank 0)."""
+        specs = batch_specs(self.plan) if self.rank == 0 else ()
+        seen = set()
+
+        def expect(kind, step, tensor):
+            if kind != Kind.BATCH or tensor >= len(specs):
+                raise FrameError(f"the launcher may not send {kind_name(kind)} {tensor} to device {self.rank}")
+            now = self.current
+            if not now <= step <= now + 2 or (step, tensor) in seen:
+                raise FrameError(f"BATCH {tensor} for step {step} while at step {now}")
+            seen.add((step, tensor))
+            return specs[tensor]
+        return expect
+
+    def _report_state(self, dev, step):
+        table = state_table(self.plan["program"])
+        launcher = self.comm.links[LAUNCHER]
+        for index in self.reported:
+            section, key, shape = table[index]
+            if section == "param":
+                array = dev.params[key]
+            elif section == "buffer":
+                array = dev.buffers[key]
+            else:
+                # a parameter without a gradient yet has no velocity; zero is
+                # the same thing to SGD (v = momentum * 0 + d)
+                array = dev.opt.velocity.get(key)
+                array = np.zeros(shape, self.plan["dtype"]) if array is None else array
+            # copied: the next step updates parameters in place while this queues
+            launcher.send(Kind.STATE, step, index, array.copy())
+
+
+# -- the server -------------------------------------------------------------------------
+
+
+class Server:
+    """Accepts connections; runs one job at a time."""
+
+    def __init__(self, listen, key, once=False, log=None):
+        host, port = parse_address(listen)
+        self.key, self.once = key, once
+        self.log = log or sys.stderr
+        self.sock = socket.create_server((host, port))
+        self.address = self.sock.getsockname()[:2]
+        self.ident = f"{self.address[0]}:{self.address[1]}"
+        self.lock = threading.Lock()
+        self.job = None
+        self.done = threading.Event()
+        self.status = 0
+        self.slots = threading.BoundedSemaphore(MAX_PENDING)
+
+    def say(self, line):
+        print(f"tilec worker {self.ident}: {line}", file=self.log, flush=True)
+
+    def serve(self, parent=None):
+        """Accept until ``--once`` finished a job (or forever). Returns the exit status."""
+        self.sock.settimeout(0.5)
+        try:
+            while not self.done.is_set():
+                if parent is not None and os.getppid() != parent:
+                    self.say("the launching process is gone; exiting")
+                    return 1
+                try:
+                    conn, addr = self.sock.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    if self.done.is_set():
+                        break  # woken by finish()
+                    raise
+                if not self.slots.acquire(blocking=False):
+                    conn.close()
+                    continue
+                threading.Thread(target=self._handle, args=(conn, addr), daemon=True).start()
+            return self.status
+        finally:
+            self.sock.close()
+
+    def _handle(self, conn, addr):
+        keep = False
+        try:
+            tune(conn)
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            with self.lock:
+                plan_hash = self.job.hash if self.job else ""
+            hello = handshake(conn, self.key, role="worker", ident=self.ident, plan=plan_hash, initiator=False)
+            frame = read_expected(conn, {Kind.JOB: Spec(BYTES, (MAX_JOB_BYTES,), True), **PEER_SPEC})
+            if frame.kind == Kind.PEER and hello["role"] == "peer":
+                keep = self._join(conn, frame.json())
+            elif frame.kind == Kind.PEER:
+                self.say(f"refused {addr[0]}:{addr[1]}: a {hello['role']} may not join a job")
+            elif hello["role"] != "launcher":
+                self.say(f"refused {addr[0]}:{addr[1]}: a {hello['role']} may not start a job")
+            else:
+                spec = frame.json()
+                del frame  # the raw JOB bytes (the kernels' C source among them) are not needed any more
+                self._run(conn, spec)
+        except (AuthError, FrameError, ConnectionClosed, OSError) as exc:
+            self.say(f"refused {addr[0]}:{addr[1]}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - never let a connection take the server down
+            self.say(f"dropped {addr[0]}:{addr[1]}: {type(exc).__name__}: {exc}")
+        finally:
+            if not keep:
+                conn.close()
+            self.slots.release()
+
+    def _join(self, conn, hello):
+        """A peer of the running job connected: hand its socket to the job."""
+        with self.lock:
+            job = self.job
+        if not (isinstance(hello, dict) and job is not None and hello.get("job") == job.id
+                and isinstance(hello.get("rank"), int)):
+            self.say("refused a peer connection for another job")
+            return False
+        job.accepted.put((hello["rank"], conn))
+        return True
+
+    def _run(self, conn, spec):
+        conn.settimeout(SETUP_TIMEOUT)
+        try:
+            job = Job(self, conn, spec)
+        except JobError as exc:
+            send_frame(conn, Kind.ERROR, 0, 0, as_bytes(str(exc)))
+            self.say(f"refused a job: {exc}")
+            return
+        with self.lock:
+            if self.job is not None:
+                send_frame(conn, Kind.ERROR, 0, 0, as_bytes(f"worker {self.ident} is busy with another job"))
+                return
+            self.job = job
+        if not self.once:
+            first, steps = spec["first_step"], spec["steps"]
+            self.say(f"job {job.id}: device {job.rank} ({job.name}) of {len(job.plan['devices'])}, plan "
+                     f"{job.hash[:12]}, steps {first + 1}-{first + steps}")
+        try:
+            error = job.run()
+        finally:
+            with self.lock:
+                self.job = None
+        if error:
+            print(f"tilec worker: error: {error}", file=self.log, flush=True)
+        elif not self.once:
+            self.say(f"job {job.id}: done")
+        if self.once:
+            self.status = 1 if error else 0
+            self.done.set()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept() now, not at its next timeout
+            except OSError:
+                pass
+
+
+def die_with_parent():
+    """Ask Linux to kill this process when its parent dies (local workers)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def add_arguments(p):
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="address to bind (default 127.0.0.1 and a free port)")
+    p.add_argument("--key-file", metavar="FILE", help="the cluster key (default: $TILEC_KEY)")
+    p.add_argument("--once", action="store_true", help="exit after one job (status 1 if it failed)")
+    p.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+
+
+def run(args):
+    key = load_key(args.key_file)
+    if args.parent is not None:
+        die_with_parent()
+    server = Server(args.listen, key, once=args.once)
+    print(f"{LISTENING} {server.address[0]}:{server.address[1]}", flush=True)
+    return server.serve(parent=args.parent)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tilec_runtime.worker", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except RuntimeFault as exc:
+        print(f"tilec worker: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

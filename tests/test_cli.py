@@ -1,0 +1,100 @@
+"""The command line as a user runs it: outputs, files, and one-line errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tilec.cli import main
+
+
+def run_cli(*args):
+    """Run `tilec` in a subprocess; returns (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "tilec.cli", *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_bad_cfg_is_one_line_with_file_and_line(tmp_path):
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text("[net]\nheight=8\nwidth=8\nchannels=1\n\n[convolutional]\nfilters=2\nsize=3\nactivation=tanh\n")
+    rc, out, err = run_cli("info", str(cfg))
+    assert rc == 1
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{cfg}:9" in err and "[convolutional]" in err and "tanh" in err
+
+
+def test_unknown_model_lists_the_bundled_ones():
+    rc, _, err = run_cli("train", "no-such-model")
+    assert rc == 1 and "tiny" in err and "yolov2" in err and "Traceback" not in err
+
+
+def test_train_writes_metrics_and_weights_and_resumes_from_them(tmp_path, capsys):
+    m, w = tmp_path / "m.jsonl", tmp_path / "w.npz"
+    assert main(["train", "tiny", "--steps", "3", "--batch", "2", "--metrics", str(m), "--save-weights", str(w)]) == 0
+    records = [json.loads(line) for line in m.read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(np.isfinite(r["loss"]) and r["step_s"] > 0 for r in records)
+    with np.load(w) as z:
+        assert "0.conv.weight" in z.files and "0.bn.running_var" in z.files
+    # the same seed and weights give the same first loss
+    m2 = tmp_path / "m2.jsonl"
+    assert main(["train", "tiny", "--steps", "1", "--batch", "2", "--metrics", str(m2), "--init-weights", str(w)]) == 0
+    assert json.loads(m2.read_text())["loss"] != records[0]["loss"]  # trained weights differ from the init
+    assert "loss" in capsys.readouterr().out
+
+
+def test_weights_with_a_missing_key_name_it(tmp_path):
+    w = tmp_path / "w.npz"
+    assert main(["train", "tiny", "--steps", "1", "--batch", "2", "--save-weights", str(w)]) == 0
+    with np.load(w) as z:
+        arrays = {k: z[k] for k in z.files if k != "2.bn.bias"}
+    np.savez(w, **arrays)
+    rc, _, err = run_cli("train", "tiny", "--steps", "1", "--init-weights", str(w))
+    assert rc == 1 and "'2.bn.bias'" in err
+
+
+def test_data_file_batches_wrap_around(tmp_path):
+    d = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(d, images=rng.standard_normal((3, 3, 32, 32)).astype(np.float32), labels=np.array([1, 2, 3]))
+    m = tmp_path / "m.jsonl"
+    assert main(["train", "tiny", "--data", str(d), "--batch", "3", "--steps", "2", "--lr", "0",
+                 "--momentum", "0", "--metrics", str(m)]) == 0
+    losses = [json.loads(x)["loss"] for x in m.read_text().splitlines()]
+    # lr 0: the weights do not move, and step 1 sees the same three images
+    # again; only the batch-norm running statistics changed, which training
+    # does not use
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 3, 30, 32), np.float32), labels=np.array([0, 1]))
+    rc, _, err = run_cli("train", "tiny", "--data", str(bad))
+    assert rc == 1 and "images" in err and "(N, 3, 32, 32)" in err
+
+
+def test_compile_then_train_with_the_plan_equals_one_device(tmp_path, capsys):
+    plan_dir = tmp_path / "plan"
+    assert main(["compile", "tiny", "--devices", "3", "--batch", "2", "--dtype", "float64", "-o", str(plan_dir)]) == 0
+    assert (plan_dir / "plan.json").exists()
+    w1, w3 = tmp_path / "w1.npz", tmp_path / "w3.npz"
+    assert main(["train", "tiny", "--plan", str(plan_dir), "--steps", "2", "--save-weights", str(w3)]) == 0
+    assert main(["train", "tiny", "--batch", "2", "--dtype", "float64", "--steps", "2", "--save-weights", str(w1)]) == 0
+    with np.load(w1) as a, np.load(w3) as b:
+        assert set(a.files) == set(b.files)
+        for k in a.files:
+            assert np.allclose(a[k], b[k], rtol=1e-10, atol=1e-12), k
+    assert main(["info", "tiny", "--plan", str(plan_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "halo overhead" in out and "vs 1 device" in out
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    plan_dir = tmp_path / "plan"
+    assert main(["compile", "tiny", "--devices", "2", "-o", str(plan_dir)]) == 0
+    rc, _, err = run_cli("train", "yolov2-tiny", "--plan", str(plan_dir), "--steps", "1")
+    assert rc == 1 and "another model" in err
+
+
+def test_impossible_grid_is_explained():
+    rc, _, err = run_cli("compile", "tiny", "--devices", "2", "--grid", "2x2", "-o", "/tmp/never")
+    assert rc == 1 and "4 tiles for 2 devices" in err

@@ -1,0 +1,119 @@
+"""Cluster files and device profiles: loading, overrides, and errors that say where."""
+import json
+
+import pytest
+
+from tilec.cluster import ClusterError, cluster_from_dict, load_cluster, local_profile, uniform_cluster
+from tilec.profiles import DIRECTIONS, KERNEL_KINDS, ProfileError, load_profile, profile_from_dict, shipped_names
+
+
+def write(tmp_path, text, name="cluster.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_profile_loads_and_cites_its_sources():
+    assert {"rpi3b", "rpi3bplus", "rpi4", "rpi5"} <= set(shipped_names())
+    for name in shipped_names():
+        prof = load_profile(name)
+        raw = prof.raw
+        for key in ("memory_mb", "link.bandwidth_mbps", "link.latency_ms", "kernels.conv", "multicore_speedup"):
+            assert raw["sources"].get(key), f"{name}: no source for {key}"
+        assert 0 < prof.memory_bytes and prof.bandwidth_bps > 0
+        for kind in KERNEL_KINDS:
+            for d in DIRECTIONS:
+                k = prof.kernel(kind, d)
+                assert min(k.overhead_s, k.s_per_flop, k.s_per_byte) >= 0
+
+
+def test_shipped_profiles_order_pi_generations_by_speed_and_link():
+    from tilec.cost.compute import reference_rate
+    rates = [reference_rate(load_profile(n)) for n in ("rpi3b", "rpi3bplus", "rpi4", "rpi5")]
+    assert rates == sorted(rates)
+    links = [load_profile(n).bandwidth_bps for n in ("rpi3b", "rpi3bplus", "rpi4")]
+    assert links == sorted(links) and links[0] < links[1] < links[2]
+
+
+def test_profile_errors_name_the_file_and_field(tmp_path):
+    good = load_profile("rpi3b").raw
+    bad = json.loads(json.dumps(good))
+    del bad["kernels"]["conv"]["backward"]["s_per_gflop"]
+    with pytest.raises(ProfileError, match=r"x\.json: kernels\.conv\.backward: missing field 's_per_gflop'"):
+        profile_from_dict(bad, "x.json")
+    bad = dict(good, memory_mb="lots")
+    with pytest.raises(ProfileError, match="'memory_mb' must be a number"):
+        profile_from_dict(bad, "x.json")
+    with pytest.raises(ProfileError, match="version"):
+        profile_from_dict(dict(good, version=99), "x.json")
+    with pytest.raises(ProfileError, match="unknown profile 'rpi9'"):
+        load_profile("rpi9")
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(ProfileError, match="broken.json: not valid JSON"):
+        load_profile(path)
+
+
+def test_cluster_file_with_overrides(tmp_path):
+    own = load_profile("rpi4").raw
+    (tmp_path / "board.json").write_text(json.dumps(dict(own, name="board")))
+    path = write(tmp_path, """
+devices:
+  - {name: pi-a, host: pi-a.local, port: 7700, profile: rpi3b}
+  - {name: pi-b, host: pi-b.local, port: 7700, profile: rpi3b, memory_mb: 600}
+  - {name: fast, profile: ./board.json, compute_scale: 3.0, latency_ms: 2}
+link: {bandwidth_mbps: 100, latency_ms: 0.5}
+""")
+    cl = load_cluster(path)
+    assert cl.names == ["pi-a", "pi-b", "fast"]
+    a, b, fast = cl.devices
+    assert (a.host, a.port, a.memory_bytes) == ("pi-a.local", 7700, load_profile("rpi3b").memory_bytes)
+    assert b.memory_bytes == 600_000_000
+    assert fast.profile.name == "board" and fast.compute_scale == 3.0
+    assert a.bandwidth_bps == fast.bandwidth_bps == 100e6 / 8  # the cluster link overrides profiles
+    assert a.latency_s == pytest.approx(0.5e-3) and fast.latency_s == pytest.approx(2e-3)  # a device overrides the link
+
+
+@pytest.mark.parametrize("text, message", [
+    ("devices:\n  - {name: a, profile: rpi7}\n", r"device 0 \(a\): profile: unknown profile 'rpi7'"),
+    ("devices:\n  - {name: a}\n", r"device 0 \(a\): missing field 'profile'"),
+    ("devices:\n  - {profile: rpi3b}\n", r"device 0: missing field 'name'"),
+    ("devices:\n  - {name: a, profile: rpi3b}\n  - {name: b, profile: rpi3b, memory_mb: abc}\n",
+     r"device 1 \(b\): memory_mb must be a positive number, got 'abc'"),
+    ("devices:\n  - {name: a, profile: rpi3b, compute_scale: -2}\n", r"device 0 \(a\): compute_scale must be"),
+    ("devices:\n  - {name: a, profile: rpi3b, cores: 4}\n", r"device 0 \(a\): unknown field 'cores'"),
+    ("devices:\n  - {name: a, profile: rpi3b}\n  - {name: a, profile: rpi3b}\n", r"device 1 \(a\): the name is used twice"),
+    ("devices:\n  - {name: a, profile: rpi3b}\nlink: {bandwidth_mbps: 0}\n", r"link: bandwidth_mbps must be"),
+    ("devices:\n  - {name: a, profile: rpi3b, memory_mb: 10}\n", r"does not even hold the process"),
+    ("devices: []\n", r"non-empty 'devices' list"),
+    ("devices:\n  - {name: a, profile: rpi3b\n", r"cluster.yaml:\d+: not valid YAML"),
+])
+def test_cluster_errors_name_file_device_and_field(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ClusterError, match=message) as info:
+        load_cluster(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_cluster_file(tmp_path):
+    with pytest.raises(ClusterError, match="cannot read cluster file"):
+        load_cluster(tmp_path / "nope.yaml")
+
+
+def test_uniform_cluster_and_local_profile(monkeypatch, tmp_path):
+    monkeypatch.setenv("TILEC_PROFILE", "rpi4")
+    prof = local_profile()
+    assert prof.name == "rpi4"
+    cl = uniform_cluster(prof, 3)
+    assert cl.names == ["dev0", "dev1", "dev2"] and all(d.profile is prof for d in cl.devices)
+    monkeypatch.delenv("TILEC_PROFILE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(ProfileError, match="run `tilec profile`"):
+        local_profile(measure_if_missing=False)
+
+
+def test_cluster_from_dict_validates_types():
+    with pytest.raises(ClusterError, match="expected a mapping"):
+        cluster_from_dict({"devices": ["pi"]}, "c.yaml")
+    with pytest.raises(ClusterError, match="unknown field 'nodes'"):
+        cluster_from_dict({"devices": [{"name": "a", "profile": "rpi3b"}], "nodes": 1}, "c.yaml")

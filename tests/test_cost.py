@@ -1,0 +1,256 @@
+"""The cost model: kernel times from profiles, the profiler's fit and link
+test, exchanges checked against the plan's own messages, memory, and the
+additivity the solvers rely on."""
+import dataclasses
+import random
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from tilec.analysis.tiles import spatial_prefix
+from tilec.cluster import uniform_cluster
+from tilec.cost.candidates import enumerate_candidates
+from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
+from tilec.cost.compute import features, layer_seconds, update_seconds
+from tilec.cost.layouts import even_layout, layouts
+from tilec.cost.memory import STATE_COPIES, param_count
+from tilec.cost.model import CostModel
+from tilec.frontend.models import load_model
+from tilec.inspect.plan_report import activation_bytes, bytes_sent
+from tilec.plan.build import GroupChoice, build_plan
+from tilec.profile_measure import LinkError, fit_kernel, measure_link, parse_peer, start_loopback_server
+from tilec.profiles import load_profile
+from tilec_runtime.collectives import RING_MIN_BYTES
+
+RPI3 = load_profile("rpi3b")
+
+
+def model_for(name, n, batch=1, prefix=None, profile=RPI3, **device_changes):
+    program = load_model(name).to_program()
+    cl = uniform_cluster(profile, n)
+    if device_changes:
+        cl = dataclasses.replace(cl, devices=tuple(dataclasses.replace(d, **device_changes) for d in cl.devices))
+    return CostModel(program, cl, batch, 4, prefix=prefix), program
+
+
+def conv(c, f, k=3, hw=16):
+    return {"kind": "conv", "index": 0, "inputs": [-1], "in_shape": [c, hw, hw], "out_shape": [f, hw, hw],
+            "filters": f, "size": k, "stride": 1, "pad": k // 2, "bn": True, "act": "leaky"}
+
+
+def test_kernel_rate_depends_on_shape_not_a_single_constant():
+    rate = {}
+    for name, layer in {"thin": conv(3, 16), "deep": conv(256, 256), "1x1": conv(256, 128, k=1)}.items():
+        flops, _ = features(layer, 16 * 16, 1, 4, "forward")
+        rate[name] = flops / layer_seconds(RPI3, layer, 16 * 16, 1, 4, "forward")
+    assert rate["thin"] < rate["1x1"] < rate["deep"]
+    # linear in the region (one call per layer and region), with a fixed overhead
+    t = [layer_seconds(RPI3, conv(64, 64), p, 2, 4, "backward") for p in (10, 20, 30)]
+    assert t[2] - t[1] == pytest.approx(t[1] - t[0]) and t[0] > t[1] - t[0] - 1e-12
+
+
+def test_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(1)
+    rows = [(1.0, f, b) for f, b in zip(rng.uniform(1e5, 1e9, 12), rng.uniform(1e4, 1e8, 12))]
+    for truth in ([2e-5, 3e-10, 1e-9], [0.0, 5e-10, 2e-9], [1e-4, 0.0, 3e-9]):
+        secs = [float(np.dot(truth, r)) for r in rows]
+        coef, worst = fit_kernel(rows, secs)
+        assert coef == pytest.approx(truth, rel=1e-6, abs=1e-15) and worst < 1e-6
+
+
+def test_quick_profile_of_this_machine_is_a_valid_profile():
+    from tilec.profile_measure import measure_profile
+    from tilec.profiles import profile_from_dict
+    data = measure_profile(quick=True)
+    prof = profile_from_dict(data, "measured")
+    assert prof.cores >= 1 and prof.memory_bytes > 0 and prof.multicore_speedup >= 1
+    assert "loopback" in data["sources"]["link"]
+    assert layer_seconds(prof, conv(64, 64), 256, 1, 4, "forward") > 0
+
+
+def test_link_test_on_loopback():
+    port = start_loopback_server()
+    link = measure_link("127.0.0.1", port, pings=5, payload=1 << 20)
+    assert link["bandwidth_mbps"] > 0 and link["latency_ms"] >= 0
+
+
+def test_link_test_refuses_a_server_that_does_not_speak_it():
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def answer():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(b"HTTP/1.0 400 no\r\n")
+    threading.Thread(target=answer, daemon=True).start()
+    with pytest.raises(LinkError, match="not a tilec link-test server"):
+        measure_link("127.0.0.1", port, pings=1)
+    srv.close()
+    with pytest.raises(LinkError, match="cannot connect"):
+        measure_link("127.0.0.1", port, pings=1, timeout=2)
+    for bad in ("host", "host:", ":80", "host:99999", "host:x"):
+        with pytest.raises(LinkError, match="HOST:PORT"):
+            parse_peer(bad)
+    assert parse_peer("pi-a.local:7700") == ("pi-a.local", 7700)
+
+
+def test_exchange_and_allgather_formulas():
+    devs = uniform_cluster(RPI3, 3).devices
+    bw, lat = RPI3.bandwidth_bps, RPI3.latency_s
+    m = [[5, 1000, 0], [0, 0, 3000], [2000, 0, 0]]  # the diagonal is local: free
+    assert exchange_seconds(m, devs) == pytest.approx(3000 / bw + lat)
+    m = [[0, 1000, 1000], [0, 0, 0], [0, 0, 0]]  # one sender, two messages
+    assert exchange_seconds(m, devs) == pytest.approx(2000 / bw + 2 * lat)
+    assert allgather_seconds(800, [0, 2], devs) == pytest.approx(800 / bw + lat)
+    assert allgather_seconds(800, [0, 1, 2], devs) == pytest.approx(2 * (800 / bw + lat))
+    assert allgather_seconds(800, [1], devs) == 0
+    big = 8 * RING_MIN_BYTES  # the socket runtime's ring: 2 (k-1) rounds of a 1/k chunk
+    assert gradient_allreduce_seconds(big, [0, 1, 2], devs) == pytest.approx(4 * (big / 3 / bw + lat))
+    assert gradient_allreduce_seconds(800, [0, 1, 2], devs) == allgather_seconds(800, [0, 1, 2], devs)
+
+
+def test_one_device_step_is_the_sum_of_its_layers():
+    model, program = model_for("tiny", 1, batch=4)
+    prefix = spatial_prefix(program)
+    _, h, w = program[prefix - 1]["out_shape"]
+    g = model.group(0, prefix - 1, [0, h], [0, w], (0,))
+    pred = model.evaluate([(g, False)])
+    expect = sum(layer_seconds(RPI3, l, l["out_shape"][1] * l["out_shape"][2], 4, 4, d)
+                 for l in program for d in ("forward", "backward"))
+    expect += update_seconds(RPI3, param_count(program[:prefix]), 4) + update_seconds(RPI3, param_count(program[prefix:]), 4)
+    assert pred.step_s == pytest.approx(expect)
+    assert pred.busy_s[0] == pytest.approx(expect - sum(
+        update_seconds(RPI3, param_count(p), 4) for p in (program[:prefix], program[prefix:])))
+    parts = pred.breakdown[0]
+    assert parts["state"] == STATE_COPIES * param_count(program) * 4
+    assert pred.memory[0] == sum(parts.values())
+
+
+def _groups_of(model, program, spans, grids):
+    out = []
+    for (first, last), (r, c) in zip(spans, grids):
+        _, h, w = program[last]["out_shape"]
+        rows, cols = even_layout(r, c).splits(h, w)
+        out.append(model.group(first, last, rows, cols, tuple(range(r * c))))
+    return out
+
+
+@pytest.mark.parametrize("spans, grids", [
+    ([(0, 1), (2, 3), (4, 6)], [(2, 2), (2, 2), (2, 2)]),
+    ([(0, 0), (1, 4), (5, 6)], [(2, 2), (1, 4), (1, 2)]),  # layouts change: whole maps move
+    ([(0, 6)], [(4, 1)]),
+])
+def test_exchange_bytes_and_memory_match_the_plan(spans, grids):
+    """The bytes the cost model charges at each boundary are exactly the
+    plan builder's messages, and its kept activations are plan_report's."""
+    model, program = model_for("tiny", 4, batch=2)
+    groups = _groups_of(model, program, spans, grids)
+    choices = [GroupChoice(g.first, g.last, g.row_splits, g.col_splits, list(g.devices)) for g in groups]
+    plan = build_plan(program, choices, model="tiny", batch=2, dtype="float32", devices=["a", "b", "c", "d"],
+                      optimizer={"lr": 0.1, "momentum": 0.9, "decay": 0.0})
+    h, w = program[0]["in_shape"][1:]
+    prev_rects, prev_devs = np.array([[0, h - 1, 0, w - 1]]), [0]
+    for gi, g in enumerate(groups):
+        want = model.redistribute_bytes(g.first, prev_rects, prev_devs, g.input_rects, g.devices)
+        got = np.zeros_like(want)
+        for m in plan["messages"]:
+            if m["phase"] == "forward" and m["group"] == gi:
+                got[m["sender"], m["receiver"]] += m["bytes"]
+        np.fill_diagonal(want, 0)
+        assert (got == want).all(), f"group {gi}"
+        prev_rects, prev_devs = g.out_rects, g.devices
+    pred = model.evaluate([(g, False) for g in groups])
+    kept = activation_bytes(plan)
+    for d in range(1, 4):  # rank 0 also keeps the image batch and the tail's inputs
+        assert pred.breakdown[d]["kept"] == kept[d]
+
+
+def test_recompute_keeps_only_the_input_and_costs_a_forward():
+    model, program = model_for("yolov2-tiny", 2, batch=2)
+    g = _groups_of(model, program, [(0, 3)], [(2, 1)])[0]
+    for d in (0, 1):
+        assert g.kept_recompute[d] < g.kept[d]
+        assert g.workspace_recompute[d] == g.workspace[d] + g.kept[d] - g.kept_recompute[d]
+    keep = model.evaluate([(g, False)])
+    rec = model.evaluate([(g, True)])
+    assert rec.step_s - keep.step_s == pytest.approx(g.parts["forward"])
+    assert max(rec.memory) <= max(keep.memory)
+
+
+def test_the_solvers_additive_view_equals_evaluate():
+    """Any path through the candidates costs the sum of its arcs (plus the
+    tail), exactly what CostModel.evaluate computes for the same groups."""
+    model, program = model_for("tiny", 3, batch=2)
+    cands = enumerate_candidates(model, layouts(model.cluster))
+    by_start = {}
+    for gi, (g, li) in enumerate(zip(cands.groups, cands.group_layout)):
+        by_start.setdefault(g.first, []).append(gi)
+    moves = {(b, li, lj): s for b, li, lj, s in cands.transitions}
+    rng = random.Random(3)
+    for _ in range(25):
+        path, b, secs = [], 0, 0.0
+        while b < cands.prefix:
+            gi = rng.choice(by_start[b])
+            rec = rng.random() < 0.3
+            if path:
+                secs += moves[(b, cands.group_layout[path[-1][0]], cands.group_layout[gi])]
+            secs += cands.group_seconds(gi, rec)
+            path.append((gi, rec))
+            b = cands.groups[gi].last + 1
+        pred = model.evaluate([(cands.groups[gi], rec) for gi, rec in path])
+        assert pred.step_s == pytest.approx(secs + model.tail_s)
+        for d in range(3):
+            mine = [(cands.groups[gi], rec) for gi, rec in path if d in cands.groups[gi].members]
+            kept = sum((g.kept_recompute if rec else g.kept)[d] for g, rec in mine)
+            assert pred.breakdown[d]["kept"] == kept + (model.tail_kept if d == 0 else 0)
+
+
+def test_weighted_layouts_give_a_faster_device_a_larger_tile():
+    model, _ = model_for("tiny", 2)
+    fast = dataclasses.replace(model.cluster.devices[1], compute_scale=3.0)
+    cl = dataclasses.replace(model.cluster, devices=(model.cluster.devices[0], fast))
+    lays = [lay for lay in layouts(cl) if lay.rows * lay.cols == 2 and lay.weighted]
+    assert lays and all(lay.devices == (1, 0) for lay in lays)
+    rows, cols = next(l for l in lays if l.rows == 2).splits(400, 400)
+    assert (rows[1] - rows[0]) / (rows[2] - rows[1]) == pytest.approx(3.0)
+    assert any(not lay.weighted and lay.rows * lay.cols == 2 for lay in layouts(cl))  # even grids stay available
+
+
+def test_only_groups_holding_what_the_tail_reads_pay_to_send_it():
+    model, program = model_for("yolov2", 2, batch=1, prefix=18)  # the tail's route reads layer 16
+    assert 16 in model.tail_reads and 17 in model.tail_reads
+    inside = _groups_of(model, program, [(15, 16)], [(2, 1)])[0]
+    outside = _groups_of(model, program, [(13, 14)], [(2, 1)])[0]
+    assert inside.parts["to_tail"] > 0 and outside.parts["to_tail"] == 0
+    alone = _groups_of(model, program, [(15, 16)], [(1, 1)])[0]
+    assert alone.parts["to_tail"] == 0  # rank 0 already holds it
+
+
+def test_faster_links_never_cost_more():
+    slow, program = model_for("tiny", 4, batch=2)
+    fast, _ = model_for("tiny", 4, batch=2, bandwidth_bps=RPI3.bandwidth_bps * 10)
+    spans, grids = [(0, 1), (2, 6)], [(2, 2), (1, 4)]
+    a = slow.evaluate([(g, False) for g in _groups_of(slow, program, spans, grids)])
+    b = fast.evaluate([(g, False) for g in _groups_of(fast, program, spans, grids)])
+    assert b.step_s < a.step_s and b.memory == a.memory
+    msgs, coll = bytes_sent(build_plan(program, [GroupChoice(0, 6, [0, 2, 4], [0, 2, 4], [0, 1, 2, 3])],
+                                       model="tiny", batch=2, dtype="float32", devices=list("abcd"),
+                                       optimizer={"lr": 0.1, "momentum": 0, "decay": 0}))
+    assert sum(msgs) > 0 and sum(coll) > 0
+
+
+def test_cli_profile_measures_kernels_and_the_link_to_a_peer(tmp_path, capsys):
+    from tilec.cli import main
+    from tilec.profiles import load_profile as load
+    port = start_loopback_server()  # stands in for `tilec profile --serve PORT` on the peer
+    out = tmp_path / "me.json"
+    assert main(["profile", "--quick", "--peer", f"127.0.0.1:{port}", "-o", str(out), "--name", "me"]) == 0
+    prof = load(out)
+    assert prof.name == "me" and prof.bandwidth_bps > 0
+    assert "measured to 127.0.0.1" in prof.raw["sources"]["link"]
+    assert "wrote" in capsys.readouterr().out
+    assert main(["profile", "--quick", "--peer", "nohost", "-o", str(out)]) == 1
+    assert "HOST:PORT" in capsys.readouterr().err

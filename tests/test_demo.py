@@ -1,0 +1,77 @@
+"""The default demo (`tilec train` with no model) on a tiny configuration:
+every output written, Ctrl-C leaves a checkpoint that resumes to the same
+weights, and tiling over 2 devices learns what 1 device learns."""
+import io
+import json
+
+import numpy as np
+import pytest
+
+from tilec import demo
+from tilec.frontend.darknet_weights import read_darknet
+from tilec.frontend.models import load_model
+
+# the numpy kernels: no C build in a test (the generated ones have their own tests)
+TINY = dict(steps=4, images=16, batch=2, backend="inprocess", checkpoint_every=2, kernels="reference")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "cache_dir", lambda: str(tmp_path / "cache"))  # the dataset cache
+    monkeypatch.setenv("TILEC_PROFILE", "rpi3b")  # plan with a shipped profile: no measuring
+
+
+def weights(run_dir):
+    with np.load(run_dir / "weights.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_demo_writes_every_output_and_resumes_after_an_interrupt(tmp_path, monkeypatch):
+    out = io.StringIO()
+    full = tmp_path / "full"
+    result = demo.run_demo(demo.DemoConfig(**TINY), run_dir=str(full), out=out)
+    text = out.getvalue()
+    assert "making 16 synthetic images" in text and "images/s" in text and "ETA" in text
+    for name in ("plan.json", "plan.dot", "timeline.png", "loss.png", "metrics.jsonl", "weights.npz",
+                 "weights.weights", "eval.txt", "summary.txt", "summary.json", "checkpoint.npz"):
+        assert (full / name).stat().st_size > 0, name
+    steps = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r and "device" not in r] == [0, 1, 2, 3]
+    assert steps[-1]["event"] == "eval" and 0 <= steps[-1]["map50"] <= 1
+    assert result["map50"] == steps[-1]["map50"] and result["predicted_step_s"] > 0
+    assert "validation mAP@0.5" in (full / "summary.txt").read_text()
+    program = load_model("detector-small").to_program()
+    from_darknet, _, header, _ = read_darknet(full / "weights.weights", program)
+    assert header["seen"] == 8
+    np.testing.assert_array_equal(from_darknet["0.conv.weight"], weights(full)["0.conv.weight"])
+    # the second run finds the dataset in the cache
+    part = tmp_path / "part"
+    original = demo.Progress.__call__
+
+    def interrupt_at_step_3(self, step, loss, seconds):
+        if step == 2:
+            raise KeyboardInterrupt
+        original(self, step, loss, seconds)
+
+    monkeypatch.setattr(demo.Progress, "__call__", interrupt_at_step_3)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(demo.DemoConfig(**TINY), run_dir=str(part), out=out)
+    assert "(cached)" in out.getvalue()
+    assert f"The checkpoint after step 2 is in {part}; continue with: tilec train --resume {part}" in out.getvalue()
+    assert not (part / "weights.npz").exists()
+    monkeypatch.setattr(demo.Progress, "__call__", original)
+    out = io.StringIO()
+    demo.run_demo(resume=str(part), out=out)
+    assert "resuming after step 2" in out.getvalue()
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_two_devices_learn_what_one_device_learns():
+    out = io.StringIO()
+    diff = demo.same_weights(steps=3, devices=2, batch=2, backend="inprocess", images=16, kernels="reference",
+                             out=out)
+    assert diff < 1e-9

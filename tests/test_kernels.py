@@ -1,0 +1,640 @@
+"""Every generated kernel equals the numpy reference (tilec_runtime.ops).
+
+Kernels are compared with ``ops`` on the same inputs, in float32 and
+float64, over random shapes, strides, band sizes and independent (top,
+bottom, left, right) border pads as tiles have them, with inputs and
+gradients that are strided views into larger arrays (as a tile's source
+window is). Tolerances: 1e-12 relative in float64, 1e-5 in float32; for
+sums of products the bound is elementwise, relative to the same operation
+on absolute values (the forward-error bound of a sum), so that an output
+that is a difference of large terms is held to what floating point allows.
+
+Then the compositions: a tile of a fused group (``TileStep``) on border
+tiles of random plans equals the crop of the whole-map reference, the
+one-device trainer trains like the reference executor, and a training step
+allocates no arrays after the first.
+"""
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from alloc_counter import count_allocations
+from programs import ProgramBuilder, random_stacks
+from test_tiled import OPT, one_device
+from tilec.analysis.tiles import spatial_prefix
+from tilec.codegen import build_modules
+from tilec.codegen.lower import lower_plan
+from tilec.plan.build import GroupChoice, build_plan
+from tilec_runtime import data, ops, reference, weights
+from tilec_runtime.fused import OneDeviceTrainer, TileStep
+from tilec_runtime.kernel_set import Kernels, band_rows
+from tilec_runtime.genops import GeneratedOps
+from tilec_runtime.optim import SGD
+
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+DTYPES = st.sampled_from([np.dtype(np.float32), np.dtype(np.float64)])
+SEEDS = st.integers(0, 2**32 - 1)
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_MODULES = {}
+
+
+def module(dtype):
+    """The built kernel module of a dtype (both dtypes are built together, in parallel)."""
+    if not _MODULES:
+        for (mod, _, _), name in zip(build_modules([("float32",), ("float64",)]), ("float32", "float64")):
+            _MODULES[name] = mod
+    return _MODULES[np.dtype(dtype).name]
+
+
+def kern(dtype):
+    return Kernels(module(dtype), dtype)
+
+
+def check(actual, expected, dtype, mag=None):
+    """|actual - expected| <= rtol * mag elementwise (default mag: max |expected|)."""
+    actual, expected = np.asarray(actual), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == dtype, (actual.dtype, dtype)
+    mag = np.abs(expected).max(initial=0.0) if mag is None else np.asarray(mag, dtype=np.float64)
+    bound = RTOL[np.dtype(dtype)] * mag + 1e-300
+    err = np.abs(actual.astype(np.float64) - expected)
+    assert np.all(err <= bound), f"max error / bound = {np.max(err / bound):.3g}"
+
+
+def embedded(rng, shape, dtype, draw_offsets):
+    """A random array of ``shape`` that is a strided window of a larger one."""
+    r0, c0, extra_r, extra_c = draw_offsets
+    b, c, h, w = shape
+    big = rng.standard_normal((b, c, h + r0 + extra_r, w + c0 + extra_c)).astype(dtype)
+    return big[:, :, r0:r0 + h, c0:c0 + w]
+
+
+@st.composite
+def conv_case(draw, max_hw=12):
+    """(dtype, x shape, F, k, stride, pads, band, offsets, seed) with a valid output."""
+    k = draw(st.sampled_from((1, 2, 3, 5)))
+    pads = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
+    h = draw(st.integers(max(1, k - pads[0] - pads[1]), max_hw))
+    w = draw(st.integers(max(1, k - pads[2] - pads[3]), max_hw))
+    stride = draw(st.integers(1, 3))
+    ho = ops.out_size(h, k, stride, pads[0], pads[1])
+    return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w),
+                f=draw(st.integers(1, 5)), k=k, stride=stride, pads=pads, band=draw(st.integers(1, ho)),
+                offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)), seed=draw(SEEDS))
+
+
+def conv_setup(case):
+    rng = np.random.default_rng(case["seed"])
+    dt, (_, c, h, w), k = case["dtype"], case["shape"], case["k"]
+    x = embedded(rng, case["shape"], dt, case["offsets"])
+    wt = rng.standard_normal((case["f"], c, k, k)).astype(dt)
+    ho = ops.out_size(h, k, case["stride"], case["pads"][0], case["pads"][1])
+    wo = ops.out_size(w, k, case["stride"], case["pads"][2], case["pads"][3])
+    ws = np.empty(c * k * k * case["band"] * wo, dt)
+    return rng, x, wt, ho, wo, ws
+
+
+def abs_conv(x, w, stride, pads):
+    """The error scale of a convolution: the same sums over absolute values, float64."""
+    return ops.conv2d_forward(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), stride, pads)
+
+
+# -- GEMM ----------------------------------------------------------------------
+
+@FAST
+@given(DTYPES, st.booleans(), st.booleans(), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9),
+       st.sampled_from([0.0, 1.0]), SEEDS)
+def test_gemm_is_row_major_with_transposes(dtype, ta, tb, m, n, k, beta, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    a64, b64 = (a.T if ta else a).astype(np.float64), (b.T if tb else b).astype(np.float64)
+    want = 0.5 * a64 @ b64 + beta * c
+    mag = 0.5 * np.abs(a64) @ np.abs(b64) + beta * np.abs(c)
+    getattr(module(dtype), f"gemm_{'f32' if dtype == np.float32 else 'f64'}")(ta, tb, a, b, c, 0.5, beta)
+    check(c, want, dtype, mag)
+
+
+# -- convolution -----------------------------------------------------------------
+
+@FAST
+@given(conv_case(), st.data())
+def test_conv_forward_and_its_batch_norm_statistics(case, data_):
+    rng, x, w, ho, wo, ws = conv_setup(case)
+    dt = case["dtype"]
+    z = np.empty((x.shape[0], case["f"], ho, wo), dt)
+    r0 = data_.draw(st.integers(0, ho - 1))
+    c0 = data_.draw(st.integers(0, wo - 1))
+    owned = (r0, data_.draw(st.integers(r0 + 1, ho)), c0, data_.draw(st.integers(c0 + 1, wo)))
+    n, mean, m2 = np.zeros(1), np.zeros(case["f"]), np.zeros(case["f"])
+    kern(dt).conv_forward(x, w, case["stride"], case["pads"], z, ws, case["band"], owned, n, mean, m2)
+    want = ops.conv2d_forward(x, w, case["stride"], case["pads"])
+    check(z, want, dt, abs_conv(x, w, case["stride"], case["pads"]))
+    wn, wmean, wm2 = ops.bn_stats(z[:, :, owned[0]:owned[1], owned[2]:owned[3]])
+    # statistics of our own z (float64 accumulation, only the order differs)
+    assert n[0] == wn
+    zmax = np.abs(z).max()
+    np.testing.assert_allclose(mean, wmean, rtol=1e-10, atol=1e-12 * zmax)
+    np.testing.assert_allclose(m2, wm2, rtol=1e-10, atol=1e-12 * wn * zmax ** 2)
+
+
+@FAST
+@given(conv_case(), st.booleans())
+def test_conv_backward_adds_the_input_gradient_and_sets_the_weight_gradient(case, with_dx):
+    rng, x, w, ho, wo, ws = conv_setup(case)
+    dt = case["dtype"]
+    dy = rng.standard_normal((x.shape[0], case["f"], ho, wo)).astype(dt)
+    dw = np.full(w.shape, 7.0, dt)  # overwritten, not accumulated
+    dx = embedded(rng, x.shape, dt, case["offsets"][::-1]) if with_dx else None
+    before = None if dx is None else dx.copy()
+    kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, ws, case["band"], dw, dx)
+    want_dx, want_dw = ops.conv2d_backward(x, w, case["stride"], case["pads"], dy)
+    ax, aw, ady = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(dy).astype(np.float64)
+    mag_dx, mag_dw = ops.conv2d_backward(ax, aw, case["stride"], case["pads"], ady)
+    check(dw, want_dw, dt, mag_dw)
+    if with_dx:
+        check(dx, before + want_dx, dt, mag_dx + np.abs(before))
+
+
+@st.composite
+def bn_case(draw):
+    """A map with per-channel batch-norm constants and an owned rectangle."""
+    dt = draw(DTYPES)
+    b, c, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    r0, c0 = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
+    owned = (r0, draw(st.integers(r0 + 1, h)), c0, draw(st.integers(c0 + 1, w)))
+    return dict(dtype=dt, shape=(b, c, h, w), owned=owned, pre=draw(st.sampled_from(["none", "bn", "bias"])),
+                act=draw(st.sampled_from(["linear", "leaky", "relu"])), seed=draw(SEEDS))
+
+
+def bn_setup(case):
+    rng = np.random.default_rng(case["seed"])
+    dt, c = case["dtype"], case["shape"][1]
+    z = (rng.standard_normal(case["shape"]) * 3 + 1).astype(dt)
+    mean, var = z.astype(np.float64).mean(axis=(0, 2, 3)), z.astype(np.float64).var(axis=(0, 2, 3))
+    gamma, beta = rng.uniform(0.5, 2, c).astype(dt), rng.standard_normal(c).astype(dt)
+    inv = (1.0 / np.sqrt(var + ops.BN_EPS)).astype(dt)
+    return rng, z, mean, var, inv, gamma, beta
+
+
+def reference_pre_act(z, case, mean, var, gamma, beta):
+    """ops's activation input and output for pre in none / bn / bias."""
+    if case["pre"] == "bn":
+        u, xhat, _ = ops.bn_normalize(z, mean, var, gamma, beta)
+    elif case["pre"] == "bias":
+        u, xhat = z + beta[None, :, None, None], None
+    else:
+        u, xhat = z, None
+    return u, xhat, ops.act_forward(u, case["act"])
+
+
+@FAST
+@given(bn_case())
+def test_normalise_and_activate(case):
+    _, z, mean, var, inv, gamma, beta = bn_setup(case)
+    k, dt = kern(case["dtype"]), case["dtype"]
+    y = np.empty(z.shape, dt)
+    k.bn_act(z, y, k.pre[case["pre"]], k.act[case["act"]], mean.astype(dt), inv, gamma, beta)
+    check(y, reference_pre_act(z, case, mean, var, gamma, beta)[2], dt)
+
+
+@FAST
+@given(bn_case())
+def test_activation_gradient_and_batch_norm_sums(case):
+    rng, z, mean, var, inv, gamma, beta = bn_setup(case)
+    k, dt = kern(case["dtype"]), case["dtype"]
+    dy = rng.standard_normal(z.shape).astype(dt)
+    c = z.shape[1]
+    s1, s2 = np.zeros(c), np.zeros(c)
+    da = dy.copy()
+    k.act_grad(da, z, k.pre[case["pre"]], k.act[case["act"]], s1, s2, mean.astype(dt), inv, gamma, beta)
+    _, xhat, y = reference_pre_act(z, case, mean, var, gamma, beta)
+    want = ops.act_backward(y, case["act"], dy)
+    check(da, want, dt)
+    check(s1, want.astype(np.float64).sum(axis=(0, 2, 3)), np.float64, np.abs(want).astype(np.float64).sum(axis=(0, 2, 3)))
+    if case["pre"] == "bn":
+        _, want_s2 = ops.bn_grad_sums(want, xhat)
+        check(s2, want_s2, np.float64, np.abs(want.astype(np.float64) * xhat).sum(axis=(0, 2, 3)))
+
+
+@FAST
+@given(bn_case())
+def test_batch_norm_backward_applies_mean_terms_on_owned_cells(case):
+    rng, z, mean, var, inv, gamma, beta = bn_setup(case)
+    k, dt = kern(case["dtype"]), case["dtype"]
+    c = z.shape[1]
+    dy = rng.standard_normal(z.shape).astype(dt)
+    m1, m2 = rng.standard_normal(c) * 0.1, rng.standard_normal(c) * 0.1
+    dz = dy.copy()
+    r0, r1, c0, c1 = case["owned"]
+    k.bn_backward(dz, z, mean.astype(dt), inv, gamma, m1.astype(dt), m2.astype(dt), case["owned"])
+    xhat = (z - mean.astype(dt)[None, :, None, None]) * inv[None, :, None, None]
+    want = ops.bn_backward(dy, xhat, gamma, inv, m1, m2, (slice(r0, r1), slice(c0, c1)))
+    check(dz, want, dt, np.abs(gamma * inv)[None, :, None, None]
+          * (np.abs(dy) + np.abs(m1)[None, :, None, None] + np.abs(xhat * m2[None, :, None, None])))
+
+
+# -- max-pooling -------------------------------------------------------------------
+
+@st.composite
+def pool_case(draw):
+    size = draw(st.integers(1, 3))
+    pads = tuple(draw(st.integers(0, size - 1)) for _ in range(4))
+    h = draw(st.integers(max(1, size - pads[0] - pads[1]), 11))
+    w = draw(st.integers(max(1, size - pads[2] - pads[3]), 11))
+    return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w), size=size,
+                stride=draw(st.integers(1, 3)), pads=pads, pre=draw(st.sampled_from(["none", "bn", "bias"])),
+                act=draw(st.sampled_from(["linear", "leaky", "relu"])), offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)),
+                ties=draw(st.booleans()), seed=draw(SEEDS))
+
+
+@FAST
+@given(pool_case())
+def test_max_pool_of_the_activation_forward_and_backward(case):
+    """Pooling fused with the conv epilogue equals normalise, activate, pool;
+    ties (rounded inputs) must pick the first maximum, as ops does."""
+    rng = np.random.default_rng(case["seed"])
+    dt, (b, c, h, w) = case["dtype"], case["shape"]
+    z = embedded(rng, case["shape"], dt, case["offsets"])
+    if case["ties"]:
+        z[...] = np.round(z)
+    mean, var = np.zeros(c), np.ones(c) - ops.BN_EPS
+    gamma, beta = np.ones(c, dt), rng.standard_normal(c).astype(dt)
+    inv = (1.0 / np.sqrt(var + ops.BN_EPS)).astype(dt)
+    k = kern(dt)
+    ho = ops.out_size(h, case["size"], case["stride"], case["pads"][0], case["pads"][1])
+    wo = ops.out_size(w, case["size"], case["stride"], case["pads"][2], case["pads"][3])
+    y, arg = np.empty((b, c, ho, wo), dt), np.empty((b, c, ho, wo), np.int16)
+    k.pool_forward(z, case["size"], case["stride"], case["pads"], y, arg, k.pre[case["pre"]], k.act[case["act"]],
+                   mean.astype(dt), inv, gamma, beta)
+    a = reference_pre_act(z, case, mean, var, gamma, beta)[2]
+    want_y, want_arg = ops.maxpool_forward(a, case["size"], case["stride"], case["pads"])
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(arg, want_arg)
+    dy = rng.standard_normal(y.shape).astype(dt)
+    dx = embedded(rng, z.shape, dt, case["offsets"])
+    before = dx.copy()
+    k.pool_backward(dy, arg, case["size"], case["stride"], case["pads"], dx)
+    want_dx = ops.maxpool_backward(z.shape, case["size"], case["stride"], case["pads"], want_arg, dy)
+    check(dx, before + want_dx, dt, np.abs(before) + ops.maxpool_backward(
+        z.shape, case["size"], case["stride"], case["pads"], want_arg, np.abs(dy)))
+
+
+@FAST
+@given(pool_case())
+def test_pool_gradient_routed_inside_the_activation_gradient(case):
+    """act_grad with a fused pool equals ops's max-pool backward followed by
+    the activation backward, for a pool reading a window of the conv output."""
+    rng = np.random.default_rng(case["seed"])
+    dt, (b, c, h, w) = case["dtype"], case["shape"]
+    r0, c0, extra_r, extra_c = case["offsets"]
+    zbig = rng.standard_normal((b, c, h + r0 + extra_r, w + c0 + extra_c)).astype(dt)
+    if case["ties"]:
+        zbig[...] = np.round(zbig)
+    z = zbig[:, :, r0:r0 + h, c0:c0 + w]
+    bias = rng.standard_normal(c).astype(dt)
+    k = kern(dt)
+    pre = "bias" if case["pre"] != "none" else "none"
+    u = z + bias[None, :, None, None] if pre == "bias" else z
+    a = ops.act_forward(u, case["act"])
+    p, arg = ops.maxpool_forward(a, case["size"], case["stride"], case["pads"])
+    dp = rng.standard_normal(p.shape).astype(dt)
+    da_window = ops.maxpool_backward(a.shape, case["size"], case["stride"], case["pads"], arg, dp)
+    want = np.zeros(zbig.shape, dt)
+    want[:, :, r0:r0 + h, c0:c0 + w] = ops.act_backward(ops.act_forward(
+        zbig + bias[None, :, None, None] if pre == "bias" else zbig, case["act"])[:, :, r0:r0 + h, c0:c0 + w],
+        case["act"], da_window)
+    da = np.full(zbig.shape, np.nan, dt)  # ignored: act_grad writes every element
+    s1 = np.zeros(c)
+    k.act_grad(da, zbig, k.pre[pre], k.act[case["act"]], s1, None, None, None, None, bias,
+               (dp, arg, case["size"], case["stride"], case["pads"], (r0, c0, h, w)))
+    check(da, want, dt, np.abs(want) + ops.maxpool_backward(a.shape, case["size"], case["stride"], case["pads"],
+                                                             arg, np.abs(dp)).max())
+    # (overlapping windows add several dp into one element, in the data dtype)
+    np.testing.assert_allclose(s1, want.astype(np.float64).sum(axis=(0, 2, 3)), rtol=RTOL[dt],
+                               atol=RTOL[dt] * np.abs(dp).sum())
+
+
+# -- per-channel steps, loss, update ----------------------------------------------------
+
+@FAST
+@given(DTYPES, st.integers(1, 6), st.integers(2, 500), SEEDS)
+def test_batch_norm_constants_and_running_statistics(dtype, c, n, seed):
+    rng = np.random.default_rng(seed)
+    mean, m2 = rng.standard_normal(c), rng.uniform(0, 10, c)
+    rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    want_rm, want_rv = rm.copy(), rv.copy()
+    mean_t, inv_t = np.empty(c, dtype), np.empty(c, dtype)
+    kern(dtype).bn_constants(float(n), mean, m2, mean_t, inv_t, rm, rv)
+    ops.bn_update_running(want_rm, want_rv, n, mean, m2)
+    check(mean_t, mean.astype(dtype), dtype)
+    check(inv_t, (1.0 / np.sqrt(m2 / n + ops.BN_EPS)).astype(dtype), dtype)
+    check(rm, want_rm, dtype, np.abs(want_rm) + np.abs(mean))
+    check(rv, want_rv, dtype)
+    s1, s2 = rng.standard_normal(c), rng.standard_normal(c)
+    m1_t, m2_t, dg, db = (np.empty(c, dtype) for _ in range(4))
+    kern(dtype).bn_grad_constants(s1, s2, float(n), m1_t, m2_t, dg, db)
+    check(m1_t, (s1 / n).astype(dtype), dtype)
+    check(m2_t, (s2 / n).astype(dtype), dtype)
+    check(dg, s2.astype(dtype), dtype)
+    check(db, s1.astype(dtype), dtype)
+
+
+@FAST
+@given(DTYPES, st.integers(1, 4), st.integers(1, 40), st.booleans(), st.booleans(), SEEDS)
+def test_sum_of_squares_loss_and_sgd_step(dtype, batch, n, momentum, decay, seed):
+    rng = np.random.default_rng(seed)
+    k = kern(dtype)
+    y, t = rng.standard_normal((batch, n)).astype(dtype), rng.standard_normal((batch, n)).astype(dtype)
+    dy = np.empty_like(y)
+    loss = k.sse(y.reshape(-1), t.reshape(-1), dy.reshape(-1), batch)
+    want_loss, want_dy = ops.sse(y, t)
+    assert abs(loss - want_loss) <= 1e-12 * want_loss + 1e-300
+    check(dy, want_dy, dtype)
+    opt = dict(lr=0.05, momentum=0.9 if momentum else 0.0, decay=1e-3 if decay else 0.0)
+    p, v = rng.standard_normal(n).astype(dtype), np.zeros(n, dtype)
+    ref = {"0.conv.weight": p.copy()}
+    sgd = SGD(**opt)
+    for step in range(3):
+        g = rng.standard_normal(n).astype(dtype)
+        k.sgd(p, g, v, opt["lr"], opt["momentum"], opt["decay"])
+        sgd.step(ref, {"0.conv.weight": g})
+    check(p, ref["0.conv.weight"], dtype, np.abs(ref["0.conv.weight"]) + 1)
+
+
+# -- the ops-compatible kernel object -------------------------------------------------
+
+@FAST
+@given(conv_case(), st.sampled_from(["linear", "leaky", "relu"]), st.data())
+def test_generated_ops_is_a_drop_in_for_ops(case, act, data_):
+    """GeneratedOps gives what ops gives, function by function (the chain
+    of one conv layer with batch norm, activation and a max-pool)."""
+    rng, x, w, ho, wo, _ = conv_setup(case)
+    dt, g = case["dtype"], GeneratedOps(module(case["dtype"]))
+    stride, pads = case["stride"], case["pads"]
+    z = g.conv2d_forward(x, w, stride, pads)
+    check(z, ops.conv2d_forward(x, w, stride, pads), dt, abs_conv(x, w, stride, pads))
+    z = ops.conv2d_forward(x, w, stride, pads)  # from here on, both sides read the same z
+    n, mean, m2 = g.bn_stats(z)
+    wn, wmean, wm2 = ops.bn_stats(z)
+    assert n == wn
+    np.testing.assert_allclose(mean, wmean, rtol=1e-10, atol=1e-10 * np.abs(z).max())
+    np.testing.assert_allclose(m2, wm2, rtol=1e-10, atol=1e-10 * np.abs(z).max() ** 2)
+    gamma, beta = rng.uniform(0.5, 2, z.shape[1]).astype(dt), rng.standard_normal(z.shape[1]).astype(dt)
+    var = wm2 / wn
+    for got, want in zip(g.bn_normalize(z, wmean, var, gamma, beta), ops.bn_normalize(z, wmean, var, gamma, beta)):
+        check(got, want, dt)
+    u = ops.bn_normalize(z, wmean, var, gamma, beta)[0]
+    y = ops.act_forward(u, act)
+    check(g.act_forward(u, act), y, dt)
+    size = data_.draw(st.integers(1, min(3, *y.shape[2:])))
+    p, arg = g.maxpool_forward(y, size, size, (0, 0, 0, 0))
+    wp, warg = ops.maxpool_forward(y, size, size, (0, 0, 0, 0))
+    np.testing.assert_array_equal(p, wp)
+    np.testing.assert_array_equal(arg, warg)
+    dp = rng.standard_normal(p.shape).astype(dt)
+    check(g.maxpool_backward(y.shape, size, size, (0, 0, 0, 0), arg, dp),
+          ops.maxpool_backward(y.shape, size, size, (0, 0, 0, 0), warg, dp), dt)
+    dy = rng.standard_normal(y.shape).astype(dt)
+    check(g.act_backward(y, act, dy), ops.act_backward(y, act, dy), dt)
+    xhat = ops.bn_normalize(z, wmean, var, gamma, beta)[1]
+    for got, want in zip(g.bn_grad_sums(dy, xhat), ops.bn_grad_sums(dy, xhat)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(dy).sum())
+    inv = (1.0 / np.sqrt(var + ops.BN_EPS)).astype(dt)
+    m1, m2b = rng.standard_normal(z.shape[1]) * 0.1, rng.standard_normal(z.shape[1]) * 0.1
+    owned = (slice(0, max(1, ho // 2)), slice(wo // 3, wo))
+    check(g.bn_backward(dy, xhat, gamma, inv, m1, m2b, owned), ops.bn_backward(dy, xhat, gamma, inv, m1, m2b, owned),
+          dt, np.abs(gamma * inv)[None, :, None, None] * (np.abs(dy) + 1))
+    got_dx, got_dw = g.conv2d_backward(x, w, stride, pads, dy)
+    want_dx, want_dw = ops.conv2d_backward(x, w, stride, pads, dy)
+    mag_dx, mag_dw = ops.conv2d_backward(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), stride, pads,
+                                         np.abs(dy).astype(np.float64))
+    check(got_dx, want_dx, dt, mag_dx)
+    check(got_dw, want_dw, dt, mag_dw)
+
+
+# -- tiles of fused groups ------------------------------------------------------------
+
+class ThreadAllReduce:
+    """All-reduce between tiles running as threads (rank order, like Comm)."""
+
+    def __init__(self, n):
+        self.n, self.barrier, self.slots = n, threading.Barrier(n, timeout=60), {}
+
+    def _gather(self, rank, key, arrays):
+        self.slots[(key, rank)] = [a.copy() for a in arrays]
+        self.barrier.wait()
+        return [self.slots[(key, r)] for r in range(self.n)]
+
+    def stats(self, rank):
+        def hook(layer, n, mean, m2):
+            parts = self._gather(rank, ("f", layer), (n, mean, m2))
+            tn, tmean, tm2 = ops.bn_combine([(p[0][0], p[1], p[2]) for p in parts])
+            n[0], mean[...], m2[...] = tn, tmean, tm2
+        return hook
+
+    def sums(self, rank):
+        def hook(layer, s1, s2):
+            parts = self._gather(rank, ("b", layer), (s1, s2))
+            s1[...] = sum(p[0] for p in parts)
+            s2[...] = sum(p[1] for p in parts)
+        return hook
+
+
+@st.composite
+def group_cases(draw):
+    """A random stack, a group of its spatial prefix (not the first when
+    possible, so that the input gradient is needed) and a random grid."""
+    program = draw(random_stacks(max_prefix=5, tails=("regress",)))
+    prefix = spatial_prefix(program)
+    first = draw(st.integers(0, prefix - 1))
+    last = draw(st.integers(first, prefix - 1))
+    _, h, w = program[last]["out_shape"]
+    rows = sorted(draw(st.sets(st.integers(1, h - 1), max_size=min(2, h - 1)))) if h > 1 else []
+    cols = sorted(draw(st.sets(st.integers(1, w - 1), max_size=min(2, w - 1)))) if w > 1 else []
+    return program, first, last, [0, *rows, h], [0, *cols, w], draw(DTYPES), draw(st.integers(1, 2)), draw(SEEDS)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(group_cases())
+def test_tiles_of_a_group_compose_to_the_whole_map(case):
+    """Each tile's output is the crop of the whole-map forward; partial
+    input gradients overlap-add to the whole-map input gradient and partial
+    weight gradients sum to the whole-map ones (border tiles included: their
+    pads are the map's, interior edges have none)."""
+    program, first, last, rows, cols, dt, batch, seed = case
+    prefix = spatial_prefix(program)
+    groups = ([GroupChoice(0, first - 1, [0, program[first - 1]["out_shape"][1]],
+                           [0, program[first - 1]["out_shape"][2]], [0])] if first > 0 else [])
+    ntiles = (len(rows) - 1) * (len(cols) - 1)
+    groups.append(GroupChoice(first, last, rows, cols, list(range(ntiles))))
+    if last < prefix - 1:
+        _, h, w = program[prefix - 1]["out_shape"]
+        groups.append(GroupChoice(last + 1, prefix - 1, [0, h], [0, w], [0]))
+    plan = build_plan(program, groups, model="t", batch=batch, dtype=dt.name,
+                      devices=[f"d{i}" for i in range(ntiles)], optimizer=OPT)
+    g = next(i for i, grp in enumerate(plan["groups"]) if grp["layers"] == [first, last])
+    kernel_plan = lower_plan(plan)
+    # the whole-map reference for this group
+    rng = np.random.default_rng(seed)
+    params, buffers = weights.init_params(program, seed % 1000, dt)
+    x_full = rng.standard_normal((batch, *program[first]["in_shape"])).astype(dt)
+    acts = {first - 1: x_full}
+    ref_buffers = {k: v.copy() for k, v in buffers.items()}
+    layers = program[first:last + 1]
+    _, cache = reference.forward_layers(layers, params, ref_buffers, acts, None)
+    # Batch norm of a nearly constant map (pooled tiny maps) amplifies
+    # rounding by 1/sigma: in float32 that is noise of the size of the
+    # result, whatever the summation order, so such examples are discarded.
+    inv_stds = [cache[layer["index"]][1].max() for layer in layers if layer["kind"] == "conv" and layer["bn"]]
+    assume(dt == np.float64 or max(inv_stds, default=0.0) < 30.0)
+    dy_full = rng.standard_normal(acts[last].shape).astype(dt)
+    grads, dout = reference.backward_layers(layers, params, acts, cache, {last: dy_full})
+    # every tile in its own thread, all-reducing like devices do
+    tiles = [t for t in kernel_plan["tiles"] if t["group"] == g]
+    plan_tiles = plan["groups"][g]["tiles"]
+    reducer, results = ThreadAllReduce(len(tiles)), [None] * len(tiles)
+
+    def run(rank):
+        tile = plan_tiles[rank]
+        step = TileStep(kernel_plan["specs"][tiles[rank]["spec"]], module(dt), dt)
+        (r0, r1), (c0, c1) = tile["input"]
+        own_buffers = {k: v.copy() for k, v in buffers.items()}
+        out = step.forward(x_full[:, :, r0:r1 + 1, c0:c1 + 1], params, own_buffers, reducer.stats(rank)).copy()
+        (o0, o1), (q0, q1) = tile["rows"], tile["cols"]
+        step.grad_output[...] = dy_full[:, :, o0:o1 + 1, q0:q1 + 1]
+        tile_grads = {k: v.copy() for k, v in step.backward(params, reducer.sums(rank)).items()}
+        din = None if step.grad_input is None else step.grad_input.copy()
+        results[rank] = (out, tile_grads, din, own_buffers)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(tiles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None for r in results), "a tile thread failed"
+    tol = 1e-9 if dt == np.float64 else 2e-4
+    # float32 errors relative to max(|value|, 1), as in test_tiled: batch norm
+    # over two samples has an exactly zero gradient in exact arithmetic, and
+    # what either side computes there is rounding noise
+    floor = 1e-30 if dt == np.float64 else 1.0
+    dx_sum = np.zeros_like(x_full)
+    for tile, (out, tile_grads, din, own_buffers) in zip(plan_tiles, results):
+        (o0, o1), (q0, q1) = tile["rows"], tile["cols"]
+        want = acts[last][:, :, o0:o1 + 1, q0:q1 + 1]
+        np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.abs(acts[last]).max())
+        for key in buffers:  # running statistics: the same on every tile, from synchronised statistics
+            np.testing.assert_allclose(own_buffers[key], ref_buffers[key], rtol=tol, atol=tol)
+        if din is not None:
+            (r0, r1), (c0, c1) = tile["input"]
+            dx_sum[:, :, r0:r1 + 1, c0:c1 + 1] += din
+    for key, want in grads.items():
+        got = sum(r[1][key] for r in results) if ".bn." not in key else results[0][1][key]
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(np.abs(want).max(), 1.0), err_msg=key)
+    if first > 0:
+        want = dout[first - 1]
+        np.testing.assert_allclose(dx_sum, want, rtol=tol, atol=tol * max(np.abs(want).max(), floor))
+
+
+# -- the one-device trainer -----------------------------------------------------------
+
+def _train_both(program, dtype, batch, steps, seed=3):
+    params, buffers = weights.init_params(program, seed, dtype)
+    batches = data.generated_batches(program, batch, seed, dtype)
+    prefix = spatial_prefix(program)
+    _, h, w = program[prefix - 1]["out_shape"]
+    plan = build_plan(program, [GroupChoice(0, prefix - 1, [0, h], [0, w], [0])], model="t", batch=batch,
+                      dtype=np.dtype(dtype).name, devices=["d0"], optimizer=OPT)
+    want = one_device(program, params, buffers, batches, steps)  # copies params and buffers
+    trainer = OneDeviceTrainer(plan, lower_plan(plan), module(dtype), params, buffers)
+    got = [trainer.step(*batches.get(step)) for step in range(steps)]
+    return (got, params, buffers), want
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_stacks(max_prefix=5), DTYPES, st.integers(1, 2))
+def test_one_device_trainer_trains_like_the_reference(program, dtype, batch):
+    """Three SGD steps with momentum; tails other than a cost run on the reference."""
+    # Batch norm into global average pooling (directly or through a route)
+    # gives, at batch 1, a map whose mean is exactly beta, and the next
+    # activation sits on its kink at 0 where rounding picks the branch: not
+    # a question of kernels.
+    assume(batch > 1 or not any(layer["kind"] == "avgpool" for layer in program))
+    (got, p, b), (want, wp, wb) = _train_both(program, dtype, batch, steps=3)
+    assume(max(want) < 10 * want[0])  # diverging runs amplify rounding, not errors
+    tol = 1e-9 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(got, want, rtol=tol)
+    for key in wp:
+        np.testing.assert_allclose(p[key], wp[key], rtol=tol, atol=tol * max(np.abs(wp[key]).max(), 1.0), err_msg=key)
+    for key in wb:
+        np.testing.assert_allclose(b[key], wb[key], rtol=tol, atol=tol, err_msg=key)
+
+
+def yolo_like(c=3, hw=20):
+    """conv+BN+leaky / max-pool pairs, a stride-1 pool, a bias conv and a cost."""
+    b = ProgramBuilder(c, hw, hw)
+    b.conv(4, 3, bn=True, act="leaky")
+    b.maxpool(2, 2)
+    b.conv(6, 3, bn=True, act="leaky")
+    b.maxpool(2, 1)
+    b.conv(5, 1, pad=0, bn=False, act="relu")
+    b.conv(3, 3, stride=2, bn=True, act="linear")
+    b.cost()
+    return b.build()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_training_step_allocates_no_arrays_after_the_first(dtype):
+    """numpy's data allocations are counted exactly (tests/alloc_counter.py):
+    the second step of the generated path makes none, the reference path
+    (the positive control) makes many."""
+    program = yolo_like()
+    params, buffers = weights.init_params(program, 0, dtype)
+    images, target = data.generated_batches(program, 2, 0, dtype).get(0)
+    plan = build_plan(program, [GroupChoice(0, 2, [0, 10], [0, 10], [0]),
+                                GroupChoice(3, 5, [0, 5], [0, 5], [0])],
+                      model="t", batch=2, dtype=dtype, devices=["d0"], optimizer=OPT)
+    trainer = OneDeviceTrainer(plan, lower_plan(plan), module(dtype), params, buffers)
+    trainer.step(images, target)
+    with count_allocations() as generated:
+        trainer.step(images, target)
+    with count_allocations() as ref:
+        loss, grads = reference.train_step(program, params, buffers, images, target)
+    assert ref() > 10 and loss > 0
+    assert generated() == 0
+
+
+def test_band_rows_cover_the_map_and_bound_the_workspace():
+    for c, k, ho, wo in [(3, 3, 416, 416), (512, 3, 13, 13), (1, 1, 1, 1), (64, 1, 7, 3000)]:
+        rows = band_rows(c, k, ho, wo)
+        assert 1 <= rows <= ho
+        assert rows == 1 or c * k * k * rows * wo <= 1 << 20
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_tilec_train_with_generated_kernels_equals_the_reference(devices):
+    """`tilec train` end to end (the bundled 'tiny': conv/BN/pool prefix,
+    average pool, connected, softmax): one device runs the fused trainer,
+    two in-process devices the drop-in kernels."""
+    import io
+
+    from tilec.frontend.models import load_model
+    from tilec.train import train
+    graph = load_model("tiny")
+    runs = {}
+    for kernels in ("generated", "reference"):
+        out = io.StringIO()
+        # batch 2: small enough that BLAS stays on one thread (device threads
+        # calling a multi-threaded BLAS at once oversubscribe the CPU)
+        runs[kernels] = train(graph, steps=3, batch=2, dtype="float64", devices=devices, backend="inprocess",
+                              grid=f"{devices}x1", groups="all", kernels=kernels, out=out)
+    (got, p, b), (want, wp, wb) = runs["generated"], runs["reference"]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    for key in wp:
+        np.testing.assert_allclose(p[key], wp[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    for key in wb:
+        np.testing.assert_allclose(b[key], wb[key], rtol=1e-9, atol=1e-12, err_msg=key)

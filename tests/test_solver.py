@@ -1,0 +1,196 @@
+"""The optimiser: exact on small instances, never worse than the simple
+plans, memory caps that hold, uneven splits for uneven devices, and an
+infeasible cluster explained."""
+import dataclasses
+
+import pytest
+
+from tilec.cluster import uniform_cluster
+from tilec.compile import auto_groups, compile_plan
+from tilec.cost.candidates import enumerate_candidates
+from tilec.cost.layouts import Layout, layouts
+from tilec.cost.model import CostModel
+from tilec.frontend.models import load_model
+from tilec.profiles import load_profile
+from tilec.solve import InfeasibleError
+from tilec.solve.bounds import distances, free_memory
+from tilec.solve.cpsat import PlanModel, solve
+from tilec.solve.exact import exhaustive, shortest_path
+
+RPI3 = load_profile("rpi3b")
+
+
+def cluster(n, memory=None, scales=None, bandwidth=None, profile=RPI3):
+    cl = uniform_cluster(profile, n)
+    devs = []
+    for d, dev in enumerate(cl.devices):
+        changes = {}
+        if memory is not None:
+            changes["memory_bytes"] = int(memory[d] if isinstance(memory, (list, tuple)) else memory)
+        if scales is not None:
+            changes["compute_scale"] = scales[d]
+        if bandwidth is not None:
+            changes["bandwidth_bps"] = bandwidth
+        devs.append(dataclasses.replace(dev, **changes))
+    return dataclasses.replace(cl, devices=tuple(devs))
+
+
+def candidates(name, cl, batch=1, prefix=None):
+    program = load_model(name).to_program()
+    model = CostModel(program, cl, batch, 4, prefix=prefix)
+    return enumerate_candidates(model, layouts(cl)), model, program
+
+
+def peak(model, path_or_choices, cands=None):
+    choices = [(cands.groups[gi], r) for gi, r in path_or_choices] if cands else path_or_choices
+    return model.evaluate(choices)
+
+
+def fits(model, pred):
+    return all(m <= d.memory_bytes for m, d in zip(pred.memory, model.devices))
+
+
+def cpsat_direct(cands, time_limit=20):
+    """CP-SAT on the full candidate set (no shortcut, no pruning)."""
+    from ortools.sat.python import cp_model
+    pm = PlanModel(cands)
+    solver, status = pm.solve(time_limit)
+    if status == cp_model.INFEASIBLE:
+        return None
+    assert status == cp_model.OPTIMAL
+    return pm.path(solver)
+
+
+@pytest.mark.parametrize("n, prefix, batch", [(2, 4, 16), (3, 3, 16)])
+@pytest.mark.parametrize("squeeze", [None, 0.97, 0.9, 0.8])
+def test_cpsat_matches_the_exhaustive_optimum(n, prefix, batch, squeeze):
+    """Memory caps squeezed below the fastest plan's needs make the memory
+    constraints bind; CP-SAT (alone, and the full pipeline with its
+    shortcut and pruning) finds exactly the exhaustive optimum."""
+    cands, model, _ = candidates("tiny", cluster(n), batch, prefix)
+    if squeeze is not None:
+        _, fastest = shortest_path(cands)
+        need = max(peak(model, fastest, cands).memory)
+        cands, model, _ = candidates("tiny", cluster(n, memory=need * squeeze), batch, prefix)
+    try:
+        best = exhaustive(cands)
+    except InfeasibleError:
+        assert cpsat_direct(cands) is None
+        with pytest.raises(InfeasibleError, match="smallest memory that would work"):
+            solve(cands)
+        return
+    direct = peak(model, cpsat_direct(cands), cands)
+    assert direct.step_s == pytest.approx(best.objective_s, rel=1e-5)  # microsecond rounding
+    assert fits(model, direct)
+    sol = solve(cands)
+    assert sol.prediction.step_s == pytest.approx(best.objective_s, rel=1e-5)
+    assert fits(model, sol.prediction) and sol.objective_s >= sol.bound_s - 1e-6
+
+
+def test_shortest_path_cpsat_and_lagrangian_dp_agree_without_memory_limits():
+    cands, model, _ = candidates("yolov2-tiny", cluster(3, memory=1e12), 2)
+    secs, path = shortest_path(cands)
+    prices = [(cands.group_seconds(gi), False) for gi in range(len(cands.groups))]
+    dist = distances(cands, prices)
+    assert peak(model, dist["path"], cands).step_s == pytest.approx(secs + model.tail_s)
+    sol = solve(cands)
+    assert sol.status == "OPTIMAL" and sol.prediction.step_s == pytest.approx(secs + model.tail_s)
+    direct = cpsat_direct(cands)
+    assert peak(model, direct, cands).step_s == pytest.approx(secs + model.tail_s, rel=1e-5)
+
+
+def baselines(cands, model, program):
+    """Every simple plan as (label, [(Group, False)]): one device, one group,
+    one group per layer, and the greedy halo groups, on every even grid."""
+    prefix = model.prefix
+    even = [lay for lay in cands.layouts if not lay.weighted and lay.devices == tuple(range(len(lay.devices)))]
+    out = []
+    for lay in even + [Layout(1, 1, (0,))]:
+        grid = (lay.rows, lay.cols)
+        for label, spans in (("one group", [(0, prefix - 1)]), ("each layer", [(i, i) for i in range(prefix)]),
+                             ("auto", auto_groups(program, grid, prefix=prefix))):
+            groups = []
+            for first, last in spans:
+                _, h, w = program[last]["out_shape"]
+                splits = lay.splits(h, w)
+                if splits is None:
+                    break
+                groups.append((model.group(first, last, splits[0], splits[1], lay.devices, layout=lay), False))
+            else:
+                out.append((f"{label} {lay.label()}", groups))
+    return out
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_never_worse_than_one_device_one_group_each_layer_or_any_even_grid(squeeze):
+    cands, model, program = candidates("yolov2-tiny", cluster(4, memory=1e12), 2)
+    if squeeze:  # as little memory as the leanest simple plan needs: the caps bind
+        need = min(max(model.evaluate(choices).memory) for _, choices in baselines(cands, model, program))
+        assert need < max(peak(model, shortest_path(cands)[1], cands).memory)
+        cands, model, program = candidates("yolov2-tiny", cluster(4, memory=need), 2)
+    sol = solve(cands, time_limit=20)
+    assert fits(model, sol.prediction)
+    checked = 0
+    for label, choices in baselines(cands, model, program):
+        pred = model.evaluate(choices)
+        if fits(model, pred):
+            checked += 1
+            assert sol.prediction.step_s <= pred.step_s * (1 + 1e-6), label
+    assert checked >= (1 if squeeze else 20)
+
+
+def test_a_three_times_faster_device_gets_three_times_the_area():
+    cl = cluster(2, scales=[1.0, 3.0], bandwidth=1e9, memory=1e12)
+    cands, model, program = candidates("yolov2-tiny", cl, 2, prefix=8)
+    sol = solve(cands)
+    ratios = []
+    for g, _ in sol.choices:
+        if sorted(g.devices) == [0, 1]:
+            area = {}
+            for t, d in enumerate(g.devices):
+                r0, r1, c0, c1 = g.out_rects[t]
+                area[d] = (r1 - r0 + 1) * (c1 - c0 + 1)
+            ratios.append(area[1] / area[0])
+    assert ratios and all(2.5 <= r <= 3.6 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("cap_mb", [2000, 400, 330, 150])
+def test_memory_caps_hold_in_the_compiled_plan(cap_mb):
+    graph = load_model("yolov2-tiny")
+    cl = cluster(4, memory=cap_mb * 1e6)
+    try:
+        plan = compile_plan(graph, cluster=cl, batch=4, time_limit=4)
+    except InfeasibleError as err:
+        assert "smallest memory that would work" in str(err)
+        return
+    for dev in plan["predicted"]["per_device"]:
+        assert dev["memory_bytes"] <= cap_mb * 1e6
+    assert all("recompute" in g for g in plan["groups"] if g["kind"] == "tiled")
+
+
+def test_a_cap_below_the_minimum_is_explained_and_the_stated_minimum_works():
+    cands, model, _ = candidates("tiny", cluster(2, memory=62e6), 16, prefix=4)
+    with pytest.raises(InfeasibleError) as info:
+        solve(cands)
+    err = info.value
+    msg = str(err)
+    assert "dev0" in msg or "dev1" in msg
+    assert "smallest memory that would work" in msg and "per device" in msg
+    assert err.needed_bytes > 62e6
+    cands, model, _ = candidates("tiny", cluster(2, memory=max(err.smallest_bytes)), 16, prefix=4)
+    sol = solve(cands)
+    assert fits(model, sol.prediction)
+
+
+def test_a_tail_that_does_not_fit_rank_0_is_named():
+    cl = cluster(3, memory=[300e6, 2000e6, 2000e6])
+    cands, model, _ = candidates("yolov2", cl, 1, prefix=16)
+    assert min(free_memory(cands)) < 0
+    with pytest.raises(InfeasibleError, match=r"'dev0' \(rank 0\).*the tail \(layers 16-31\)"):
+        solve(cands, time_limit=3)
+
+
+def test_no_recompute_option_keeps_every_activation():
+    cands, model, _ = candidates("tiny", cluster(2, memory=1e12), 16, prefix=4)
+    sol = solve(cands, recompute=False)
+    assert not any(rec for _, rec in sol.choices)

@@ -1,0 +1,360 @@
+"""The wire: frames round-trip, every header field is checked against the
+plan before a byte of payload is allocated, fuzzed and truncated input
+only ever raises FrameError / ConnectionClosed, the frame table covers
+exactly the messages DeviceStep sends, and the ring all-reduce is exact
+and bit-identical on every member."""
+import socket
+import struct
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from programs import ProgramBuilder
+from tilec.plan.build import build_plan, default_grid, even_choices
+from tilec_runtime import collectives, comm, inprocess, weights
+from tilec_runtime.comm import PeerLost
+from tilec_runtime.data import generated_batches
+from tilec_runtime.socketcomm import SocketComm, frame_table, socketpair_mesh
+from tilec_runtime.transport import (HEADER, MAGIC, VERSION, ConnectionClosed, FrameError, Kind, Spec, header,
+                                     read_frame, send_frame)
+
+OPT = {"lr": 0.01, "momentum": 0.9, "decay": 5e-4}
+
+
+def small_program():
+    b = ProgramBuilder(3, 12, 12)
+    b.conv(4, 3, bn=True, act="leaky")
+    b.maxpool(2, 2)
+    b.conv(6, 3, bn=True, act="leaky")
+    b.conv(5, 3, bn=False, act="relu")
+    b.avgpool()
+    b.connected(3)
+    b.softmax()
+    return b.build()
+
+
+def make_plan(program, n, spans=((0, 1), (2, 3)), dtype="float64", batch=2):
+    choices = even_choices(program, list(spans), default_grid(n), n)
+    return build_plan(program, choices, model="small", batch=batch, dtype=dtype,
+                      devices=[f"dev{r}" for r in range(n)], optimizer=OPT)
+
+
+def spec_table(spec):
+    return lambda kind, step, tensor: spec
+
+
+def roundtrip(array, kind=Kind.FWD, step=3, tensor=7, spec=None):
+    a, b = socket.socketpair()
+    with a, b:
+        send_frame(a, kind, step, tensor, array)
+        return read_frame(b, spec_table(spec or Spec(array.dtype, array.shape)))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64", "int64"])
+@pytest.mark.parametrize("shape", [(0,), (5,), (2, 3), (1, 2, 3, 4), ()])
+def test_frames_round_trip(dtype, shape):
+    array = (np.arange(int(np.prod(shape))) * 3 - 4).astype(dtype).reshape(shape)
+    frame = roundtrip(array)
+    assert (frame.kind, frame.step, frame.tensor) == (Kind.FWD, 3, 7)
+    assert frame.array.dtype == array.dtype and frame.array.shape == array.shape
+    np.testing.assert_array_equal(frame.array, array)
+
+
+def test_large_frame_is_streamed_intact():
+    array = np.random.default_rng(0).standard_normal((3, 700, 1000))  # 16 MB: many recv_into calls
+    a, b = socket.socketpair()
+    with a, b:
+        t = threading.Thread(target=send_frame, args=(a, Kind.GRAD, 1, 2, array))
+        t.start()
+        frame = read_frame(b, spec_table(Spec(array.dtype, array.shape)))
+        t.join()
+    np.testing.assert_array_equal(frame.array, array)
+
+
+def raw_header(kind=Kind.FWD, dcode=2, ndim=1, dims=(4, 0, 0, 0), length=32, magic=MAGIC, version=VERSION):
+    return HEADER.pack(magic, version, kind, dcode, ndim, 1, 0, *dims, length)
+
+
+@pytest.mark.parametrize("head, message", [
+    (raw_header(magic=b"HTTP"), "magic"),
+    (raw_header(version=9), "version"),
+    (raw_header(dcode=17), "dtype code"),
+    (raw_header(ndim=5), "shape"),
+    (raw_header(dims=(4, 2, 0, 0)), "shape"),
+    (raw_header(dcode=1, length=16), "dtype"),
+    (raw_header(dims=(5, 0, 0, 0), length=40), "shape"),
+    (raw_header(length=33), "payload bytes"),
+    (raw_header(length=1 << 60), "payload bytes"),
+])
+def test_bad_headers_are_refused_before_the_payload(head, message):
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(head + b"\0" * 8)
+        with pytest.raises(FrameError, match=message):
+            read_frame(b, spec_table(Spec(np.dtype("float64"), (4,))))
+        assert b.recv(100) == b"\0" * 8  # nothing of the payload was read
+
+
+def test_variable_payload_is_bounded():
+    spec = Spec(np.dtype("uint8"), (10,), True)
+    assert roundtrip(np.frombuffer(b"hello", np.uint8), spec=spec).text() == "hello"
+    with pytest.raises(FrameError, match="at most"):
+        roundtrip(np.zeros(11, np.uint8), spec=spec)
+
+
+@pytest.mark.parametrize("cut", [0, 5, HEADER.size - 1, HEADER.size, HEADER.size + 31])
+def test_truncated_frames_raise_connection_closed(cut):
+    data = header(Kind.FWD, 1, 0, np.zeros(4)) + np.zeros(4).tobytes()
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(data[:cut])
+        a.close()
+        with pytest.raises(ConnectionClosed):
+            read_frame(b, spec_table(Spec(np.dtype("float64"), (4,))))
+
+
+def test_header_rejects_too_many_dimensions():
+    with pytest.raises(ValueError, match="dimensions"):
+        header(Kind.FWD, 0, 0, np.zeros((1,) * 5))
+
+
+# -- fuzzing -------------------------------------------------------------------
+
+TABLE_SPEC = Spec(np.dtype("float32"), (2, 3, 5, 7))
+VALID = header(Kind.BWD, 4, 9, np.zeros(TABLE_SPEC.shape, np.float32)) + bytes(TABLE_SPEC.max_bytes)
+
+
+def _read_bounded(data, expect, bound):
+    """Feed ``data`` then EOF to read_frame; returns the frame or the error,
+    and checks that no more than ``bound`` bytes were allocated."""
+    a, b = socket.socketpair()
+    with b:
+        writer = threading.Thread(target=lambda: (a.sendall(data), a.close()))
+        writer.start()
+        tracemalloc.start()
+        try:
+            result = read_frame(b, expect)
+        except (FrameError, ConnectionClosed) as exc:
+            result = exc
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            writer.join()
+    assert peak <= bound + 64 * 1024, peak
+    return result
+
+
+def _expect_only(kind, tensor, spec):
+    def expect(k, step, t):
+        if (k, t) != (kind, tensor):
+            raise FrameError("not in the plan")
+        return spec
+    return expect
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_fuzzed_bytes_only_raise_frame_errors(data):
+    result = _read_bounded(data, _expect_only(Kind.BWD, 9, TABLE_SPEC), TABLE_SPEC.max_bytes)
+    assert isinstance(result, (FrameError, ConnectionClosed))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=6),
+       st.integers(0, len(VALID)))
+def test_mutated_and_truncated_frames(flips, cut):
+    data = bytearray(VALID)
+    for pos, value in flips:
+        data[pos] = value
+    result = _read_bounded(bytes(data[:cut]), _expect_only(Kind.BWD, 9, TABLE_SPEC), TABLE_SPEC.max_bytes)
+    if not isinstance(result, Exception):
+        # whatever got through is exactly what the plan allows there
+        assert result.kind == Kind.BWD and result.tensor == 9
+        assert result.array.shape == TABLE_SPEC.shape and result.array.dtype == TABLE_SPEC.dtype
+
+
+@st.composite
+def plan_headers(draw, table):
+    """A header that names an entry of ``table`` (or not), with its shape
+    and length sometimes off by a little or a lot, and some payload."""
+    (src, kind, tensor), spec = draw(st.sampled_from(sorted(table.items())))
+    dims = list(spec.shape) + [0] * (4 - len(spec.shape))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(spec.shape) - 1))
+        dims[i] = draw(st.sampled_from([0, dims[i] + 1, 1 << 20, (1 << 32) - 1]))
+    length = int(np.prod([d for d in dims if d] or [0], dtype=np.int64)) * spec.dtype.itemsize
+    length = draw(st.sampled_from([length, length + 8, 1 << 40]))
+    kind = draw(st.sampled_from([kind, kind, Kind.GRAD, 99]))
+    step = draw(st.sampled_from([1, 1, 2, 7]))
+    head = HEADER.pack(MAGIC, VERSION, kind, 2, len(spec.shape), step, tensor, *dims, length)
+    return head + draw(st.binary(max_size=64))
+
+
+PLAN3 = make_plan(small_program(), 3, ((0, 3),))
+TABLE3 = frame_table(PLAN3, 0, ring_min_bytes=0)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan_headers({k: v for k, v in TABLE3.items() if k[0] == 1}))
+def test_frames_are_checked_against_the_plan_before_allocation(data):
+    pairs = [socket.socketpair() for _ in range(2)]
+    me = SocketComm(PLAN3, 0, {1: pairs[0][0], 2: pairs[1][0]}, timeout=5.0)
+    try:
+        # what device 0's reader applies to device 1's frames
+        expect = me._expect_from(1)
+        bound = max(spec.max_bytes for key, spec in TABLE3.items() if key[0] == 1)
+        result = _read_bounded(data, expect, bound)
+        if not isinstance(result, Exception):
+            spec = TABLE3[(1, result.kind, result.tensor)]
+            assert result.array.shape == spec.shape and result.array.dtype == spec.dtype
+    finally:
+        me.close(error="test over")
+        for _, theirs in pairs:
+            theirs.close()
+
+
+# -- the plan's frames -----------------------------------------------------------
+
+
+class SpyComm(comm.Comm):
+    """Wraps an in-process comm and records every message sent to a peer."""
+
+    def __init__(self, inner, log):
+        super().__init__(inner.rank, inner.size, inner.timeout)
+        self.inner, self.log = inner, log
+
+    def _send(self, dest, tag, array):
+        if dest != self.rank:
+            self.log.append((self.rank, dest, tag, array.dtype, array.shape))
+        self.inner._send(dest, tag, array)
+
+    def _recv(self, src, tag):
+        return self.inner._recv(src, tag)
+
+
+@pytest.mark.parametrize("n, spans", [(2, ((0, 1), (2, 3))), (3, ((0, 3),)), (4, ((0, 0), (1, 2), (3, 3)))])
+def test_frame_table_is_exactly_what_device_step_sends(n, spans, monkeypatch):
+    program = small_program()
+    plan = make_plan(program, n, spans)
+    log = []
+    real = comm.InProcessHub.comm
+    monkeypatch.setattr(comm.InProcessHub, "comm", lambda hub, rank: SpyComm(real(hub, rank), log))
+    params, buffers = weights.init_params(program, 0, "float64")
+    inprocess.train(plan, params, buffers, generated_batches(program, 2, 0, "float64"), 1, timeout=10)
+    # the gather path: what InProcessHub does with gradients
+    tables = [frame_table(plan, r, ring_min_bytes=1 << 62) for r in range(n)]
+    meshes = socketpair_mesh(plan, 1.0)
+    try:
+        sent = set()
+        for src, dest, tag, dtype, shape in log:
+            kind, _, tensor = meshes[dest].encode(tag)
+            assert tables[dest][(src, kind, tensor)] == Spec(dtype, shape), tag
+            sent.add((dest, src, kind, tensor))
+        listed = {(r, *key) for r in range(n) for key in tables[r]}
+        assert sent and listed == sent  # nothing in the table that is never sent
+    finally:
+        for c in meshes:
+            c.close(error="test over")
+
+
+def test_frame_from_outside_the_plan_ends_the_step_with_peer_lost():
+    plan = make_plan(small_program(), 2)
+    a, b = socket.socketpair()
+    me = SocketComm(plan, 0, {1: a}, timeout=5.0)
+    me.step = 1
+    try:
+        send_frame(b, Kind.GRAD, 1, 12345, np.zeros(3))
+        with pytest.raises(PeerLost, match=r"device 1 \(dev1\) lost at step 1 \(sent an invalid frame: GRAD "
+                                           r"tensor 12345 is not in the plan"):
+            me.recv(1, (1, "bn", 0))
+    finally:
+        me.close(error="test over")
+        b.close()
+
+
+def test_frames_for_a_later_step_or_twice_are_refused():
+    plan = make_plan(small_program(), 2)
+    for steps in ([5], [1, 1]):
+        a, b = socket.socketpair()
+        me = SocketComm(plan, 0, {1: a}, timeout=5.0)
+        try:
+            packed = np.zeros(1 + 2 * 4)
+            for step in steps:
+                send_frame(b, Kind.BN, step, 0, packed)
+            if steps == [1, 1]:
+                me.recv(1, (1, "bn", 0))
+            with pytest.raises(PeerLost, match="BN frame for step 5 while at step|second BN frame"):
+                me.recv(1, (1, "bn", 0))
+        finally:
+            me.close(error="test over")
+            b.close()
+
+
+# -- the ring ------------------------------------------------------------------------
+
+
+def run_ranks(comms, fn):
+    out, errors = [None] * len(comms), []
+
+    def body(r):
+        try:
+            out[r] = fn(comms[r])
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(len(comms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+@pytest.mark.parametrize("size", [1, 4, 1001])
+def test_ring_allreduce_is_exact_and_identical_on_every_member(n, size):
+    hub = comm.InProcessHub(n, timeout=10)
+    rng = np.random.default_rng(n * 1000 + size)
+    parts = [rng.standard_normal((size,)) * 10.0 ** rng.integers(-3, 3) for _ in range(n)]
+    members = list(range(n))
+    got = run_ranks([hub.comm(r) for r in range(n)],
+                    lambda c: collectives.ring_allreduce(c, (1, "g", "k"), parts[c.rank], members))
+    want = np.sum(parts, axis=0)
+    for g in got:
+        assert g.shape == want.shape
+        np.testing.assert_array_equal(g, got[0])  # bit-identical replicas
+        np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-12 * np.abs(parts).max())
+    if n == 2:
+        np.testing.assert_array_equal(got[0], parts[0] + parts[1])  # a + b == b + a exactly
+
+
+def test_ring_over_sockets_sends_two_n_minus_one_over_n():
+    plan = make_plan(small_program(), 4, spans=((0, 3),))
+    comms = socketpair_mesh(plan, 10.0, ring_min_bytes=0)
+    try:
+        grad = {r: np.full((6, 4, 3, 3), float(r + 1)) for r in range(4)}
+        got = run_ranks(comms, lambda c: c.allreduce_sum((1, "g", "2.conv.weight"), grad[c.rank], [0, 1, 2, 3]))
+        for g in got:
+            np.testing.assert_array_equal(g, np.full((6, 4, 3, 3), 10.0))
+        for c in comms:
+            assert c.bytes_sent == 2 * 3 * (6 * 4 * 3 * 3 // 4) * 8
+    finally:
+        for c in comms:
+            c.close(error="test over")
+
+
+def test_chunks_cover_the_array():
+    for size in range(0, 30):
+        for parts in range(1, 6):
+            b = collectives.chunk_bounds(size, parts)
+            assert b[0] == 0 and b[-1] == size and all(x <= y for x, y in zip(b, b[1:]))
+            assert sum(collectives.ring_chunks((size,), parts)) == size
+
+
+def test_struct_layout_is_forty_bytes():
+    assert HEADER.size == 40 and struct.calcsize("!4sBBBBII4IQ") == 40

@@ -1,0 +1,184 @@
+"""The cluster file: which devices, with which profile, memory and link.
+
+YAML::
+
+    devices:
+      - {name: pi-a, host: pi-a.local, port: 7700, profile: rpi3b}
+      - {name: pi-b, host: pi-b.local, port: 7700, profile: rpi3b, memory_mb: 600}
+      - {name: fast, profile: ./my-board.json, compute_scale: 3.0}
+    link: {bandwidth_mbps: 100, latency_ms: 0.5}
+
+``profile`` is a shipped profile name or a JSON path (relative to the
+cluster file). ``memory_mb`` overrides the profile's usable memory,
+``compute_scale`` multiplies its speed, and ``bandwidth_mbps`` /
+``latency_ms`` on a device override the cluster-wide ``link``, which
+overrides the profiles' own link figures. The first device is rank 0: it
+reads the data and runs the layers after the tiled prefix.
+
+Every error names the file, the device and the field.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tilec.errors import TilecError
+from tilec.profiles import ProfileError, load_profile, profile_from_dict
+
+LOCAL_ENV = "TILEC_PROFILE"  # a shipped profile name or a path: "this machine" for --devices N
+
+DEVICE_KEYS = ("name", "host", "port", "profile", "memory_mb", "compute_scale", "bandwidth_mbps", "latency_ms")
+LINK_KEYS = ("bandwidth_mbps", "latency_ms")
+
+
+class ClusterError(TilecError):
+    """A cluster file is missing, malformed, or names an unusable profile."""
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    profile: object  # tilec.profiles.Profile
+    compute_scale: float
+    memory_bytes: int  # what a training process may use, process overhead included
+    bandwidth_bps: float  # bytes per second
+    latency_s: float
+    host: str = None
+    port: int = None
+
+    @property
+    def usable_bytes(self):
+        """Memory left for the model after the process's own overhead."""
+        return self.memory_bytes - self.profile.process_overhead_bytes
+
+
+@dataclass(frozen=True)
+class Cluster:
+    devices: tuple
+    source: str = "<cluster>"
+
+    def __len__(self):
+        return len(self.devices)
+
+    @property
+    def names(self):
+        return [d.name for d in self.devices]
+
+
+def uniform_cluster(profile, n, names=None):
+    """``n`` copies of ``profile`` (named dev0, dev1, ... unless ``names``)."""
+    names = list(names) if names else [f"dev{r}" for r in range(n)]
+    devices = tuple(Device(name, profile, 1.0, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s)
+                    for name in names)
+    return Cluster(devices, f"{len(devices)} x {profile.name}")
+
+
+def _positive(value, where, key, integer=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value > 0
+    if ok and integer:
+        ok = isinstance(value, int)
+    if not ok:
+        raise ClusterError(f"{where}: {key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    return value
+
+
+def cluster_from_dict(data, source="<cluster>", base=None):
+    """A :class:`Cluster` from the parsed YAML; ``base``: directory for relative profile paths."""
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), list) or not data["devices"]:
+        raise ClusterError(f"{source}: expected a mapping with a non-empty 'devices' list")
+    unknown = set(data) - {"devices", "link"}
+    if unknown:
+        raise ClusterError(f"{source}: unknown field {sorted(unknown)[0]!r} (expected 'devices' and 'link')")
+    link = data.get("link") or {}
+    if not isinstance(link, dict):
+        raise ClusterError(f"{source}: link must be a mapping with {', '.join(LINK_KEYS)}")
+    for key in link:
+        if key not in LINK_KEYS:
+            raise ClusterError(f"{source}: link: unknown field {key!r} (expected {', '.join(LINK_KEYS)})")
+        _positive(link[key], f"{source}: link", key) if key == "bandwidth_mbps" else None
+        if key == "latency_ms" and not (isinstance(link[key], (int, float)) and not isinstance(link[key], bool)
+                                        and link[key] >= 0):
+            raise ClusterError(f"{source}: link: latency_ms must be a number >= 0, got {link[key]!r}")
+    devices, seen = [], set()
+    for i, entry in enumerate(data["devices"]):
+        where = f"{source}: device {i}"
+        if not isinstance(entry, dict):
+            raise ClusterError(f"{where}: expected a mapping, got {entry!r}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ClusterError(f"{where}: missing field 'name'")
+        where = f"{source}: device {i} ({name})"
+        if name in seen:
+            raise ClusterError(f"{where}: the name is used twice")
+        seen.add(name)
+        for key in entry:
+            if key not in DEVICE_KEYS:
+                raise ClusterError(f"{where}: unknown field {key!r} (expected {', '.join(DEVICE_KEYS)})")
+        if "profile" not in entry:
+            raise ClusterError(f"{where}: missing field 'profile'")
+        spec = str(entry["profile"])
+        if base is not None and (spec.endswith(".json") or "/" in spec) and not Path(spec).is_absolute():
+            spec = str(Path(base) / spec)
+        try:
+            profile = load_profile(spec)
+        except ProfileError as exc:
+            raise ClusterError(f"{where}: profile: {exc}") from None
+        memory = _positive(entry["memory_mb"], where, "memory_mb") * 1e6 if "memory_mb" in entry else profile.memory_bytes
+        scale = _positive(entry["compute_scale"], where, "compute_scale") if "compute_scale" in entry else 1.0
+        bw = entry.get("bandwidth_mbps", link.get("bandwidth_mbps"))
+        bw = _positive(bw, where, "bandwidth_mbps") * 1e6 / 8 if bw is not None else profile.bandwidth_bps
+        lat = entry.get("latency_ms", link.get("latency_ms"))
+        if lat is not None and not (isinstance(lat, (int, float)) and not isinstance(lat, bool) and lat >= 0):
+            raise ClusterError(f"{where}: latency_ms must be a number >= 0, got {lat!r}")
+        lat = lat * 1e-3 if lat is not None else profile.latency_s
+        port = entry.get("port")
+        if port is not None:
+            _positive(port, where, "port", integer=True)
+        host = entry.get("host")
+        if host is not None and not isinstance(host, str):
+            raise ClusterError(f"{where}: host must be a string, got {host!r}")
+        if memory <= profile.process_overhead_bytes:
+            raise ClusterError(f"{where}: memory_mb {memory / 1e6:g} does not even hold the process "
+                               f"({profile.process_overhead_bytes / 1e6:g} MB)")
+        devices.append(Device(name, profile, float(scale), int(memory), float(bw), float(lat), host, port))
+    return Cluster(tuple(devices), str(source))
+
+
+def load_cluster(path):
+    """A :class:`Cluster` from a YAML cluster file."""
+    import yaml
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ClusterError(f"{path}: cannot read cluster file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ClusterError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    return cluster_from_dict(data, str(path), base=path.parent)
+
+
+def local_profile_path():
+    """Where ``tilec profile`` caches the profile of this machine."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tilec" / "profile-local.json"
+
+
+def local_profile(measure_if_missing=True):
+    """The profile of this machine: ``$TILEC_PROFILE`` (a name or path), else
+    the cached result of ``tilec profile``, else a quick measurement (a few
+    seconds), cached for next time."""
+    chosen = os.environ.get(LOCAL_ENV)
+    if chosen:
+        return load_profile(chosen)
+    path = local_profile_path()
+    if path.is_file():
+        return load_profile(path)
+    if not measure_if_missing:
+        raise ProfileError(f"no profile of this machine at {path}: run `tilec profile`")
+    from tilec.profile_measure import measure_profile, write_profile
+    data = measure_profile(quick=True)
+    write_profile(data, path)
+    return profile_from_dict(data, str(path))

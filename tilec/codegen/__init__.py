@@ -1,0 +1,78 @@
+"""Code generation: plan -> kernel specs -> Cython -> C -> a built module.
+
+The only stage that imports Jinja2 and Cython. The steps, each its own
+module:
+
+1. ``lower.lower_plan``: the plan's groups and tiles -> kernel specs (plain
+   data: ops, shapes, border padding, buffer offsets of a static memory plan)
+2. ``render.render_module``: templates -> Cython source for the plan's dtype
+3. ``cythonize.cythonize``: Cython -> C (cached: the C is what devices get)
+4. ``tilec_runtime.kernels.build``: C -> shared library, on the device
+   (cached; needs only a C compiler and the Python headers)
+
+Every step is keyed by its inputs in the build cache, so a second compile of
+the same plan runs neither Cython nor the C compiler. Set ``TILEC_DEBUG=1``
+to print where each step's output is.
+"""
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from tilec.codegen.cythonize import cythonize
+from tilec.codegen.lower import lower_plan
+from tilec.codegen.render import render_module
+from tilec_runtime import kernels as rkernels
+
+
+class KernelBundle:
+    """What a device needs to run a plan with generated kernels."""
+
+    def __init__(self, kernel_plan, module, c_source, module_obj, built, generated):
+        self.kernel_plan, self.module, self.c_source = kernel_plan, module, c_source
+        self.module_obj = module_obj  # the loaded module (on the machine that built it)
+        self.built, self.generated = built, generated  # whether the C compiler / Cython ran
+
+
+def _debug(msg):
+    if os.environ.get("TILEC_DEBUG"):
+        sys.stderr.write(f"[tilec codegen] {msg}\n")
+
+
+def generate(dtypes, on_compile=None):
+    """Steps 2-3: the C source of the kernel module for ``dtypes``."""
+    module, pyx = render_module(tuple(dtypes))
+    source = cythonize(module, pyx, on_compile)
+    _debug(f"{module}: Cython {'ran' if source.generated else 'cached'} ({source.seconds:.1f} s)")
+    return source
+
+
+def build_modules(dtype_sets, progress=None):
+    """Steps 2-4 for several dtype sets, in parallel (Cython and the C
+    compiler are subprocesses). Returns [(module object, CSource, BuildResult)].
+    ``progress(message)`` hears once if anything has to be compiled (the
+    first use on a machine; later runs find everything in the cache)."""
+    announced = threading.Lock()
+
+    def announce():
+        if progress and announced.acquire(blocking=False):
+            progress(f"compiling kernels ({', '.join('+'.join(d) for d in dtype_sets)}): "
+                     f"once on this machine, then cached ...")
+
+    def one(dtypes):
+        source = generate(dtypes, announce)
+        result = rkernels.build(source.text, source.module, on_compile=announce)
+        _debug(f"{source.module}: {'built' if result.built else 'cached'} at {result.path}")
+        return rkernels.load(result.path, source.module), source, result
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(dtype_sets), os.cpu_count() or 1))) as pool:
+        return list(pool.map(one, [tuple(d) for d in dtype_sets]))
+
+
+def compile_kernels(plan, progress=None):
+    """Steps 1-4 for a plan: its kernel specs and the built, loaded module."""
+    kernel_plan = lower_plan(plan)
+    _debug(f"{len(kernel_plan['specs'])} kernel spec(s) for {len(kernel_plan['tiles'])} tile(s)")
+    (module_obj, source, result), = build_modules([(plan["dtype"],)], progress)
+    kernel_plan["module"] = source.module
+    return KernelBundle(kernel_plan, source.module, source.text, module_obj, result.built, source.generated)

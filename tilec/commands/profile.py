@@ -1,0 +1,37 @@
+"""`tilec profile [-o FILE] [--peer HOST:PORT] [--serve PORT]`: measure this machine."""
+
+
+def add_parser(sub, common):
+    p = sub.add_parser("profile", help="measure this machine's kernels and link; write a device profile (JSON)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="profile file (default: the cache used for --devices N, ~/.cache/tilec/profile-local.json)")
+    p.add_argument("--peer", metavar="HOST:PORT", help="measure the link to a peer running `tilec profile --serve`")
+    p.add_argument("--serve", type=int, metavar="PORT", help="answer link tests from peers on PORT (until Ctrl-C)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timings (a few seconds)")
+    p.add_argument("--name", help="the profile's name (default: local-HOSTNAME)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+
+
+def run(args):
+    from tilec import profile_measure as linktest
+    if args.serve is not None:
+        print(f"answering link tests on port {args.serve} (Ctrl-C to stop)", flush=True)
+        linktest.serve(args.serve)
+        return 0
+    from tilec.profile_measure import measure_profile, write_profile
+    from tilec.cluster import local_profile_path
+    from tilec.profiles import profile_from_dict
+    peer = linktest.parse_peer(args.peer) if args.peer else None
+    data = measure_profile(quick=args.quick, peer=peer, dtype=args.dtype, name=args.name)
+    path = write_profile(data, args.output or local_profile_path())
+    prof = profile_from_dict(data, str(path))
+    from tilec.cost.compute import reference_rate
+    print(f"{data['name']}: {data['cores']} cores, {data['memory_mb']} MB usable, "
+          f"{reference_rate(prof) / 1e9:.2f} GFLOP/s on a 64-channel 3x3 conv (forward + backward), "
+          f"one core {data['multicore_speedup']:.2f}x slower")
+    print(f"link: {data['link']['bandwidth_mbps']:.1f} Mbit/s, {data['link']['latency_ms']:.3f} ms "
+          f"({data['sources']['link']})")
+    worst = data["sources"]["fit_worst_relative_error"]
+    print("fit, worst relative error per kernel: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in worst.items()))
+    print(f"wrote {path}")
+    return 0

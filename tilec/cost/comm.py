@@ -1,0 +1,58 @@
+"""Time on the wire: point-to-point exchanges and all-reduces.
+
+Each device has one full-duplex link to a switch: its sends share its
+outgoing bandwidth, its receives the incoming one, and every message costs
+one latency. An exchange (all messages at one group boundary, sent at
+once) takes as long as its busiest device. All-reduces follow the socket
+runtime (``tilec_runtime.collectives``): weight gradients of at least
+``RING_MIN_BYTES`` go round a ring (2 (n-1) rounds of one 1/n chunk to the
+next member), smaller ones and batch-norm sums are all-gathered (every
+member sends its whole contribution to every other member).
+"""
+import numpy as np
+
+from tilec_runtime.collectives import RING_MIN_BYTES, use_ring
+
+
+def exchange_seconds(matrix, devices):
+    """Seconds for the messages ``matrix[i][j]`` bytes from device i to j.
+
+    ``devices``: the cluster's devices (``bandwidth_bps``, ``latency_s``).
+    Diagonal entries (a device's own data) cost nothing.
+    """
+    m = np.array(matrix, dtype=float)
+    np.fill_diagonal(m, 0.0)
+    if not m.any():
+        return 0.0
+    bw = np.array([d.bandwidth_bps for d in devices])
+    lat = np.array([d.latency_s for d in devices])
+    out_t = m.sum(axis=1) / bw + (m > 0).sum(axis=1) * lat
+    in_t = m.sum(axis=0) / bw + (m > 0).sum(axis=0) * lat
+    return float(max(out_t.max(), in_t.max()))
+
+
+def _rounds(rounds, nbytes, members, devices):
+    """``rounds`` rounds of ``nbytes`` per member, at the slowest member's link."""
+    if len(members) < 2:
+        return 0.0
+    bw = min(devices[d].bandwidth_bps for d in members)
+    lat = max(devices[d].latency_s for d in members)
+    return rounds * (nbytes / bw + lat)
+
+
+def allgather_seconds(nbytes, members, devices):
+    """Seconds for ``members`` to all-gather ``nbytes`` each: k-1 copies out of every member."""
+    return _rounds(len(members) - 1, nbytes, members, devices)
+
+
+def ring_seconds(nbytes, members, devices):
+    """Seconds of a ring all-reduce of ``nbytes`` over ``members``: 2 (k-1) chunks of 1/k."""
+    k = len(members)
+    return _rounds(2 * (k - 1), nbytes / k, members, devices)
+
+
+def gradient_allreduce_seconds(nbytes, members, devices):
+    """A weight gradient's all-reduce, as the socket runtime runs it."""
+    if use_ring(nbytes, len(members), RING_MIN_BYTES):
+        return ring_seconds(nbytes, members, devices)
+    return allgather_seconds(nbytes, members, devices)

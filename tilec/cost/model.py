@@ -1,0 +1,337 @@
+"""The predicted time and memory of a training step, group by group.
+
+A step runs the tiled groups forward in order, the tail on rank 0, then
+everything backward in reverse. Inside a group every batch-norm layer is a
+barrier (its statistics are all-reduced), so a group takes, per layer, its
+slowest device, forward and backward:
+
+    group = sum_layers max_dev fwd + sum_layers max_dev bwd
+          + batch-norm all-gathers + weight-gradient all-reduces
+          + the slowest member's SGD update
+          (+ sum_layers max_dev fwd again when it recomputes)
+
+A group is charged for *receiving its input* (forward, and the partial
+gradients going back), in two stages that keep the model additive: a
+*transition* moves the previous group's output tiles to this group's
+layout on the same map (nothing moves when consecutive groups share a
+layout, the usual case), then the group's *entry* brings each tile the halo
+around its part from its neighbours. The entry depends on the group alone,
+the transition on the two layouts at the boundary alone (see
+:mod:`tilec.cost.candidates`). A group without a layout is charged the
+exact direct exchange instead. A group that computes a layer the tail reads
+is charged for sending its owned cells to rank 0.
+
+Step = sum of group times and entries + the tail's compute on rank 0 (a
+constant). Per-device memory: see :mod:`tilec.cost.memory`.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tilec.analysis.regions import axis_regions, length, window_of
+from tilec.analysis.tiles import spatial_prefix
+from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
+from tilec.cost.compute import layer_seconds, update_seconds
+from tilec.cost.memory import kept_bytes, param_count, state_bytes, workspace_bytes
+from tilec_runtime.program import param_shapes
+
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclass
+class Group:
+    """One way of running program[first..last]: split lines and tile devices."""
+    first: int
+    last: int
+    row_splits: list
+    col_splits: list
+    devices: tuple  # device of each tile, row-major
+    seconds: float  # keep: compute + collectives + update + sends to the tail
+    recompute_seconds: float  # extra when it recomputes
+    state: dict  # device -> bytes
+    kept: dict  # device -> bytes kept for backward (keep)
+    kept_recompute: dict  # device -> bytes kept (recompute: the input region)
+    workspace: dict  # device -> bytes (keep)
+    workspace_recompute: dict
+    busy: dict  # device -> compute seconds (keep)
+    busy_recompute: dict  # device -> extra compute seconds
+    input_rects: np.ndarray  # (tiles, 4): r0, r1, c0, c1 of each tile's input region
+    out_rects: np.ndarray  # (tiles, 4): each tile's output rows and columns
+    parts: dict = field(default_factory=dict)  # seconds by kind, for reports
+    layout: object = None  # the Layout it came from, if any
+    home_rects: np.ndarray = None  # its layout's tiles on the input map (None: no layout, or first group)
+    entry_s: float = 0.0  # receiving its input: from the image, or the halo from its home tiles
+
+    @property
+    def members(self):
+        return sorted(self.devices)
+
+
+@dataclass
+class Prediction:
+    step_s: float
+    busy_s: list  # per device: compute seconds
+    memory: list  # per device: peak bytes
+    breakdown: list  # per device: {"overhead", "state", "kept", "workspace"} bytes
+    group_s: list  # per tiled group: seconds including its entry
+    tail_s: float
+
+    def to_json(self, names):
+        return {"step_s": round(self.step_s, 6), "tail_s": round(self.tail_s, 6),
+                "group_s": [round(t, 6) for t in self.group_s],
+                "per_device": [{"name": n, "compute_s": round(b, 6), "memory_bytes": int(m),
+                                **{k: int(v) for k, v in parts.items()}}
+                               for n, b, m, parts in zip(names, self.busy_s, self.memory, self.breakdown)]}
+
+
+def _rects(pairs):
+    return np.array([[r[0], r[1], c[0], c[1]] for r, c in pairs], dtype=np.int64).reshape(-1, 4)
+
+
+def overlap_areas(src, dst):
+    """(len(src), len(dst)) areas of the intersections of two lists of rects."""
+    r = np.minimum(src[:, None, 1], dst[None, :, 1]) - np.maximum(src[:, None, 0], dst[None, :, 0]) + 1
+    c = np.minimum(src[:, None, 3], dst[None, :, 3]) - np.maximum(src[:, None, 2], dst[None, :, 2]) + 1
+    return np.clip(r, 0, None) * np.clip(c, 0, None)
+
+
+class CostModel:
+    """Prices groups and whole steps of ``program`` on ``cluster``.
+
+    ``prefix``: the number of leading layers that are tiled (default: the
+    whole spatial prefix); the rest is the tail on rank 0.
+    """
+
+    def __init__(self, program, cluster, batch, itemsize, prefix=None):
+        self.program, self.cluster, self.batch, self.itemsize = program, cluster, batch, itemsize
+        self.devices = cluster.devices
+        self.n = len(self.devices)
+        full = spatial_prefix(program)
+        self.prefix = full if prefix is None else max(0, min(prefix, full))
+        self.tail_reads = sorted({j for layer in program[self.prefix:] for j in layer["inputs"] if j < self.prefix})
+        self._groups = {}
+        self._layer_coef = {}
+        self._axes = {}
+        self._tail()
+
+    # -- per-layer linear coefficients -------------------------------------------
+
+    def _coef(self, i, d, direction):
+        """(overhead, seconds per output position) of layer i on device d."""
+        key = (i, d, direction)
+        if key not in self._layer_coef:
+            dev, layer = self.devices[d], self.program[i]
+            t1 = layer_seconds(dev.profile, layer, 1, self.batch, self.itemsize, direction, dev.compute_scale)
+            t2 = layer_seconds(dev.profile, layer, 2, self.batch, self.itemsize, direction, dev.compute_scale)
+            self._layer_coef[key] = (t1 - (t2 - t1), t2 - t1)
+        return self._layer_coef[key]
+
+    def layer_time(self, i, d, positions, direction):
+        o, p = self._coef(i, d, direction)
+        return o + p * positions
+
+    # -- the tail (constant) ---------------------------------------------------------
+
+    def _tail(self):
+        dev0 = self.devices[0]
+        layers = self.program[self.prefix:]
+        b, item = self.batch, self.itemsize
+        fwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "forward", dev0.compute_scale) for l in layers)
+        bwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "backward", dev0.compute_scale)
+                  for l in layers)
+        self.tail_compute_s = fwd + bwd
+        self.tail_s = fwd + bwd + update_seconds(dev0.profile, param_count(layers), item, dev0.compute_scale)
+        inputs = sum(b * np.prod(self._tensor_shape(t)) * item for t in self.tail_reads if t >= 0)
+        image = b * np.prod(self.program[0]["in_shape"]) * item
+        self.tail_state = state_bytes(layers, item)
+        self.tail_kept = int(inputs + image + sum(kept_bytes(l, _positions(l), b, item) for l in layers))
+        self.tail_workspace = max((workspace_bytes(l, _positions(l), b, item) for l in layers), default=0)
+
+    def _tensor_shape(self, t):
+        return self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"]
+
+    # -- one group -----------------------------------------------------------------
+
+    def group(self, first, last, row_splits, col_splits, devices, layout=None):
+        """The :class:`Group` of program[first..last] split as given (cached)."""
+        key = (first, last, tuple(row_splits), tuple(col_splits), tuple(devices))
+        g = self._groups.get(key)
+        if g is None:
+            g = self._groups[key] = self._price(first, last, list(row_splits), list(col_splits), tuple(devices))
+            g.layout = layout
+            if first == 0:
+                g.entry_s = self.entry_seconds(g)
+            elif layout is not None:
+                g.home_rects = self.layout_rects(layout, first - 1)
+                if g.home_rects is not None:
+                    g.entry_s = self.entry_seconds(g, g.home_rects, layout.devices)
+        return g
+
+    def layout_rects(self, layout, tensor):
+        """(tiles, 4) rects of ``layout`` on the output map of layer ``tensor``, or None if it does not fit."""
+        _, h, w = self.program[tensor]["out_shape"]
+        splits = layout.splits(h, w)
+        if splits is None:
+            return None
+        rows, cols = splits
+        return _rects(((rows[i], rows[i + 1] - 1), (cols[j], cols[j + 1] - 1))
+                      for i in range(len(rows) - 1) for j in range(len(cols) - 1))
+
+    def _axis(self, first, last, splits, axis):
+        """Per-tile, per-layer ranges of a group along one axis (cached: many
+        layouts share their row or column split lines)."""
+        key = (first, last, tuple(splits), axis)
+        if key not in self._axes:
+            windows = [window_of(layer, axis) for layer in self.program[first:last + 1]]
+            self._axes[key] = axis_regions(windows, list(splits))
+        return self._axes[key]
+
+    def _price(self, first, last, row_splits, col_splits, devices):
+        program, b, item = self.program, self.batch, self.itemsize
+        rows, row_in = self._axis(first, last, row_splits, 1)
+        cols, col_in = self._axis(first, last, col_splits, 2)
+        cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]  # tiles, row-major
+        if len(cells) != len(devices):
+            raise ValueError(f"{len(cells)} tiles for {len(devices)} devices")
+        members = sorted(set(devices))
+        busy = dict.fromkeys(members, 0.0)
+        busy_rec = dict.fromkeys(members, 0.0)
+        fwd_s = bwd_s = bn_s = grad_s = 0.0
+        kept = {d: 0 for d in members}
+        act = {d: 0 for d in members}
+        ws = {d: 0 for d in members}
+        for (i, j), d in zip(cells, devices):
+            kept[d] += b * program[first]["in_shape"][0] * length(row_in[i]) * length(col_in[j]) * item
+        for k, layer in enumerate(program[first:last + 1]):
+            i_layer = layer["index"]
+            areas = [length(rows[i][k].region) * length(cols[j][k].region) for i, j in cells]
+            f = [self.layer_time(i_layer, d, a, "forward") for d, a in zip(devices, areas)]
+            bw = [self.layer_time(i_layer, d, a, "backward") for d, a in zip(devices, areas)]
+            fwd_s += max(f)
+            bwd_s += max(bw)
+            for d, tf, tb, a in zip(devices, f, bw, areas):
+                busy[d] += tf + tb
+                busy_rec[d] += tf
+                act[d] += kept_bytes(layer, a, b, item)
+                ws[d] = max(ws[d], workspace_bytes(layer, a, b, item))
+            if len(members) > 1:
+                if layer["kind"] == "conv" and layer["bn"]:
+                    c = layer["filters"]
+                    bn_s += allgather_seconds(8 * (2 * c + 1), members, self.devices)
+                    bn_s += allgather_seconds(8 * 2 * c, members, self.devices)
+                for key, shape in param_shapes(layer).items():
+                    if ".bn." not in key:
+                        grad_s += gradient_allreduce_seconds(int(np.prod(shape)) * item, members, self.devices)
+        layers = program[first:last + 1]
+        state = state_bytes(layers, item)
+        n_params = param_count(layers)
+        upd = max(update_seconds(self.devices[d].profile, n_params, item, self.devices[d].compute_scale)
+                  for d in members)
+        tail_send = self._tail_sends(first, last, rows, cols, cells, devices)
+        seconds = fwd_s + bwd_s + bn_s + grad_s + upd + tail_send
+        return Group(
+            first, last, row_splits, col_splits, devices, seconds, fwd_s,
+            state={d: state for d in members},
+            kept={d: kept[d] + act[d] for d in members}, kept_recompute=dict(kept),
+            workspace=ws, workspace_recompute={d: ws[d] + act[d] for d in members},
+            busy=busy, busy_recompute=busy_rec,
+            input_rects=_rects((row_in[i], col_in[j]) for i, j in cells),
+            out_rects=_rects((rows[i][-1].region, cols[j][-1].region) for i, j in cells),
+            parts={"forward": fwd_s, "backward": bwd_s, "batchnorm": bn_s, "gradients": grad_s, "update": upd,
+                   "to_tail": tail_send})
+
+    def _tail_sends(self, first, last, rows, cols, cells, devices):
+        """Seconds to send the owned cells of the layers the tail reads to rank 0, and back."""
+        total = 0.0
+        for t in self.tail_reads:
+            if not first <= t <= last:
+                continue
+            k = t - first
+            c = self.program[t]["out_shape"][0]
+            m = np.zeros((self.n, self.n))
+            for (i, j), d in zip(cells, devices):
+                m[d, 0] += length(rows[i][k].owned) * length(cols[j][k].owned) * c * self.batch * self.itemsize
+            total += 2 * exchange_seconds(m, self.devices)
+        return total
+
+    # -- boundaries ------------------------------------------------------------------
+
+    def entry_seconds(self, group, prev_rects=None, prev_devices=None):
+        """Seconds for ``group`` to receive its input: from rank 0's image when
+        ``prev_rects`` is None, else from tiles ``prev_rects`` held by
+        ``prev_devices`` on the same map, forward and backward."""
+        if prev_rects is None:
+            h, w = self.program[0]["in_shape"][1:]
+            return self.redistribute_seconds(0, _rects([((0, h - 1), (0, w - 1))]), [0],
+                                             group.input_rects, group.devices)
+        return self.redistribute_seconds(group.first, prev_rects, prev_devices, group.input_rects, group.devices)
+
+    def redistribute_bytes(self, b, src_rects, src_devices, dst_rects, dst_devices):
+        """(devices, devices) bytes each device sends each other one to move the
+        input map of layer ``b`` from tiles ``src`` to regions ``dst`` (forward)."""
+        unit = self.program[b]["in_shape"][0] * self.batch * self.itemsize
+        areas = overlap_areas(src_rects, dst_rects) * unit
+        m = np.zeros((self.n, self.n))
+        src, dst = np.asarray(src_devices), np.asarray(dst_devices)
+        np.add.at(m, (np.repeat(src[:, None], len(dst), 1), np.repeat(dst[None, :], len(src), 0)), areas)
+        return m
+
+    def redistribute_seconds(self, b, src_rects, src_devices, dst_rects, dst_devices):
+        """Seconds of :meth:`redistribute_bytes` (and, unless it is the image, the gradients back)."""
+        m = self.redistribute_bytes(b, src_rects, src_devices, dst_rects, dst_devices)
+        return exchange_seconds(m, self.devices) * (1 if b == 0 else 2)
+
+    def boundary_seconds(self, prev, g):
+        """What ``g`` pays at the boundary after ``prev`` (None: the image): transition + entry."""
+        if prev is None:
+            return g.entry_s
+        if g.home_rects is None:
+            return self.entry_seconds(g, prev.out_rects, prev.devices)
+        return self.redistribute_seconds(g.first, prev.out_rects, prev.devices, g.home_rects,
+                                         g.layout.devices) + g.entry_s
+
+    # -- a whole step ----------------------------------------------------------------
+
+    def evaluate(self, choices):
+        """:class:`Prediction` of a step: ``choices`` is [(Group, recompute)] covering the prefix."""
+        n = self.n
+        busy = [0.0] * n
+        state, kept, ws = [0] * n, [0] * n, [0] * n
+        group_s = []
+        prev = None
+        for g, rec in choices:
+            entry = self.boundary_seconds(prev, g)
+            group_s.append(entry + g.seconds + (g.recompute_seconds if rec else 0.0))
+            for d in g.members:
+                busy[d] += g.busy[d] + (g.busy_recompute[d] if rec else 0.0)
+                state[d] += g.state[d]
+                kept[d] += (g.kept_recompute if rec else g.kept)[d]
+                ws[d] = max(ws[d], (g.workspace_recompute if rec else g.workspace)[d])
+            prev = g
+        busy[0] += self.tail_compute_s
+        state[0] += self.tail_state
+        kept[0] += self.tail_kept
+        ws[0] = max(ws[0], self.tail_workspace)
+        breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k, "workspace": w}
+                     for dev, s, k, w in zip(self.devices, state, kept, ws)]
+        memory = [sum(p.values()) for p in breakdown]
+        return Prediction(sum(group_s) + self.tail_s, busy, memory, breakdown, group_s, self.tail_s)
+
+    def one_core_seconds(self, device=0, layers=None):
+        """One core of ``device`` running the whole step (or only ``layers``,
+        a slice of the program) on whole maps, no communication."""
+        dev = self.devices[device]
+        b, item = self.batch, self.itemsize
+        layers = self.program if layers is None else layers
+        total = sum(layer_seconds(dev.profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
+        total += update_seconds(dev.profile, param_count(layers), item)
+        return total * dev.profile.multicore_speedup
+
+
+def _positions(layer):
+    return layer["out_shape"][1] * layer["out_shape"][2]
+
+
+def _area(region):
+    (r0, r1), (c0, c1) = region
+    return (r1 - r0 + 1) * (c1 - c0 + 1)

@@ -1,0 +1,514 @@
+"""`tilec train` with no arguments: object detection end to end, on this machine.
+
+1. data: the synthetic dataset (``tilec.data.synth``), made once and cached
+   in tilec's cache directory (``$TILEC_CACHE``, else ``~/.cache/tilec``);
+2. plan: the small detector (``detector-small``) planned for a local
+   cluster of 2 workers by the cost model and CP-SAT (``tilec.compile``):
+   ``plan.json``, ``plan.dot``;
+3. prediction: the plan replayed against this machine's profile
+   (``tilec.inspect.simulate``): ``timeline.png``;
+4. training: one worker process per device over loopback
+   (``tilec_runtime.launch``), with a progress bar (loss, images/s, ETA),
+   ``metrics.jsonl`` and a checkpoint every few steps, so that Ctrl-C
+   leaves a run that ``resume`` continues;
+5. evaluation: mAP@0.5 on the validation split (``tilec.eval``);
+6. outputs: ``weights.npz`` and darknet's ``weights.weights``,
+   ``loss.png``, ``eval.txt`` and ``summary.txt``/``summary.json``: the
+   measured step time and memory of each device next to the predictions.
+
+A stage whose module is missing is skipped with a message saying so; the
+run goes on with what there is.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tilec.errors import TilecError
+
+DEMO_FILE = "demo.json"
+
+
+@dataclass
+class DemoConfig:
+    model: str = "detector-small"
+    devices: int = 2
+    steps: int = 400
+    images: int = 1500          # synthetic images (train + val)
+    seed: int = 0
+    dtype: str = "float32"
+    backend: str = "local"      # local (worker processes) | inprocess (threads)
+    kernels: str = "generated"  # generated (tilec.codegen, compiled once and cached) | reference (numpy)
+    checkpoint_every: int = 20
+    lr_steps: tuple = (0.7, 0.9)  # fractions of the run after which the learning rate drops
+    lr_scale: float = 0.1
+    data: str = None            # a YOLO-layout dataset; default: the cached synthetic one
+    batch: int = None           # default: the model's [net] batch
+    lr: float = None            # default: the model's [net] learning_rate
+    evaluate: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def cache_dir():
+    """Where the synthetic dataset is kept: tilec's cache (``$TILEC_CACHE``, else ``~/.cache/tilec``)."""
+    from tilec_runtime.build_cache import cache_dir as tilec_cache
+    return tilec_cache()
+
+
+def synthetic_dataset(images, seed, out):
+    """The cached synthetic dataset (made now if missing); its directory."""
+    from tilec.data.synth import VERSION, make_dataset
+
+    path = os.path.join(cache_dir(), f"synth-v{VERSION}-n{images}-seed{seed}")
+    if os.path.exists(os.path.join(path, "dataset.json")):
+        out.write(f"data: {path} (cached)\n")
+        return path
+    out.write(f"data: making {images} synthetic images in {path} ...\n")
+    out.flush()
+    tmp = f"{path}.tmp{os.getpid()}"
+    make_dataset(tmp, n=images, seed=seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.replace(tmp, path)  # complete or absent: an interrupted run makes it again
+    return path
+
+
+class Progress:
+    """One line per step on a terminal (rewritten in place), else a line every ``every`` steps."""
+
+    def __init__(self, total, batch, out, first=0, every=10):
+        self.total, self.batch, self.out, self.first, self.every = total, batch, out, first, every
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.recent = []
+        self.started = time.perf_counter()
+
+    def __call__(self, step, loss, seconds):
+        self.recent = (self.recent + [seconds])[-20:]
+        per_step = float(np.mean(self.recent))
+        done = step + 1
+        eta = per_step * (self.total - done)
+        width = 24
+        filled = int(width * done / self.total)
+        line = (f"step {done:>5}/{self.total} [{'#' * filled}{'.' * (width - filled)}] loss {loss:8.4f}  "
+                f"{self.batch / max(per_step, 1e-9):7.1f} images/s  ETA {_clock(eta)}")
+        if self.tty:
+            self.out.write("\r" + line + ("\n" if done == self.total else ""))
+        elif done == self.first + 1 or done % self.every == 0 or done == self.total:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+
+def _clock(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Metrics:
+    """metrics.jsonl: appended (a resumed run continues it), flushed per record."""
+
+    def __init__(self, path):
+        self.f = open(path, "a")
+
+    def write(self, record):
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+# -- stages ------------------------------------------------------------------------
+
+def make_plan(graph, cfg, batch, optimizer, run_dir, out):
+    """(plan, cost-model prediction or None): the optimiser's plan, or an even
+    grid when the optimiser is not available."""
+    from tilec_runtime.planfile import write_plan
+    try:
+        from tilec.compile import plan_with_solution, prediction_report
+        plan, solution, _ = plan_with_solution(graph, devices=cfg.devices, batch=batch, dtype=cfg.dtype,
+                                               optimizer=optimizer)
+        report = prediction_report(plan, solution)
+    except ImportError as exc:
+        from tilec.compile import compile_plan
+        out.write(f"plan: the optimiser is not available ({exc}); using an even grid\n")
+        plan = compile_plan(graph, devices=cfg.devices, batch=batch, dtype=cfg.dtype, optimizer=optimizer,
+                            groups="auto", grid=None)
+        report = ""
+    write_plan(plan, run_dir)
+    groups = [g for g in plan["groups"] if g["kind"] == "tiled"]
+    desc = ", ".join(f"layers {g['layers'][0]}-{g['layers'][1]} on "
+                     f"{len(g['row_splits']) - 1}x{len(g['col_splits']) - 1}" for g in groups)
+    out.write(f"plan: {plan['model']} on {cfg.devices} devices: {desc}; tail on rank 0 "
+              f"({run_dir}/plan.json)\n")
+    if report:
+        with open(os.path.join(run_dir, "plan.txt"), "w") as f:
+            f.write(report + "\n")
+    try:
+        from tilec.inspect.dot import plan_dot
+        with open(os.path.join(run_dir, "plan.dot"), "w") as f:
+            f.write(plan_dot(plan))
+    except ImportError:
+        out.write("plan: no DOT writer (tilec.inspect.dot) yet: plan.dot skipped\n")
+    return plan
+
+
+def simulate_plan(plan, run_dir, out):
+    """The simulated step (seconds) against this machine's profile, and timeline.png; None if unavailable."""
+    try:
+        from tilec.compile import resolve_cluster
+        from tilec.inspect.simulate import simulate, timeline_png
+    except ImportError as exc:
+        out.write(f"simulate: not available ({exc}): timeline.png skipped\n")
+        return None
+    names = [d["name"] for d in plan["devices"]]
+    result = simulate(plan, resolve_cluster(names, None), keep_events=True)
+    path = os.path.join(run_dir, "timeline.png")
+    timeline_png(result, names, path, f"{plan['model']} batch {plan['batch']}: simulated {result.step_s:.3f} s "
+                                      f"per step on this machine's profile")
+    out.write(f"simulate: {result.step_s:.3f} s per step predicted ({path})\n")
+    return result
+
+
+def local_backend_accepts(plan):
+    """Whether the worker processes take this plan's targets (a [region]
+    model's boxes); older workers expect a target shaped like the output."""
+    from tilec_runtime import data as rdata
+    from tilec_runtime import worker
+    want = (plan["batch"], *rdata.target_shape(plan["program"]))
+    return tuple(worker.batch_specs(plan)[1].shape) == want
+
+
+def lr_schedule(cfg, base_lr):
+    """darknet's ``steps`` policy: ``base_lr`` times ``cfg.lr_scale`` after each
+    fraction of the run in ``cfg.lr_steps``. Returns (lr of a step, change points)."""
+    points = [int(round(f * cfg.steps)) for f in cfg.lr_steps]
+
+    def lr(step):
+        return base_lr * cfg.lr_scale ** sum(step >= p for p in points)
+    return lr, points
+
+
+def train_reference(program, params, buffers, batches, first, steps, optimizer, lr, on_step, momentum, every,
+                    on_state):
+    """One device: the reference executor (the oracle the tiled runs are checked against)."""
+    from tilec_runtime import reference
+    from tilec_runtime.optim import SGD
+    opt = SGD(**optimizer)
+    opt.velocity = {k: v.copy() for k, v in (momentum or {}).items()}
+    for step in range(first, steps):
+        t0 = time.perf_counter()
+        images, target = batches.get(step)
+        loss, grads = reference.train_step(program, params, buffers, images, target)
+        opt.lr = lr(step)
+        opt.step(params, grads)
+        on_step(step, loss, time.perf_counter() - t0)
+        if on_state and ((step + 1) % every == 0 or step + 1 == steps):
+            on_state(step + 1, params, buffers, opt.velocity)
+    return params, buffers
+
+
+def generated_kernels(backend, dtype, out):
+    """The generated kernels in the form ``backend`` takes (C source for
+    worker processes, a built module for threads), or None (numpy kernels)
+    when they cannot be generated or built here."""
+    try:
+        if backend == "local":
+            from tilec.codegen import generate
+            source = generate((dtype,))
+            return {"module": source.module, "source": source.text}
+        from tilec.codegen import build_modules
+        from tilec_runtime.genops import GeneratedOps
+        (module, _, _), = build_modules([(dtype,)], progress=lambda msg: out.write(f"train: {msg}\n"))
+        return GeneratedOps(module)
+    except (ImportError, TilecError, OSError) as exc:
+        out.write(f"train: no generated kernels ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                  "using the numpy kernels\n")
+        return None
+
+
+def run_training(plan, program, params, buffers, batches, first, steps, optimizer, lr, changes, momentum, cfg,
+                 run_dir, on_step, on_metrics, on_state, out):
+    """Train steps ``first .. steps-1`` on the plan's devices, the learning
+    rate ``lr(step)`` changing at ``changes``; returns (params, buffers)."""
+    from tilec_runtime.planfile import seal
+    every = cfg.checkpoint_every
+    if len(plan["devices"]) == 1:
+        out.write("train: 1 device, the reference executor\n")
+        return train_reference(program, params, buffers, batches, first, steps, optimizer, lr, on_step, momentum,
+                               every, on_state)
+    backend = cfg.backend
+    if backend == "local" and not local_backend_accepts(plan):
+        out.write("train: the worker processes do not take [region] targets yet (tilec_runtime.worker."
+                  "batch_specs); training on in-process threads instead\n")
+        backend = "inprocess"
+    n = len(plan["devices"])
+    kernels = generated_kernels(backend, plan["dtype"], out) if cfg.kernels == "generated" else None
+    which = "generated" if kernels is not None else "numpy"
+    if backend == "inprocess":
+        out.write(f"train: {n} devices as threads of this process, {which} kernels\n")
+        cuts = set(range(0, steps, every))  # the threads' state is this process's only between runs
+    else:
+        out.write(f"train: {n} worker processes on 127.0.0.1, {which} kernels (logs in {run_dir}/logs)\n")
+        cuts = set()
+    # a plan carries one learning rate: a run per constant stretch
+    bounds = sorted({first, steps} | {c for c in cuts | set(changes) if first < c < steps})
+    for start, end in zip(bounds, bounds[1:]):
+        seg = seal(dict(plan, optimizer=dict(optimizer, lr=lr(start))))
+        if backend == "inprocess":
+            from tilec_runtime import inprocess
+            _, params, buffers, momentum = inprocess.train(seg, params, buffers, batches, end - start,
+                                                           on_step=on_step, first_step=start, momentum=momentum,
+                                                           kernels=kernels)
+            on_state(end, params, buffers, momentum)
+        else:
+            from tilec_runtime import launch
+            _, params, buffers, momentum = launch.train_local(
+                seg, params, buffers, batches, steps=end - start, first_step=start, momentum=momentum,
+                state_every=every, on_step=on_step, on_metrics=on_metrics, on_state=on_state,
+                log_dir=os.path.join(run_dir, "logs"), kernels=kernels)
+    return params, buffers
+
+
+def evaluate(program, params, buffers, data_dir, out):
+    """(mAP, per-class results, table text) on the val split."""
+    from tilec.data.yolo import load_split
+    from tilec.eval.detect import detect_dataset
+    from tilec.eval.map import evaluate as voc_map
+    from tilec.eval.map import format_table
+    val = load_split(data_dir, "val")
+    dets, truths = detect_dataset(program, params, buffers, val)
+    mean_ap, per_class = voc_map(dets, truths, val.classes)
+    table = format_table(mean_ap, per_class)
+    out.write(f"eval: {len(val.items)} validation images\n{table}\n")
+    return mean_ap, per_class, table
+
+
+def summary(plan, records, sim, losses_s, evaluation):
+    """Measured vs predicted step time and memory per device (JSON-able)."""
+    names = [d["name"] for d in plan["devices"]]
+    pred = plan.get("predicted") or {}
+    per_pred = {d["name"]: d for d in pred.get("per_device", [])}
+    start = min((r["step"] for r in records), default=0)
+    steady = [r for r in records if r["step"] >= start + 3] or records  # the first steps warm up
+    devices = []
+    for rank, name in enumerate(names):
+        mine = [r for r in steady if r["device"] == rank]
+        p = per_pred.get(name, {})
+        devices.append({
+            "name": name,
+            "measured_step_s": float(np.median([r["step_s"] for r in mine])) if mine else None,
+            "measured_compute_s": float(np.median([r["compute_s"] for r in mine])) if mine else None,
+            "measured_wait_s": float(np.median([r["wait_s"] for r in mine])) if mine else None,
+            "measured_peak_rss_bytes": int(max(r["peak_bytes"] for r in mine)) if mine else None,
+            "measured_sent_bytes_per_step": float(np.median([r["bytes_sent"] for r in mine])) if mine else None,
+            "predicted_compute_s": p.get("compute_s"),
+            "predicted_memory_bytes": p.get("memory_bytes"),
+            "simulated_busy_s": sim.busy_s[rank] if sim is not None else None,
+            "simulated_sent_bytes": sim.sent_bytes[rank] if sim is not None else None,
+        })
+    return {"model": plan["model"], "batch": plan["batch"], "dtype": plan["dtype"], "devices": devices,
+            "measured_step_s": float(np.median(losses_s[3:] or losses_s)) if losses_s else None,
+            "predicted_step_s": pred.get("step_s"), "simulated_step_s": sim.step_s if sim is not None else None,
+            "map50": evaluation[0] if evaluation else None,
+            "ap50": {r.name: r.ap for r in evaluation[1]} if evaluation else None}
+
+
+def summary_text(s):
+    def sec(v):
+        return "      -" if v is None else f"{v:7.3f}"
+
+    def mb(v):
+        return "      -" if v is None else f"{v / 1e6:7.1f}"
+
+    lines = [f"{s['model']}, batch {s['batch']}, {s['dtype']}, {len(s['devices'])} device(s)",
+             f"step time: measured {sec(s['measured_step_s'])} s   cost model {sec(s['predicted_step_s'])} s   "
+             f"simulated {sec(s['simulated_step_s'])} s",
+             "",
+             f"{'device':<8} {'step s':>7} {'compute':>7} {'wait':>7} | {'predicted':>9} {'simulated':>9} |"
+             f" {'peak RSS MB':>11} {'predicted MB':>12} | {'sent MB/step':>12}",
+             f"{'':<8} {'measured':^23} | {'compute s':^19} | {'memory':^25} |"]
+    for d in s["devices"]:
+        sent = "           -" if d["measured_sent_bytes_per_step"] is None else \
+            f"{d['measured_sent_bytes_per_step'] / 1e6:12.2f}"
+        lines.append(f"{d['name']:<8} {sec(d['measured_step_s'])} {sec(d['measured_compute_s'])} "
+                     f"{sec(d['measured_wait_s'])} | {sec(d['predicted_compute_s'])}   {sec(d['simulated_busy_s'])}   |"
+                     f" {mb(d['measured_peak_rss_bytes'])}     {mb(d['predicted_memory_bytes'])}      | {sent}")
+    lines.append("peak RSS is the whole worker process (Python and numpy included); the prediction counts the "
+                 "model's state, kept activations and workspace only")
+    if s.get("map50") is not None:
+        lines.append(f"validation mAP@0.5: {s['map50']:.4f}")
+    return "\n".join(lines)
+
+
+# -- the run -------------------------------------------------------------------------
+
+def run_demo(cfg=None, run_dir=None, resume=None, out=None):
+    """Run (or, with ``resume`` a run directory, continue) the demo; returns its summary dict."""
+    out = out or sys.stdout
+    from tilec.data.batches import DetectionBatches, Prefetcher
+    from tilec.data.yolo import load_split
+    from tilec.frontend.darknet_weights import write_darknet
+    from tilec.frontend.models import load_model
+    from tilec_runtime import checkpoint as rcheckpoint
+    from tilec_runtime import weights as rweights
+
+    t_start = time.perf_counter()
+    if resume:
+        run_dir = resume
+        try:
+            with open(os.path.join(run_dir, DEMO_FILE)) as f:
+                cfg = DemoConfig(**json.load(f))
+        except (OSError, ValueError, TypeError) as exc:
+            raise TilecError(f"{run_dir}: not a demo run directory ({DEMO_FILE}: {exc})") from None
+    cfg = cfg or DemoConfig()
+    run_dir = run_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, DEMO_FILE), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    out.write(f"run directory: {run_dir}\n")
+
+    data_dir = cfg.data or synthetic_dataset(cfg.images, cfg.seed, out)
+    graph = load_model(cfg.model)
+    program = graph.to_program()
+    region = program[-1]
+    if region["kind"] != "region":
+        raise TilecError(f"the demo trains a detector; {cfg.model} ends in [{region['kind']}]")
+    train_set = load_split(data_dir, "train")
+    if len(train_set.classes) != region["classes"]:
+        raise TilecError(f"{data_dir} has {len(train_set.classes)} classes, {cfg.model} {region['classes']}")
+    net = graph.net
+    batch = cfg.batch or net["batch"]
+    optimizer = {"lr": cfg.lr or net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
+
+    plan = make_plan(graph, cfg, batch, optimizer, run_dir, out)
+    sim = simulate_plan(plan, run_dir, out)
+
+    params, buffers = rweights.init_params(program, cfg.seed, cfg.dtype)
+    first, momentum = 0, None
+    if resume and os.path.exists(os.path.join(run_dir, rcheckpoint.FILENAME)):
+        ck = rcheckpoint.load(run_dir, program, cfg.dtype)
+        params, buffers, momentum, first = ck.params, ck.buffers, ck.momentum, ck.step
+        out.write(f"resuming after step {first}\n")
+    metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"))
+    records, step_seconds, losses = [], [], []
+    progress = Progress(cfg.steps, batch, out, first)
+
+    def on_step(step, loss, seconds):
+        metrics.write({"step": step, "loss": loss, "step_s": seconds, "images_per_s": batch / max(seconds, 1e-12)})
+        losses.append(loss)
+        step_seconds.append(seconds)
+        progress(step, loss, seconds)
+
+    def on_metrics(recs):
+        for r in recs:
+            record = {k: r[k] for k in ("step", "device", "name", "step_s", "compute_s", "wait_s", "bytes_sent",
+                                        "peak_bytes")}
+            records.append(record)
+            metrics.write(record)
+
+    def on_state(done, p, b, m):
+        rcheckpoint.save(run_dir, done, p, b, m, model=graph.name, program=rcheckpoint.program_hash(program),
+                         dtype=cfg.dtype, optimizer=optimizer, devices=len(plan["devices"]), demo=True)
+
+    batches = Prefetcher(DetectionBatches(train_set, (program[0]["in_shape"][2], program[0]["in_shape"][1]), batch,
+                                          region["max_boxes"], seed=cfg.seed, jitter=region["jitter"],
+                                          dtype=cfg.dtype))
+    out.write(f"train: {len(train_set.items)} images, batch {batch}, {cfg.steps} steps, lr {optimizer['lr']:g} "
+              f"(x{cfg.lr_scale:g} after steps {', '.join(str(p) for p in lr_schedule(cfg, 1)[1])})\n")
+    lr, changes = lr_schedule(cfg, optimizer["lr"])
+    try:
+        if first < cfg.steps:
+            params, buffers = run_training(plan, program, params, buffers, batches, first, cfg.steps, optimizer, lr,
+                                           changes, momentum, cfg, run_dir, on_step, on_metrics, on_state, out)
+    except KeyboardInterrupt:
+        done = _checkpoint_step(run_dir)
+        out.write(f"\ninterrupted. {'The checkpoint after step ' + str(done) if done else 'No checkpoint yet'} "
+                  f"is in {run_dir}; continue with: tilec train --resume {run_dir}\n")
+        raise
+    finally:
+        batches.close()
+        metrics.close()
+    loss_file = _all_losses(run_dir)
+    rweights.save_weights(os.path.join(run_dir, "weights.npz"), params, buffers)
+    write_darknet(os.path.join(run_dir, "weights.weights"), program, params, buffers, seen=cfg.steps * batch)
+    evaluation = None
+    if cfg.evaluate:
+        evaluation = evaluate(program, params, buffers, data_dir, out)
+        with open(os.path.join(run_dir, "eval.txt"), "w") as f:
+            f.write(evaluation[2] + "\n")
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"event": "eval", "step": cfg.steps, "map50": evaluation[0],
+                                "ap50": {r.name: r.ap for r in evaluation[1]}}) + "\n")
+    from tilec.eval.curve import loss_curve_png
+    loss_curve_png([v for _, v in loss_file], os.path.join(run_dir, "loss.png"),
+                   title=f"{graph.name}: training loss on {len(plan['devices'])} device(s), batch {batch}",
+                   first_step=loss_file[0][0] if loss_file else 0,
+                   markers=[(cfg.steps - 1, evaluation[0])] if evaluation else None)
+    result = summary(plan, records, sim, step_seconds, evaluation)
+    result["wall_s"] = time.perf_counter() - t_start
+    result["run_dir"] = run_dir
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = summary_text(result)
+    with open(os.path.join(run_dir, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    out.write("\n" + text + f"\n\nwall time {_clock(result['wall_s'])}; outputs in {run_dir}: plan.json, plan.dot, "
+              f"timeline.png, loss.png, metrics.jsonl, weights.npz, weights.weights, eval.txt, summary.txt\n")
+    return result
+
+
+def _checkpoint_step(run_dir):
+    from tilec_runtime import checkpoint as rcheckpoint
+    try:
+        return rcheckpoint.load(run_dir).step
+    except rcheckpoint.CheckpointError:
+        return None
+
+
+def _all_losses(run_dir):
+    """(step, loss) of every step in metrics.jsonl (a resumed run's earlier steps too), the last record per step."""
+    losses = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r and "device" not in r and r.get("loss") is not None:
+                losses[r["step"]] = r["loss"]
+    return sorted(losses.items())
+
+
+def same_weights(steps=20, devices=2, batch=None, backend="local", images=1500, seed=0, data=None,
+                 kernels="generated", out=None):
+    """Train the demo's model ``steps`` steps in float64 from one initialisation
+    on the same batches, on 1 device (the reference executor) and on
+    ``devices`` (the plan), and return the largest relative difference of any
+    parameter or buffer, ``max |a - b| / max |a|`` per array."""
+    from tilec.compile import compile_plan
+    from tilec.data.batches import DetectionBatches
+    from tilec.data.yolo import load_split
+    from tilec.frontend.models import load_model
+    from tilec_runtime import weights as rweights
+
+    out = out or sys.stdout
+    cfg = DemoConfig(devices=devices, steps=steps, images=images, seed=seed, dtype="float64", backend=backend,
+                     checkpoint_every=steps, data=data, batch=batch, kernels=kernels)
+    data_dir = cfg.data or synthetic_dataset(images, seed, out)
+    graph = load_model(cfg.model)
+    program = graph.to_program()
+    net = graph.net
+    batch = batch or net["batch"]
+    optimizer = {"lr": net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
+    region = program[-1]
+    source = DetectionBatches(load_split(data_dir, "train"), (program[0]["in_shape"][2], program[0]["in_shape"][1]),
+                              batch, region["max_boxes"], seed=seed, jitter=region["jitter"], dtype="float64")
+    lr, changes = lr_schedule(cfg, optimizer["lr"])
+    results = []
+    for n in (1, devices):
+        plan = compile_plan(graph, devices=n, batch=batch, dtype="float64", optimizer=optimizer)
+        params, buffers = rweights.init_params(program, seed, "float64")
+        params, buffers = run_training(plan, program, params, buffers, source, 0, steps, optimizer, lr, changes,
+                                       None, cfg, cache_dir(), lambda *a: None, None, lambda *a: None, out)
+        results.append({**params, **buffers})
+    one, many = results
+    return max(float(np.max(np.abs(one[k] - many[k])) / max(float(np.max(np.abs(one[k]))), 1e-300)) for k in one)

@@ -1,0 +1,99 @@
+"""From a trained region model to boxes: inference, scores, non-maximum suppression.
+
+A detection is a (box, class, score) with ``score = objectness * P(class)``
+(darknet's ``get_region_boxes``), kept when above ``thresh``; then per
+class, greedy non-maximum suppression drops a box that overlaps a higher-
+scoring one by more than ``nms`` IoU (darknet's ``do_nms_sort``, 0.45).
+Inference uses the batch-norm running statistics.
+"""
+import numpy as np
+
+from tilec.data.augment import letterbox, unletterbox
+from tilec.data.yolo import open_image
+from tilec.eval.map import iou_matrix
+from tilec_runtime import reference, region
+
+EVAL_THRESH = 0.005  # darknet's `detector valid` threshold: keep nearly everything for AP
+DRAW_THRESH = 0.25   # darknet's `detector test` default
+NMS_IOU = 0.45
+
+
+def region_layer(program):
+    last = program[-1]
+    if last["kind"] != "region":
+        raise ValueError(f"the model ends in [{last['kind']}], not [region]: it is not a detector")
+    return last
+
+
+def region_input(program, params, buffers, images):
+    """The input of the region layer for ``images`` (B, C, H, W), inference mode."""
+    acts = {-1: images}
+    reference.forward_layers(program[:-1], params, buffers, acts, None, train=False)
+    return acts[program[-1]["inputs"][0]]
+
+
+def nms(boxes, scores, iou):
+    """Indices kept by greedy non-maximum suppression, highest score first."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    keep = []
+    overlaps = iou_matrix(boxes, boxes)
+    suppressed = np.zeros(len(order), bool)
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(int(i))
+        suppressed |= overlaps[i] > iou
+    return keep
+
+
+def detections(x, layer, thresh=EVAL_THRESH, nms_iou=NMS_IOU):
+    """Per image of the region input ``x``: (boxes (K, 4), scores (K,), labels (K,))
+    in the network's (letterboxed) frame."""
+    out = []
+    for boxes, obj, probs in region.decode(x, layer):
+        scores = obj[:, None] * probs                       # (anchors*cells, classes)
+        kept_boxes, kept_scores, kept_labels = [], [], []
+        for c in range(probs.shape[1]):
+            idx = np.nonzero(scores[:, c] > thresh)[0]
+            if not len(idx):
+                continue
+            keep = idx[nms(boxes[idx], scores[idx, c], nms_iou)]
+            kept_boxes.append(boxes[keep])
+            kept_scores.append(scores[keep, c])
+            kept_labels.append(np.full(len(keep), c))
+        if kept_boxes:
+            out.append((np.concatenate(kept_boxes), np.concatenate(kept_scores), np.concatenate(kept_labels)))
+        else:
+            out.append((np.zeros((0, 4)), np.zeros(0), np.zeros(0, int)))
+    return out
+
+
+def detect_images(program, params, buffers, pil_images, thresh=EVAL_THRESH, nms_iou=NMS_IOU, batch=8):
+    """Detections of PIL images, boxes normalised to each image's own frame."""
+    layer = region_layer(program)
+    _, h, w = program[0]["in_shape"]
+    dtype = next(iter(params.values())).dtype
+    out = []
+    for start in range(0, len(pil_images), batch):
+        chunk = pil_images[start:start + batch]
+        images = np.stack([letterbox(img, (w, h))[0] for img in chunk]).astype(dtype)
+        x = region_input(program, params, buffers, images)
+        for img, (boxes, scores, labels) in zip(chunk, detections(x, layer, thresh, nms_iou)):
+            out.append((unletterbox(boxes, img.size, (w, h)), scores, labels))
+    return out
+
+
+def detect_dataset(program, params, buffers, dataset, thresh=EVAL_THRESH, nms_iou=NMS_IOU, batch=8,
+                   on_image=None):
+    """(detections, truths) over every item of a :class:`~tilec.data.yolo.Dataset`,
+    in the images' normalised frames, ready for :func:`tilec.eval.map.evaluate`."""
+    dets, truths = [], []
+    items = dataset.items
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        dets += detect_images(program, params, buffers, [open_image(item.image) for item in chunk], thresh,
+                              nms_iou, batch)
+        truths += [(item.boxes[:, 1:], item.boxes[:, 0].astype(int)) for item in chunk]
+        if on_image:
+            on_image(min(start + batch, len(items)), len(items))
+    return dets, truths

@@ -1,0 +1,146 @@
+"""Device profiles: what a device computes how fast, holds, and sends.
+
+A profile is a JSON file (format ``tilec-profile``, version 1)::
+
+    {"format": "tilec-profile", "version": 1, "name": "rpi3b",
+     "cores": 4, "memory_mb": 750, "process_overhead_mb": 60,
+     "multicore_speedup": 3.0,
+     "link": {"bandwidth_mbps": 94, "latency_ms": 0.25},
+     "kernels": {"conv": {"forward": {"overhead_us": 400, "s_per_gflop": 0.25,
+                                      "s_per_gb": 2.4},
+                          "backward": {...}},
+                 "maxpool": {...}, "connected": {...}, "elementwise": {...}},
+     "sources": {"...": "where each number comes from"}}
+
+The time of one kernel call (one layer on one region, the way the runtime
+calls it) is ``overhead + flops * s_per_flop + bytes * s_per_byte`` with the
+FLOPs and bytes of :func:`tilec.cost.compute.features`: the effective rate
+depends on the shape through its arithmetic intensity (a 3-channel input
+or a 1x1 conv moves more bytes per FLOP) and the per-call overhead (small
+tiles), not a single constant. ``tilec profile`` fits the three numbers per
+kernel kind and direction from measurements of the runtime's kernels.
+
+``memory_mb`` is what a training process may use (RAM less the OS and GPU
+reservations); ``multicore_speedup`` is how much faster all cores run the
+kernels than one core (used to report speedups over one core).
+
+Shipped profiles live beside this module (``*.json``, package data);
+:func:`load_profile` takes a shipped name or a path.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tilec.errors import TilecError
+
+FORMAT = "tilec-profile"
+VERSION = 1
+KERNEL_KINDS = ("conv", "maxpool", "connected", "elementwise")
+DIRECTIONS = ("forward", "backward")
+PROFILES_DIR = Path(__file__).resolve().parent
+
+
+class ProfileError(TilecError):
+    """A device profile is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Time of one kernel call: ``overhead_s + flops * s_per_flop + bytes * s_per_byte``."""
+    overhead_s: float
+    s_per_flop: float
+    s_per_byte: float
+
+    def seconds(self, flops, nbytes):
+        return self.overhead_s + flops * self.s_per_flop + nbytes * self.s_per_byte
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    cores: int
+    memory_bytes: int
+    process_overhead_bytes: int
+    multicore_speedup: float
+    bandwidth_bps: float  # bytes per second
+    latency_s: float
+    kernels: dict  # kind -> direction -> Kernel
+    source: str = ""  # the file it came from
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def kernel(self, kind, direction):
+        return self.kernels[kind][direction]
+
+
+def shipped_names():
+    """Names of the profiles shipped with tilec, sorted."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+
+
+def _number(data, key, where, minimum=0.0, strict=True, integer=False):
+    value = data.get(key) if isinstance(data, dict) else None
+    if value is None:
+        raise ProfileError(f"{where}: missing field {key!r}")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and integer:
+        ok = isinstance(value, int)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise ProfileError(f"{where}: field {key!r} must be {kind} {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return value
+
+
+def profile_from_dict(data, source="<dict>"):
+    """A :class:`Profile` from its JSON dict; ProfileError naming ``source`` and the field."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ProfileError(f"{source}: not a tilec profile (missing format {FORMAT!r})")
+    if data.get("version") != VERSION:
+        raise ProfileError(f"{source}: profile version {data.get('version')!r} is not supported (this tilec reads {VERSION})")
+    link = data.get("link")
+    if not isinstance(link, dict):
+        raise ProfileError(f"{source}: missing field 'link'")
+    kernels = {}
+    for kind in KERNEL_KINDS:
+        per = data.get("kernels", {}).get(kind) if isinstance(data.get("kernels"), dict) else None
+        if not isinstance(per, dict):
+            raise ProfileError(f"{source}: missing field 'kernels.{kind}'")
+        kernels[kind] = {}
+        for direction in DIRECTIONS:
+            where = f"{source}: kernels.{kind}.{direction}"
+            k = per.get(direction)
+            if not isinstance(k, dict):
+                raise ProfileError(f"{where}: missing")
+            kernels[kind][direction] = Kernel(
+                _number(k, "overhead_us", where, strict=False) * 1e-6,
+                _number(k, "s_per_gflop", where, strict=False) * 1e-9,
+                _number(k, "s_per_gb", where, strict=False) * 1e-9)
+    return Profile(
+        name=str(data.get("name", Path(str(source)).stem)),
+        cores=_number(data, "cores", source, integer=True),
+        memory_bytes=int(_number(data, "memory_mb", source) * 1e6),
+        process_overhead_bytes=int(_number(data, "process_overhead_mb", source, strict=False) * 1e6),
+        multicore_speedup=_number(data, "multicore_speedup", source),
+        bandwidth_bps=_number(link, "bandwidth_mbps", f"{source}: link") * 1e6 / 8,
+        latency_s=_number(link, "latency_ms", f"{source}: link", strict=False) * 1e-3,
+        kernels=kernels, source=str(source), raw=data)
+
+
+def load_profile(name_or_path):
+    """A :class:`Profile` from a shipped name (``rpi3b``) or a JSON file path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith(".json") or os.sep in text or "/" in text or path.is_file()):
+        if text not in shipped_names():
+            raise ProfileError(f"unknown profile {text!r}: not a file and not a shipped profile "
+                               f"({', '.join(shipped_names())})")
+        path = PROFILES_DIR / f"{text}.json"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ProfileError(f"{path}: not valid JSON: {exc}") from None
+    return profile_from_dict(data, str(path))

@@ -1,0 +1,87 @@
+"""Why no plan fits, in terms a user can act on.
+
+The same model is solved again with every device allowed a common memory
+overrun, minimised. The plan that needs the least extra memory names the
+device that overflows most and what it holds (parameters + gradients +
+momentum, kept activations, workspace; the tail on rank 0), and the
+overrun gives the smallest memory that would work.
+"""
+from tilec.solve import InfeasibleError
+
+MB = 1_000_000
+
+
+def _mb(nbytes):
+    return f"{nbytes / MB:,.0f} MB"
+
+
+def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True):
+    """An :class:`InfeasibleError` whose message explains the shortfall."""
+    from ortools.sat.python import cp_model
+
+    from tilec.solve.bounds import feasible_plan, free_memory, with_memory
+    from tilec.solve.cpsat import PlanModel
+    model = cands.model
+    devices = model.devices
+    path, proven = None, False
+    free = free_memory(cands)
+    if min(free) < 0:
+        # What no plan avoids (the process; rank 0's tail) already overflows:
+        # that much memory is needed anyway. If some plan fits once every
+        # device has it, it is the smallest memory that works.
+        need = max(d.memory_bytes - f for d, f in zip(devices, free) if f < 0)
+        raised = with_memory(cands, [max(d.memory_bytes, need) for d in devices])
+        _, fitting, _, fallback = feasible_plan(raised, keep_bounds=False)
+        if fitting is not None:
+            path, proven = fitting, True
+    else:
+        fallback = feasible_plan(cands, keep_bounds=False)[3]
+    if path is None:
+        pm = PlanModel(cands, recompute=recompute, overrun=True)
+        if fallback:
+            pm.hint(fallback)
+        solver, status = pm.solve(time_limit, workers)
+        proven = status == cp_model.OPTIMAL
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            path = pm.path(solver)
+        elif fallback:
+            path = fallback
+        else:
+            return InfeasibleError("no plan fits the devices' memory (and the search for the smallest memory "
+                                   "that would work did not finish: raise --time-limit)")
+    pred = model.evaluate([(cands.groups[gi], rec) for gi, rec in path])
+    extra = max(0, max(m - d.memory_bytes for m, d in zip(pred.memory, devices)))
+    if extra == 0:  # the search for the least overflow found a plan that fits after all
+        err = InfeasibleError("a plan fits (found while explaining)")
+        err.fitting_path = path
+        return err
+    proven = proven or extra <= max(-f for f in free) + 1024
+    over = [(m - d.memory_bytes, r) for r, (m, d) in enumerate(zip(pred.memory, devices))]
+    _, worst = max(over)
+    dev, parts = devices[worst], pred.breakdown[worst]
+    held = []
+    if worst == 0 and model.prefix < len(model.program):
+        held.append(f"the tail (layers {model.prefix}-{len(model.program) - 1}): parameters, gradients and momentum "
+                    f"{_mb(model.tail_state)}, activations {_mb(model.tail_kept)}, workspace up to "
+                    f"{_mb(model.tail_workspace)}")
+    tiles = [(cands.groups[gi], rec) for gi, rec in path if worst in cands.groups[gi].members]
+    if tiles:
+        spans = ", ".join(f"{g.first}-{g.last}{' (recomputed)' if rec else ''}" for g, rec in tiles)
+        held.append(f"tiles of groups {spans}: parameters, gradients and momentum "
+                    f"{_mb(sum(g.state[worst] for g, _ in tiles))}, activations "
+                    f"{_mb(sum((g.kept_recompute if rec else g.kept)[worst] for g, rec in tiles))}")
+    # CP-SAT rounds every group's bytes up to KiB: leave room for that, in whole MB
+    rounding = (len(path) + 2) * 1024
+    needs = [int(-(-(d.memory_bytes + extra + rounding) // MB) * MB) for d in devices]
+    if len({d.memory_bytes for d in devices}) == 1:
+        smallest = f"{_mb(needs[0])} per device"
+    else:
+        smallest = ", ".join(f"{d.name} {_mb(m)}" for d, m in zip(devices, needs))
+    err = InfeasibleError(
+        f"no plan fits the devices' memory: even the plan that needs least, device {dev.name!r} (rank {worst}) "
+        f"needs {_mb(pred.memory[worst])} but has {_mb(dev.memory_bytes)}; it holds "
+        f"{'; '.join(held) or 'nothing but the process'} (process {_mb(parts['overhead'])}, workspace "
+        f"{_mb(parts['workspace'])}). The smallest memory that would work: {smallest}"
+        f"{'' if proven else ' (or less: the search stopped at the time limit)'}.")
+    err.device, err.needed_bytes, err.smallest_bytes = dev.name, pred.memory[worst], needs
+    return err
