@@ -1,5 +1,5 @@
 """tilec: fused-tile CNN training across a cluster of small edge devices."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="tilec",
@@ -8,12 +8,11 @@ setup(
     python_requires=">=3.10",
     # The runtime is importable as `tilec_runtime` and needs numpy alone; the
     # planner (`tilec`) brings the heavy dependencies.
-    packages=["tilec", "tilec.ir", "tilec.frontend", "tilec.analysis", "tilec.plan",
-              "tilec.inspect", "tilec.commands", "tilec_runtime"],
+    packages=find_packages(include=["tilec", "tilec.*"]) + ["tilec_runtime"],
     package_dir={"tilec_runtime": "runtime"},
-    package_data={"tilec": ["models/*.cfg"]},
+    package_data={"tilec": ["models/*.cfg", "profiles/*.json"]},
     include_package_data=True,
-    install_requires=["numpy>=1.24", "networkx>=3.0", "PyYAML>=6.0"],
+    install_requires=["numpy>=1.24", "networkx>=3.0", "PyYAML>=6.0", "ortools>=9.8", "matplotlib>=3.7"],
     extras_require={
         # torch is pinned: it is the tests' independent oracle, never a
         # dependency of tilec itself (an unpinned torch pulls a CUDA build)

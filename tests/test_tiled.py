@@ -121,9 +121,18 @@ def test_tiled_float64_equals_one_device(case):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tiled_cases(max_devices=4))
 def test_tiled_float32_equals_one_device(case):
+    """Float32: within 1e-4 of one-device float32, or, where float32 itself
+    is ill-conditioned (batch norm over a few values, scale-invariant
+    weights), no further from the exact (float64) result than one-device
+    float32 is, within a factor of 3."""
     got, want = run_case(*case, dtype="float32")
     assume(converges(want[0]))
-    assert_same(got, want, 1e-4, FLOOR)
+    _, exact = run_case(*case, dtype="float64")
+    for tiled32, one32, one64 in [(got[1], want[1], exact[1]), (got[2], want[2], exact[2])]:
+        for key in one32:
+            own = rel_err(one32[key], one64[key], FLOOR)
+            assert rel_err(tiled32[key], one32[key], FLOOR) < max(1e-4, 3 * own) or \
+                rel_err(tiled32[key], one64[key], FLOOR) < 3 * own, key
 
 
 def bn_stack():

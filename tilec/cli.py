@@ -23,8 +23,8 @@ class Common:
     def plan_flags(p):
         p.add_argument("--devices", type=int, default=1, help="number of devices (default 1)")
         p.add_argument("--batch", type=int, help="batch size (default: the model's [net] batch)")
-        p.add_argument("--grid", help="tile grid RxC of every group (default: most square for --devices)")
-        p.add_argument("--groups", help="layer groups: 'auto' (default), 'all', 'each' or ranges like 0-3,4-7")
+        p.add_argument("--grid", help="tile grid RxC of every group (default: chosen by the optimiser)")
+        p.add_argument("--groups", help="layer groups: 'auto' (greedy halo rule), 'all', 'each' or ranges like 0-3,4-7 (default: chosen by the optimiser)")
         p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
 
 
