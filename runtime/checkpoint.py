@@ -14,12 +14,12 @@ different number of devices (re-planned) and end with the same weights.
 import hashlib
 import json
 import os
-import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
 from tilec_runtime.errors import RuntimeFault
+from tilec_runtime.npzfile import load_npz
 from tilec_runtime.program import buffer_shapes, param_shapes
 
 FORMAT = "tilec-checkpoint"
@@ -75,13 +75,9 @@ def load(directory, program=None, dtype=None):
     ``program``, every array is checked against the model's shapes and the
     program hash must match; with ``dtype`` arrays are converted."""
     path = os.path.join(directory, FILENAME) if os.path.isdir(directory) else directory
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from None
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    arrays = load_npz(path, CheckpointError, "checkpoint")
     try:
         meta = json.loads(arrays.pop("meta").tobytes().decode())
     except (KeyError, UnicodeDecodeError, ValueError):

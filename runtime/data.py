@@ -7,11 +7,11 @@ rows of class -1 (region models, ``tilec_runtime.region``). With N larger
 than the batch size, step k takes the k-th consecutive batch, wrapping
 around.
 """
-import zipfile
 
 import numpy as np
 
 from tilec_runtime.errors import DataError
+from tilec_runtime.npzfile import load_npz
 
 
 def target_kind(program):
@@ -44,11 +44,7 @@ class BatchSource:
 
 
 def load_batches(path, program, batch, dtype="float32"):
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: cannot read data: {exc}") from None
+    arrays = load_npz(path, DataError, "data")
     if "images" not in arrays:
         raise DataError(f"{path}: no 'images' array")
     images = arrays["images"]

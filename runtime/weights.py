@@ -5,11 +5,11 @@ Keys are those of a PyTorch state dict of modules named by layer index
 move both ways between tilec and PyTorch.
 """
 import os
-import zipfile
 
 import numpy as np
 
 from tilec_runtime.errors import WeightsError
+from tilec_runtime.npzfile import load_npz
 from tilec_runtime.program import buffer_shapes, param_shapes
 
 
@@ -40,12 +40,7 @@ def init_params(program, seed, dtype="float32"):
 def load_weights(path, program, dtype="float32"):
     """(params, buffers) from an .npz file, checked against the program."""
     dtype = np.dtype(dtype)
-    try:
-        # allow_pickle=False: a weights file is data, never code.
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise WeightsError(f"{path}: cannot read weights: {exc}") from None
+    arrays = load_npz(path, WeightsError, "weights")
     params, buffers = {}, {}
     for layer in program:
         for out, shapes in ((params, param_shapes(layer)), (buffers, buffer_shapes(layer))):

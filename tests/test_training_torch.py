@@ -47,6 +47,19 @@ def assert_state_close(ours, theirs, rtol, what, start=None):
         assert err <= rtol * scale, f"{what} {key}: max error {err:.3g}, scale {scale:.3g}"
 
 
+def stable_lr(program, params, buffers, batches):
+    """LR scaled so that a first step moves no weight by more than ~LR of the
+    largest weight: random deep linear stacks without batch norm can have
+    gradients of 1e3 and would diverge (and compare chaotic numbers)."""
+    images, target = batches.get(0)
+    _, grads = reference.train_step(program, {k: v.astype(np.float64) for k, v in params.items()},
+                                    {k: v.astype(np.float64) for k, v in buffers.items()},
+                                    images.astype(np.float64), target)
+    g = max(np.abs(v).max() for v in grads.values())
+    p = max(np.abs(v).max() for v in params.values())
+    return LR * min(1.0, p / g)
+
+
 @settings(max_examples=25, deadline=None)
 @given(random_stacks(), st.sampled_from(["float64", "float32"]), st.integers(2, 3), st.integers(0, 2**16))
 def test_sgd_training_matches_torch(program, dtype, batch, seed):
@@ -56,8 +69,9 @@ def test_sgd_training_matches_torch(program, dtype, batch, seed):
     p0 = {k: v.copy() for k, v in params.items()}
     b0 = {k: v.copy() for k, v in buffers.items()}
     batches = data.generated_batches(program, batch, seed, dtype)
-    losses = train_reference(program, params, buffers, batches, 3, LR, MOMENTUM, DECAY)
-    tlosses, tparams, tbuffers = torch_oracle.train(program, p0, b0, batches, 3, LR, MOMENTUM, DECAY)
+    lr = stable_lr(program, params, buffers, batches)
+    losses = train_reference(program, params, buffers, batches, 3, lr, MOMENTUM, DECAY)
+    tlosses, tparams, tbuffers = torch_oracle.train(program, p0, b0, batches, 3, lr, MOMENTUM, DECAY)
     rtol = RTOL[dtype]
     assert np.all(np.isfinite(losses))
     np.testing.assert_allclose(losses, tlosses, rtol=rtol)
@@ -272,15 +286,7 @@ def _corrupt(kind, path, good):
         np.save(path.open("wb"), np.zeros(3))
 
 
-@pytest.mark.parametrize("kind", [
-    "garbage", "truncated", "bitflip", "missing",
-    pytest.param("empty", marks=pytest.mark.xfail(
-        strict=True, raises=EOFError,
-        reason="runtime bug: np.load raises EOFError on an empty file, not caught by load_weights")),
-    pytest.param("npy", marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="runtime bug: a .npy file loads as an ndarray, used as a context manager -> TypeError")),
-])
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "bitflip", "missing", "empty", "npy"])
 def test_load_weights_corrupt_file(tmp_path, kind):
     prog = small_program()
     good = tmp_path / "good.npz"
