@@ -12,7 +12,8 @@ setup(
     package_dir={"tilec_runtime": "runtime"},
     package_data={"tilec": ["models/*.cfg", "profiles/*.json"]},
     include_package_data=True,
-    install_requires=["numpy>=1.24", "networkx>=3.0", "PyYAML>=6.0", "ortools>=9.8", "matplotlib>=3.7"],
+    install_requires=["numpy>=1.24", "scipy>=1.10", "networkx>=3.0", "PyYAML>=6.0", "ortools>=9.8",
+                      "matplotlib>=3.7", "Jinja2>=3.1", "Cython>=3.0", "Pillow>=9.0"],
     extras_require={
         # torch is pinned: it is the tests' independent oracle, never a
         # dependency of tilec itself (an unpinned torch pulls a CUDA build)

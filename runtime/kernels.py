@@ -85,20 +85,20 @@ def python_include():
     return include
 
 
-_native_ok = {}
+_accepted = {}
 
 
 def _accepts(cc, flags):
     """Whether the compiler takes ``flags`` (probed once per compiler)."""
     key = (tuple(cc), tuple(flags))
-    if key not in _native_ok:
+    if key not in _accepted:
         try:
             proc = subprocess.run(cc + list(flags) + ["-x", "c", "-c", os.devnull, "-o", os.devnull],
                                   capture_output=True, timeout=60)
-            _native_ok[key] = proc.returncode == 0
+            _accepted[key] = proc.returncode == 0
         except (OSError, subprocess.SubprocessError):
-            _native_ok[key] = False
-    return _native_ok[key]
+            _accepted[key] = False
+    return _accepted[key]
 
 
 def build_flags(cc):
