@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from tilec import demo
+from tilec.cli import main
+from tilec.data.synth import VERSION
 from tilec.frontend.darknet_weights import read_darknet
 from tilec.frontend.models import load_model
 
@@ -26,7 +28,7 @@ def weights(run_dir):
         return {k: z[k] for k in z.files}
 
 
-def test_demo_writes_every_output_and_resumes_after_an_interrupt(tmp_path, monkeypatch):
+def test_demo_writes_every_output_and_resumes_after_an_interrupt(tmp_path, monkeypatch, capsys):
     out = io.StringIO()
     full = tmp_path / "full"
     result = demo.run_demo(demo.DemoConfig(**TINY), run_dir=str(full), out=out)
@@ -44,6 +46,15 @@ def test_demo_writes_every_output_and_resumes_after_an_interrupt(tmp_path, monke
     from_darknet, _, header, _ = read_darknet(full / "weights.weights", program)
     assert header["seen"] == 8
     np.testing.assert_array_equal(from_darknet["0.conv.weight"], weights(full)["0.conv.weight"])
+    # `tilec eval` and `tilec detect` on what the demo wrote, with either weights format
+    data = tmp_path / "cache" / f"synth-v{VERSION}-n16-seed0"
+    capsys.readouterr()
+    assert main(["eval", "detector-small", "--weights", str(full / "weights.weights"), "--data", str(data)]) == 0
+    assert f"mAP@0.5    {result['map50']:.4f}" in capsys.readouterr().out
+    image = sorted((data / "images" / "val").iterdir())[0]
+    assert main(["detect", "detector-small", str(image), "--weights", str(full / "weights.npz"), "--thresh", "0",
+                 "--names", str(data / "classes.txt"), "-o", str(tmp_path / "boxes.png")]) == 0
+    assert "objects; wrote" in capsys.readouterr().out and (tmp_path / "boxes.png").stat().st_size > 0
     # the second run finds the dataset in the cache
     part = tmp_path / "part"
     original = demo.Progress.__call__
@@ -75,3 +86,26 @@ def test_two_devices_learn_what_one_device_learns():
     diff = demo.same_weights(steps=3, devices=2, batch=2, backend="inprocess", images=16, kernels="reference",
                              out=out)
     assert diff < 1e-9
+
+
+def test_local_worker_processes_learn_what_one_device_learns():
+    from tilec.compile import compile_plan
+    plan = compile_plan(load_model("detector-small"), devices=2, batch=2, grid="1x2", groups="all")
+    if not demo.local_backend_accepts(plan):
+        pytest.skip("the worker processes do not take [region] targets yet (tilec_runtime.worker.batch_specs "
+                    "should use tilec_runtime.data.target_shape)")
+    diff = demo.same_weights(steps=2, devices=2, batch=2, backend="local", images=16, kernels="reference",
+                             out=io.StringIO())
+    assert diff < 1e-9
+
+
+def test_train_without_a_model_runs_the_demo(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg=None, run_dir=None, resume=None: calls.append((cfg, run_dir,
+                                                                                                    resume)))
+    assert main(["train"]) == 0
+    assert main(["train", "--backend", "inprocess", "--kernels", "reference", "--checkpoint", "runs/mine"]) == 0
+    assert main(["train", "--resume", "runs/old"]) == 0
+    assert calls[0] == (demo.DemoConfig(), None, None)
+    assert calls[1] == (demo.DemoConfig(backend="inprocess", kernels="reference"), "runs/mine", None)
+    assert calls[2] == (None, None, "runs/old")

@@ -131,7 +131,8 @@ def test_a_list_file_with_a_missing_image(synth, tmp_path):
                       + f"{synth / 'images' / 'train' / 'gone.jpg'}\n")
     log = io.StringIO()
     d = load_split(str(synth), str(listed), log=log)
-    assert len(d.items) == 2 and f"skipping {synth / 'images' / 'train' / 'gone.jpg'}: image file missing" in log.getvalue()
+    gone = synth / "images" / "train" / "gone.jpg"
+    assert len(d.items) == 2 and f"skipping {gone}: image file missing" in log.getvalue()
 
 
 def test_an_image_that_fails_only_when_decoded_is_replaced_and_reported(synth, tmp_path):
@@ -241,7 +242,8 @@ def _voc_xml(width, height, objects):
         f"<object><name>{name}</name><difficult>{int(diff)}</difficult><bndbox><xmin>{x0}</xmin>"
         f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
         for name, diff, (x0, y0, x1, y1) in objects)
-    return f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>{rows}</annotation>"
+    size = f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+    return f"<annotation>{size}{rows}</annotation>"
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tilec.eval.detect import detections, nms
+from tilec.eval.detect import clip_boxes, detections, nms
 from tilec.eval.map import average_precision, evaluate, format_table, iou_matrix
 
 A = [0.25, 0.25, 0.2, 0.2]      # ground-truth boxes, cx cy w h
@@ -102,3 +102,10 @@ def test_detections_from_a_region_output():
     boxes, scores, labels = detections(x, layer, thresh=0.5)[0]
     assert labels.tolist() == [1] and scores[0] == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_allclose(boxes[0], [0.25, 0.75, 0.5, 0.5])
+
+
+def test_boxes_are_clipped_to_the_image():
+    boxes, scores, labels = clip_boxes([[0.9, 0.5, 0.4, 0.2], [2.0, 2.0, 0.1, 0.1], [0.5, 0.5, 1e9, 1e9]],
+                                       [0.3, 0.2, 0.1], [0, 1, 2])
+    np.testing.assert_allclose(boxes, [[0.85, 0.5, 0.3, 0.2], [0.5, 0.5, 1.0, 1.0]])
+    assert scores.tolist() == [0.3, 0.1] and labels.tolist() == [0, 2]

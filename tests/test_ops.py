@@ -9,6 +9,8 @@ float32. For the linear kernels (conv, pooling, connected) the bound is
 elementwise, relative to the same operation applied to absolute values
 (|x| * |w|): the standard forward-error bound of a sum, so a small output
 that is the difference of large terms is not held to an impossible bound.
+Batch norm likewise: relative to the magnitudes of the terms it cancels
+(see ``xhat_scale`` and ``bn_backward_scale``).
 """
 import itertools
 
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilec_runtime import ops
+from programs import ProgramBuilder
+from tilec_runtime import ops, reference
 
 RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 DTYPES = st.sampled_from([np.dtype(np.float32), np.dtype(np.float64)])
@@ -98,16 +101,21 @@ def test_conv_matches_torch(case, filters):
     check(dw, tdw, dt, mdw)
 
 
-def test_conv_asymmetric_pads_differ_from_symmetric():
-    """The four pads are really independent (a kernel that read only pads[0]
-    would pass a symmetric test)."""
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("pads", [(2, 0, 1, 0), (0, 2, 0, 1), (1, 0, 0, 2), (0, 1, 2, 0)])
+def test_conv_one_sided_pads(pads):
+    """Tile-like pads on one side only, always run (the random test draws
+    them too, but not necessarily every one-sided combination): forward
+    and backward equal torch."""
+    rng = np.random.default_rng(sum(pads))
     x = rng.standard_normal((1, 2, 6, 7))
     w = rng.standard_normal((3, 2, 3, 3))
-    for pads in [(2, 0, 1, 0), (0, 2, 0, 1), (1, 0, 0, 2), (0, 1, 2, 0)]:
-        y = ops.conv2d_forward(x, w, 1, pads)
-        (ty, _, _), (my, _, _) = torch_conv(x, w, 1, pads, np.ones(y.shape))
-        check(y, ty, x.dtype, my)
+    y = ops.conv2d_forward(x, w, 2, pads)
+    dy = rng.standard_normal(y.shape)
+    (ty, tdx, tdw), (my, mdx, mdw) = torch_conv(x, w, 2, pads, dy)
+    check(y, ty, x.dtype, my)
+    dx, dw = ops.conv2d_backward(x, w, 2, pads, dy)
+    check(dx, tdx, x.dtype, mdx)
+    check(dw, tdw, x.dtype, mdw)
 
 
 # -- max-pooling --------------------------------------------------------------
@@ -211,6 +219,28 @@ def test_maxpool_padding_never_wins(dt, size, stride, pads):
     dy = np.ones(y.shape, dt)
     dx = ops.maxpool_backward(x.shape, size, stride, pads, arg, dy)
     assert dx.sum(dtype=np.float64) == dy.size
+
+
+@pytest.mark.parametrize("size,stride,padding", [(2, 1, 1), (2, 2, 1), (3, 2, 2), (3, 1, 1), (3, 2, 0), (2, 1, 0)])
+def test_maxpool_layer_padding_is_darknets(size, stride, padding):
+    """A maxpool *layer* (program fields) pads as darknet's
+    forward_maxpool_layer: offset -padding/2 at the top/left, out-of-map
+    positions never selected, out = (n + padding - size) / stride + 1."""
+    b = ProgramBuilder(2, 7, 6)
+    b.maxpool(size, stride, padding)
+    b.cost()
+    prog = b.build()
+    x = np.random.default_rng(size).standard_normal((2, 2, 7, 6))
+    _, (acts, _) = reference.forward(prog, {}, {}, x, np.zeros((2, *prog[0]["out_shape"])))
+    off = -(padding // 2)
+    ho, wo = (7 + padding - size) // stride + 1, (6 + padding - size) // stride + 1
+    expect = np.full((2, 2, ho, wo), -np.inf)
+    for i, j, n, m in itertools.product(range(ho), range(wo), range(size), range(size)):
+        r, c = off + i * stride + n, off + j * stride + m
+        if 0 <= r < 7 and 0 <= c < 6:
+            expect[:, :, i, j] = np.maximum(expect[:, :, i, j], x[:, :, r, c])
+    assert acts[0].shape == expect.shape == (2, *prog[0]["out_shape"])
+    assert np.array_equal(acts[0], expect)
 
 
 # -- tiles: a region with border pads only where it touches the border ------
@@ -373,7 +403,7 @@ def torch_bn(z, gamma, beta, dy, rm, rv):
     """Training-mode batch norm in float64 torch: (y, dz, dgamma, dbeta, rm, rv)."""
     tz, tg, tb = t64(z, True), t64(gamma, True), t64(beta, True)
     trm, trv = t64(rm), t64(rv)
-    y = F.batch_norm(tz, trm, trv, tg, tb, training=True, momentum=ops.BN_MOMENTUM, eps=ops.BN_EPS)
+    y = F.batch_norm(tz, trm, trv, tg, tb, training=True, momentum=0.1, eps=1e-5)  # torch's BatchNorm2d defaults
     y.backward(t64(dy))
     return y, tz.grad, tg.grad, tb.grad, trm, trv
 

@@ -284,3 +284,34 @@ def test_program_validation_names_the_problem(change, fragment):
     program[1].update(change)
     with pytest.raises(ProgramError, match=re.escape("layer 1 (region): " + fragment)):
         validate(program)
+
+
+# -- the batch file of a region model ------------------------------------------------
+
+def test_boxes_batch_files(tmp_path):
+    from tilec_runtime.data import generated_batches, load_batches, target_shape
+    from tilec_runtime.errors import DataError
+    program = _detector()
+    assert target_shape(program) == (4, 5)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 3, 8, 8)).astype(np.float32)
+    boxes = _truth(rng, 3, 4, 3)
+    np.savez(tmp_path / "ok.npz", images=images, boxes=boxes)
+    source = load_batches(tmp_path / "ok.npz", program, 2)
+    got_images, got_boxes = source.get(1)  # items 2, 0
+    np.testing.assert_array_equal(got_boxes, boxes[[2, 0]].astype(np.float32))
+    assert reference.train_step(program, *init_params(program, 0), got_images, got_boxes)[0] > 0
+    generated = generated_batches(program, 2, 0).get(0)[1]
+    assert generated.shape == (2, 4, 5) and np.all(generated[:, 0, 0] >= 0)
+    bad_cases = [((0, 0, 0), 3.0, "classes must be integers in [0, 2]"),
+                 ((0, 0, 3), 1.5, "centres must lie in [0, 1] and sizes in (0, 1]"),
+                 ((0, 3, 0), -2.0, "padding rows must have class -1")]
+    for index, value, fragment in bad_cases:
+        bad = boxes.copy()
+        bad[index] = value
+        np.savez(tmp_path / "bad.npz", images=images, boxes=bad)
+        with pytest.raises(DataError, match=re.escape(f"'boxes' {fragment}")):
+            load_batches(tmp_path / "bad.npz", program, 2)
+    np.savez(tmp_path / "short.npz", images=images, boxes=boxes[:, :2])
+    with pytest.raises(DataError, match=re.escape("'boxes' has shape (3, 2, 5), the model needs (3, 4, 5)")):
+        load_batches(tmp_path / "short.npz", program, 2)

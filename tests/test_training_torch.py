@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -30,11 +30,17 @@ def train_reference(program, params, buffers, batches, steps, lr, momentum, deca
     return losses
 
 
-def assert_state_close(ours, theirs, rtol, what, start=None):
+def assert_state_close(ours, theirs, rtol, what, start=None, exact=None):
     """Same keys, dtypes and shapes; each tensor within rtol of its own scale,
     or of the largest change of any tensor since ``start``: a parameter whose
     gradient is 0 analytically (the bias of a conv feeding a batch norm) has
-    a rounding-level gradient, relative to the others' not its own."""
+    a rounding-level gradient, relative to the others' not its own.
+
+    With ``exact`` (the float64 run from the same float32 values), float32 is
+    judged against its own conditioning: ``ours`` may also differ from
+    ``theirs`` by up to 3 times ``theirs``' own distance to the exact result
+    (a scale-invariant weight feeding a batch norm over a few values crosses
+    zero and amplifies float32 rounding a thousandfold in torch too)."""
     assert set(ours) == set(theirs), what
     floor = 1e-300
     if start is not None:
@@ -44,7 +50,10 @@ def assert_state_close(ours, theirs, rtol, what, start=None):
         assert a.dtype == t.dtype and a.shape == t.shape, key
         scale = max(np.abs(t).max(), floor)
         err = np.abs(a.astype(np.float64) - t).max()
-        assert err <= rtol * scale, f"{what} {key}: max error {err:.3g}, scale {scale:.3g}"
+        allowed = rtol * scale
+        if exact is not None:
+            allowed = max(allowed, 3 * np.abs(t.astype(np.float64) - exact[key]).max())
+        assert err <= allowed, f"{what} {key}: max error {err:.3g}, scale {scale:.3g}, allowed {allowed:.3g}"
 
 
 def stable_lr(program, params, buffers, batches):
@@ -57,14 +66,28 @@ def stable_lr(program, params, buffers, batches):
                                     images.astype(np.float64), target)
     g = max(np.abs(v).max() for v in grads.values())
     p = max(np.abs(v).max() for v in params.values())
-    return LR * min(1.0, p / g)
+    return LR * min(1.0, p / g) if g > 0 else LR  # g == 0: every unit dead (relu)
+
+
+def _scale_invariant_bn():
+    """Found by hypothesis: a 1x1 single-filter conv into a batch norm over
+    14 values; the conv weight starts at -0.028 and crosses zero, where the
+    loss is scale-invariant in it: float32 rounding is amplified ~1000x (in
+    torch too), so float32 is judged against its own conditioning."""
+    b = ProgramBuilder(1, 5, 15)
+    b.maxpool(2, 2, 0)
+    b.conv(1, 1, 1, 0, bn=True, act="linear")
+    b.cost()
+    return b.build()
 
 
 @settings(max_examples=25, deadline=None)
 @given(random_stacks(), st.sampled_from(["float64", "float32"]), st.integers(2, 3), st.integers(0, 2**16))
+@example(_scale_invariant_bn(), "float32", 2, 58926)
 def test_sgd_training_matches_torch(program, dtype, batch, seed):
     """Three SGD steps with momentum and weight decay: losses, weights and
-    batch-norm running statistics equal torch's."""
+    batch-norm running statistics equal torch's (float64: 1e-9; float32:
+    1e-4, or as close as float32's own conditioning allows)."""
     params, buffers = weights.init_params(program, seed, dtype)
     p0 = {k: v.copy() for k, v in params.items()}
     b0 = {k: v.copy() for k, v in buffers.items()}
@@ -74,9 +97,17 @@ def test_sgd_training_matches_torch(program, dtype, batch, seed):
     tlosses, tparams, tbuffers = torch_oracle.train(program, p0, b0, batches, 3, lr, MOMENTUM, DECAY)
     rtol = RTOL[dtype]
     assert np.all(np.isfinite(losses))
-    np.testing.assert_allclose(losses, tlosses, rtol=rtol)
-    assert_state_close(params, tparams, rtol, "param", p0)
-    assert_state_close(buffers, tbuffers, rtol, "buffer", b0)
+    allowed = rtol * np.abs(tlosses)
+    xparams = xbuffers = None
+    if dtype == "float32":
+        up = lambda d: {k: v.astype(np.float64) for k, v in d.items()}  # noqa: E731
+        target = batches.target if batches.target.dtype.kind in "iu" else batches.target.astype(np.float64)
+        exact = data.BatchSource(batches.images.astype(np.float64), target, batch)
+        xlosses, xparams, xbuffers = torch_oracle.train(program, up(p0), up(b0), exact, 3, lr, MOMENTUM, DECAY)
+        allowed = np.maximum(allowed, 3 * np.abs(np.subtract(tlosses, xlosses)))
+    assert np.all(np.abs(np.subtract(losses, tlosses)) <= allowed), (losses, tlosses)
+    assert_state_close(params, tparams, rtol, "param", p0, xparams)
+    assert_state_close(buffers, tbuffers, rtol, "buffer", b0, xbuffers)
     # the test has teeth: the weights moved by much more than the tolerance
     moved = max(np.abs(params[k].astype(np.float64) - p0[k]).max() for k in params)
     assert moved > 10 * rtol * max(np.abs(v).max() for v in p0.values())
@@ -205,6 +236,13 @@ def test_init_params_layer_streams_independent():
     a, _ = weights.init_params(prog, 3)
     b, _ = weights.init_params(longer, 3)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # and two layers of the same shape draw different weights
+    p = ProgramBuilder(3, 5, 5)
+    p.conv(3, 3)
+    p.conv(3, 3)
+    p.cost()
+    twins, _ = weights.init_params(p.build(), 3)
+    assert not np.array_equal(twins["0.conv.weight"], twins["1.conv.weight"])
 
 
 def test_init_params_he_normal_scale():
@@ -283,7 +321,8 @@ def _corrupt(kind, path, good):
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "npy":
-        np.save(path.open("wb"), np.zeros(3))
+        with path.open("wb") as f:
+            np.save(f, np.zeros(3))
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "bitflip", "missing", "empty", "npy"])

@@ -16,14 +16,14 @@
    ``loss.png``, ``eval.txt`` and ``summary.txt``/``summary.json``: the
    measured step time and memory of each device next to the predictions.
 
-A stage whose module is missing is skipped with a message saying so; the
-run goes on with what there is.
+Until the worker processes take a [region] loss's box targets, the 2
+devices run as threads of this process instead, and the run says so.
 """
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -36,7 +36,7 @@ DEMO_FILE = "demo.json"
 class DemoConfig:
     model: str = "detector-small"
     devices: int = 2
-    steps: int = 400
+    steps: int = 800
     images: int = 1500          # synthetic images (train + val)
     seed: int = 0
     dtype: str = "float32"
@@ -49,7 +49,6 @@ class DemoConfig:
     batch: int = None           # default: the model's [net] batch
     lr: float = None            # default: the model's [net] learning_rate
     evaluate: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def cache_dir():
@@ -82,7 +81,6 @@ class Progress:
         self.total, self.batch, self.out, self.first, self.every = total, batch, out, first, every
         self.tty = hasattr(out, "isatty") and out.isatty()
         self.recent = []
-        self.started = time.perf_counter()
 
     def __call__(self, step, loss, seconds):
         self.recent = (self.recent + [seconds])[-20:]
@@ -122,46 +120,29 @@ class Metrics:
 # -- stages ------------------------------------------------------------------------
 
 def make_plan(graph, cfg, batch, optimizer, run_dir, out):
-    """(plan, cost-model prediction or None): the optimiser's plan, or an even
-    grid when the optimiser is not available."""
+    """The optimiser's plan, written with its report (plan.txt) and DOT graph to ``run_dir``."""
+    from tilec.compile import plan_with_solution, prediction_report
+    from tilec.inspect.dot import plan_dot
     from tilec_runtime.planfile import write_plan
-    try:
-        from tilec.compile import plan_with_solution, prediction_report
-        plan, solution, _ = plan_with_solution(graph, devices=cfg.devices, batch=batch, dtype=cfg.dtype,
-                                               optimizer=optimizer)
-        report = prediction_report(plan, solution)
-    except ImportError as exc:
-        from tilec.compile import compile_plan
-        out.write(f"plan: the optimiser is not available ({exc}); using an even grid\n")
-        plan = compile_plan(graph, devices=cfg.devices, batch=batch, dtype=cfg.dtype, optimizer=optimizer,
-                            groups="auto", grid=None)
-        report = ""
+    plan, solution, _ = plan_with_solution(graph, devices=cfg.devices, batch=batch, dtype=cfg.dtype,
+                                           optimizer=optimizer)
     write_plan(plan, run_dir)
     groups = [g for g in plan["groups"] if g["kind"] == "tiled"]
     desc = ", ".join(f"layers {g['layers'][0]}-{g['layers'][1]} on "
                      f"{len(g['row_splits']) - 1}x{len(g['col_splits']) - 1}" for g in groups)
     out.write(f"plan: {plan['model']} on {cfg.devices} devices: {desc}; tail on rank 0 "
               f"({run_dir}/plan.json)\n")
-    if report:
-        with open(os.path.join(run_dir, "plan.txt"), "w") as f:
-            f.write(report + "\n")
-    try:
-        from tilec.inspect.dot import plan_dot
-        with open(os.path.join(run_dir, "plan.dot"), "w") as f:
-            f.write(plan_dot(plan))
-    except ImportError:
-        out.write("plan: no DOT writer (tilec.inspect.dot) yet: plan.dot skipped\n")
+    with open(os.path.join(run_dir, "plan.txt"), "w") as f:
+        f.write(prediction_report(plan, solution) + "\n")
+    with open(os.path.join(run_dir, "plan.dot"), "w") as f:
+        f.write(plan_dot(plan))
     return plan
 
 
 def simulate_plan(plan, run_dir, out):
-    """The simulated step (seconds) against this machine's profile, and timeline.png; None if unavailable."""
-    try:
-        from tilec.compile import resolve_cluster
-        from tilec.inspect.simulate import simulate, timeline_png
-    except ImportError as exc:
-        out.write(f"simulate: not available ({exc}): timeline.png skipped\n")
-        return None
+    """The plan's step simulated against this machine's profile (a SimResult); draws timeline.png."""
+    from tilec.compile import resolve_cluster
+    from tilec.inspect.simulate import simulate, timeline_png
     names = [d["name"] for d in plan["devices"]]
     result = simulate(plan, resolve_cluster(names, None), keep_events=True)
     path = os.path.join(run_dir, "timeline.png")
@@ -223,8 +204,8 @@ def generated_kernels(backend, dtype, out):
         (module, _, _), = build_modules([(dtype,)], progress=lambda msg: out.write(f"train: {msg}\n"))
         return GeneratedOps(module)
     except (ImportError, TilecError, OSError) as exc:
-        out.write(f"train: no generated kernels ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                  "using the numpy kernels\n")
+        first_line = (str(exc).splitlines() or [""])[0]
+        out.write(f"train: no generated kernels ({type(exc).__name__}: {first_line}); using the numpy kernels\n")
         return None
 
 
@@ -285,7 +266,7 @@ def evaluate(program, params, buffers, data_dir, out):
     return mean_ap, per_class, table
 
 
-def summary(plan, records, sim, losses_s, evaluation):
+def summary(plan, records, sim, step_seconds, evaluation):
     """Measured vs predicted step time and memory per device (JSON-able)."""
     names = [d["name"] for d in plan["devices"]]
     pred = plan.get("predicted") or {}
@@ -305,12 +286,12 @@ def summary(plan, records, sim, losses_s, evaluation):
             "measured_sent_bytes_per_step": float(np.median([r["bytes_sent"] for r in mine])) if mine else None,
             "predicted_compute_s": p.get("compute_s"),
             "predicted_memory_bytes": p.get("memory_bytes"),
-            "simulated_busy_s": sim.busy_s[rank] if sim is not None else None,
-            "simulated_sent_bytes": sim.sent_bytes[rank] if sim is not None else None,
+            "simulated_busy_s": sim.busy_s[rank],
+            "simulated_sent_bytes": sim.sent_bytes[rank],
         })
     return {"model": plan["model"], "batch": plan["batch"], "dtype": plan["dtype"], "devices": devices,
-            "measured_step_s": float(np.median(losses_s[3:] or losses_s)) if losses_s else None,
-            "predicted_step_s": pred.get("step_s"), "simulated_step_s": sim.step_s if sim is not None else None,
+            "measured_step_s": float(np.median(step_seconds[3:] or step_seconds)) if step_seconds else None,
+            "predicted_step_s": pred.get("step_s"), "simulated_step_s": sim.step_s,
             "map50": evaluation[0] if evaluation else None,
             "ap50": {r.name: r.ap for r in evaluation[1]} if evaluation else None}
 
@@ -347,8 +328,7 @@ def summary_text(s):
 def run_demo(cfg=None, run_dir=None, resume=None, out=None):
     """Run (or, with ``resume`` a run directory, continue) the demo; returns its summary dict."""
     out = out or sys.stdout
-    from tilec.data.batches import DetectionBatches, Prefetcher
-    from tilec.data.yolo import load_split
+    from tilec.data.batches import for_model
     from tilec.frontend.darknet_weights import write_darknet
     from tilec.frontend.models import load_model
     from tilec_runtime import checkpoint as rcheckpoint
@@ -375,9 +355,6 @@ def run_demo(cfg=None, run_dir=None, resume=None, out=None):
     region = program[-1]
     if region["kind"] != "region":
         raise TilecError(f"the demo trains a detector; {cfg.model} ends in [{region['kind']}]")
-    train_set = load_split(data_dir, "train")
-    if len(train_set.classes) != region["classes"]:
-        raise TilecError(f"{data_dir} has {len(train_set.classes)} classes, {cfg.model} {region['classes']}")
     net = graph.net
     batch = cfg.batch or net["batch"]
     optimizer = {"lr": cfg.lr or net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
@@ -412,10 +389,8 @@ def run_demo(cfg=None, run_dir=None, resume=None, out=None):
         rcheckpoint.save(run_dir, done, p, b, m, model=graph.name, program=rcheckpoint.program_hash(program),
                          dtype=cfg.dtype, optimizer=optimizer, devices=len(plan["devices"]), demo=True)
 
-    batches = Prefetcher(DetectionBatches(train_set, (program[0]["in_shape"][2], program[0]["in_shape"][1]), batch,
-                                          region["max_boxes"], seed=cfg.seed, jitter=region["jitter"],
-                                          dtype=cfg.dtype))
-    out.write(f"train: {len(train_set.items)} images, batch {batch}, {cfg.steps} steps, lr {optimizer['lr']:g} "
+    batches = for_model(program, data_dir, batch, seed=cfg.seed, dtype=cfg.dtype)
+    out.write(f"train: {len(batches)} images, batch {batch}, {cfg.steps} steps, lr {optimizer['lr']:g} "
               f"(x{cfg.lr_scale:g} after steps {', '.join(str(p) for p in lr_schedule(cfg, 1)[1])})\n")
     lr, changes = lr_schedule(cfg, optimizer["lr"])
     try:
@@ -485,8 +460,7 @@ def same_weights(steps=20, devices=2, batch=None, backend="local", images=1500, 
     ``devices`` (the plan), and return the largest relative difference of any
     parameter or buffer, ``max |a - b| / max |a|`` per array."""
     from tilec.compile import compile_plan
-    from tilec.data.batches import DetectionBatches
-    from tilec.data.yolo import load_split
+    from tilec.data.batches import for_model
     from tilec.frontend.models import load_model
     from tilec_runtime import weights as rweights
 
@@ -499,9 +473,7 @@ def same_weights(steps=20, devices=2, batch=None, backend="local", images=1500, 
     net = graph.net
     batch = batch or net["batch"]
     optimizer = {"lr": net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
-    region = program[-1]
-    source = DetectionBatches(load_split(data_dir, "train"), (program[0]["in_shape"][2], program[0]["in_shape"][1]),
-                              batch, region["max_boxes"], seed=seed, jitter=region["jitter"], dtype="float64")
+    source = for_model(program, data_dir, batch, seed=seed, dtype="float64", prefetch=0)
     lr, changes = lr_schedule(cfg, optimizer["lr"])
     results = []
     for n in (1, devices):
@@ -512,3 +484,15 @@ def same_weights(steps=20, devices=2, batch=None, backend="local", images=1500, 
         results.append({**params, **buffers})
     one, many = results
     return max(float(np.max(np.abs(one[k] - many[k])) / max(float(np.max(np.abs(one[k]))), 1e-300)) for k in one)
+
+
+def run_from_args(args):
+    """`tilec train` without a MODEL: the demo (``--resume RUN`` continues one,
+    ``--checkpoint DIR`` names the run directory, ``--backend`` and
+    ``--kernels`` say how the 2 devices run); the other training flags apply
+    when a MODEL is given."""
+    if args.resume:
+        run_demo(resume=args.resume)
+    else:
+        run_demo(DemoConfig(backend=args.backend or "local", kernels=args.kernels), run_dir=args.checkpoint)
+    return 0

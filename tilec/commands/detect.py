@@ -37,8 +37,9 @@ def run(args):
             raise TilecError(f"{args.names} names {len(names)} classes, the model has {layer['classes']}")
     params, buffers = load_any(args.weights, program)
     img = open_image(args.image)
-    boxes, scores, labels = detect_images(program, params, buffers, [img], args.thresh or DRAW_THRESH,
-                                          args.nms or NMS_IOU)[0]
+    thresh = DRAW_THRESH if args.thresh is None else args.thresh
+    nms = NMS_IOU if args.nms is None else args.nms
+    boxes, scores, labels = detect_images(program, params, buffers, [img], thresh, nms)[0]
     draw_detections(img, boxes, scores, labels, names).save(args.output)
     w, h = img.size
     for k in sorted(range(len(scores)), key=lambda k: -scores[k]):

@@ -35,7 +35,9 @@ def run(args):
     if len(dataset.classes) != layer["classes"]:
         raise TilecError(f"{args.data} has {len(dataset.classes)} classes, the model {layer['classes']}")
     params, buffers = load_any(args.weights, program)
-    dets, truths = detect_dataset(program, params, buffers, dataset, args.thresh or EVAL_THRESH, args.nms or NMS_IOU)
+    thresh = EVAL_THRESH if args.thresh is None else args.thresh
+    nms = NMS_IOU if args.nms is None else args.nms
+    dets, truths = detect_dataset(program, params, buffers, dataset, thresh, nms)
     mean_ap, per_class = evaluate(dets, truths, dataset.classes, args.iou, args.eleven_point)
     print(f"{args.data} [{args.split}]: {len(dataset.items)} images")
     print(format_table(mean_ap, per_class))

@@ -4,6 +4,7 @@
 def add_parser(sub, common):
     p = sub.add_parser("train", help="train a model (default: the bundled 'tiny' on a generated batch)")
     common.model(p, required=False)
+    p.set_defaults(model=None)  # no MODEL: the detection demo (tilec.demo)
     common.plan_flags(p)
     p.add_argument("--backend", choices=("local", "inprocess"),
                    help="how several devices run on this machine: local = one worker process each, over "
@@ -35,6 +36,9 @@ def add_parser(sub, common):
 
 
 def run(args):
+    if args.model is None:
+        from tilec.demo import run_from_args
+        return run_from_args(args)
     from tilec.frontend.models import load_model
     from tilec.train import train
     from tilec_runtime.planfile import read_plan

@@ -64,6 +64,9 @@ class DetectionBatches:
     def __len__(self):
         return len(self.dataset.items)
 
+    def close(self):
+        """Nothing to release (the same interface as :class:`Prefetcher`)."""
+
     def indices(self, step):
         """Dataset indices of the items of ``step``: epoch-wise permutations."""
         n = len(self)
@@ -154,8 +157,31 @@ class Prefetcher:
     def close(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    @property
+    def dataset(self):
+        return self.source.dataset
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def for_model(program, root, batch, *, split="train", seed=0, dtype="float32", on_error="skip", augment=True,
+              prefetch=2, log=None):
+    """The batches of a region model's training on the dataset at ``root``:
+    its input size, ``max_boxes`` and ``jitter`` from the program; prefetched
+    ``prefetch`` steps ahead (0: not at all). Close it when done."""
+    from tilec.data.yolo import load_split
+    region = program[-1]
+    if region["kind"] != "region":
+        raise DatasetError(f"{root}: a detection dataset needs a model that ends in [region], not "
+                           f"[{region['kind']}]")
+    dataset = load_split(root, split, on_error=on_error, log=log)
+    if len(dataset.classes) != region["classes"]:
+        raise DatasetError(f"{root} has {len(dataset.classes)} classes, the model {region['classes']}")
+    _, h, w = program[0]["in_shape"]
+    source = DetectionBatches(dataset, (w, h), batch, region["max_boxes"], seed=seed, augment=augment,
+                              jitter=region["jitter"], dtype=dtype, on_error=on_error, log=log)
+    return Prefetcher(source, prefetch) if prefetch else source

@@ -2,7 +2,7 @@
 
 The raw loss of every step in a light colour, its moving average over
 ``window`` steps on top; a logarithmic y axis when the loss spans more than
-a factor of 20. Optional markers (e.g. a validation mAP) go on a second,
+a factor of 8. Optional markers (e.g. a validation mAP) go on a second,
 right-hand axis in [0, 1].
 """
 import math
@@ -58,7 +58,7 @@ def loss_curve_png(losses, path, title="training loss", first_step=0, window=20,
         draw.text((x0 + 10, y0 + 10), "no finite loss to draw", fill="black")
         img.save(path)
         return
-    log = finite.max() / finite.min() > 20
+    log = finite.max() / finite.min() > 8
     f = np.log10 if log else (lambda v: v)
     lo, hi = float(f(finite.min())), float(f(finite.max()))
     if hi - lo < 1e-12:

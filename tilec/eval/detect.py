@@ -4,7 +4,9 @@ A detection is a (box, class, score) with ``score = objectness * P(class)``
 (darknet's ``get_region_boxes``), kept when above ``thresh``; then per
 class, greedy non-maximum suppression drops a box that overlaps a higher-
 scoring one by more than ``nms`` IoU (darknet's ``do_nms_sort``, 0.45).
-Inference uses the batch-norm running statistics.
+Boxes are clipped to the image (as darknet does before it writes or draws
+them), and a box left with no area is dropped. Inference uses the
+batch-norm running statistics.
 """
 import numpy as np
 
@@ -68,8 +70,20 @@ def detections(x, layer, thresh=EVAL_THRESH, nms_iou=NMS_IOU):
     return out
 
 
+def clip_boxes(boxes, scores, labels):
+    """Boxes ``cx cy w h`` clipped to the unit square; those left with no area dropped."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    x0 = np.clip(boxes[:, 0] - boxes[:, 2] / 2, 0, 1)
+    x1 = np.clip(boxes[:, 0] + boxes[:, 2] / 2, 0, 1)
+    y0 = np.clip(boxes[:, 1] - boxes[:, 3] / 2, 0, 1)
+    y1 = np.clip(boxes[:, 1] + boxes[:, 3] / 2, 0, 1)
+    keep = (x1 > x0) & (y1 > y0)
+    out = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=1)
+    return out[keep], np.asarray(scores)[keep], np.asarray(labels)[keep]
+
+
 def detect_images(program, params, buffers, pil_images, thresh=EVAL_THRESH, nms_iou=NMS_IOU, batch=8):
-    """Detections of PIL images, boxes normalised to each image's own frame."""
+    """Detections of PIL images, boxes normalised to (and clipped to) each image's own frame."""
     layer = region_layer(program)
     _, h, w = program[0]["in_shape"]
     dtype = next(iter(params.values())).dtype
@@ -79,7 +93,7 @@ def detect_images(program, params, buffers, pil_images, thresh=EVAL_THRESH, nms_
         images = np.stack([letterbox(img, (w, h))[0] for img in chunk]).astype(dtype)
         x = region_input(program, params, buffers, images)
         for img, (boxes, scores, labels) in zip(chunk, detections(x, layer, thresh, nms_iou)):
-            out.append((unletterbox(boxes, img.size, (w, h)), scores, labels))
+            out.append(clip_boxes(unletterbox(boxes, img.size, (w, h)), scores, labels))
     return out
 
 
