@@ -85,6 +85,57 @@ def decays(key):
     return key.endswith(".conv.weight") or key.endswith(".fc.weight")
 
 
+def _int(layer, key, low):
+    v = layer[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ProgramError(f"layer {layer['index']} ({layer['kind']}): {key} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def _check_fields(layer):
+    """Field types and values of one layer (a plan may come off the network)."""
+    kind, i = layer["kind"], layer["index"]
+    if kind == "conv":
+        for key, low in (("filters", 1), ("size", 1), ("stride", 1), ("pad", 0)):
+            _int(layer, key, low)
+        if not isinstance(layer["bn"], bool):
+            raise ProgramError(f"layer {i} (conv): bn must be true or false, got {layer['bn']!r}")
+    elif kind == "maxpool":
+        for key, low in (("size", 1), ("stride", 1), ("padding", 0)):
+            _int(layer, key, low)
+    elif kind == "connected":
+        _int(layer, "output", 1)
+    elif kind == "reorg":
+        _int(layer, "stride", 1)
+    elif kind == "cost" and layer["type"] != "sse":
+        raise ProgramError(f"layer {i} (cost): only type sse is supported, got {layer['type']!r}")
+    if kind in ("conv", "connected") and layer["act"] not in ACTIVATIONS:
+        raise ProgramError(f"layer {i} ({kind}): unknown activation {layer['act']!r}")
+
+
+def expected_out_shape(layer, in_shapes):
+    """The output shape darknet's formulas give, or None if the input does not fit."""
+    kind = layer["kind"]
+    c, h, w = in_shapes[0]
+    if kind in ("conv", "maxpool"):
+        k, s = layer["size"], layer["stride"]
+        lo, hi = pads_of(layer)[:2]
+        ho, wo = (h + lo + hi - k) // s + 1, (w + lo + hi - k) // s + 1
+        return [layer["filters"] if kind == "conv" else c, ho, wo] if ho > 0 and wo > 0 else None
+    if kind == "avgpool":
+        return [c, 1, 1]
+    if kind == "connected":
+        return [layer["output"], 1, 1]
+    if kind == "route":
+        if any(shape[1:] != [h, w] for shape in in_shapes):
+            return None
+        return [sum(shape[0] for shape in in_shapes), h, w]
+    if kind == "reorg":
+        s = layer["stride"]
+        return [c * s * s, h // s, w // s] if h % s == 0 and w % s == 0 else None
+    return [c, h, w]  # losses
+
+
 def validate(program):
     """Check that ``program`` is a well-formed list of layers; raise ProgramError."""
     if not isinstance(program, list) or not program:
@@ -108,8 +159,13 @@ def validate(program):
         inputs = layer["inputs"]
         if not inputs or not all(isinstance(j, int) and -1 <= j < pos for j in inputs):
             raise ProgramError(f"layer {pos} ({kind}): inputs {inputs!r} must name earlier layers")
-        if kind == "conv" and layer["act"] not in ACTIVATIONS:
-            raise ProgramError(f"layer {pos} (conv): unknown activation {layer['act']!r}")
+        _check_fields(layer)
+        in_shapes = [program[0]["in_shape"] if j == -1 else program[j]["out_shape"] for j in inputs]
+        if layer["in_shape"] != in_shapes[0]:
+            raise ProgramError(f"layer {pos} ({kind}): in_shape {layer['in_shape']} is not its input's shape {in_shapes[0]}")
+        if kind != "region" and layer["out_shape"] != expected_out_shape(layer, in_shapes):
+            raise ProgramError(f"layer {pos} ({kind}): out_shape {layer['out_shape']} does not follow from "
+                               f"its inputs {in_shapes}")
         if kind == "region":
             problem = region.check(layer)
             if problem:

@@ -52,7 +52,8 @@ def load_weights(path, program, dtype="float32"):
                                        f"the model needs {tuple(shape)}")
                 out[key] = arrays[key].astype(dtype)
     expected = {k for layer in program for k in (*param_shapes(layer), *buffer_shapes(layer))}
-    extra = sorted(set(arrays) - expected)
+    # torch's BatchNorm2d state dict also counts batches; tilec has no use for it
+    extra = sorted(k for k in set(arrays) - expected if not k.endswith(".bn.num_batches_tracked"))
     if extra:
         raise WeightsError(f"{path}: unexpected parameter {extra[0]!r} (not in the model)")
     return params, buffers

@@ -134,7 +134,7 @@ def test_cli_kill_then_resume_on_fewer_devices(tmp_path):
     # --groups all: a fixed plan, no optimiser run (this tests the runtime, not the planner)
     common = ["--steps", "60", "--batch", "2", "--dtype", "float64", "--lr", "0.005", "--groups", "all"]
     ck_dir = tmp_path / "ck"
-    proc = subprocess.Popen([sys.executable, "-m", "tilec.cli", "train", "--devices", "3", "--timeout", "60",
+    proc = subprocess.Popen([sys.executable, "-m", "tilec.cli", "train", "tiny", "--devices", "3", "--timeout", "60",
                              "--checkpoint", str(ck_dir), "--checkpoint-every", "1", *common],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -161,7 +161,7 @@ def test_cli_kill_then_resume_on_fewer_devices(tmp_path):
     assert done < 60
 
     def run(*args):
-        got = subprocess.run([sys.executable, "-m", "tilec.cli", "train", *common, *args],
+        got = subprocess.run([sys.executable, "-m", "tilec.cli", "train", "tiny", *common, *args],
                              capture_output=True, text=True, timeout=120, env=ENV)
         assert got.returncode == 0, got.stderr
         return got.stdout

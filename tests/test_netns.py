@@ -102,7 +102,7 @@ def cluster(network, tmp_path):
 
 
 def train_in(ns, *args, timeout=120):
-    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tilec.cli", "train", *args],
+    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tilec.cli", "train", "tiny", *args],
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
@@ -114,7 +114,7 @@ def test_cluster_over_rate_limited_lossy_links_equals_one_device(cluster, tmp_pa
     got = train_in(names[0], *COMMON, "--cluster", str(path), "--key-file", str(key_file), "--timeout", "30",
                    "--save-weights", str(tmp_path / "cluster.npz"))
     assert got.returncode == 0, got.stderr
-    one = subprocess.run([sys.executable, "-m", "tilec.cli", "train", *COMMON, "--save-weights",
+    one = subprocess.run([sys.executable, "-m", "tilec.cli", "train", "tiny", *COMMON, "--save-weights",
                           str(tmp_path / "one.npz")], capture_output=True, text=True, timeout=120, env=ENV)
     assert one.returncode == 0, one.stderr
     with np.load(tmp_path / "cluster.npz") as a, np.load(tmp_path / "one.npz") as b:
@@ -126,7 +126,7 @@ def test_cluster_over_rate_limited_lossy_links_equals_one_device(cluster, tmp_pa
 def test_a_device_cut_off_is_named_within_the_timeout(cluster, tmp_path):
     names, path, key_file = cluster
     metrics = tmp_path / "m.jsonl"
-    proc = subprocess.Popen(["ip", "netns", "exec", names[0], sys.executable, "-m", "tilec.cli", "train",
+    proc = subprocess.Popen(["ip", "netns", "exec", names[0], sys.executable, "-m", "tilec.cli", "train", "tiny",
                              "--steps", "500", "--batch", "4", "--groups", "all", "--cluster", str(path),
                              "--key-file", str(key_file),
                              "--timeout", "3", "--metrics", str(metrics)],

@@ -100,10 +100,10 @@ def tilec(*args, timeout=120):
 
 def test_cli_local_backend_is_the_default_and_matches_inprocess(tmp_path):
     metrics = tmp_path / "m.jsonl"
-    local = tilec("train", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64",
+    local = tilec("train", "tiny", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64",
                   "--metrics", str(metrics), "--save-weights", str(tmp_path / "local.npz"))
     assert local.returncode == 0, local.stderr
-    threads = tilec("train", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64",
+    threads = tilec("train", "tiny", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64",
                     "--backend", "inprocess", "--save-weights", str(tmp_path / "threads.npz"))
     assert threads.returncode == 0, threads.stderr
     strip = lambda text: [line.split("  ")[:2] for line in text.splitlines() if line.startswith("step")]  # noqa: E731
@@ -148,11 +148,11 @@ def test_cluster_file_workers_serve_job_after_job(served_workers, tmp_path):
         lines.append(f"  - {{name: pi-{i}, host: {host}, port: {port}, profile: rpi3b}}")
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text("\n".join(lines) + "\n")
-    one = tilec("train", "--steps", "2", "--batch", "4", "--dtype", "float64", "--save-weights",
+    one = tilec("train", "tiny", "--steps", "2", "--batch", "4", "--dtype", "float64", "--save-weights",
                 str(tmp_path / "one.npz"))
     assert one.returncode == 0, one.stderr
     for run in range(2):  # the workers go back to serving after a job
-        got = tilec("train", "--steps", "2", "--batch", "4", "--dtype", "float64", "--cluster", str(cluster),
+        got = tilec("train", "tiny", "--steps", "2", "--batch", "4", "--dtype", "float64", "--cluster", str(cluster),
                     "--key-file", str(key_file), "--groups", "all",
                     "--save-weights", str(tmp_path / f"cluster{run}.npz"))
         assert got.returncode == 0, got.stderr
@@ -161,7 +161,7 @@ def test_cluster_file_workers_serve_job_after_job(served_workers, tmp_path):
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-10, atol=1e-10, err_msg=key)
     wrong = tmp_path / "wrong.key"
     wrong.write_text("not-the-cluster-key-at-all\n")
-    refused = tilec("train", "--steps", "1", "--cluster", str(cluster), "--key-file", str(wrong), "--groups", "all")
+    refused = tilec("train", "tiny", "--steps", "1", "--cluster", str(cluster), "--key-file", str(wrong), "--groups", "all")
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
         f"tilec: error: device 0 (pi-0) at {addresses[0]}: refused: wrong cluster key"]

@@ -1,0 +1,56 @@
+"""The runtime refuses malformed programs before running anything (a plan
+may come from a file or a peer)."""
+import copy
+
+import pytest
+
+from programs import ProgramBuilder
+from tilec_runtime.errors import ProgramError
+from tilec_runtime.program import validate
+
+
+def good():
+    b = ProgramBuilder(2, 12, 12)
+    b.conv(4, 3, 1, "same", bn=True, act="leaky")
+    b.maxpool(2, 2)
+    b.reorg(2, src=0)
+    b.avgpool(src=1)
+    b.connected(3, act="relu")
+    b.softmax()
+    return b.build()
+
+
+@pytest.mark.parametrize("layer, key, value, match", [
+    (4, "act", "swish", "activation"),
+    (0, "stride", 0, "stride"),
+    (0, "bn", "no", "bn"),
+    (1, "padding", -1, "padding"),
+    (1, "in_shape", [4, 12, 11], "in_shape"),
+    (0, "out_shape", [4, 12, 13], "out_shape"),
+    (2, "out_shape", [16, 6, 5], "out_shape"),
+    (4, "output", 0, "output"),
+])
+def test_bad_fields_are_refused(layer, key, value, match):
+    program = copy.deepcopy(good())
+    program[layer][key] = value
+    with pytest.raises(ProgramError, match=match):
+        validate(program)
+
+
+def test_cost_types_and_route_shapes_are_checked():
+    b = ProgramBuilder(1, 8, 8)
+    b.conv(2, 3, 1, "same")
+    b.maxpool(2, 2)
+    b.conv(1, 1, 1, 0)
+    b.cost()
+    program = b.build()
+    bad = copy.deepcopy(program)
+    bad[-1]["type"] = "l1"
+    with pytest.raises(ProgramError, match="sse"):
+        validate(bad)
+    bad = copy.deepcopy(program)
+    bad.insert(3, {"index": 3, "kind": "route", "inputs": [2, 0], "in_shape": [1, 4, 4], "out_shape": [3, 4, 4]})
+    bad[4].update(index=4, inputs=[3], in_shape=[3, 4, 4])
+    with pytest.raises(ProgramError, match="route"):
+        validate(bad)
+    assert validate(program) is program
