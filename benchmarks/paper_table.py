@@ -248,7 +248,7 @@ def plot(sim, meas, path, paper=PAPER):
     if meas:
         for row in meas["rows"]:
             ax_s.plot([2], [row["speedup"]], "k^", markersize=8)
-        ax_s.plot([], [], "k^", label="measured here, 2 workers")
+        ax_s.plot([], [], "k^", label="measured on this machine: 2 workers over 1")
     ax_s.set(xlabel="Raspberry Pi 3 devices (simulated)", ylabel="speedup over one core",
              title="training step speedup")
     ax_m.set(xlabel="Raspberry Pi 3 devices (simulated)", ylabel="memory reduction per device",

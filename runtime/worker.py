@@ -39,6 +39,7 @@ import numpy as np
 from tilec_runtime import planfile
 from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import Comm, PeerLost
+from tilec_runtime.data import target_shape
 from tilec_runtime.errors import ProgramError, RuntimeFault
 from tilec_runtime.inprocess import Device
 from tilec_runtime.program import buffer_shapes, param_shapes
@@ -105,7 +106,7 @@ def batch_specs(plan):
     images = Spec(dtype, (batch, *program[0]["in_shape"]))
     if program[-1]["kind"] == "softmax":
         return images, Spec(np.dtype("int64"), (batch,))
-    return images, Spec(dtype, (batch, *program[-1]["in_shape"]))
+    return images, Spec(dtype, (batch, *target_shape(program)))
 
 
 def state_spec(plan, index):

@@ -55,6 +55,8 @@ def test_demo_writes_every_output_and_resumes_after_an_interrupt(tmp_path, monke
     assert main(["detect", "detector-small", str(image), "--weights", str(full / "weights.npz"), "--thresh", "0",
                  "--names", str(data / "classes.txt"), "-o", str(tmp_path / "boxes.png")]) == 0
     assert "objects; wrote" in capsys.readouterr().out and (tmp_path / "boxes.png").stat().st_size > 0
+    assert main(["eval", "tiny", "--weights", "none.npz", "--data", str(data)]) == 1
+    assert "ends in [softmax], not [region]: it is not a detector" in capsys.readouterr().err
     # the second run finds the dataset in the cache
     part = tmp_path / "part"
     original = demo.Progress.__call__
@@ -109,3 +111,17 @@ def test_train_without_a_model_runs_the_demo(monkeypatch):
     assert calls[0] == (demo.DemoConfig(), None, None)
     assert calls[1] == (demo.DemoConfig(backend="inprocess", kernels="reference"), "runs/mine", None)
     assert calls[2] == (None, None, "runs/old")
+
+
+def test_loss_curve(tmp_path):
+    from PIL import Image
+
+    from tilec.eval.curve import _log_ticks, _ticks, loss_curve_png, moving_average
+    assert moving_average([1, 2, 3, 4], 2).tolist() == [1, 1.5, 2.5, 3.5]
+    assert _ticks(0, 10) == [0, 2, 4, 6, 8, 10]
+    assert [round(10 ** t, 9) for t in _log_ticks(np.log10(0.8), np.log10(30))] == [1, 2, 5, 10, 20]
+    loss_curve_png([30.0, float("nan"), 5.0, 2.0, 1.0], tmp_path / "a.png", markers=[(4, 0.6)])
+    loss_curve_png([float("nan")], tmp_path / "b.png")
+    for name in ("a.png", "b.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.size == (720, 400)

@@ -15,17 +15,11 @@ def add_parser(sub, common):
 
 def run(args):
     from tilec.data.yolo import open_image
-    from tilec.eval.detect import DRAW_THRESH, NMS_IOU, detect_images, region_layer
-    from tilec.eval.draw import draw_detections
     from tilec.errors import TilecError
-    from tilec.frontend.darknet_weights import load_any
-    from tilec.frontend.models import load_model
+    from tilec.eval.detect import DRAW_THRESH, NMS_IOU, detect_images, load_detector
+    from tilec.eval.draw import draw_detections
 
-    program = load_model(args.model).to_program()
-    try:
-        layer = region_layer(program)
-    except ValueError as exc:
-        raise TilecError(str(exc)) from None
+    program, layer, params, buffers = load_detector(args.model, args.weights)
     names = [str(c) for c in range(layer["classes"])]
     if args.names:
         try:
@@ -35,7 +29,6 @@ def run(args):
             raise TilecError(f"{args.names}: {exc.strerror}") from None
         if len(names) != layer["classes"]:
             raise TilecError(f"{args.names} names {len(names)} classes, the model has {layer['classes']}")
-    params, buffers = load_any(args.weights, program)
     img = open_image(args.image)
     thresh = DRAW_THRESH if args.thresh is None else args.thresh
     nms = NMS_IOU if args.nms is None else args.nms

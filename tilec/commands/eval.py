@@ -20,21 +20,14 @@ def run(args):
     import json
 
     from tilec.data.yolo import load_split
-    from tilec.eval.detect import EVAL_THRESH, NMS_IOU, detect_dataset, region_layer
-    from tilec.eval.map import evaluate, format_table
-    from tilec.frontend.darknet_weights import load_any
-    from tilec.frontend.models import load_model
     from tilec.errors import TilecError
+    from tilec.eval.detect import EVAL_THRESH, NMS_IOU, detect_dataset, load_detector
+    from tilec.eval.map import evaluate, format_table
 
-    program = load_model(args.model).to_program()
-    try:
-        layer = region_layer(program)
-    except ValueError as exc:
-        raise TilecError(str(exc)) from None
+    program, layer, params, buffers = load_detector(args.model, args.weights)
     dataset = load_split(args.data, args.split, on_error=args.on_error)
     if len(dataset.classes) != layer["classes"]:
         raise TilecError(f"{args.data} has {len(dataset.classes)} classes, the model {layer['classes']}")
-    params, buffers = load_any(args.weights, program)
     thresh = EVAL_THRESH if args.thresh is None else args.thresh
     nms = NMS_IOU if args.nms is None else args.nms
     dets, truths = detect_dataset(program, params, buffers, dataset, thresh, nms)

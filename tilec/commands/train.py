@@ -2,7 +2,7 @@
 
 
 def add_parser(sub, common):
-    p = sub.add_parser("train", help="train a model (default: the bundled 'tiny' on a generated batch)")
+    p = sub.add_parser("train", help="train a model; without MODEL, the detection demo (synthetic data, 2 local workers, evaluation)")
     common.model(p, required=False)
     p.set_defaults(model=None)  # no MODEL: the detection demo (tilec.demo)
     common.plan_flags(p)

@@ -27,6 +27,14 @@ def _ticks(lo, hi, n=5):
     return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def _log_ticks(lo, hi):
+    """log10 of the numbers 1, 2, 5 x 10^k within [10^lo, 10^hi]."""
+    out = []
+    for k in range(math.floor(lo), math.ceil(hi) + 1):
+        out += [math.log10(m * 10 ** k) for m in (1, 2, 5) if lo <= math.log10(m * 10 ** k) <= hi]
+    return out
+
+
 def moving_average(values, window):
     values = np.asarray(values, np.float64)
     if len(values) == 0:
@@ -70,11 +78,11 @@ def loss_curve_png(losses, path, title="training loss", first_step=0, window=20,
         return (x0 + (step - smin) / (smax - smin) * (x1 - x0),
                 y1 - (f(value) - lo) / (hi - lo) * (y1 - y0))
 
-    for t in _ticks(lo, hi):
+    for t in (_log_ticks(lo, hi) if log else _ticks(lo, hi)):
         y = px(smin, 10 ** t if log else t)[1]
         draw.line((x0 - 4, y, x0, y), fill="black")
         draw.line((x0 + 1, y, x1 - 1, y), fill=(235, 235, 235))
-        label = f"{10 ** t:g}" if log else f"{t:g}"
+        label = f"{10 ** t:.3g}" if log else f"{t:g}"
         draw.text((x0 - 8 - 6 * len(label), y - 6), label, fill="black")
     for t in _ticks(smin, smax):
         x = px(t, finite.min())[0]

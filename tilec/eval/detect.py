@@ -11,6 +11,7 @@ batch-norm running statistics.
 import numpy as np
 
 from tilec.data.augment import letterbox, unletterbox
+from tilec.errors import TilecError
 from tilec.data.yolo import open_image
 from tilec.eval.map import iou_matrix
 from tilec_runtime import reference, region
@@ -23,8 +24,18 @@ NMS_IOU = 0.45
 def region_layer(program):
     last = program[-1]
     if last["kind"] != "region":
-        raise ValueError(f"the model ends in [{last['kind']}], not [region]: it is not a detector")
+        raise TilecError(f"the model ends in [{last['kind']}], not [region]: it is not a detector")
     return last
+
+
+def load_detector(model, weights):
+    """(program, its region layer, params, buffers) of a model name or .cfg
+    and an .npz or darknet .weights file."""
+    from tilec.frontend.darknet_weights import load_any
+    from tilec.frontend.models import load_model
+    program = load_model(model).to_program()
+    layer = region_layer(program)
+    return (program, layer, *load_any(weights, program))
 
 
 def region_input(program, params, buffers, images):
