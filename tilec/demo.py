@@ -489,10 +489,12 @@ def same_weights(steps=20, devices=2, batch=None, backend="local", images=1500, 
 def run_from_args(args):
     """`tilec train` without a MODEL: the demo (``--resume RUN`` continues one,
     ``--checkpoint DIR`` names the run directory, ``--backend`` and
-    ``--kernels`` say how the 2 devices run); the other training flags apply
-    when a MODEL is given."""
+    ``--kernels`` say how the devices run, ``--steps`` and ``--devices``
+    override the demo's 800 steps on 2 devices); the other training flags
+    apply when a MODEL is given."""
     if args.resume:
         run_demo(resume=args.resume)
     else:
-        run_demo(DemoConfig(backend=args.backend or "local", kernels=args.kernels), run_dir=args.checkpoint)
+        chosen = {k: v for k, v in (("steps", args.steps), ("devices", args.devices)) if v is not None}
+        run_demo(DemoConfig(backend=args.backend or "local", kernels=args.kernels, **chosen), run_dir=args.checkpoint)
     return 0

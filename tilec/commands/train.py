@@ -1,4 +1,4 @@
-"""`tilec train [MODEL]`: train (default: the bundled 'tiny' on a generated batch)."""
+"""`tilec train [MODEL]`: train a model; without MODEL, the detection demo."""
 
 
 def add_parser(sub, common):
@@ -6,6 +6,7 @@ def add_parser(sub, common):
     common.model(p, required=False)
     p.set_defaults(model=None)  # no MODEL: the detection demo (tilec.demo)
     common.plan_flags(p)
+    add_defaults(p)
     p.add_argument("--backend", choices=("local", "inprocess"),
                    help="how several devices run on this machine: local = one worker process each, over "
                         "loopback (default); inprocess = threads of this process")
@@ -23,7 +24,7 @@ def add_parser(sub, common):
                    help="generated: kernels compiled from templates for this model (built once, then cached; "
                         "needs a C compiler); reference: the numpy kernels (default: generated)")
     p.add_argument("--data", metavar="FILE", help="batch .npz (images + labels/targets); default: generated")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, help="training steps (default 10; the demo: its own)")
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--decay", type=float)
@@ -35,6 +36,12 @@ def add_parser(sub, common):
                         "wait, bytes sent, peak memory)")
 
 
+def add_defaults(p):
+    # --devices is shared with `compile` (default 1); here None tells the
+    # demo that the user did not choose
+    p.set_defaults(devices=None)
+
+
 def run(args):
     if args.model is None:
         from tilec.demo import run_from_args
@@ -44,10 +51,10 @@ def run(args):
     from tilec_runtime.planfile import read_plan
     graph = load_model(args.model)
     plan = read_plan(args.plan) if args.plan else None
-    losses, _, _ = train(graph, steps=args.steps, batch=args.batch, lr=args.lr, momentum=args.momentum,
+    losses, _, _ = train(graph, steps=args.steps or 10, batch=args.batch, lr=args.lr, momentum=args.momentum,
                          decay=args.decay, seed=args.seed, dtype=args.dtype, data=args.data,
                          init_weights=args.init_weights, save_weights=args.save_weights,
-                         metrics=args.metrics, devices=args.devices, plan=plan, grid=args.grid,
+                         metrics=args.metrics, devices=args.devices or 1, plan=plan, grid=args.grid,
                          groups=args.groups, backend=args.backend, cluster=args.cluster, key_file=args.key_file,
                          checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
                          timeout=args.timeout, kernels=args.kernels)
