@@ -227,7 +227,7 @@ def timeline_png(result, names, path, title=""):
     from matplotlib.patches import Patch
 
     n = len(names)
-    fig, ax = plt.subplots(figsize=(12, 0.7 * n + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.7 * n + 1.9))
     for ev in result.events:
         y = n - 1 - ev.device
         if ev.kind == "send":
@@ -240,7 +240,7 @@ def timeline_png(result, names, path, title=""):
     ax.set_xlim(0, max(result.step_s, 1e-9))
     ax.set_title(title or f"simulated step: {result.step_s:.3f} s")
     ax.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLOURS.items()], loc="upper center",
-              bbox_to_anchor=(0.5, -0.12), ncol=len(KIND_COLOURS), frameon=False)
+              bbox_to_anchor=(0.5, -0.22), ncol=len(KIND_COLOURS), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
