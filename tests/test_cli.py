@@ -98,3 +98,23 @@ def test_plan_for_another_model_is_refused(tmp_path):
 def test_impossible_grid_is_explained():
     rc, _, err = run_cli("compile", "tiny", "--devices", "2", "--grid", "2x2", "-o", "/tmp/never")
     assert rc == 1 and "4 tiles for 2 devices" in err
+
+
+def test_train_on_a_dataset_directory_from_darknet_weights(tmp_path):
+    """`--data DIR` reads a YOLO-layout dataset; `--init-weights` takes darknet
+    .weights as well as .npz, and both give the same start."""
+    from tilec.frontend.darknet_weights import write_darknet
+    from tilec.frontend.models import load_model
+    from tilec_runtime import weights
+    assert main(["data", "synth", str(tmp_path / "d"), "--n", "24"]) == 0
+    program = load_model("detector-small").to_program()
+    params, buffers = weights.init_params(program, 5, "float32")
+    weights.save_weights(tmp_path / "w.npz", params, buffers)
+    write_darknet(tmp_path / "w.weights", program, params, buffers)
+    losses = []
+    for w in ("w.npz", "w.weights"):
+        m = tmp_path / f"{w}.jsonl"
+        assert main(["train", "detector-small", "--data", str(tmp_path / "d"), "--batch", "4", "--steps", "1",
+                     "--kernels", "reference", "--init-weights", str(tmp_path / w), "--metrics", str(m)]) == 0
+        losses.append(json.loads(m.read_text())["loss"])
+    assert np.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-6)

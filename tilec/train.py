@@ -91,10 +91,16 @@ def train(graph, *, steps=10, batch=None, lr=None, momentum=None, decay=None, se
             raise PlanError(f"the plan has {len(plan['devices'])} devices, the cluster file {len(names)}")
         devices = names
     if init_weights:
-        params, buffers = rweights.load_weights(init_weights, program, dtype)
+        # .npz (every key required) or darknet .weights (a backbone may cover a prefix)
+        from tilec.frontend.darknet_weights import load_any
+        params, buffers = load_any(init_weights, program, dtype, seed)
     else:
         params, buffers = rweights.init_params(program, seed, dtype)
-    if data:
+    if data and os.path.isdir(data):
+        # a YOLO-layout detection dataset, loaded and augmented on a prefetch thread
+        from tilec.data.batches import for_model
+        batches = for_model(program, data, batch, seed=seed, dtype=dtype)
+    elif data:
         batches = rdata.load_batches(data, program, batch, dtype)
     else:
         batches = rdata.generated_batches(program, batch, seed, dtype)

@@ -23,13 +23,14 @@ def add_parser(sub, common):
     p.add_argument("--kernels", choices=("generated", "reference"), default="generated",
                    help="generated: kernels compiled from templates for this model (built once, then cached; "
                         "needs a C compiler); reference: the numpy kernels (default: generated)")
-    p.add_argument("--data", metavar="FILE", help="batch .npz (images + labels/targets); default: generated")
+    p.add_argument("--data", metavar="PATH", help="a batch .npz (images + labels/targets) or a YOLO-layout "
+                   "dataset directory (region models); default: generated")
     p.add_argument("--steps", type=int, help="training steps (default 10; the demo: its own)")
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--decay", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-weights", metavar="FILE")
+    p.add_argument("--init-weights", metavar="FILE", help="weights .npz, or darknet .weights")
     p.add_argument("--save-weights", metavar="FILE")
     p.add_argument("--metrics", metavar="FILE.jsonl",
                    help="one JSON line per step (loss), and with workers one per device and step (compute, "
