@@ -8,9 +8,7 @@ reads the data and reports the loss.
 import threading
 import time
 
-import numpy as np
-
-from tilec_runtime.comm import InProcessHub
+from tilec_runtime.comm import InProcessHub, PeerLost
 from tilec_runtime.optim import SGD
 from tilec_runtime.tiled import DeviceStep
 
@@ -20,12 +18,7 @@ class Device:
 
     def __init__(self, plan, comm, params, buffers, optimizer, kernels=None):
         self.exec = DeviceStep(plan, comm, kernels)
-        keys = set(self.exec.param_keys())
-        if comm.rank == 0:
-            first = plan["groups"][-1]["layers"][0]
-            from tilec_runtime.program import param_shapes
-            for layer in plan["program"][first:]:
-                keys.update(param_shapes(layer))
+        keys = set(self.exec.param_keys())  # the tail's too, on the rank that runs it
         self.params = {k: params[k].copy() for k in params if k in keys}
         layers = {k.split(".")[0] for k in keys}
         self.buffers = {k: v.copy() for k, v in buffers.items() if k.split(".")[0] in layers}
@@ -93,9 +86,4 @@ def train(plan, params, buffers, batches, steps, on_step=None, timeout=120.0, fi
 
 def _is_echo(exc):
     """A PeerLost raised because another device failed first."""
-    from tilec_runtime.comm import PeerLost
     return isinstance(exc, PeerLost)
-
-
-def dtype_of(plan):
-    return np.dtype(plan["dtype"])

@@ -7,10 +7,7 @@ normalised values of batch-norm layers, and max-pool argmax indices (int16).
 """
 import numpy as np
 
-
-def _area(region):
-    (r0, r1), (c0, c1) = region
-    return (r1 - r0 + 1) * (c1 - c0 + 1)
+from tilec.analysis.tiles import area, flops_per_position, group_flops
 
 
 def _layer_bytes(layer, positions, batch, itemsize):
@@ -34,13 +31,13 @@ def activation_bytes(plan):
     itemsize = np.dtype(plan["dtype"]).itemsize
     out = [0] * len(plan["devices"])
     workspace = [0] * len(plan["devices"])
-    for group in plan["groups"]:
+    for g, group in enumerate(plan["groups"]):
         first, last = group["layers"]
         for tile in group["tiles"]:
             d = tile["device"]
             if group["kind"] == "tail":
                 read = {m["tensor"] for m in plan["messages"] if m["phase"] == "forward" and m["receiver"] == d
-                        and m["group"] == plan["groups"].index(group)}
+                        and m["group"] == g}
                 for t in read:
                     c, h, w = program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]
                     out[d] += batch * c * h * w * itemsize
@@ -48,8 +45,8 @@ def activation_bytes(plan):
                     _, h, w = layer["out_shape"]
                     out[d] += _layer_bytes(layer, h * w, batch, itemsize)
                 continue
-            out[d] += batch * program[first]["in_shape"][0] * _area(tile["input"]) * itemsize
-            acts = sum(_layer_bytes(program[tl["layer"]], _area(tl["region"]), batch, itemsize) for tl in tile["layers"])
+            out[d] += batch * program[first]["in_shape"][0] * area(tile["input"]) * itemsize
+            acts = sum(_layer_bytes(program[tl["layer"]], area(tl["region"]), batch, itemsize) for tl in tile["layers"])
             if group.get("recompute"):
                 workspace[d] = max(workspace[d], acts)
             else:
@@ -59,18 +56,15 @@ def activation_bytes(plan):
 
 def halo_overhead(plan):
     """Redundant forward FLOPs of the tiled groups, as a fraction of their own."""
-    from tilec.analysis.tiles import flops_per_position
     program = plan["program"]
     done = needed = 0
     for group in plan["groups"]:
         if group["kind"] != "tiled":
             continue
-        first, last = group["layers"]
-        for layer in program[first:last + 1]:
-            needed += flops_per_position(layer) * layer["out_shape"][1] * layer["out_shape"][2]
+        needed += group_flops(program, *group["layers"])
         for tile in group["tiles"]:
             for tl in tile["layers"]:
-                done += flops_per_position(program[tl["layer"]]) * _area(tl["region"])
+                done += flops_per_position(program[tl["layer"]]) * area(tl["region"])
     return done / needed - 1 if needed else 0.0
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tilec.analysis.regions import area_of, even_splits, intersect
+from tilec.analysis.regions import area_of, even_splits, intersect, length
 from tilec.analysis.tiles import group_tiles, spatial_prefix
 from tilec.errors import PlanError
 from tilec_runtime.planfile import FORMAT, VERSION, seal
@@ -165,7 +165,7 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
         c, h, w = program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
         sources = owners[tensor] if tensor >= 0 else [(0, ((0, h - 1), (0, w - 1)))]
         for src_dev, (rows, cols) in sources:
-            if length_ok(rows) and length_ok(cols):
+            if length(rows) > 0 and length(cols) > 0:  # an owner may own nothing
                 messages.append(_message(len(groups), tensor, src_dev, 0, rows, cols, c, batch, itemsize))
     last_shape = program[-1]["out_shape"]
     groups.append({"kind": "tail", "layers": [prefix, len(program) - 1],
@@ -184,10 +184,6 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
     if predicted is not None:
         plan["predicted"] = predicted
     return seal(plan)
-
-
-def length_ok(r):
-    return r[1] >= r[0]
 
 
 def _collectives(program, groups, batch):
