@@ -55,7 +55,7 @@ def forward_layers(layers, params, buffers, acts, target, train=True, kernels=No
         elif kind == "route":
             acts[i] = np.concatenate([acts[j] for j in layer["inputs"]], axis=1)
         elif kind == "reorg":
-            acts[i] = ops.reorg_forward(x, layer["stride"])
+            acts[i] = ops.reorg_forward(x, layer["stride"], layer["order"])
         elif kind == "softmax":
             loss, cache[i] = ops.softmax_xent(x.reshape(x.shape[0], -1), target)
             acts[i] = x
@@ -125,7 +125,7 @@ def backward_layers(layers, params, acts, cache, dout=None, kernels=None):
                 add(src, dy[:, start:start + c])
                 start += c
         elif kind == "reorg":
-            add(j, ops.reorg_backward(dy, layer["stride"]))
+            add(j, ops.reorg_backward(dy, layer["stride"], layer["order"]))
     return grads, dout
 
 
