@@ -210,12 +210,17 @@ def connected_backward(x, w, dy):
     return (dy @ w).reshape(x.shape), dy.T @ x2, dy.sum(axis=0)
 
 
+def log_softmax(logits):
+    """Log-probabilities over each image's values (darknet's [softmax], groups=1)."""
+    z = logits.reshape(logits.shape[0], -1)
+    z = z - z.max(axis=1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).reshape(logits.shape)
+
+
 def softmax_xent(logits, labels):
     """Mean cross-entropy of (B, K) logits against integer labels; (loss, dlogits)."""
     b = logits.shape[0]
-    z = logits.reshape(b, -1)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    logp = log_softmax(logits.reshape(b, -1))
     loss = -logp[np.arange(b), labels].mean()
     grad = np.exp(logp)
     grad[np.arange(b), labels] -= 1

@@ -68,6 +68,24 @@ def forward_layers(layers, params, buffers, acts, target, train=True, kernels=No
     return loss, cache
 
 
+def infer(program, params, buffers, images):
+    """Inference (batch-norm running statistics): every layer's output,
+    ``{index: array}``. The loss layer outputs what darknet's does at
+    inference: softmax the probabilities, region its activated entries
+    (``region.activate``), cost its input."""
+    acts = {-1: images}
+    forward_layers(program[:-1], params, buffers, acts, None, train=False)
+    last = program[-1]
+    x = acts[last["inputs"][0]]
+    if last["kind"] == "softmax":
+        x = np.exp(ops.log_softmax(x))
+    elif last["kind"] == "region":
+        x = region.activate(x, last)
+    acts[last["index"]] = x
+    del acts[-1]
+    return acts
+
+
 def backward(program, params, images, state, kernels=None):
     """Gradients of the loss w.r.t. every parameter, from ``forward``'s state."""
     acts, cache = state
