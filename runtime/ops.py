@@ -210,12 +210,17 @@ def connected_backward(x, w, dy):
     return (dy @ w).reshape(x.shape), dy.T @ x2, dy.sum(axis=0)
 
 
+def log_softmax(logits):
+    """Log-probabilities over each image's values (darknet's [softmax], groups=1)."""
+    z = logits.reshape(logits.shape[0], -1)
+    z = z - z.max(axis=1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).reshape(logits.shape)
+
+
 def softmax_xent(logits, labels):
     """Mean cross-entropy of (B, K) logits against integer labels; (loss, dlogits)."""
     b = logits.shape[0]
-    z = logits.reshape(b, -1)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    logp = log_softmax(logits.reshape(b, -1))
     loss = -logp[np.arange(b), labels].mean()
     grad = np.exp(logp)
     grad[np.arange(b), labels] -= 1
@@ -229,13 +234,48 @@ def sse(y, t):
     return float(0.5 * np.sum(d.astype(np.float64) ** 2) / b), d / y.dtype.type(b)
 
 
-def reorg_forward(x, s):
-    """Space-to-depth with the channel order of torch's pixel_unshuffle."""
+# Both reorg orders are one transpose of a 6-d view; each axis tuple maps the
+# input view's axes to the output's, and backward applies its inverse.
+_REORG_AXES = {"space_to_depth": (0, 1, 3, 5, 2, 4), "darknet": (0, 3, 5, 1, 2, 4)}
+
+
+def _reorg_view(shape, s, order):
+    """The 6-d view of a reorg input (B, C, H, W) that the transpose permutes."""
+    b, c, h, w = shape
+    if order == "space_to_depth":
+        return (b, c, h // s, s, w // s, s)
+    if order == "darknet":
+        # darknet indexes its (C, H, W) input as if it were (C/s², H*s, W*s)
+        return (b, c // (s * s), h, s, w, s)
+    raise ValueError(f"reorg: unknown order {order!r}")
+
+
+def reorg_forward(x, s, order):
+    """Reorg with stride ``s``: (B, C, H, W) -> (B, C*s*s, H/s, W/s).
+
+    ``order="space_to_depth"``: output channel ``(c*s + dy)*s + dx`` at
+    (i, j) is input (c, i*s + dy, j*s + dx): torch's pixel_unshuffle (the
+    inverse of ONNX DepthToSpace in CRD mode). ONNX SpaceToDepth itself is
+    blocks-first, channel ``(dy*s + dx)*C + c``: equal only for C = 1.
+
+    ``order="darknet"``: darknet's ``reorg_cpu`` (forward, not reversed),
+    which YOLOv2's weights were trained with. Per image it is a permutation
+    of the flat (C, H, W) data: output flat index ``i + W*(j + H*k)`` (k < C,
+    j < H, i < W: input extents) takes input flat index
+    ``w2 + W*s*(h2 + H*s*c2)`` with ``c2 = k mod C/s²``, ``o = k div C/s²``,
+    ``w2 = i*s + o mod s``, ``h2 = j*s + o div s``; the result is then read
+    as (C*s*s, H/s, W/s). Not a space-to-depth: it needs ``C`` divisible by
+    ``s*s``.
+    """
     b, c, h, w = x.shape
-    return x.reshape(b, c, h // s, s, w // s, s).transpose(0, 1, 3, 5, 2, 4).reshape(b, c * s * s, h // s, w // s)
+    view = x.reshape(_reorg_view(x.shape, s, order))
+    return view.transpose(_REORG_AXES[order]).reshape(b, c * s * s, h // s, w // s)
 
 
-def reorg_backward(dy, s):
+def reorg_backward(dy, s, order):
+    """The gradient of :func:`reorg_forward`: the inverse permutation."""
     b, cs2, ho, wo = dy.shape
-    c = cs2 // (s * s)
-    return dy.reshape(b, c, s, s, ho, wo).transpose(0, 1, 4, 2, 5, 3).reshape(b, c, ho * s, wo * s)
+    in_shape = (b, cs2 // (s * s), ho * s, wo * s)
+    axes = _REORG_AXES[order]
+    out_view = tuple(_reorg_view(in_shape, s, order)[a] for a in axes)
+    return dy.reshape(out_view).transpose(np.argsort(axes)).reshape(in_shape)

@@ -11,8 +11,11 @@ Fields common to every layer:
 Per kind: conv ``filters, size, stride, pad, bn, act``; maxpool ``size,
 stride, padding`` (total padding, darknet's: the map is offset by
 ``padding // 2`` at the top/left); connected ``output, act``; cost ``type``
-(``sse``); reorg ``stride``; region (the YOLOv2 loss, ``tilec_runtime.region``)
-``anchors`` (2*num numbers, in cells), ``classes, coords, num, softmax,
+(``sse``); reorg ``stride, order`` (``order`` is ``darknet``, the
+permutation of darknet's reorg layer that YOLOv2's weights were trained
+with, or ``space_to_depth``, a clean space-to-depth in torch's
+pixel_unshuffle order: see ``ops.reorg_forward``); region (the YOLOv2 loss,
+``tilec_runtime.region``) ``anchors`` (2*num numbers, in cells), ``classes, coords, num, softmax,
 rescore, bias_match, object_scale, noobject_scale, class_scale, coord_scale,
 thresh, max_boxes`` (truth rows per image) and ``jitter`` (read by the data
 loader, not the loss). ``act`` is linear | leaky | relu.
@@ -28,6 +31,7 @@ KINDS = ("conv", "maxpool", "avgpool", "connected", "softmax", "cost", "region",
 SPATIAL = ("conv", "maxpool")
 ACTIVATIONS = ("linear", "leaky", "relu")
 LOSSES = ("softmax", "cost", "region")
+REORG_ORDERS = ("darknet", "space_to_depth")
 
 _REQUIRED = {
     "conv": ("filters", "size", "stride", "pad", "bn", "act"),
@@ -39,7 +43,7 @@ _REQUIRED = {
     "region": ("anchors", "classes", "coords", "num", "softmax", "rescore", "bias_match", "object_scale",
                "noobject_scale", "class_scale", "coord_scale", "thresh", "max_boxes", "jitter"),
     "route": (),
-    "reorg": ("stride",),
+    "reorg": ("stride", "order"),
 }
 
 
@@ -106,7 +110,15 @@ def _check_fields(layer):
     elif kind == "connected":
         _int(layer, "output", 1)
     elif kind == "reorg":
-        _int(layer, "stride", 1)
+        s = _int(layer, "stride", 1)
+        if layer["order"] not in REORG_ORDERS:
+            raise ProgramError(f"layer {i} (reorg): order must be one of {', '.join(REORG_ORDERS)}, "
+                               f"got {layer['order']!r}")
+        c = layer["in_shape"][0]
+        if layer["order"] == "darknet" and c % (s * s):
+            # darknet's index arithmetic reads the input as (C/s², H*s, W*s)
+            raise ProgramError(f"layer {i} (reorg): darknet order needs input channels divisible by "
+                               f"stride² = {s * s}, got {c}")
     elif kind == "cost" and layer["type"] != "sse":
         raise ProgramError(f"layer {i} (cost): only type sse is supported, got {layer['type']!r}")
     if kind in ("conv", "connected") and layer["act"] not in ACTIVATIONS:

@@ -55,7 +55,7 @@ def forward_layers(layers, params, buffers, acts, target, train=True, kernels=No
         elif kind == "route":
             acts[i] = np.concatenate([acts[j] for j in layer["inputs"]], axis=1)
         elif kind == "reorg":
-            acts[i] = ops.reorg_forward(x, layer["stride"])
+            acts[i] = ops.reorg_forward(x, layer["stride"], layer["order"])
         elif kind == "softmax":
             loss, cache[i] = ops.softmax_xent(x.reshape(x.shape[0], -1), target)
             acts[i] = x
@@ -66,6 +66,24 @@ def forward_layers(layers, params, buffers, acts, target, train=True, kernels=No
             loss, cache[i] = region.forward(x, target, layer)
             acts[i] = x
     return loss, cache
+
+
+def infer(program, params, buffers, images):
+    """Inference (batch-norm running statistics): every layer's output,
+    ``{index: array}``. The loss layer outputs what darknet's does at
+    inference: softmax the probabilities, region its activated entries
+    (``region.activate``), cost its input."""
+    acts = {-1: images}
+    forward_layers(program[:-1], params, buffers, acts, None, train=False)
+    last = program[-1]
+    x = acts[last["inputs"][0]]
+    if last["kind"] == "softmax":
+        x = np.exp(ops.log_softmax(x))
+    elif last["kind"] == "region":
+        x = region.activate(x, last)
+    acts[last["index"]] = x
+    del acts[-1]
+    return acts
 
 
 def backward(program, params, images, state, kernels=None):
@@ -125,7 +143,7 @@ def backward_layers(layers, params, acts, cache, dout=None, kernels=None):
                 add(src, dy[:, start:start + c])
                 start += c
         elif kind == "reorg":
-            add(j, ops.reorg_backward(dy, layer["stride"]))
+            add(j, ops.reorg_backward(dy, layer["stride"], layer["order"]))
     return grads, dout
 
 

@@ -115,6 +115,17 @@ def class_probs(x, layer):
     return _sigmoid(z)
 
 
+def activate(x, layer):
+    """What darknet's region layer outputs at inference: ``x`` with the
+    logistic applied to tx, ty and objectness and the class scores turned
+    into probabilities (:func:`class_probs`); tw, th unchanged. Computed in
+    float64, returned in ``x``'s dtype."""
+    v = _split(x.astype(np.float64), layer)
+    v[:, :, [0, 1, 4]] = _sigmoid(v[:, :, [0, 1, 4]])
+    v[:, :, 5:] = class_probs(x, layer)
+    return v.reshape(x.shape).astype(x.dtype, copy=False)
+
+
 def decode(x, layer):
     """Per image: (boxes (K, 4) cx cy w h, objectness (K,), class probs (K, classes))
     over every anchor and cell, in (anchor, row, column) order."""

@@ -9,7 +9,7 @@ Shapes follow darknet's formulas:
   ``padding // 2`` at the top/left)
 - avgpool: ``(C, 1, 1)``; connected: ``(output, 1, 1)``
 - route: channels summed, spatial size of its (equal-sized) inputs
-- reorg: ``(C * s * s, H / s, W / s)``
+- reorg: ``(C * s * s, H / s, W / s)`` (darknet order: C divisible by ``s * s``)
 - softmax / cost: the shape of their input
 
 This deliberately does not use the planner's IR or cfg frontend: the tests
@@ -19,7 +19,7 @@ import copy
 
 from hypothesis import strategies as st
 
-from tilec_runtime.program import ACTIVATIONS, validate
+from tilec_runtime.program import ACTIVATIONS, REORG_ORDERS, validate
 
 
 class ShapeError(ValueError):
@@ -97,12 +97,14 @@ class ProgramBuilder:
             raise ShapeError(f"route inputs have different spatial sizes: {shapes}")
         return self._add("route", list(srcs), [sum(s[0] for s in shapes)] + shapes[0][1:])
 
-    def reorg(self, stride=2, src=None):
+    def reorg(self, stride=2, src=None, order="darknet"):
         src = self._src(src)
         c, h, w = self.shape(src)
         if h % stride or w % stride:
             raise ShapeError(f"reorg stride {stride} needs a map divisible by it, got {h}x{w}")
-        return self._add("reorg", [src], [c * stride * stride, h // stride, w // stride], stride=stride)
+        if order == "darknet" and c % (stride * stride):
+            raise ShapeError(f"darknet reorg stride {stride} needs channels divisible by {stride * stride}, got {c}")
+        return self._add("reorg", [src], [c * stride * stride, h // stride, w // stride], stride=stride, order=order)
 
     def softmax(self, src=None):
         src = self._src(src)
@@ -150,6 +152,14 @@ def _same_hw(b, hw, before):
     return [j for j in range(-1, before) if b.shape(j)[1:] == list(hw)]
 
 
+def _reorg(b, src, order, draw):
+    """A stride-2 reorg of ``src``, behind a 1x1 conv to 4 channels when
+    darknet's order needs them."""
+    if order == "darknet" and b.shape(src)[0] % 4:
+        src = b.conv(4, 1, 1, 0, bn=draw(st.booleans()), act="leaky", src=src)
+    return b.reorg(2, src=src, order=order)
+
+
 @st.composite
 def random_stacks(draw, max_prefix=5, tails=("classify", "regress", "route", "reorg")):
     """A random valid program: a spatial prefix of 1..max_prefix conv/maxpool
@@ -161,7 +171,9 @@ def random_stacks(draw, max_prefix=5, tails=("classify", "regress", "route", "re
       (or itself), then classify or regress
     - ``reorg``: YOLO-style passthrough (route of the last output with the
       reorg of an earlier map twice its size) when one exists, else reorg
-      of the last output (needs even H, W), then classify or regress
+      of the last output (needs even H, W), then classify or regress. The
+      order is drawn; darknet's needs channels divisible by 4, so as in
+      YOLOv2 a 1x1 conv to 4 channels goes first where they are not.
     """
     c, h, w = draw(st.integers(1, 4)), draw(st.integers(5, 23)), draw(st.integers(5, 23))
     b = ProgramBuilder(c, h, w)
@@ -180,11 +192,12 @@ def random_stacks(draw, max_prefix=5, tails=("classify", "regress", "route", "re
         b.route(last, draw(st.sampled_from(others)) if others else last)
     elif tail == "reorg":
         big = [j for j in range(-1, last) if b.shape(j)[1:] == [2 * hh, 2 * ww]]
+        order = draw(st.sampled_from(REORG_ORDERS))
         if big:
-            r = b.reorg(2, src=draw(st.sampled_from(big)))
+            r = _reorg(b, draw(st.sampled_from(big)), order, draw)
             b.route(r, last)
         elif hh % 2 == 0 and ww % 2 == 0:
-            b.reorg(2)
+            _reorg(b, last, order, draw)
     if tail == "classify" or (tail in ("route", "reorg") and draw(st.booleans())):
         b.avgpool()
         b.connected(draw(st.integers(2, 5)), act=draw(st.sampled_from(ACTIVATIONS)))

@@ -102,6 +102,7 @@ def test_yolov2_passthrough():
     assert layers[25]["kind"] == "route" and layers[25]["inputs"] == [16]       # layers=-9: 25 - 9
     assert layers[26]["out_shape"] == [64, 38, 38]
     assert layers[27]["kind"] == "reorg" and layers[27]["out_shape"] == [256, 19, 19]  # 64*2*2
+    assert layers[27]["order"] == "darknet"  # the permutation its published weights expect
     assert layers[28]["inputs"] == [27, 24]                                     # layers=-1,-4
     assert layers[28]["out_shape"] == [256 + 1024, 19, 19]
     assert layers[30]["out_shape"] == [425, 19, 19]
@@ -254,6 +255,8 @@ ERRORS = [
      8, "maxpool", "layer 1: window 9x9 is larger than the padded input 6x6"),
     ("reorg not divisible", NET + "[convolutional]\nfilters=2\nsize=4\n[reorg]\nstride=2\n[cost]\n",
      8, "reorg", "layer 1: input 2x5x5 is not divisible by stride 2"),
+    ("reorg channels", NET + "[convolutional]\nfilters=2\nsize=1\n[reorg]\nstride=2\n[cost]\n",
+     8, "reorg", "layer 1: input 2x8x8: darknet's reorg needs channels divisible by stride² = 4"),
     ("route size mismatch", NET + CONV + "[maxpool]\nsize=2\nstride=2\n[route]\nlayers=-1,-2\n[cost]\n",
      11, "route", "layer 2: inputs have different sizes: layer 1 is 2x3x3, layer 0 is 2x6x6"),
     ("loss not last", NET + "[softmax]\n[avgpool]\n[cost]\n", 6, "avgpool",

@@ -118,3 +118,38 @@ def test_train_on_a_dataset_directory_from_darknet_weights(tmp_path):
                      "--kernels", "reference", "--init-weights", str(tmp_path / w), "--metrics", str(m)]) == 0
         losses.append(json.loads(m.read_text())["loss"])
     assert np.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_forward_writes_every_layer_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """`tilec forward`: one array per layer index, batch norm with the running
+    statistics, softmax probabilities at the end; a wrong or missing input or
+    weights file is one line and exit status 1."""
+    from tilec.frontend.models import load_model
+    from tilec_runtime import ops, weights
+    program = load_model("tiny").to_program()
+    params, buffers = weights.init_params(program, 3, "float32")
+    buffers["0.bn.running_var"][:] = 4.0  # eval mode reads it
+    w = tmp_path / "w.npz"
+    weights.save_weights(w, params, buffers)
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32))
+    out = tmp_path / "out.npz"
+    assert main(["forward", "tiny", "--weights", str(w), "--input", str(x), "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with np.load(out) as z:
+        assert sorted(z.files, key=int) == [str(i) for i in range(len(program))]
+        z0 = ops.conv2d_forward(np.load(x), params["0.conv.weight"], 1, (1, 1, 1, 1)) / np.sqrt(4.0 + ops.BN_EPS)
+        assert np.allclose(z["0"], ops.act_forward(z0, "leaky"), rtol=1e-5, atol=1e-6)
+        assert np.allclose(z[str(len(program) - 1)].sum(axis=(1, 2, 3)), 1.0)
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 30, 32), np.float32))
+    for args, fragment in [
+        (["--input", str(tmp_path / "bad.npy")], "bad.npy: input has shape (2, 3, 30, 32), the model needs "
+                                                 "(N, C, H, W) = (N, 3, 32, 32)"),
+        (["--input", str(tmp_path / "none.npy")], "none.npy: cannot read input"),
+        (["--input", str(w)], "w.npz: cannot read input: not a .npy array"),
+        (["--input", str(x), "--weights", str(tmp_path / "none.weights")], "none.weights: cannot read weights"),
+    ]:
+        argv = ["forward", "tiny", "--weights", str(w), "-o", str(out), *args]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, err

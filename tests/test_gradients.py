@@ -69,8 +69,10 @@ CASES = {
     "route-fanout": (2, (2, 5, 6), [_conv(filters=3, size=3, act="leaky"), lambda p: p.route(1, 0),
                                     _conv(filters=2, size=1, pad=0)], "cost"),
     "route-self": (2, (1, 4, 4), [lambda p: p.route(0, 0), _conv(filters=2, size=3, bn=True)], "cost"),
-    "reorg": (2, (2, 4, 6), [lambda p: p.reorg(2), _conv(filters=2, size=1, pad=0)], "cost"),
-    "reorg-passthrough": (2, (2, 6, 4), [_conv(filters=2, size=3, stride=2, act="leaky"), lambda p: p.reorg(2, src=0),
+    "reorg": (2, (8, 4, 6), [lambda p: p.reorg(2), _conv(filters=2, size=1, pad=0)], "cost"),
+    "reorg-space-to-depth": (2, (2, 4, 6), [lambda p: p.reorg(2, order="space_to_depth"),
+                                            _conv(filters=2, size=1, pad=0)], "cost"),
+    "reorg-passthrough": (2, (4, 6, 4), [_conv(filters=2, size=3, stride=2, act="leaky"), lambda p: p.reorg(2, src=0),
                                          lambda p: p.route(2, 1), _conv(filters=2, size=3, bn=True)], "softmax"),
     "dead-branch": (2, (2, 5, 5), [_conv(filters=2, size=3), _conv(filters=2, size=3, src=0)], "cost"),
 }

@@ -584,15 +584,16 @@ def test_sse_matches_torch(dt, shape, seed):
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("s,shape", [(2, (2, 3, 4, 6)), (3, (1, 2, 6, 9)), (2, (1, 1, 2, 2)), (1, (2, 2, 3, 3))])
-def test_reorg_matches_pixel_unshuffle(dt, s, shape):
-    """A permutation: forward and backward exactly equal torch's."""
+def test_space_to_depth_reorg_matches_pixel_unshuffle(dt, s, shape):
+    """A permutation: forward and backward exactly equal torch's. (darknet's
+    order: tests/test_darknet_parity.py.)"""
     rng = np.random.default_rng(s)
     x = rng.standard_normal(shape).astype(dt)
-    y = ops.reorg_forward(x, s)
+    y = ops.reorg_forward(x, s, "space_to_depth")
     tx = torch.tensor(x, requires_grad=True)
     ty = F.pixel_unshuffle(tx, s)
     assert y.dtype == dt and np.array_equal(y, ty.detach().numpy())
     dy = rng.standard_normal(y.shape).astype(dt)
     ty.backward(torch.tensor(dy))
-    dx = ops.reorg_backward(dy, s)
+    dx = ops.reorg_backward(dy, s, "space_to_depth")
     assert dx.dtype == dt and np.array_equal(dx, tx.grad.numpy())

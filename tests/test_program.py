@@ -29,6 +29,7 @@ def good():
     (0, "out_shape", [4, 12, 13], "out_shape"),
     (2, "out_shape", [16, 6, 5], "out_shape"),
     (4, "output", 0, "output"),
+    (2, "order", "pixel_unshuffle", "layer 2 \\(reorg\\): order must be one of darknet, space_to_depth"),
 ])
 def test_bad_fields_are_refused(layer, key, value, match):
     program = copy.deepcopy(good())
@@ -54,3 +55,19 @@ def test_cost_types_and_route_shapes_are_checked():
     with pytest.raises(ProgramError, match="route"):
         validate(bad)
     assert validate(program) is program
+
+
+def test_reorg_order_is_required_and_darknet_needs_whole_channel_groups():
+    program = copy.deepcopy(good())
+    del program[2]["order"]  # a plan written before the field existed meant space_to_depth: no silent default
+    with pytest.raises(ProgramError, match="layer 2 \\(reorg\\): missing field 'order'"):
+        validate(program)
+    b = ProgramBuilder(2, 12, 12)
+    b.conv(6, 3, 1, "same")
+    b.reorg(2, order="space_to_depth")
+    b.cost()
+    program = b.build()
+    program[1]["order"] = "darknet"
+    with pytest.raises(ProgramError, match="layer 1 \\(reorg\\): darknet order needs input channels divisible "
+                                           "by stride² = 4, got 6"):
+        validate(program)

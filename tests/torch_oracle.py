@@ -19,6 +19,20 @@ def _act(z, kind):
     return z
 
 
+def darknet_reorg(x, s):
+    """darknet's ``reorg_cpu`` (forward), written out from its index
+    arithmetic as a gather, independently of ``ops.reorg_forward``'s
+    transpose: output flat ``i + w*(j + h*k)`` reads input flat
+    ``w2 + w*s*(h2 + h*s*c2)``."""
+    b, c, h, w = x.shape
+    k, j, i = torch.meshgrid(torch.arange(c), torch.arange(h), torch.arange(w), indexing="ij")
+    out_c = c // (s * s)
+    c2, offset = k % out_c, k // out_c
+    w2, h2 = i * s + offset % s, j * s + offset // s
+    source = (w2 + w * s * (h2 + h * s * c2)).reshape(-1)  # indexed by i + w*(j + h*k)
+    return x.reshape(b, -1)[:, source].reshape(b, c * s * s, h // s, w // s)
+
+
 def forward(program, tparams, tbuffers, images, target):
     """Loss of the program in torch; updates tbuffers like batch_norm(training=True)."""
     acts = {-1: images}
@@ -46,8 +60,10 @@ def forward(program, tparams, tbuffers, images, target):
             acts[i] = _act(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
         elif kind == "route":
             acts[i] = torch.cat([acts[j] for j in layer["inputs"]], dim=1)
-        elif kind == "reorg":
+        elif kind == "reorg" and layer["order"] == "space_to_depth":
             acts[i] = F.pixel_unshuffle(x, layer["stride"])
+        elif kind == "reorg":
+            acts[i] = darknet_reorg(x, layer["stride"])
         elif kind == "softmax":
             loss = F.cross_entropy(x.reshape(x.shape[0], -1), target)
         elif kind == "cost":

@@ -118,7 +118,7 @@ def _elt_calls(rng, c, hw, b, dtype):
     """reorg (a pure data movement) stands for route/reorg/avgpool/losses."""
     x = rng.standard_normal((b, c, hw * 2, hw * 2)).astype(dtype)
     dy = rng.standard_normal((b, c * 4, hw, hw)).astype(dtype)
-    return lambda: ops.reorg_forward(x, 2), lambda: ops.reorg_backward(dy, 2)
+    return lambda: ops.reorg_forward(x, 2, "darknet"), lambda: ops.reorg_backward(dy, 2, "darknet")
 
 
 def _samples(quick, dtype, min_time):
@@ -142,7 +142,7 @@ def _samples(quick, dtype, min_time):
         record(layer, 1, b, _fc_calls(rng, n_in, n_out, b, dtype))
     for c, hw, b in (ELT_QUICK if quick else ELT_SHAPES):
         layer = {"kind": "reorg", "index": 0, "inputs": [-1], "in_shape": [c, hw * 2, hw * 2],
-                 "out_shape": [c * 4, hw, hw], "stride": 2}
+                 "out_shape": [c * 4, hw, hw], "stride": 2, "order": "darknet"}
         record(layer, hw * hw, b, _elt_calls(rng, c, hw, b, dtype))
     return out
 

@@ -3,4 +3,4 @@
 Subcommand modules import their stages inside ``run`` so that `tilec --help`
 and an unrelated subcommand stay fast.
 """
-COMMANDS = ("info", "compile", "train", "worker", "profile", "dot", "simulate", "data", "eval", "detect")
+COMMANDS = ("info", "compile", "train", "worker", "profile", "dot", "simulate", "data", "eval", "detect", "forward")

@@ -102,9 +102,11 @@ class Model:
             raise ConfigError(f"node {index} (route): layers {list(layers)} reach before layer 0")
         return self._add("route", inputs)
 
-    def reorg(self, stride=2):
-        """Space-to-depth: ``[C, H, W] -> [C*s*s, H/s, W/s]``."""
-        return self._add("reorg", stride=stride)
+    def reorg(self, stride=2, order="darknet"):
+        """``[C, H, W] -> [C*s*s, H/s, W/s]``: darknet's reorg permutation (as
+        in a .cfg), or ``order="space_to_depth"`` (pixel_unshuffle order);
+        see ``tilec_runtime.ops.reorg_forward``."""
+        return self._add("reorg", stride=stride, order=order)
 
     def __len__(self):
         return len(self._graph)

@@ -28,7 +28,9 @@ Sections (darknet's short aliases in parentheses) and their keys:
 - ``[cost]``: ``type`` (only sse, the default).
 - ``[route]``: ``layers``, comma-separated; a negative entry is relative to
   the route's own index (``-1`` is the layer before it), others absolute.
-- ``[reorg]``: ``stride`` (required; only 2).
+- ``[reorg]``: ``stride`` (required; only 2). darknet's reorg permutation
+  (``order="darknet"`` in the IR), not a clean space-to-depth; the input
+  channels must be divisible by 4.
 - ``[region]``: the YOLOv2 detection loss (``tilec_runtime.region`` states
   its exact semantics). ``anchors`` (comma-separated width, height pairs in
   grid cells; darknet's default 0.5 each), ``classes`` (20), ``coords``
@@ -254,7 +256,8 @@ def _read_layer(kind, section, path, index):
             inputs.append(j)
         return inputs, {}
     if kind == "reorg":
-        return prev, {"stride": _Reader(section, path, ("stride",)).int("stride", choices=(2,))}
+        # a .cfg is darknet's model: its weights expect darknet's permutation
+        return prev, {"stride": _Reader(section, path, ("stride",)).int("stride", choices=(2,)), "order": "darknet"}
     if kind == "region":
         return prev, _read_region(section, path)
     raise AssertionError(kind)  # SECTION_ALIASES maps only to the kinds above

@@ -37,7 +37,7 @@ def layer_detail(layer):
     if kind == "route":
         return "layers " + ",".join(str(j) for j in layer["inputs"])
     if kind == "reorg":
-        return f"/{layer['stride']}"
+        return f"/{layer['stride']}" + ("" if layer["order"] == "darknet" else f" {layer['order']}")
     if kind == "cost":
         return layer["type"]
     return ""

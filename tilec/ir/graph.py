@@ -22,7 +22,9 @@ Shape rules (darknet's):
 - softmax, cost, region: the shape of their input (region: ``C`` must be
   ``num * (4 + 1 + classes)``)
 - route: the channels of its inputs concatenated (all inputs the same H, W)
-- reorg: ``[C*s*s, H/s, W/s]`` (H and W divisible by ``s``)
+- reorg: ``[C*s*s, H/s, W/s]`` (H and W divisible by ``s``; with
+  ``order="darknet"`` also C divisible by ``s*s``: see
+  ``tilec_runtime.ops.reorg_forward``)
 
 Examples
 --------
@@ -44,7 +46,7 @@ import math
 import networkx as nx
 
 from tilec.errors import IRError
-from tilec_runtime.program import ACTIVATIONS, KINDS, LOSSES, validate
+from tilec_runtime.program import ACTIVATIONS, KINDS, LOSSES, REORG_ORDERS, validate
 
 INPUT = -1
 """The node id of the network input."""
@@ -74,6 +76,10 @@ def _bool(v):
 
 def _act(v):
     return None if v in ACTIVATIONS else f"must be one of {', '.join(ACTIVATIONS)}, got {v!r}"
+
+
+def _reorg_order(v):
+    return None if v in REORG_ORDERS else f"must be one of {', '.join(REORG_ORDERS)}, got {v!r}"
 
 
 def _cost_type(v):
@@ -113,7 +119,7 @@ FIELDS = {
                "class_scale": _nonneg_num, "coord_scale": _nonneg_num, "thresh": _fraction,
                "max_boxes": _pos_int, "jitter": _fraction},
     "route": {},
-    "reorg": {"stride": _pos_int},
+    "reorg": {"stride": _pos_int, "order": _reorg_order},
 }
 """Per kind, the fields a layer must have and how each is checked (the
 field names are the runtime's; a test keeps the two in step)."""
@@ -191,6 +197,9 @@ def out_shape(kind, fields, in_shapes, inputs):
         s = fields["stride"]
         if h % s or w % s:
             raise ValueError(f"input {_fmt(in_shapes[0])} is not divisible by stride {s}")
+        if fields["order"] == "darknet" and c % (s * s):
+            raise ValueError(f"input {_fmt(in_shapes[0])}: darknet's reorg needs channels divisible by "
+                             f"stride² = {s * s}")
         return [c * s * s, h // s, w // s]
     raise ValueError(f"unknown kind {kind!r}")  # unreachable: add_layer checks kinds
 
