@@ -15,7 +15,8 @@ import json
 
 from tilec.compile import compile_plan
 from tilec.frontend.models import load_model
-from tilec.inspect.plan_report import activation_bytes, bytes_sent, halo_overhead
+from tilec.cost.traffic import bytes_sent
+from tilec.inspect.plan_report import activation_bytes, halo_overhead
 
 
 def measure(graph, devices, batch, groups):

@@ -14,6 +14,10 @@ owns it, so a sum of three or more differs from the rank-order sum of
 rank-order all-gather of ``Comm``: they are small, and combining them in
 one fixed order on every member is what keeps them identical.
 """
+import queue
+import threading
+import time
+
 import numpy as np
 
 RING_MIN_BYTES = 64 * 1024  # below this, latency dominates: one all-gather round
@@ -34,8 +38,9 @@ def ring_chunks(shape, parts):
     return [b[i + 1] - b[i] for i in range(parts)]
 
 
-def ring_allreduce(comm, tag, array, members):
-    """Sum of ``array`` over ``members`` (sorted ranks, this one included).
+def ring_allreduce(comm, tag, array, members, inplace=False):
+    """Sum of ``array`` over ``members`` (sorted ranks, this one included);
+    with ``inplace`` the sum overwrites ``array`` (C-contiguous).
 
     Tags of the chunk messages: ``(step, "rs" | "ag", key, chunk)`` for a
     ``tag`` of ``(step, "g", key)``.
@@ -46,7 +51,7 @@ def ring_allreduce(comm, tag, array, members):
     step, _, key = tag
     p = members.index(comm.rank)
     succ, pred = members[(p + 1) % n], members[(p - 1) % n]
-    flat = np.array(array, copy=True).reshape(-1)
+    flat = array.reshape(-1) if inplace else np.array(array, copy=True).reshape(-1)
     b = chunk_bounds(flat.size, n)
 
     def chunk(c):
@@ -62,9 +67,94 @@ def ring_allreduce(comm, tag, array, members):
     # All-gather: pass each finished chunk on around the ring. A chunk sent
     # above is overwritten here only after it has gone round the whole ring
     # (the predecessor could not have finished it otherwise), so the queued
-    # send has left this process: no copies needed.
+    # send has left this process: no copies needed. The last sends may still
+    # be queued when the ring is done: the caller may change the array only
+    # once they have left.
+    sent = []
     for s in range(n - 1):
-        comm.send(succ, (step, "ag", key, (p + 1 - s) % n), chunk((p + 1 - s) % n))
+        sent.append(comm.send(succ, (step, "ag", key, (p + 1 - s) % n), chunk((p + 1 - s) % n)))
         c = (p - s) % n
         chunk(c)[...] = comm.recv(pred, (step, "ag", key, c))
+    for handle in sent:
+        handle.wait(comm.timeout)
     return flat.reshape(array.shape)
+
+
+def gather_allreduce(comm, tag, array, members):
+    """In place: ``array`` becomes the sum over ``members``, added in rank
+    order on every member (so the result is bit-identical everywhere)."""
+    sent = [comm.send(m, tag, array) for m in members if m != comm.rank]
+    parts = [array if m == comm.rank else comm.recv(m, tag) for m in members]
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    for handle in sent:
+        handle.wait(comm.timeout)  # the array goes out as it is now, before it changes
+    array[...] = total
+
+
+class GradientReducer:
+    """Sums gradient buckets over their members and applies them, on a
+    thread of its own, in the order they are started (every member starts
+    a group's buckets in the same order, so the blocking rounds of two
+    buckets never wait on each other).
+
+    ``apply(bucket)`` runs after a bucket's sums (the optimiser update).
+    A failure is kept and raised by the next ``wait``; ``events``, if a
+    list, receives (name, start, end) of each bucket for traces.
+    """
+
+    def __init__(self, comm, apply, events=None):
+        self.comm, self.apply, self.events = comm, apply, events
+        self.queue = queue.SimpleQueue()
+        self.cond = threading.Condition()
+        self.pending = 0
+        self.error = None
+        self.thread = None
+
+    def start(self, step, bucket, accumulators):
+        with self.cond:
+            self.pending += 1
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=f"tilec-grads-{self.comm.rank}", daemon=True)
+            self.thread.start()
+        self.queue.put((step, bucket, accumulators))
+
+    def wait(self, timeout=None):
+        """Until every started bucket is applied; raises the first failure."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.pending == 0 or self.error is not None, timeout):
+                raise TimeoutError("gradient all-reduce did not finish")
+            if self.error is not None:
+                raise self.error
+
+    def close(self):
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(5.0)
+            self.thread = None
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            step, bucket, acc = item
+            t0 = time.perf_counter()
+            try:
+                if self.error is None:
+                    for key, algorithm in sorted(bucket["reduce"].items()):
+                        tag = (step, "g", key)
+                        if algorithm == "ring":
+                            ring_allreduce(self.comm, tag, acc[key], bucket["members"], inplace=True)
+                        else:
+                            gather_allreduce(self.comm, tag, acc[key], bucket["members"])
+                    self.apply(bucket)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                with self.cond:
+                    self.error = self.error or exc
+            if self.events is not None:
+                self.events.append((f"all-reduce {','.join(bucket['reduce']) or 'local'}", t0, time.perf_counter()))
+            with self.cond:
+                self.pending -= 1
+                self.cond.notify_all()

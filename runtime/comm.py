@@ -8,6 +8,7 @@ weights never drift apart.
 """
 import collections
 import threading
+import time
 
 import numpy as np
 
@@ -18,18 +19,45 @@ class PeerLost(RuntimeFault):
     """A peer did not deliver an expected message in time."""
 
 
+class Sent:
+    """What ``Comm.send`` returns: ``wait()`` until the array has left, after
+    which the sender may overwrite it."""
+
+    def __init__(self, event=None):
+        self.event = event
+
+    def wait(self, timeout=None):
+        if self.event is not None and not self.event.wait(timeout):
+            raise PeerLost(f"a send did not leave in {timeout:.0f} s")
+
+
+SENT = Sent()
+
+
 class Comm:
+    """``send`` never blocks (the array must not change until its ``Sent``
+    says so); ``recv`` blocks up to the timeout. ``wait_s`` adds up the
+    time the *stepping* thread (``stepping_thread``, default any) spent
+    blocked: what a device waited, not what a background all-reduce did."""
+
     def __init__(self, rank, size, timeout):
         self.rank, self.size, self.timeout = rank, size, timeout
         self.bytes_sent = 0
+        self.wait_s = 0.0
+        self.stepping_thread = None
 
     def send(self, dest, tag, array):
         if dest != self.rank:
             self.bytes_sent += array.nbytes
-        self._send(dest, tag, np.ascontiguousarray(array))
+        return self._send(dest, tag, np.ascontiguousarray(array)) or SENT
 
     def recv(self, src, tag):
-        return self._recv(src, tag)
+        t0 = time.perf_counter()
+        try:
+            return self._recv(src, tag)
+        finally:
+            if self.stepping_thread in (None, threading.get_ident()):
+                self.wait_s += time.perf_counter() - t0
 
     def allgather(self, tag, array, members):
         """Contributions of every member, in rank order (this one's included)."""
@@ -49,7 +77,13 @@ class Comm:
 
 
 class InProcessHub:
-    """Mailboxes for devices that run as threads of one process."""
+    """Mailboxes for devices that run as threads of one process.
+
+    A send hands over the sender's array itself, and the receiver copies it
+    when it receives it; only then does the send's ``Sent`` complete. That
+    is what a socket does (the array goes out after ``send`` returned), so a
+    sender that changes an array before its send has left is caught here,
+    in the tests that run on threads, and not only on a real network."""
 
     def __init__(self, size, timeout=120.0):
         self.size, self.timeout = size, timeout
@@ -73,17 +107,21 @@ class _InProcessComm(Comm):
         self.hub = hub
 
     def _send(self, dest, tag, array):
-        # a private copy: the sender may overwrite its buffer afterwards
+        done = threading.Event()
         with self.hub._cond:
-            self.hub._boxes[dest][(self.rank, tag)].append(array.copy())
+            self.hub._boxes[dest][(self.rank, tag)].append((array, done))
             self.hub._cond.notify_all()
+        return Sent(done)
 
     def _recv(self, src, tag):
         box = self.hub._boxes[self.rank][(src, tag)]
         with self.hub._cond:
             ok = self.hub._cond.wait_for(lambda: box or self.hub.failed is not None, timeout=self.timeout)
             if box:
-                return box.popleft()
+                array, done = box.popleft()
+                copy = array.copy()
+                done.set()
+                return copy
             if self.hub.failed is not None:
                 rank, exc = self.hub.failed
                 raise PeerLost(f"device {rank} failed: {exc}")

@@ -53,7 +53,8 @@ class GeneratedOps:
         wo = ops.out_size(x.shape[3], ks, stride, pads[2], pads[3])
         band = band_rows(c, ks, ho, wo)
         z = np.empty((x.shape[0], f, ho, wo), x.dtype)
-        k.conv_forward(x, w, stride, tuple(pads), z, np.empty(c * ks * ks * band * wo, x.dtype), band)
+        ws = np.empty(self.module.workspace_size(c, ks, band, ho, wo, False, False), x.dtype)
+        k.conv_forward(x, w, stride, tuple(pads), z, ws, band)
         return z
 
     def conv2d_backward(self, x, w, stride, pads, dy):
@@ -63,8 +64,8 @@ class GeneratedOps:
         f, c, ks, _ = w.shape
         band = band_rows(c, ks, dy.shape[2], dy.shape[3])
         dx, dw = np.zeros(x.shape, x.dtype), np.empty(w.shape, x.dtype)
-        k.conv_backward(x, w, stride, tuple(pads), dy, np.empty(c * ks * ks * band * dy.shape[3], x.dtype), band,
-                        dw, dx)
+        ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True), x.dtype)
+        k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, dw, dx)
         return dx, dw
 
     # -- max-pooling -----------------------------------------------------------

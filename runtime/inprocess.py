@@ -9,64 +9,51 @@ import threading
 import time
 
 from tilec_runtime.comm import InProcessHub, PeerLost
-from tilec_runtime.optim import SGD
-from tilec_runtime.tiled import DeviceStep
+from tilec_runtime.executor import RankExecutor, rank_keys
 
 
-class Device:
-    """One device's state: its schedule, parameters, buffers, optimiser."""
-
-    def __init__(self, plan, comm, params, buffers, optimizer, kernels=None):
-        self.exec = DeviceStep(plan, comm, kernels)
-        keys = set(self.exec.param_keys())  # the tail's too, on the rank that runs it
-        self.params = {k: params[k].copy() for k in params if k in keys}
-        layers = {k.split(".")[0] for k in keys}
-        self.buffers = {k: v.copy() for k, v in buffers.items() if k.split(".")[0] in layers}
-        self.opt = SGD(**optimizer)
-
-    def train_step(self, images=None, target=None):
-        loss, grads = self.exec.step(self.params, self.buffers, images, target)
-        self.opt.step(self.params, grads)
-        return loss
+def make_executors(plan, comms, module, params, buffers, momentum=None, threads=None, trace=False):
+    """A ``RankExecutor`` per rank, each with its own copies of what it holds."""
+    out = []
+    for r, comm in enumerate(comms):
+        keys, bkeys = rank_keys(plan, r)
+        out.append(RankExecutor(plan, r, comm, module, {k: params[k].copy() for k in keys},
+                                {k: buffers[k].copy() for k in bkeys},
+                                {k: momentum[k] for k in keys if k in momentum} if momentum else None,
+                                threads=threads, trace=trace))
+    return out
 
 
-def gather_state(devices):
+def gather_state(executors):
     """Parameters, buffers and momentum of the whole model, each taken from
     the lowest rank that holds it (replicas are bit-identical)."""
     params, buffers, momentum = {}, {}, {}
-    for dev in reversed(devices):
-        params.update(dev.params)
-        buffers.update(dev.buffers)
-        momentum.update(dev.opt.velocity)
+    for ex in reversed(executors):
+        params.update(ex.params)
+        buffers.update(ex.buffers)
+        momentum.update(ex.velocity)
     return params, buffers, momentum
 
 
-def train(plan, params, buffers, batches, steps, on_step=None, timeout=120.0, first_step=0, momentum=None,
-          kernels=None):
-    """Train ``steps`` steps with every device a thread. Returns
-    (losses, params, buffers, momentum). ``on_step(step, loss, seconds)`` is
-    called by rank 0 after each step. ``kernels``: see ``DeviceStep``."""
-    n = len(plan["devices"])
-    hub = InProcessHub(n, timeout)
-    devices = [Device(plan, hub.comm(r), params, buffers, plan["optimizer"], kernels) for r in range(n)]
-    if momentum:
-        for dev in devices:
-            dev.opt.velocity = {k: momentum[k].copy() for k in dev.params if k in momentum}
+def run_ranks(executors, hub, batches, first_step, steps, on_step=None):
+    """Run ``steps`` steps on every executor, one thread each. Returns the losses."""
+    n = len(executors)
     losses, errors = [], [None] * n
 
     def run(rank):
-        dev = devices[rank]
+        ex = executors[rank]
+        ex.comm.stepping_thread = threading.get_ident()
         try:
             for step in range(first_step, first_step + steps):
                 t0 = time.perf_counter()
                 if rank == 0:
                     images, target = batches.get(step)
-                    loss = dev.train_step(images, target)
+                    loss = ex.step(images, target)
                     losses.append(loss)
                     if on_step:
                         on_step(step, loss, time.perf_counter() - t0)
                 else:
-                    dev.train_step()
+                    ex.step()
         except BaseException as exc:  # noqa: BLE001 - reported below, after join
             errors[rank] = exc
             hub.fail(rank, exc)
@@ -76,14 +63,24 @@ def train(plan, params, buffers, batches, steps, on_step=None, timeout=120.0, fi
         t.start()
     for t in threads:
         t.join()
-    first_error = next((e for e in errors if e is not None and not _is_echo(e)), None) or next(
+    for ex in executors:
+        ex.close()
+    first_error = next((e for e in errors if e is not None and not isinstance(e, PeerLost)), None) or next(
         (e for e in errors if e is not None), None)
     if first_error is not None:
         raise first_error
-    p, b, m = gather_state(devices)
+    return losses
+
+
+def train(plan, params, buffers, batches, steps, module, on_step=None, timeout=120.0, first_step=0, momentum=None,
+          threads=None):
+    """Train ``steps`` steps with every device a thread. Returns
+    (losses, params, buffers, momentum). ``on_step(step, loss, seconds)`` is
+    called by rank 0 after each step; ``module``: the kernel module of the
+    plan's dtype."""
+    hub = InProcessHub(len(plan["devices"]), timeout)
+    executors = make_executors(plan, [hub.comm(r) for r in range(len(plan["devices"]))], module, params, buffers,
+                               momentum, threads)
+    losses = run_ranks(executors, hub, batches, first_step, steps, on_step)
+    p, b, m = gather_state(executors)
     return losses, p, b, m
-
-
-def _is_echo(exc):
-    """A PeerLost raised because another device failed first."""
-    return isinstance(exc, PeerLost)

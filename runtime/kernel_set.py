@@ -5,7 +5,7 @@ import numpy as np
 
 _SUFFIX = {"float32": "f32", "float64": "f64"}
 FUNCTIONS = ("conv_forward", "conv_backward", "bn_act", "act_grad", "pool_forward", "pool_backward", "bn_stats",
-             "bn_constants", "bn_grad_constants", "bn_backward", "sse", "sgd")
+             "bn_constants", "bn_grad_constants", "bn_backward", "add_sums", "sse", "sgd")
 
 
 # im2col band of a conv: whole output rows adding up to about BAND_POSITIONS
@@ -34,3 +34,8 @@ class Kernels:
         for fn in FUNCTIONS:
             setattr(self, fn, getattr(module, f"{fn}_{_SUFFIX[name]}"))
         self.pre, self.act = module.PRE_CODES, module.ACT_CODES
+        self.module = module
+
+    def set_threads(self, n):
+        """Threads of every kernel of the module (process-wide: one module per dtype)."""
+        self.module.set_threads(n)

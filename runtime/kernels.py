@@ -37,6 +37,9 @@ BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-strict-ali
 # is built on the device that runs it, and the build key includes the CPU,
 # so a cache shared between different machines never hands one the other's.
 NATIVE_FLAGS = ("-march=native",)
+# The kernels split their work over a device's cores with OpenMP; a
+# compiler without it (Apple's clang) builds them single-threaded.
+OPENMP_FLAGS = ("-fopenmp",)
 FLAGS_ENV = "TILEC_CFLAGS"  # extra flags; "-march=..." there replaces NATIVE_FLAGS
 
 _loaded = {}
@@ -106,6 +109,8 @@ def build_flags(cc):
     flags = list(BASE_FLAGS)
     if not any(f.startswith(("-march", "-mcpu")) for f in extra) and _accepts(cc, NATIVE_FLAGS):
         flags += NATIVE_FLAGS
+    if _accepts(cc, OPENMP_FLAGS):
+        flags += OPENMP_FLAGS
     flags += extra
     if sys.platform == "darwin":
         flags += ["-undefined", "dynamic_lookup"]  # Python's symbols come from the interpreter

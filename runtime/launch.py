@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 from tilec_runtime.auth import handshake
-from tilec_runtime.collectives import RING_MIN_BYTES
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.errors import RuntimeFault
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
@@ -33,33 +32,49 @@ class JobFailed(PeerLost):
     """A job ended early; the message is the one-line report of the fault."""
 
 
-def run_job(plan, addresses, key, params, buffers, batches, *, steps, first_step=0, momentum=None,
-            timeout=120.0, state_every=0, on_step=None, on_metrics=None, on_state=None,
-            ring_min_bytes=RING_MIN_BYTES, connect_timeout=30.0, kernels=None):
+def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernels, first_step=0, momentum=None,
+            timeout=120.0, state_every=0, on_step=None, on_metrics=None, on_state=None, connect_timeout=30.0,
+            threads=None, trace=False, lr=None):
     """Train ``steps`` steps from ``first_step`` on workers at ``addresses``
     (rank order). Returns (losses, params, buffers, momentum).
 
     ``kernels``: ``{"module": name, "source": C text}`` of the generated
     kernels (``tilec.codegen.generate``), which every worker builds (once:
-    they are cached) and runs; None for the numpy kernels.
+    they are cached) and runs. ``threads``: the kernel threads of every
+    worker (default: the plan's per device). ``trace``: every record of
+    ``on_metrics`` carries its step's ops (``tilec_runtime.trace``).
+    ``lr``: [[step, learning rate]] changes of a schedule.
 
     ``on_step(step, loss, seconds)`` after each step, ``on_metrics(records)``
     with every device's record of the step, ``on_state(done, params,
     buffers, momentum)`` after steps ``first_step + k * state_every``.
     """
-    job = _Job(plan, addresses, key, timeout, ring_min_bytes)
+    job = Job(plan, addresses, key, timeout)
     try:
-        job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels)
-        return job.train(batches, first_step, steps, state_every, on_step, on_metrics, on_state)
+        job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels, threads,
+                  trace, lr)
+        losses = []
+        for step, records, state in job.steps(batches):
+            losses.append(records[0]["loss"])
+            if on_metrics:
+                on_metrics(records)
+            if on_step:
+                on_step(step, records[0]["loss"], records[0]["step_s"])
+            if state is not None and on_state:
+                on_state(step + 1, *state)
+        return (losses, *job.final_state)
     except BaseException as exc:
         job.abort(str(exc) if isinstance(exc, RuntimeFault) else f"the launcher stopped: {type(exc).__name__}")
         raise
 
 
-class _Job:
-    def __init__(self, plan, addresses, key, timeout, ring_min_bytes):
+class Job:
+    """The launcher's side of one job: ``start``, then iterate ``steps``;
+    ``request_stop`` (Ctrl-C) ends it early with the state of the last step."""
+
+    def __init__(self, plan, addresses, key, timeout):
         self.plan, self.addresses, self.key = plan, [tuple(a) for a in addresses], key
-        self.timeout, self.ring_min_bytes = float(timeout), ring_min_bytes
+        self.timeout = float(timeout)
         self.n = len(plan["devices"])
         if len(self.addresses) != self.n:
             raise RuntimeFault(f"{len(self.addresses)} worker addresses for a plan of {self.n} devices")
@@ -70,15 +85,22 @@ class _Job:
         self.mailbox = Mailbox()
         self.socks, self.links = [], {}
         self.step = 0  # the step in progress (0-based), for messages
+        self.stop_requested = False
+        self.stop_at = None  # steps the job ends after, once a stop is sent
+        self.final_state = (None, None, None)
 
     def who(self, rank):
         return f"device {rank} ({self.names[rank]})"
 
     # -- set-up -------------------------------------------------------------------
 
-    def start(self, params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels):
+    def start(self, params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels, threads,
+              trace, lr=None):
         plan = self.plan
         self.step = first_step
+        self.first, self.last = first_step, first_step + steps
+        self.reports = state_steps(first_step, self.last, state_every)
+        self.done_step = self.last
         deadline = time.monotonic() + connect_timeout
         for r, address in enumerate(self.addresses):
             with self.blame(r, ""):
@@ -95,8 +117,8 @@ class _Job:
                 send_frame(sock, Kind.JOB, 0, 0, as_bytes({
                     "job": job_id, "rank": r, "peers": [list(a) for a in self.addresses],
                     "first_step": first_step, "steps": steps, "timeout": self.timeout, "state_every": state_every,
-                    "momentum": send_momentum, "ring_min_bytes": self.ring_min_bytes, "kernels": kernels,
-                    "plan": plan}))
+                    "momentum": send_momentum, "kernels": kernels, "threads": threads, "trace": bool(trace),
+                    "lr": [[int(a), float(b)] for a, b in (lr or [])], "plan": plan}))
                 for index in holdings(plan, r, send_momentum):
                     section, key, shape = self.table[index]
                     array = sections[section].get(key)
@@ -105,18 +127,16 @@ class _Job:
                     send_frame(sock, Kind.STATE, 0, index, np.asarray(array, plan["dtype"]))
         for r, sock in enumerate(self.socks):
             with self.blame(r, " while getting ready"):
-                sock.settimeout(BUILD_TIMEOUT if kernels else SETUP_TIMEOUT)  # it may build the kernels first
+                sock.settimeout(BUILD_TIMEOUT)  # it may build the kernels first
                 reply = read_expected(sock, {Kind.READY: EMPTY, Kind.ERROR: text_spec()})
             if reply.kind == Kind.ERROR:
                 raise JobFailed(f"{self.who(r)} refused the job: {reply.text()}")
         for r, sock in enumerate(self.socks):
             with self.blame(r, " at the start"):
                 send_frame(sock, Kind.GO, 0, 0)
-        last = first_step + steps
-        reports = state_steps(first_step, last, state_every)
         for r, sock in enumerate(self.socks):
-            self.links[r] = Link(sock, r, self.mailbox, self._expect(r, first_step, last, reports),
-                                 on_frame=self._relay, heartbeat=heartbeat_interval(self.timeout))
+            self.links[r] = Link(sock, r, self.mailbox, self._expect(r), on_frame=self._relay,
+                                 heartbeat=heartbeat_interval(self.timeout))
 
     @contextlib.contextmanager
     def blame(self, rank, when):
@@ -136,16 +156,16 @@ class _Job:
             return True
         return False
 
-    def _expect(self, rank, first, last, reports):
+    def _expect(self, rank):
         mine = set(self.owned[rank])
         seen = set()
 
         def expect(kind, step, tensor):
-            if kind == Kind.METRICS and tensor == 0 and first <= step < last:
+            if kind == Kind.METRICS and tensor == 0 and self.first <= step < self.done_step:
                 spec = text_spec(MAX_METRICS_BYTES)
-            elif kind == Kind.STATE and tensor in mine and step in reports:
+            elif kind == Kind.STATE and tensor in mine and step in self.reports:
                 spec = state_spec(self.plan, tensor)
-            elif kind == Kind.DONE and step == last and tensor == 0:
+            elif kind == Kind.DONE and step == self.done_step and tensor == 0:
                 spec = EMPTY
             elif kind == Kind.ERROR:
                 return text_spec()
@@ -171,42 +191,58 @@ class _Job:
                 raise JobFailed(fault.reason) from None
             raise JobFailed(f"{self.who(fault.peer)} lost at step {self.step + 1} ({fault.reason})") from None
 
-    def train(self, batches, first, steps, state_every, on_step, on_metrics, on_state):
-        last = first + steps
-        reports = state_steps(first, last, state_every)
+    def request_stop(self):
+        """End the job early, after the steps whose batches have been sent
+        (safe from a signal handler: the training loop acts on it)."""
+        self.stop_requested = True
+
+    def steps(self, batches):
+        """Yield (step, every device's record, (params, buffers, momentum) or
+        None) per step, the state at report steps; then ``final_state``
+        holds the state after the last step run."""
+        first, last = self.first, self.last
         dtype = np.dtype(self.plan["dtype"])
         target_dtype = np.int64 if self.plan["program"][-1]["kind"] == "softmax" else dtype
+        sent = first  # batches of steps before this one are on their way
 
         def send_batch(step):
-            if step < last:
+            nonlocal sent
+            if step < last and step == sent and self.stop_at is None:
                 images, target = batches.get(step)
                 self.links[0].send(Kind.BATCH, step, 0, np.ascontiguousarray(images, dtype))
                 self.links[0].send(Kind.BATCH, step, 1, np.ascontiguousarray(target, target_dtype))
+                sent += 1
 
         # two batches ahead: rank 0 never waits for data while the launcher is busy
         send_batch(first)
         send_batch(first + 1)
-        losses, state = [], None
+        state = None
         for step in range(first, last):
+            if self.stop_requested and self.stop_at is None and sent < last:
+                self._send_stop(sent)
+            if self.stop_at is not None and step >= self.stop_at:
+                break
             self.step = step
             records = [self.wait(r, Kind.METRICS, step) for r in range(self.n)]
             records = [_json(a, self.who(r)) for r, a in enumerate(records)]
             send_batch(step + 2)
-            losses.append(records[0]["loss"])
-            if on_metrics:
-                on_metrics(records)
-            if on_step:
-                on_step(step, records[0]["loss"], records[0]["step_s"])
-            if step + 1 in reports:
-                state = self.collect(step + 1)
-                if on_state:
-                    on_state(step + 1, *state)
+            step_state = self.collect(step + 1) if step + 1 in self.reports else None
+            state = step_state or state
+            yield step, records, step_state
+        # (a stop added its step to the reports: the loop collected that state)
         for r in range(self.n):
-            self.wait(r, Kind.DONE, last)
+            self.wait(r, Kind.DONE, self.done_step)
         for link in self.links.values():
             link.send(Kind.BYE, 0, 0)
             link.close()
-        return (losses, *state)
+        self.final_state = state if state is not None else (None, None, None)
+
+    def _send_stop(self, at):
+        """Every worker ends after ``at`` steps (the batches sent so far) and reports its state there."""
+        self.stop_at = self.done_step = at
+        self.reports.add(at)
+        for link in self.links.values():
+            link.send(Kind.STOP, at, 0)
 
     def collect(self, done):
         """(params, buffers, momentum) reported after ``done`` steps."""
@@ -245,15 +281,20 @@ def _json(array, who):
 # -- the local backend ---------------------------------------------------------------
 
 
-class LocalWorkers:
-    """``n`` one-job worker processes on 127.0.0.1 (free ports), each with
-    ``threads`` BLAS threads (default: this machine's cores shared out).
-    A context manager: leaving it waits briefly, then kills what is left, so
-    no worker outlives its launcher. Worker stderr goes to ``log_dir``."""
+def local_threads(n):
+    """Kernel threads of each of ``n`` local workers: this machine's cores shared out."""
+    return max(1, (os.cpu_count() or 1) // n)
 
-    def __init__(self, n, key, *, threads=None, log_dir=None, startup_timeout=60.0, command=None, env=None):
+
+class LocalWorkers:
+    """``n`` one-job worker processes on 127.0.0.1 (free ports). BLAS runs
+    on one thread in each (the kernels split their work over the threads a
+    job gives them). A context manager: leaving it waits briefly, then kills
+    what is left, so no worker outlives its launcher. Worker stderr goes to
+    ``log_dir``."""
+
+    def __init__(self, n, key, *, log_dir=None, startup_timeout=60.0, command=None, env=None):
         self.n, self.key = n, key
-        self.threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.log_dir = log_dir
         self.startup_timeout = startup_timeout
         self.command = command or [sys.executable, "-m", "tilec_runtime.worker"]
@@ -274,8 +315,8 @@ class LocalWorkers:
             self.log_dir = self._tmp.name
         os.makedirs(self.log_dir, exist_ok=True)
         env = dict(os.environ, TILEC_KEY=self.key, **self.extra_env)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(self.threads)
+        for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = "1"
         try:
             for r in range(self.n):
                 path = os.path.join(self.log_dir, f"worker{r}.log")
@@ -283,7 +324,10 @@ class LocalWorkers:
                 with open(path, "wb") as log:
                     self.procs.append(subprocess.Popen(
                         self.command + ["--listen", "127.0.0.1:0", "--once", "--parent", str(os.getpid())],
-                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env))
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env,
+                        # not in the terminal's process group: Ctrl-C reaches the launcher
+                        # alone, which ends the job cleanly (STOP) with a checkpoint
+                        start_new_session=True))
             deadline = time.monotonic() + self.startup_timeout
             self.addresses = [self._address(r, p, deadline) for r, p in enumerate(self.procs)]
         except BaseException:
@@ -327,8 +371,9 @@ class LocalWorkers:
         return self.returncodes
 
 
-def train_local(plan, params, buffers, batches, *, steps, key=None, threads=None, log_dir=None, **kwargs):
+def train_local(plan, params, buffers, batches, *, steps, kernels, key=None, log_dir=None, **kwargs):
     """``run_job`` on ``len(plan["devices"])`` local worker processes."""
     key = key or secrets.token_hex(32)
-    with LocalWorkers(len(plan["devices"]), key, threads=threads, log_dir=log_dir) as workers:
-        return run_job(plan, workers.addresses, key.encode(), params, buffers, batches, steps=steps, **kwargs)
+    with LocalWorkers(len(plan["devices"]), key, log_dir=log_dir) as workers:
+        return run_job(plan, workers.addresses, key.encode(), params, buffers, batches, steps=steps,
+                       kernels=kernels, **kwargs)

@@ -13,7 +13,7 @@ from tilec_runtime.errors import ProgramError
 from tilec_runtime.program import validate as validate_program
 
 FORMAT = "tilec-plan"
-VERSION = 1
+VERSION = 2  # 2: the per-rank schedule, gradient buckets, device threads, the cluster
 DTYPES = ("float32", "float64")
 
 
@@ -87,7 +87,112 @@ def validate(plan):
                 _range(tile["cols"], out[2], f"group {g} tile {t} cols")
     if covered != len(program):
         raise ProgramError(f"groups cover layers 0..{covered - 1} of {len(program)}")
+    for r, device in enumerate(plan["devices"]):
+        if device.get("rank") != r or not isinstance(device.get("threads"), int) or device["threads"] < 1:
+            raise ProgramError(f"device {r}: bad rank or threads in {device!r}")
+    if not isinstance(plan.get("ring_min_bytes"), int) or plan["ring_min_bytes"] < 0:
+        raise ProgramError("plan ring_min_bytes must be a non-negative integer")
+    _check_messages(plan)
+    _check_buckets(plan)
+    _check_schedule(plan)
     return plan
+
+
+def _shape_of(program, tensor):
+    return program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
+
+
+def _check_messages(plan):
+    program, groups, ndev = plan["program"], plan["groups"], len(plan["devices"])
+    for k, m in enumerate(plan["messages"]):
+        where = f"message {k}"
+        if m.get("phase") not in ("forward", "backward"):
+            raise ProgramError(f"{where}: bad phase {m.get('phase')!r}")
+        for key in ("sender", "receiver"):
+            if not isinstance(m.get(key), int) or not 0 <= m[key] < ndev:
+                raise ProgramError(f"{where}: bad {key} {m.get(key)!r}")
+        if not isinstance(m.get("group"), int) or not 0 <= m["group"] < len(groups):
+            raise ProgramError(f"{where}: bad group {m.get('group')!r}")
+        t = m.get("tensor")
+        if not isinstance(t, int) or not -1 <= t < len(program) or (t == -1 and m["phase"] != "forward"):
+            raise ProgramError(f"{where}: bad tensor {t!r}")
+        _, h, w = _shape_of(program, t)
+        _range(m.get("rows"), h, f"{where} rows")
+        _range(m.get("cols"), w, f"{where} cols")
+
+
+def _check_buckets(plan):
+    from tilec_runtime.program import param_shapes
+    program, ndev = plan["program"], len(plan["devices"])
+    keys = {k for layer in program for k in param_shapes(layer)}
+    for b, bucket in enumerate(plan["buckets"]):
+        members = bucket.get("members")
+        if not (isinstance(members, list) and members and members == sorted(set(members))
+                and all(isinstance(d, int) and 0 <= d < ndev for d in members)):
+            raise ProgramError(f"bucket {b}: bad members {members!r}")
+        if not (isinstance(bucket.get("keys"), list) and set(bucket["keys"]) <= keys):
+            raise ProgramError(f"bucket {b}: unknown parameter keys")
+        reduce = bucket.get("reduce")
+        if not (isinstance(reduce, dict) and set(reduce) <= set(bucket["keys"])
+                and all(a in ("ring", "gather") for a in reduce.values())):
+            raise ProgramError(f"bucket {b}: bad reduce {reduce!r}")
+
+
+OPS = {"send": ("msg",), "recv": ("msg",), "conv_fwd": ("group", "unit"), "epi_fwd": ("group", "unit"),
+       "pool_fwd": ("group", "unit"), "bn_stats": ("group", "unit", "layer"), "recompute": ("group",),
+       "grad_zero": (), "epi_bwd": ("group", "unit"), "bn_grad": ("group", "unit", "layer"),
+       "conv_bwd": ("group", "unit"), "pool_bwd": ("group", "unit"), "tail_fwd": ("group",),
+       "tail_bwd": ("group",), "grad_start": ("bucket",), "grad_wait": ()}
+
+
+def _check_schedule(plan):
+    """Every op names what exists and concerns its rank; every message is
+    sent once by its sender and received once by its receiver."""
+    from tilec_runtime.lower import outside_tensors, units
+    program, groups, messages = plan["program"], plan["groups"], plan["messages"]
+    schedule = plan.get("schedule")
+    if not isinstance(schedule, list) or len(schedule) != len(plan["devices"]):
+        raise ProgramError("plan schedule must list the ops of every device")
+    outside = outside_tensors(plan)
+    n_units = {g: len(units(program, *group["layers"], outside))
+               for g, group in enumerate(groups) if group["kind"] == "tiled"}
+    sent, received = [0] * len(messages), [0] * len(messages)
+    for r, ops in enumerate(schedule):
+        if not isinstance(ops, list):
+            raise ProgramError(f"schedule of device {r} is not a list")
+        for i, op in enumerate(ops):
+            where = f"device {r} op {i}"
+            kind = op.get("op") if isinstance(op, dict) else None
+            if kind not in OPS:
+                raise ProgramError(f"{where}: unknown op {kind!r}")
+            for field in OPS[kind]:
+                if not isinstance(op.get(field), int):
+                    raise ProgramError(f"{where} ({kind}): field {field!r} must be an integer")
+            if "msg" in OPS[kind]:
+                k = op["msg"]
+                if not 0 <= k < len(messages) or messages[k]["sender" if kind == "send" else "receiver"] != r:
+                    raise ProgramError(f"{where}: message {k} is not this device's to {kind}")
+                (sent if kind == "send" else received)[k] += 1
+            if "group" in OPS[kind]:
+                g = op["group"]
+                if not 0 <= g < len(groups) or all(t["device"] != r for t in groups[g]["tiles"]):
+                    raise ProgramError(f"{where}: device {r} has no tile in group {g}")
+                if (groups[g]["kind"] == "tail") != kind.startswith("tail"):
+                    raise ProgramError(f"{where}: {kind} on a {groups[g]['kind']} group")
+                if "unit" in OPS[kind] and not 0 <= op["unit"] < n_units[g]:
+                    raise ProgramError(f"{where}: group {g} has no unit {op['unit']}")
+                rows = op.get("rows")
+                if rows is not None and not (isinstance(rows, list) and len(rows) == 2
+                                             and all(isinstance(v, int) and v >= 0 for v in rows)
+                                             and rows[0] <= rows[1]):
+                    raise ProgramError(f"{where}: bad rows {rows!r}")
+            if kind == "grad_start":
+                b = op["bucket"]
+                if not 0 <= b < len(plan["buckets"]) or r not in plan["buckets"][b]["members"]:
+                    raise ProgramError(f"{where}: device {r} is not a member of bucket {b}")
+    for k in range(len(messages)):
+        if sent[k] != 1 or received[k] != 1:
+            raise ProgramError(f"message {k} is sent {sent[k]} and received {received[k]} times (once each)")
 
 
 def read_plan(path):

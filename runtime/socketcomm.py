@@ -1,9 +1,9 @@
 """``Comm`` over a full mesh of TCP connections, for one device of a plan.
 
-Tags of ``DeviceStep`` become frame headers (``encode``), and the plan says
-which frames each peer may send this device (``frame_table``): the tiles'
-messages with their exact shapes, the batch-norm all-gathers and the
-weight-gradient all-reduces of the groups both belong to. A frame outside
+Tags of the executor become frame headers (``encode``), and the plan's
+schedule says which frames each peer may send this device (``frame_table``):
+the messages it receives with their exact shapes, the batch-norm
+all-gathers it joins and the weight-gradient all-reduces of its buckets. A frame outside
 the table, of another shape, for a step other than this one or the next,
 or a second copy of one, ends the job (``FrameError``) before anything is
 allocated for it.
@@ -14,13 +14,14 @@ wait and surfaces as ``PeerLost`` with a one-line message that names the
 device and the step.
 """
 import queue
+import threading
 import time
 
 import numpy as np
 
 from tilec_runtime import collectives
 from tilec_runtime.auth import handshake
-from tilec_runtime.comm import Comm, PeerLost
+from tilec_runtime.comm import Comm, PeerLost, Sent
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.program import param_shapes
 from tilec_runtime.transport import (FrameError, Kind, Link, Lost, Mailbox, Silent, Spec, as_bytes,
@@ -40,52 +41,55 @@ def param_index(program):
     return {k: i for i, k in enumerate(keys)}
 
 
-def message_id(group, tensor):
-    return group << 16 | (tensor + 1)
-
-
 def ring_id(key_index, chunk):
     return key_index << 8 | chunk
 
 
-def frame_table(plan, rank, ring_min_bytes=collectives.RING_MIN_BYTES):
-    """{(sender, kind, tensor id): Spec} of every frame ``rank`` may receive."""
+def _tensor_shape(program, t):
+    return program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]
+
+
+def frame_table(plan, rank):
+    """{(sender, kind, tensor id): Spec} of every frame ``rank`` may receive,
+    read off its schedule: the messages it receives, the batch-norm
+    all-gathers it joins and the gradient buckets it is a member of."""
     program, dtype, batch = plan["program"], np.dtype(plan["dtype"]), plan["batch"]
+    messages, groups = plan["messages"], plan["groups"]
     keys = param_index(program)
     table = {}
-    for m in plan["messages"]:
-        if m["receiver"] != rank or m["sender"] == rank:
-            continue
-        t = m["tensor"]
-        channels = (program[t]["out_shape"] if t >= 0 else program[0]["in_shape"])[0]
-        shape = (batch, channels, m["rows"][1] - m["rows"][0] + 1, m["cols"][1] - m["cols"][0] + 1)
-        kind = Kind.FWD if m["phase"] == "forward" else Kind.BWD
-        table[(m["sender"], kind, message_id(m["group"], t))] = Spec(dtype, shape)
-    for group in plan["groups"]:
-        members = sorted(t["device"] for t in group["tiles"])
-        if group["kind"] != "tiled" or rank not in members or len(members) < 2:
-            continue
-        others = [d for d in members if d != rank]
-        pred = members[(members.index(rank) - 1) % len(members)]
-        first, last = group["layers"]
-        for layer in program[first:last + 1]:
-            i = layer["index"]
-            if layer["kind"] == "conv" and layer["bn"]:
-                c = layer["filters"]
-                for d in others:
-                    table[(d, Kind.BN, i)] = Spec(F64, (1 + 2 * c,))
-                    table[(d, Kind.BNG, i)] = Spec(F64, (2 * c,))
-            for key, shape in param_shapes(layer).items():
-                if ".bn." in key:
-                    continue
-                nbytes = int(np.prod(shape)) * dtype.itemsize
-                if collectives.use_ring(nbytes, len(members), ring_min_bytes):
-                    for c, length in enumerate(collectives.ring_chunks(shape, len(members))):
-                        table[(pred, Kind.RING_RS, ring_id(keys[key], c))] = Spec(dtype, (length,))
-                        table[(pred, Kind.RING_AG, ring_id(keys[key], c))] = Spec(dtype, (length,))
+    for op in plan["schedule"][rank]:
+        kind = op["op"]
+        if kind == "recv":
+            m = messages[op["msg"]]
+            if m["sender"] == rank:
+                continue
+            channels = _tensor_shape(program, m["tensor"])[0]
+            shape = (batch, channels, m["rows"][1] - m["rows"][0] + 1, m["cols"][1] - m["cols"][0] + 1)
+            table[(m["sender"], Kind.FWD if m["phase"] == "forward" else Kind.BWD, op["msg"])] = Spec(dtype, shape)
+        elif kind in ("bn_stats", "bn_grad"):
+            c = program[op["layer"]]["filters"]
+            spec = Spec(F64, (1 + 2 * c,) if kind == "bn_stats" else (2 * c,))
+            for d in sorted(t["device"] for t in groups[op["group"]]["tiles"]):
+                if d != rank:
+                    table[(d, Kind.BN if kind == "bn_stats" else Kind.BNG, op["layer"])] = spec
+        elif kind == "grad_start":
+            bucket = plan["buckets"][op["bucket"]]
+            members = bucket["members"]
+            n, p = len(members), members.index(rank)
+            pred = members[(p - 1) % n]
+            shapes = {k: s for i in range(len(program)) for k, s in param_shapes(program[i]).items()}
+            for key, algorithm in bucket["reduce"].items():
+                if algorithm == "ring":
+                    # the chunks collectives.ring_allreduce receives from the predecessor
+                    lengths = collectives.ring_chunks(shapes[key], n)
+                    for s in range(n - 1):
+                        rs, ag = (p - s - 1) % n, (p - s) % n
+                        table[(pred, Kind.RING_RS, ring_id(keys[key], rs))] = Spec(dtype, (lengths[rs],))
+                        table[(pred, Kind.RING_AG, ring_id(keys[key], ag))] = Spec(dtype, (lengths[ag],))
                 else:
-                    for d in others:
-                        table[(d, Kind.GRAD, ring_id(keys[key], 0))] = Spec(dtype, tuple(shape))
+                    for d in members:
+                        if d != rank:
+                            table[(d, Kind.GRAD, ring_id(keys[key], 0))] = Spec(dtype, tuple(shapes[key]))
     return table
 
 
@@ -101,25 +105,25 @@ def check_limits(plan):
 class SocketComm(Comm):
     """One device's ``Comm`` over sockets to every peer (``socks``: {rank:
     socket}), plus optionally the launcher's connection (``launcher``: a
-    socket and an ``expect`` for what the launcher may send)."""
+    socket, an ``expect`` for what the launcher may send and an ``on_frame``
+    for the frames it handles itself)."""
 
-    def __init__(self, plan, rank, socks, timeout, launcher=None, ring_min_bytes=collectives.RING_MIN_BYTES):
+    def __init__(self, plan, rank, socks, timeout, launcher=None):
         super().__init__(rank, len(plan["devices"]), timeout)
         check_limits(plan)
         self.names = [d["name"] for d in plan["devices"]]
-        self.table = frame_table(plan, rank, ring_min_bytes)
-        self.ring_min_bytes = ring_min_bytes
+        self.table = frame_table(plan, rank)
+        self.phases = {k: Kind.FWD if m["phase"] == "forward" else Kind.BWD for k, m in enumerate(plan["messages"])}
         self.keys = param_index(plan["program"])
         self.mailbox = Mailbox()
         self.step = 0  # the training step (1-based) that messages name
-        self.step_no = 0  # the latest DeviceStep step number in a tag
-        self.wait_s = 0.0
+        self.step_no = 0  # the latest executor step number in a tag
         beat = heartbeat_interval(timeout)
         self.links = {peer: Link(sock, peer, self.mailbox, self._expect_from(peer), heartbeat=beat)
                       for peer, sock in socks.items()}
         if launcher is not None:
-            sock, expect = launcher
-            self.links[LAUNCHER] = Link(sock, LAUNCHER, self.mailbox, expect, heartbeat=beat)
+            sock, expect, on_frame = launcher
+            self.links[LAUNCHER] = Link(sock, LAUNCHER, self.mailbox, expect, on_frame=on_frame, heartbeat=beat)
 
     def describe(self, peer):
         return "the launcher" if peer == LAUNCHER else f"device {peer} ({self.names[peer]})"
@@ -127,11 +131,12 @@ class SocketComm(Comm):
     # -- the plan's frames ---------------------------------------------------------
 
     def encode(self, tag):
-        """(kind, step, tensor id) of a ``DeviceStep`` or ring tag."""
+        """(kind, step, tensor id) of an executor tag: (step, "m", message),
+        (step, "bn" | "bng", layer), (step, "g", key) or (step, "rs" | "ag", key, chunk)."""
         step, phase = tag[0], tag[1]
+        if phase == "m":
+            return self.phases[tag[2]], step, tag[2]
         kind = _PHASE[phase]
-        if kind in (Kind.FWD, Kind.BWD):
-            return kind, step, message_id(tag[2], tag[3])
         if kind in (Kind.BN, Kind.BNG):
             return kind, step, tag[2]
         return kind, step, ring_id(self.keys[tag[2]], tag[3] if len(tag) > 3 else 0)
@@ -162,9 +167,11 @@ class SocketComm(Comm):
         kind, step, tensor = self.encode(tag)
         self.step_no = max(self.step_no, step)
         if dest == self.rank:
-            self.mailbox.put((dest, kind, step, tensor), array)
-        else:
-            self.links[dest].send(kind, step, tensor, array)
+            self.mailbox.put((dest, kind, step, tensor), array.copy())
+            return None
+        done = threading.Event()
+        self.links[dest].send(kind, step, tensor, array, done)
+        return Sent(done)
 
     def _recv(self, src, tag):
         kind, step, tensor = self.encode(tag)
@@ -173,7 +180,6 @@ class SocketComm(Comm):
 
     def wait(self, key, src, what):
         """The frame filed under ``key``, or PeerLost naming who and when."""
-        t0 = time.perf_counter()
         try:
             if src == self.rank:
                 return self.mailbox.get(key, 0)  # sent to itself earlier in the step
@@ -186,18 +192,11 @@ class SocketComm(Comm):
             raise PeerLost(f"device {self.rank} has no message {what()} from itself") from None
         except Lost as exc:
             raise self.lost(exc.fault) from None
-        finally:
-            self.wait_s += time.perf_counter() - t0
 
     def lost(self, fault):
         if fault.relayed:
             return PeerLost(fault.reason)
         return PeerLost(f"{self.describe(fault.peer)} lost at step {self.step} ({fault.reason})")
-
-    def allreduce_sum(self, tag, array, members):
-        if tag[1] == "g" and collectives.use_ring(array.nbytes, len(members), self.ring_min_bytes):
-            return collectives.ring_allreduce(self, tag, array, members)
-        return super().allreduce_sum(tag, array, members)
 
     # -- ending ----------------------------------------------------------------------
 
@@ -255,7 +254,7 @@ def open_mesh(rank, addresses, key, plan_hash, job, accepted, deadline):
 PEER_SPEC = {Kind.PEER: text_spec(256)}
 
 
-def socketpair_mesh(plan, timeout, ring_min_bytes=collectives.RING_MIN_BYTES):
+def socketpair_mesh(plan, timeout):
     """``SocketComm``s of every rank of ``plan`` in this process, joined by
     socket pairs: the real framing, validation and collectives without
     processes or ports (what ``InProcessHub`` is to threads)."""
@@ -265,4 +264,4 @@ def socketpair_mesh(plan, timeout, ring_min_bytes=collectives.RING_MIN_BYTES):
     for i in range(n):
         for j in range(i + 1, n):
             socks[i][j], socks[j][i] = socket.socketpair()
-    return [SocketComm(plan, r, socks[r], timeout, ring_min_bytes=ring_min_bytes) for r in range(n)]
+    return [SocketComm(plan, r, socks[r], timeout) for r in range(n)]

@@ -61,6 +61,7 @@ class Kind(enum.IntEnum):
     ERROR = 16
     DONE = 17
     PEER = 18
+    STOP = 19  # launcher -> worker: end the job after this many steps (Ctrl-C)
     # any link: a peer stops the job (ABORT), leaves cleanly (BYE), or is
     # idle but alive (HEARTBEAT)
     ABORT = 20
@@ -311,6 +312,10 @@ def await_frame(mailbox, links, key, timeout, patience=4):
             raise Silent(key[0], now - start)
 
 
+class Stopped(RuntimeFault):
+    """A wait for a frame of a step the job will not run (the launcher said STOP)."""
+
+
 class Mailbox:
     """Frames that arrived, keyed ``(peer, kind, step, tensor)``; the first
     fault of any link wakes every waiter (a full mesh: one lost device
@@ -321,6 +326,16 @@ class Mailbox:
         self.boxes = collections.defaultdict(collections.deque)
         self.fault = None
         self.left = set()  # peers that said BYE
+        self.stop_step, self.stop_kinds = None, ()
+
+    def stop(self, step, kinds):
+        """Wake (with ``Stopped``) every wait for a frame of ``kinds`` of ``step`` or later."""
+        with self.cond:
+            self.stop_step, self.stop_kinds = step, tuple(kinds)
+            self.cond.notify_all()
+
+    def _stopped(self, key):
+        return self.stop_step is not None and key[1] in self.stop_kinds and key[2] >= self.stop_step
 
     def put(self, key, array):
         with self.cond:
@@ -343,14 +358,16 @@ class Mailbox:
         TimeoutError after ``timeout`` seconds."""
         box = self.boxes[key]
         with self.cond:
-            if not self.cond.wait_for(lambda: box or self.fault is not None, timeout=timeout):
+            if not self.cond.wait_for(lambda: box or self.fault is not None or self._stopped(key), timeout=timeout):
                 raise TimeoutError(key)
             if box:
                 array = box.popleft()
                 if not box:
                     del self.boxes[key]
                 return array
-            raise Lost(self.fault)
+            if self.fault is not None:
+                raise Lost(self.fault)
+            raise Stopped(f"step {key[2]} will not run")
 
     def wait_left(self, peers, timeout):
         with self.cond:
@@ -375,24 +392,31 @@ class Link:
         self.reader.start()
         self.sender.start()
 
-    def send(self, kind, step, tensor, array=None):
-        """Queue a frame. The array must not change until it is sent."""
-        self.queue.put((kind, step, tensor, array))
+    def send(self, kind, step, tensor, array=None, done=None):
+        """Queue a frame. The array must not change until it is sent:
+        ``done`` (a threading.Event), if given, is set then."""
+        self.queue.put((kind, step, tensor, array, done))
 
     def _write(self):
         while True:
             try:
                 item = self.queue.get(timeout=self.heartbeat)
             except queue.Empty:
-                item = (Kind.HEARTBEAT, 0, 0, None)
+                item = (Kind.HEARTBEAT, 0, 0, None, None)
             if item is None:
                 return
+            *frame, done = item
             try:
-                send_frame(self.sock, *item)
+                send_frame(self.sock, *frame)
             except OSError as exc:
                 if not self.closing:
+                    # a peer that closed may have said why first (ERROR, ABORT):
+                    # let the reader get to it before this becomes the fault
+                    self.reader.join(2.0)
                     self.mailbox.fail(self.peer, f"connection broken ({exc.strerror or exc})")
                 return
+            if done is not None:
+                done.set()
 
     def _alive(self):
         self.heard = time.monotonic()

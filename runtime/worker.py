@@ -38,23 +38,25 @@ import numpy as np
 
 from tilec_runtime import planfile
 from tilec_runtime.auth import AuthError, handshake, load_key
-from tilec_runtime.comm import Comm, PeerLost
+from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
 from tilec_runtime.errors import ProgramError, RuntimeFault
-from tilec_runtime.inprocess import Device
+from tilec_runtime.executor import RankExecutor, rank_keys
 from tilec_runtime.program import buffer_shapes, param_shapes
 from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
-from tilec_runtime.tiled import DeviceStep
-from tilec_runtime.transport import (BYTES, EMPTY, ConnectionClosed, FrameError, Kind, Spec, as_bytes, kind_name,
+from tilec_runtime.trace import step_events
+from tilec_runtime.transport import (BYTES, EMPTY, ConnectionClosed, FrameError, Kind, Spec, Stopped, as_bytes,
+                                     kind_name,
                                      parse_address, read_expected, read_frame, send_frame, tune)
 
 MAX_JOB_BYTES = 64 << 20
-MAX_METRICS_BYTES = 64 << 10
+MAX_METRICS_BYTES = 4 << 20  # a step's trace rides along when asked for
 HANDSHAKE_TIMEOUT = 10.0
 SETUP_TIMEOUT = 120.0
 BUILD_TIMEOUT = 1800.0  # a first build of the kernels from C, on a slow device
 MAX_PENDING = 32  # connections being authenticated or served at once
 LISTENING = "tilec worker listening on"
+PEER_KINDS = (Kind.FWD, Kind.BWD, Kind.BN, Kind.BNG, Kind.GRAD, Kind.RING_RS, Kind.RING_AG)
 
 
 # -- what each rank holds -------------------------------------------------------------
@@ -69,14 +71,9 @@ def state_table(program):
 
 
 def device_keys(plan, rank):
-    """The parameter and buffer keys rank ``rank`` computes with (as ``Device``)."""
-    keys = set(DeviceStep(plan, Comm(rank, len(plan["devices"]), 0)).param_keys())
-    if rank == 0:
-        first = plan["groups"][-1]["layers"][0]
-        keys.update(k for layer in plan["program"][first:] for k in param_shapes(layer))
-    layers = {k.split(".")[0] for k in keys}
-    buffers = {k for layer in plan["program"] for k in buffer_shapes(layer) if k.split(".")[0] in layers}
-    return keys, buffers
+    """The parameter and buffer keys rank ``rank`` computes with."""
+    params, buffers = rank_keys(plan, rank)
+    return set(params), set(buffers)
 
 
 def has_momentum(plan):
@@ -153,16 +150,25 @@ def parse_job(job):
             raise JobError(f"rank {rank!r} is not a device of the plan")
         if len(peers) != len(plan["devices"]) or not all(isinstance(p, list) and len(p) == 2 for p in peers):
             raise JobError(f"{len(peers)} peer addresses for {len(plan['devices'])} devices")
-        for key in ("first_step", "steps", "state_every", "ring_min_bytes"):
+        for key in ("first_step", "steps", "state_every"):
             if not (isinstance(job[key], int) and job[key] >= 0):
                 raise JobError(f"job field {key!r} must be a non-negative integer")
         if not (isinstance(job["timeout"], (int, float)) and job["timeout"] > 0):
             raise JobError("job field 'timeout' must be positive")
         kernels = job.get("kernels")
-        if kernels is not None and not (isinstance(kernels, dict) and isinstance(kernels.get("source"), str)
-                                        and isinstance(kernels.get("module"), str)
-                                        and kernels["module"].isidentifier()):
+        if not (isinstance(kernels, dict) and isinstance(kernels.get("source"), str)
+                and isinstance(kernels.get("module"), str) and kernels["module"].isidentifier()):
             raise JobError("job field 'kernels' must be {module: a name, source: C text}")
+        threads = job.get("threads")
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise JobError("job field 'threads' must be a positive integer")
+        if not isinstance(job.get("trace", False), bool):
+            raise JobError("job field 'trace' must be true or false")
+        schedule = job.get("lr", [])
+        if not (isinstance(schedule, list) and all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], (int, float))
+                and p[1] > 0 for p in schedule)):
+            raise JobError("job field 'lr' must be [[step, learning rate], ...]")
         return plan
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise JobError(f"malformed job ({exc!r})") from None
@@ -202,6 +208,7 @@ class Job:
         self.accepted = queue.Queue()
         self.comm = None
         self.current = job["first_step"]  # the step in progress (0-based)
+        self.stop_after = None  # a STOP from the launcher: end after this many steps
         self.reported = owned(self.plan, self.rank, has_momentum(self.plan))
 
     def run(self):
@@ -211,42 +218,66 @@ class Job:
         try:
             momentum = bool(job.get("momentum")) and has_momentum(plan)
             state = receive_state(self.conn, plan, holdings(plan, rank, momentum))
-            kernels = self._kernels()
+            module = self._kernels()
             job.pop("kernels", None)  # built: the source may go
             send_frame(self.conn, Kind.READY, 0, 0)
             read_expected(self.conn, {Kind.GO: EMPTY})
             deadline = time.monotonic() + SETUP_TIMEOUT
             socks = open_mesh(rank, job["peers"], self.server.key, self.hash, self.id, self.accepted, deadline)
             self.comm = comm = SocketComm(plan, rank, socks, float(job["timeout"]),
-                                          launcher=(self.conn, self._launcher_expect()),
-                                          ring_min_bytes=job["ring_min_bytes"])
+                                          launcher=(self.conn, self._launcher_expect(), self._on_launcher_frame))
             comm.step = step + 1
-            dev = Device(plan, comm, state["param"], state["buffer"], plan["optimizer"], kernels)
-            if momentum:
-                dev.opt.velocity = {k: v for k, v in state["momentum"].items() if k in dev.params}
+            comm.stepping_thread = threading.get_ident()
+            dev = self.executor = RankExecutor(plan, rank, comm, module, state["param"], state["buffer"],
+                                               state["momentum"] if momentum else None,
+                                               threads=job.get("threads"), trace=bool(job.get("trace")))
             del state
             last = step + job["steps"]
             reports = state_steps(step, last, job["state_every"])
             launcher = comm.links[LAUNCHER]
+            lr_changes = sorted(job.get("lr", []))
             for step in range(step, last):
                 self.current, comm.step = step, step + 1
+                for at, lr in lr_changes:
+                    if at <= step:
+                        dev.lr = float(lr)
                 reset_peak()
-                wait0, sent0, t0, cpu0 = comm.wait_s, comm.bytes_sent, time.perf_counter(), time.process_time()
+                sent0, cpu0 = comm.bytes_sent, time.process_time()
                 images = target = None
-                if rank == 0:
+                if rank == 0 and (self.stop_after is None or step < self.stop_after):
                     images = comm.wait((LAUNCHER, Kind.BATCH, step, 0), LAUNCHER, lambda: "images")
-                    target = comm.wait((LAUNCHER, Kind.BATCH, step, 1), LAUNCHER, lambda: "labels")
-                loss = dev.train_step(images, target)
+                    if images is not None:
+                        target = comm.wait((LAUNCHER, Kind.BATCH, step, 1), LAUNCHER, lambda: "labels")
+                t0, wall0, wait0 = time.perf_counter(), time.time(), comm.wait_s  # (not the wait for data)
+                if dev.events is not None:
+                    dev.events.clear()
+                    dev.reducer.events.clear()
+                try:
+                    if self.stop_after is not None and step >= self.stop_after:
+                        raise Stopped("stopped")
+                    if rank == 0 and images is None:
+                        raise Stopped("no batch")
+                    loss = dev.step(images, target)
+                except Stopped:
+                    if self.stop_after is None or step < self.stop_after:
+                        raise
+                    last = step  # the launcher stopped the job: this step never started anywhere
+                    if step not in reports:
+                        self._report_state(dev, step)
+                    break
                 if loss is not None and not np.isfinite(loss):
-                    raise FloatingPointError("the loss diverged (not finite): lower --lr")
+                    raise RuntimeFault(f"the loss diverged (not finite) at step {step + 1}: lower --lr")
                 seconds = time.perf_counter() - t0
                 wait = comm.wait_s - wait0
-                launcher.send(Kind.METRICS, step, 0, as_bytes({
-                    "step": step, "device": rank, "name": self.name,
-                    "loss": None if loss is None else float(loss), "step_s": seconds,
-                    "compute_s": seconds - wait, "wait_s": wait, "cpu_s": time.process_time() - cpu0,
-                    "bytes_sent": comm.bytes_sent - sent0,
-                    "peak_bytes": peak_bytes()}))
+                record = {"step": step, "device": rank, "name": self.name,
+                          "loss": None if loss is None else float(loss), "step_s": seconds,
+                          "compute_s": seconds - wait, "wait_s": wait, "cpu_s": time.process_time() - cpu0,
+                          "bytes_sent": comm.bytes_sent - sent0, "peak_bytes": peak_bytes(),
+                          "threads": dev.threads}
+                if dev.events is not None:
+                    record["trace"] = step_events(dev.events, dev.reducer.events, plan["messages"], t0)
+                    record["start"] = wall0
+                launcher.send(Kind.METRICS, step, 0, as_bytes(record))
                 if step + 1 in reports:
                     self._report_state(dev, step + 1)
             launcher.send(Kind.DONE, last, 0)
@@ -266,14 +297,11 @@ class Job:
 
     def _kernels(self):
         """The generated kernels the launcher sent (as C), built here into
-        the build cache on first use; None for the numpy kernels."""
-        spec = self.job.get("kernels")
-        if spec is None:
-            return None
-        from tilec_runtime.genops import GeneratedOps
+        the build cache on first use, and loaded."""
         from tilec_runtime.kernels import build_and_load
+        spec = self.job["kernels"]
         module, _ = build_and_load(spec["source"], spec["module"])
-        return GeneratedOps(module)
+        return module
 
     def _message(self, exc, step):
         if isinstance(exc, PeerLost):
@@ -285,12 +313,26 @@ class Job:
             return f"{where}: {exc}"
         return f"{where}: {type(exc).__name__}: {exc}"
 
+    def _on_launcher_frame(self, link, frame):
+        """A STOP ends the job after ``frame.step`` steps: waits for later
+        steps' frames (a peer that stopped will not send them) end at once."""
+        if frame.kind != Kind.STOP:
+            return False
+        self.stop_after = frame.step
+        mailbox = self.comm.mailbox
+        mailbox.put((LAUNCHER, Kind.BATCH, frame.step, 0), None)  # rank 0: no batch is coming
+        first = self.job["first_step"]
+        mailbox.stop(frame.step - first + 1, PEER_KINDS)  # the executor counts its steps from 1
+        return True
+
     def _launcher_expect(self):
-        """What the launcher may send during training: batches (to rank 0)."""
+        """What the launcher may send during training: batches (to rank 0), and STOP."""
         specs = batch_specs(self.plan) if self.rank == 0 else ()
         seen = set()
 
         def expect(kind, step, tensor):
+            if kind == Kind.STOP:
+                return EMPTY
             if kind != Kind.BATCH or tensor >= len(specs):
                 raise FrameError(f"the launcher may not send {kind_name(kind)} {tensor} to device {self.rank}")
             now = self.current
@@ -310,10 +352,7 @@ class Job:
             elif section == "buffer":
                 array = dev.buffers[key]
             else:
-                # a parameter without a gradient yet has no velocity; zero is
-                # the same thing to SGD (v = momentum * 0 + d)
-                array = dev.opt.velocity.get(key)
-                array = np.zeros(shape, self.plan["dtype"]) if array is None else array
+                array = dev.velocity[key]
             # copied: the next step updates parameters in place while this queues
             launcher.send(Kind.STATE, step, index, array.copy())
 

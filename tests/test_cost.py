@@ -18,7 +18,8 @@ from tilec.cost.layouts import even_layout, layouts
 from tilec.cost.memory import STATE_COPIES, param_count
 from tilec.cost.model import CostModel
 from tilec.frontend.models import load_model
-from tilec.inspect.plan_report import activation_bytes, bytes_sent
+from tilec.cost.traffic import bytes_sent
+from tilec.inspect.plan_report import activation_bytes
 from tilec.plan.build import GroupChoice, build_plan
 from tilec.profile_measure import LinkError, fit_kernel, measure_link, parse_peer, start_loopback_server
 from tilec.profiles import load_profile

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from built import kernel_source
 from test_socket_training import setup
 from test_tiled import FLOOR, assert_same, one_device
 from test_transport import OPT, make_plan, small_program
@@ -59,7 +60,7 @@ def run_with(n, action, tmp_path, timeout=60.0, at=2):
             with pytest.raises(launch.JobFailed) as err:
                 launch.run_job(make_plan(program, n, ((0, 3),)), workers.addresses, key.encode(), params, buffers,
                                batches, steps=1000, timeout=timeout, state_every=1, on_metrics=on_metrics,
-                               on_state=on_state)
+                               on_state=on_state, kernels=kernel_source("float64"))
             seconds = time.monotonic() - hit["t"]
         finally:
             if workers.procs[2].poll() is None:
@@ -85,7 +86,8 @@ def test_killed_worker_stops_all_and_resume_on_fewer_devices_is_exact(tmp_path):
     uninterrupted = one_device(program, params, buffers, batches, TOTAL)
     # resume on 2 devices (re-planned)
     losses, p, b, _ = launch.train_local(make_plan(program, 2), ck.params, ck.buffers, batches, steps=TOTAL - ck.step,
-                                         first_step=ck.step, momentum=ck.momentum, timeout=30)
+                                         first_step=ck.step, momentum=ck.momentum, timeout=30,
+                                         kernels=kernel_source("float64"))
     assert_same((losses, p, b), (uninterrupted[0][ck.step:], *uninterrupted[1:]), 1e-10, FLOOR)
     # and on one device
     p, b, opt = dict(ck.params), dict(ck.buffers), SGD(**OPT)

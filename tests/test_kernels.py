@@ -9,11 +9,15 @@ sums of products the bound is elementwise, relative to the same operation
 on absolute values (the forward-error bound of a sum), so that an output
 that is a difference of large terms is held to what floating point allows.
 
+Every kernel runs on 1 to 3 threads (drawn), which split its work: the
+result may differ from one thread's by rounding only.
+
 Then the compositions: a tile of a fused group (``TileStep``) on border
-tiles of random plans equals the crop of the whole-map reference, the
-one-device trainer trains like the reference executor, and a training step
-allocates no arrays after the first.
+tiles of random plans equals the crop of the whole-map reference, one
+device trains like the reference executor, and a training step allocates
+no arrays after the first.
 """
+import contextlib
 import threading
 
 import numpy as np
@@ -22,35 +26,40 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from alloc_counter import count_allocations
+from built import module
 from programs import ProgramBuilder, random_stacks
 from test_tiled import OPT, one_device
 from tilec.analysis.tiles import spatial_prefix
-from tilec.codegen import build_modules
-from tilec.codegen.lower import lower_plan
 from tilec.plan.build import GroupChoice, build_plan
-from tilec_runtime import data, ops, reference, weights
-from tilec_runtime.fused import OneDeviceTrainer, TileStep
-from tilec_runtime.kernel_set import Kernels, band_rows
+from tilec_runtime import data, inprocess, ops, reference, weights
+from tilec_runtime.comm import InProcessHub
+from tilec_runtime.executor import RankExecutor
+from tilec_runtime.fused import TileStep
 from tilec_runtime.genops import GeneratedOps
+from tilec_runtime.kernel_set import Kernels, band_rows
+from tilec_runtime.lower import lower_rank
 from tilec_runtime.optim import SGD
+from tilec_runtime.program import param_shapes
 
 RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 DTYPES = st.sampled_from([np.dtype(np.float32), np.dtype(np.float64)])
 SEEDS = st.integers(0, 2**32 - 1)
+THREADS = st.integers(1, 3)
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-_MODULES = {}
-
-
-def module(dtype):
-    """The built kernel module of a dtype (both dtypes are built together, in parallel)."""
-    if not _MODULES:
-        for (mod, _, _), name in zip(build_modules([("float32",), ("float64",)]), ("float32", "float64")):
-            _MODULES[name] = mod
-    return _MODULES[np.dtype(dtype).name]
 
 
 def kern(dtype):
     return Kernels(module(dtype), dtype)
+
+
+@contextlib.contextmanager
+def threads(dtype, n):
+    """The module's kernels on ``n`` threads (process-wide), one again after."""
+    module(dtype).set_threads(n)
+    try:
+        yield
+    finally:
+        module(dtype).set_threads(1)
 
 
 def check(actual, expected, dtype, mag=None):
@@ -83,7 +92,7 @@ def conv_case(draw, max_hw=12):
     ho = ops.out_size(h, k, stride, pads[0], pads[1])
     return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w),
                 f=draw(st.integers(1, 5)), k=k, stride=stride, pads=pads, band=draw(st.integers(1, ho)),
-                offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)), seed=draw(SEEDS))
+                offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)), seed=draw(SEEDS), threads=draw(THREADS))
 
 
 def conv_setup(case):
@@ -93,7 +102,9 @@ def conv_setup(case):
     wt = rng.standard_normal((case["f"], c, k, k)).astype(dt)
     ho = ops.out_size(h, k, case["stride"], case["pads"][0], case["pads"][1])
     wo = ops.out_size(w, k, case["stride"], case["pads"][2], case["pads"][3])
-    ws = np.empty(c * k * k * case["band"] * wo, dt)
+    size = module(dt).workspace_size
+    ws = np.empty(max(size(c, k, case["band"], ho, wo, False, False, case["threads"]),
+                      size(c, k, case["band"], ho, wo, True, True, case["threads"])), dt)
     return rng, x, wt, ho, wo, ws
 
 
@@ -124,6 +135,8 @@ def test_gemm_is_row_major_with_transposes(dtype, ta, tb, m, n, k, beta, seed):
 @FAST
 @given(conv_case(), st.data())
 def test_conv_forward_and_its_batch_norm_statistics(case, data_):
+    """Also in two calls of some rows each (a tile's interior, then its
+    border), merging the statistics of both."""
     rng, x, w, ho, wo, ws = conv_setup(case)
     dt = case["dtype"]
     z = np.empty((x.shape[0], case["f"], ho, wo), dt)
@@ -131,7 +144,14 @@ def test_conv_forward_and_its_batch_norm_statistics(case, data_):
     c0 = data_.draw(st.integers(0, wo - 1))
     owned = (r0, data_.draw(st.integers(r0 + 1, ho)), c0, data_.draw(st.integers(c0 + 1, wo)))
     n, mean, m2 = np.zeros(1), np.zeros(case["f"]), np.zeros(case["f"])
-    kern(dt).conv_forward(x, w, case["stride"], case["pads"], z, ws, case["band"], owned, n, mean, m2)
+    cut = data_.draw(st.integers(0, ho))
+    with threads(dt, case["threads"]):
+        if data_.draw(st.booleans()):
+            kern(dt).conv_forward(x, w, case["stride"], case["pads"], z, ws, case["band"], owned, n, mean, m2)
+        else:
+            for rows in ((cut, ho), (0, cut)):
+                kern(dt).conv_forward(x, w, case["stride"], case["pads"], z, ws, case["band"], owned, n, mean, m2,
+                                      rows=rows)
     want = ops.conv2d_forward(x, w, case["stride"], case["pads"])
     check(z, want, dt, abs_conv(x, w, case["stride"], case["pads"]))
     wn, wmean, wm2 = ops.bn_stats(z[:, :, owned[0]:owned[1], owned[2]:owned[3]])
@@ -143,19 +163,21 @@ def test_conv_forward_and_its_batch_norm_statistics(case, data_):
 
 
 @FAST
-@given(conv_case(), st.booleans())
-def test_conv_backward_adds_the_input_gradient_and_sets_the_weight_gradient(case, with_dx):
+@given(conv_case(), st.booleans(), st.booleans())
+def test_conv_backward_adds_the_input_gradient_and_sets_or_adds_the_weight_gradient(case, with_dx, accumulate):
     rng, x, w, ho, wo, ws = conv_setup(case)
     dt = case["dtype"]
     dy = rng.standard_normal((x.shape[0], case["f"], ho, wo)).astype(dt)
-    dw = np.full(w.shape, 7.0, dt)  # overwritten, not accumulated
+    dw = np.full(w.shape, 7.0, dt)  # overwritten, or added to with ``accumulate``
     dx = embedded(rng, x.shape, dt, case["offsets"][::-1]) if with_dx else None
     before = None if dx is None else dx.copy()
-    kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, ws, case["band"], dw, dx)
+    with threads(dt, case["threads"]):
+        kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, ws, case["band"], dw, dx,
+                               accumulate=accumulate)
     want_dx, want_dw = ops.conv2d_backward(x, w, case["stride"], case["pads"], dy)
     ax, aw, ady = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(dy).astype(np.float64)
     mag_dx, mag_dw = ops.conv2d_backward(ax, aw, case["stride"], case["pads"], ady)
-    check(dw, want_dw, dt, mag_dw)
+    check(dw, want_dw + (7.0 if accumulate else 0.0), dt, mag_dw + 7.0)
     if with_dx:
         check(dx, before + want_dx, dt, mag_dx + np.abs(before))
 
@@ -168,7 +190,7 @@ def bn_case(draw):
     r0, c0 = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
     owned = (r0, draw(st.integers(r0 + 1, h)), c0, draw(st.integers(c0 + 1, w)))
     return dict(dtype=dt, shape=(b, c, h, w), owned=owned, pre=draw(st.sampled_from(["none", "bn", "bias"])),
-                act=draw(st.sampled_from(["linear", "leaky", "relu"])), seed=draw(SEEDS))
+                act=draw(st.sampled_from(["linear", "leaky", "relu"])), seed=draw(SEEDS), threads=draw(THREADS))
 
 
 def bn_setup(case):
@@ -198,7 +220,8 @@ def test_normalise_and_activate(case):
     _, z, mean, var, inv, gamma, beta = bn_setup(case)
     k, dt = kern(case["dtype"]), case["dtype"]
     y = np.empty(z.shape, dt)
-    k.bn_act(z, y, k.pre[case["pre"]], k.act[case["act"]], mean.astype(dt), inv, gamma, beta)
+    with threads(dt, case["threads"]):
+        k.bn_act(z, y, k.pre[case["pre"]], k.act[case["act"]], mean.astype(dt), inv, gamma, beta)
     check(y, reference_pre_act(z, case, mean, var, gamma, beta)[2], dt)
 
 
@@ -211,7 +234,8 @@ def test_activation_gradient_and_batch_norm_sums(case):
     c = z.shape[1]
     s1, s2 = np.zeros(c), np.zeros(c)
     da = dy.copy()
-    k.act_grad(da, z, k.pre[case["pre"]], k.act[case["act"]], s1, s2, mean.astype(dt), inv, gamma, beta)
+    with threads(dt, case["threads"]):
+        k.act_grad(da, z, k.pre[case["pre"]], k.act[case["act"]], s1, s2, mean.astype(dt), inv, gamma, beta)
     _, xhat, y = reference_pre_act(z, case, mean, var, gamma, beta)
     want = ops.act_backward(y, case["act"], dy)
     check(da, want, dt)
@@ -231,7 +255,8 @@ def test_batch_norm_backward_applies_mean_terms_on_owned_cells(case):
     m1, m2 = rng.standard_normal(c) * 0.1, rng.standard_normal(c) * 0.1
     dz = dy.copy()
     r0, r1, c0, c1 = case["owned"]
-    k.bn_backward(dz, z, mean.astype(dt), inv, gamma, m1.astype(dt), m2.astype(dt), case["owned"])
+    with threads(dt, case["threads"]):
+        k.bn_backward(dz, z, mean.astype(dt), inv, gamma, m1.astype(dt), m2.astype(dt), case["owned"])
     xhat = (z - mean.astype(dt)[None, :, None, None]) * inv[None, :, None, None]
     want = ops.bn_backward(dy, xhat, gamma, inv, m1, m2, (slice(r0, r1), slice(c0, c1)))
     check(dz, want, dt, np.abs(gamma * inv)[None, :, None, None]
@@ -249,7 +274,7 @@ def pool_case(draw):
     return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w), size=size,
                 stride=draw(st.integers(1, 3)), pads=pads, pre=draw(st.sampled_from(["none", "bn", "bias"])),
                 act=draw(st.sampled_from(["linear", "leaky", "relu"])), offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)),
-                ties=draw(st.booleans()), seed=draw(SEEDS))
+                ties=draw(st.booleans()), seed=draw(SEEDS), threads=draw(THREADS))
 
 
 @FAST
@@ -269,8 +294,9 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
     ho = ops.out_size(h, case["size"], case["stride"], case["pads"][0], case["pads"][1])
     wo = ops.out_size(w, case["size"], case["stride"], case["pads"][2], case["pads"][3])
     y, arg = np.empty((b, c, ho, wo), dt), np.empty((b, c, ho, wo), np.int16)
-    k.pool_forward(z, case["size"], case["stride"], case["pads"], y, arg, k.pre[case["pre"]], k.act[case["act"]],
-                   mean.astype(dt), inv, gamma, beta)
+    with threads(dt, case["threads"]):
+        k.pool_forward(z, case["size"], case["stride"], case["pads"], y, arg, k.pre[case["pre"]], k.act[case["act"]],
+                       mean.astype(dt), inv, gamma, beta)
     a = reference_pre_act(z, case, mean, var, gamma, beta)[2]
     want_y, want_arg = ops.maxpool_forward(a, case["size"], case["stride"], case["pads"])
     np.testing.assert_array_equal(y, want_y)
@@ -278,7 +304,8 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
     dy = rng.standard_normal(y.shape).astype(dt)
     dx = embedded(rng, z.shape, dt, case["offsets"])
     before = dx.copy()
-    k.pool_backward(dy, arg, case["size"], case["stride"], case["pads"], dx)
+    with threads(dt, case["threads"]):
+        k.pool_backward(dy, arg, case["size"], case["stride"], case["pads"], dx)
     want_dx = ops.maxpool_backward(z.shape, case["size"], case["stride"], case["pads"], want_arg, dy)
     check(dx, before + want_dx, dt, np.abs(before) + ops.maxpool_backward(
         z.shape, case["size"], case["stride"], case["pads"], want_arg, np.abs(dy)))
@@ -310,8 +337,9 @@ def test_pool_gradient_routed_inside_the_activation_gradient(case):
         case["act"], da_window)
     da = np.full(zbig.shape, np.nan, dt)  # ignored: act_grad writes every element
     s1 = np.zeros(c)
-    k.act_grad(da, zbig, k.pre[pre], k.act[case["act"]], s1, None, None, None, None, bias,
-               (dp, arg, case["size"], case["stride"], case["pads"], (r0, c0, h, w)))
+    with threads(dt, case["threads"]):
+        k.act_grad(da, zbig, k.pre[pre], k.act[case["act"]], s1, None, None, None, None, bias,
+                   (dp, arg, case["size"], case["stride"], case["pads"], (r0, c0, h, w)))
     check(da, want, dt, np.abs(want) + ops.maxpool_backward(a.shape, case["size"], case["stride"], case["pads"],
                                                              arg, np.abs(dp)).max())
     # (overlapping windows add several dp into one element, in the data dtype)
@@ -336,17 +364,20 @@ def test_batch_norm_constants_and_running_statistics(dtype, c, n, seed):
     check(rm, want_rm, dtype, np.abs(want_rm) + np.abs(mean))
     check(rv, want_rv, dtype)
     s1, s2 = rng.standard_normal(c), rng.standard_normal(c)
-    m1_t, m2_t, dg, db = (np.empty(c, dtype) for _ in range(4))
+    m1_t, m2_t = np.empty(c, dtype), np.empty(c, dtype)
+    dg, db = np.full(c, 0.5, dtype), np.full(c, -0.25, dtype)  # gradient accumulators: added to
     kern(dtype).bn_grad_constants(s1, s2, float(n), m1_t, m2_t, dg, db)
     check(m1_t, (s1 / n).astype(dtype), dtype)
     check(m2_t, (s2 / n).astype(dtype), dtype)
-    check(dg, s2.astype(dtype), dtype)
-    check(db, s1.astype(dtype), dtype)
+    check(dg, s2.astype(dtype) + 0.5, dtype, np.abs(s2) + 0.5)
+    check(db, s1.astype(dtype) - 0.25, dtype, np.abs(s1) + 0.25)
 
 
 @FAST
-@given(DTYPES, st.integers(1, 4), st.integers(1, 40), st.booleans(), st.booleans(), SEEDS)
-def test_sum_of_squares_loss_and_sgd_step(dtype, batch, n, momentum, decay, seed):
+@given(DTYPES, st.integers(1, 4), st.sampled_from([1, 40, 200_000]), st.booleans(), st.booleans(), SEEDS, THREADS)
+def test_sum_of_squares_loss_and_sgd_step(dtype, batch, n, momentum, decay, seed, nthreads):
+    """SGD through the gradient accumulator (the momentum buffer, scaled by
+    the momentum before backward adds the gradient) equals torch's SGD."""
     rng = np.random.default_rng(seed)
     k = kern(dtype)
     y, t = rng.standard_normal((batch, n)).astype(dtype), rng.standard_normal((batch, n)).astype(dtype)
@@ -356,14 +387,19 @@ def test_sum_of_squares_loss_and_sgd_step(dtype, batch, n, momentum, decay, seed
     assert abs(loss - want_loss) <= 1e-12 * want_loss + 1e-300
     check(dy, want_dy, dtype)
     opt = dict(lr=0.05, momentum=0.9 if momentum else 0.0, decay=1e-3 if decay else 0.0)
-    p, v = rng.standard_normal(n).astype(dtype), np.zeros(n, dtype)
+    p, a = rng.standard_normal(n).astype(dtype), np.zeros(n, dtype)
     ref = {"0.conv.weight": p.copy()}
     sgd = SGD(**opt)
     for step in range(3):
         g = rng.standard_normal(n).astype(dtype)
-        k.sgd(p, g, v, opt["lr"], opt["momentum"], opt["decay"])
+        a *= dtype.type(opt["momentum"])
+        a += g
+        with threads(dtype, nthreads):
+            k.sgd(p, a, opt["lr"], opt["decay"])
         sgd.step(ref, {"0.conv.weight": g})
     check(p, ref["0.conv.weight"], dtype, np.abs(ref["0.conv.weight"]) + 1)
+    if momentum:
+        check(a, sgd.velocity["0.conv.weight"], dtype, np.abs(sgd.velocity["0.conv.weight"]) + 1)
 
 
 # -- the ops-compatible kernel object -------------------------------------------------
@@ -478,7 +514,6 @@ def test_tiles_of_a_group_compose_to_the_whole_map(case):
     plan = build_plan(program, groups, model="t", batch=batch, dtype=dt.name,
                       devices=[f"d{i}" for i in range(ntiles)], optimizer=OPT)
     g = next(i for i, grp in enumerate(plan["groups"]) if grp["layers"] == [first, last])
-    kernel_plan = lower_plan(plan)
     # the whole-map reference for this group
     rng = np.random.default_rng(seed)
     params, buffers = weights.init_params(program, seed % 1000, dt)
@@ -494,27 +529,44 @@ def test_tiles_of_a_group_compose_to_the_whole_map(case):
     assume(dt == np.float64 or max(inv_stds, default=0.0) < 30.0)
     dy_full = rng.standard_normal(acts[last].shape).astype(dt)
     grads, dout = reference.backward_layers(layers, params, acts, cache, {last: dy_full})
-    # every tile in its own thread, all-reducing like devices do
-    tiles = [t for t in kernel_plan["tiles"] if t["group"] == g]
+    # every tile in its own thread, all-reducing like devices do, stage by stage as the executor runs them
     plan_tiles = plan["groups"][g]["tiles"]
-    reducer, results = ThreadAllReduce(len(tiles)), [None] * len(tiles)
+    reducer, results = ThreadAllReduce(len(plan_tiles)), [None] * len(plan_tiles)
+    keys = [k for layer in layers for k in param_shapes(layer)]
 
     def run(rank):
         tile = plan_tiles[rank]
-        step = TileStep(kernel_plan["specs"][tiles[rank]["spec"]], module(dt), dt)
         (r0, r1), (c0, c1) = tile["input"]
+        step = TileStep(lower_rank(plan, tile["device"])[g], kern(dt), dt, x_full[:, :, r0:r1 + 1, c0:c1 + 1].copy())
         own_buffers = {k: v.copy() for k, v in buffers.items()}
-        out = step.forward(x_full[:, :, r0:r1 + 1, c0:c1 + 1], params, own_buffers, reducer.stats(rank)).copy()
+        for j, u in enumerate(step.units):
+            if u.kind == "maxpool":
+                step.pool_fwd(j)
+                continue
+            step.conv_fwd(j, params)
+            if u.gamma is not None:
+                reducer.stats(rank)(u.spec["layer"], *step.stats(j))
+            step.epi_fwd(j, params, own_buffers)
+        out = step.output.copy()
         (o0, o1), (q0, q1) = tile["rows"], tile["cols"]
         step.grad_output[...] = dy_full[:, :, o0:o1 + 1, q0:q1 + 1]
-        tile_grads = {k: v.copy() for k, v in step.backward(params, reducer.sums(rank)).items()}
+        acc = {k: np.zeros_like(params[k]) for k in keys}
+        for j in range(len(step.units) - 1, -1, -1):
+            u = step.units[j]
+            if u.kind == "maxpool":
+                step.pool_bwd(j)
+                continue
+            step.epi_bwd(j, params)
+            if u.gamma is not None:
+                reducer.sums(rank)(u.spec["layer"], *step.sums(j))
+            step.conv_bwd(j, params, acc)
         din = None if step.grad_input is None else step.grad_input.copy()
-        results[rank] = (out, tile_grads, din, own_buffers)
+        results[rank] = (out, acc, din, own_buffers)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(tiles))]
-    for t in threads:
+    threads_ = [threading.Thread(target=run, args=(r,)) for r in range(len(plan_tiles))]
+    for t in threads_:
         t.start()
-    for t in threads:
+    for t in threads_:
         t.join()
     assert all(r is not None for r in results), "a tile thread failed"
     tol = 1e-9 if dt == np.float64 else 2e-4
@@ -542,6 +594,11 @@ def test_tiles_of_a_group_compose_to_the_whole_map(case):
 
 # -- the one-device trainer -----------------------------------------------------------
 
+def one_rank(plan, params, buffers):
+    """The executor of a one-device plan."""
+    return RankExecutor(plan, 0, InProcessHub(1, 10).comm(0), module(plan["dtype"]), params, buffers)
+
+
 def _train_both(program, dtype, batch, steps, seed=3):
     params, buffers = weights.init_params(program, seed, dtype)
     batches = data.generated_batches(program, batch, seed, dtype)
@@ -550,9 +607,9 @@ def _train_both(program, dtype, batch, steps, seed=3):
     plan = build_plan(program, [GroupChoice(0, prefix - 1, [0, h], [0, w], [0])], model="t", batch=batch,
                       dtype=np.dtype(dtype).name, devices=["d0"], optimizer=OPT)
     want = one_device(program, params, buffers, batches, steps)  # copies params and buffers
-    trainer = OneDeviceTrainer(plan, lower_plan(plan), module(dtype), params, buffers)
-    got = [trainer.step(*batches.get(step)) for step in range(steps)]
-    return (got, params, buffers), want
+    ex = one_rank(plan, params, buffers)
+    got = [ex.step(*batches.get(step)) for step in range(steps)]
+    return (got, ex.params, ex.buffers), want
 
 
 def assert_trained_alike(got, want, tol):
@@ -566,7 +623,7 @@ def assert_trained_alike(got, want, tol):
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_stacks(max_prefix=5), st.integers(1, 2))
-def test_one_device_trainer_trains_like_the_reference(program, batch):
+def test_one_device_trains_like_the_reference(program, batch):
     """Three SGD steps with momentum on random stacks, float64 (tails other
     than a cost run on the reference executor). Random stacks in float32
     would compare rounding noise: a conv feeding batch norm through one
@@ -582,7 +639,7 @@ def test_one_device_trainer_trains_like_the_reference(program, batch):
     assert_trained_alike(got, want, 1e-9)
 
 
-def test_one_device_trainer_float32_on_a_yolo_like_stack():
+def test_one_device_float32_on_a_yolo_like_stack():
     got, want = _train_both(yolo_like(), np.float32, 2, steps=4)
     assert_trained_alike(got, want, 1e-4)
 
@@ -611,10 +668,10 @@ def test_a_training_step_allocates_no_arrays_after_the_first(dtype):
     plan = build_plan(program, [GroupChoice(0, 2, [0, 10], [0, 10], [0]),
                                 GroupChoice(3, 5, [0, 5], [0, 5], [0])],
                       model="t", batch=2, dtype=dtype, devices=["d0"], optimizer=OPT)
-    trainer = OneDeviceTrainer(plan, lower_plan(plan), module(dtype), params, buffers)
-    trainer.step(images, target)
+    ex = one_rank(plan, params, buffers)
+    ex.step(images, target)
     with count_allocations() as generated:
-        trainer.step(images, target)
+        ex.step(images, target)
     with count_allocations() as ref:
         loss, grads = reference.train_step(program, params, buffers, images, target)
     assert ref() > 10 and loss > 0
@@ -628,24 +685,20 @@ def test_band_rows_cover_the_map_and_bound_the_workspace():
         assert rows == 1 or c * k * k * rows * wo <= 1 << 20
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_tilec_train_with_generated_kernels_equals_the_reference(devices):
+@pytest.mark.parametrize("devices, threads", [(1, 1), (1, 2), (2, 1)])
+def test_tilec_train_with_generated_kernels_equals_the_reference(devices, threads):
     """`tilec train` end to end (the bundled 'tiny': conv/BN/pool prefix,
-    average pool, connected, softmax): one device runs the fused trainer,
-    two in-process devices the drop-in kernels."""
+    average pool, connected, softmax): generated kernels on one or two
+    devices, on one or two threads, equal the reference executor."""
     import io
 
     from tilec.frontend.models import load_model
     from tilec.train import train
     graph = load_model("tiny")
-    runs = {}
-    for kernels in ("generated", "reference"):
-        out = io.StringIO()
-        # batch 2: small enough that BLAS stays on one thread (device threads
-        # calling a multi-threaded BLAS at once oversubscribe the CPU)
-        runs[kernels] = train(graph, steps=3, batch=2, dtype="float64", devices=devices, backend="inprocess",
-                              grid=f"{devices}x1", groups="all", kernels=kernels, out=out)
-    (got, p, b), (want, wp, wb) = runs["generated"], runs["reference"]
+    common = dict(steps=3, batch=2, dtype="float64", out=io.StringIO())
+    want, wp, wb = train(graph, kernels="reference", **common)
+    got, p, b = train(graph, devices=devices, backend="inprocess", grid=f"{devices}x1", groups="all",
+                      threads=threads, **common)
     np.testing.assert_allclose(got, want, rtol=1e-10)
     for key in wp:
         np.testing.assert_allclose(p[key], wp[key], rtol=1e-9, atol=1e-12, err_msg=key)

@@ -72,6 +72,7 @@ def test_training_over_sockets_never_unpickles(tmp_path):
     launcher = POISON + f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
+from built import kernel_source
 from test_transport import make_plan, small_program
 from tilec_runtime import launch, weights
 from tilec_runtime.data import generated_batches
@@ -80,8 +81,8 @@ params, buffers = weights.init_params(program, 0, "float64")
 batches = generated_batches(program, 2, 0, "float64")
 key = "x" * 32
 with launch.LocalWorkers(3, key, command=[sys.executable, "-c", {worker!r}]) as w:
-    losses, *_ = launch.run_job(make_plan(program, 3), w.addresses, key.encode(), params, buffers, batches,
-                                steps=2, timeout=30, state_every=1, ring_min_bytes=0)
+    losses, *_ = launch.run_job(make_plan(program, 3, ring_min_bytes=0), w.addresses, key.encode(), params, buffers,
+                                batches, steps=2, timeout=30, state_every=1, kernels=kernel_source("float64"))
     codes = w.stop()
 print(len(losses), codes)
 """

@@ -10,7 +10,7 @@ from tilec.compile import compile_plan
 from tilec.cost.compute import layer_seconds, update_seconds
 from tilec.cost.memory import param_count
 from tilec.frontend.models import load_model
-from tilec.inspect.plan_report import bytes_sent
+from tilec.cost.traffic import bytes_sent
 from tilec.inspect.simulate import SimulationError, simulate, timeline_png
 from tilec.plan.build import GroupChoice, build_plan
 from tilec.profiles import load_profile

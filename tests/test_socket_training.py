@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 
+from built import kernel_source, module
 from test_tiled import FLOOR, assert_same, converges, one_device, tiled_cases
 from test_transport import OPT, make_plan, run_ranks, small_program
 from tilec.plan.build import build_plan
@@ -34,22 +35,24 @@ def setup(program, dtype="float64", batch=2, seed=3):
     return params, buffers, generated_batches(program, batch, seed, dtype)
 
 
-def train_socketpairs(plan, params, buffers, batches, steps, ring_min_bytes=0):
+def train_socketpairs(plan, params, buffers, batches, steps):
     """Every rank as a thread of this process, over real sockets."""
-    comms = socketpair_mesh(plan, 30.0, ring_min_bytes)
-    devices = [inprocess.Device(plan, c, params, buffers, plan["optimizer"]) for c in comms]
+    comms = socketpair_mesh(plan, 30.0)
+    devices = inprocess.make_executors(plan, comms, module(plan["dtype"]), params, buffers)
 
     def run(comm):
         try:
             out = []
             for step in range(steps):
                 comm.step = step + 1
-                out.append(devices[comm.rank].train_step(*(batches.get(step) if comm.rank == 0 else ())))
+                out.append(devices[comm.rank].step(*(batches.get(step) if comm.rank == 0 else ())))
             comm.close()
             return out
         except BaseException as exc:
             comm.close(error=str(exc))  # wake the others
             raise
+        finally:
+            devices[comm.rank].close()
     losses = run_ranks(comms, run)[0]
     p, b, _ = inprocess.gather_state(devices)
     return losses, p, b
@@ -58,11 +61,11 @@ def train_socketpairs(plan, params, buffers, batches, steps, ring_min_bytes=0):
 @pytest.mark.parametrize("n, spans", [(2, ((0, 1), (2, 3))), (3, ((0, 3),)), (4, ((0, 0), (1, 2), (3, 3)))])
 def test_local_workers_equal_one_device(n, spans):
     program = small_program()
-    plan = make_plan(program, n, spans)
+    plan = make_plan(program, n, spans, ring_min_bytes=0)
     params, buffers, batches = setup(program)
     records = []
     losses, p, b, m = launch.train_local(plan, params, buffers, batches, steps=STEPS, timeout=30,
-                                         ring_min_bytes=0, on_metrics=records.append)
+                                         on_metrics=records.append, kernels=kernel_source("float64"))
     want = one_device(program, params, buffers, batches, STEPS)
     assert_same((losses, p, b), want, 1e-10, FLOOR)
     assert set(m) == set(p)  # momentum for every parameter comes back too
@@ -73,7 +76,7 @@ def test_local_workers_equal_one_device(n, spans):
             assert r["peak_bytes"] > 0 and r["bytes_sent"] > 0 and r["wait_s"] >= 0
             assert abs(r["compute_s"] + r["wait_s"] - r["step_s"]) < 1e-6
     if n == 2:  # a two-member ring adds a + b: what the in-process all-reduce does
-        got = inprocess.train(plan, params, buffers, batches, STEPS, timeout=30)
+        got = inprocess.train(plan, params, buffers, batches, STEPS, module("float64"), timeout=30)
         for key in p:
             np.testing.assert_array_equal(p[key], got[1][key])
 
@@ -84,7 +87,7 @@ def test_random_plans_over_sockets_equal_one_device(case):
     program, choices, n_dev, batch, recompute = case
     params, buffers, batches = setup(program, batch=batch, seed=7)
     plan = build_plan(program, choices, model="random", batch=batch, dtype="float64",
-                      devices=[f"d{i}" for i in range(n_dev)], optimizer=OPT)
+                      devices=[f"d{i}" for i in range(n_dev)], optimizer=OPT, ring_min_bytes=0)
     want = one_device(program, params, buffers, batches, STEPS)
     assume(converges(want[0]))
     got = train_socketpairs(plan, params, buffers, batches, STEPS)

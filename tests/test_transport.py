@@ -1,7 +1,7 @@
 """The wire: frames round-trip, every header field is checked against the
 plan before a byte of payload is allocated, fuzzed and truncated input
 only ever raises FrameError / ConnectionClosed, the frame table covers
-exactly the messages DeviceStep sends, and the ring all-reduce is exact
+exactly the messages the executor sends, and the ring all-reduce is exact
 and bit-identical on every member."""
 import socket
 import struct
@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from built import module
 from programs import ProgramBuilder
 from tilec.plan.build import build_plan, default_grid, even_choices
 from tilec_runtime import collectives, comm, inprocess, weights
@@ -37,10 +38,11 @@ def small_program():
     return b.build()
 
 
-def make_plan(program, n, spans=((0, 1), (2, 3)), dtype="float64", batch=2):
+def make_plan(program, n, spans=((0, 1), (2, 3)), dtype="float64", batch=2, ring_min_bytes=None):
     choices = even_choices(program, list(spans), default_grid(n), n)
+    extra = {} if ring_min_bytes is None else {"ring_min_bytes": ring_min_bytes}
     return build_plan(program, choices, model="small", batch=batch, dtype=dtype,
-                      devices=[f"dev{r}" for r in range(n)], optimizer=OPT)
+                      devices=[f"dev{r}" for r in range(n)], optimizer=OPT, **extra)
 
 
 def spec_table(spec):
@@ -194,8 +196,8 @@ def plan_headers(draw, table):
     return head + draw(st.binary(max_size=64))
 
 
-PLAN3 = make_plan(small_program(), 3, ((0, 3),))
-TABLE3 = frame_table(PLAN3, 0, ring_min_bytes=0)
+PLAN3 = make_plan(small_program(), 3, ((0, 3),), ring_min_bytes=0)
+TABLE3 = frame_table(PLAN3, 0)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -230,23 +232,24 @@ class SpyComm(comm.Comm):
     def _send(self, dest, tag, array):
         if dest != self.rank:
             self.log.append((self.rank, dest, tag, array.dtype, array.shape))
-        self.inner._send(dest, tag, array)
+        return self.inner._send(dest, tag, array)
 
     def _recv(self, src, tag):
         return self.inner._recv(src, tag)
 
 
 @pytest.mark.parametrize("n, spans", [(2, ((0, 1), (2, 3))), (3, ((0, 3),)), (4, ((0, 0), (1, 2), (3, 3)))])
-def test_frame_table_is_exactly_what_device_step_sends(n, spans, monkeypatch):
+@pytest.mark.parametrize("ring_min_bytes", [0, 1 << 62])
+def test_frame_table_is_exactly_what_the_executor_sends(n, spans, ring_min_bytes, monkeypatch):
     program = small_program()
-    plan = make_plan(program, n, spans)
+    plan = make_plan(program, n, spans, ring_min_bytes=ring_min_bytes)
     log = []
     real = comm.InProcessHub.comm
     monkeypatch.setattr(comm.InProcessHub, "comm", lambda hub, rank: SpyComm(real(hub, rank), log))
     params, buffers = weights.init_params(program, 0, "float64")
-    inprocess.train(plan, params, buffers, generated_batches(program, 2, 0, "float64"), 1, timeout=10)
-    # the gather path: what InProcessHub does with gradients
-    tables = [frame_table(plan, r, ring_min_bytes=1 << 62) for r in range(n)]
+    inprocess.train(plan, params, buffers, generated_batches(program, 2, 0, "float64"), 1, module("float64"),
+                    timeout=10)
+    tables = [frame_table(plan, r) for r in range(n)]
     meshes = socketpair_mesh(plan, 1.0)
     try:
         sent = set()
@@ -334,11 +337,12 @@ def test_ring_allreduce_is_exact_and_identical_on_every_member(n, size):
 
 
 def test_ring_over_sockets_sends_two_n_minus_one_over_n():
-    plan = make_plan(small_program(), 4, spans=((0, 3),))
-    comms = socketpair_mesh(plan, 10.0, ring_min_bytes=0)
+    plan = make_plan(small_program(), 4, spans=((0, 3),), ring_min_bytes=0)
+    comms = socketpair_mesh(plan, 10.0)
     try:
         grad = {r: np.full((6, 4, 3, 3), float(r + 1)) for r in range(4)}
-        got = run_ranks(comms, lambda c: c.allreduce_sum((1, "g", "2.conv.weight"), grad[c.rank], [0, 1, 2, 3]))
+        got = run_ranks(comms, lambda c: collectives.ring_allreduce(c, (1, "g", "2.conv.weight"), grad[c.rank],
+                                                                     [0, 1, 2, 3], inplace=True))
         for g in got:
             np.testing.assert_array_equal(g, np.full((6, 4, 3, 3), 10.0))
         for c in comms:

@@ -46,8 +46,12 @@ def main(argv=None):
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1")
     from tilec_runtime.errors import RuntimeFault
+    from tilec.train import TrainingInterrupted
     try:
         return modules[args.command].run(args)
+    except TrainingInterrupted as exc:
+        print(f"tilec: {exc}", file=sys.stderr)
+        return 130
     except (TilecError, RuntimeFault) as exc:
         print(f"tilec: error: {exc}", file=sys.stderr)
         return 1

@@ -16,18 +16,18 @@
    ``loss.png``, ``eval.txt`` and ``summary.txt``/``summary.json``: the
    measured step time and memory of each device next to the predictions.
 
-Until the worker processes take a [region] loss's box targets, the 2
-devices run as threads of this process instead, and the run says so.
 """
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from tilec.errors import TilecError
+from tilec.progress import StepProgress, clock
+from tilec.train import MetricsLog
 
 DEMO_FILE = "demo.json"
 
@@ -74,49 +74,6 @@ def synthetic_dataset(images, seed, out):
     return path
 
 
-class Progress:
-    """One line per step on a terminal (rewritten in place), else a line every ``every`` steps."""
-
-    def __init__(self, total, batch, out, first=0, every=10):
-        self.total, self.batch, self.out, self.first, self.every = total, batch, out, first, every
-        self.tty = hasattr(out, "isatty") and out.isatty()
-        self.recent = []
-
-    def __call__(self, step, loss, seconds):
-        self.recent = (self.recent + [seconds])[-20:]
-        per_step = float(np.mean(self.recent))
-        done = step + 1
-        eta = per_step * (self.total - done)
-        width = 24
-        filled = int(width * done / self.total)
-        line = (f"step {done:>5}/{self.total} [{'#' * filled}{'.' * (width - filled)}] loss {loss:8.4f}  "
-                f"{self.batch / max(per_step, 1e-9):7.1f} images/s  ETA {_clock(eta)}")
-        if self.tty:
-            self.out.write("\r" + line + ("\n" if done == self.total else ""))
-        elif done == self.first + 1 or done % self.every == 0 or done == self.total:
-            self.out.write(line + "\n")
-        self.out.flush()
-
-
-def _clock(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class Metrics:
-    """metrics.jsonl: appended (a resumed run continues it), flushed per record."""
-
-    def __init__(self, path):
-        self.f = open(path, "a")
-
-    def write(self, record):
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
-    def close(self):
-        self.f.close()
-
-
 # -- stages ------------------------------------------------------------------------
 
 def make_plan(graph, cfg, batch, optimizer, run_dir, out):
@@ -152,15 +109,6 @@ def simulate_plan(plan, run_dir, out):
     return result
 
 
-def local_backend_accepts(plan):
-    """Whether the worker processes take this plan's targets (a [region]
-    model's boxes); older workers expect a target shaped like the output."""
-    from tilec_runtime import data as rdata
-    from tilec_runtime import worker
-    want = (plan["batch"], *rdata.target_shape(plan["program"]))
-    return tuple(worker.batch_specs(plan)[1].shape) == want
-
-
 def lr_schedule(cfg, base_lr):
     """darknet's ``steps`` policy: ``base_lr`` times ``cfg.lr_scale`` after each
     fraction of the run in ``cfg.lr_steps``. Returns (lr of a step, change points)."""
@@ -171,85 +119,61 @@ def lr_schedule(cfg, base_lr):
     return lr, points
 
 
-def train_reference(program, params, buffers, batches, first, steps, optimizer, lr, on_step, momentum, every,
-                    on_state):
-    """One device: the reference executor (the oracle the tiled runs are checked against)."""
-    from tilec_runtime import reference
-    from tilec_runtime.optim import SGD
-    opt = SGD(**optimizer)
-    opt.velocity = {k: v.copy() for k, v in (momentum or {}).items()}
-    for step in range(first, steps):
-        t0 = time.perf_counter()
-        images, target = batches.get(step)
-        loss, grads = reference.train_step(program, params, buffers, images, target)
-        opt.lr = lr(step)
-        opt.step(params, grads)
-        on_step(step, loss, time.perf_counter() - t0)
-        if on_state and ((step + 1) % every == 0 or step + 1 == steps):
-            on_state(step + 1, params, buffers, opt.velocity)
-    return params, buffers
-
-
-def generated_kernels(backend, dtype, out):
-    """The generated kernels in the form ``backend`` takes (C source for
-    worker processes, a built module for threads), or None (numpy kernels)
-    when they cannot be generated or built here."""
-    try:
-        if backend == "local":
-            from tilec.codegen import generate
-            source = generate((dtype,))
-            return {"module": source.module, "source": source.text}
-        from tilec.codegen import build_modules
-        from tilec_runtime.genops import GeneratedOps
-        (module, _, _), = build_modules([(dtype,)], progress=lambda msg: out.write(f"train: {msg}\n"))
-        return GeneratedOps(module)
-    except (ImportError, TilecError, OSError) as exc:
-        first_line = (str(exc).splitlines() or [""])[0]
-        out.write(f"train: no generated kernels ({type(exc).__name__}: {first_line}); using the numpy kernels\n")
-        return None
-
-
-def run_training(plan, program, params, buffers, batches, first, steps, optimizer, lr, changes, momentum, cfg,
-                 run_dir, on_step, on_metrics, on_state, out):
-    """Train steps ``first .. steps-1`` on the plan's devices, the learning
-    rate ``lr(step)`` changing at ``changes``; returns (params, buffers)."""
-    from tilec_runtime.planfile import seal
-    every = cfg.checkpoint_every
-    if len(plan["devices"]) == 1:
+def run_training(plan, program, params, buffers, batches, first, steps, lr, momentum, cfg, run_dir, on_step,
+                 on_metrics, on_state, out):
+    """Train steps ``first .. steps-1`` on the plan's devices with the one
+    training loop (``tilec.train.run_loop``), the learning rate ``lr(step)``;
+    returns (params, buffers, interrupted)."""
+    from tilec import backends
+    from tilec.train import make_backend, run_loop, start_local_workers
+    workers = None
+    if cfg.kernels == "reference":
+        if len(plan["devices"]) > 1:
+            raise TilecError("--kernels reference runs on one device (the oracle)")
         out.write("train: 1 device, the reference executor\n")
-        return train_reference(program, params, buffers, batches, first, steps, optimizer, lr, on_step, momentum,
-                               every, on_state)
-    backend = cfg.backend
-    if backend == "local" and not local_backend_accepts(plan):
-        out.write("train: the worker processes do not take [region] targets yet (tilec_runtime.worker."
-                  "batch_specs); training on in-process threads instead\n")
-        backend = "inprocess"
-    n = len(plan["devices"])
-    kernels = generated_kernels(backend, plan["dtype"], out) if cfg.kernels == "generated" else None
-    which = "generated" if kernels is not None else "numpy"
-    if backend == "inprocess":
-        out.write(f"train: {n} devices as threads of this process, {which} kernels\n")
-        cuts = set(range(0, steps, every))  # the threads' state is this process's only between runs
+        optimizer = dict(plan["optimizer"])
+        backend = backends.ReferenceBackend(program, params, buffers, momentum, optimizer)
     else:
-        out.write(f"train: {n} worker processes on 127.0.0.1, {which} kernels (logs in {run_dir}/logs)\n")
-        cuts = set()
-    # a plan carries one learning rate: a run per constant stretch
-    bounds = sorted({first, steps} | {c for c in cuts | set(changes) if first < c < steps})
-    for start, end in zip(bounds, bounds[1:]):
-        seg = seal(dict(plan, optimizer=dict(optimizer, lr=lr(start))))
-        if backend == "inprocess":
-            from tilec_runtime import inprocess
-            _, params, buffers, momentum = inprocess.train(seg, params, buffers, batches, end - start,
-                                                           on_step=on_step, first_step=start, momentum=momentum,
-                                                           kernels=kernels)
-            on_state(end, params, buffers, momentum)
-        else:
-            from tilec_runtime import launch
-            _, params, buffers, momentum = launch.train_local(
-                seg, params, buffers, batches, steps=end - start, first_step=start, momentum=momentum,
-                state_every=every, on_step=on_step, on_metrics=on_metrics, on_state=on_state,
-                log_dir=os.path.join(run_dir, "logs"), kernels=kernels)
-    return params, buffers
+        kind = cfg.backend if len(plan["devices"]) > 1 else "inprocess"
+        if kind == "local":
+            workers = start_local_workers(len(plan["devices"]), log_dir=os.path.join(run_dir, "logs"))
+        backend = make_backend(plan, kind, params, buffers, momentum, _Prefixed(out, "train: "), workers=workers)
+    try:
+        progress = _Hooks(on_step, on_metrics)
+        losses, interrupted = run_loop(backend, batches, first, steps, batch=plan["batch"], lr=lr,
+                                       every=cfg.checkpoint_every, on_state=on_state, metrics=progress,
+                                       progress=progress.step)
+        params, buffers, _ = backend.final_state() if losses else (params, buffers, None)
+    finally:
+        backend.close()
+        if workers is not None:
+            workers.stop(timeout=10.0)
+    return params, buffers, interrupted
+
+
+class _Hooks:
+    """run_loop's metrics and progress, handed to the demo's callbacks."""
+
+    def __init__(self, on_step, on_metrics):
+        self.on_step, self.on_metrics = on_step, on_metrics
+
+    def write(self, record):
+        if "device" in record and self.on_metrics:
+            self.on_metrics([record])
+
+    def step(self, step, loss, seconds):
+        self.on_step(step, loss, seconds)
+
+    def note(self, text):
+        print(text)
+
+
+class _Prefixed:
+    def __init__(self, out, prefix):
+        self.out, self.prefix = out, prefix
+
+    def write(self, text):
+        self.out.write(self.prefix + text if text.strip() else text)
 
 
 def evaluate(program, params, buffers, data_dir, out):
@@ -282,7 +206,9 @@ def summary(plan, records, sim, step_seconds, evaluation):
             "measured_step_s": float(np.median([r["step_s"] for r in mine])) if mine else None,
             "measured_compute_s": float(np.median([r["compute_s"] for r in mine])) if mine else None,
             "measured_wait_s": float(np.median([r["wait_s"] for r in mine])) if mine else None,
-            "measured_peak_rss_bytes": int(max(r["peak_bytes"] for r in mine)) if mine else None,
+            # (threads of one process have no memory of their own to measure)
+            "measured_peak_rss_bytes": int(max(r["peak_bytes"] for r in mine)) if mine and "peak_bytes" in mine[0]
+            else None,
             "measured_sent_bytes_per_step": float(np.median([r["bytes_sent"] for r in mine])) if mine else None,
             "predicted_compute_s": p.get("compute_s"),
             "predicted_memory_bytes": p.get("memory_bytes"),
@@ -368,12 +294,13 @@ def run_demo(cfg=None, run_dir=None, resume=None, out=None):
         ck = rcheckpoint.load(run_dir, program, cfg.dtype)
         params, buffers, momentum, first = ck.params, ck.buffers, ck.momentum, ck.step
         out.write(f"resuming after step {first}\n")
-    metrics = Metrics(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), append=True)
     records, step_seconds, losses = [], [], []
-    progress = Progress(cfg.steps, batch, out, first)
+    progress = StepProgress(cfg.steps, batch, out, first, every=1 if out.isatty() else 10)
 
     def on_step(step, loss, seconds):
-        metrics.write({"step": step, "loss": loss, "step_s": seconds, "images_per_s": batch / max(seconds, 1e-12)})
+        metrics.write({"step": step, "loss": loss, "step_s": seconds, "images_per_s": batch / max(seconds, 1e-12),
+                       "lr": lr(step)})
         losses.append(loss)
         step_seconds.append(seconds)
         progress(step, loss, seconds)
@@ -381,7 +308,7 @@ def run_demo(cfg=None, run_dir=None, resume=None, out=None):
     def on_metrics(recs):
         for r in recs:
             record = {k: r[k] for k in ("step", "device", "name", "step_s", "compute_s", "wait_s", "bytes_sent",
-                                        "peak_bytes")}
+                                        "peak_bytes") if k in r}
             records.append(record)
             metrics.write(record)
 
@@ -392,19 +319,22 @@ def run_demo(cfg=None, run_dir=None, resume=None, out=None):
     batches = for_model(program, data_dir, batch, seed=cfg.seed, dtype=cfg.dtype)
     out.write(f"train: {len(batches)} images, batch {batch}, {cfg.steps} steps, lr {optimizer['lr']:g} "
               f"(x{cfg.lr_scale:g} after steps {', '.join(str(p) for p in lr_schedule(cfg, 1)[1])})\n")
-    lr, changes = lr_schedule(cfg, optimizer["lr"])
+    lr, _ = lr_schedule(cfg, optimizer["lr"])
+    interrupted = False
     try:
         if first < cfg.steps:
-            params, buffers = run_training(plan, program, params, buffers, batches, first, cfg.steps, optimizer, lr,
-                                           changes, momentum, cfg, run_dir, on_step, on_metrics, on_state, out)
-    except KeyboardInterrupt:
+            params, buffers, interrupted = run_training(plan, program, params, buffers, batches, first, cfg.steps, lr,
+                                                        momentum, cfg, run_dir, on_step, on_metrics, on_state, out)
+    finally:
+        progress.close()
+        batches.close()
+        metrics.close()
+    if interrupted:
         done = _checkpoint_step(run_dir)
         out.write(f"\ninterrupted. {'The checkpoint after step ' + str(done) if done else 'No checkpoint yet'} "
                   f"is in {run_dir}; continue with: tilec train --resume {run_dir}\n")
-        raise
-    finally:
-        batches.close()
-        metrics.close()
+        from tilec.train import TrainingInterrupted
+        raise TrainingInterrupted(run_dir, done)
     loss_file = _all_losses(run_dir)
     rweights.save_weights(os.path.join(run_dir, "weights.npz"), params, buffers)
     write_darknet(os.path.join(run_dir, "weights.weights"), program, params, buffers, seen=cfg.steps * batch)
@@ -429,7 +359,7 @@ def run_demo(cfg=None, run_dir=None, resume=None, out=None):
     text = summary_text(result)
     with open(os.path.join(run_dir, "summary.txt"), "w") as f:
         f.write(text + "\n")
-    out.write("\n" + text + f"\n\nwall time {_clock(result['wall_s'])}; outputs in {run_dir}: plan.json, plan.dot, "
+    out.write("\n" + text + f"\n\nwall time {clock(result['wall_s'])}; outputs in {run_dir}: plan.json, plan.dot, "
               f"timeline.png, loss.png, metrics.jsonl, weights.npz, weights.weights, eval.txt, summary.txt\n")
     return result
 
@@ -457,8 +387,8 @@ def same_weights(steps=20, devices=2, batch=None, backend="local", images=1500, 
                  kernels="generated", out=None):
     """Train the demo's model ``steps`` steps in float64 from one initialisation
     on the same batches, on 1 device (the reference executor) and on
-    ``devices`` (the plan), and return the largest relative difference of any
-    parameter or buffer, ``max |a - b| / max |a|`` per array."""
+    ``devices`` (the plan, with ``kernels``), and return the largest relative
+    difference of any parameter or buffer, ``max |a - b| / max |a|`` per array."""
     from tilec.compile import compile_plan
     from tilec.data.batches import for_model
     from tilec.frontend.models import load_model
@@ -474,13 +404,14 @@ def same_weights(steps=20, devices=2, batch=None, backend="local", images=1500, 
     batch = batch or net["batch"]
     optimizer = {"lr": net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
     source = for_model(program, data_dir, batch, seed=seed, dtype="float64", prefetch=0)
-    lr, changes = lr_schedule(cfg, optimizer["lr"])
+    lr, _ = lr_schedule(cfg, optimizer["lr"])
     results = []
-    for n in (1, devices):
+    for n, k in ((1, "reference"), (devices, kernels)):
         plan = compile_plan(graph, devices=n, batch=batch, dtype="float64", optimizer=optimizer)
         params, buffers = rweights.init_params(program, seed, "float64")
-        params, buffers = run_training(plan, program, params, buffers, source, 0, steps, optimizer, lr, changes,
-                                       None, cfg, cache_dir(), lambda *a: None, None, lambda *a: None, out)
+        params, buffers, _ = run_training(plan, program, params, buffers, source, 0, steps, lr, None,
+                                          replace(cfg, kernels=k), cache_dir(), lambda *a: None, None,
+                                          lambda *a: None, out)
         results.append({**params, **buffers})
     one, many = results
     return max(float(np.max(np.abs(one[k] - many[k])) / max(float(np.max(np.abs(one[k]))), 1e-300)) for k in one)

@@ -1,14 +1,16 @@
-"""Code generation: plan -> kernel specs -> Cython -> C -> a built module.
+"""Code generation: templates -> Cython -> C -> a built module.
 
 The only stage that imports Jinja2 and Cython. The steps, each its own
 module:
 
-1. ``lower.lower_plan``: the plan's groups and tiles -> kernel specs (plain
-   data: ops, shapes, border padding, buffer offsets of a static memory plan)
-2. ``render.render_module``: templates -> Cython source for the plan's dtype
-3. ``cythonize.cythonize``: Cython -> C (cached: the C is what devices get)
-4. ``tilec_runtime.kernels.build``: C -> shared library, on the device
+1. ``render.render_module``: templates -> Cython source for the plan's dtype
+2. ``cythonize.cythonize``: Cython -> C (cached: the C is what devices get)
+3. ``tilec_runtime.kernels.build``: C -> shared library, on the device
    (cached; needs only a C compiler and the Python headers)
+
+What each tile runs (its units, shapes and static buffer plan) is lowered
+from the plan on the device itself (``tilec_runtime.lower``): it is data the
+plan determines, and the device needs no planner to compute it.
 
 Every step is keyed by its inputs in the build cache, so a second compile of
 the same plan runs neither Cython nor the C compiler. Set ``TILEC_DEBUG=1``
@@ -20,7 +22,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from tilec.codegen.cythonize import cythonize
-from tilec.codegen.lower import lower_plan
 from tilec.codegen.render import render_module
 from tilec_runtime import kernels as rkernels
 
@@ -28,8 +29,8 @@ from tilec_runtime import kernels as rkernels
 class KernelBundle:
     """What a device needs to run a plan with generated kernels."""
 
-    def __init__(self, kernel_plan, module, c_source, module_obj, built, generated):
-        self.kernel_plan, self.module, self.c_source = kernel_plan, module, c_source
+    def __init__(self, module, c_source, module_obj, built, generated):
+        self.module, self.c_source = module, c_source
         self.module_obj = module_obj  # the loaded module (on the machine that built it)
         self.built, self.generated = built, generated  # whether the C compiler / Cython ran
 
@@ -40,7 +41,7 @@ def _debug(msg):
 
 
 def generate(dtypes, on_compile=None):
-    """Steps 2-3: the C source of the kernel module for ``dtypes``."""
+    """Steps 1-2: the C source of the kernel module for ``dtypes``."""
     module, pyx = render_module(tuple(dtypes))
     source = cythonize(module, pyx, on_compile)
     _debug(f"{module}: Cython {'ran' if source.generated else 'cached'} ({source.seconds:.1f} s)")
@@ -48,7 +49,7 @@ def generate(dtypes, on_compile=None):
 
 
 def build_modules(dtype_sets, progress=None):
-    """Steps 2-4 for several dtype sets, in parallel (Cython and the C
+    """Steps 1-3 for several dtype sets, in parallel (Cython and the C
     compiler are subprocesses). Returns [(module object, CSource, BuildResult)].
     ``progress(message)`` hears once if anything has to be compiled (the
     first use on a machine; later runs find everything in the cache)."""
@@ -69,10 +70,7 @@ def build_modules(dtype_sets, progress=None):
         return list(pool.map(one, [tuple(d) for d in dtype_sets]))
 
 
-def compile_kernels(plan, progress=None):
-    """Steps 1-4 for a plan: its kernel specs and the built, loaded module."""
-    kernel_plan = lower_plan(plan)
-    _debug(f"{len(kernel_plan['specs'])} kernel spec(s) for {len(kernel_plan['tiles'])} tile(s)")
-    (module_obj, source, result), = build_modules([(plan["dtype"],)], progress)
-    kernel_plan["module"] = source.module
-    return KernelBundle(kernel_plan, source.module, source.text, module_obj, result.built, source.generated)
+def compile_kernels(dtype, progress=None):
+    """Steps 1-3 for one dtype: the built, loaded module and its C source."""
+    (module_obj, source, result), = build_modules([(str(dtype),)], progress)
+    return KernelBundle(source.module, source.text, module_obj, result.built, source.generated)

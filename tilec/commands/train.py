@@ -33,8 +33,12 @@ def add_parser(sub, common):
     p.add_argument("--init-weights", metavar="FILE", help="weights .npz, or darknet .weights")
     p.add_argument("--save-weights", metavar="FILE")
     p.add_argument("--metrics", metavar="FILE.jsonl",
-                   help="one JSON line per step (loss), and with workers one per device and step (compute, "
-                        "wait, bytes sent, peak memory)")
+                   help="one JSON line per step (loss), and with several devices one per device and step "
+                        "(compute, wait, bytes sent, peak memory)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="kernel threads per device (default: its cores; local workers share this machine's)")
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write every device's measured ops of every step as a Chrome trace (ui.perfetto.dev)")
 
 
 def add_defaults(p):
@@ -47,18 +51,22 @@ def run(args):
     if args.model is None:
         from tilec.demo import run_from_args
         return run_from_args(args)
+    from tilec.errors import TilecError
     from tilec.frontend.models import load_model
-    from tilec.train import train
+    from tilec.train import TrainOptions, train
     from tilec_runtime.planfile import read_plan
     graph = load_model(args.model)
     plan = read_plan(args.plan) if args.plan else None
-    losses, _, _ = train(graph, steps=args.steps or 10, batch=args.batch, lr=args.lr, momentum=args.momentum,
-                         decay=args.decay, seed=args.seed, dtype=args.dtype, data=args.data,
-                         init_weights=args.init_weights, save_weights=args.save_weights,
-                         metrics=args.metrics, devices=args.devices or 1, plan=plan, grid=args.grid,
-                         groups=args.groups, backend=args.backend, cluster=args.cluster, key_file=args.key_file,
-                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                         timeout=args.timeout, kernels=args.kernels)
+    if args.threads is not None and args.threads < 1:
+        raise TilecError(f"--threads must be at least 1, got {args.threads}")
+    options = TrainOptions(
+        steps=args.steps or 10, batch=args.batch, lr=args.lr, momentum=args.momentum, decay=args.decay,
+        seed=args.seed, dtype=args.dtype, data=args.data, init_weights=args.init_weights,
+        save_weights=args.save_weights, metrics=args.metrics, devices=args.devices or 1, plan=plan, grid=args.grid,
+        groups=args.groups, backend=args.backend, cluster=args.cluster, key_file=args.key_file,
+        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume, timeout=args.timeout,
+        kernels=args.kernels, threads=args.threads, trace=args.trace)
+    losses, _, _ = train(graph, options)
     if losses:
         print(f"trained {len(losses)} steps: loss {losses[0]:.6f} -> {losses[-1]:.6f}")
     return 0

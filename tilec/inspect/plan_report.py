@@ -68,34 +68,10 @@ def halo_overhead(plan):
     return done / needed - 1 if needed else 0.0
 
 
-def bytes_sent(plan):
-    """Bytes each device sends per training step, by rank: (messages, collectives).
-
-    Collectives as the socket runtime runs them: weight gradients of at least
-    ``RING_MIN_BYTES`` go round a ring (2 (n-1)/n of the array per member),
-    smaller ones and batch-norm statistics as one all-gather ((n-1) copies).
-    """
-    from tilec_runtime.collectives import use_ring
-    itemsize = np.dtype(plan["dtype"]).itemsize
-    n = len(plan["devices"])
-    msgs, coll = [0] * n, [0] * n
-    for m in plan["messages"]:
-        msgs[m["sender"]] += m["bytes"]
-    for c in plan["collectives"]:
-        members = len(c["devices"])
-        size = c["elements"] * itemsize if c["kind"] == "grad" else c["bytes"]
-        if c["kind"] == "grad" and use_ring(size, members):
-            share = 2 * (members - 1) * size // members
-        else:
-            share = (members - 1) * size
-        for d in c["devices"]:
-            coll[d] += share
-    return msgs, coll
-
-
 def plan_summary(plan, baseline=None):
     """Text: groups, and per device activation memory (vs ``baseline`` bytes,
     the one-device figure), halo overhead and bytes sent per step."""
+    from tilec.cost.traffic import bytes_sent
     mem = activation_bytes(plan)
     msgs, coll = bytes_sent(plan)
     lines = [f"plan {plan['hash'][:12]}  model {plan['model']}  batch {plan['batch']}  {plan['dtype']}  "

@@ -23,8 +23,9 @@ import numpy as np
 from tilec.analysis.regions import area_of, even_splits, intersect, length
 from tilec.analysis.tiles import group_tiles, spatial_prefix
 from tilec.errors import PlanError
+from tilec.plan.schedule import build_schedule, make_buckets
+from tilec_runtime.collectives import RING_MIN_BYTES
 from tilec_runtime.planfile import FORMAT, VERSION, seal
-from tilec_runtime.program import param_shapes
 
 
 @dataclass
@@ -110,12 +111,18 @@ def _message(group, tensor, sender, receiver, rows, cols, channels, batch, items
             "bytes": 0 if sender == receiver else batch * channels * area_of(rows, cols) * itemsize}
 
 
-def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, prefix=None, predicted=None):
+def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, prefix=None, predicted=None,
+               threads=None, cluster=None, ring_min_bytes=RING_MIN_BYTES, interior=True):
     """The sealed plan dict. ``devices``: list of device names (rank order).
 
     ``prefix``: tile only the first ``prefix`` layers of the spatial prefix
     (the rest joins the tail); ``predicted``: the cost model's prediction,
-    stored as the plan's ``predicted`` field.
+    stored as the plan's ``predicted`` field; ``threads``: each device's
+    thread count (default 1 each); ``cluster``: the devices' profiles and
+    links as JSON (``tilec.cluster.Cluster.to_json``), so that the plan can
+    be simulated for the devices it was made for; ``ring_min_bytes``: the
+    smallest gradient summed with a ring (smaller ones are all-gathered);
+    ``interior``: let a tile compute its interior while its halo arrives.
     """
     prefix = spatial_prefix(program) if prefix is None else min(prefix, spatial_prefix(program))
     itemsize = np.dtype(dtype).itemsize
@@ -174,38 +181,20 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
     # backward: partial gradients travel the forward messages in reverse
     messages += [dict(m, phase="backward", sender=m["receiver"], receiver=m["sender"])
                  for m in messages if m["tensor"] >= 0]
+    threads = list(threads) if threads is not None else [1] * len(devices)
+    if len(threads) != len(devices) or any(not isinstance(t, int) or t < 1 for t in threads):
+        raise PlanError(f"threads {threads} must be a positive count for each of the {len(devices)} devices")
+    buckets = make_buckets(program, groups, itemsize, ring_min_bytes)
     plan = {
         "format": FORMAT, "version": VERSION, "model": model, "batch": batch, "dtype": str(np.dtype(dtype)),
         "optimizer": dict(optimizer),
-        "devices": [{"rank": r, "name": name} for r, name in enumerate(devices)],
-        "program": program, "groups": groups, "messages": messages,
-        "collectives": _collectives(program, groups, batch),
+        "devices": [{"rank": r, "name": name, "threads": t} for r, (name, t) in enumerate(zip(devices, threads))],
+        "program": program, "groups": groups, "messages": messages, "buckets": buckets,
+        "ring_min_bytes": int(ring_min_bytes),
+        "schedule": build_schedule(program, groups, messages, len(devices), buckets, interior),
     }
+    if cluster is not None:
+        plan["cluster"] = cluster
     if predicted is not None:
         plan["predicted"] = predicted
     return seal(plan)
-
-
-def _collectives(program, groups, batch):
-    """The all-reduces of a step, with the bytes each member sends.
-
-    Batch-norm statistics (count, mean, m2) forward and the two gradient
-    sums backward are float64; weight gradients go in the data dtype.
-    Members send their contribution to every other member.
-    """
-    out = []
-    for group in groups:
-        members = sorted({t["device"] for t in group["tiles"]})
-        if len(members) < 2:
-            continue
-        first, last = group["layers"]
-        for layer in program[first:last + 1]:
-            if layer["kind"] == "conv" and layer["bn"]:
-                c = layer["filters"]
-                out.append({"kind": "bn_stats", "layer": layer["index"], "devices": members, "bytes": 8 * (2 * c + 1)})
-                out.append({"kind": "bn_grad", "layer": layer["index"], "devices": members, "bytes": 8 * 2 * c})
-            shapes = {k: s for k, s in param_shapes(layer).items() if ".bn." not in k}
-            if shapes:
-                out.append({"kind": "grad", "layer": layer["index"], "devices": members,
-                            "keys": sorted(shapes), "elements": int(sum(np.prod(s) for s in shapes.values()))})
-    return out

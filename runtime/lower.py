@@ -1,0 +1,179 @@
+"""Lowering: a rank's tiles of a plan -> kernel specs, with a static memory plan.
+
+A kernel spec is plain data that ``tilec_runtime.fused.TileStep`` runs with
+the generated kernels: for each *unit* of the tile (a conv with its batch
+norm or bias and activation, fused with the max-pool that follows it when
+nothing else reads the conv's output, or a max-pool alone) the shapes,
+stride, padding at real map borders only (as the plan gives it), the owned
+cells whose batch-norm statistics the tile contributes, and the offset of
+every buffer in one arena.
+
+The units are the granularity of a plan's schedule too (the planner's
+``tilec.plan.schedule`` names them by position), so both sides call
+:func:`units` and agree by construction. Lowering is deterministic from the
+plan, so each device lowers its own tiles and the planner lowers every
+rank's to predict memory: one memory plan, computed in one place.
+"""
+from tilec_runtime import memplan
+from tilec_runtime.errors import ProgramError
+from tilec_runtime.kernel_set import band_rows
+
+
+def units(program, first, last, outside):
+    """[(conv layer or None, max-pool layer or None)] of ``program[first..last]``.
+
+    ``outside``: layers whose output is read outside the group or by a
+    message (a conv producing one keeps its output and is not fused)."""
+    out, i = [], first
+    while i <= last:
+        kind = program[i]["kind"]
+        if kind == "conv":
+            fuse = i + 1 <= last and program[i + 1]["kind"] == "maxpool" and i not in outside
+            out.append((i, i + 1) if fuse else (i, None))
+            i += 2 if fuse else 1
+        elif kind == "maxpool":
+            out.append((None, i))
+            i += 1
+        else:
+            raise ProgramError(f"layer {i} ({kind}): no kernel for it in a tiled group")
+    return out
+
+
+def outside_tensors(plan):
+    """Layers whose output a forward message carries (read by another group or device)."""
+    return {m["tensor"] for m in plan["messages"] if m["phase"] == "forward"}
+
+
+def produced_by(unit):
+    """The layer whose output a unit hands on."""
+    conv, pool = unit
+    return pool if pool is not None else conv
+
+
+def _len(r):
+    return r[1] - r[0] + 1
+
+
+def _window(src, base):
+    """[row offset, col offset, rows, cols] of range pair ``src`` inside a buffer covering ``base``."""
+    return [src[0][0] - base[0][0], src[1][0] - base[1][0], _len(src[0]), _len(src[1])]
+
+
+def _conv_op(layer, tl, base, batch):
+    _, h, w = layer["out_shape"]
+    region, owned = tl["region"], tl["owned"]
+    c, k = layer["in_shape"][0], layer["size"]
+    ho, wo = _len(region[0]), _len(region[1])
+    return {
+        "kind": "conv", "layer": layer["index"], "src": _window(tl["src"], base), "channels": c,
+        "filters": layer["filters"], "size": k, "stride": layer["stride"], "pads": list(tl["pads"]),
+        "out": [ho, wo], "pre": "bn" if layer["bn"] else "bias", "act": layer["act"],
+        # owned cells relative to the region, half-open
+        "owned": [owned[0][0] - region[0][0], owned[0][1] - region[0][0] + 1,
+                  owned[1][0] - region[1][0], owned[1][1] - region[1][0] + 1],
+        "count": batch * h * w, "band": band_rows(c, k, ho, wo), "pool": None,
+    }
+
+
+def _pool_op(layer, tl, base):
+    return {"kind": "maxpool", "layer": layer["index"], "src": _window(tl["src"], base),
+            "channels": layer["in_shape"][0], "size": layer["size"], "stride": layer["stride"],
+            "pads": list(tl["pads"]), "out": [_len(tl["region"][0]), _len(tl["region"][1])]}
+
+
+def lower_tile(program, group, tile, batch, outside, threads=1):
+    """The kernel spec of one tile on a device running ``threads`` threads."""
+    first, last = group["layers"]
+    by_layer = {tl["layer"]: tl for tl in tile["layers"]}
+    base = tile["input"]
+    ops = []
+    for conv, pool in units(program, first, last, outside):
+        if conv is not None:
+            tl = by_layer[conv]
+            op = _conv_op(program[conv], tl, base, batch)
+            base = tl["region"]
+            if pool is not None:
+                op["pool"] = _pool_op(program[pool], by_layer[pool], base)
+                base = by_layer[pool]["region"]
+        else:
+            tl = by_layer[pool]
+            op = _pool_op(program[pool], tl, base)
+            base = tl["region"]
+        ops.append(op)
+    c_in = program[first]["in_shape"][0]
+    spec = {"layers": [first, last], "batch": batch, "threads": threads,
+            "input": [c_in, _len(tile["input"][0]), _len(tile["input"][1])],
+            "input_grad": first > 0,  # the network input needs no gradient
+            # outputs read outside the group: kept to the end of the step
+            # (a message to the device itself is copied when received)
+            "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside),
+            "ops": ops}
+    _plan_memory(spec)
+    return spec
+
+
+def out_channels(op):
+    return op["filters"] if op["kind"] == "conv" else op["channels"]
+
+
+def out_shape(op):
+    """[C, h, w] of what an op hands to the next one (a fused pool's output)."""
+    last = (op["pool"] or op) if op["kind"] == "conv" else op
+    return [out_channels(op), *last["out"]]
+
+
+def workspace(op, threads, dx):
+    """Elements of im2col workspace a conv op needs (``workspace_size`` of the kernels)."""
+    if op["kind"] != "conv":
+        return 0
+    one = op["channels"] * op["size"] ** 2 * min(op["band"], op["out"][0]) * op["out"][1]
+    return max(one * min(threads, op["out"][0]), one * (2 if dx else 1))
+
+
+def _plan_memory(spec):
+    """Buffer offsets: float arena, int16 arena (argmax), and the im2col workspace."""
+    ops, b = spec["ops"], spec["batch"]
+    n = len(ops)
+    end = 2 * n  # after the step: the group output stays for the next group / the loss
+    bwd = [2 * n - 1 - j for j in range(n)]
+    floats, ints = {}, {}
+    for j, op in enumerate(ops):
+        c, h, w = out_shape(op)
+        size = b * c * h * w
+        reads_input_backward = j + 1 < n and ops[j + 1]["kind"] == "conv"
+        kept = j == n - 1 or (op["pool"] or op if op["kind"] == "conv" else op)["layer"] in spec["kept"]
+        floats[f"out{j}"] = (size, j, end if kept else (bwd[j + 1] if reads_input_backward else j + 1))
+        floats[f"d{j}"] = (size, bwd[j + 1] if j + 1 < n else n, bwd[j])
+        if op["kind"] == "conv":
+            zsize = b * op["filters"] * op["out"][0] * op["out"][1]
+            floats[f"z{j}"] = (zsize, j, bwd[j])
+            if op["pool"]:
+                floats[f"da{j}"] = (zsize, bwd[j], bwd[j])
+                ints[f"arg{j}"] = (size, j, bwd[j])
+        else:
+            ints[f"arg{j}"] = (size, j, bwd[j])
+    if spec["input_grad"]:
+        c, h, w = spec["input"]
+        floats["din"] = (b * c * h * w, bwd[0], end)
+    offsets, total = memplan.plan_offsets(floats)
+    memplan.check(floats, offsets, total)
+    arg_offsets, arg_total = memplan.plan_offsets(ints)
+    spec["buffers"] = {name: [offsets[name], floats[name][0]] for name in sorted(floats)}
+    spec["arg_buffers"] = {name: [arg_offsets[name], ints[name][0]] for name in sorted(ints)}
+    spec["arena"], spec["arg_arena"] = total, arg_total
+    spec["workspace"] = max((workspace(op, spec["threads"], j > 0 or spec["input_grad"])
+                             for j, op in enumerate(ops)), default=0)
+
+
+def lower_rank(plan, rank, threads=1):
+    """{group index: kernel spec} of the tiles ``rank`` computes."""
+    program, batch = plan["program"], plan["batch"]
+    outside = outside_tensors(plan)
+    specs = {}
+    for g, group in enumerate(plan["groups"]):
+        if group["kind"] != "tiled":
+            continue
+        for tile in group["tiles"]:
+            if tile["device"] == rank:
+                specs[g] = lower_tile(program, group, tile, batch, outside, threads)
+    return specs
