@@ -181,7 +181,10 @@ def export_onnx(program, params, buffers, *, name="tilec", net=None):
     ExportError
         A layer ONNX cannot express, naming it.
     """
-    from onnx import TensorProto, checker, helper
+    try:
+        from onnx import TensorProto, checker, helper
+    except ImportError:
+        raise ExportError("writing ONNX needs the onnx package: pip install 'tilec[onnx]'") from None
 
     w = _Writer(program)
     for layer in program:
