@@ -1,6 +1,8 @@
 """tilec: fused-tile CNN training across a cluster of small edge devices."""
 from setuptools import find_packages, setup
 
+ONNX = ["onnx>=1.14", "onnxruntime>=1.16"]
+
 setup(
     name="tilec",
     version="0.1.0",
@@ -10,14 +12,17 @@ setup(
     # planner (`tilec`) brings the heavy dependencies.
     packages=find_packages(include=["tilec", "tilec.*"]) + ["tilec_runtime"],
     package_dir={"tilec_runtime": "runtime"},
-    package_data={"tilec": ["models/*.cfg", "profiles/*.json"]},
+    package_data={"tilec": ["models/*.cfg", "models/*.onnx", "profiles/*.json"]},
     include_package_data=True,
     install_requires=["numpy>=1.24", "scipy>=1.10", "networkx>=3.0", "PyYAML>=6.0", "ortools>=9.8",
                       "matplotlib>=3.7", "Jinja2>=3.1", "Cython>=3.0", "Pillow>=9.0"],
     extras_require={
+        # ONNX import (`tilec train model.onnx`) and `tilec export`; the
+        # runtime never needs them
+        "onnx": ONNX,
         # torch is pinned: it is the tests' independent oracle, never a
         # dependency of tilec itself (an unpinned torch pulls a CUDA build)
-        "test": ["pytest>=7", "hypothesis>=6.80", "torch==2.13.0"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "torch==2.13.0", *ONNX],
     },
     entry_points={"console_scripts": ["tilec=tilec.cli:main"]},
 )

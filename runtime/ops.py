@@ -234,15 +234,15 @@ def sse(y, t):
     return float(0.5 * np.sum(d.astype(np.float64) ** 2) / b), d / y.dtype.type(b)
 
 
-# Both reorg orders are one transpose of a 6-d view; each axis tuple maps the
+# Every reorg order is one transpose of a 6-d view; each axis tuple maps the
 # input view's axes to the output's, and backward applies its inverse.
-_REORG_AXES = {"space_to_depth": (0, 1, 3, 5, 2, 4), "darknet": (0, 3, 5, 1, 2, 4)}
+_REORG_AXES = {"space_to_depth": (0, 1, 3, 5, 2, 4), "onnx": (0, 3, 5, 1, 2, 4), "darknet": (0, 3, 5, 1, 2, 4)}
 
 
 def _reorg_view(shape, s, order):
     """The 6-d view of a reorg input (B, C, H, W) that the transpose permutes."""
     b, c, h, w = shape
-    if order == "space_to_depth":
+    if order in ("space_to_depth", "onnx"):
         return (b, c, h // s, s, w // s, s)
     if order == "darknet":
         # darknet indexes its (C, H, W) input as if it were (C/s², H*s, W*s)
@@ -255,8 +255,12 @@ def reorg_forward(x, s, order):
 
     ``order="space_to_depth"``: output channel ``(c*s + dy)*s + dx`` at
     (i, j) is input (c, i*s + dy, j*s + dx): torch's pixel_unshuffle (the
-    inverse of ONNX DepthToSpace in CRD mode). ONNX SpaceToDepth itself is
-    blocks-first, channel ``(dy*s + dx)*C + c``: equal only for C = 1.
+    inverse of ONNX DepthToSpace in CRD mode).
+
+    ``order="onnx"``: ONNX SpaceToDepth, blocks first: output channel
+    ``(dy*s + dx)*C + c`` at (i, j) is input (c, i*s + dy, j*s + dx) (the
+    inverse of DepthToSpace in DCR mode). It equals ``space_to_depth`` only
+    for C = 1.
 
     ``order="darknet"``: darknet's ``reorg_cpu`` (forward, not reversed),
     which YOLOv2's weights were trained with. Per image it is a permutation

@@ -13,8 +13,9 @@ stride, padding`` (total padding, darknet's: the map is offset by
 ``padding // 2`` at the top/left); connected ``output, act``; cost ``type``
 (``sse``); reorg ``stride, order`` (``order`` is ``darknet``, the
 permutation of darknet's reorg layer that YOLOv2's weights were trained
-with, or ``space_to_depth``, a clean space-to-depth in torch's
-pixel_unshuffle order: see ``ops.reorg_forward``); region (the YOLOv2 loss,
+with, ``space_to_depth``, a clean space-to-depth in torch's
+pixel_unshuffle order, or ``onnx``, ONNX SpaceToDepth's blocks-first order:
+see ``ops.reorg_forward``); region (the YOLOv2 loss,
 ``tilec_runtime.region``) ``anchors`` (2*num numbers, in cells), ``classes, coords, num, softmax,
 rescore, bias_match, object_scale, noobject_scale, class_scale, coord_scale,
 thresh, max_boxes`` (truth rows per image) and ``jitter`` (read by the data
@@ -31,7 +32,7 @@ KINDS = ("conv", "maxpool", "avgpool", "connected", "softmax", "cost", "region",
 SPATIAL = ("conv", "maxpool")
 ACTIVATIONS = ("linear", "leaky", "relu")
 LOSSES = ("softmax", "cost", "region")
-REORG_ORDERS = ("darknet", "space_to_depth")
+REORG_ORDERS = ("darknet", "space_to_depth", "onnx")
 
 _REQUIRED = {
     "conv": ("filters", "size", "stride", "pad", "bn", "act"),

@@ -39,8 +39,14 @@ def init_params(program, seed, dtype="float32"):
 
 def load_weights(path, program, dtype="float32"):
     """(params, buffers) from an .npz file, checked against the program."""
+    return from_arrays(load_npz(path, WeightsError, "weights"), program, dtype, path)
+
+
+def from_arrays(arrays, program, dtype, path):
+    """(params, buffers) from ``{key: array}``, checked against the program:
+    every key present with its shape, no key the model lacks (``path``
+    names the source in errors)."""
     dtype = np.dtype(dtype)
-    arrays = load_npz(path, WeightsError, "weights")
     params, buffers = {}, {}
     for layer in program:
         for out, shapes in ((params, param_shapes(layer)), (buffers, buffer_shapes(layer))):

@@ -105,7 +105,7 @@ def test_route_absolute_and_relative():
     (lambda m: m.maxpool(2, 0), "node 0 (maxpool): stride must be a positive integer"),
     (lambda m: m.conv(4).reorg(2).reorg(2).reorg(2).reorg(2), "node 4 (reorg): input 256x1x1 is not divisible"),
     (lambda m: m.reorg(2), "node 0 (reorg): input 1x8x8: darknet's reorg needs channels divisible by stride² = 4"),
-    (lambda m: m.reorg(2, order="pixel"), "node 0 (reorg): order must be one of darknet, space_to_depth"),
+    (lambda m: m.reorg(2, order="pixel"), "node 0 (reorg): order must be one of darknet, space_to_depth, onnx"),
     (lambda m: m.route(-1), "node 0 (route): layers [-1] reach before layer 0"),
     (lambda m: m.conv(2).route(1), "node 1 (route): input 1 is not an earlier node"),
     (lambda m: m.conv(2).maxpool(2, 2).route(-1, -2), "node 2 (route): inputs have different sizes"),

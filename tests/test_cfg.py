@@ -23,7 +23,7 @@ def conv_params(c, f, k, bn):
 # -- bundled models ----------------------------------------------------------
 
 def test_bundled_names():
-    assert bundled_names() == ["detector-small", "tiny", "yolov2", "yolov2-tiny"]
+    assert bundled_names() == ["detector-small", "small-cnn", "tiny", "yolov2", "yolov2-tiny"]
 
 
 @pytest.mark.parametrize("name", ["tiny", "yolov2-tiny", "yolov2", "detector-small"])

@@ -158,7 +158,7 @@ def test_reorg_orders_and_darknet_channels():
     g.add_layer("reorg", stride=2, order="darknet")
     with pytest.raises(IRError, match=r"node 0 \(reorg\): input 2x6x10: darknet's reorg needs channels divisible by"):
         g.infer_shapes()
-    with pytest.raises(IRError, match="node 1 \\(reorg\\): order must be one of darknet, space_to_depth, got 'x'"):
+    with pytest.raises(IRError, match="node 1 \\(reorg\\): order must be one of darknet, space_to_depth, onnx, got 'x'"):
         g.add_layer("reorg", stride=2, order="x")
 
 

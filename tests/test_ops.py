@@ -597,3 +597,25 @@ def test_space_to_depth_reorg_matches_pixel_unshuffle(dt, s, shape):
     ty.backward(torch.tensor(dy))
     dx = ops.reorg_backward(dy, s, "space_to_depth")
     assert dx.dtype == dt and np.array_equal(dx, tx.grad.numpy())
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("s,shape", [(2, (2, 3, 4, 6)), (3, (1, 2, 6, 9)), (2, (1, 1, 2, 2))])
+def test_onnx_reorg_is_blocks_first_space_to_depth(dt, s, shape):
+    """order="onnx" is ONNX SpaceToDepth, written out from its definition:
+    output channel ``(dy*s + dx)*C + c`` at (i, j) is input (c, i*s + dy,
+    j*s + dx); backward is the inverse permutation. (onnxruntime itself:
+    tests/test_onnx.py.)"""
+    rng = np.random.default_rng(s)
+    x = rng.standard_normal(shape).astype(dt)
+    b, c, h, w = shape
+    expect = np.empty((b, c * s * s, h // s, w // s), dt)
+    for dy in range(s):
+        for dx in range(s):
+            for ch in range(c):
+                expect[:, (dy * s + dx) * c + ch] = x[:, ch, dy::s, dx::s]
+    y = ops.reorg_forward(x, s, "onnx")
+    assert y.dtype == dt and np.array_equal(y, expect)
+    assert np.array_equal(ops.reorg_backward(y, s, "onnx"), x)
+    if c > 1:
+        assert not np.array_equal(y, ops.reorg_forward(x, s, "space_to_depth"))

@@ -29,7 +29,7 @@ def good():
     (0, "out_shape", [4, 12, 13], "out_shape"),
     (2, "out_shape", [16, 6, 5], "out_shape"),
     (4, "output", 0, "output"),
-    (2, "order", "pixel_unshuffle", "layer 2 \\(reorg\\): order must be one of darknet, space_to_depth"),
+    (2, "order", "pixel_unshuffle", "layer 2 \\(reorg\\): order must be one of darknet, space_to_depth, onnx"),
 ])
 def test_bad_fields_are_refused(layer, key, value, match):
     program = copy.deepcopy(good())

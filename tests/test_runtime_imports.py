@@ -18,7 +18,7 @@ MODULES = sorted(p.stem for p in RUNTIME.glob("*.py") if p.stem != "__init__")
 # modules that unpickle (multiprocessing pickles everything it sends)
 UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "copyreg",
               "multiprocessing", "jsonpickle"}
-PLANNER = {"tilec", "networkx", "ortools", "jinja2", "Cython", "yaml", "torch", "scipy"}
+PLANNER = {"tilec", "networkx", "ortools", "jinja2", "Cython", "yaml", "torch", "scipy", "onnx", "onnxruntime"}
 
 
 def calls(tree, name):

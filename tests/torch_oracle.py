@@ -33,6 +33,15 @@ def darknet_reorg(x, s):
     return x.reshape(b, -1)[:, source].reshape(b, c * s * s, h // s, w // s)
 
 
+def onnx_space_to_depth(x, s):
+    """ONNX SpaceToDepth (blocks first: channel ``(dy*s + dx)*C + c``),
+    from torch's pixel_unshuffle (channel ``c*s*s + dy*s + dx``) by
+    swapping the two channel factors, independently of ``ops``."""
+    b, c, h, w = x.shape
+    y = F.pixel_unshuffle(x, s).reshape(b, c, s * s, h // s, w // s)
+    return y.transpose(1, 2).reshape(b, c * s * s, h // s, w // s)
+
+
 def forward(program, tparams, tbuffers, images, target):
     """Loss of the program in torch; updates tbuffers like batch_norm(training=True)."""
     acts = {-1: images}
@@ -62,6 +71,8 @@ def forward(program, tparams, tbuffers, images, target):
             acts[i] = torch.cat([acts[j] for j in layer["inputs"]], dim=1)
         elif kind == "reorg" and layer["order"] == "space_to_depth":
             acts[i] = F.pixel_unshuffle(x, layer["stride"])
+        elif kind == "reorg" and layer["order"] == "onnx":
+            acts[i] = onnx_space_to_depth(x, layer["stride"])
         elif kind == "reorg":
             acts[i] = darknet_reorg(x, layer["stride"])
         elif kind == "softmax":

@@ -17,7 +17,9 @@ class Common:
     @staticmethod
     def model(p, required=True):
         p.add_argument("model", nargs=None if required else "?", default=None if required else "tiny",
-                       help="a .cfg file or a bundled model name (tiny, yolov2-tiny, yolov2)")
+                       help="a .cfg or .onnx file or a bundled model name (tiny, yolov2-tiny, yolov2, small-cnn)")
+        p.add_argument("--loss", metavar="LOSS", help="the loss of an .onnx model, which carries none: softmax "
+                       "(cross-entropy, integer labels), sse, or region:FILE (the [region] section of FILE)")
 
     @staticmethod
     def plan_flags(p):

@@ -17,14 +17,14 @@ def add_parser(sub, common):
 
 
 def run(args):
+    from tilec.commands import load_model_arg
     import os
 
     from tilec.compile import DEFAULT_TIME_LIMIT, plan_with_solution, prediction_report
-    from tilec.frontend.models import load_model
     from tilec.inspect.dot import plan_dot
     from tilec.inspect.plan_report import plan_summary
     from tilec_runtime.planfile import write_plan
-    graph = load_model(args.model)
+    graph = load_model_arg(args)
     plan, solution, _ = plan_with_solution(
         graph, devices=args.devices, batch=args.batch, dtype=args.dtype, grid=args.grid, groups=args.groups,
         cluster=args.cluster, tiled_prefix=args.tile_layers,

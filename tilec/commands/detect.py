@@ -19,7 +19,7 @@ def run(args):
     from tilec.eval.detect import DRAW_THRESH, NMS_IOU, detect_images, load_detector
     from tilec.eval.draw import draw_detections
 
-    program, layer, params, buffers = load_detector(args.model, args.weights)
+    program, layer, params, buffers = load_detector(args.model, args.weights, args.loss)
     names = [str(c) for c in range(layer["classes"])]
     if args.names:
         try:

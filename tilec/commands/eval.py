@@ -24,7 +24,7 @@ def run(args):
     from tilec.eval.detect import EVAL_THRESH, NMS_IOU, detect_dataset, load_detector
     from tilec.eval.map import evaluate, format_table
 
-    program, layer, params, buffers = load_detector(args.model, args.weights)
+    program, layer, params, buffers = load_detector(args.model, args.weights, args.loss)
     dataset = load_split(args.data, args.split, on_error=args.on_error)
     if len(dataset.classes) != layer["classes"]:
         raise TilecError(f"{args.data} has {len(dataset.classes)} classes, the model {layer['classes']}")

@@ -11,7 +11,8 @@ probabilities), so a darknet dump of the same model compares layer by layer.
 def add_parser(sub, common):
     p = sub.add_parser("forward", help="run inference on an input batch and write every layer's output")
     common.model(p)
-    p.add_argument("--weights", required=True, metavar="FILE", help=".npz (tilec) or .weights (darknet)")
+    p.add_argument("--weights", metavar="FILE", help=".npz (tilec), .weights (darknet) or .onnx (its "
+                   "initializers); required unless MODEL is an .onnx file, whose own weights are the default")
     p.add_argument("--input", required=True, metavar="IN.npy", help="images, an (N, C, H, W) array")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -32,24 +33,39 @@ def read_input(path, program, dtype):
     return images.astype(dtype)
 
 
-def forward(model, weights, images_path, dtype="float32"):
-    """{index: output} of every layer of ``model`` (a name or .cfg) with
-    ``weights`` on the batch in ``images_path`` (the command without its file output)."""
+def model_weights(model, weights):
+    """The weights file for ``model``: ``weights``, or an .onnx model's own file."""
+    from tilec.errors import TilecError
+    from tilec.frontend.models import is_onnx, model_path
+
+    if weights:
+        return weights
+    if is_onnx(model):
+        return str(model_path(model))
+    raise TilecError(f"{model}: --weights is required (only an .onnx model carries its own)")
+
+
+def forward(model, weights, images_path, dtype="float32", graph=None):
+    """{index: output} of every layer of ``model`` (a name, .cfg or .onnx;
+    ``graph`` if already loaded) with ``weights`` (None: an .onnx model's
+    own) on the batch in ``images_path`` (the command without its file output)."""
     from tilec.frontend.darknet_weights import load_any
     from tilec.frontend.models import load_model
     from tilec_runtime import reference
 
-    program = load_model(model).to_program()
+    program = (graph or load_model(model, default_loss="sse")).to_program()
     images = read_input(images_path, program, dtype)
-    params, buffers = load_any(weights, program, dtype)
+    params, buffers = load_any(model_weights(model, weights), program, dtype)
     return reference.infer(program, params, buffers, images)
 
 
 def run(args):
+    from tilec.commands import load_model_arg
     from tilec.errors import TilecError
     from tilec_runtime.weights import atomic_savez
 
-    outputs = forward(args.model, args.weights, args.input, args.dtype)
+    graph = load_model_arg(args, default_loss="sse")
+    outputs = forward(args.model, args.weights, args.input, args.dtype, graph)
     try:
         atomic_savez(args.output, {str(i): y for i, y in outputs.items()})
     except OSError as exc:

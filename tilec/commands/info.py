@@ -10,9 +10,9 @@ def add_parser(sub, common):
 
 
 def run(args):
-    from tilec.frontend.models import load_model
+    from tilec.commands import load_model_arg
     from tilec.inspect.table import layer_table
-    graph = load_model(args.model)
+    graph = load_model_arg(args, default_loss="sse")
     batch = args.batch or graph.net["batch"]
     if not args.plan:
         print(layer_table(graph, batch, args.dtype))

@@ -30,7 +30,8 @@ def add_parser(sub, common):
     p.add_argument("--momentum", type=float)
     p.add_argument("--decay", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-weights", metavar="FILE", help="weights .npz, or darknet .weights")
+    p.add_argument("--init-weights", metavar="FILE", help="weights .npz, darknet .weights, or an .onnx model's "
+                   "initializers (default for an .onnx MODEL: its own)")
     p.add_argument("--save-weights", metavar="FILE")
     p.add_argument("--metrics", metavar="FILE.jsonl",
                    help="one JSON line per step (loss), and with several devices one per device and step "
@@ -51,17 +52,20 @@ def run(args):
     if args.model is None:
         from tilec.demo import run_from_args
         return run_from_args(args)
+    from tilec.commands import load_model_arg
     from tilec.errors import TilecError
-    from tilec.frontend.models import load_model
+    from tilec.frontend.models import is_onnx, model_path
     from tilec.train import TrainOptions, train
     from tilec_runtime.planfile import read_plan
-    graph = load_model(args.model)
+    graph = load_model_arg(args)
     plan = read_plan(args.plan) if args.plan else None
     if args.threads is not None and args.threads < 1:
         raise TilecError(f"--threads must be at least 1, got {args.threads}")
+    # an ONNX model's initializers are its weights: train from them unless told otherwise
+    init_weights = args.init_weights or (str(model_path(args.model)) if is_onnx(args.model) else None)
     options = TrainOptions(
         steps=args.steps or 10, batch=args.batch, lr=args.lr, momentum=args.momentum, decay=args.decay,
-        seed=args.seed, dtype=args.dtype, data=args.data, init_weights=args.init_weights,
+        seed=args.seed, dtype=args.dtype, data=args.data, init_weights=init_weights,
         save_weights=args.save_weights, metrics=args.metrics, devices=args.devices or 1, plan=plan, grid=args.grid,
         groups=args.groups, backend=args.backend, cluster=args.cluster, key_file=args.key_file,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume, timeout=args.timeout,

@@ -28,12 +28,12 @@ def region_layer(program):
     return last
 
 
-def load_detector(model, weights):
-    """(program, its region layer, params, buffers) of a model name or .cfg
-    and an .npz or darknet .weights file."""
+def load_detector(model, weights, loss=None):
+    """(program, its region layer, params, buffers) of a model name, .cfg or
+    .onnx (``loss``: its ``--loss``) and an .npz, darknet .weights or .onnx file."""
     from tilec.frontend.darknet_weights import load_any
     from tilec.frontend.models import load_model
-    program = load_model(model).to_program()
+    program = load_model(model, loss).to_program()
     layer = region_layer(program)
     return (program, layer, *load_any(weights, program))
 

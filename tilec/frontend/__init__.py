@@ -1,4 +1,4 @@
-"""Frontends: model descriptions (.cfg files, the Python builder) to the IR.
+"""Frontends: model descriptions (.cfg files, the Python builder, ONNX) to the IR.
 
 The names below load lazily, so that ``import tilec.frontend`` (say, to list
 the bundled models) does not import networkx.
@@ -6,7 +6,8 @@ the bundled models) does not import networkx.
 import importlib
 
 _EXPORTS = {"parse_cfg": "tilec.frontend.cfg", "Model": "tilec.frontend.builder",
-            "load_model": "tilec.frontend.models", "bundled_names": "tilec.frontend.models"}
+            "load_model": "tilec.frontend.models", "bundled_names": "tilec.frontend.models",
+            "import_onnx": "tilec.frontend.onnx_import"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -104,8 +104,9 @@ class Model:
 
     def reorg(self, stride=2, order="darknet"):
         """``[C, H, W] -> [C*s*s, H/s, W/s]``: darknet's reorg permutation (as
-        in a .cfg), or ``order="space_to_depth"`` (pixel_unshuffle order);
-        see ``tilec_runtime.ops.reorg_forward``."""
+        in a .cfg), ``order="space_to_depth"`` (pixel_unshuffle order) or
+        ``order="onnx"`` (ONNX SpaceToDepth, blocks first); see
+        ``tilec_runtime.ops.reorg_forward``."""
         return self._add("reorg", stride=stride, order=order)
 
     def __len__(self):

@@ -376,3 +376,28 @@ def parse_cfg(path_or_text, *, path=None):
         raise ConfigError("the last section must be a loss ([softmax], [cost] or [region])",
                           path=where, line=last.line, section=last.name)
     return graph.verify()
+
+
+LOSS_KINDS = ("softmax", "cost", "region")
+
+
+def read_loss_file(path, kind="region"):
+    """The fields of the ``[region]`` (or other loss ``kind``) section of a
+    cfg-style file: a model carries no loss of its own (an ONNX file, say)
+    and ``--loss region:FILE`` names one.
+
+    FILE may hold just that section, or be a whole darknet .cfg: the other
+    sections are not read. It must hold exactly one section of ``kind``.
+
+    Raises
+    ------
+    ConfigError
+        ``file:line: [section]: what``, as for a .cfg.
+    """
+    text, where, _ = _read_text(Path(path), None)
+    found = [s for s in _tokenize(text, where) if SECTION_ALIASES.get(s.name) == kind]
+    if len(found) != 1:
+        lines = ", ".join(str(s.line) for s in found)
+        raise ConfigError(f"expected exactly one [{kind}] section, found {len(found)}"
+                          + (f" (lines {lines})" if found else ""), path=where)
+    return _read_layer(kind, found[0], where, 0)[1]

@@ -114,10 +114,14 @@ def write_darknet(path, program, params, buffers, seen=0):
 
 
 def load_any(path, program, dtype="float32", seed=0):
-    """(params, buffers) from an ``.npz`` (every key required) or a darknet
-    ``.weights`` file (layers it does not cover start from ``seed``'s init)."""
+    """(params, buffers) from an ``.npz`` (every key required), a darknet
+    ``.weights`` file (layers it does not cover start from ``seed``'s init)
+    or an ``.onnx`` model's initializers (every key required)."""
     from tilec_runtime import weights as rweights
 
+    if str(path).endswith(".onnx"):
+        from tilec.frontend.onnx_import import onnx_weights
+        return rweights.from_arrays(onnx_weights(path), program, dtype, path)
     if str(path).endswith(".weights"):
         params, buffers = rweights.init_params(program, seed, dtype)
         read_darknet(path, program, dtype, params, buffers)

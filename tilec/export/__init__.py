@@ -1,0 +1,1 @@
+"""Exporters: a trained tilec model to other formats (ONNX, for inference)."""
