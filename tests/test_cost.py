@@ -66,7 +66,8 @@ def test_quick_profile_of_this_machine_is_a_valid_profile():
     from tilec.profiles import profile_from_dict
     data = measure_profile(quick=True)
     prof = profile_from_dict(data, "measured")
-    assert prof.cores >= 1 and prof.memory_bytes > 0 and prof.multicore_speedup >= 1
+    assert prof.cores >= 1 and prof.memory_bytes > 0
+    assert all(prof.speedup(kind, 1) == 1.0 and len(prof.threads[kind]) in (1, prof.cores) for kind in prof.threads)
     assert "loopback" in data["sources"]["link"]
     assert layer_seconds(prof, conv(64, 64), 256, 1, 4, "forward") > 0
 
@@ -114,7 +115,10 @@ def test_exchange_and_allgather_formulas():
 
 
 def test_one_device_step_is_the_sum_of_its_layers():
-    model, program = model_for("tiny", 1, batch=4)
+    """On one thread, the units as the schedule runs them add up to the
+    layers priced whole, within what fusing a pool into a conv changes; on
+    the board's cores the step is faster by the profile's speed-ups."""
+    model, program = model_for("tiny", 1, batch=4, threads=1)
     prefix = spatial_prefix(program)
     _, h, w = program[prefix - 1]["out_shape"]
     g = model.group(0, prefix - 1, [0, h], [0, w], (0,))
@@ -122,9 +126,12 @@ def test_one_device_step_is_the_sum_of_its_layers():
     expect = sum(layer_seconds(RPI3, l, l["out_shape"][1] * l["out_shape"][2], 4, 4, d)
                  for l in program for d in ("forward", "backward"))
     expect += update_seconds(RPI3, param_count(program[:prefix]), 4) + update_seconds(RPI3, param_count(program[prefix:]), 4)
-    assert pred.step_s == pytest.approx(expect)
+    assert pred.step_s == pytest.approx(expect, rel=0.25)
+    board, _ = model_for("tiny", 1, batch=4)
+    g = board.group(0, prefix - 1, [0, h], [0, w], (0,))
+    assert pred.step_s / board.evaluate([(g, False)]).step_s > 1.3
     assert pred.busy_s[0] == pytest.approx(expect - sum(
-        update_seconds(RPI3, param_count(p), 4) for p in (program[:prefix], program[prefix:])))
+        update_seconds(RPI3, param_count(p), 4) for p in (program[:prefix], program[prefix:])), rel=0.25)
     parts = pred.breakdown[0]
     assert parts["state"] == STATE_COPIES * param_count(program) * 4
     assert pred.memory[0] == sum(parts.values())

@@ -103,10 +103,12 @@ def tilec(*args, timeout=120):
 
 def test_cli_local_backend_is_the_default_and_matches_inprocess(tmp_path):
     metrics = tmp_path / "m.jsonl"
-    local = tilec("train", "tiny", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64",
+    # a fixed plan on all three (the optimiser may leave a device idle on a model this small)
+    fixed = ("--grid", "3x1", "--groups", "all")
+    local = tilec("train", "tiny", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64", *fixed,
                   "--metrics", str(metrics), "--save-weights", str(tmp_path / "local.npz"))
     assert local.returncode == 0, local.stderr
-    threads = tilec("train", "tiny", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64",
+    threads = tilec("train", "tiny", "--devices", "3", "--steps", "2", "--batch", "4", "--dtype", "float64", *fixed,
                     "--backend", "inprocess", "--save-weights", str(tmp_path / "threads.npz"))
     assert threads.returncode == 0, threads.stderr
     strip = lambda text: [line.split("  ")[:2] for line in text.splitlines() if line.startswith("step")]  # noqa: E731

@@ -5,15 +5,20 @@ YAML::
     devices:
       - {name: pi-a, host: pi-a.local, port: 7700, profile: rpi3b}
       - {name: pi-b, host: pi-b.local, port: 7700, profile: rpi3b, memory_mb: 600}
-      - {name: fast, profile: ./my-board.json, compute_scale: 3.0}
+      - {name: fast, profile: ./my-board.json, compute_scale: 3.0, threads: 2}
     link: {bandwidth_mbps: 100, latency_ms: 0.5}
 
 ``profile`` is a shipped profile name or a JSON path (relative to the
 cluster file). ``memory_mb`` overrides the profile's usable memory,
-``compute_scale`` multiplies its speed, and ``bandwidth_mbps`` /
+``compute_scale`` multiplies its speed, ``threads`` the kernel threads the
+device runs (default: its profile's cores), and ``bandwidth_mbps`` /
 ``latency_ms`` on a device override the cluster-wide ``link``, which
 overrides the profiles' own link figures. The first device is rank 0: it
 reads the data and runs the layers after the tiled prefix.
+
+A plan carries its cluster (``Cluster.to_json``: every device with its whole
+profile), so that ``tilec simulate`` predicts it for the devices it was
+made for.
 
 Every error names the file, the device and the field.
 """
@@ -26,7 +31,8 @@ from tilec.profiles import ProfileError, load_profile, profile_from_dict
 
 LOCAL_ENV = "TILEC_PROFILE"  # a shipped profile name or a path: "this machine" for --devices N
 
-DEVICE_KEYS = ("name", "host", "port", "profile", "memory_mb", "compute_scale", "bandwidth_mbps", "latency_ms")
+DEVICE_KEYS = ("name", "host", "port", "profile", "memory_mb", "compute_scale", "bandwidth_mbps", "latency_ms",
+               "threads")
 LINK_KEYS = ("bandwidth_mbps", "latency_ms")
 
 
@@ -44,11 +50,17 @@ class Device:
     latency_s: float
     host: str = None
     port: int = None
+    threads: int = 1  # kernel threads
 
     @property
     def usable_bytes(self):
         """Memory left for the model after the process's own overhead."""
         return self.memory_bytes - self.profile.process_overhead_bytes
+
+    def to_json(self):
+        return {"name": self.name, "profile": self.profile.raw, "compute_scale": self.compute_scale,
+                "memory_mb": self.memory_bytes / 1e6, "bandwidth_mbps": self.bandwidth_bps * 8 / 1e6,
+                "latency_ms": self.latency_s * 1e3, "threads": self.threads, "host": self.host, "port": self.port}
 
 
 @dataclass(frozen=True)
@@ -63,12 +75,35 @@ class Cluster:
     def names(self):
         return [d.name for d in self.devices]
 
+    @property
+    def threads(self):
+        return [d.threads for d in self.devices]
 
-def uniform_cluster(profile, n, names=None):
-    """``n`` copies of ``profile`` (named dev0, dev1, ... unless ``names``)."""
+    def to_json(self):
+        """The cluster as a plan carries it (profiles included: a plan is self-contained)."""
+        return {"source": self.source, "devices": [d.to_json() for d in self.devices]}
+
+
+def cluster_from_json(data, where="plan cluster"):
+    """The :class:`Cluster` a plan carries (``Cluster.to_json``)."""
+    try:
+        devices = []
+        for i, d in enumerate(data["devices"]):
+            profile = profile_from_dict(d["profile"], f"{where}: device {i} profile")
+            devices.append(Device(d["name"], profile, float(d["compute_scale"]), int(d["memory_mb"] * 1e6),
+                                  float(d["bandwidth_mbps"]) * 1e6 / 8, float(d["latency_ms"]) * 1e-3,
+                                  d.get("host"), d.get("port"), int(d["threads"])))
+        return Cluster(tuple(devices), str(data.get("source", where)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ClusterError(f"{where}: malformed ({exc!r})") from None
+
+
+def uniform_cluster(profile, n, names=None, threads=None):
+    """``n`` copies of ``profile`` (named dev0, dev1, ... unless ``names``),
+    each running ``threads`` kernel threads (default: the profile's cores)."""
     names = list(names) if names else [f"dev{r}" for r in range(n)]
-    devices = tuple(Device(name, profile, 1.0, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s)
-                    for name in names)
+    devices = tuple(Device(name, profile, 1.0, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s,
+                           threads=threads or profile.cores) for name in names)
     return Cluster(devices, f"{len(devices)} x {profile.name}")
 
 
@@ -136,10 +171,11 @@ def cluster_from_dict(data, source="<cluster>", base=None):
         host = entry.get("host")
         if host is not None and not isinstance(host, str):
             raise ClusterError(f"{where}: host must be a string, got {host!r}")
+        threads = _positive(entry["threads"], where, "threads", integer=True) if "threads" in entry else profile.cores
         if memory <= profile.process_overhead_bytes:
             raise ClusterError(f"{where}: memory_mb {memory / 1e6:g} does not even hold the process "
                                f"({profile.process_overhead_bytes / 1e6:g} MB)")
-        devices.append(Device(name, profile, float(scale), int(memory), float(bw), float(lat), host, port))
+        devices.append(Device(name, profile, float(scale), int(memory), float(bw), float(lat), host, port, threads))
     return Cluster(tuple(devices), str(source))
 
 
@@ -182,3 +218,13 @@ def local_profile(measure_if_missing=True):
     data = measure_profile(quick=True)
     write_profile(data, path)
     return profile_from_dict(data, str(path))
+
+
+def plan_cluster(plan):
+    """The cluster a plan was compiled for (plans carry it), else this
+    machine's profile for every device (a plan made with --grid/--groups)."""
+    if plan.get("cluster"):
+        return cluster_from_json(plan["cluster"])
+    names = [d["name"] for d in plan["devices"]]
+    profile = local_profile()
+    return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)))

@@ -50,7 +50,9 @@ def resolve_cluster(devices, cluster):
         return load_cluster(Path(cluster))
     from tilec.cluster import local_profile
     names = [f"dev{r}" for r in range(devices)] if isinstance(devices, int) else list(devices)
-    return uniform_cluster(local_profile(), len(names), names)
+    profile = local_profile()
+    # devices on this machine share its cores
+    return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)))
 
 
 def compile_plan(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
@@ -111,7 +113,9 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
         prediction = predict_choices(model, choices) if model is not None else None
     predicted = prediction.to_json(names) if prediction is not None else None
     plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
-                      optimizer=opt, prefix=prefix, predicted=predicted)
+                      optimizer=opt, prefix=prefix, predicted=predicted,
+                      threads=clus.threads if clus is not None else None,
+                      cluster=clus.to_json() if clus is not None else None)
     return plan, solution, model
 
 

@@ -98,10 +98,10 @@ def make_plan(graph, cfg, batch, optimizer, run_dir, out):
 
 def simulate_plan(plan, run_dir, out):
     """The plan's step simulated against this machine's profile (a SimResult); draws timeline.png."""
-    from tilec.compile import resolve_cluster
+    from tilec.cluster import plan_cluster
     from tilec.inspect.simulate import simulate, timeline_png
     names = [d["name"] for d in plan["devices"]]
-    result = simulate(plan, resolve_cluster(names, None), keep_events=True)
+    result = simulate(plan, plan_cluster(plan), keep_events=True)
     path = os.path.join(run_dir, "timeline.png")
     timeline_png(result, names, path, f"{plan['model']} batch {plan['batch']}: simulated {result.step_s:.3f} s "
                                       f"per step on this machine's profile")

@@ -1,14 +1,23 @@
 """``tilec profile``: measure this machine with the kernels tilec runs.
 
-Each kernel kind (conv, maxpool, connected, element-wise) is timed forward
-and backward on a set of shapes that span small and large, thin and deep
-(the arithmetic intensity varies by two orders of magnitude), calling
-``tilec_runtime.ops`` in the same sequence as ``tilec_runtime.tiled`` does
-(a conv layer is conv + batch-norm statistics + normalise + activation).
-The three coefficients of :class:`tilec.profiles.Kernel` are fitted to the
-timings by non-negative least squares on *relative* error, against the
-features of :func:`tilec.cost.compute.features`, so that the prediction
-for a shape that was not measured follows its FLOPs and bytes.
+The generated kernels (``tilec.codegen``) are built here and timed the way
+the runtime's schedule calls them: every stage of a tile (``TileStep``: the
+convolution, its epilogue, a max-pool; forward and backward) on a set of
+shapes that span small and large, thin and deep (the arithmetic intensity
+varies by two orders of magnitude), plus the layers the tail runs whole and
+the optimiser update. The three coefficients of
+:class:`tilec.profiles.Kernel` are fitted per kind and direction by
+non-negative least squares on *relative* error, against the features of
+:mod:`tilec.cost.compute`, so that the prediction for a shape that was not
+measured follows its FLOPs and bytes. Every timing is the best of several
+runs; the spread between the best and the median is reported as noise.
+
+Threads: each kind is timed again on 1, 2, ... up to all cores (the kernels
+split their work over them), which gives the profile's speed-ups.
+
+The profile records what it was measured with (machine, CPU, Python, numpy,
+the kernels' source): ``tilec.cluster.local_profile`` measures again when
+any of them changes.
 
 The link test: latency and bandwidth to a peer over TCP. A peer runs ``tilec profile --serve PORT``: a tiny server that answers two
 requests, each a 9-byte header (one op byte, an 8-byte big-endian length)
@@ -29,121 +38,189 @@ import os
 import platform
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tilec.cost.compute import features, kernel_kind
+from tilec.cost.compute import conv_features, epilogue_features, features, pool_features
 from tilec.errors import TilecError
-from tilec.profiles import FORMAT, VERSION
-from tilec_runtime import ops
+from tilec.profiles import FORMAT, KERNEL_KINDS, VERSION
 
-# (C_in, filters, kernel, output size, batch): thin and deep, big and small
-CONV_SHAPES = [(3, 16, 3, 64, 1), (16, 32, 3, 48, 1), (32, 64, 3, 32, 1), (64, 128, 3, 16, 2), (128, 256, 3, 8, 2),
-               (128, 64, 1, 24, 1), (256, 128, 1, 12, 2), (16, 16, 3, 12, 1), (64, 64, 3, 40, 1),
-               (256, 512, 3, 6, 1), (8, 8, 3, 6, 1), (512, 256, 1, 8, 1)]
-CONV_QUICK = [(3, 16, 3, 48, 1), (32, 64, 3, 24, 1), (128, 128, 3, 8, 1), (128, 64, 1, 16, 1), (8, 8, 3, 6, 1)]
-POOL_SHAPES = [(16, 2, 64, 1), (64, 2, 32, 1), (256, 2, 12, 2), (8, 2, 8, 1), (32, 3, 20, 1)]
-POOL_QUICK = [(16, 2, 48, 1), (128, 2, 12, 1), (8, 2, 6, 1)]
+# (C_in, filters, kernel, output size, batch, with a 2x2 max-pool fused): the
+# layers of YOLO-like stacks at their real sizes (in and out of cache), and
+# thin, deep, 1x1 and small ones
+CONV_SHAPES = [(3, 16, 3, 208, 1, True), (16, 32, 3, 104, 1, True), (32, 64, 3, 52, 2, True),
+               (64, 128, 3, 26, 1, True), (128, 256, 3, 13, 2, True), (256, 512, 3, 13, 1, False),
+               (512, 512, 3, 13, 1, False), (512, 64, 1, 26, 1, False), (128, 64, 1, 52, 1, False),
+               (16, 16, 3, 24, 1, False), (8, 8, 3, 6, 1, False), (32, 32, 3, 96, 2, False)]
+CONV_QUICK = [(3, 16, 3, 160, 1, True), (32, 64, 3, 40, 1, False), (128, 256, 3, 13, 1, True),
+              (512, 64, 1, 20, 1, False), (8, 8, 3, 6, 1, False)]
+POOL_SHAPES = [(16, 2, 104, 1), (64, 2, 26, 2), (256, 2, 13, 1), (8, 2, 8, 1), (32, 3, 40, 1), (512, 2, 13, 1)]
+POOL_QUICK = [(16, 2, 80, 1), (128, 2, 13, 1), (8, 2, 6, 1)]
 FC_SHAPES = [(1024, 64, 1), (4096, 256, 2), (8192, 512, 1), (256, 10, 4)]
 FC_QUICK = [(2048, 128, 1), (256, 10, 1)]
 ELT_SHAPES = [(16, 64, 1), (64, 32, 2), (256, 12, 1), (8, 6, 1), (128, 26, 4)]
 ELT_QUICK = [(16, 48, 1), (8, 6, 1), (128, 16, 1)]
+# the shape each kind's thread speed-up is measured on (a mid-sized call of it)
+THREAD_SHAPE = (32, 64, 3, 48, 1, True)
+THREAD_POOL = (64, 2, 48, 1)
 
 
-def _time(fn, min_time):
-    """Best seconds of one call of ``fn`` over repeats lasting ``min_time``."""
-    fn()  # warm-up: allocations, BLAS thread start
-    best, spent, reps = float("inf"), 0.0, 0
-    while spent < min_time or reps < 3:
+def _time(fn, min_time, reps=3):
+    """(best, median) seconds of one call of ``fn`` over at least ``reps``
+    runs lasting ``min_time``."""
+    fn()  # warm-up: first touches, thread start
+    times, spent = [], 0.0
+    while spent < min_time or len(times) < reps:
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        best, spent, reps = min(best, dt), spent + dt, reps + 1
-    return best
+        times.append(dt)
+        spent += dt
+    times.sort()
+    return times[0], times[len(times) // 2]
 
 
-def _conv_layer(c, f, k, hw):
-    return {"kind": "conv", "index": 0, "inputs": [-1], "in_shape": [c, hw, hw], "out_shape": [f, hw, hw],
-            "filters": f, "size": k, "stride": 1, "pad": k // 2, "bn": True, "act": "leaky"}
+def _module(dtype):
+    from tilec.codegen import build_modules
+    (module, source, _), = build_modules([(dtype,)], progress=lambda msg: print(msg, flush=True))
+    return module, source.module
 
 
-def _conv_calls(rng, c, f, k, hw, b, dtype):
-    x = rng.standard_normal((b, c, hw, hw)).astype(dtype)
-    w = rng.standard_normal((f, c, k, k)).astype(dtype)
-    gamma, beta = np.ones(f, dtype), np.zeros(f, dtype)
-    pads = (k // 2,) * 4
-
-    def forward():
-        z = ops.conv2d_forward(x, w, 1, pads)
-        n, mean, m2 = ops.bn_combine([ops.bn_stats(z)])
-        z, xhat, inv_std = ops.bn_normalize(z, mean, m2 / n, gamma, beta)
-        return ops.act_forward(z, "leaky"), xhat, inv_std
-
-    y, xhat, inv_std = forward()
-    dy = rng.standard_normal(y.shape).astype(dtype)
-
-    def backward():
-        dz = ops.act_backward(y, "leaky", dy)
-        s1, s2 = ops.bn_grad_sums(dz, xhat)
-        count = dz.shape[0] * dz.shape[2] * dz.shape[3]
-        dz = ops.bn_backward(dz, xhat, gamma, inv_std, s1 / count, s2 / count)
-        return ops.conv2d_backward(x, w, 1, pads, dz)
-
-    return forward, backward
+def _stack(c, f, k, hw, pool, dx):
+    """[a cheap 1x1 conv to c channels, when dx,] a k x k conv to f (BN,
+    leaky), [a 2x2 max-pool,] a sum-of-squares cost."""
+    from tilec.frontend.builder import Model
+    m = Model(height=hw, width=hw, channels=1 if dx else c, batch=1)
+    if dx:
+        m.conv(c, size=1, bn=False, act="linear")
+    m.conv(f, size=k, bn=True, act="leaky")
+    if pool:
+        m.maxpool(2, 2)
+    m.sse()
+    return m.build().to_program()
 
 
-def _pool_calls(rng, c, k, hw, b, dtype):
-    x = rng.standard_normal((b, c, hw * k, hw * k)).astype(dtype)
-    y, arg = ops.maxpool_forward(x, k, k, (0, 0, 0, 0))
-    dy = rng.standard_normal(y.shape).astype(dtype)
-    return (lambda: ops.maxpool_forward(x, k, k, (0, 0, 0, 0)),
-            lambda: ops.maxpool_backward(x.shape, k, k, (0, 0, 0, 0), arg, dy))
+def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx):
+    """A TileStep of one conv unit (BN, leaky, optionally a fused 2x2 pool)
+    whose group starts after a cheap layer when ``dx`` (so that backward
+    computes the input gradient, as every group but the first does)."""
+    from tilec.plan.build import GroupChoice, build_plan
+    from tilec_runtime.fused import TileStep
+    from tilec_runtime.lower import lower_rank
+    program = _stack(c, f, k, hw, pool, dx)
+    last = len(program) - 2
+    first = 1 if dx else 0
+    groups = ([GroupChoice(0, 0, [0, hw], [0, hw], [0])] if dx else [])
+    _, h, w = program[last]["out_shape"]
+    groups.append(GroupChoice(first, last, [0, h], [0, w], [0]))
+    plan = build_plan(program, groups, model="profile", batch=b, dtype=dtype, devices=["d"],
+                      optimizer={"lr": 0.0, "momentum": 0.0, "decay": 0.0})
+    spec = lower_rank(plan, 0)[len(groups) - 1]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, *spec["input"])).astype(dtype)
+    step = TileStep(spec, kernels, dtype, x)
+    layer = program[first]
+    params = {f"{first}.conv.weight": rng.standard_normal((f, c, k, k)).astype(dtype) * 0.1,
+              f"{first}.bn.weight": np.ones(f, dtype), f"{first}.bn.bias": np.zeros(f, dtype)}
+    buffers = {f"{first}.bn.running_mean": np.zeros(f, dtype), f"{first}.bn.running_var": np.ones(f, dtype)}
+    acc = {key: np.zeros_like(v) for key, v in params.items()}
+    return step, layer, program, params, buffers, acc
 
 
-def _fc_calls(rng, n_in, n_out, b, dtype):
-    x = rng.standard_normal((b, n_in, 1, 1)).astype(dtype)
-    w = rng.standard_normal((n_out, n_in)).astype(dtype)
-    bias = np.zeros(n_out, dtype)
-    dy = rng.standard_normal((b, n_out)).astype(dtype)
-    return (lambda: ops.act_forward(ops.connected_forward(x, w, bias), "leaky"),
-            lambda: ops.connected_backward(x, w, ops.act_backward(dy, "leaky", dy)))
-
-
-def _elt_calls(rng, c, hw, b, dtype):
-    """reorg (a pure data movement) stands for route/reorg/avgpool/losses."""
-    x = rng.standard_normal((b, c, hw * 2, hw * 2)).astype(dtype)
-    dy = rng.standard_normal((b, c * 4, hw, hw)).astype(dtype)
-    return lambda: ops.reorg_forward(x, 2, "darknet"), lambda: ops.reorg_backward(dy, 2, "darknet")
-
-
-def _samples(quick, dtype, min_time):
-    """[(kind, direction, layer, positions, batch, seconds)] of every measured call."""
+def _samples(quick, dtype, min_time, kernels):
+    """[(kind, direction, flops, bytes, best s, median s)] of every measured call, on one thread."""
+    from tilec_runtime import ops
+    itemsize = np.dtype(dtype).itemsize
     rng = np.random.default_rng(0)
     out = []
 
-    def record(layer, positions, batch, calls):
-        for direction, fn in zip(("forward", "backward"), calls):
-            out.append((kernel_kind(layer), direction, layer, positions, batch, _time(fn, min_time)))
+    def record(kind, direction, fb, fn):
+        best, median = _time(fn, min_time)
+        out.append((kind, direction, fb[0], fb[1], best, median))
 
-    for c, f, k, hw, b in (CONV_QUICK if quick else CONV_SHAPES):
-        record(_conv_layer(c, f, k, hw), hw * hw, b, _conv_calls(rng, c, f, k, hw, b, dtype))
-    for c, k, hw, b in (POOL_QUICK if quick else POOL_SHAPES):
-        layer = {"kind": "maxpool", "index": 0, "inputs": [-1], "in_shape": [c, hw * k, hw * k],
-                 "out_shape": [c, hw, hw], "size": k, "stride": k, "padding": 0}
-        record(layer, hw * hw, b, _pool_calls(rng, c, k, hw, b, dtype))
+    for c, f, k, hw, b, pool in (CONV_QUICK if quick else CONV_SHAPES):
+        for dx in (False, True):
+            step, layer, program, params, buffers, acc = _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx)
+            p = hw * hw
+            pooled = (hw // 2) ** 2 if pool else None
+            step.conv_fwd(0, params)
+            step.epi_fwd(0, params, buffers)
+            step.grad_output[...] = rng.standard_normal(step.grad_output.shape).astype(dtype)
+            if not dx:
+                record("conv", "forward", conv_features(layer, p, b, itemsize, "forward"),
+                       lambda: step.conv_fwd(0, params))
+                record("epilogue", "forward", epilogue_features(layer, p, pooled, b, itemsize, "forward"),
+                       lambda: (step.stats(0)[0].__setitem__(0, float(b * p)), step.epi_fwd(0, params, buffers,
+                                                                                            running=False)))
+                record("epilogue", "backward", epilogue_features(layer, p, pooled, b, itemsize, "backward"),
+                       lambda: step.epi_bwd(0, params))
+            record("conv", "backward", conv_features(layer, p, b, itemsize, "backward", dx),
+                   lambda: step.conv_bwd(0, params, acc))
+    k_ = kernels
+    for c, size, hw, b in (POOL_QUICK if quick else POOL_SHAPES):
+        layer = {"kind": "maxpool", "index": 0, "inputs": [-1], "in_shape": [c, hw * size, hw * size],
+                 "out_shape": [c, hw, hw], "size": size, "stride": size, "padding": 0}
+        x = rng.standard_normal((b, c, hw * size, hw * size)).astype(dtype)
+        y, arg = np.empty((b, c, hw, hw), dtype), np.empty((b, c, hw, hw), np.int16)
+        dy, dx_ = rng.standard_normal(y.shape).astype(dtype), np.zeros_like(x)
+        record("maxpool", "forward", pool_features(layer, hw * hw, b, itemsize, "forward"),
+               lambda: k_.pool_forward(x, size, size, (0, 0, 0, 0), y, arg))
+        record("maxpool", "backward", pool_features(layer, hw * hw, b, itemsize, "backward"),
+               lambda: k_.pool_backward(dy, arg, size, size, (0, 0, 0, 0), dx_))
     for n_in, n_out, b in (FC_QUICK if quick else FC_SHAPES):
         layer = {"kind": "connected", "index": 0, "inputs": [-1], "in_shape": [n_in, 1, 1],
                  "out_shape": [n_out, 1, 1], "output": n_out, "act": "leaky"}
-        record(layer, 1, b, _fc_calls(rng, n_in, n_out, b, dtype))
+        x = rng.standard_normal((b, n_in, 1, 1)).astype(dtype)
+        w = rng.standard_normal((n_out, n_in)).astype(dtype)
+        bias = np.zeros(n_out, dtype)
+        dy = rng.standard_normal((b, n_out)).astype(dtype)
+        record("connected", "forward", features(layer, 1, b, itemsize, "forward"),
+               lambda: ops.act_forward(ops.connected_forward(x, w, bias), "leaky"))
+        record("connected", "backward", features(layer, 1, b, itemsize, "backward"),
+               lambda: ops.connected_backward(x, w, ops.act_backward(dy, "leaky", dy)))
     for c, hw, b in (ELT_QUICK if quick else ELT_SHAPES):
+        # reorg (a pure data movement) stands for route/reorg/avgpool/losses and the update
         layer = {"kind": "reorg", "index": 0, "inputs": [-1], "in_shape": [c, hw * 2, hw * 2],
                  "out_shape": [c * 4, hw, hw], "stride": 2, "order": "darknet"}
-        record(layer, hw * hw, b, _elt_calls(rng, c, hw, b, dtype))
+        x = rng.standard_normal((b, c, hw * 2, hw * 2)).astype(dtype)
+        dy = rng.standard_normal((b, c * 4, hw, hw)).astype(dtype)
+        record("elementwise", "forward", features(layer, hw * hw, b, itemsize, "forward"),
+               lambda: ops.reorg_forward(x, 2, "darknet"))
+        record("elementwise", "backward", features(layer, hw * hw, b, itemsize, "backward"),
+               lambda: ops.reorg_backward(dy, 2, "darknet"))
+    return out
+
+
+def thread_speedups(kernels, dtype, cores, min_time):
+    """{kind: [speed-up on 1, 2, ... cores threads]} of the tiled kernels."""
+    from tilec_runtime.fused import TileStep  # noqa: F401 (the kernels are what _conv_tile runs)
+    step, layer, program, params, buffers, acc = _conv_tile(kernels, dtype, *THREAD_SHAPE, dx=True)
+    step.conv_fwd(0, params)
+    step.epi_fwd(0, params, buffers)
+    rng = np.random.default_rng(1)
+    c, size, hw, b = THREAD_POOL
+    x = rng.standard_normal((b, c, hw * size, hw * size)).astype(dtype)
+    y, arg = np.empty((b, c, hw, hw), dtype), np.empty((b, c, hw, hw), np.int16)
+    calls = {"conv": [lambda: step.conv_fwd(0, params), lambda: step.conv_bwd(0, params, acc)],
+             "epilogue": [lambda: step.epi_fwd(0, params, buffers, running=False), lambda: step.epi_bwd(0, params)],
+             "maxpool": [lambda: kernels.pool_forward(x, size, size, (0, 0, 0, 0), y, arg)]}
+    n = 1 << 20
+    p, a = np.ones(n, dtype), np.zeros(n, dtype)
+    calls["elementwise"] = [lambda: kernels.sgd(p, a, 0.0, 0.0)]
+    out = {}
+    for kind, fns in calls.items():
+        base = None
+        out[kind] = []
+        for t in range(1, cores + 1):
+            kernels.set_threads(t)
+            secs = sum(_time(fn, min_time)[0] for fn in fns)
+            base = base or secs
+            out[kind].append(round(base / secs, 3))
+        kernels.set_threads(1)
+    out["connected"] = [1.0]  # numpy on one BLAS thread: the runtime keeps BLAS single-threaded
     return out
 
 
@@ -174,42 +251,23 @@ def fit_kernel(rows, seconds):
     return coef, worst
 
 
-def fit_kernels(samples, itemsize):
-    """{kind: {direction: {"overhead_us", "s_per_gflop", "s_per_gb"}}} and the worst relative error of each."""
-    kernels, errors = {}, {}
+def fit_kernels(samples):
+    """({kind: {direction: {"overhead_us", "s_per_gflop", "s_per_gb"}}}, worst relative error, noise)."""
+    kernels, errors, noise = {}, {}, {}
     groups = {}
-    for kind, direction, layer, positions, batch, sec in samples:
-        flops, nbytes = features(layer, positions, batch, itemsize, direction)
-        groups.setdefault((kind, direction), ([], []))
-        groups[(kind, direction)][0].append((1.0, flops, nbytes))
-        groups[(kind, direction)][1].append(sec)
-    for (kind, direction), (rows, secs) in sorted(groups.items()):
+    for kind, direction, flops, nbytes, best, median in samples:
+        rows, secs, spread = groups.setdefault((kind, direction), ([], [], []))
+        rows.append((1.0, flops, nbytes))
+        secs.append(best)
+        spread.append(median / best - 1)
+    for (kind, direction), (rows, secs, spread) in sorted(groups.items()):
         coef, worst = fit_kernel(rows, secs)
         kernels.setdefault(kind, {})[direction] = {
             "overhead_us": round(coef[0] * 1e6, 3), "s_per_gflop": round(coef[1] * 1e9, 6),
             "s_per_gb": round(coef[2] * 1e9, 6)}
         errors[f"{kind}.{direction}"] = round(worst, 3)
-    return kernels, errors
-
-
-def single_core_slowdown(dtype="float32"):
-    """Seconds of a conv forward with one BLAS thread over all threads
-    (measured in a child process: the thread count is fixed at BLAS load)."""
-    code = ("import time,numpy as np\nfrom tilec_runtime import ops\n"
-            "x=np.ones((1,64,48,48),np.%s);w=np.ones((128,64,3,3),np.%s)\n"
-            "ops.conv2d_forward(x,w,1,(1,1,1,1))\nb=1e9\n"
-            "for _ in range(5):\n t=time.perf_counter();ops.conv2d_forward(x,w,1,(1,1,1,1));"
-            "b=min(b,time.perf_counter()-t)\nprint(b)\n") % (dtype, dtype)
-
-    def run(env):
-        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        return float(res.stdout.strip()) if res.returncode == 0 else None
-
-    one = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    t_one, t_all = run(one), run(dict(os.environ))
-    if not t_one or not t_all:
-        return 1.0
-    return round(max(t_one / t_all, 1.0), 3)
+        noise[f"{kind}.{direction}"] = round(float(np.median(spread)), 3)
+    return kernels, errors, noise
 
 
 def _usable_memory_mb():
@@ -222,12 +280,37 @@ def _usable_memory_mb():
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6)
 
 
-def measure_profile(quick=False, peer=None, dtype="float32", name=None):
+def fingerprint(dtype="float32"):
+    """What a profile of this machine was measured with; a change means measuring again."""
+    from tilec.codegen.render import render_module
+    from tilec_runtime.kernels import cpu_id
+    import hashlib
+    return {"machine": platform.machine(), "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],
+            "cores": os.cpu_count() or 1, "python": platform.python_version(), "numpy": np.__version__,
+            "kernels": render_module((dtype,))[0]}
+
+
+def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=None):
     """A profile dict of this machine. ``peer``: (host, port) of a machine
-    running ``tilec profile --serve``; without it the link is loopback."""
-    itemsize = np.dtype(dtype).itemsize
-    samples = _samples(quick, dtype, 0.02 if quick else 0.2)
-    kernels, errors = fit_kernels(samples, itemsize)
+    running ``tilec profile --serve``; without it the link is loopback.
+    ``rounds``: whole measurements whose best per call is kept (default 2,
+    quick 1): a machine busy with something else for a moment is caught."""
+    from tilec_runtime.kernel_set import Kernels
+    from tilec_runtime.blas_threads import limit_blas_threads
+    module, module_name = _module(dtype)
+    kernels = Kernels(module, dtype)
+    limit_blas_threads(1)
+    kernels.set_threads(1)
+    rounds = rounds or (1 if quick else 2)
+    min_time = 0.02 if quick else 0.1
+    samples = None
+    for _ in range(rounds):
+        got = _samples(quick, dtype, min_time, kernels)
+        samples = got if samples is None else [
+            (k, d, f, b, min(t, t2), max(m, m2)) for (k, d, f, b, t, m), (_, _, _, _, t2, m2) in zip(samples, got)]
+    fitted, errors, noise = fit_kernels(samples)
+    cores = os.cpu_count() or 1
+    speedups = thread_speedups(kernels, dtype, cores, min_time)
     if peer is None:
         link = measure_link("127.0.0.1", start_loopback_server(), pings=10, payload=4 << 20)
         link_source = "loopback (no --peer given): an upper bound for a real network"
@@ -238,17 +321,22 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None):
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return {
         "format": FORMAT, "version": VERSION, "name": name or f"local-{host}",
-        "cores": os.cpu_count() or 1, "memory_mb": _usable_memory_mb(), "process_overhead_mb": 60,
-        "multicore_speedup": single_core_slowdown(dtype),
+        "cores": cores, "memory_mb": _usable_memory_mb(), "process_overhead_mb": 60,
         "link": {"bandwidth_mbps": round(link["bandwidth_mbps"], 3), "latency_ms": round(link["latency_ms"], 4)},
-        "kernels": kernels,
+        "kernels": fitted,
+        "threads": {kind: speedups.get(kind, [1.0]) for kind in KERNEL_KINDS},
+        "sustained": 1.0,
+        "measured_with": fingerprint(dtype),
         "sources": {
             "kernels": f"measured by `tilec profile{' --quick' if quick else ''}` on {host} ({platform.machine()}, "
-                       f"{platform.python_version()}, numpy {np.__version__}) at {when}: {len(samples)} timed calls of "
-                       f"tilec_runtime.ops in {dtype}, fitted per kind and direction",
+                       f"{platform.python_version()}, numpy {np.__version__}) at {when}: {len(samples)} timed calls "
+                       f"of the generated kernels ({module_name}, {dtype}, one thread), best of {rounds} round(s), "
+                       f"fitted per kind and direction",
             "fit_worst_relative_error": errors,
+            "noise_median_over_best": noise,
+            "threads": f"each kind timed on 1 to {cores} threads on one mid-sized call",
+            "sustained": "not measured: a short run; a board that throttles under sustained load needs its own",
             "memory_mb": "MemAvailable at measurement time",
-            "multicore_speedup": "a conv forward with one BLAS thread vs all, in child processes",
             "link": link_source,
         },
     }

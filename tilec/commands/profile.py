@@ -26,12 +26,16 @@ def run(args):
     path = write_profile(data, args.output or local_profile_path())
     prof = profile_from_dict(data, str(path))
     from tilec.cost.compute import reference_rate
-    print(f"{data['name']}: {data['cores']} cores, {data['memory_mb']} MB usable, "
-          f"{reference_rate(prof) / 1e9:.2f} GFLOP/s on a 64-channel 3x3 conv (forward + backward), "
-          f"one core {data['multicore_speedup']:.2f}x slower")
+    one, board = reference_rate(prof), reference_rate(prof, prof.cores)
+    print(f"{data['name']}: {data['cores']} cores, {data['memory_mb']} MB usable; a 64-channel 3x3 conv (forward + "
+          f"backward) at {one / 1e9:.2f} GFLOP/s on one core, {board / 1e9:.2f} on {prof.cores} "
+          f"({board / one:.2f}x)")
+    print("threads: " + ", ".join(f"{k} {'/'.join(f'{v:.2f}' for v in t)}" for k, t in data["threads"].items()))
     print(f"link: {data['link']['bandwidth_mbps']:.1f} Mbit/s, {data['link']['latency_ms']:.3f} ms "
           f"({data['sources']['link']})")
     worst = data["sources"]["fit_worst_relative_error"]
+    noise = data["sources"]["noise_median_over_best"]
     print("fit, worst relative error per kernel: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in worst.items()))
+    print("noise, median over best timing: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in noise.items()))
     print(f"wrote {path}")
     return 0

@@ -1,60 +1,72 @@
-"""Compute time of one layer on one region, from a device profile.
+"""Compute time of the runtime's kernels, from a device profile.
 
-The runtime calls one kernel per layer and region (conv + batch norm +
-activation together, see ``tilec_runtime.tiled``), so that is the unit
-timed here. A call's time is ``overhead + flops * s_per_flop + bytes *
-s_per_byte`` (:class:`tilec.profiles.Kernel`); this module defines the FLOPs
-and bytes of a call, and ``tilec profile`` fits the coefficients against the
-very same features, so measurement and prediction cannot drift apart.
+The runtime runs a tiled group unit by unit, each unit in stages (the ops of
+the plan's schedule, ``tilec.plan.schedule``): a convolution (``conv``:
+forward with its batch-norm statistics; backward with the batch-norm
+finish, the weight and the input gradient), its ``epilogue`` (batch norm or
+bias, activation and a fused max-pool; backward their gradients and sums),
+or a max-pool alone. The layers after the tiled prefix run whole, on rank
+0. A call's time on one thread is ``overhead + flops * s_per_flop + bytes *
+s_per_byte`` (:class:`tilec.profiles.Kernel`); this module defines the
+FLOPs and bytes of every call, and ``tilec profile`` fits the coefficients
+against the very same features, so measurement and prediction cannot
+drift apart. Threads divide it by the profile's measured speed-up.
 
 Bytes count the arrays a kernel streams through memory, not every pass:
 the fitted ``s_per_byte`` absorbs how many passes the implementation makes.
-
-- conv: the im2col matrix (positions x C*k*k) and the output (positions x F);
-  backward twice that (the column gradient and the scatter back).
-- maxpool: the windows (positions x C*k*k) and the output; backward one
-  masked pass over dy per window offset.
-- connected: input, weights and output.
-- everything else (avgpool, route, reorg, softmax, cost): input and output.
-
-FLOPs follow :mod:`tilec.ir.stats` with every input gradient computed
-(the runtime's backward always computes it).
 """
 from math import prod
 
 from tilec.ir.stats import backward_flops, forward_flops
-from tilec.profiles import KERNEL_KINDS
 
-SPATIAL = ("conv", "maxpool")
+# Kernel kinds of the layers the reference executor runs whole (the tail).
+WHOLE_LAYER_KIND = {"connected": "connected", "maxpool": "maxpool"}
 
 
-def kernel_kind(layer):
-    kind = layer["kind"]
-    return kind if kind in KERNEL_KINDS else "elementwise"
+def conv_features(layer, positions, batch, itemsize, direction, dx=True):
+    """(flops, bytes) of a convolution on ``positions`` output positions:
+    the GEMMs over the im2col matrix (positions x C*k*k) and the output
+    (positions x F); backward, the weight gradient and (``dx``) the input
+    gradient, with the batch-norm finish folded in."""
+    c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
+    m = batch * positions
+    gemm = 2 * c * k * k * f * m
+    if direction == "forward":
+        return gemm, itemsize * m * (c * k * k + f)
+    return gemm * (2 if dx else 1), itemsize * m * (c * k * k * (2 if dx else 1) + 2 * f)
+
+
+def epilogue_features(layer, positions, pooled, batch, itemsize, direction):
+    """(flops, bytes) of batch norm or bias, the activation and a fused
+    max-pool (``pooled``: its output positions, or None) around a conv."""
+    f, m = layer["filters"], batch * positions
+    if pooled is None:
+        if direction == "forward":  # read z, write the activation
+            return f * m * (6 if layer["bn"] else 2), itemsize * f * 2 * m
+        return f * m * (8 if layer["bn"] else 3), itemsize * f * 3 * m  # read z and dy, write dz
+    out = batch * pooled  # plus the pool's output and int16 argmax (forward), read back (backward)
+    if direction == "forward":
+        return f * m * (7 if layer["bn"] else 3), itemsize * f * (m + out) + 2 * f * out
+    return f * m * (9 if layer["bn"] else 4), itemsize * f * (2 * m + out) + 2 * f * out
+
+
+def pool_features(layer, positions, batch, itemsize, direction):
+    """(flops, bytes) of a max-pool on ``positions`` output positions."""
+    c, k, s = layer["in_shape"][0], layer["size"], layer["stride"]
+    m = batch * positions
+    if direction == "forward":
+        return c * m * k * k, itemsize * c * m * (s * s + 1)
+    return c * m, itemsize * c * m * (s * s + 1)
 
 
 def features(layer, positions, batch, itemsize, direction):
-    """(flops, bytes) of one call of ``layer``'s kernel computing
-    ``positions`` output positions (rows x cols) for ``batch`` images.
-
-    ``positions`` is ignored for non-spatial layers (they run on whole maps).
-    """
+    """(flops, bytes) of a layer the reference executor runs whole (on the
+    tail): input, weights and output for connected, input and output for
+    the rest (route, reorg, avgpool, losses)."""
     kind = layer["kind"]
     _, h, w = layer["out_shape"]
-    if kind not in SPATIAL:
-        positions = h * w
     flops_map = forward_flops(layer) if direction == "forward" else backward_flops(layer, True)
     flops = flops_map * batch * positions / (h * w)
-    m = batch * positions
-    if kind == "conv":
-        c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
-        nbytes = itemsize * m * (c * k * k + f)
-        return flops, nbytes * (1 if direction == "forward" else 2)
-    if kind == "maxpool":
-        c, k = layer["in_shape"][0], layer["size"]
-        if direction == "forward":
-            return flops, itemsize * m * c * (k * k + 1)
-        return flops, itemsize * m * c * k * k * 2
     n_in, n_out = prod(layer["in_shape"]), prod(layer["out_shape"])
     if kind == "connected":
         nbytes = itemsize * (batch * n_in + n_in * n_out + batch * n_out)
@@ -62,24 +74,68 @@ def features(layer, positions, batch, itemsize, direction):
     return flops, itemsize * batch * (n_in + n_out)
 
 
-def layer_seconds(profile, layer, positions, batch, itemsize, direction, scale=1.0):
-    """Seconds for ``profile`` (sped up by ``scale``) to run ``layer`` on a region."""
-    flops, nbytes = features(layer, positions, batch, itemsize, direction)
-    return profile.kernel(kernel_kind(layer), direction).seconds(flops, nbytes) / scale
+def stage_seconds(profile, kind, direction, flops_bytes, threads=1, scale=1.0):
+    flops, nbytes = flops_bytes
+    return profile.seconds(kind, direction, flops, nbytes, threads, scale)
 
 
-def update_seconds(profile, n_params, itemsize, scale=1.0):
-    """The SGD-with-momentum update of ``n_params`` parameters: a streaming
-    pass over parameters, gradients and velocity (timed like an
-    element-wise kernel)."""
-    return profile.kernel("elementwise", "forward").seconds(3 * n_params, 5 * n_params * itemsize) / scale
+def layer_seconds(profile, layer, positions, batch, itemsize, direction, scale=1.0, threads=1):
+    """Seconds for ``profile`` (sped up by ``scale``, on ``threads``) to run a
+    whole layer on ``positions`` output positions, as the runtime does."""
+    kind = layer["kind"]
+    if kind == "conv":
+        return (stage_seconds(profile, "conv", direction, conv_features(layer, positions, batch, itemsize, direction),
+                              threads, scale)
+                + stage_seconds(profile, "epilogue", direction,
+                                epilogue_features(layer, positions, None, batch, itemsize, direction), threads, scale))
+    if kind == "maxpool":
+        return stage_seconds(profile, "maxpool", direction, pool_features(layer, positions, batch, itemsize, direction),
+                             threads, scale)
+    return stage_seconds(profile, WHOLE_LAYER_KIND.get(kind, "elementwise"), direction,
+                         features(layer, positions, batch, itemsize, direction), threads, scale)
 
 
-def reference_rate(profile):
-    """FLOP/s of a mid-sized 3x3 conv forward + backward: a device's speed
-    for weighting tile sizes between devices of different profiles."""
+def unit_seconds(profile, program, unit, positions, input_grad, batch, itemsize, threads=1, scale=1.0):
+    """{schedule op: seconds} of one unit (conv layer or None, pool layer or
+    None) of a tile; ``positions[layer]``: the tile's output positions of a
+    layer; ``input_grad``: whether backward computes the input gradient."""
+    conv, pool = unit
+    out = {}
+
+    def t(kind, direction, fb):
+        return stage_seconds(profile, kind, direction, fb, threads, scale)
+
+    if conv is None:
+        layer, p = program[pool], positions[pool]
+        out["pool_fwd"] = t("maxpool", "forward", pool_features(layer, p, batch, itemsize, "forward"))
+        out["pool_bwd"] = t("maxpool", "backward", pool_features(layer, p, batch, itemsize, "backward"))
+        return out
+    layer, p = program[conv], positions[conv]
+    pooled = positions[pool] if pool is not None else None
+    out["conv_fwd"] = t("conv", "forward", conv_features(layer, p, batch, itemsize, "forward"))
+    out["epi_fwd"] = t("epilogue", "forward", epilogue_features(layer, p, pooled, batch, itemsize, "forward"))
+    out["epi_bwd"] = t("epilogue", "backward", epilogue_features(layer, p, pooled, batch, itemsize, "backward"))
+    out["conv_bwd"] = t("conv", "backward", conv_features(layer, p, batch, itemsize, "backward", input_grad))
+    return out
+
+
+def update_seconds(profile, n_params, itemsize, scale=1.0, threads=1):
+    """The SGD update of ``n_params`` parameters: a streaming pass over
+    parameters and accumulators (timed like an element-wise kernel)."""
+    return stage_seconds(profile, "elementwise", "forward", (3 * n_params, 3 * n_params * itemsize), threads, scale)
+
+
+def copy_seconds(profile, nbytes, scale=1.0):
+    """A memory copy of ``nbytes`` (a message to the device itself, a staging copy)."""
+    return stage_seconds(profile, "elementwise", "forward", (0, 2 * nbytes), 1, scale)
+
+
+def reference_rate(profile, threads=1):
+    """FLOP/s of a mid-sized 3x3 conv forward + backward on ``threads``: a
+    device's speed for weighting tile sizes between devices of different
+    profiles."""
     layer = {"kind": "conv", "index": 0, "inputs": [-1], "in_shape": [64, 52, 52], "out_shape": [64, 52, 52],
              "filters": 64, "size": 3, "stride": 1, "pad": 1, "bn": True, "act": "leaky"}
-    total_flops = sum(features(layer, 52 * 52, 1, 4, d)[0] for d in ("forward", "backward"))
-    seconds = sum(layer_seconds(profile, layer, 52 * 52, 1, 4, d) for d in ("forward", "backward"))
+    total_flops = sum(conv_features(layer, 52 * 52, 1, 4, d)[0] for d in ("forward", "backward"))
+    seconds = sum(layer_seconds(profile, layer, 52 * 52, 1, 4, d, threads=threads) for d in ("forward", "backward"))
     return total_flops / seconds

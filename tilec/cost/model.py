@@ -31,9 +31,13 @@ import numpy as np
 from tilec.analysis.regions import axis_regions, length, window_of
 from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
-from tilec.cost.compute import layer_seconds, update_seconds
+from tilec.cost.compute import layer_seconds, unit_seconds, update_seconds
+from tilec.cost.traffic import bn_bytes
 from tilec.cost.memory import kept_bytes, param_count, state_bytes, workspace_bytes
+from tilec_runtime.lower import units
 from tilec_runtime.program import param_shapes
+
+FORWARD_OPS = ("conv_fwd", "epi_fwd", "pool_fwd")
 
 DIRECTIONS = ("forward", "backward")
 
@@ -109,26 +113,22 @@ class CostModel:
         full = spatial_prefix(program)
         self.prefix = full if prefix is None else max(0, min(prefix, full))
         self.tail_reads = sorted({j for layer in program[self.prefix:] for j in layer["inputs"] if j < self.prefix})
+        # a conv whose output the tail reads keeps it: no fused max-pool there
+        self.outside = set(self.tail_reads)
         self._groups = {}
-        self._layer_coef = {}
         self._axes = {}
         self._tail()
 
-    # -- per-layer linear coefficients -------------------------------------------
+    # -- units of a tile, priced as the schedule runs them ----------------------
 
-    def _coef(self, i, d, direction):
-        """(overhead, seconds per output position) of layer i on device d."""
-        key = (i, d, direction)
-        if key not in self._layer_coef:
-            dev, layer = self.devices[d], self.program[i]
-            t1 = layer_seconds(dev.profile, layer, 1, self.batch, self.itemsize, direction, dev.compute_scale)
-            t2 = layer_seconds(dev.profile, layer, 2, self.batch, self.itemsize, direction, dev.compute_scale)
-            self._layer_coef[key] = (t1 - (t2 - t1), t2 - t1)
-        return self._layer_coef[key]
-
-    def layer_time(self, i, d, positions, direction):
-        o, p = self._coef(i, d, direction)
-        return o + p * positions
+    def unit_times(self, first, last, d, positions):
+        """[{op: seconds}] of the units of program[first..last] on device ``d``
+        for a tile with ``positions[layer]`` output positions
+        (:func:`tilec.cost.compute.unit_seconds`, as the simulator prices them)."""
+        dev = self.devices[d]
+        return [unit_seconds(dev.profile, self.program, u, positions, j > 0 or first > 0, self.batch, self.itemsize,
+                             dev.threads, dev.compute_scale)
+                for j, u in enumerate(units(self.program, first, last, self.outside))]
 
     # -- the tail (constant) ---------------------------------------------------------
 
@@ -136,11 +136,13 @@ class CostModel:
         dev0 = self.devices[0]
         layers = self.program[self.prefix:]
         b, item = self.batch, self.itemsize
-        fwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "forward", dev0.compute_scale) for l in layers)
-        bwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "backward", dev0.compute_scale)
+        fwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "forward", dev0.compute_scale, dev0.threads)
+                  for l in layers)
+        bwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "backward", dev0.compute_scale, dev0.threads)
                   for l in layers)
         self.tail_compute_s = fwd + bwd
-        self.tail_s = fwd + bwd + update_seconds(dev0.profile, param_count(layers), item, dev0.compute_scale)
+        self.tail_s = fwd + bwd + update_seconds(dev0.profile, param_count(layers), item, dev0.compute_scale,
+                                                 dev0.threads)
         inputs = sum(b * np.prod(self._tensor_shape(t)) * item for t in self.tail_reads if t >= 0)
         image = b * np.prod(self.program[0]["in_shape"]) * item
         self.tail_state = state_bytes(layers, item)
@@ -202,31 +204,38 @@ class CostModel:
         ws = {d: 0 for d in members}
         for (i, j), d in zip(cells, devices):
             kept[d] += b * program[first]["in_shape"][0] * length(row_in[i]) * length(col_in[j]) * item
-        for k, layer in enumerate(program[first:last + 1]):
-            i_layer = layer["index"]
-            areas = [length(rows[i][k].region) * length(cols[j][k].region) for i, j in cells]
-            f = [self.layer_time(i_layer, d, a, "forward") for d, a in zip(devices, areas)]
-            bw = [self.layer_time(i_layer, d, a, "backward") for d, a in zip(devices, areas)]
+        # per tile: its units' op times (the schedule's stages), and what it keeps
+        tile_units = []
+        for (i, j), d in zip(cells, devices):
+            positions = {layer["index"]: length(rows[i][k].region) * length(cols[j][k].region)
+                         for k, layer in enumerate(program[first:last + 1])}
+            tile_units.append(self.unit_times(first, last, d, positions))
+            for layer in program[first:last + 1]:
+                act[d] += kept_bytes(layer, positions[layer["index"]], b, item)
+                ws[d] = max(ws[d], workspace_bytes(layer, positions[layer["index"]], b, item))
+        # a split group synchronises every batch-norm layer: each unit takes its slowest tile
+        for u in range(len(tile_units[0])):
+            f = [sum(t for op, t in tu[u].items() if op in FORWARD_OPS) for tu in tile_units]
+            bw = [sum(t for op, t in tu[u].items() if op not in FORWARD_OPS) for tu in tile_units]
             fwd_s += max(f)
             bwd_s += max(bw)
-            for d, tf, tb, a in zip(devices, f, bw, areas):
+            for d, tf, tb in zip(devices, f, bw):
                 busy[d] += tf + tb
                 busy_rec[d] += tf
-                act[d] += kept_bytes(layer, a, b, item)
-                ws[d] = max(ws[d], workspace_bytes(layer, a, b, item))
-            if len(members) > 1:
+        if len(members) > 1:
+            for layer in program[first:last + 1]:
                 if layer["kind"] == "conv" and layer["bn"]:
                     c = layer["filters"]
-                    bn_s += allgather_seconds(8 * (2 * c + 1), members, self.devices)
-                    bn_s += allgather_seconds(8 * 2 * c, members, self.devices)
+                    bn_s += allgather_seconds(bn_bytes("bn_stats", c), members, self.devices)
+                    bn_s += allgather_seconds(bn_bytes("bn_grad", c), members, self.devices)
                 for key, shape in param_shapes(layer).items():
                     if ".bn." not in key:
                         grad_s += gradient_allreduce_seconds(int(np.prod(shape)) * item, members, self.devices)
         layers = program[first:last + 1]
         state = state_bytes(layers, item)
         n_params = param_count(layers)
-        upd = max(update_seconds(self.devices[d].profile, n_params, item, self.devices[d].compute_scale)
-                  for d in members)
+        upd = max(update_seconds(self.devices[d].profile, n_params, item, self.devices[d].compute_scale,
+                                 self.devices[d].threads) for d in members)
         tail_send = self._tail_sends(first, last, rows, cols, cells, devices)
         seconds = fwd_s + bwd_s + bn_s + grad_s + upd + tail_send
         return Group(
@@ -319,13 +328,13 @@ class CostModel:
 
     def one_core_seconds(self, device=0, layers=None):
         """One core of ``device`` running the whole step (or only ``layers``,
-        a slice of the program) on whole maps, no communication."""
+        a slice of the program) on whole maps, no communication: the paper's
+        baseline."""
         dev = self.devices[device]
         b, item = self.batch, self.itemsize
         layers = self.program if layers is None else layers
         total = sum(layer_seconds(dev.profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
-        total += update_seconds(dev.profile, param_count(layers), item)
-        return total * dev.profile.multicore_speedup
+        return total + update_seconds(dev.profile, param_count(layers), item)
 
 
 def _positions(layer):

@@ -1,33 +1,38 @@
 """Replay a plan's schedule against device profiles: a discrete-event simulation.
 
-Each device runs the operations of ``tilec_runtime.tiled.DeviceStep`` in
-its order: receive a group's input pieces, compute each layer (a batch-norm
-layer all-gathers its statistics with the group's other devices), send the
-pieces of each output the plan routes elsewhere; rank 0 runs the tail; then
-backward in reverse (gradient pieces, batch-norm sums, weight-gradient
-all-reduces in key order: a ring for large gradients, as the socket runtime
-does), and the SGD update of the parameters it holds.
+Every rank runs the ops of its schedule (``plan["schedule"]``, the list the
+runtime executes) in order, on a main thread, and its gradient buckets on a
+communication thread, as the runtime does (``tilec_runtime.executor``):
 
-Time model: compute from the profiles (:mod:`tilec.cost.compute`). A send
-does not block the sender; it occupies the sender's outgoing link and the
-receiver's incoming link (full duplex, each device on a switch port) for
-bytes / bandwidth, and arrives one latency after its last byte. A receive
-blocks until its message has arrived (that wait is the device's idle time).
+- compute ops take the time of :mod:`tilec.cost.compute` for the tile's
+  regions, on the device's threads (the profile's measured speed-up);
+- a send does not block: it occupies the sender's outgoing and the
+  receiver's incoming link (full duplex, each device on a switch port) for
+  bytes / bandwidth, and arrives one latency after its last byte; a message
+  to the device itself is a memory copy;
+- a receive blocks until its message has arrived (that wait is idle time);
+- the batch-norm all-gathers send every member's contribution to every
+  other member and wait for theirs;
+- ``grad_start`` hands a bucket to the communication thread, which runs its
+  ring or all-gather rounds (the same bytes as the runtime's, from
+  :mod:`tilec.cost.traffic`) and then its update; ``grad_wait`` waits for
+  all of them.
 
-Unlike the cost model (one number per group, sums of slowest devices), the
-simulator lets devices run ahead of each other between synchronisations
-and queues messages on links, so it is the finer prediction; the two are
-compared in tests and in ``tilec simulate``.
+The result: the step time, every device's busy and idle seconds and bytes
+sent, and the events of a timeline (a Gantt chart, or a Chrome trace in the
+format ``tilec train --trace`` writes). Nothing here derives a schedule.
 """
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tilec.cost.compute import layer_seconds, update_seconds
+from tilec.cost.compute import copy_seconds, layer_seconds, unit_seconds, update_seconds
 from tilec.cost.memory import param_count
+from tilec.cost.traffic import bn_bytes, members_of, param_shape_table
 from tilec.errors import TilecError
-from tilec_runtime.collectives import RING_MIN_BYTES, ring_chunks, use_ring
-from tilec_runtime.program import param_shapes
+from tilec_runtime.collectives import ring_chunks
+from tilec_runtime.geometry import Region
+from tilec_runtime.lower import outside_tensors, units
 
 
 class SimulationError(TilecError):
@@ -39,8 +44,9 @@ class Event:
     device: int
     start: float
     end: float
-    kind: str  # forward | backward | tail | update | wait | send
+    kind: str  # forward | backward | tail | update | wait | send | collective
     label: str
+    thread: int = 0  # 0: the schedule, 1: the communication thread
 
 
 @dataclass
@@ -52,171 +58,256 @@ class SimResult:
     events: list = field(default_factory=list)
 
 
-def _area(region):
-    (r0, r1), (c0, c1) = region
-    return (r1 - r0 + 1) * (c1 - c0 + 1)
+FORWARD = {"conv_fwd", "epi_fwd", "pool_fwd", "recompute"}
 
 
-def device_ops(plan, rank, cluster):
-    """The operations of ``rank`` in one step: ("compute", seconds, kind, label),
-    ("send", key, dst, bytes) or ("recv", key, src)."""
-    program, batch = plan["program"], plan["batch"]
-    item = np.dtype(plan["dtype"]).itemsize
-    dev = cluster.devices[rank]
-    msgs = list(enumerate(plan["messages"]))
-    ops = []
+class _Pricer:
+    """Seconds of the compute ops of a plan's schedule on its cluster."""
 
-    def compute(layer, positions, direction):
-        return layer_seconds(dev.profile, layer, positions, batch, item, direction, dev.compute_scale)
+    def __init__(self, plan, cluster):
+        self.plan, self.cluster = plan, cluster
+        self.program, self.batch = plan["program"], plan["batch"]
+        self.item = np.dtype(plan["dtype"]).itemsize
+        self.outside = outside_tensors(plan)
+        self._units = {}
 
-    def sends(pred):
-        for k, m in msgs:
-            if m["sender"] == rank and pred(m):
-                ops.append(("send", ("m", k), m["receiver"], m["bytes"]))
+    def device(self, rank):
+        d = self.cluster.devices[rank]
+        return d.profile, d.compute_scale, self.plan["devices"][rank]["threads"]
 
-    def recvs(pred):
-        for k, m in msgs:
-            if m["receiver"] == rank and pred(m):
-                ops.append(("recv", ("m", k), m["sender"]))
+    def tile_units(self, g, rank):
+        """[{op: seconds}] per unit of ``rank``'s tile of group ``g``."""
+        key = (g, rank)
+        if key not in self._units:
+            group = self.plan["groups"][g]
+            first, last = group["layers"]
+            tile = next(t for t in group["tiles"] if t["device"] == rank)
+            positions = {tl["layer"]: Region.of(tl["region"]).area for tl in tile["layers"]}
+            profile, scale, threads = self.device(rank)
+            self._units[key] = [
+                unit_seconds(profile, self.program, u, positions, j > 0 or first > 0, self.batch, self.item, threads,
+                             scale)
+                for j, u in enumerate(units(self.program, first, last, self.outside))]
+        return self._units[key]
 
-    def allgather(tag, members, nbytes):
-        for other in members:
-            if other != rank:
-                ops.append(("send", ("c", tag, rank, other), other, nbytes))
-        for other in members:
-            if other != rank:
-                ops.append(("recv", ("c", tag, other, rank), other))
+    def op(self, rank, op):
+        """(seconds, event kind, label) of a compute op."""
+        kind = op["op"]
+        if kind in ("tail_fwd", "tail_bwd"):
+            first, last = self.plan["groups"][op["group"]]["layers"]
+            profile, scale, threads = self.device(rank)
+            direction = "forward" if kind == "tail_fwd" else "backward"
+            secs = sum(layer_seconds(profile, layer, layer["out_shape"][1] * layer["out_shape"][2], self.batch,
+                                     self.item, direction, scale, threads) for layer in self.program[first:last + 1])
+            return secs, "tail", f"tail {first}-{last} {direction}"
+        if kind == "recompute":
+            secs = sum(sec for unit in self.tile_units(op["group"], rank) for name, sec in unit.items()
+                       if name in FORWARD)
+            return secs, "forward", f"group {op['group']} recompute"
+        secs = self.tile_units(op["group"], rank)[op["unit"]][kind]
+        if kind == "conv_fwd" and "rows" in op:
+            tile = next(t for t in self.plan["groups"][op["group"]]["tiles"] if t["device"] == rank)
+            first = self.plan["groups"][op["group"]]["layers"][0]
+            conv = units(self.program, first, self.plan["groups"][op["group"]]["layers"][1], self.outside)[op["unit"]][0]
+            height = Region.of(next(tl for tl in tile["layers"] if tl["layer"] == conv)["region"]).height
+            secs *= (op["rows"][1] - op["rows"][0]) / height
+        return secs, "forward" if kind in FORWARD else "backward", f"{kind} g{op['group']} u{op['unit']}"
 
-    def ring(tag, members, shape):
-        """``tilec_runtime.collectives.ring_allreduce``: 2 (n-1) rounds, one chunk to the successor each."""
-        n = len(members)
-        p = members.index(rank)
-        succ, pred = members[(p + 1) % n], members[(p - 1) % n]
-        chunks = [length * item for length in ring_chunks(shape, n)]
-        for phase, start in (("rs", p), ("ag", p + 1)):
-            for s in range(n - 1):
-                out, c = (start - s) % n, (start - s - 1) % n
-                ops.append(("send", ("r", tag, phase, out, rank), succ, chunks[out]))
-                ops.append(("recv", ("r", tag, phase, c, pred), pred))
+    def update(self, rank, keys, shapes):
+        profile, scale, threads = self.device(rank)
+        n = sum(int(np.prod(shapes[k])) for k in keys)
+        return update_seconds(profile, n, self.item, scale, threads)
 
-    sends(lambda m: m["phase"] == "forward" and m["tensor"] == -1)
-    held = []
-    groups = plan["groups"]
-    for g, group in enumerate(groups):
-        first, last = group["layers"]
-        members = sorted(t["device"] for t in group["tiles"])
-        tile = next((t for t in group["tiles"] if t["device"] == rank), None)
-        if tile is None:
+    def copy(self, rank, nbytes):
+        profile, scale, _ = self.device(rank)
+        return copy_seconds(profile, nbytes, scale)
+
+
+def _actions(plan, rank, pricer, shapes):
+    """(main thread actions, communication thread actions) of ``rank``.
+
+    Actions: ("compute", seconds, kind, label), ("send", key, dst, bytes),
+    ("recv", key, src), ("post", bucket) / ("await", bucket) between the
+    threads, ("done", bucket) / ("join", buckets) for ``grad_wait``."""
+    main, comm = [], []
+    messages, item = plan["messages"], np.dtype(plan["dtype"]).itemsize
+    posted = []
+    for i, op in enumerate(plan["schedule"][rank]):
+        kind = op["op"]
+        if kind in ("send", "recv"):
+            m = messages[op["msg"]]
+            if m["sender"] == m["receiver"]:
+                if kind == "send":
+                    main.append(("compute", pricer.copy(rank, m["bytes"] or _local_bytes(plan, m)), "update",
+                                 f"copy message {op['msg']}"))
+            elif kind == "send":
+                main.append(("compute", pricer.copy(rank, m["bytes"]), "update", f"stage message {op['msg']}"))
+                main.append(("send", ("m", op["msg"]), m["receiver"], m["bytes"]))
+            else:
+                main.append(("recv", ("m", op["msg"]), m["sender"]))
+        elif kind in ("bn_stats", "bn_grad"):
+            members = members_of(plan["groups"][op["group"]])
+            nbytes = bn_bytes(kind, plan["program"][op["layer"]]["filters"])
+            for other in members:
+                if other != rank:
+                    main.append(("send", ("c", kind, op["layer"], rank, other), other, nbytes))
+            for other in members:
+                if other != rank:
+                    main.append(("recv", ("c", kind, op["layer"], other, rank), other))
+        elif kind == "grad_start":
+            bucket = plan["buckets"][op["bucket"]]
+            update = pricer.update(rank, bucket["keys"], shapes)
+            if not bucket["reduce"]:
+                main.append(("compute", update, "update", f"update bucket {op['bucket']}"))
+                continue
+            main.append(("post", op["bucket"]))
+            posted.append(op["bucket"])
+            comm.append(("await", op["bucket"]))
+            comm += _reduce_actions(bucket, op["bucket"], rank, shapes, item)
+            comm.append(("compute", update, "update", f"update bucket {op['bucket']}"))
+            comm.append(("done", op["bucket"]))
+        elif kind == "grad_wait":
+            main.append(("join", tuple(posted)))
+        elif kind == "grad_zero":
             continue
-        held += program[first:last + 1]
-        if group["kind"] == "tail":
-            recvs(lambda m, g=g: m["phase"] == "forward" and m["group"] == g)
-            secs = sum(compute(l, l["out_shape"][1] * l["out_shape"][2], "forward") for l in program[first:last + 1])
-            ops.append(("compute", secs, "tail", f"tail {first}-{last} forward"))
-            continue
-        recvs(lambda m, g=g, t=first - 1: m["phase"] == "forward" and m["group"] == g and m["tensor"] == t)
-        for tl in tile["layers"]:
-            layer = program[tl["layer"]]
-            ops.append(("compute", compute(layer, _area(tl["region"]), "forward"), "forward",
-                        f"layer {tl['layer']} forward"))
-            if layer["kind"] == "conv" and layer["bn"] and len(members) > 1:
-                allgather(("bn", tl["layer"]), members, 8 * (2 * layer["filters"] + 1))
-            sends(lambda m, i=tl["layer"]: m["phase"] == "forward" and m["tensor"] == i)
-    for g in range(len(groups) - 1, -1, -1):
-        group = groups[g]
-        first, last = group["layers"]
-        members = sorted(t["device"] for t in group["tiles"])
-        tile = next((t for t in group["tiles"] if t["device"] == rank), None)
-        if tile is None:
-            continue
-        if group["kind"] == "tail":
-            secs = sum(compute(l, l["out_shape"][1] * l["out_shape"][2], "backward") for l in program[first:last + 1])
-            ops.append(("compute", secs, "tail", f"tail {first}-{last} backward"))
-            sends(lambda m, g=g: m["phase"] == "backward" and m["group"] == g)
-            continue
-        for tl in reversed(tile["layers"]):
-            layer = program[tl["layer"]]
-            recvs(lambda m, i=tl["layer"]: m["phase"] == "backward" and m["tensor"] == i)
-            ops.append(("compute", compute(layer, _area(tl["region"]), "backward"), "backward",
-                        f"layer {tl['layer']} backward"))
-            if layer["kind"] == "conv" and layer["bn"] and len(members) > 1:
-                allgather(("bng", tl["layer"]), members, 8 * 2 * layer["filters"])
-        sends(lambda m, g=g, t=first - 1: m["phase"] == "backward" and m["group"] == g and m["tensor"] == t)
-        if len(members) > 1:
-            shapes = {k: s for layer in program[first:last + 1] for k, s in param_shapes(layer).items()
-                      if ".bn." not in k}
-            for key in sorted(shapes):
-                nbytes = int(np.prod(shapes[key])) * item
-                if use_ring(nbytes, len(members), RING_MIN_BYTES):
-                    ring(("g", key), members, shapes[key])
-                else:
-                    allgather(("g", key), members, nbytes)
-    if held:
-        ops.append(("compute", update_seconds(dev.profile, param_count(held), item, dev.compute_scale),
-                    "update", "SGD update"))
-    return ops
+        else:
+            main.append(("compute", *pricer.op(rank, op)))
+    return main, comm
+
+
+def _local_bytes(plan, m):
+    t = m["tensor"]
+    c = (plan["program"][t]["out_shape"] if t >= 0 else plan["program"][0]["in_shape"])[0]
+    return plan["batch"] * c * Region.of((m["rows"], m["cols"])).area * np.dtype(plan["dtype"]).itemsize
+
+
+def _reduce_actions(bucket, b, rank, shapes, item):
+    """The rounds ``tilec_runtime.collectives`` runs for a bucket's reduced keys."""
+    members = bucket["members"]
+    n, p = len(members), members.index(rank)
+    succ, pred = members[(p + 1) % n], members[(p - 1) % n]
+    out = []
+    for key, algorithm in sorted(bucket["reduce"].items()):
+        if algorithm == "ring":
+            chunks = [length * item for length in ring_chunks(shapes[key], n)]
+            for phase, start in (("rs", p), ("ag", p + 1)):
+                for s in range(n - 1):
+                    sent, got = (start - s) % n, (start - s - 1) % n
+                    out.append(("send", ("r", key, phase, sent, rank), succ, chunks[sent]))
+                    out.append(("recv", ("r", key, phase, got, pred), pred))
+        else:
+            nbytes = int(np.prod(shapes[key])) * item
+            for other in members:
+                if other != rank:
+                    out.append(("send", ("g", key, rank, other), other, nbytes))
+            for other in members:
+                if other != rank:
+                    out.append(("recv", ("g", key, other, rank), other))
+    return out
 
 
 def simulate(plan, cluster, keep_events=True):
-    """A :class:`SimResult` of one training step of ``plan`` on ``cluster``."""
+    """A :class:`SimResult` of one training step of ``plan`` on ``cluster``
+    (``tilec.cluster.plan_cluster``: the cluster the plan carries)."""
     n = len(plan["devices"])
     if len(cluster.devices) != n:
         raise SimulationError(f"the plan has {n} devices, the cluster {len(cluster.devices)}")
-    ops = [device_ops(plan, r, cluster) for r in range(n)]
-    pos, now = [0] * n, [0.0] * n
+    pricer, shapes = _Pricer(plan, cluster), param_shape_table(plan["program"])
+    actors = []  # (rank, thread, actions)
+    for r in range(n):
+        main, comm = _actions(plan, r, pricer, shapes)
+        actors += [(r, 0, main), (r, 1, comm)]
+    pos, now = [0] * len(actors), [0.0] * len(actors)
     busy, sent = [0.0] * n, [0] * n
     out_free, in_free = [0.0] * n, [0.0] * n
-    arrived = {}
+    arrived, posted, done = {}, {}, {}
     events = []
     devs = cluster.devices
+
+    def ready_at(a):
+        """When actor ``a`` can run its next action, or None if it is blocked."""
+        rank, thread, actions = actors[a]
+        act = actions[pos[a]]
+        kind = act[0]
+        if kind == "recv":
+            return max(now[a], arrived[act[1]]) if act[1] in arrived else None
+        if kind == "await":
+            return max(now[a], posted[(rank, act[1])]) if (rank, act[1]) in posted else None
+        if kind == "join":
+            if all((rank, b) in done for b in act[1]):
+                return max([now[a]] + [done[(rank, b)] for b in act[1]])
+            return None
+        return now[a]
+
     while True:
         ready = []
-        for r in range(n):
-            if pos[r] < len(ops[r]):
-                op = ops[r][pos[r]]
-                if op[0] != "recv" or op[1] in arrived:
-                    start = max(now[r], arrived[op[1]]) if op[0] == "recv" else now[r]
-                    ready.append((start, r))
+        for a, (_, _, actions) in enumerate(actors):
+            if pos[a] < len(actions):
+                t = ready_at(a)
+                if t is not None:
+                    ready.append((t, a))
         if not ready:
-            stuck = [r for r in range(n) if pos[r] < len(ops[r])]
+            stuck = [a for a, (_, _, acts) in enumerate(actors) if pos[a] < len(acts)]
             if stuck:
-                r = stuck[0]
-                raise SimulationError(f"device {r} waits for {ops[r][pos[r]][1]} that nobody sends "
+                rank, thread, acts = actors[stuck[0]]
+                raise SimulationError(f"device {rank} waits for {acts[pos[stuck[0]]]} that never comes "
                                       f"(the plan's schedule deadlocks)")
             break
-        _, r = min(ready)
-        op = ops[r][pos[r]]
-        pos[r] += 1
-        if op[0] == "compute":
-            _, secs, kind, label = op
+        start, a = min(ready)
+        rank, thread, actions = actors[a]
+        act = actions[pos[a]]
+        pos[a] += 1
+        kind = act[0]
+        if start > now[a] and keep_events and kind in ("recv", "join"):
+            events.append(Event(rank, now[a], start, "wait", f"wait ({act[1]})", thread))
+        now[a] = start
+        if kind == "compute":
+            _, secs, what, label = act
             if keep_events and secs > 0:
-                events.append(Event(r, now[r], now[r] + secs, kind, label))
-            now[r] += secs
-            busy[r] += secs
-        elif op[0] == "recv":
-            t = arrived.pop(op[1])
-            if t > now[r]:
-                if keep_events:
-                    events.append(Event(r, now[r], t, "wait", f"wait for {op[2]}"))
-                now[r] = t
-        else:
-            _, key, dst, nbytes = op
-            if dst == r or nbytes == 0:
-                arrived[key] = now[r]
-                continue
-            wire = nbytes / min(devs[r].bandwidth_bps, devs[dst].bandwidth_bps)
-            start = max(now[r], out_free[r], in_free[dst])
-            out_free[r] = in_free[dst] = start + wire
-            arrived[key] = start + wire + max(devs[r].latency_s, devs[dst].latency_s)
-            sent[r] += nbytes
+                events.append(Event(rank, now[a], now[a] + secs, what, label, thread))
+            now[a] += secs
+            busy[rank] += secs
+        elif kind == "recv":
+            arrived.pop(act[1])
+        elif kind == "post":
+            posted[(rank, act[1])] = now[a]
+        elif kind == "done":
+            done[(rank, act[1])] = now[a]
+        elif kind == "send":
+            _, key, dst, nbytes = act
+            wire = nbytes / min(devs[rank].bandwidth_bps, devs[dst].bandwidth_bps)
+            begin = max(now[a], out_free[rank], in_free[dst])
+            out_free[rank] = in_free[dst] = begin + wire
+            arrived[key] = begin + wire + max(devs[rank].latency_s, devs[dst].latency_s)
+            sent[rank] += nbytes
             if keep_events:
-                events.append(Event(r, start, start + wire, "send", f"send {nbytes} B to {dst}"))
-    step = max(now) if n else 0.0
+                events.append(Event(rank, begin, begin + wire, "send", f"send {nbytes} B to {dst}", thread))
+    step = max(now) if now else 0.0
     return SimResult(step, busy, [step - b for b in busy], sent, events)
+
+
+def one_core_seconds(plan, cluster):
+    """The whole step on one core of the first device's board (the paper's
+    baseline): every layer on whole maps, one thread, no communication."""
+    dev = cluster.devices[0]
+    program, batch = plan["program"], plan["batch"]
+    item = np.dtype(plan["dtype"]).itemsize
+    total = sum(layer_seconds(dev.profile, layer, layer["out_shape"][1] * layer["out_shape"][2], batch, item, d)
+                for layer in program for d in ("forward", "backward"))
+    return total + update_seconds(dev.profile, param_count(program), item)
 
 
 KIND_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "tail": "#55a868", "update": "#8172b3",
                 "wait": "#dddddd", "send": "#c44e52"}
+
+
+def trace_steps(result, names):
+    """The simulated step as ``tilec_runtime.trace.chrome_trace`` input."""
+    steps = {}
+    for ev in result.events:
+        steps.setdefault(ev.device, []).append([ev.label, ev.kind, round(ev.start * 1e6, 1),
+                                                round((ev.end - ev.start) * 1e6, 1), ev.thread])
+    return [(0, rank, 0.0, steps.get(rank, [])) for rank in range(len(names))]
 
 
 def timeline_png(result, names, path, title=""):
@@ -232,7 +323,7 @@ def timeline_png(result, names, path, title=""):
         y = n - 1 - ev.device
         if ev.kind == "send":
             ax.broken_barh([(ev.start, ev.end - ev.start)], (y - 0.45, 0.15), color=KIND_COLOURS["send"])
-        else:
+        elif ev.thread == 0:
             ax.broken_barh([(ev.start, ev.end - ev.start)], (y - 0.25, 0.65), color=KIND_COLOURS[ev.kind])
     ax.set_yticks(range(n))
     ax.set_yticklabels(list(reversed(names)))

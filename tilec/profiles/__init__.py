@@ -1,28 +1,36 @@
 """Device profiles: what a device computes how fast, holds, and sends.
 
-A profile is a JSON file (format ``tilec-profile``, version 1)::
+A profile is a JSON file (format ``tilec-profile``, version 2)::
 
-    {"format": "tilec-profile", "version": 1, "name": "rpi3b",
+    {"format": "tilec-profile", "version": 2, "name": "rpi3b",
      "cores": 4, "memory_mb": 750, "process_overhead_mb": 60,
-     "multicore_speedup": 3.0,
      "link": {"bandwidth_mbps": 94, "latency_ms": 0.25},
      "kernels": {"conv": {"forward": {"overhead_us": 400, "s_per_gflop": 0.25,
                                       "s_per_gb": 2.4},
                           "backward": {...}},
-                 "maxpool": {...}, "connected": {...}, "elementwise": {...}},
+                 "epilogue": {...}, "maxpool": {...}, "connected": {...},
+                 "elementwise": {...}},
+     "threads": {"conv": [1.0, 1.8, 2.5, 3.0], "epilogue": [1.0, 1.5, ...], ...},
+     "sustained": 0.9,
      "sources": {"...": "where each number comes from"}}
 
-The time of one kernel call (one layer on one region, the way the runtime
-calls it) is ``overhead + flops * s_per_flop + bytes * s_per_byte`` with the
-FLOPs and bytes of :func:`tilec.cost.compute.features`: the effective rate
-depends on the shape through its arithmetic intensity (a 3-channel input
-or a 1x1 conv moves more bytes per FLOP) and the per-call overhead (small
-tiles), not a single constant. ``tilec profile`` fits the three numbers per
-kernel kind and direction from measurements of the runtime's kernels.
+The time of one kernel call on one thread (one stage of one tile, as the
+runtime's schedule runs it) is ``overhead + flops * s_per_flop + bytes *
+s_per_byte`` with the FLOPs and bytes of :func:`tilec.cost.compute.op_features`:
+the effective rate depends on the shape through its arithmetic intensity
+(a 3-channel input or a 1x1 conv moves more bytes per FLOP) and the
+per-call overhead (small tiles), not a single constant. Kinds: ``conv``
+(the GEMM-bound convolution, forward and backward), ``epilogue`` (the
+memory-bound batch norm, bias, activation and fused max-pool around it),
+``maxpool``, ``connected``, and ``elementwise`` (everything else: route,
+reorg, losses, the optimiser update).
 
+``threads[kind][t - 1]`` is how much faster a kernel of ``kind`` runs on
+``t`` threads than on one (the runtime splits every kernel over a device's
+cores); ``cores`` threads is the whole board. ``sustained`` scales every
+kernel for sustained load (thermal throttling), once, for all of them.
 ``memory_mb`` is what a training process may use (RAM less the OS and GPU
-reservations); ``multicore_speedup`` is how much faster all cores run the
-kernels than one core (used to report speedups over one core).
+reservations). ``tilec profile`` measures all of it on the device.
 
 Shipped profiles live beside this module (``*.json``, package data);
 :func:`load_profile` takes a shipped name or a path.
@@ -35,8 +43,8 @@ from pathlib import Path
 from tilec.errors import TilecError
 
 FORMAT = "tilec-profile"
-VERSION = 1
-KERNEL_KINDS = ("conv", "maxpool", "connected", "elementwise")
+VERSION = 2
+KERNEL_KINDS = ("conv", "epilogue", "maxpool", "connected", "elementwise")
 DIRECTIONS = ("forward", "backward")
 PROFILES_DIR = Path(__file__).resolve().parent
 
@@ -62,15 +70,27 @@ class Profile:
     cores: int
     memory_bytes: int
     process_overhead_bytes: int
-    multicore_speedup: float
     bandwidth_bps: float  # bytes per second
     latency_s: float
     kernels: dict  # kind -> direction -> Kernel
+    threads: dict = field(default_factory=dict)  # kind -> [speed-up on 1, 2, ... threads]
+    sustained: float = 1.0
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     def kernel(self, kind, direction):
         return self.kernels[kind][direction]
+
+    def speedup(self, kind, threads):
+        """How much faster ``threads`` threads run a kernel of ``kind`` than one
+        (beyond the measured counts: the last one's, the cores are all busy)."""
+        table = self.threads.get(kind) or [1.0]
+        return table[max(0, min(threads, len(table)) - 1)]
+
+    def seconds(self, kind, direction, flops, nbytes, threads=1, scale=1.0):
+        """One call of a ``kind`` kernel on ``threads`` threads of a device ``scale`` times this profile."""
+        one = self.kernels[kind][direction].seconds(flops, nbytes)
+        return one / (self.speedup(kind, threads) * scale * self.sustained)
 
 
 def shipped_names():
@@ -117,15 +137,27 @@ def profile_from_dict(data, source="<dict>"):
                 _number(k, "overhead_us", where, strict=False) * 1e-6,
                 _number(k, "s_per_gflop", where, strict=False) * 1e-9,
                 _number(k, "s_per_gb", where, strict=False) * 1e-9)
+    threads = data.get("threads", {})
+    if not isinstance(threads, dict):
+        raise ProfileError(f"{source}: field 'threads' must map kernel kinds to speed-ups")
+    speedups = {}
+    for kind, table in threads.items():
+        if kind not in KERNEL_KINDS:
+            raise ProfileError(f"{source}: threads.{kind}: not a kernel kind ({', '.join(KERNEL_KINDS)})")
+        if not (isinstance(table, list) and table and all(isinstance(v, (int, float)) and v > 0 for v in table)):
+            raise ProfileError(f"{source}: threads.{kind} must be a list of positive speed-ups, got {table!r}")
+        speedups[kind] = [float(v) for v in table]
+    sustained = data.get("sustained", 1.0)
+    if not (isinstance(sustained, (int, float)) and 0 < sustained <= 1):
+        raise ProfileError(f"{source}: field 'sustained' must be in (0, 1], got {sustained!r}")
     return Profile(
         name=str(data.get("name", Path(str(source)).stem)),
         cores=_number(data, "cores", source, integer=True),
         memory_bytes=int(_number(data, "memory_mb", source) * 1e6),
         process_overhead_bytes=int(_number(data, "process_overhead_mb", source, strict=False) * 1e6),
-        multicore_speedup=_number(data, "multicore_speedup", source),
         bandwidth_bps=_number(link, "bandwidth_mbps", f"{source}: link") * 1e6 / 8,
         latency_s=_number(link, "latency_ms", f"{source}: link", strict=False) * 1e-3,
-        kernels=kernels, source=str(source), raw=data)
+        kernels=kernels, threads=speedups, sustained=float(sustained), source=str(source), raw=data)
 
 
 def load_profile(name_or_path):
