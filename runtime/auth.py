@@ -15,9 +15,11 @@ acceptor proves nothing before the initiator has proved the key. Between
 two devices of a job the plan hashes (part of the authenticated transcript)
 must then agree, so devices with different plans refuse to work together.
 
-This authenticates the peer, not every later frame: after the handshake
-the frames rely on TCP on a network the cluster trusts (as MPI and gloo
-do). Every frame is still validated against the plan.
+The handshake also derives this connection's session key (an HMAC of the
+transcript), and from it one key per direction: every later frame carries
+a MAC under the sender's key and a sequence number (``transport.Channel``),
+so a frame changed, replayed, reordered or reflected on the way is refused.
+Every frame is also still validated against the plan.
 """
 import hashlib
 import hmac
@@ -27,7 +29,7 @@ import secrets
 import numpy as np
 
 from tilec_runtime.errors import RuntimeFault
-from tilec_runtime.transport import BYTES, Kind, Spec, as_bytes, read_expected, send_frame, text_spec
+from tilec_runtime.transport import BYTES, Channel, Kind, Spec, as_bytes, read_expected, send_frame, text_spec
 
 MIN_KEY_BYTES = 16
 NONCE_BYTES = 32
@@ -67,7 +69,8 @@ def new_key():
 
 
 class Hello(dict):
-    """What the other side said about itself: role, id, plan (hash or "")."""
+    """What the other side said about itself: role, id, plan (hash or ""),
+    and ``channel``: the connection, its frames authenticated from now on."""
 
 
 def _mac(key, label, transcript):
@@ -117,6 +120,10 @@ def handshake(sock, key, *, role, ident, plan="", initiator):
     if (role if initiator else theirs["role"]) == "peer" and theirs["plan"] != plan:
         raise AuthError(f"{theirs['role']} {theirs['id']} has another plan ({theirs['plan'][:12] or 'none'}, "
                         f"here {plan[:12] or 'none'})")
+    session = _mac(key, b"session", transcript)
+    keys = {side: hmac.new(session, side, hashlib.sha256).digest() for side in (b"initiator", b"acceptor")}
+    mine_key, their_key = (b"initiator", b"acceptor") if initiator else (b"acceptor", b"initiator")
+    theirs.channel = Channel(sock, keys[mine_key], keys[their_key])
     return theirs
 
 

@@ -64,7 +64,7 @@ class GeneratedOps:
         f, c, ks, _ = w.shape
         band = band_rows(c, ks, dy.shape[2], dy.shape[3])
         dx, dw = np.zeros(x.shape, x.dtype), np.empty(w.shape, x.dtype)
-        ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True), x.dtype)
+        ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True, 0, f), x.dtype)
         k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, dw, dx)
         return dx, dw
 

@@ -108,7 +108,8 @@ class Job:
             sock.settimeout(SETUP_TIMEOUT)
             self.socks.append(sock)
             with self.blame(r, f" at {address[0]}:{address[1]}"):
-                handshake(sock, self.key, role="launcher", ident="launcher", plan=plan["hash"], initiator=True)
+                hello = handshake(sock, self.key, role="launcher", ident="launcher", plan=plan["hash"], initiator=True)
+            self.socks[-1] = hello.channel  # every frame from here on is authenticated
         send_momentum = momentum is not None and has_momentum(plan)
         sections = {"param": params, "buffer": buffers, "momentum": momentum or {}}
         job_id = secrets.token_hex(8)

@@ -123,11 +123,15 @@ def out_shape(op):
 
 
 def workspace(op, threads, dx):
-    """Elements of im2col workspace a conv op needs (``workspace_size`` of the kernels)."""
+    """Elements of workspace a conv op needs on ``threads`` threads (the
+    kernels' ``workspace_size``): an im2col band per thread, and backward a
+    private weight gradient for every thread but the first."""
     if op["kind"] != "conv":
         return 0
-    one = op["channels"] * op["size"] ** 2 * min(op["band"], op["out"][0]) * op["out"][1]
-    return max(one * min(threads, op["out"][0]), one * (2 if dx else 1))
+    ho, wo = op["out"]
+    ckk = op["channels"] * op["size"] ** 2
+    nt = max(1, min(threads, ho))
+    return ckk * min(op["band"], ho) * wo * nt + (nt - 1) * op["filters"] * ckk
 
 
 def _plan_memory(spec):

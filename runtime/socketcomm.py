@@ -224,16 +224,16 @@ class SocketComm(Comm):
 def open_mesh(rank, addresses, key, plan_hash, job, accepted, deadline):
     """Sockets to every other device of a job: this device connects to the
     lower ranks and is connected to by the higher ones (``accepted``: a
-    queue of (rank, socket) filled by the worker's accept loop).
-    Returns {rank: socket}."""
+    queue of (rank, channel) filled by the worker's accept loop).
+    Returns {rank: channel}: authenticated connections (``transport.Channel``)."""
     socks = {}
     try:
         for j in range(rank):
             sock = connect(tuple(addresses[j]), deadline, what=f"device {j}")
             sock.settimeout(max(1.0, deadline - time.monotonic()))
-            handshake(sock, key, role="peer", ident=str(rank), plan=plan_hash, initiator=True)
-            send_frame(sock, Kind.PEER, 0, 0, as_bytes({"job": job, "rank": rank}))
-            socks[j] = sock
+            channel = handshake(sock, key, role="peer", ident=str(rank), plan=plan_hash, initiator=True).channel
+            send_frame(channel, Kind.PEER, 0, 0, as_bytes({"job": job, "rank": rank}))
+            socks[j] = channel
         while len(socks) < len(addresses) - 1:
             try:
                 j, sock = accepted.get(timeout=max(0.01, deadline - time.monotonic()))

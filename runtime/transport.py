@@ -13,6 +13,13 @@ array and fills it with ``recv_into``. So a peer cannot make a device
 allocate more than the plan allows, and nothing is ever unpickled: control
 messages are UTF-8 JSON in a ``uint8`` payload.
 
+After the handshake (``auth.py``) a connection is a ``Channel``: every frame
+ends in a 16-byte tag, keyed BLAKE2b of a sequence number, the header and
+the payload, under a key of this connection and direction derived in the
+handshake. The sequence numbers are not sent; both ends count. A frame that
+was changed, replayed, reordered, dropped or sent the other way is refused
+before anything reads its payload.
+
 ``Link`` is one connection in use: a reader thread that validates frames and
 files them in a ``Mailbox``, and a sender thread that writes queued frames
 in order (so a device computes while its sends drain, and two devices
@@ -23,6 +30,8 @@ from one that is merely waiting for someone else, and names the right one.
 """
 import collections
 import enum
+import hashlib
+import hmac
 import json
 import queue
 import socket
@@ -44,6 +53,7 @@ _DCODE = {d: i for i, d in enumerate(DTYPES)}
 BYTES = np.dtype("uint8")
 
 MAX_TEXT = 4096  # error and abort messages
+TAG_BYTES = 16  # the MAC of a frame on a Channel
 
 
 class Kind(enum.IntEnum):
@@ -137,12 +147,56 @@ def header(kind, step, tensor, array):
     return HEADER.pack(MAGIC, VERSION, int(kind), _DCODE[array.dtype], array.ndim, step, tensor, *shape, array.nbytes)
 
 
+class Channel:
+    """A socket whose frames are authenticated (see the module docstring).
+    Anything but framing goes to the socket itself."""
+
+    def __init__(self, sock, send_key, recv_key):
+        self.sock, self.send_key, self.recv_key = sock, bytes(send_key), bytes(recv_key)
+        self.sent = self.received = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):  # settimeout, shutdown, close, recv_into, sendall ...
+        return getattr(self.sock, name)
+
+    def _tag(self, key, seq, head, payload):
+        h = hashlib.blake2b(key=key, digest_size=TAG_BYTES)
+        h.update(seq.to_bytes(8, "big"))
+        h.update(head)
+        if len(payload):
+            h.update(payload)
+        return h.digest()
+
+    def send(self, head, payload):
+        """Write one frame and its tag (one writer at a time: the sequence is the order on the wire)."""
+        with self._lock:
+            tag = self._tag(self.send_key, self.sent, head, payload)
+            self.sent += 1
+            if len(payload) <= 65536:
+                self.sock.sendall(head + bytes(payload) + tag)
+            else:
+                self.sock.sendall(head)
+                self.sock.sendall(payload)
+                self.sock.sendall(tag)
+
+    def verify(self, head, payload, alive=None):
+        """Read a frame's tag and check it; FrameError if the frame is not the next one this peer sent."""
+        tag = bytearray(TAG_BYTES)
+        recv_exact(self.sock, memoryview(tag), alive)
+        want = self._tag(self.recv_key, self.received, bytes(head), payload)
+        self.received += 1
+        if not hmac.compare_digest(bytes(tag), want):
+            raise FrameError(f"{kind_name(head[5])} frame failed authentication (changed, replayed or out of order)")
+
+
 def send_frame(sock, kind, step, tensor, array=None):
     array = np.empty(0, BYTES) if array is None else np.asarray(array)
     if not array.flags.c_contiguous:
         array = array.copy(order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
     head = header(kind, step, tensor, array)
-    if array.nbytes <= 65536:
+    if isinstance(sock, Channel):
+        sock.send(head, memoryview(array).cast("B") if array.nbytes else b"")
+    elif array.nbytes <= 65536:
         sock.sendall(head + array.tobytes())  # one segment for small frames
     else:
         sock.sendall(head)
@@ -202,6 +256,8 @@ def read_frame(sock, expect, buf=None, alive=None):
     array = np.empty(shape, dtype)
     if length:
         recv_exact(sock, memoryview(array).cast("B"), alive)
+    if isinstance(sock, Channel):
+        sock.verify(buf, memoryview(array).cast("B") if length else b"", alive)
     return Frame(kind, step, tensor, array)
 
 

@@ -411,6 +411,7 @@ class Server:
             with self.lock:
                 plan_hash = self.job.hash if self.job else ""
             hello = handshake(conn, self.key, role="worker", ident=self.ident, plan=plan_hash, initiator=False)
+            conn = hello.channel  # every frame from here on is authenticated
             frame = read_expected(conn, {Kind.JOB: Spec(BYTES, (MAX_JOB_BYTES,), True), **PEER_SPEC})
             if frame.kind == Kind.PEER and hello["role"] == "peer":
                 keep = self._join(conn, frame.json())

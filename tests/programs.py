@@ -126,13 +126,17 @@ POOL_SHAPES = ((2, 2), (2, 1), (3, 2))  # (size, stride)
 
 
 @st.composite
-def conv_args(draw, h, w):
-    """Arguments of a conv that fits an ``h`` x ``w`` map (1x1 always does)."""
+def conv_args(draw, c, h, w):
+    """Arguments of a conv of ``c`` input channels that fits an ``h`` x ``w``
+    map (1x1 always does). No batch norm after a conv whose filters are a
+    single weight (1 channel, 1x1): batch norm makes that weight's gradient
+    exactly zero, and what any two implementations then compute is their
+    own rounding noise, amplified by 1/|w|: nothing to compare."""
     n = min(h, w)
     size = draw(st.sampled_from([k for k in CONV_SIZES if n + 2 * (k - 1) >= k]))
     pads = ["same"] + [p for p in range(size) if n + 2 * p >= size]
     return dict(filters=draw(st.integers(1, 4)), size=size, stride=draw(st.integers(1, 2)),
-                pad=draw(st.sampled_from(pads)), bn=draw(st.booleans()),
+                pad=draw(st.sampled_from(pads)), bn=draw(st.booleans()) and c * size * size > 1,
                 act=draw(st.sampled_from(ACTIVATIONS)))
 
 
@@ -178,12 +182,12 @@ def random_stacks(draw, max_prefix=5, tails=("classify", "regress", "route", "re
     c, h, w = draw(st.integers(1, 4)), draw(st.integers(5, 23)), draw(st.integers(5, 23))
     b = ProgramBuilder(c, h, w)
     for _ in range(draw(st.integers(1, max_prefix))):
-        _, hh, ww = b.shape(b.last)
+        cc, hh, ww = b.shape(b.last)
         pool = draw(maxpool_args(hh, ww)) if draw(st.integers(0, 2)) == 0 else None
         if pool is not None:
             b.maxpool(**pool)
         else:
-            b.conv(**draw(conv_args(hh, ww)))
+            b.conv(**draw(conv_args(cc, hh, ww)))
     tail = draw(st.sampled_from(tails))
     last = b.last
     _, hh, ww = b.shape(last)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tilec_runtime import auth
 from tilec_runtime.auth import AuthError, handshake, load_key
-from tilec_runtime.transport import Kind, as_bytes, read_frame, send_frame
+from tilec_runtime.transport import FrameError, Kind, as_bytes, read_frame, send_frame, text_spec
 
 KEY = b"k" * 32
 OTHER = b"x" * 32
@@ -239,3 +239,117 @@ def test_worker_is_still_healthy_after_fuzzing(worker):
     time.sleep(0.1)
     assert_serving(proc, address)
     assert vm_hwm(proc.pid) < 200 << 20
+
+
+# -- every frame after the handshake is authenticated ------------------------------------------
+
+
+def channels():
+    """Both ends of an authenticated connection (a real handshake over a socket pair)."""
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    out = [None, None]
+
+    def side(i, sock, initiator):
+        out[i] = handshake(sock, KEY, role="launcher" if initiator else "worker", ident=str(i),
+                           initiator=initiator).channel
+    threads = [threading.Thread(target=side, args=(0, a, True)), threading.Thread(target=side, args=(1, b, False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return out
+
+
+def tampered(frames, flip):
+    """The bytes a channel writes for ``frames`` (arrays), with byte ``flip``
+    (an offset into that stream) changed on the way."""
+    sender, receiver = channels()
+    raw = []
+    with sender.sock, receiver.sock:
+        for array in frames:
+            send_frame(sender, Kind.METRICS, 1, 0, array)
+        sender.sock.shutdown(socket.SHUT_WR)
+        while chunk := receiver.sock.recv(1 << 16):
+            raw.append(chunk)
+    data = bytearray(b"".join(raw))
+    if flip is not None:
+        data[flip] ^= 0x01
+    return bytes(data), receiver
+
+
+def read_all(data, receiver, n):
+    """Feed ``data`` to ``receiver``'s side and read ``n`` frames."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(data)
+        a.shutdown(socket.SHUT_WR)
+        receiver.sock = b
+        return [read_frame(receiver, lambda kind, step, tensor: text_spec(1 << 16)) for _ in range(n)]
+
+
+FRAMES = [as_bytes({"step": i, "loss": 1.5 * i}) for i in range(3)]
+
+
+def test_authenticated_frames_arrive_intact():
+    data, receiver = tampered(FRAMES, None)
+    got = read_all(data, receiver, 3)
+    assert [f.json() for f in got] == [{"step": i, "loss": 1.5 * i} for i in range(3)]
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "tag"])
+def test_a_flipped_byte_after_the_handshake_is_refused(where):
+    """One byte of the second frame changed on the way: the first frame
+    passes, the second is refused before anything reads it."""
+    first = 40 + len(FRAMES[0]) + 16
+    offset = {"header": first + 9, "payload": first + 40 + 3, "tag": first + 40 + len(FRAMES[1]) + 5}[where]
+    data, receiver = tampered(FRAMES, offset)
+    with pytest.raises(FrameError, match="failed authentication|frame|shape|claims"):
+        read_all(data, receiver, 3)
+    data, receiver = tampered(FRAMES, offset)
+    assert read_all(data, receiver, 1)[0].json() == {"step": 0, "loss": 0.0}
+
+
+def test_a_replayed_or_reordered_frame_is_refused():
+    data, receiver = tampered(FRAMES, None)
+    size = 40 + len(FRAMES[0]) + 16
+    replay = data[:size] + data[:size]  # the first frame twice
+    with pytest.raises(FrameError, match="failed authentication"):
+        read_all(replay, receiver, 2)
+    data, receiver = tampered(FRAMES[:2], None)
+    second = data[size:]
+    with pytest.raises(FrameError, match="failed authentication"):
+        read_all(second + data[:size], receiver, 1)  # the second frame first
+
+
+def test_a_reflected_frame_is_refused():
+    """A frame sent back to its sender does not verify: each direction has its own key."""
+    sender, receiver = channels()
+    with sender.sock, receiver.sock:
+        send_frame(sender, Kind.METRICS, 1, 0, FRAMES[0])
+        raw = receiver.sock.recv(1 << 16)
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(raw)
+            sender.sock = b
+            with pytest.raises(FrameError, match="failed authentication"):
+                read_frame(sender, lambda kind, step, tensor: text_spec(1 << 16))
+
+
+def test_a_tampered_frame_stops_the_job_with_one_line_naming_the_peer():
+    """Over a Link (a device's connection in use): the fault names the peer."""
+    from tilec_runtime.transport import Link, Mailbox
+    data, receiver = tampered(FRAMES, 40 + len(FRAMES[0]) + 16 + 45)
+    a, b = socket.socketpair()
+    mailbox = Mailbox()
+    with a:
+        a.sendall(data)
+        receiver.sock = b
+        link = Link(receiver, 3, mailbox, lambda kind, step, tensor: text_spec(1 << 16))
+        deadline = time.monotonic() + 10
+        while mailbox.fault is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        link.close(0.5)
+    assert mailbox.fault is not None and mailbox.fault.peer == 3
+    assert "sent an invalid frame" in mailbox.fault.reason and "\n" not in mailbox.fault.reason

@@ -100,6 +100,28 @@ def converges(losses):
     return max(losses) < 10 * losses[0]
 
 
+def well_conditioned(program, params, buffers, batches, steps, tol=1e-11):
+    """Whether the reference itself gives the same training (to ``tol``)
+    from parameters changed by rounding-sized amounts (a relative 1e-15).
+
+    Some random stacks are ill-conditioned in exact arithmetic: a ReLU that
+    kills a layer leaves the next batch norm a constant map, which it
+    divides by sqrt(eps), and a kink decides the branch; there, any two
+    correct implementations differ by far more than their rounding, and the
+    example says nothing about either. Such examples are discarded."""
+    nudged = {k: v * (1 + 1e-15) for k, v in params.items()}
+    a, b = one_device(program, params, buffers, batches, steps), one_device(program, nudged, buffers, batches, steps)
+    if not np.allclose(a[0], b[0], rtol=tol, atol=0):
+        return False
+    return all(rel_err(a[1][k], b[1][k], FLOOR) < tol for k in a[1])
+
+
+def well_conditioned_case(case, steps=3, seed=7):
+    program, _, _, batch, _ = case
+    params, buffers = weights.init_params(program, seed, "float64")
+    return well_conditioned(program, params, buffers, data.generated_batches(program, batch, seed, "float64"), steps)
+
+
 def run_case(program, choices, n_dev, batch, recompute=(), *, dtype, steps=3, seed=7):
     """Train with the plan and on one device; ``recompute[g]`` makes group g
     keep only its input and recompute its activations in backward."""
@@ -117,7 +139,7 @@ def run_case(program, choices, n_dev, batch, recompute=(), *, dtype, steps=3, se
 @given(tiled_cases())
 def test_tiled_float64_equals_one_device(case):
     got, want = run_case(*case, dtype="float64")
-    assume(converges(want[0]))
+    assume(converges(want[0]) and well_conditioned_case(case))
     assert_same(got, want, 1e-10, FLOOR)
 
 
