@@ -61,7 +61,7 @@ def test_the_module_renders_for_every_dtype_set(dtypes):
         for fn in ("conv_forward", "bn_act", "act_grad", "pool_forward", "pool_backward"):
             assert f"cdef void {fn}_core_{sfx}(" in source
             assert f"def {fn}_{sfx}(" in source
-        assert f"cdef void conv_backward_band_{sfx}(" in source and f"def conv_backward_{sfx}(" in source
+        assert f"cdef void conv_backward_rows_{sfx}(" in source and f"def conv_backward_{sfx}(" in source
     assert source.count("noexcept nogil") >= 8 * len(dtypes)
     assert render.render_module(dtypes) == (name, source)  # deterministic
 

@@ -103,7 +103,7 @@ def _stack(c, f, k, hw, pool, dx):
     return m.build().to_program()
 
 
-def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx):
+def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx, threads=1):
     """A TileStep of one conv unit (BN, leaky, optionally a fused 2x2 pool)
     whose group starts after a cheap layer when ``dx`` (so that backward
     computes the input gradient, as every group but the first does)."""
@@ -118,7 +118,7 @@ def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx):
     groups.append(GroupChoice(first, last, [0, h], [0, w], [0]))
     plan = build_plan(program, groups, model="profile", batch=b, dtype=dtype, devices=["d"],
                       optimizer={"lr": 0.0, "momentum": 0.0, "decay": 0.0})
-    spec = lower_rank(plan, 0)[len(groups) - 1]
+    spec = lower_rank(plan, 0, threads)[len(groups) - 1]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, *spec["input"])).astype(dtype)
     step = TileStep(spec, kernels, dtype, x)
@@ -197,7 +197,7 @@ def _samples(quick, dtype, min_time, kernels):
 def thread_speedups(kernels, dtype, cores, min_time):
     """{kind: [speed-up on 1, 2, ... cores threads]} of the tiled kernels."""
     from tilec_runtime.fused import TileStep  # noqa: F401 (the kernels are what _conv_tile runs)
-    step, layer, program, params, buffers, acc = _conv_tile(kernels, dtype, *THREAD_SHAPE, dx=True)
+    step, layer, program, params, buffers, acc = _conv_tile(kernels, dtype, *THREAD_SHAPE, dx=True, threads=cores)
     step.conv_fwd(0, params)
     step.epi_fwd(0, params, buffers)
     rng = np.random.default_rng(1)
