@@ -18,7 +18,7 @@ def test_every_shipped_profile_loads_and_cites_its_sources():
     for name in shipped_names():
         prof = load_profile(name)
         raw = prof.raw
-        for key in ("memory_mb", "link.bandwidth_mbps", "link.latency_ms", "kernels.conv", "multicore_speedup"):
+        for key in ("memory_mb", "link.bandwidth_mbps", "link.latency_ms", "kernels.conv", "threads.conv"):
             assert raw["sources"].get(key), f"{name}: no source for {key}"
         assert 0 < prof.memory_bytes and prof.bandwidth_bps > 0
         for kind in KERNEL_KINDS:
