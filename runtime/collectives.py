@@ -38,12 +38,12 @@ def ring_chunks(shape, parts):
     return [b[i + 1] - b[i] for i in range(parts)]
 
 
-def ring_allreduce(comm, tag, array, members, inplace=False):
+def ring_allreduce(comm, tag, array, members, inplace=False, labels=("rs", "ag")):
     """Sum of ``array`` over ``members`` (sorted ranks, this one included);
     with ``inplace`` the sum overwrites ``array`` (C-contiguous).
 
-    Tags of the chunk messages: ``(step, "rs" | "ag", key, chunk)`` for a
-    ``tag`` of ``(step, "g", key)``.
+    Tags of the chunk messages: ``(step, labels[0] | labels[1], key, chunk)``
+    for a ``tag`` of ``(step, _, key)``.
     """
     n = len(members)
     if n == 1:
@@ -61,9 +61,9 @@ def ring_allreduce(comm, tag, array, members, inplace=False):
     # came before) and add the predecessor's partial of chunk p - s - 1.
     # After n - 1 rounds this member holds the full sum of chunk p + 1.
     for s in range(n - 1):
-        comm.send(succ, (step, "rs", key, (p - s) % n), chunk((p - s) % n))
+        comm.send(succ, (step, labels[0], key, (p - s) % n), chunk((p - s) % n))
         c = (p - s - 1) % n
-        chunk(c)[...] += comm.recv(pred, (step, "rs", key, c))
+        chunk(c)[...] += comm.recv(pred, (step, labels[0], key, c))
     # All-gather: pass each finished chunk on around the ring. A chunk sent
     # above is overwritten here only after it has gone round the whole ring
     # (the predecessor could not have finished it otherwise), so the queued
@@ -72,9 +72,9 @@ def ring_allreduce(comm, tag, array, members, inplace=False):
     # once they have left.
     sent = []
     for s in range(n - 1):
-        sent.append(comm.send(succ, (step, "ag", key, (p + 1 - s) % n), chunk((p + 1 - s) % n)))
+        sent.append(comm.send(succ, (step, labels[1], key, (p + 1 - s) % n), chunk((p + 1 - s) % n)))
         c = (p - s) % n
-        chunk(c)[...] = comm.recv(pred, (step, "ag", key, c))
+        chunk(c)[...] = comm.recv(pred, (step, labels[1], key, c))
     for handle in sent:
         handle.wait(comm.timeout)
     return flat.reshape(array.shape)

@@ -29,27 +29,56 @@ import time
 
 import numpy as np
 
-from tilec_runtime import ops, reference
+from tilec_runtime import ops, shards
 from tilec_runtime.blas_threads import limit_blas_threads
-from tilec_runtime.collectives import GradientReducer
+from tilec_runtime.collectives import GradientReducer, gather_allreduce, ring_allreduce, use_ring
 from tilec_runtime.fused import TileStep
 from tilec_runtime.geometry import Region
 from tilec_runtime.kernel_set import Kernels
 from tilec_runtime.lower import lower_rank
 from tilec_runtime.program import buffer_shapes, decays, param_shapes
+from tilec_runtime.tailstep import ChannelGroup, WholeGroup
+
+
+def holdings(plan, rank):
+    """({param key: slice or None}, {buffer key: slice or None}) that
+    ``rank`` holds: every parameter and running statistic of the layers it
+    computes, whole (None) or, in a group split by channels, its slice
+    ``(axis, start, stop)`` (``tilec_runtime.shards``)."""
+    program = plan["program"]
+    params, buffers = {}, {}
+    for group in plan["groups"]:
+        members = sorted(t["device"] for t in group["tiles"])
+        if rank not in members:
+            continue
+        first, last = group["layers"]
+        cut = {}
+        if group.get("mode") == "channels":
+            m = members.index(rank)
+            cut = {key: (axis, b[m], b[m + 1])
+                   for key, (axis, b) in shards.param_slices(program, first, last, len(members)).items()}
+        for i in range(first, last + 1):
+            for key in param_shapes(program[i]):
+                params[key] = cut.get(key)
+            for key in buffer_shapes(program[i]):
+                buffers[key] = cut.get(key)
+    return dict(sorted(params.items())), dict(sorted(buffers.items()))
 
 
 def rank_keys(plan, rank):
     """(parameter keys, buffer keys) of the layers ``rank`` computes."""
-    layers = set()
-    for group in plan["groups"]:
-        if any(t["device"] == rank for t in group["tiles"]):
-            first, last = group["layers"]
-            layers.update(range(first, last + 1))
-    program = plan["program"]
-    params = sorted(k for i in layers for k in param_shapes(program[i]))
-    buffers = sorted(k for i in layers for k in buffer_shapes(program[i]))
-    return params, buffers
+    params, buffers = holdings(plan, rank)
+    return list(params), list(buffers)
+
+
+def cut(array, piece):
+    """``array``'s slice ``piece`` = (axis, start, stop), or all of it (None)."""
+    if piece is None:
+        return array
+    axis, start, stop = piece
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
 
 
 def momentum_holders(plan, rank):
@@ -85,13 +114,14 @@ class RankExecutor:
         limit_blas_threads(1)
         self.module = module
         self.ops = plan["schedule"][rank]
-        keys, buffer_keys = rank_keys(plan, rank)
-        missing = [k for k in keys if k not in params] + [k for k in buffer_keys if k not in buffers]
+        self.pieces, self.buffer_pieces = holdings(plan, rank)
+        missing = [k for k in self.pieces if k not in params] + [k for k in self.buffer_pieces if k not in buffers]
         if missing:
             raise KeyError(f"device {rank} lacks {missing[0]!r} (and {len(missing) - 1} more)" if len(missing) > 1
                            else f"device {rank} lacks {missing[0]!r}")
-        self.params = {k: np.ascontiguousarray(params[k], dt) for k in keys}
-        self.buffers = {k: np.ascontiguousarray(buffers[k], dt) for k in buffer_keys}
+        # what it is given is what it holds: its slices of split layers, whole arrays of the rest
+        self.params = {k: np.array(params[k], dt) for k in self.pieces}
+        self.buffers = {k: np.array(buffers[k], dt) for k in self.buffer_pieces}
         self.acc = {k: (np.array(momentum[k], dt) if momentum and k in momentum else np.zeros_like(p))
                     for k, p in self.params.items()}
         self.holds_momentum = set(momentum_holders(plan, rank))
@@ -135,26 +165,23 @@ class RankExecutor:
                 self.grad_out[g] = np.zeros_like(step.grad_output)
 
     def _tail(self, plan, rank):
-        tail = next((g for g, group in enumerate(plan["groups"])
-                     if group["kind"] == "tail" and any(t["device"] == rank for t in group["tiles"])), None)
-        self.tail_group = tail
-        self.tail_inputs, self.tail_grads, self.tail_state = {}, {}, None
-        if tail is None:
-            return
-        first, last = plan["groups"][tail]["layers"]
-        self.tail_layers = self.program[first:last + 1]
-        reads = sorted({j for layer in self.tail_layers for j in layer["inputs"] if j < first})
-        for t in reads:
-            shape = self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"]
-            self.tail_inputs[t] = np.zeros((self.batch, *shape), self.dtype)
-        only = self.tail_layers[0] if len(self.tail_layers) == 1 else None
-        # a sum-of-squares cost on the last tiled layer: the kernels' own, allocation-free
-        self.native_cost = (only is not None and only["kind"] == "cost" and only["inputs"] == [first - 1]
-                            and first > 0)
-        if self.native_cost:
-            self.tail_grads[first - 1] = np.zeros_like(self.tail_inputs[first - 1])
+        """The tail groups ``rank`` is a member of: whole, or split by channels."""
         from tilec_runtime.genops import GeneratedOps
-        self.tail_kernels = GeneratedOps(self.module)
+        self.tails, self.tail_of = {}, {}
+        kernels = GeneratedOps(self.module)
+        for g, group in enumerate(plan["groups"]):
+            members = sorted(t["device"] for t in group["tiles"])
+            if group["kind"] != "tail" or rank not in members:
+                continue
+            first, last = group["layers"]
+            if group.get("mode") == "channels":
+                step = ChannelGroup(self.program, first, last, self.batch, self.dtype, kernels, members.index(rank),
+                                    len(members))
+            else:
+                step = WholeGroup(self.program, first, last, self.batch, self.dtype, kernels, self.k)
+            self.tails[g] = step
+            for t in range(first, last + 1):
+                self.tail_of[t] = g
 
     def _messages(self, plan, rank):
         """Staging buffers of the messages to peers, and when each message to
@@ -165,40 +192,57 @@ class RankExecutor:
                 continue
             if m["sender"] == m["receiver"]:
                 t = m["tensor"]
-                if m["phase"] == "backward" and t != plan["groups"][self.producer[t]]["layers"][1]:
+                if m["phase"] == "backward" and (t in self.tail_of or
+                                                 t != plan["groups"][self.producer[t]]["layers"][1]):
                     self.copy_at_recv.add(k)
             elif m["sender"] == rank:
                 t = m["tensor"]
                 c = (self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"])[0]
+                if "channels" in m:
+                    c = m["channels"][1] - m["channels"][0] + 1
                 box = Region.of((m["rows"], m["cols"]))
                 self.staging[k] = np.empty((self.batch, c, box.height, box.width), self.dtype)
 
     def _source(self, m, images):
-        """(array, the region it covers) that message ``m`` is cut from on its sender."""
+        """(array, the region it covers, its first channel) that message ``m`` is cut from on its sender."""
         t, g = m["tensor"], m["group"]
         if m["phase"] == "forward":
             if t == -1:
-                return images, Region.whole(*images.shape[2:])
+                return images, Region.whole(*images.shape[2:]), 0
+            if t in self.tail_of:
+                array, base = self.tails[self.tail_of[t]].output(t)
+                return array, Region.whole(*array.shape[2:]), base
             p = self.producer[t]
-            return self.tiles[p].output_of(t), self.regions[p][t]
-        if g == self.tail_group:
-            grad = self.tail_grads[t]
-            return grad, Region.whole(*grad.shape[2:])
-        return self.tiles[g].grad_input, self.regions[g]["input"]
+            return self.tiles[p].output_of(t), self.regions[p][t], 0
+        if g in self.tails:
+            grad, base = self.tails[g].grad_out(t)
+            return grad, Region.whole(*grad.shape[2:]), base
+        return self.tiles[g].grad_input, self.regions[g]["input"], 0
 
     def _destination(self, m):
-        """(array, region it covers, add) where message ``m`` lands on its receiver."""
+        """(array, region it covers, its first channel, add) where message ``m`` lands on its receiver."""
         t, g = m["tensor"], m["group"]
         if m["phase"] == "forward":
-            if g == self.tail_group:
-                buf = self.tail_inputs[t]
-                return buf, Region.whole(*buf.shape[2:]), False
-            return self.tiles[g].x, self.regions[g]["input"], False
+            if g in self.tails:
+                buf = self.tails[g].inputs[t]
+                return buf, Region.whole(*buf.shape[2:]), 0, False
+            return self.tiles[g].x, self.regions[g]["input"], 0, False
+        if t in self.tail_of:
+            buf, base = self.tails[self.tail_of[t]].grad_in(t)
+            return buf, Region.whole(*buf.shape[2:]), base, True
         p = self.producer[t]
         step = self.tiles[p]
         last = t == self.plan["groups"][p]["layers"][1]
         buf = self.grad_out[p] if last and p in self.grad_out else step.grad_of(t)
-        return buf, self.regions[p][t], True
+        return buf, self.regions[p][t], 0, True
+
+    @staticmethod
+    def _piece(array, base, m):
+        """The view of message ``m``'s rectangle (and channels) in ``array``, whose channels start at ``base``."""
+        rs, cs = Region.of((m["rows"], m["cols"])).within(base[0])
+        chans = m.get("channels")
+        cs_ = slice(None) if chans is None else slice(chans[0] - base[1], chans[1] - base[1] + 1)
+        return array[:, cs_, rs, cs]
 
     # -- a step --------------------------------------------------------------------
 
@@ -213,7 +257,9 @@ class RankExecutor:
                "epi_fwd": self._epi_fwd, "pool_fwd": self._pool_fwd, "recompute": self._recompute,
                "grad_zero": self._grad_zero, "epi_bwd": self._epi_bwd, "bn_grad": self._bn_grad,
                "conv_bwd": self._conv_bwd, "pool_bwd": self._pool_bwd, "tail_fwd": self._tail_fwd,
-               "tail_bwd": self._tail_bwd, "grad_start": self._grad_start, "grad_wait": self._grad_wait}
+               "tail_bwd": self._tail_bwd, "grad_start": self._grad_start, "grad_wait": self._grad_wait,
+               "chan_fwd": self._chan_fwd, "chan_reduce": self._chan_reduce, "chan_post": self._chan_post,
+               "chan_post_bwd": self._chan_post_bwd, "chan_bwd": self._chan_bwd}
         events = self.events
         for op in self.ops:
             if events is None:
@@ -231,12 +277,12 @@ class RankExecutor:
             if op["msg"] not in self.copy_at_recv:
                 self._local(m)
             return
-        src, base = self._source(m, self.images)
+        src, region, base = self._source(m, self.images)
         stage = self.staging[op["msg"]]
         previous = self.sent.get(op["msg"])
         if previous is not None:
             previous.wait(self.comm.timeout)  # last step's copy has left
-        np.copyto(stage, Region.of((m["rows"], m["cols"])).view(src, base))
+        np.copyto(stage, self._piece(src, (region, base), m))
         self.sent[op["msg"]] = self.comm.send(m["receiver"], (self.step_no, "m", op["msg"]), stage)
 
     def _recv(self, op):
@@ -248,12 +294,12 @@ class RankExecutor:
         self._land(m, self.comm.recv(m["sender"], (self.step_no, "m", op["msg"])))
 
     def _local(self, m):
-        src, base = self._source(m, self.images)
-        self._land(m, Region.of((m["rows"], m["cols"])).view(src, base))
+        src, region, base = self._source(m, self.images)
+        self._land(m, self._piece(src, (region, base), m))
 
     def _land(self, m, piece):
-        dst, base, add = self._destination(m)
-        view = Region.of((m["rows"], m["cols"])).view(dst, base)
+        dst, region, base, add = self._destination(m)
+        view = self._piece(dst, (region, base), m)
         if add:
             view += piece
         else:
@@ -295,6 +341,8 @@ class RankExecutor:
                 a.fill(0)
         for g, step in self.tiles.items():
             (self.grad_out[g] if g in self.grad_out else step.grad_output).fill(0)
+        for tail in self.tails.values():
+            tail.start_backward()
 
     def _epi_bwd(self, op):
         self.tiles[op["group"]].epi_bwd(op["unit"], self.params)
@@ -313,33 +361,39 @@ class RankExecutor:
         self.tiles[op["group"]].pool_bwd(op["unit"])
 
     def _tail_fwd(self, op):
-        first = self.tail_layers[0]["index"]
-        if self.native_cost:
-            x = self.tail_inputs[first - 1]
-            t = np.ascontiguousarray(self.target, self.dtype)
-            self.loss = self.k.sse(x.reshape(-1), t.reshape(-1), self.tail_grads[first - 1].reshape(-1), self.batch)
-            return
-        acts = dict(self.tail_inputs)
-        self.loss, cache = reference.forward_layers(self.tail_layers, self.params, self.buffers, acts, self.target,
-                                                    train=True, kernels=self.tail_kernels)
-        self.tail_state = (acts, cache)
+        loss = self.tails[op["group"]].forward(self.params, self.buffers, self.target)
+        if loss is not None:
+            self.loss = loss
 
     def _tail_bwd(self, op):
-        if self.native_cost:
-            return  # sse wrote the gradient with the loss
-        acts, cache = self.tail_state
-        grads, dout = reference.backward_layers(self.tail_layers, self.params, acts, cache, kernels=self.tail_kernels)
-        for key, g in grads.items():
-            self.acc[key] += g
-        for t in self.tail_inputs:
-            if t < 0:
-                continue
-            grad = dout.get(t)
-            if grad is not None:
-                self.tail_grads[t] = grad
-            elif t not in self.tail_grads:
-                self.tail_grads[t] = np.zeros_like(self.tail_inputs[t])
-        self.tail_state = None
+        self.tails[op["group"]].backward(self.params, self.acc)
+
+    def _chan_fwd(self, op):
+        self.tails[op["group"]].forward(op["layer"], self.params, self.buffers)
+
+    def _chan_post(self, op):
+        self.tails[op["group"]].post(op["layer"], self.params, self.buffers)
+
+    def _chan_post_bwd(self, op):
+        self.tails[op["group"]].post_backward(op["layer"], self.params, self.acc)
+
+    def _chan_bwd(self, op):
+        self.tails[op["group"]].backward(op["layer"], self.params, self.acc)
+
+    def _chan_reduce(self, op):
+        """All-reduce a B layer's partial sums (forward) or an A layer's partial input gradient (backward)."""
+        tail, i = self.tails[op["group"]], op["layer"]
+        forward = op["phase"] == "forward"
+        array = tail.reduced(i) if forward else tail.reduced_grad(i)
+        members = self._members(op["group"])
+        ident = shards.reduce_id(i, forward)
+        if use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"]):
+            ring_allreduce(self.comm, (self.step_no, "c", ident), array, members, inplace=True,
+                           labels=("crs", "cag"))
+        else:
+            gather_allreduce(self.comm, (self.step_no, "c", ident), array, members)
+        if not forward:
+            tail.reduced_grad_done(i)
 
     def _grad_start(self, op):
         bucket = self.plan["buckets"][op["bucket"]]

@@ -9,29 +9,45 @@ import threading
 import time
 
 from tilec_runtime.comm import InProcessHub, PeerLost
-from tilec_runtime.executor import RankExecutor, rank_keys
+import numpy as np
+
+from tilec_runtime.executor import RankExecutor, cut, holdings
+from tilec_runtime.program import buffer_shapes, param_shapes
 
 
 def make_executors(plan, comms, module, params, buffers, momentum=None, threads=None, trace=False):
-    """A ``RankExecutor`` per rank, each with its own copies of what it holds."""
+    """A ``RankExecutor`` per rank, each with its own copies of what it holds
+    (its slices of the layers split by channels)."""
     out = []
     for r, comm in enumerate(comms):
-        keys, bkeys = rank_keys(plan, r)
-        out.append(RankExecutor(plan, r, comm, module, {k: params[k].copy() for k in keys},
-                                {k: buffers[k].copy() for k in bkeys},
-                                {k: momentum[k] for k in keys if k in momentum} if momentum else None,
+        pieces, bpieces = holdings(plan, r)
+        out.append(RankExecutor(plan, r, comm, module, {k: cut(params[k], p).copy() for k, p in pieces.items()},
+                                {k: cut(buffers[k], p).copy() for k, p in bpieces.items()},
+                                {k: cut(momentum[k], p).copy() for k, p in pieces.items() if k in momentum}
+                                if momentum else None,
                                 threads=threads, trace=trace))
     return out
 
 
 def gather_state(executors):
-    """Parameters, buffers and momentum of the whole model, each taken from
-    the lowest rank that holds it (replicas are bit-identical)."""
+    """Parameters, buffers and momentum of the whole model: whole arrays
+    from the lowest rank that holds them (replicas are bit-identical), and
+    the layers split by channels from their members' slices."""
+    plan = executors[0].plan
+    shapes = {k: s for layer in plan["program"] for k, s in param_shapes(layer).items()}
+    shapes.update({k: s for layer in plan["program"] for k, s in buffer_shapes(layer).items()})
     params, buffers, momentum = {}, {}, {}
     for ex in reversed(executors):
-        params.update(ex.params)
-        buffers.update(ex.buffers)
-        momentum.update(ex.velocity)
+        for out, arrays, held in ((params, ex.params, ex.pieces), (buffers, ex.buffers, ex.buffer_pieces),
+                                  (momentum, ex.velocity, ex.pieces)):
+            for key, array in arrays.items():
+                if held[key] is None:
+                    out[key] = array
+                else:
+                    whole = out.get(key)
+                    if whole is None or whole.shape != tuple(shapes[key]):
+                        whole = out[key] = np.zeros(shapes[key], array.dtype)
+                    cut(whole, held[key])[...] = array
     return params, buffers, momentum
 
 

@@ -22,10 +22,11 @@ import numpy as np
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.errors import RuntimeFault
+from tilec_runtime.executor import cut
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
 from tilec_runtime.worker import (BUILD_TIMEOUT, LISTENING, MAX_METRICS_BYTES, SETUP_TIMEOUT, has_momentum,
-                                  holdings, owned, state_spec, state_steps, state_table)
+                                  holdings, owned, pieces, state_spec, state_steps, state_table)
 
 
 class JobFailed(PeerLost):
@@ -120,12 +121,13 @@ class Job:
                     "first_step": first_step, "steps": steps, "timeout": self.timeout, "state_every": state_every,
                     "momentum": send_momentum, "kernels": kernels, "threads": threads, "trace": bool(trace),
                     "lr": [[int(a), float(b)] for a, b in (lr or [])], "plan": plan}))
+                held = pieces(plan, r)
                 for index in holdings(plan, r, send_momentum):
                     section, key, shape = self.table[index]
                     array = sections[section].get(key)
                     if array is None:  # no velocity yet: zero is the same to SGD
                         array = np.zeros(shape, plan["dtype"])
-                    send_frame(sock, Kind.STATE, 0, index, np.asarray(array, plan["dtype"]))
+                    send_frame(sock, Kind.STATE, 0, index, np.ascontiguousarray(cut(array, held[index]), plan["dtype"]))
         for r, sock in enumerate(self.socks):
             with self.blame(r, " while getting ready"):
                 sock.settimeout(BUILD_TIMEOUT)  # it may build the kernels first
@@ -165,7 +167,7 @@ class Job:
             if kind == Kind.METRICS and tensor == 0 and self.first <= step < self.done_step:
                 spec = text_spec(MAX_METRICS_BYTES)
             elif kind == Kind.STATE and tensor in mine and step in self.reports:
-                spec = state_spec(self.plan, tensor)
+                spec = state_spec(self.plan, tensor, rank)
             elif kind == Kind.DONE and step == self.done_step and tensor == 0:
                 spec = EMPTY
             elif kind == Kind.ERROR:
@@ -249,9 +251,15 @@ class Job:
         """(params, buffers, momentum) reported after ``done`` steps."""
         out = {"param": {}, "buffer": {}, "momentum": {}}
         for r in range(self.n):
+            held = pieces(self.plan, r)
             for index in self.owned[r]:
-                section, key, _ = self.table[index]
-                out[section][key] = self.wait(r, Kind.STATE, done, index)
+                section, key, shape = self.table[index]
+                array = self.wait(r, Kind.STATE, done, index)
+                if held[index] is None:
+                    out[section][key] = array
+                else:  # a slice of a layer split by channels: the members' slices make the whole
+                    whole = out[section].setdefault(key, np.zeros(shape, self.plan["dtype"]))
+                    cut(whole, held[index])[...] = array
         return out["param"], out["buffer"], out["momentum"]
 
     def abort(self, message):

@@ -85,6 +85,10 @@ def validate(plan):
                 out = program[last]["out_shape"]
                 _range(tile["rows"], out[1], f"group {g} tile {t} rows")
                 _range(tile["cols"], out[2], f"group {g} tile {t} cols")
+        if group["kind"] == "tail":
+            _check_tail(program, g, group)
+        elif group["kind"] != "tiled":
+            raise ProgramError(f"group {g}: unknown kind {group['kind']!r}")
     if covered != len(program):
         raise ProgramError(f"groups cover layers 0..{covered - 1} of {len(program)}")
     for r, device in enumerate(plan["devices"]):
@@ -96,6 +100,20 @@ def validate(plan):
     _check_buckets(plan)
     _check_schedule(plan)
     return plan
+
+
+def _check_tail(program, g, group):
+    mode = group.get("mode")
+    if mode == "one":
+        if len(group["tiles"]) != 1:
+            raise ProgramError(f"group {g}: a tail group on one device has {len(group['tiles'])} devices")
+    elif mode == "channels":
+        from tilec_runtime import shards
+        problem = shards.check(program, *group["layers"], len(group["tiles"]))
+        if problem:
+            raise ProgramError(f"group {g}: cannot be split by channels: {problem}")
+    else:
+        raise ProgramError(f"group {g}: bad tail mode {mode!r}")
 
 
 def _shape_of(program, tensor):
@@ -116,7 +134,9 @@ def _check_messages(plan):
         t = m.get("tensor")
         if not isinstance(t, int) or not -1 <= t < len(program) or (t == -1 and m["phase"] != "forward"):
             raise ProgramError(f"{where}: bad tensor {t!r}")
-        _, h, w = _shape_of(program, t)
+        c, h, w = _shape_of(program, t)
+        if "channels" in m:
+            _range(m["channels"], c, f"{where} channels")
         _range(m.get("rows"), h, f"{where} rows")
         _range(m.get("cols"), w, f"{where} cols")
 
@@ -142,7 +162,30 @@ OPS = {"send": ("msg",), "recv": ("msg",), "conv_fwd": ("group", "unit"), "epi_f
        "pool_fwd": ("group", "unit"), "bn_stats": ("group", "unit", "layer"), "recompute": ("group",),
        "grad_zero": (), "epi_bwd": ("group", "unit"), "bn_grad": ("group", "unit", "layer"),
        "conv_bwd": ("group", "unit"), "pool_bwd": ("group", "unit"), "tail_fwd": ("group",),
-       "tail_bwd": ("group",), "grad_start": ("bucket",), "grad_wait": ()}
+       "tail_bwd": ("group",), "grad_start": ("bucket",), "grad_wait": (), "chan_fwd": ("group", "layer"),
+       "chan_reduce": ("group", "layer"), "chan_post": ("group", "layer"), "chan_post_bwd": ("group", "layer"),
+       "chan_bwd": ("group", "layer")}
+# which groups an op works on: tiled, a tail group on one device, one split by channels
+OP_GROUPS = {**{k: "tiled" for k in ("conv_fwd", "epi_fwd", "pool_fwd", "bn_stats", "recompute", "epi_bwd",
+                                     "bn_grad", "conv_bwd", "pool_bwd")},
+             "tail_fwd": "one", "tail_bwd": "one",
+             **{k: "channels" for k in ("chan_fwd", "chan_reduce", "chan_post", "chan_post_bwd", "chan_bwd")}}
+
+
+CHAN_ROLES = {("chan_reduce", "forward"): "B", ("chan_reduce", "backward"): "A", ("chan_post", None): "B",
+              ("chan_post_bwd", None): "B"}
+
+
+def _check_role(program, group, op, where):
+    """A channel all-reduce or post-op names a layer of the role it needs."""
+    from tilec_runtime import shards
+    phase = op.get("phase") if op["op"] == "chan_reduce" else None
+    want = CHAN_ROLES.get((op["op"], phase))
+    if want is None:
+        raise ProgramError(f"{where}: bad phase {phase!r}")
+    role = shards.roles(program, *group["layers"])[op["layer"]]
+    if role != want:
+        raise ProgramError(f"{where}: {op['op']} needs a layer split as {want}, layer {op['layer']} is {role}")
 
 
 def _check_schedule(plan):
@@ -177,8 +220,12 @@ def _check_schedule(plan):
                 g = op["group"]
                 if not 0 <= g < len(groups) or all(t["device"] != r for t in groups[g]["tiles"]):
                     raise ProgramError(f"{where}: device {r} has no tile in group {g}")
-                if (groups[g]["kind"] == "tail") != kind.startswith("tail"):
-                    raise ProgramError(f"{where}: {kind} on a {groups[g]['kind']} group")
+                if groups[g].get("mode", groups[g]["kind"]) != OP_GROUPS[kind]:
+                    raise ProgramError(f"{where}: {kind} on a {groups[g].get('mode', groups[g]['kind'])} group")
+                if "layer" in OPS[kind] and not groups[g]["layers"][0] <= op["layer"] <= groups[g]["layers"][1]:
+                    raise ProgramError(f"{where}: layer {op['layer']} is not in group {g}")
+                if kind in ("chan_reduce", "chan_post", "chan_post_bwd"):
+                    _check_role(program, groups[g], op, where)
                 if "unit" in OPS[kind] and not 0 <= op["unit"] < n_units[g]:
                     raise ProgramError(f"{where}: group {g} has no unit {op['unit']}")
                 rows = op.get("rows")

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from tilec_runtime import collectives
+from tilec_runtime import collectives, shards
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import Comm, PeerLost, Sent
 from tilec_runtime.errors import ProgramError
@@ -32,7 +32,7 @@ LAUNCHER = -1  # the peer id of the launcher's connection in a worker's mailbox
 MAX_GROUPS = 1 << 15
 MAX_MEMBERS = 1 << 8
 _PHASE = {"f": Kind.FWD, "b": Kind.BWD, "bn": Kind.BN, "bng": Kind.BNG, "g": Kind.GRAD,
-          "rs": Kind.RING_RS, "ag": Kind.RING_AG}
+          "rs": Kind.RING_RS, "ag": Kind.RING_AG, "c": Kind.CHAN, "crs": Kind.CHAN_RS, "cag": Kind.CHAN_AG}
 
 
 def param_index(program):
@@ -64,6 +64,8 @@ def frame_table(plan, rank):
             if m["sender"] == rank:
                 continue
             channels = _tensor_shape(program, m["tensor"])[0]
+            if "channels" in m:
+                channels = m["channels"][1] - m["channels"][0] + 1
             shape = (batch, channels, m["rows"][1] - m["rows"][0] + 1, m["cols"][1] - m["cols"][0] + 1)
             table[(m["sender"], Kind.FWD if m["phase"] == "forward" else Kind.BWD, op["msg"])] = Spec(dtype, shape)
         elif kind in ("bn_stats", "bn_grad"):
@@ -72,6 +74,25 @@ def frame_table(plan, rank):
             for d in sorted(t["device"] for t in groups[op["group"]]["tiles"]):
                 if d != rank:
                     table[(d, Kind.BN if kind == "bn_stats" else Kind.BNG, op["layer"])] = spec
+        elif kind == "chan_reduce":
+            members = sorted(t["device"] for t in groups[op["group"]]["tiles"])
+            layer = program[op["layer"]]
+            forward = op["phase"] == "forward"
+            shape = (batch, *(layer["out_shape"] if forward else layer["in_shape"]))
+            ident = shards.reduce_id(op["layer"], forward)
+            n, p = len(members), members.index(rank)
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            if collectives.use_ring(nbytes, n, plan["ring_min_bytes"]):
+                lengths = collectives.ring_chunks(shape, n)
+                pred = members[(p - 1) % n]
+                for s in range(n - 1):
+                    rs, ag = (p - s - 1) % n, (p - s) % n
+                    table[(pred, Kind.CHAN_RS, ring_id(ident, rs))] = Spec(dtype, (lengths[rs],))
+                    table[(pred, Kind.CHAN_AG, ring_id(ident, ag))] = Spec(dtype, (lengths[ag],))
+            else:
+                for d in members:
+                    if d != rank:
+                        table[(d, Kind.CHAN, ident)] = Spec(dtype, shape)
         elif kind == "grad_start":
             bucket = plan["buckets"][op["bucket"]]
             members = bucket["members"]
@@ -137,8 +158,10 @@ class SocketComm(Comm):
         if phase == "m":
             return self.phases[tag[2]], step, tag[2]
         kind = _PHASE[phase]
-        if kind in (Kind.BN, Kind.BNG):
+        if kind in (Kind.BN, Kind.BNG, Kind.CHAN):
             return kind, step, tag[2]
+        if kind in (Kind.CHAN_RS, Kind.CHAN_AG):
+            return kind, step, ring_id(tag[2], tag[3])
         return kind, step, ring_id(self.keys[tag[2]], tag[3] if len(tag) > 3 else 0)
 
     def _expect_from(self, peer):

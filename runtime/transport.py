@@ -85,6 +85,9 @@ class Kind(enum.IntEnum):
     GRAD = 34
     RING_RS = 35
     RING_AG = 36
+    CHAN = 37  # a channel-split group's all-reduce, all-gathered
+    CHAN_RS = 38  # ... or round a ring
+    CHAN_AG = 39
 
 
 class FrameError(RuntimeFault):

@@ -41,7 +41,8 @@ from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
 from tilec_runtime.errors import ProgramError, RuntimeFault
-from tilec_runtime.executor import RankExecutor, rank_keys
+from tilec_runtime.executor import RankExecutor
+from tilec_runtime.executor import holdings as holdings_of
 from tilec_runtime.program import buffer_shapes, param_shapes
 from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
 from tilec_runtime.trace import step_events
@@ -56,7 +57,8 @@ SETUP_TIMEOUT = 120.0
 BUILD_TIMEOUT = 1800.0  # a first build of the kernels from C, on a slow device
 MAX_PENDING = 32  # connections being authenticated or served at once
 LISTENING = "tilec worker listening on"
-PEER_KINDS = (Kind.FWD, Kind.BWD, Kind.BN, Kind.BNG, Kind.GRAD, Kind.RING_RS, Kind.RING_AG)
+PEER_KINDS = (Kind.FWD, Kind.BWD, Kind.BN, Kind.BNG, Kind.GRAD, Kind.RING_RS, Kind.RING_AG, Kind.CHAN, Kind.CHAN_RS,
+              Kind.CHAN_AG)
 
 
 # -- what each rank holds -------------------------------------------------------------
@@ -70,31 +72,46 @@ def state_table(program):
             + [("momentum", k, tuple(s)) for k, s in params])
 
 
-def device_keys(plan, rank):
-    """The parameter and buffer keys rank ``rank`` computes with."""
-    params, buffers = rank_keys(plan, rank)
-    return set(params), set(buffers)
-
-
 def has_momentum(plan):
     return plan["optimizer"].get("momentum", 0) > 0
 
 
+def pieces(plan, rank):
+    """{state index: None (the whole array) or (axis, start, stop) (a slice
+    of a layer split by channels)} of what ``rank`` holds."""
+    params, buffers = holdings_of(plan, rank)
+    out = {}
+    for i, (section, key, _) in enumerate(state_table(plan["program"])):
+        held = buffers if section == "buffer" else params
+        if key in held:
+            out[i] = held[key]
+    return out
+
+
 def holdings(plan, rank, momentum):
-    """Indices into ``state_table`` of what ``rank`` holds."""
-    params, buffers = device_keys(plan, rank)
-    return [i for i, (section, key, _) in enumerate(state_table(plan["program"]))
-            if (section == "param" and key in params) or (section == "buffer" and key in buffers)
-            or (section == "momentum" and momentum and key in params)]
+    """Indices into ``state_table`` of what ``rank`` holds (all or a slice of)."""
+    table = state_table(plan["program"])
+    return [i for i in pieces(plan, rank) if momentum or table[i][0] != "momentum"]
 
 
 def owned(plan, rank, momentum):
-    """Indices of the state ``rank`` reports: what no lower rank holds too
-    (replicas are bit-identical, so the lowest holder speaks for all)."""
+    """Indices of the state ``rank`` reports: its slices, and the whole
+    arrays no lower rank holds too (replicas are bit-identical, so the
+    lowest holder speaks for all)."""
+    mine = pieces(plan, rank)
     lower = set()
     for r in range(rank):
-        lower.update(holdings(plan, r, momentum))
-    return [i for i in holdings(plan, rank, momentum) if i not in lower]
+        lower.update(i for i, piece in pieces(plan, r).items() if piece is None)
+    return [i for i in holdings(plan, rank, momentum) if mine[i] is not None or i not in lower]
+
+
+def piece_shape(shape, piece):
+    if piece is None:
+        return tuple(shape)
+    axis, start, stop = piece
+    shape = list(shape)
+    shape[axis] = stop - start
+    return tuple(shape)
 
 
 def batch_specs(plan):
@@ -106,8 +123,10 @@ def batch_specs(plan):
     return images, Spec(dtype, (batch, *target_shape(program)))
 
 
-def state_spec(plan, index):
-    return Spec(np.dtype(plan["dtype"]), state_table(plan["program"])[index][2])
+def state_spec(plan, index, rank):
+    """What ``rank``'s STATE frame of ``index`` carries: its slice or the whole array."""
+    shape = state_table(plan["program"])[index][2]
+    return Spec(np.dtype(plan["dtype"]), piece_shape(shape, pieces(plan, rank).get(index)))
 
 
 # -- memory ---------------------------------------------------------------------------
@@ -176,15 +195,15 @@ def parse_job(job):
         raise JobError(f"bad plan: {exc}") from None
 
 
-def receive_state(conn, plan, wanted):
-    """{section: {key: array}} from the STATE frames listed in ``wanted``."""
+def receive_state(conn, plan, wanted, rank):
+    """{section: {key: array}} from the STATE frames listed in ``wanted`` (``rank``'s slices)."""
     table = state_table(plan["program"])
     state = {"param": {}, "buffer": {}, "momentum": {}}
     for index in wanted:
         def expect(kind, step, tensor, index=index):
             if kind != Kind.STATE or tensor != index:
                 raise FrameError(f"expected STATE {index}, got {kind_name(kind)} {tensor}")
-            return state_spec(plan, index)
+            return state_spec(plan, index, rank)
         frame = read_frame(conn, expect)
         section, key, _ = table[index]
         state[section][key] = frame.array
@@ -217,7 +236,7 @@ class Job:
         step = job["first_step"]
         try:
             momentum = bool(job.get("momentum")) and has_momentum(plan)
-            state = receive_state(self.conn, plan, holdings(plan, rank, momentum))
+            state = receive_state(self.conn, plan, holdings(plan, rank, momentum), rank)
             module = self._kernels()
             job.pop("kernels", None)  # built: the source may go
             send_frame(self.conn, Kind.READY, 0, 0)

@@ -24,6 +24,7 @@ from tilec.analysis.regions import area_of, even_splits, intersect, length
 from tilec.analysis.tiles import group_tiles, spatial_prefix
 from tilec.errors import PlanError
 from tilec.plan.schedule import build_schedule, make_buckets
+from tilec.plan.tail import check_choices, holders, one_device_tail, replicated_output, tail_group
 from tilec_runtime.collectives import RING_MIN_BYTES
 from tilec_runtime.planfile import FORMAT, VERSION, seal
 
@@ -105,14 +106,19 @@ def _rng(r):
     return [int(r[0]), int(r[1])]
 
 
-def _message(group, tensor, sender, receiver, rows, cols, channels, batch, itemsize):
-    return {"phase": "forward", "group": group, "tensor": tensor, "sender": sender, "receiver": receiver,
-            "rows": _rng(rows), "cols": _rng(cols),
-            "bytes": 0 if sender == receiver else batch * channels * area_of(rows, cols) * itemsize}
+def _message(group, tensor, sender, receiver, rows, cols, channels, batch, itemsize, chans=None):
+    """A forward message; ``chans``: a channel range (inclusive), else every channel."""
+    m = {"phase": "forward", "group": group, "tensor": tensor, "sender": sender, "receiver": receiver,
+         "rows": _rng(rows), "cols": _rng(cols)}
+    if chans is not None:
+        m["channels"] = _rng(chans)
+        channels = chans[1] - chans[0] + 1
+    m["bytes"] = 0 if sender == receiver else batch * channels * area_of(rows, cols) * itemsize
+    return m
 
 
 def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, prefix=None, predicted=None,
-               threads=None, cluster=None, ring_min_bytes=RING_MIN_BYTES, interior=True):
+               threads=None, cluster=None, ring_min_bytes=RING_MIN_BYTES, interior=True, tail=None):
     """The sealed plan dict. ``devices``: list of device names (rank order).
 
     ``prefix``: tile only the first ``prefix`` layers of the spatial prefix
@@ -122,7 +128,9 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
     links as JSON (``tilec.cluster.Cluster.to_json``), so that the plan can
     be simulated for the devices it was made for; ``ring_min_bytes``: the
     smallest gradient summed with a ring (smaller ones are all-gathered);
-    ``interior``: let a tile compute its interior while its halo arrives.
+    ``interior``: let a tile compute its interior while its halo arrives;
+    ``tail``: the groups after the prefix (:class:`tilec.plan.tail.TailChoice`;
+    default: all of it on rank 0).
     """
     prefix = spatial_prefix(program) if prefix is None else min(prefix, spatial_prefix(program))
     itemsize = np.dtype(dtype).itemsize
@@ -167,20 +175,34 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
         groups.append({"kind": "tiled", "layers": [ch.first, ch.last], "row_splits": list(ch.row_splits),
                        "col_splits": list(ch.col_splits), "recompute": bool(ch.recompute), "tiles": tile_dicts})
 
-    tail_reads = sorted({j for layer in program[prefix:] for j in layer["inputs"] if j < prefix})
-    for tensor in tail_reads:
-        c, h, w = program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
-        sources = owners[tensor] if tensor >= 0 else [(0, ((0, h - 1), (0, w - 1)))]
-        for src_dev, (rows, cols) in sources:
-            if length(rows) > 0 and length(cols) > 0:  # an owner may own nothing
-                messages.append(_message(len(groups), tensor, src_dev, 0, rows, cols, c, batch, itemsize))
-    last_shape = program[-1]["out_shape"]
-    groups.append({"kind": "tail", "layers": [prefix, len(program) - 1],
-                   "tiles": [{"device": 0, "rows": [0, last_shape[1] - 1], "cols": [0, last_shape[2] - 1]}]})
+    tail = tail if tail is not None else one_device_tail(program, prefix)
+    check_choices(program, prefix, tail, len(devices))
+    extra_backward = []
+    for ch in tail:
+        g, group = len(groups), tail_group(program, ch)
+        for tensor in sorted({j for layer in program[ch.first:ch.last + 1] for j in layer["inputs"] if j < ch.first}):
+            shape = program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
+            rows, cols = (0, shape[1] - 1), (0, shape[2] - 1)
+            producer = next((p for p in groups if p["layers"][0] <= tensor <= p["layers"][1]), None)
+            if tensor < 0:
+                sources = [(0, rows, cols, None)]
+            elif producer["kind"] == "tiled":
+                sources = [(d, r, c, None) for d, (r, c) in owners[tensor] if length(r) > 0 and length(c) > 0]
+            else:
+                sources = [(d, rows, cols, chans) for d, chans in holders(program, producer, tensor)]
+            for member in sorted(t["device"] for t in group["tiles"]):
+                for src, r, c, chans in sources:
+                    messages.append(_message(g, tensor, src, member, r, c, shape[0], batch, itemsize, chans))
+                if producer is not None and replicated_output(producer, program, tensor):
+                    # every member of a channel group needs the whole gradient of its replicated output
+                    for d in sorted(t["device"] for t in producer["tiles"])[1:]:
+                        extra_backward.append(dict(_message(g, tensor, member, d, rows, cols, shape[0], batch,
+                                                            itemsize), phase="backward"))
+        groups.append(group)
 
     # backward: partial gradients travel the forward messages in reverse
     messages += [dict(m, phase="backward", sender=m["receiver"], receiver=m["sender"])
-                 for m in messages if m["tensor"] >= 0]
+                 for m in messages if m["tensor"] >= 0] + extra_backward
     threads = list(threads) if threads is not None else [1] * len(devices)
     if len(threads) != len(devices) or any(not isinstance(t, int) or t < 1 for t in threads):
         raise PlanError(f"threads {threads} must be a positive count for each of the {len(devices)} devices")

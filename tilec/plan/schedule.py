@@ -28,7 +28,15 @@ ops of one rank, in order:
     backward of a unit; ``conv_bwd`` adds the weight gradient into the
     parameter's accumulator (the momentum buffer, see ``buckets``).
 ``tail_fwd``/``tail_bwd`` ``group``
-    rank 0: the layers after the tiled prefix and the loss.
+    a tail group on one device: its layers on whole maps (and the loss).
+``chan_fwd``/``chan_reduce``/``chan_post``/``chan_bwd`` ``group layer``
+    a tail group split by channels (``tilec_runtime.shards``): a layer's
+    share of the forward; for a layer split by input channels the
+    all-reduce of its partial sums (``phase`` forward) and then its bias or
+    batch norm and activation (``chan_post``, backward ``chan_post_bwd``);
+    backward, a layer's share, and the all-reduce of an A layer's partial
+    input gradient (``phase`` backward) where its input comes from inside
+    the group.
 ``grad_start`` ``bucket``
     the bucket's gradients are final on this rank: sum them over its
     members (ring or all-gather) and update those parameters, on the
@@ -44,6 +52,7 @@ and the algorithm per reduced key.
 """
 import numpy as np
 
+from tilec_runtime import shards
 from tilec_runtime.collectives import RING_MIN_BYTES, use_ring
 from tilec_runtime.geometry import Region
 from tilec_runtime.lower import outside_tensors, produced_by, units
@@ -170,6 +179,35 @@ def group_backward(program, g, group, rank, outside, recvs, sends, bn_sync, buck
     return ops
 
 
+def channel_forward(program, g, group, sends):
+    """Forward ops of a member of a channel-split tail group."""
+    first, last = group["layers"]
+    ops = []
+    for layer in program[first:last + 1]:
+        i = layer["index"]
+        ops.append({"op": "chan_fwd", "group": g, "layer": i})
+        if shards.roles(program, first, last)[i] == "B":
+            ops.append({"op": "chan_reduce", "group": g, "layer": i, "phase": "forward"})
+            ops.append({"op": "chan_post", "group": g, "layer": i})
+        ops += [{"op": "send", "msg": k} for k in sends(i)]
+    return ops
+
+
+def channel_backward(program, g, group):
+    """Backward ops of a member of a channel-split tail group."""
+    first, last = group["layers"]
+    r = shards.roles(program, first, last)
+    ops = []
+    for layer in reversed(program[first:last + 1]):
+        i = layer["index"]
+        if r[i] == "B":
+            ops.append({"op": "chan_post_bwd", "group": g, "layer": i})
+        ops.append({"op": "chan_bwd", "group": g, "layer": i})
+        if r[i] == "A" and i > first and any(r[j] != "local" for j in range(first, i)):
+            ops.append({"op": "chan_reduce", "group": g, "layer": i, "phase": "backward"})
+    return ops
+
+
 def make_buckets(program, groups, itemsize, ring_min_bytes=RING_MIN_BYTES):
     """The gradient buckets of a step (see the module docstring)."""
     outside = set()  # fusion does not change which keys a unit holds
@@ -214,7 +252,13 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True)
             recvs = _local_first(fwd_in.get((g, r), []), messages, r)
             if group["kind"] == "tail":
                 ops += [{"op": "recv", "msg": k} for k in recvs]
-                ops.append({"op": "tail_fwd", "group": g})
+                if group.get("mode", "one") == "channels":
+                    ops += channel_forward(program, g, group, lambda t: fwd_out.get((t, r), []))
+                else:
+                    ops.append({"op": "tail_fwd", "group": g})
+                    first, last = group["layers"]
+                    for t in range(first, last + 1):
+                        ops += [{"op": "send", "msg": k} for k in fwd_out.get((t, r), [])]
                 continue
             bn_sync = len(members_of(group)) > 1
             ops += group_forward(program, g, group, r, outside, recvs, lambda t: fwd_out.get((t, r), []), bn_sync,
@@ -226,7 +270,13 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True)
                 continue
             sends = [{"op": "send", "msg": k} for k in bwd_out.get((g, r), [])]
             if group["kind"] == "tail":
-                ops.append({"op": "tail_bwd", "group": g})
+                first, last = group["layers"]
+                grads_in = [{"op": "recv", "msg": k} for t in range(first, last + 1)
+                            for k in _local_first(bwd_in.get((t, r), []), messages, r)]
+                if group.get("mode", "one") == "channels":
+                    ops += grads_in + channel_backward(program, g, group)
+                else:
+                    ops += grads_in + [{"op": "tail_bwd", "group": g}]
                 ops += sends
                 ops += [{"op": "grad_start", "bucket": b} for b in bucket_ids.get((g, None), [])]
                 continue

@@ -1,0 +1,160 @@
+"""Channel parallelism: how the layers of a channel-split group are cut.
+
+After the tiled prefix the maps are small and the weights large. A group of
+such layers may run on a set of devices split by channels (tensor
+parallelism), in pairs, so that a pair needs one collective:
+
+- an *A* layer (the 1st, 3rd, ... conv or connected layer of the group) is
+  split by output channels: each member holds its rows of the weights (and
+  their bias or batch-norm channels) and computes its channels from the
+  whole input; batch norm needs no synchronisation (a member has every
+  position of its channels);
+- a *B* layer (the 2nd, 4th, ...) is split by input channels, the ones the
+  member's A produced: each member computes a partial sum of the whole
+  output, an all-reduce completes it, and every member then applies the
+  bias or batch norm and the activation to all channels (the same numbers
+  on every member, so B's bias and batch-norm parameters are replicated);
+- max- and average-pooling work on whatever a member holds (per channel).
+
+The group's input is replicated on every member; its output is
+replicated (it ends after a B) or split by channels (after an A). Backward
+mirrors forward: the partial input gradients of an A are all-reduced (or,
+for the group's input, summed by its producer), and every weight gradient
+is whole on the member that holds those weights: nothing else is reduced.
+
+Everything here is plain integer arithmetic on the program, so the planner
+(messages, memory, costs) and every device (which slices it holds) agree.
+"""
+from math import prod
+
+SPLITTABLE = ("conv", "connected", "maxpool", "avgpool")
+WEIGHTED = ("conv", "connected")
+
+
+def part_bounds(n, k):
+    """Start offsets of ``k`` nearly equal parts of ``n`` items, and the end."""
+    return [n * i // k for i in range(k + 1)]
+
+
+def roles(program, first, last):
+    """{layer: "A" | "B" | "local"} of program[first..last] split by channels."""
+    out, weighted = {}, 0
+    for layer in program[first:last + 1]:
+        if layer["kind"] in WEIGHTED:
+            out[layer["index"]] = "A" if weighted % 2 == 0 else "B"
+            weighted += 1
+        else:
+            out[layer["index"]] = "local"
+    return out
+
+
+def layouts(program, first, last, k):
+    """{layer: None (whole) or [channel bounds of the k members]} of every
+    output of the group: what each member holds of it."""
+    r = roles(program, first, last)
+    out, held = {}, None
+    for layer in program[first:last + 1]:
+        i = layer["index"]
+        if r[i] == "A":
+            held = part_bounds(layer["out_shape"][0], k)
+        elif r[i] == "B":
+            held = None
+        out[i] = held
+    return out
+
+
+def check(program, first, last, k):
+    """None if program[first..last] can be split over ``k`` devices, else why not."""
+    if not any(layer["kind"] in WEIGHTED for layer in program[first:last + 1]):
+        # pooling alone would be computed whole by every member, its input gradient returned k times
+        return "it has no conv or connected layer to split"
+    for layer in program[first:last + 1]:
+        if layer["kind"] not in SPLITTABLE:
+            return f"layer {layer['index']} ({layer['kind']}) needs the whole map"
+        if layer["index"] > first and layer["inputs"] != [layer["index"] - 1]:
+            return f"layer {layer['index']} reads an earlier layer than the one before it"
+        if layer["kind"] in WEIGHTED and layer["out_shape"][0] < k and roles(program, first, last)[
+                layer["index"]] == "A":
+            return f"layer {layer['index']} has {layer['out_shape'][0]} output channels for {k} devices"
+    return None
+
+
+def reduce_id(layer, forward):
+    """The id of a channel group's all-reduce: a B layer's sums (forward) or
+    an A layer's partial input gradient (backward)."""
+    return 2 * layer + (0 if forward else 1)
+
+
+def input_bounds(program, layer, k, held_in):
+    """Bounds of a B layer's input that each member holds, in the layer's
+    own input features: channels for a conv, flattened C*H*W positions for
+    a connected layer (channel-major, so a channel range is contiguous)."""
+    c, h, w = layer["in_shape"]
+    scale = 1 if layer["kind"] == "conv" else h * w
+    return [b * scale for b in held_in]
+
+
+def param_slices(program, first, last, k):
+    """{key: (axis, [bounds of the k members])} of the parameters and
+    buffers split over the members (the rest are replicated whole)."""
+    r, held = roles(program, first, last), layouts(program, first, last, k)
+    out = {}
+    prev = None
+    for layer in program[first:last + 1]:
+        i, kind = layer["index"], layer["kind"]
+        if r[i] == "A":
+            bounds = held[i]
+            if kind == "conv":
+                out[f"{i}.conv.weight"] = (0, bounds)
+                if layer["bn"]:
+                    for key in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+                        out[f"{i}.{key}"] = (0, bounds)
+                else:
+                    out[f"{i}.conv.bias"] = (0, bounds)
+            else:
+                out[f"{i}.fc.weight"] = (0, bounds)
+                out[f"{i}.fc.bias"] = (0, bounds)
+        elif r[i] == "B":
+            bounds = input_bounds(program, layer, k, held[prev])
+            out[f"{i}.conv.weight" if kind == "conv" else f"{i}.fc.weight"] = (1, bounds)
+        prev = i
+    return out
+
+
+def share(program, first, last, k, member, i):
+    """Layer ``i`` as ``member`` computes it: its own channels in and out (an
+    A layer's output channels, a B layer's input channels, pooling on what
+    the member holds). A B layer's output stays whole (a partial sum)."""
+    layer = program[i]
+    held = layouts(program, first, last, k)
+    role = roles(program, first, last)[i]
+    c, h, w = layer["in_shape"]
+    held_in = held.get(i - 1) if i > first else None
+    if held_in is not None:
+        c = held_in[member + 1] - held_in[member]
+    out = list(layer["out_shape"])
+    if role == "A":
+        mine = held[i][member + 1] - held[i][member]
+        return dict(layer, in_shape=[c, h, w], out_shape=[mine, *out[1:]],
+                    **({"filters": mine} if layer["kind"] == "conv" else {"output": mine}))
+    if role == "local":
+        return dict(layer, in_shape=[c, h, w], out_shape=[c, *out[1:]])
+    return dict(layer, in_shape=[c, h, w])
+
+
+def shard_shape(shape, axis, bounds, member):
+    """The shape of ``member``'s slice of an array of ``shape``."""
+    shape = list(shape)
+    shape[axis] = bounds[member + 1] - bounds[member]
+    return tuple(shape)
+
+
+def take(array, axis, bounds, member):
+    """``member``'s slice of ``array`` (a view)."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(bounds[member], bounds[member + 1])
+    return array[tuple(index)]
+
+
+def bytes_of(shape, itemsize):
+    return prod(shape) * itemsize

@@ -1,0 +1,228 @@
+"""The groups after the tiled prefix, on one device or split by channels.
+
+A *whole* group runs its layers on whole maps with the reference executor
+(on the generated kernels): route, reorg, the losses, and whatever the plan
+leaves on one device; a sum-of-squares cost straight on the tiled prefix's
+output runs with the kernels' own allocation-free ``sse``.
+
+A *channel* group (``tilec_runtime.shards``) runs each layer on the
+member's share: an A layer on its output channels, a B layer's partial sum
+over its input channels, all-reduced by the executor (``reduce``) before
+``post`` applies the bias or batch norm and the activation, and pooling on
+what the member holds. Backward mirrors it; an A layer's partial input
+gradient is all-reduced by the executor when its input comes from inside
+the group, else returned to the group's producer, which adds them up.
+
+Both keep, per tensor, the output (``output``), the gradient the group
+receives for it (``grad_in``) and the gradient it returns for its inputs
+(``grad_out``), each with the first channel it starts at.
+"""
+import numpy as np
+
+from tilec_runtime import ops, reference, shards
+from tilec_runtime.program import pads_of
+
+
+class WholeGroup:
+    """program[first..last] on one device."""
+
+    def __init__(self, program, first, last, batch, dtype, kernels, native_kernels):
+        self.program, self.first, self.last = program, first, last
+        self.layers = program[first:last + 1]
+        self.batch, self.dtype, self.k = batch, dtype, kernels
+        reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
+        self.inputs = {t: np.zeros((batch, *_shape(program, t)), dtype) for t in reads}
+        only = self.layers[0] if len(self.layers) == 1 else None
+        # a sum-of-squares cost straight on the tiled prefix: allocation-free
+        self.native = native_kernels if (only is not None and only["kind"] == "cost"
+                                         and only["inputs"] == [first - 1] and first > 0) else None
+        self.acts, self.cache, self.loss = {}, None, None
+        self.grads_in, self.grads_out = {}, {}
+        if self.native is not None:
+            self.grads_out[first - 1] = np.zeros_like(self.inputs[first - 1])
+
+    def output(self, t):
+        return self.acts[t], 0
+
+    def grad_in(self, t):
+        if t not in self.grads_in:
+            self.grads_in[t] = np.zeros((self.batch, *_shape(self.program, t)), self.dtype)
+        return self.grads_in[t], 0
+
+    def grad_out(self, t):
+        return self.grads_out[t], 0
+
+    def start_backward(self):
+        for g in self.grads_in.values():
+            g.fill(0)
+
+    def forward(self, params, buffers, target):
+        if self.native is not None:
+            x = self.inputs[self.first - 1]
+            t = np.ascontiguousarray(target, self.dtype)
+            self.loss = self.native.sse(x.reshape(-1), t.reshape(-1), self.grads_out[self.first - 1].reshape(-1),
+                                        self.batch)
+            return self.loss
+        self.acts = dict(self.inputs)
+        self.loss, self.cache = reference.forward_layers(self.layers, params, buffers, self.acts, target,
+                                                         train=True, kernels=self.k)
+        return self.loss
+
+    def backward(self, params, acc):
+        if self.native is not None:
+            return  # sse wrote the gradient with the loss
+        dout = {t: g for t, g in self.grads_in.items()}
+        grads, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, dout, kernels=self.k)
+        for key, g in grads.items():
+            acc[key] += g
+        for t in self.inputs:
+            if t >= 0:
+                self.grads_out[t] = dout[t] if t in dout else np.zeros_like(self.inputs[t])
+        self.cache = None
+
+
+class ChannelGroup:
+    """A member's share of program[first..last] split by channels over ``k`` devices."""
+
+    def __init__(self, program, first, last, batch, dtype, kernels, member, k):
+        self.program, self.first, self.last = program, first, last
+        self.layers = program[first:last + 1]
+        self.batch, self.dtype, self.k = batch, dtype, kernels
+        self.member, self.n = member, k
+        self.roles = shards.roles(program, first, last)
+        self.held = shards.layouts(program, first, last, k)
+        self.slices = shards.param_slices(program, first, last, k)
+        self.inputs = {first - 1: np.zeros((batch, *_shape(program, first - 1)), dtype)}
+        self.acts, self.cache, self.partial, self.partial_dx = {}, {}, {}, {}
+        self.grads_in, self.grads_out = {}, {}
+
+    # -- where things are -----------------------------------------------------------
+
+    def base(self, t):
+        """First channel of ``t`` this member holds (0: all of them)."""
+        held = self.held.get(t)
+        return 0 if held is None else held[self.member]
+
+    def output(self, t):
+        return self.acts[t], self.base(t)
+
+    def grad_in(self, t):
+        if t not in self.grads_in:
+            self.grads_in[t] = np.zeros_like(self.acts[t])
+        return self.grads_in[t], self.base(t)
+
+    def grad_out(self, t):
+        return self.grads_out[t], 0
+
+    def layer_share(self, layer):
+        """The layer as this member computes it (``shards.share``)."""
+        return shards.share(self.program, self.first, self.last, self.n, self.member, layer["index"])
+
+    def start_backward(self):
+        for g in self.grads_in.values():
+            g.fill(0)
+
+    # -- forward ------------------------------------------------------------------
+
+    def forward(self, i, params, buffers):
+        """An A or pooling layer on this member's channels; a B layer's partial sum (``partial``)."""
+        layer = self.program[i]
+        share = self.layer_share(layer)
+        x = self.acts[i - 1] if i > self.first else self.inputs[self.first - 1]
+        self.acts[i - 1] = x
+        if self.roles[i] != "B":
+            _, cache = reference.forward_layers([share], params, buffers, self.acts, None, train=True, kernels=self.k)
+            self.cache[i] = cache.get(i)
+            return
+        if layer["kind"] == "conv":
+            z = self.k.conv2d_forward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer))
+        else:
+            z = (x.reshape(x.shape[0], -1) @ params[f"{i}.fc.weight"].T).reshape(x.shape[0], -1, 1, 1)
+        self.partial[i] = np.ascontiguousarray(z)  # all-reduced in place
+
+    def reduced(self, i):
+        """The partial sum of B layer ``i`` that the executor all-reduces in place."""
+        return self.partial[i]
+
+    def post(self, i, params, buffers):
+        """B layer ``i``'s bias or batch norm and activation, on the whole (all-reduced) sum."""
+        layer, z = self.program[i], self.partial.pop(i)
+        if layer["kind"] == "conv":
+            if layer["bn"]:
+                n, mean, m2 = self.k.bn_stats(z)
+                ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
+                z, xhat, inv_std = self.k.bn_normalize(z, mean, m2 / n, params[f"{i}.bn.weight"],
+                                                      params[f"{i}.bn.bias"])
+                self.cache[i] = (xhat, inv_std)
+            else:
+                z = z + params[f"{i}.conv.bias"][None, :, None, None]
+            self.acts[i] = self.k.act_forward(z, layer["act"])
+        else:
+            y = z.reshape(z.shape[0], -1) + params[f"{i}.fc.bias"]
+            self.acts[i] = ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
+
+    # -- backward -----------------------------------------------------------------
+
+    def _dout(self, i):
+        return self.grads_in.get(i)
+
+    def post_backward(self, i, params, acc):
+        """B layer ``i``: the activation's and batch norm's (or bias's) gradient, on all channels."""
+        layer, dy = self.program[i], self.grads_in[i]
+        if layer["kind"] == "conv":
+            dz = self.k.act_backward(self.acts[i], layer["act"], dy)
+            if layer["bn"]:
+                xhat, inv_std = self.cache[i]
+                s1, s2 = self.k.bn_grad_sums(dz, xhat)
+                count = dz.shape[0] * dz.shape[2] * dz.shape[3]
+                acc[f"{i}.bn.weight"] += s2.astype(dz.dtype)
+                acc[f"{i}.bn.bias"] += s1.astype(dz.dtype)
+                dz = self.k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
+            else:
+                acc[f"{i}.conv.bias"] += dz.sum(axis=(0, 2, 3))
+        else:
+            dz = ops.act_backward(self.acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
+            acc[f"{i}.fc.bias"] += dz.sum(axis=0)
+        self.partial[i] = dz
+
+    def backward(self, i, params, acc):
+        """Layer ``i``'s share of backward; an A layer's input gradient is partial (``reduced_grad``)."""
+        layer = self.program[i]
+        j = i - 1
+        x = self.acts[j]
+        if self.roles[i] == "B":
+            dz = self.partial.pop(i)
+            if layer["kind"] == "conv":
+                dx, dw = self.k.conv2d_backward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer), dz)
+            else:
+                flat = x.reshape(x.shape[0], -1)
+                dw = dz.T @ flat
+                dx = (dz @ params[f"{i}.fc.weight"]).reshape(x.shape)
+            acc[f"{i}.{'conv' if layer['kind'] == 'conv' else 'fc'}.weight"] += dw
+        else:
+            share = self.layer_share(layer)
+            cache = {i: self.cache.pop(i, None)}
+            grads, dout = reference.backward_layers([share], params, self.acts, cache, {i: self.grads_in[i]},
+                                                    kernels=self.k)
+            for key, g in grads.items():
+                acc[key] += g
+            dx = dout.get(j, np.zeros_like(x))
+        if self.roles[i] == "A" and any(self.roles[p] != "local" for p in range(self.first, i)):
+            self.partial_dx[j] = np.ascontiguousarray(dx)  # a partial sum: all-reduced (reduced_grad) before it joins grads_in
+        elif j >= self.first:
+            self.grads_in[j] = dx if j not in self.grads_in else self.grads_in[j] + dx
+        else:
+            self.grads_out[j] = dx
+
+    def reduced_grad(self, i):
+        """A layer ``i``'s partial input gradient, for the executor to all-reduce in place."""
+        return self.partial_dx[i - 1]
+
+    def reduced_grad_done(self, i):
+        dx = self.partial_dx.pop(i - 1)
+        j = i - 1
+        self.grads_in[j] = dx if j not in self.grads_in else self.grads_in[j] + dx
+
+
+def _shape(program, t):
+    return program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]

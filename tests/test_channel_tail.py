@@ -1,0 +1,207 @@
+"""Layers after the tiled prefix split by channels over several devices
+train exactly as on one device.
+
+Random stacks end in a random run of conv, pooling and connected layers;
+the tiled prefix is cut at a random layer, and each stretch of the tail
+that can be split by channels goes to one random device or is split over a
+random set of them. After several SGD steps with momentum, weights and
+running statistics equal one-device training (float64, 1e-10 relative).
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from programs import ProgramBuilder, ShapeError, conv_args
+from test_socket_training import train_socketpairs
+from test_tiled import FLOOR, OPT, assert_same, converges, one_device, rel_err, splits, well_conditioned
+from tilec.analysis.tiles import spatial_prefix
+from tilec.errors import PlanError
+from tilec.plan.build import GroupChoice, build_plan
+from tilec.plan.tail import TailChoice, runs
+from tilec_runtime import data, inprocess, planfile, shards, weights
+from tilec_runtime.errors import ProgramError
+from tilec_runtime.executor import RankExecutor, holdings
+from tilec_runtime.program import ACTIVATIONS, param_shapes
+from built import module
+
+
+@st.composite
+def tail_stacks(draw):
+    """A conv prefix, then 1-5 conv/maxpool/avgpool/connected layers, then a loss."""
+    b = ProgramBuilder(draw(st.integers(1, 3)), draw(st.integers(4, 11)), draw(st.integers(4, 11)))
+    for _ in range(draw(st.integers(1, 2))):
+        b.conv(**draw(conv_args(*b.shape(b.last))))
+    flat = False
+    for _ in range(draw(st.integers(1, 5))):
+        c, h, w = b.shape(b.last)
+        kind = draw(st.sampled_from(["conv", "conv", "maxpool", "connected"] if not flat else ["connected"]))
+        try:
+            if kind == "conv":
+                b.conv(draw(st.integers(1, 7)), draw(st.sampled_from([1, 3])), draw(st.integers(1, 2)), "same",
+                       bn=draw(st.booleans()), act=draw(st.sampled_from(ACTIVATIONS)))
+            elif kind == "maxpool":
+                b.maxpool(2, draw(st.integers(1, 2)))
+            else:
+                b.connected(draw(st.integers(1, 9)), act=draw(st.sampled_from(ACTIVATIONS)))
+                flat = True
+        except ShapeError:
+            pass
+    if not flat and draw(st.booleans()):
+        b.avgpool()
+        b.connected(draw(st.integers(2, 5)))
+        b.softmax()
+    else:
+        b.cost()
+    return b.build()
+
+
+@st.composite
+def channel_cases(draw, max_devices=4):
+    program = draw(tail_stacks())
+    n_dev = draw(st.integers(2, max_devices))
+    prefix = draw(st.integers(1, spatial_prefix(program)))
+    choices = []
+    bounds = sorted(draw(st.sets(st.integers(1, prefix - 1), max_size=2))) if prefix > 1 else []
+    for first, last in zip([0, *bounds], [*(x - 1 for x in bounds), prefix - 1]):
+        _, h, w = program[last]["out_shape"]
+        rows, cols = draw(splits(h, n_dev)), draw(splits(w, 1))
+        devices = draw(st.permutations(range(n_dev)))[:len(rows) - 1]
+        choices.append(GroupChoice(first, last, rows, cols, list(devices)))
+    tail = []
+    for first, last, ok in runs(program, prefix):
+        k = draw(st.integers(1, n_dev)) if ok else 1
+        members = sorted(draw(st.permutations(range(n_dev)))[:k]) if ok else [0]
+        if k > 1 and shards.check(program, first, last, k) is None:
+            tail.append(TailChoice(first, last, "channels", members))
+        else:
+            tail.append(TailChoice(first, last, "one", members[:1]))
+    return program, prefix, choices, tail, n_dev, draw(st.integers(1, 3))
+
+
+def plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes=0):
+    return build_plan(program, choices, model="random", batch=batch, dtype="float64",
+                      devices=[f"d{i}" for i in range(n_dev)], optimizer=OPT, prefix=prefix, tail=tail,
+                      ring_min_bytes=ring_min_bytes)
+
+
+def setup(program, batch, seed=5):
+    params, buffers = weights.init_params(program, seed, "float64")
+    return params, buffers, data.generated_batches(program, batch, seed, "float64")
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(channel_cases(), st.sampled_from([0, 1 << 30]))
+def test_channel_split_tail_equals_one_device(case, ring_min_bytes):
+    program, prefix, choices, tail, n_dev, batch = case
+    assume(any(t.mode == "channels" for t in tail))
+    params, buffers, batches = setup(program, batch)
+    plan = plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes)
+    planfile.validate(plan)
+    want = one_device(program, params, buffers, batches, 3)
+    assume(converges(want[0]) and well_conditioned(program, params, buffers, batches, 3))
+    losses, p, b, _ = inprocess.train(plan, params, buffers, batches, 3, module("float64"), timeout=30)
+    assert_same((losses, p, b), want, 1e-10, FLOOR)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(channel_cases(max_devices=3))
+def test_channel_split_tail_over_sockets_equals_one_device(case):
+    program, prefix, choices, tail, n_dev, batch = case
+    assume(any(t.mode == "channels" for t in tail))
+    params, buffers, batches = setup(program, batch)
+    want = one_device(program, params, buffers, batches, 3)
+    assume(converges(want[0]) and well_conditioned(program, params, buffers, batches, 3))
+    got = train_socketpairs(plan_of(program, prefix, choices, tail, n_dev, batch), params, buffers, batches, 3)
+    assert_same(got, want, 1e-10, FLOOR)
+
+
+def dense_tail():
+    """A spatial conv, then conv / pool / conv / conv / connected / connected (A B . A B A)."""
+    b = ProgramBuilder(3, 12, 10)
+    b.conv(4, 3, 1, "same", bn=True, act="leaky")
+    b.conv(6, 3, 1, "same", bn=True, act="leaky")
+    b.maxpool(2, 2)
+    b.conv(5, 3, 1, "same", bn=False, act="leaky")
+    b.conv(7, 1, 1, 0, bn=True, act="leaky")
+    b.connected(9, act="leaky")
+    b.connected(4)
+    b.cost()
+    return b.build()
+
+
+TILED = [GroupChoice(0, 0, [0, 6, 12], [0, 10], [0, 1])]
+
+
+def test_roles_and_layouts_alternate():
+    program = dense_tail()
+    assert runs(program, 1) == [(1, 6, True), (7, 7, False)]
+    assert shards.roles(program, 1, 6) == {1: "A", 2: "local", 3: "B", 4: "A", 5: "B", 6: "A"}
+    held = shards.layouts(program, 1, 6, 3)
+    assert held[1] == held[2] == [0, 2, 4, 6] and held[3] is None and held[5] is None
+    assert held[6] == [0, 1, 2, 4]
+
+
+def test_members_hold_disjoint_slices_that_make_every_weight():
+    """Each split weight is cut into the members' slices, which tile it
+    exactly; the rest (a B layer's bias or batch norm) is whole on each."""
+    program = dense_tail()
+    plan = plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1, 2]), TailChoice(7, 7, "one", [0])], 3, 2)
+    held = [holdings(plan, r)[0] for r in range(3)]
+    for i in range(1, 7):
+        for key, shape in param_shapes(program[i]).items():
+            cover = np.zeros(shape, int)
+            for r in range(3):
+                piece = held[r][key]
+                if piece is None:
+                    cover += 1
+                else:
+                    axis, start, stop = piece
+                    index = [slice(None)] * len(shape)
+                    index[axis] = slice(start, stop)
+                    cover[tuple(index)] += 1
+            assert (cover == 3).all() if held[0][key] is None else (cover == 1).all(), key
+    # the connected layer reads conv 4's channels 2..3 on rank 1: 6x5 positions each
+    assert held[1]["4.conv.weight"] == (0, 2, 4) and held[1]["5.fc.weight"] == (1, 2 * 30, 4 * 30)
+
+
+def test_without_the_all_reduce_the_result_is_wrong(monkeypatch):
+    """The check is sensitive to the channel all-reduce: skipping it leaves
+    each member's partial sums, far from the one-device result."""
+    program = dense_tail()
+    params, buffers, batches = setup(program, 2)
+    plan = plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1]), TailChoice(7, 7, "one", [0])], 2, 2)
+    want = one_device(program, params, buffers, batches, 2)
+    got = inprocess.train(plan, params, buffers, batches, 2, module("float64"), timeout=30)
+    assert_same(got[:3], want, 1e-10, FLOOR)
+    def skipped(self, op):
+        if op["phase"] == "backward":
+            self.tails[op["group"]].reduced_grad_done(op["layer"])
+    monkeypatch.setattr(RankExecutor, "_chan_reduce", skipped)
+    got = inprocess.train(plan, params, buffers, batches, 2, module("float64"), timeout=30)
+    assert max(rel_err(got[1][k], want[1][k], FLOOR) for k in want[1]) > 1e-3
+
+
+def test_bad_tail_choices_are_refused_with_the_reason():
+    program = dense_tail()
+    with pytest.raises(PlanError, match="must start at layer 1"):
+        plan_of(program, 1, TILED, [TailChoice(2, 7, "one", [0])], 2, 2)
+    with pytest.raises(PlanError, match="needs the whole map"):
+        plan_of(program, 1, TILED, [TailChoice(1, 7, "channels", [0, 1])], 2, 2)
+    with pytest.raises(PlanError, match="has 4 output channels for 5 devices|output channels"):
+        plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1, 2, 3, 4]), TailChoice(7, 7, "one", [0])], 5, 2)
+    with pytest.raises(PlanError, match="run on rank 0"):
+        plan_of(program, 1, TILED, [TailChoice(1, 6, "one", [1]), TailChoice(7, 7, "one", [1])], 2, 2)
+
+
+def test_plan_validation_checks_channel_ops():
+    program = dense_tail()
+    plan = plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1]), TailChoice(7, 7, "one", [0])], 2, 2)
+    ops = plan["schedule"][1]
+    k = next(i for i, op in enumerate(ops) if op["op"] == "chan_post")
+    bad = dict(plan, schedule=[plan["schedule"][0], ops[:k] + [dict(ops[k], layer=4)] + ops[k + 1:]])
+    with pytest.raises(ProgramError, match="needs a layer split as B, layer 4 is A"):
+        planfile.validate(planfile.seal(bad))
+    groups = [dict(g, mode="rows") if g["kind"] == "tail" else g for g in plan["groups"]]
+    with pytest.raises(ProgramError, match="bad tail mode 'rows'"):
+        planfile.validate(planfile.seal(dict(plan, groups=groups)))
