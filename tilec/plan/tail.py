@@ -3,19 +3,19 @@
 The tail is cut into *runs*: maximal stretches of layers that can be split
 by channels (conv, connected and pooling layers, each reading the one
 before: ``tilec_runtime.shards``), and the layers between them that need
-the assembled map (route, reorg, the losses), which run on rank 0. Each
-run becomes one tail group, on one device (``mode: "one"``) or split by
-channels over a set of devices (``mode: "channels"``).
+the assembled map (route, reorg, the loss), which run whole on one device
+(the loss on rank 0, which has the batch's targets). Each run becomes one
+or more tail groups, on one device (``mode: "one"``) or split by channels
+over a set of devices (``mode: "channels"``).
 
-Messages carry every tensor a group reads from where it is: a tile's owned
-cells (the tiled prefix), a whole map (a group on one device), the
-replicated map of a channel group (from its lowest member), or each
-member's channels. A channel group's input is replicated on all its
-members, so in backward each member returns its partial gradient and the
-producer adds them up. A channel group whose output is replicated needs
-that output's gradient on every member (each applies the last batch norm
-to all channels): its consumers send it to every member, a backward
-message with no forward twin.
+Messages carry every tensor a group reads from where it is (``flows``): a
+tile's owned cells (the tiled prefix), a whole map (a group on one device),
+the replicated map of a channel group, or each member's channels. A
+channel group's input is replicated on all its members, so in backward
+each member returns its partial gradient and the producer adds them up. A
+channel group whose output is replicated needs that output's gradient on
+every member (each applies the last batch norm to all channels): its
+consumers send it to every member, backward messages with no forward twin.
 """
 from dataclasses import dataclass
 
@@ -60,7 +60,6 @@ def one_device_tail(program, prefix, device=0):
 
 def check_choices(program, prefix, choices, n_devices):
     expect = prefix
-    splittable = {(f, l): ok for f, l, ok in runs(program, prefix)}
     for ch in choices:
         where = f"tail group {ch.first}-{ch.last}"
         if ch.first != expect or ch.last < ch.first:
@@ -72,8 +71,8 @@ def check_choices(program, prefix, choices, n_devices):
         if ch.mode == "one":
             if len(ch.devices) != 1:
                 raise PlanError(f"{where}: mode 'one' takes one device, got {ch.devices}")
-            if not splittable.get((ch.first, ch.last), True) and ch.devices != [0]:
-                raise PlanError(f"{where}: layers that need the assembled map run on rank 0")
+            if ch.last == len(program) - 1 and ch.devices != [0]:
+                raise PlanError(f"{where}: the loss runs on rank 0, which has the batch's targets")
         elif ch.mode == "channels":
             problem = shards.check(program, ch.first, ch.last, len(ch.devices))
             if problem:
@@ -92,22 +91,47 @@ def tail_group(program, ch):
 
 
 def holders(program, group, tensor):
-    """[(device, channel range or None)] of who holds ``tensor`` (an output
-    of ``group``, a tail group) and how: the whole map, or channels."""
+    """([(device, channel range or None)], replicated) of who holds ``tensor``
+    (an output of ``group``, a tail group) and how: the whole map on one
+    device, the whole map on every member (``replicated``), or channels."""
     members = sorted(t["device"] for t in group["tiles"])
     if group["mode"] == "one":
-        return [(members[0], None)]
+        return [(members[0], None)], False
     first, last = group["layers"]
     held = shards.layouts(program, first, last, len(members))[tensor]
     if held is None:
-        return [(members[0], None)]
-    return [(d, (held[m], held[m + 1] - 1)) for m, d in enumerate(members) if held[m + 1] > held[m]]
+        return [(d, None) for d in members], True
+    return [(d, (held[m], held[m + 1] - 1)) for m, d in enumerate(members) if held[m + 1] > held[m]], False
 
 
-def replicated_output(group, program, tensor):
-    """Whether ``tensor`` is a replicated output of a channel group: then
-    every member needs its gradient."""
-    if group["kind"] != "tail" or group["mode"] != "channels":
-        return False
-    first, last = group["layers"]
-    return shards.layouts(program, first, last, len(group["tiles"]))[tensor] is None
+def flows(sources, replicated, receivers):
+    """Who sends what so that every receiver holds a tensor, and its gradient comes back.
+
+    ``sources``: [(device, part)], the parts that make the tensor, or with
+    ``replicated`` the devices that each hold all of it (``part`` the
+    whole). Returns (forward [(sender, receiver, part)], extra backward
+    [(sender, receiver, part)]): backward, every forward message returns
+    in reverse (partial gradients, summed by its sender); a replicated
+    tensor's holders each need the whole gradient, so each receiver also
+    sends it to the holders it did not take the tensor from. A receiver that
+    holds a replicated tensor takes its own copy; the others take it from
+    the holders in turn, so that no one holder sends every copy.
+    """
+    forward, extra = [], []
+    if not replicated:
+        for r in receivers:
+            forward += [(d, r, part) for d, part in sources]
+        return forward, extra
+    held = [d for d, _ in sources]
+    part = sources[0][1]
+    turn = 0
+    for r in receivers:
+        if r in held:
+            src = r
+        else:
+            src, turn = held[turn % len(held)], turn + 1
+        forward.append((src, r, part))
+        extra += [(r, d, part) for d in held if d != src]
+    return forward, extra
+
+

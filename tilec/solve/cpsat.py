@@ -1,14 +1,16 @@
 """The plan optimiser: a CP-SAT model over the precomputed candidates.
 
-Problem: choose a chain of layer groups over the tiled prefix, each with a
-layout (split lines and the device of every tile) and keep-or-recompute,
-so that every device's peak memory fits and the predicted step time is
-least.
+Problem: choose a chain of groups over the whole program: layer groups of
+the tiled prefix, each with a layout (split lines and the device of every
+tile) and keep-or-recompute, up to a cut, then tail groups, each on one
+device or split by channels over several, so that every device's peak
+memory fits and the predicted step time is least.
 
 Data (:mod:`tilec.cost.candidates`, all priced outside the solver): groups
-with their seconds, per-device state/kept/workspace bytes, and the
-recompute variant's extra seconds and smaller kept bytes; transitions
-between layouts at each boundary with their seconds.
+and tail groups with their seconds, per-device state/kept/workspace bytes,
+and the recompute variant's extra seconds and smaller kept bytes;
+transitions between layouts (and tail holdings) at each boundary with
+their seconds.
 
 Variables:
 - ``use[g]``: group g is in the plan;
@@ -20,15 +22,15 @@ Constraints:
 - flow: one group starts at layer 0; at each boundary, the groups that
   arrive in a layout equal the transitions out of it, and the transitions
   into a layout equal the groups that leave from it; one group ends at the
-  prefix's last layer;
-- memory: per device, overhead + tail (rank 0) + sum of the chosen groups'
-  state and kept bytes (less what recomputing saves) + ``work[d]`` is at most
-  its memory; ``work[d]`` is at least the workspace of the group covering
-  each layer (exactly one group covers each layer, so one linear
-  constraint per layer and device gives the maximum).
+  program's last layer;
+- memory: per device, overhead + images (rank 0) + sum of the chosen
+  groups' state and kept bytes (less what recomputing saves) + ``work[d]``
+  is at most its memory; ``work[d]`` is at least the workspace of the
+  group covering each layer (exactly one group covers each layer, so one
+  linear constraint per layer and device gives the maximum).
 
-Objective: the sum of the chosen groups' and transitions' seconds (the
-tail is a constant), in microseconds.
+Objective: the sum of the chosen groups' and transitions' seconds, in
+microseconds.
 
 Scaling: seconds are integer microseconds, bytes integer KiB (rounded up).
 """
@@ -60,7 +62,7 @@ class PlanModel:
     def __init__(self, cands, recompute=True, overrun=False, forced=()):
         self.cands = cands
         model = self.model = cp_model.CpModel()
-        groups, prefix = cands.groups, cands.prefix
+        groups = cands.groups
         devices = cands.model.devices
 
         # variables
@@ -77,19 +79,21 @@ class PlanModel:
         self.move = [model.new_bool_var(f"move_{b}_{li}_{lj}") for b, li, lj, _ in cands.transitions]
 
         # flow along the chain
+        end = cands.end
         model.add(sum(self.use[gi] for gi, g in enumerate(groups) if g.first == 0) == 1)
-        model.add(sum(self.use[gi] for gi, g in enumerate(groups) if g.last == prefix - 1) == 1)
+        model.add(sum(self.use[gi] for gi, g in enumerate(groups) if g.last + 1 == end) == 1)
         arrive, leave, moves_out, moves_in = {}, {}, {}, {}
-        for gi, (g, li) in enumerate(zip(groups, cands.group_layout)):
-            if g.last + 1 < prefix:
-                arrive.setdefault((g.last + 1, li), []).append(self.use[gi])
+        for gi, g in enumerate(groups):
+            if g.last + 1 < end:
+                arrive.setdefault((g.last + 1, cands.group_out[gi]), []).append(self.use[gi])
             if g.first > 0:
-                leave.setdefault((g.first, li), []).append(self.use[gi])
+                leave.setdefault((g.first, cands.group_layout[gi]), []).append(self.use[gi])
         for t, (b, li, lj, _) in enumerate(cands.transitions):
             moves_out.setdefault((b, li), []).append(self.move[t])
             moves_in.setdefault((b, lj), []).append(self.move[t])
-        for node in cands.nodes:
+        for node in set(arrive) | set(moves_out):
             model.add(sum(arrive.get(node, [])) == sum(moves_out.get(node, [])))
+        for node in set(leave) | set(moves_in):
             model.add(sum(moves_in.get(node, [])) == sum(leave.get(node, [])))
 
         # memory per device
@@ -97,11 +101,10 @@ class PlanModel:
         self.slack = model.new_int_var(0, _kib(sum(d.memory_bytes for d in devices)) * 4, "slack") if overrun else 0
         self.work = []
         for d, dev in enumerate(devices):
-            const = dev.profile.process_overhead_bytes + (cm.tail_state + cm.tail_kept if d == 0 else 0)
+            const = dev.profile.process_overhead_bytes + (cm.rank0_bytes if d == 0 else 0)
             cap = dev.memory_bytes // KIB
-            ws_max = max([cm.tail_workspace if d == 0 else 0]
-                         + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups])
-            work = model.new_int_var(_kib(cm.tail_workspace) if d == 0 else 0, _kib(ws_max), f"work_{d}")
+            ws_max = max([0] + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups])
+            work = model.new_int_var(0, _kib(ws_max), f"work_{d}")
             self.work.append(work)
             terms = []
             for gi, g in enumerate(groups):
@@ -111,7 +114,7 @@ class PlanModel:
                 if gi in self.rec:
                     terms.append(-(_kib(g.state[d] + g.kept[d]) - _kib(g.state[d] + g.kept_recompute[d])) * self.rec[gi])
             model.add(sum(terms) + work + _kib(const) <= cap + self.slack)
-            for p in range(prefix):
+            for p in range(end):
                 cover = []
                 for gi, g in enumerate(groups):
                     if d in g.workspace and g.first <= p <= g.last:
@@ -150,7 +153,7 @@ class PlanModel:
             self.model.add_hint(self.slack, max(0, _kib(over) + 1))
         taken = set()
         for (gi, _), (gj, _) in zip(path, path[1:]):
-            taken.add((self.cands.groups[gj].first, self.cands.group_layout[gi], self.cands.group_layout[gj]))
+            taken.add((self.cands.groups[gj].first, self.cands.group_out[gi], self.cands.group_layout[gj]))
         for t, (b, li, lj, _) in enumerate(self.cands.transitions):
             self.model.add_hint(self.move[t], (b, li, lj) in taken)
 
@@ -194,18 +197,14 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
     from tilec.solve import bounds
     from tilec.solve.explain import explain_infeasible
     t0 = time.perf_counter()
-    tail = cands.model.tail_s
-    if cands.prefix == 0:
-        return solution_from_path(cands, [], solver="none (no tiled layers)", status="OPTIMAL",
-                                  objective_s=tail, bound_s=tail, wall_s=0.0)
     if not recompute:
         cands = _without_recompute(cands)
-    if min(bounds.free_memory(cands)) < 0:  # the process, or rank 0's tail, does not fit by itself
+    if min(bounds.free_memory(cands)) < 0:  # the process, or rank 0's images, do not fit by themselves
         raise explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute)
     upper, path, tried, _ = bounds.feasible_plan(cands)
     if path is not None and len(tried) == 1:
         return solution_from_path(cands, path, solver="shortest path (memory not binding)", status="OPTIMAL",
-                                  objective_s=upper + tail, bound_s=upper + tail, wall_s=time.perf_counter() - t0)
+                                  objective_s=upper, bound_s=upper, wall_s=time.perf_counter() - t0)
     dropped, forced = bounds.alone_too_big(cands)
     if upper is not None:
         reduced, kept = bounds.prune(cands, upper, tried)
@@ -225,7 +224,7 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         lower = max(solver.best_objective_bound / US, bounds.lower_bound(cands, tried))
         if status != cp_model.INFEASIBLE and path is not None:  # the Lagrangian plan stands
             return solution_from_path(cands, path, solver="lagrangian (cp-sat timed out)", status="FEASIBLE",
-                                      objective_s=upper + tail, bound_s=lower + tail, wall_s=wall,
+                                      objective_s=upper, bound_s=lower, wall_s=wall,
                                       booleans=pm.booleans)
         # Infeasible or undecided: the least-overflow model explains why no
         # plan fits, or finds one that does (CP-SAT rounds bytes up to KiB,
@@ -235,14 +234,14 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         if fitting is None:
             raise err
         sol = solution_from_path(cands, fitting, solver="cp-sat (least overflow)", status="FEASIBLE",
-                                 objective_s=0.0, bound_s=lower + tail, wall_s=time.perf_counter() - t0,
+                                 objective_s=0.0, bound_s=lower, wall_s=time.perf_counter() - t0,
                                  booleans=pm.booleans)
         sol.objective_s = sol.prediction.step_s
         return sol
     lower = max(solver.best_objective_bound / US, bounds.lower_bound(cands, tried))
     return solution_from_path(reduced, pm.path(solver), solver="cp-sat", status=solver.status_name(status),
-                              objective_s=solver.objective_value / US + tail, bound_s=min(lower + tail,
-                              solver.objective_value / US + tail), wall_s=wall, booleans=pm.booleans)
+                              objective_s=solver.objective_value / US, bound_s=min(lower,
+                              solver.objective_value / US), wall_s=wall, booleans=pm.booleans)
 
 
 def _without_recompute(cands):
