@@ -76,6 +76,18 @@ def test_every_template_file_is_used():
     assert set(render.template_names()) == {render.MODULE_TEMPLATE, "macros.j2", *render.FAMILIES}
 
 
+def test_templates_are_package_data_and_TILEC_TEMPLATES_overrides_them(tmp_path, monkeypatch):
+    assert render.templates_dir() == ROOT / "tilec" / "codegen" / "templates"
+    packaged = render.render_module(("float64",))
+    for p in render.templates_dir().glob("*.j2"):
+        (tmp_path / p.name).write_text(p.read_text())
+    monkeypatch.setenv(render.TEMPLATES_ENV, str(tmp_path))
+    assert render.render_module(("float64",)) == packaged
+    (tmp_path / render.MODULE_TEMPLATE).unlink()
+    with pytest.raises(CodegenError, match=f"kernel templates not found in {tmp_path}"):
+        render.render_module(("float64",))
+
+
 def test_undefined_variables_are_errors_not_empty_strings():
     env = render.environment()
     with pytest.raises(jinja2.UndefinedError):
@@ -216,7 +228,7 @@ def test_nothing_is_written_into_the_source_tree(tmp_path, monkeypatch):
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     # the places a stray output would land (others' files elsewhere may change meanwhile)
-    watched = [tmp_path / "cwd", ROOT / "templates", ROOT / "tilec" / "codegen"]
+    watched = [tmp_path / "cwd", Path(render.templates_dir()), ROOT / "tilec" / "codegen"]
     before = {p: sorted(q.name for q in p.iterdir()) for p in watched}
     source = generate(("float64",))
     assert source.generated and "PyInit_" + source.module in source.text
