@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = {
     "ir": set(),
     "frontend": {"ir"},
-    "analysis": set(),
+    "analysis": {"ir"},  # FLOPs as tilec.ir.stats counts them
     "profiles": set(),
     "cost": {"analysis", "ir", "profiles"},
     "plan": {"analysis"},

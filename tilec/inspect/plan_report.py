@@ -7,7 +7,8 @@ normalised values of batch-norm layers, and max-pool argmax indices (int16).
 """
 import numpy as np
 
-from tilec.analysis.tiles import area, flops_per_position, group_flops
+from tilec.analysis.tiles import area, group_flops
+from tilec.ir.stats import forward_flops_per_position
 
 
 def _layer_bytes(layer, positions, batch, itemsize):
@@ -64,7 +65,7 @@ def halo_overhead(plan):
         needed += group_flops(program, *group["layers"])
         for tile in group["tiles"]:
             for tl in tile["layers"]:
-                done += flops_per_position(program[tl["layer"]]) * area(tl["region"])
+                done += forward_flops_per_position(program[tl["layer"]]) * area(tl["region"])
     return done / needed - 1 if needed else 0.0
 
 
