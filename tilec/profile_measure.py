@@ -33,7 +33,6 @@ Only raw bytes travel (nothing is unpickled), and a request may not exceed
 """
 import datetime
 import itertools
-import json
 import os
 import platform
 import socket
@@ -47,6 +46,7 @@ import numpy as np
 from tilec.cost.compute import conv_features, epilogue_features, features, pool_features
 from tilec.errors import TilecError
 from tilec.profiles import FORMAT, KERNEL_KINDS, VERSION
+from tilec_runtime.files import atomic_json
 
 # (C_in, filters, kernel, output size, batch, with a 2x2 max-pool fused): the
 # layers of YOLO-like stacks at their real sizes (in and out of cache), and
@@ -345,9 +345,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
 def write_profile(data, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_json(path, data, indent=1)
     return path
 
 
