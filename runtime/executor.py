@@ -154,7 +154,7 @@ class RankExecutor:
         if self.native_cost:
             self.tail_grads[first - 1] = np.zeros_like(self.tail_inputs[first - 1])
         from tilec_runtime.genops import GeneratedOps
-        self.tail_kernels = GeneratedOps(self.module)
+        self.tail_ops = GeneratedOps(self.module)
 
     def _messages(self, plan, rank):
         """Staging buffers of the messages to peers, and when each message to
@@ -321,14 +321,14 @@ class RankExecutor:
             return
         acts = dict(self.tail_inputs)
         self.loss, cache = reference.forward_layers(self.tail_layers, self.params, self.buffers, acts, self.target,
-                                                    train=True, kernels=self.tail_kernels)
+                                                    train=True, impl=self.tail_ops)
         self.tail_state = (acts, cache)
 
     def _tail_bwd(self, op):
         if self.native_cost:
             return  # sse wrote the gradient with the loss
         acts, cache = self.tail_state
-        grads, dout = reference.backward_layers(self.tail_layers, self.params, acts, cache, kernels=self.tail_kernels)
+        grads, dout = reference.backward_layers(self.tail_layers, self.params, acts, cache, impl=self.tail_ops)
         for key, g in grads.items():
             self.acc[key] += g
         for t in self.tail_inputs:

@@ -155,10 +155,10 @@ def parse_job(job):
                 raise JobError(f"job field {key!r} must be a non-negative integer")
         if not (isinstance(job["timeout"], (int, float)) and job["timeout"] > 0):
             raise JobError("job field 'timeout' must be positive")
-        kernels = job.get("kernels")
-        if not (isinstance(kernels, dict) and isinstance(kernels.get("source"), str)
-                and isinstance(kernels.get("module"), str) and kernels["module"].isidentifier()):
-            raise JobError("job field 'kernels' must be {module: a name, source: C text}")
+        source = job.get("kernel_source")
+        if not (isinstance(source, dict) and isinstance(source.get("source"), str)
+                and isinstance(source.get("module"), str) and source["module"].isidentifier()):
+            raise JobError("job field 'kernel_source' must be {module: a name, source: C text}")
         threads = job.get("threads")
         if threads is not None and not (isinstance(threads, int) and threads >= 1):
             raise JobError("job field 'threads' must be a positive integer")
@@ -218,8 +218,8 @@ class Job:
         try:
             momentum = bool(job.get("momentum")) and has_momentum(plan)
             state = receive_state(self.conn, plan, holdings(plan, rank, momentum))
-            module = self._kernels()
-            job.pop("kernels", None)  # built: the source may go
+            module = self._build_kernels()
+            job.pop("kernel_source", None)  # built: the source may go
             send_frame(self.conn, Kind.READY, 0, 0)
             read_expected(self.conn, {Kind.GO: EMPTY})
             deadline = time.monotonic() + SETUP_TIMEOUT
@@ -295,11 +295,11 @@ class Job:
                     pass
             return message
 
-    def _kernels(self):
+    def _build_kernels(self):
         """The generated kernels the launcher sent (as C), built here into
         the build cache on first use, and loaded."""
-        from tilec_runtime.kernels import build_and_load
-        spec = self.job["kernels"]
+        from tilec_runtime.native import build_and_load
+        spec = self.job["kernel_source"]
         module, _ = build_and_load(spec["source"], spec["module"])
         return module
 

@@ -6,7 +6,7 @@ convolution, its epilogue, a max-pool; forward and backward) on a set of
 shapes that span small and large, thin and deep (the arithmetic intensity
 varies by two orders of magnitude), plus the layers the tail runs whole and
 the optimiser update. The three coefficients of
-:class:`tilec.profiles.Kernel` are fitted per kind and direction by
+:class:`tilec.profiles.KernelCost` are fitted per kind and direction by
 non-negative least squares on *relative* error, against the features of
 :mod:`tilec.cost.compute`, so that the prediction for a shape that was not
 measured follows its FLOPs and bytes. Every timing is the best of several
@@ -283,7 +283,7 @@ def _usable_memory_mb():
 def fingerprint(dtype="float32"):
     """What a profile of this machine was measured with; a change means measuring again."""
     from tilec.codegen.render import render_module
-    from tilec_runtime.kernels import cpu_id
+    from tilec_runtime.native import cpu_id
     import hashlib
     return {"machine": platform.machine(), "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],
             "cores": os.cpu_count() or 1, "python": platform.python_version(), "numpy": np.__version__,

@@ -307,15 +307,16 @@ def make_backend(plan, kind, params, buffers, momentum, out, *, threads=None, ti
         threads = threads or max(1, (os.cpu_count() or 1) // n)
         out.write(f"training on {n} device(s) as threads of this process, {threads} kernel thread(s) each\n")
         return backends.ThreadsBackend(plan, module, params, buffers, momentum, threads, timeout, trace)
-    kernels = _kernel_source(plan["dtype"], out)
+    kernel_source = _kernel_source(plan["dtype"], out)
     if kind == "local":
         from tilec_runtime.launch import local_threads
         threads = threads or local_threads(n)
         out.write(f"training on {n} local worker processes, {threads} kernel thread(s) each\n")
-        return backends.WorkersBackend(plan, workers.addresses, workers.key.encode(), kernels, params, buffers,
+        return backends.WorkersBackend(plan, workers.addresses, workers.key.encode(), kernel_source, params, buffers,
                                        momentum, threads, timeout, trace)
     out.write(f"training on the {n} devices of {where}\n")
-    return backends.WorkersBackend(plan, addresses, key, kernels, params, buffers, momentum, threads, timeout, trace)
+    return backends.WorkersBackend(plan, addresses, key, kernel_source, params, buffers, momentum, threads, timeout,
+                                   trace)
 
 
 def _say_idle(plan, out):

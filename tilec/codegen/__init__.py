@@ -5,7 +5,7 @@ module:
 
 1. ``render.render_module``: templates -> Cython source for the plan's dtype
 2. ``cythonize.cythonize``: Cython -> C (cached: the C is what devices get)
-3. ``tilec_runtime.kernels.build``: C -> shared library, on the device
+3. ``tilec_runtime.native.build``: C -> shared library, on the device
    (cached; needs only a C compiler and the Python headers)
 
 What each tile runs (its units, shapes and static buffer plan) is lowered
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tilec.codegen.cythonize import cythonize
 from tilec.codegen.render import render_module
-from tilec_runtime import kernels as rkernels
+from tilec_runtime import native
 
 
 class KernelBundle:
@@ -62,9 +62,9 @@ def build_modules(dtype_sets, progress=None):
 
     def one(dtypes):
         source = generate(dtypes, announce)
-        result = rkernels.build(source.text, source.module, on_compile=announce)
+        result = native.build(source.text, source.module, on_compile=announce)
         _debug(f"{source.module}: {'built' if result.built else 'cached'} at {result.path}")
-        return rkernels.load(result.path, source.module), source, result
+        return native.load(result.path, source.module), source, result
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(dtype_sets), os.cpu_count() or 1))) as pool:
         return list(pool.map(one, [tuple(d) for d in dtype_sets]))

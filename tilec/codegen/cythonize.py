@@ -1,7 +1,7 @@
 """Cython source -> C source, cached.
 
 The only user of Cython in tilec. The C it produces is what devices build
-(``tilec_runtime.kernels``), so it must not depend on where it was made:
+(``tilec_runtime.native``), so it must not depend on where it was made:
 Cython runs in a cache folder on a file named after the module, and the
 paths it embeds are relative. Keyed by the source, the module name and the
 Cython and scipy versions (the BLAS declarations come from scipy's .pxd).

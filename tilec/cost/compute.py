@@ -7,7 +7,7 @@ finish, the weight and the input gradient), its ``epilogue`` (batch norm or
 bias, activation and a fused max-pool; backward their gradients and sums),
 or a max-pool alone. The layers after the tiled prefix run whole, on rank
 0. A call's time on one thread is ``overhead + flops * s_per_flop + bytes *
-s_per_byte`` (:class:`tilec.profiles.Kernel`); this module defines the
+s_per_byte`` (:class:`tilec.profiles.KernelCost`); this module defines the
 FLOPs and bytes of every call, and ``tilec profile`` fits the coefficients
 against the very same features, so measurement and prediction cannot
 drift apart. Threads divide it by the profile's measured speed-up.
