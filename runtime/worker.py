@@ -40,7 +40,7 @@ from tilec_runtime import planfile
 from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
-from tilec_runtime.errors import ProgramError, RuntimeFault
+from tilec_runtime.errors import Diverged, ProgramError, RuntimeFault, check_loss
 from tilec_runtime.executor import RankExecutor, rank_keys
 from tilec_runtime.program import buffer_shapes, param_shapes
 from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
@@ -265,8 +265,7 @@ class Job:
                     if step not in reports:
                         self._report_state(dev, step)
                     break
-                if loss is not None and not np.isfinite(loss):
-                    raise RuntimeFault(f"the loss diverged (not finite) at step {step + 1}: lower --lr")
+                check_loss(step, loss)
                 seconds = time.perf_counter() - t0
                 wait = comm.wait_s - wait0
                 record = {"step": step, "device": rank, "name": self.name,
@@ -308,6 +307,8 @@ class Job:
             return str(exc)
         if isinstance(exc, (ConnectionClosed, FrameError, OSError)) and self.comm is None:
             return f"device {self.rank} ({self.name}): the launcher's connection failed before training ({exc})"
+        if isinstance(exc, Diverged):  # its message names the step
+            return f"device {self.rank} ({self.name}): {exc}"
         where = f"device {self.rank} ({self.name}) failed at step {step + 1}"
         if isinstance(exc, RuntimeFault):
             return f"{where}: {exc}"

@@ -153,3 +153,13 @@ def test_forward_writes_every_layer_and_refuses_bad_input_in_one_line(tmp_path, 
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("how", [[], ["--kernels", "reference"], ["--devices", "2"]],
+                         ids=["inprocess", "reference", "local-workers"])
+def test_a_diverging_loss_is_one_line_naming_the_step(how):
+    rc, _, err = run_cli("train", "tiny", "--lr", "1e30", "--steps", "5", *how)
+    assert rc == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("tilec: error: ") and err.endswith("step 2: the loss diverged (nan): lower --lr\n"), err
+    if "--devices" in how:
+        assert "device 0 (dev0): step 2:" in err  # rank 0's worker computes the loss

@@ -16,20 +16,15 @@ import threading
 import time
 from dataclasses import dataclass, fields
 
-import numpy as np
-
 from tilec.errors import PlanError, TilecError
 from tilec.progress import StepProgress
 from tilec_runtime import checkpoint as rcheckpoint
 from tilec_runtime import data as rdata
 from tilec_runtime import weights as rweights
+from tilec_runtime.errors import check_loss
 
 BACKENDS = ("local", "inprocess")
 KERNELS = ("generated", "reference")
-
-
-class TrainingError(TilecError):
-    """Training cannot go on (the loss diverged)."""
 
 
 @dataclass
@@ -124,8 +119,7 @@ def run_loop(backend, batches, first, last, *, batch, lr, every=0, on_state=None
             if res.state is not None and on_state is not None:
                 on_state(res.step + 1, *res.state)
                 saved = res.step + 1
-            if res.loss is not None and not np.isfinite(res.loss):
-                raise TrainingError(f"step {res.step + 1}: the loss diverged ({res.loss}): lower --lr")
+            check_loss(res.step, res.loss)
         done = first + len(losses)
         if interrupted and on_state is not None and losses and saved != done:
             on_state(done, *backend.final_state())  # what the steps that ran left
