@@ -163,3 +163,22 @@ def test_a_diverging_loss_is_one_line_naming_the_step(how):
     assert err.startswith("tilec: error: ") and err.endswith("step 2: the loss diverged (nan): lower --lr\n"), err
     if "--devices" in how:
         assert "device 0 (dev0): step 2:" in err  # rank 0's worker computes the loss
+
+
+def test_progress_on_a_terminal_without_tqdm_is_plain_lines(monkeypatch):
+    """tqdm is optional (not a dependency): a terminal without it gets lines."""
+    import io
+
+    from tilec.progress import StepProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    out = Terminal()
+    progress = StepProgress(2, batch=4, out=out)
+    progress(0, 1.5, 0.1)
+    progress(1, 1.25, 0.1)
+    progress.close()
+    assert out.getvalue().splitlines()[-1].startswith("step    2/2  loss 1.250000")
