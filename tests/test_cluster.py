@@ -23,7 +23,7 @@ def test_every_shipped_profile_loads_and_cites_its_sources():
         assert 0 < prof.memory_bytes and prof.bandwidth_bps > 0
         for kind in KERNEL_KINDS:
             for d in DIRECTIONS:
-                k = prof.kernel(kind, d)
+                k = prof.cost(kind, d)
                 assert min(k.overhead_s, k.s_per_flop, k.s_per_byte) >= 0
 
 
