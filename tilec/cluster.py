@@ -23,6 +23,7 @@ made for.
 Every error names the file, the device and the field.
 """
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,10 +211,16 @@ def local_profile(measure_if_missing=True):
     if chosen:
         return load_profile(chosen)
     path = local_profile_path()
+    stale = None
     if path.is_file():
-        return load_profile(path)
+        try:
+            return load_profile(path)
+        except ProfileError as exc:  # written by an older tilec, or damaged: measure again
+            stale = exc
     if not measure_if_missing:
-        raise ProfileError(f"no profile of this machine at {path}: run `tilec profile`")
+        raise stale or ProfileError(f"no profile of this machine at {path}: run `tilec profile`")
+    if stale is not None:
+        print(f"tilec: re-measuring this machine's profile ({stale})", file=sys.stderr)
     from tilec.profile_measure import measure_profile, write_profile
     data = measure_profile(quick=True)
     write_profile(data, path)
