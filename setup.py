@@ -12,7 +12,10 @@ setup(
     # planner (`tilec`) brings the heavy dependencies.
     packages=find_packages(include=["tilec", "tilec.*"]) + ["tilec_runtime"],
     package_dir={"tilec_runtime": "runtime"},
-    package_data={"tilec": ["models/*.cfg", "models/*.onnx", "profiles/*.json"]},
+    # the wheel is self-contained: bundled models, shipped profiles and the
+    # kernel templates (a wheel's `tilec train` generates kernels)
+    package_data={"tilec": ["models/*.cfg", "models/*.onnx", "profiles/*.json"],
+                  "tilec.codegen": ["templates/*.j2"]},
     include_package_data=True,
     install_requires=["numpy>=1.24", "scipy>=1.10", "networkx>=3.0", "PyYAML>=6.0", "ortools>=9.8",
                       "matplotlib>=3.7", "Jinja2>=3.1", "Cython>=3.0", "Pillow>=9.0"],

@@ -84,7 +84,7 @@ def load_tiny416(folder):
     return load_model(path)
 
 
-def tilec_job(graph, devices, batch, steps, kernels):
+def tilec_job(graph, devices, batch, steps, kernel_source):
     """One job on ``devices`` local workers; returns per-step records."""
     from tilec.compile import compile_plan
     from tilec_runtime import data, launch, weights
@@ -94,7 +94,7 @@ def tilec_job(graph, devices, batch, steps, kernels):
     batches = data.generated_batches(program, batch, 0, "float32")
     records = []
     launch.train_local(plan, params, buffers, batches, steps=steps, threads=1, on_metrics=records.append,
-                       kernels=kernels)
+                       kernel_source=kernel_source)
     return plan, records[1:]
 
 
@@ -229,11 +229,11 @@ def main():
     os.environ.update(ONE_THREAD)  # this process too (it runs nothing heavy, but be fair)
     folder = tempfile.mkdtemp(prefix="tilec-cluster-bench-")
     graph = load_tiny416(folder)
-    kernels = None
+    kernel_source = None
     if args.kernels == "generated":
         from tilec.codegen import generate
         source = generate(("float32",))
-        kernels = {"module": source.module, "source": source.text}
+        kernel_source = {"module": source.module, "source": source.text}
     capacity_before = parallel_capacity()
     runs = {}
     plans = {}
@@ -241,7 +241,7 @@ def main():
                   ("tilec 1 worker b2", 1, 2), ("tilec 2 workers b2", 2, 2)]
     for rnd in range(args.rounds):
         for name, devices, batch in contenders:
-            plan, records = tilec_job(graph, devices, batch, args.steps, kernels)
+            plan, records = tilec_job(graph, devices, batch, args.steps, kernel_source)
             plans[name] = plan
             runs.setdefault(name, []).append(summarise_tilec(records))
             print(f"round {rnd + 1}: {name}: {[round(r[0]['step_s'], 3) for r in records]}", file=sys.stderr)

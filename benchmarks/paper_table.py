@@ -149,7 +149,7 @@ def measured_job(graph, prefix, devices, batch, steps, kernels):
         generated = generate(("float32",))
         source = {"module": generated.module, "source": generated.text}
     launch.train_local(plan, params, buffers, batches, steps=steps, threads=1, on_metrics=records.append,
-                       kernels=source)
+                       kernel_source=source)
     steady = records[1:] or records
     predicted = [d["memory_bytes"] for d in (plan.get("predicted") or {}).get("per_device", [])]
     return {"step_s": statistics.median(r[0]["step_s"] for r in steady),

@@ -4,8 +4,8 @@ Default ``~/.cache/tilec`` (``TILEC_CACHE`` overrides it). Entries are keyed
 by a hash of everything that changes what is built, so an entry is never
 stale and a second build of the same thing builds nothing. Writers take a
 per-entry file lock (two workers on one device may build the same kernels at
-the same time) and publish with an atomic rename, so a reader never sees a
-half-written file. Nothing here writes outside the cache directory.
+the same time) and publish with an atomic rename (``tilec_runtime.files``),
+so a reader never sees a half-written file. Nothing here writes outside the cache directory.
 """
 import contextlib
 import errno
@@ -58,16 +58,6 @@ def file_lock(path, timeout=600.0):
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-
-
-def atomic_write(path, data):
-    """Write bytes or text to ``path`` via a temporary file and a rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def entry_dir(kind, key):

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tilec_runtime.errors import RuntimeFault
+from tilec_runtime.files import atomic_savez
 from tilec_runtime.npzfile import load_npz
 from tilec_runtime.program import buffer_shapes, param_shapes
 
@@ -52,21 +53,7 @@ def save(directory, step, params, buffers, momentum, **meta):
     arrays = {"meta": np.frombuffer(json.dumps(info, sort_keys=True).encode(), np.uint8)}
     for section, values in zip(SECTIONS, (params, buffers, momentum or {})):
         arrays.update({f"{section}/{k}": np.asarray(v) for k, v in values.items()})
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
+    atomic_savez(path, arrays, sync_dir=True)  # the rename itself survives a power cut
     return path
 
 

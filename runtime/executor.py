@@ -163,17 +163,17 @@ class RankExecutor:
         """The tail groups ``rank`` is a member of: whole, or split by channels."""
         from tilec_runtime.genops import GeneratedOps
         self.tails, self.tail_of = {}, {}
-        kernels = GeneratedOps(self.module)
+        impl = GeneratedOps(self.module)
         for g, group in enumerate(plan["groups"]):
             members = sorted(t["device"] for t in group["tiles"])
             if group["kind"] != "tail" or rank not in members:
                 continue
             first, last = group["layers"]
             if group.get("mode") == "channels":
-                step = ChannelGroup(self.program, first, last, self.batch, self.dtype, kernels, members.index(rank),
+                step = ChannelGroup(self.program, first, last, self.batch, self.dtype, impl, members.index(rank),
                                     len(members))
             else:
-                step = WholeGroup(self.program, first, last, self.batch, self.dtype, kernels, self.k)
+                step = WholeGroup(self.program, first, last, self.batch, self.dtype, impl, self.k)
             self.tails[g] = step
             for t in range(first, last + 1):
                 self.tail_of[t] = g

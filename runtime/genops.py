@@ -1,7 +1,7 @@
 """``tilec_runtime.ops``-compatible functions backed by generated kernels.
 
-The executors (``reference``, ``tiled``) take a kernel object with the
-functions of ``ops``; ``GeneratedOps(module)`` is one whose spatial,
+The executors (``reference``, ``tiled``) take an implementation of the
+functions of ``ops`` (``impl``); ``GeneratedOps(module)`` is one whose spatial,
 batch-norm and activation functions run the generated kernels, with the
 same signatures and results (outputs are new arrays, as in ``ops``), and
 whose other functions are those of ``ops``. This is the drop-in path: it
@@ -28,7 +28,7 @@ def _half_open(owned, h, w):
 
 
 class GeneratedOps:
-    """A kernel object for the executors; anything not generated is ``ops``'s."""
+    """An ``ops`` implementation for the executors; anything not generated is ``ops``'s."""
 
     def __init__(self, module):
         self.module = module

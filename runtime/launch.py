@@ -33,13 +33,13 @@ class JobFailed(PeerLost):
     """A job ended early; the message is the one-line report of the fault."""
 
 
-def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernels, first_step=0, momentum=None,
+def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_source, first_step=0, momentum=None,
             timeout=120.0, state_every=0, on_step=None, on_metrics=None, on_state=None, connect_timeout=30.0,
             threads=None, trace=False, lr=None):
     """Train ``steps`` steps from ``first_step`` on workers at ``addresses``
     (rank order). Returns (losses, params, buffers, momentum).
 
-    ``kernels``: ``{"module": name, "source": C text}`` of the generated
+    ``kernel_source``: ``{"module": name, "source": C text}`` of the generated
     kernels (``tilec.codegen.generate``), which every worker builds (once:
     they are cached) and runs. ``threads``: the kernel threads of every
     worker (default: the plan's per device). ``trace``: every record of
@@ -52,7 +52,7 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernels, f
     """
     job = Job(plan, addresses, key, timeout)
     try:
-        job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels, threads,
+        job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernel_source, threads,
                   trace, lr)
         losses = []
         for step, records, state in job.steps(batches):
@@ -95,8 +95,8 @@ class Job:
 
     # -- set-up -------------------------------------------------------------------
 
-    def start(self, params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernels, threads,
-              trace, lr=None):
+    def start(self, params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernel_source,
+              threads, trace, lr=None):
         plan = self.plan
         self.step = first_step
         self.first, self.last = first_step, first_step + steps
@@ -119,7 +119,7 @@ class Job:
                 send_frame(sock, Kind.JOB, 0, 0, as_bytes({
                     "job": job_id, "rank": r, "peers": [list(a) for a in self.addresses],
                     "first_step": first_step, "steps": steps, "timeout": self.timeout, "state_every": state_every,
-                    "momentum": send_momentum, "kernels": kernels, "threads": threads, "trace": bool(trace),
+                    "momentum": send_momentum, "kernel_source": kernel_source, "threads": threads, "trace": bool(trace),
                     "lr": [[int(a), float(b)] for a, b in (lr or [])], "plan": plan}))
                 held = pieces(plan, r)
                 for index in holdings(plan, r, send_momentum):
@@ -380,9 +380,9 @@ class LocalWorkers:
         return self.returncodes
 
 
-def train_local(plan, params, buffers, batches, *, steps, kernels, key=None, log_dir=None, **kwargs):
+def train_local(plan, params, buffers, batches, *, steps, kernel_source, key=None, log_dir=None, **kwargs):
     """``run_job`` on ``len(plan["devices"])`` local worker processes."""
     key = key or secrets.token_hex(32)
     with LocalWorkers(len(plan["devices"]), key, log_dir=log_dir) as workers:
         return run_job(plan, workers.addresses, key.encode(), params, buffers, batches, steps=steps,
-                       kernels=kernels, **kwargs)
+                       kernel_source=kernel_source, **kwargs)

@@ -10,6 +10,7 @@ import json
 import os
 
 from tilec_runtime.errors import ProgramError
+from tilec_runtime.files import atomic_json
 from tilec_runtime.program import validate as validate_program
 
 FORMAT = "tilec-plan"
@@ -37,13 +38,7 @@ def write_plan(plan, directory):
     """Write ``directory/plan.json`` atomically; returns the path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "plan.json")
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(plan, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_json(path, plan, indent=1, sort_keys=True)
     return path
 
 

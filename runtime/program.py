@@ -111,42 +111,78 @@ def _check_fields(layer):
     elif kind == "connected":
         _int(layer, "output", 1)
     elif kind == "reorg":
-        s = _int(layer, "stride", 1)
+        _int(layer, "stride", 1)
         if layer["order"] not in REORG_ORDERS:
             raise ProgramError(f"layer {i} (reorg): order must be one of {', '.join(REORG_ORDERS)}, "
                                f"got {layer['order']!r}")
-        c = layer["in_shape"][0]
-        if layer["order"] == "darknet" and c % (s * s):
-            # darknet's index arithmetic reads the input as (C/s², H*s, W*s)
-            raise ProgramError(f"layer {i} (reorg): darknet order needs input channels divisible by "
-                               f"stride² = {s * s}, got {c}")
     elif kind == "cost" and layer["type"] != "sse":
         raise ProgramError(f"layer {i} (cost): only type sse is supported, got {layer['type']!r}")
     if kind in ("conv", "connected") and layer["act"] not in ACTIVATIONS:
         raise ProgramError(f"layer {i} ({kind}): unknown activation {layer['act']!r}")
 
 
-def expected_out_shape(layer, in_shapes):
-    """The output shape darknet's formulas give, or None if the input does not fit."""
+def _fmt(shape):
+    return "x".join(str(v) for v in shape)
+
+
+def out_shape(layer, in_shapes):
+    """The output shape ``[C, H, W]`` of ``layer`` from the shapes of its
+    inputs (one per ``layer["inputs"]``), by darknet's rules; the one place
+    shapes are inferred (the planner's IR calls it too).
+
+    - conv: ``(H + 2*pad - size) // stride + 1``
+    - maxpool: ``(H + padding - size) // stride + 1`` (``padding`` is the
+      total over both borders)
+    - avgpool: ``[C, 1, 1]``; connected: ``[output, 1, 1]``
+    - softmax, cost, region: the shape of their input (region: ``C`` must be
+      ``num * (4 + 1 + classes)``, :func:`tilec_runtime.region.check`)
+    - route: the channels of its inputs concatenated (all the same H, W)
+    - reorg: ``[C*s*s, H/s, W/s]`` (H and W divisible by ``s``; with
+      ``order="darknet"`` also C divisible by ``s*s``: see
+      ``ops.reorg_forward``)
+
+    ``layer`` needs ``kind``, the kind's fields and, for a route, ``inputs``.
+    Raises ValueError saying why the inputs do not fit (without naming the
+    layer: the caller knows how to name it).
+    """
     kind = layer["kind"]
     c, h, w = in_shapes[0]
     if kind in ("conv", "maxpool"):
         k, s = layer["size"], layer["stride"]
-        lo, hi = pads_of(layer)[:2]
-        ho, wo = (h + lo + hi - k) // s + 1, (w + lo + hi - k) // s + 1
-        return [layer["filters"] if kind == "conv" else c, ho, wo] if ho > 0 and wo > 0 else None
+        top, bottom = pads_of(layer)[:2]
+        if h + top + bottom < k or w + top + bottom < k:
+            what, pad = ("kernel", f"pad {top}") if kind == "conv" else ("window", f"padding {top + bottom}")
+            raise ValueError(f"{what} {k}x{k} is larger than the padded input {h + top + bottom}x"
+                             f"{w + top + bottom} (input {_fmt(in_shapes[0])}, {pad})")
+        return [layer["filters"] if kind == "conv" else c, (h + top + bottom - k) // s + 1,
+                (w + top + bottom - k) // s + 1]
     if kind == "avgpool":
         return [c, 1, 1]
     if kind == "connected":
         return [layer["output"], 1, 1]
     if kind == "route":
-        if any(shape[1:] != [h, w] for shape in in_shapes):
-            return None
+        inputs = layer["inputs"]
+        for j, shape in zip(inputs[1:], in_shapes[1:]):
+            if list(shape[1:]) != [h, w]:
+                raise ValueError(f"inputs have different sizes: layer {inputs[0]} is "
+                                 f"{_fmt(in_shapes[0])}, layer {j} is {_fmt(shape)} (CxHxW)")
         return [sum(shape[0] for shape in in_shapes), h, w]
     if kind == "reorg":
         s = layer["stride"]
-        return [c * s * s, h // s, w // s] if h % s == 0 and w % s == 0 else None
-    return [c, h, w]  # losses
+        if h % s or w % s:
+            raise ValueError(f"input {_fmt(in_shapes[0])} is not divisible by stride {s}")
+        if layer["order"] == "darknet" and c % (s * s):
+            # darknet's index arithmetic reads the input as (C/s², H*s, W*s)
+            raise ValueError(f"input {_fmt(in_shapes[0])}: darknet's reorg needs channels divisible by "
+                             f"stride² = {s * s}")
+        return [c * s * s, h // s, w // s]
+    if kind == "region":
+        problem = region.check({**layer, "in_shape": list(in_shapes[0])})
+        if problem:
+            raise ValueError(problem)
+    if kind in LOSSES:
+        return [c, h, w]
+    raise ValueError(f"unknown kind {kind!r}")
 
 
 def validate(program):
@@ -176,13 +212,13 @@ def validate(program):
         in_shapes = [program[0]["in_shape"] if j == -1 else program[j]["out_shape"] for j in inputs]
         if layer["in_shape"] != in_shapes[0]:
             raise ProgramError(f"layer {pos} ({kind}): in_shape {layer['in_shape']} is not its input's shape {in_shapes[0]}")
-        if kind != "region" and layer["out_shape"] != expected_out_shape(layer, in_shapes):
+        try:
+            expected = out_shape(layer, in_shapes)
+        except ValueError as err:
+            raise ProgramError(f"layer {pos} ({kind}): {err}") from None
+        if layer["out_shape"] != expected:
             raise ProgramError(f"layer {pos} ({kind}): out_shape {layer['out_shape']} does not follow from "
                                f"its inputs {in_shapes}")
-        if kind == "region":
-            problem = region.check(layer)
-            if problem:
-                raise ProgramError(f"layer {pos} (region): {problem}")
         if kind in LOSSES and pos != len(program) - 1:
             raise ProgramError(f"layer {pos} ({kind}): a loss must be the last layer")
     if program[-1]["kind"] not in LOSSES:

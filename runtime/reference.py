@@ -10,23 +10,23 @@ from tilec_runtime import ops, region
 from tilec_runtime.program import LOSSES, pads_of
 
 
-def forward(program, params, buffers, images, target, train=True, kernels=None):
+def forward(program, params, buffers, images, target, train=True, impl=None):
     """Run the program; returns (loss, state). Updates running statistics
     in ``buffers`` when ``train`` (as torch's batch_norm(training=True)).
-    ``kernels``: an object with the functions of ``ops`` (default ``ops``;
-    ``tilec_runtime.genops.GeneratedOps`` runs the generated kernels)."""
+    ``impl``: an implementation of the functions of ``ops`` (default ``ops``
+    itself; ``tilec_runtime.genops.GeneratedOps`` runs the generated kernels)."""
     acts = {-1: images}
-    loss, cache = forward_layers(program, params, buffers, acts, target, train, kernels)
+    loss, cache = forward_layers(program, params, buffers, acts, target, train, impl)
     return loss, (acts, cache)
 
 
-def forward_layers(layers, params, buffers, acts, target, train=True, kernels=None):
+def forward_layers(layers, params, buffers, acts, target, train=True, impl=None):
     """Forward through ``layers`` (a slice of a program), reading inputs from
     and writing outputs to ``acts`` (``acts[-1]`` is the image batch).
     Returns (loss or None, cache for ``backward_layers``)."""
     cache = {}
     loss = None
-    k = kernels or ops
+    k = impl or ops
     for layer in layers:
         i, kind = layer["index"], layer["kind"]
         x = acts[layer["inputs"][0]]
@@ -86,19 +86,19 @@ def infer(program, params, buffers, images):
     return acts
 
 
-def backward(program, params, images, state, kernels=None):
+def backward(program, params, images, state, impl=None):
     """Gradients of the loss w.r.t. every parameter, from ``forward``'s state."""
     acts, cache = state
-    return backward_layers(program, params, acts, cache, kernels=kernels)[0]
+    return backward_layers(program, params, acts, cache, impl=impl)[0]
 
 
-def backward_layers(layers, params, acts, cache, dout=None, kernels=None):
+def backward_layers(layers, params, acts, cache, dout=None, impl=None):
     """Backward through ``layers`` from the loss (if among them) and the
     output gradients in ``dout``. Returns (grads, dout) where ``dout`` now
     holds the gradients of the tensors the layers read but did not produce."""
     grads = {}
     dout = dict(dout or {})
-    k = kernels or ops
+    k = impl or ops
 
     def add(j, g):
         if j == -1:
@@ -147,7 +147,7 @@ def backward_layers(layers, params, acts, cache, dout=None, kernels=None):
     return grads, dout
 
 
-def train_step(program, params, buffers, images, target, kernels=None):
+def train_step(program, params, buffers, images, target, impl=None):
     """Forward and backward; returns (loss, grads)."""
-    loss, state = forward(program, params, buffers, images, target, train=True, kernels=kernels)
-    return loss, backward(program, params, images, state, kernels=kernels)
+    loss, state = forward(program, params, buffers, images, target, train=True, impl=impl)
+    return loss, backward(program, params, images, state, impl=impl)

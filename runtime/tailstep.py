@@ -26,10 +26,10 @@ from tilec_runtime.program import pads_of
 class WholeGroup:
     """program[first..last] on one device."""
 
-    def __init__(self, program, first, last, batch, dtype, kernels, native_kernels):
+    def __init__(self, program, first, last, batch, dtype, impl, native_kernels):
         self.program, self.first, self.last = program, first, last
         self.layers = program[first:last + 1]
-        self.batch, self.dtype, self.k = batch, dtype, kernels
+        self.batch, self.dtype, self.k = batch, dtype, impl
         reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
         self.inputs = {t: np.zeros((batch, *_shape(program, t)), dtype) for t in reads}
         only = self.layers[0] if len(self.layers) == 1 else None
@@ -65,14 +65,14 @@ class WholeGroup:
             return self.loss
         self.acts = dict(self.inputs)
         self.loss, self.cache = reference.forward_layers(self.layers, params, buffers, self.acts, target,
-                                                         train=True, kernels=self.k)
+                                                         train=True, impl=self.k)
         return self.loss
 
     def backward(self, params, acc):
         if self.native is not None:
             return  # sse wrote the gradient with the loss
         dout = {t: g for t, g in self.grads_in.items()}
-        grads, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, dout, kernels=self.k)
+        grads, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, dout, impl=self.k)
         for key, g in grads.items():
             acc[key] += g
         for t in self.inputs:
@@ -84,10 +84,10 @@ class WholeGroup:
 class ChannelGroup:
     """A member's share of program[first..last] split by channels over ``k`` devices."""
 
-    def __init__(self, program, first, last, batch, dtype, kernels, member, k):
+    def __init__(self, program, first, last, batch, dtype, impl, member, k):
         self.program, self.first, self.last = program, first, last
         self.layers = program[first:last + 1]
-        self.batch, self.dtype, self.k = batch, dtype, kernels
+        self.batch, self.dtype, self.k = batch, dtype, impl
         self.member, self.n = member, k
         self.roles = shards.roles(program, first, last)
         self.held = shards.layouts(program, first, last, k)
@@ -131,7 +131,7 @@ class ChannelGroup:
         x = self.acts[i - 1] if i > self.first else self.inputs[self.first - 1]
         self.acts[i - 1] = x
         if self.roles[i] != "B":
-            _, cache = reference.forward_layers([share], params, buffers, self.acts, None, train=True, kernels=self.k)
+            _, cache = reference.forward_layers([share], params, buffers, self.acts, None, train=True, impl=self.k)
             self.cache[i] = cache.get(i)
             return
         if layer["kind"] == "conv":
@@ -203,7 +203,7 @@ class ChannelGroup:
             share = self.layer_share(layer)
             cache = {i: self.cache.pop(i, None)}
             grads, dout = reference.backward_layers([share], params, self.acts, cache, {i: self.grads_in[i]},
-                                                    kernels=self.k)
+                                                    impl=self.k)
             for key, g in grads.items():
                 acc[key] += g
             dx = dout.get(j, np.zeros_like(x))

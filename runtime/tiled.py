@@ -28,10 +28,10 @@ def _rows_cols(region):
 class DeviceStep:
     """Executes the plan's schedule for one rank over a ``Comm``."""
 
-    def __init__(self, plan, comm, kernels=None):
+    def __init__(self, plan, comm, impl=None):
         self.plan, self.comm, self.rank = plan, comm, comm.rank
         # the functions of ``ops`` (default), or generated ones (tilec_runtime.genops)
-        self.kernels = kernels or ops
+        self.ops = impl or ops
         self.program = plan["program"]
         self.batch = plan["batch"]
         self.dtype = np.dtype(plan["dtype"])
@@ -127,7 +127,7 @@ class DeviceStep:
         stats = {}
 
         def synced_stats(i, owned):
-            n, mean, m2 = stats[i] = self._bn_allreduce(i, self.kernels.bn_stats(owned), members)
+            n, mean, m2 = stats[i] = self._bn_allreduce(i, self.ops.bn_stats(owned), members)
             ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
             return n, mean, m2
 
@@ -144,18 +144,18 @@ class DeviceStep:
             i = layer["index"]
             src = prev[:, :, _sl(tl["src"][0], prev_region[0][0]), _sl(tl["src"][1], prev_region[1][0])]
             if layer["kind"] == "conv":
-                z = self.kernels.conv2d_forward(src, params[f"{i}.conv.weight"], layer["stride"], tl["pads"])
+                z = self.ops.conv2d_forward(src, params[f"{i}.conv.weight"], layer["stride"], tl["pads"])
                 if layer["bn"]:
                     owned = z[:, :, _sl(tl["owned"][0], tl["region"][0][0]), _sl(tl["owned"][1], tl["region"][1][0])]
                     n, mean, m2 = bn_stats(i, owned)
-                    z, xhat, inv_std = self.kernels.bn_normalize(z, mean, m2 / n, params[f"{i}.bn.weight"], params[f"{i}.bn.bias"])
+                    z, xhat, inv_std = self.ops.bn_normalize(z, mean, m2 / n, params[f"{i}.bn.weight"], params[f"{i}.bn.bias"])
                     cache = (src, xhat, inv_std)
                 else:
                     z = z + params[f"{i}.conv.bias"][None, :, None, None]
                     cache = (src,)
-                y = self.kernels.act_forward(z, layer["act"])
+                y = self.ops.act_forward(z, layer["act"])
             else:
-                y, arg = self.kernels.maxpool_forward(src, layer["size"], layer["stride"], tl["pads"])
+                y, arg = self.ops.maxpool_forward(src, layer["size"], layer["stride"], tl["pads"])
                 cache = (src.shape, arg)
             if y.shape[2:] != _rows_cols(tl["region"]):
                 raise AssertionError(f"layer {i}: computed {y.shape[2:]} for region {tl['region']}")
@@ -191,22 +191,22 @@ class DeviceStep:
             dsrc = dprev[:, :, _sl(tl["src"][0], prev_region[0][0]), _sl(tl["src"][1], prev_region[1][0])]
             if layer["kind"] == "conv":
                 src = caches[j][0]
-                dz = self.kernels.act_backward(acts[j], layer["act"], dy)
+                dz = self.ops.act_backward(acts[j], layer["act"], dy)
                 if layer["bn"]:
                     _, xhat, inv_std = caches[j]
-                    s = self.comm.allreduce_sum(self._tag("bng", i), np.concatenate(self.kernels.bn_grad_sums(dz, xhat)), members)
+                    s = self.comm.allreduce_sum(self._tag("bng", i), np.concatenate(self.ops.bn_grad_sums(dz, xhat)), members)
                     c = layer["filters"]
                     count = self.batch * layer["out_shape"][1] * layer["out_shape"][2]
                     grads[f"{i}.bn.weight"] = s[c:].astype(self.dtype)
                     grads[f"{i}.bn.bias"] = s[:c].astype(self.dtype)
                     owned = (_sl(tl["owned"][0], tl["region"][0][0]), _sl(tl["owned"][1], tl["region"][1][0]))
-                    dz = self.kernels.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s[:c] / count, s[c:] / count, owned)
+                    dz = self.ops.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s[:c] / count, s[c:] / count, owned)
                 else:
                     grads[f"{i}.conv.bias"] = dz.sum(axis=(0, 2, 3))
-                dx, grads[f"{i}.conv.weight"] = self.kernels.conv2d_backward(src, params[f"{i}.conv.weight"], layer["stride"], tl["pads"], dz)
+                dx, grads[f"{i}.conv.weight"] = self.ops.conv2d_backward(src, params[f"{i}.conv.weight"], layer["stride"], tl["pads"], dz)
             else:
                 src_shape, arg = caches[j]
-                dx = self.kernels.maxpool_backward(src_shape, layer["size"], layer["stride"], tl["pads"], arg, dy)
+                dx = self.ops.maxpool_backward(src_shape, layer["size"], layer["stride"], tl["pads"], arg, dy)
             dsrc += dx
             dy = dprev
         self._send_pieces(self.bwd_out.get((g, first - 1), []), "b", dy, in_region)
@@ -229,12 +229,12 @@ class DeviceStep:
             full = ((0, shape[1] - 1), (0, shape[2] - 1))
             self._recv_pieces(msgs, "f", acts[tensor], full, add=False)
         layers = self.program[first:last + 1]
-        loss, cache = reference.forward_layers(layers, params, buffers, acts, target, train=True, kernels=self.kernels)
+        loss, cache = reference.forward_layers(layers, params, buffers, acts, target, train=True, impl=self.ops)
         return loss, (layers, acts, cache)
 
     def _backward_tail(self, g, params, state):
         layers, acts, cache = state
-        grads, dout = reference.backward_layers(layers, params, acts, cache, kernels=self.kernels)
+        grads, dout = reference.backward_layers(layers, params, acts, cache, impl=self.ops)
         for (consumer, tensor), msgs in self.bwd_out.items():
             if consumer != g:
                 continue

@@ -4,11 +4,11 @@ Keys are those of a PyTorch state dict of modules named by layer index
 (``"3.conv.weight"``, ``"3.bn.running_var"``, ``"9.fc.bias"``), so weights
 move both ways between tilec and PyTorch.
 """
-import os
 
 import numpy as np
 
 from tilec_runtime.errors import WeightsError
+from tilec_runtime.files import atomic_savez
 from tilec_runtime.npzfile import load_npz
 from tilec_runtime.program import buffer_shapes, param_shapes
 
@@ -63,17 +63,6 @@ def from_arrays(arrays, program, dtype, path):
     if extra:
         raise WeightsError(f"{path}: unexpected parameter {extra[0]!r} (not in the model)")
     return params, buffers
-
-
-def atomic_savez(path, arrays):
-    """Write an .npz atomically: write a temporary file, fsync, rename."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_weights(path, params, buffers):

@@ -40,7 +40,7 @@ from tilec_runtime import planfile
 from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
-from tilec_runtime.errors import ProgramError, RuntimeFault
+from tilec_runtime.errors import Diverged, ProgramError, RuntimeFault, check_loss
 from tilec_runtime.executor import RankExecutor
 from tilec_runtime.executor import holdings as holdings_of
 from tilec_runtime.program import buffer_shapes, param_shapes
@@ -174,10 +174,10 @@ def parse_job(job):
                 raise JobError(f"job field {key!r} must be a non-negative integer")
         if not (isinstance(job["timeout"], (int, float)) and job["timeout"] > 0):
             raise JobError("job field 'timeout' must be positive")
-        kernels = job.get("kernels")
-        if not (isinstance(kernels, dict) and isinstance(kernels.get("source"), str)
-                and isinstance(kernels.get("module"), str) and kernels["module"].isidentifier()):
-            raise JobError("job field 'kernels' must be {module: a name, source: C text}")
+        source = job.get("kernel_source")
+        if not (isinstance(source, dict) and isinstance(source.get("source"), str)
+                and isinstance(source.get("module"), str) and source["module"].isidentifier()):
+            raise JobError("job field 'kernel_source' must be {module: a name, source: C text}")
         threads = job.get("threads")
         if threads is not None and not (isinstance(threads, int) and threads >= 1):
             raise JobError("job field 'threads' must be a positive integer")
@@ -237,8 +237,8 @@ class Job:
         try:
             momentum = bool(job.get("momentum")) and has_momentum(plan)
             state = receive_state(self.conn, plan, holdings(plan, rank, momentum), rank)
-            module = self._kernels()
-            job.pop("kernels", None)  # built: the source may go
+            module = self._build_kernels()
+            job.pop("kernel_source", None)  # built: the source may go
             send_frame(self.conn, Kind.READY, 0, 0)
             read_expected(self.conn, {Kind.GO: EMPTY})
             deadline = time.monotonic() + SETUP_TIMEOUT
@@ -284,8 +284,7 @@ class Job:
                     if step not in reports:
                         self._report_state(dev, step)
                     break
-                if loss is not None and not np.isfinite(loss):
-                    raise RuntimeFault(f"the loss diverged (not finite) at step {step + 1}: lower --lr")
+                check_loss(step, loss)
                 seconds = time.perf_counter() - t0
                 wait = comm.wait_s - wait0
                 record = {"step": step, "device": rank, "name": self.name,
@@ -314,11 +313,11 @@ class Job:
                     pass
             return message
 
-    def _kernels(self):
+    def _build_kernels(self):
         """The generated kernels the launcher sent (as C), built here into
         the build cache on first use, and loaded."""
-        from tilec_runtime.kernels import build_and_load
-        spec = self.job["kernels"]
+        from tilec_runtime.native import build_and_load
+        spec = self.job["kernel_source"]
         module, _ = build_and_load(spec["source"], spec["module"])
         return module
 
@@ -327,6 +326,8 @@ class Job:
             return str(exc)
         if isinstance(exc, (ConnectionClosed, FrameError, OSError)) and self.comm is None:
             return f"device {self.rank} ({self.name}): the launcher's connection failed before training ({exc})"
+        if isinstance(exc, Diverged):  # its message names the step
+            return f"device {self.rank} ({self.name}): {exc}"
         where = f"device {self.rank} ({self.name}) failed at step {step + 1}"
         if isinstance(exc, RuntimeFault):
             return f"{where}: {exc}"

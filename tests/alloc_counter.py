@@ -12,7 +12,7 @@ import contextlib
 import numpy as np
 
 from tilec_runtime.build_cache import digest
-from tilec_runtime.kernels import build_and_load
+from tilec_runtime.native import build_and_load
 
 C_SOURCE = r"""
 #define PY_SSIZE_T_CLEAN

@@ -30,17 +30,30 @@ def test_unknown_model_lists_the_bundled_ones():
 
 
 def test_train_writes_metrics_and_weights_and_resumes_from_them(tmp_path, capsys):
-    m, w = tmp_path / "m.jsonl", tmp_path / "w.npz"
-    assert main(["train", "tiny", "--steps", "3", "--batch", "2", "--metrics", str(m), "--save-weights", str(w)]) == 0
+    def losses(path):
+        return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+
+    common = ["train", "tiny", "--batch", "2"]  # 4 generated batches: step 4 sees step 0's again
+    m, w, ck = tmp_path / "m.jsonl", tmp_path / "w.npz", tmp_path / "ck"
+    assert main([*common, "--steps", "4", "--metrics", str(m), "--save-weights", str(w), "--checkpoint", str(ck)]) == 0
     records = [json.loads(line) for line in m.read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["step_s"] > 0 for r in records)
     with np.load(w) as z:
         assert "0.conv.weight" in z.files and "0.bn.running_var" in z.files
-    # the same seed and weights give the same first loss
-    m2 = tmp_path / "m2.jsonl"
-    assert main(["train", "tiny", "--steps", "1", "--batch", "2", "--metrics", str(m2), "--init-weights", str(w)]) == 0
-    assert json.loads(m2.read_text())["loss"] != records[0]["loss"]  # trained weights differ from the init
+    # resumed from the checkpoint: steps 4 and 5, as an uninterrupted run has them
+    resumed, whole = tmp_path / "resumed.jsonl", tmp_path / "whole.jsonl"
+    assert main([*common, "--steps", "6", "--resume", str(ck), "--metrics", str(resumed)]) == 0
+    assert "resuming after step 4" in capsys.readouterr().out
+    assert main([*common, "--steps", "6", "--metrics", str(whole)]) == 0
+    assert losses(resumed) == {4: losses(whole)[4], 5: losses(whole)[5]}
+    assert {k: losses(whole)[k] for k in range(4)} == losses(m)
+    # from the saved weights: the same weights and the same batch give the
+    # same first loss as step 4, which saw the same batch with those weights
+    again = tmp_path / "again.jsonl"
+    assert main([*common, "--steps", "1", "--metrics", str(again), "--init-weights", str(w)]) == 0
+    assert losses(again) == {0: losses(resumed)[4]}
+    assert losses(again)[0] != losses(m)[0]  # and not the untrained weights' loss
     assert "loss" in capsys.readouterr().out
 
 
@@ -153,3 +166,32 @@ def test_forward_writes_every_layer_and_refuses_bad_input_in_one_line(tmp_path, 
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("how", [[], ["--kernels", "reference"], ["--devices", "2"]],
+                         ids=["inprocess", "reference", "local-workers"])
+def test_a_diverging_loss_is_one_line_naming_the_step(how):
+    rc, _, err = run_cli("train", "tiny", "--lr", "1e30", "--steps", "5", *how)
+    assert rc == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("tilec: error: ") and err.endswith("step 2: the loss diverged (nan): lower --lr\n"), err
+    if "--devices" in how:
+        assert "device 0 (dev0): step 2:" in err  # rank 0's worker computes the loss
+
+
+def test_progress_on_a_terminal_without_tqdm_is_plain_lines(monkeypatch):
+    """tqdm is optional (not a dependency): a terminal without it gets lines."""
+    import io
+
+    from tilec.progress import StepProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    out = Terminal()
+    progress = StepProgress(2, batch=4, out=out)
+    progress(0, 1.5, 0.1)
+    progress(1, 1.25, 0.1)
+    progress.close()
+    assert out.getvalue().splitlines()[-1].startswith("step    2/2  loss 1.250000")

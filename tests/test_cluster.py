@@ -23,7 +23,7 @@ def test_every_shipped_profile_loads_and_cites_its_sources():
         assert 0 < prof.memory_bytes and prof.bandwidth_bps > 0
         for kind in KERNEL_KINDS:
             for d in DIRECTIONS:
-                k = prof.kernel(kind, d)
+                k = prof.cost(kind, d)
                 assert min(k.overhead_s, k.s_per_flop, k.s_per_byte) >= 0
 
 
@@ -110,6 +110,28 @@ def test_uniform_cluster_and_local_profile(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(ProfileError, match="run `tilec profile`"):
         local_profile(measure_if_missing=False)
+
+
+def test_a_stale_cached_profile_is_measured_again(monkeypatch, tmp_path, capsys):
+    """A profile cached by an older tilec (another version) is not an error:
+    this machine is measured again, and the new profile cached."""
+    import json
+
+    from tilec import profile_measure
+    from tilec.cluster import local_profile_path
+    from tilec.profiles import PROFILES_DIR
+    monkeypatch.delenv("TILEC_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = local_profile_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": "tilec-profile", "version": 1, "name": "old"}))
+    fresh = json.loads((PROFILES_DIR / "rpi4.json").read_text())
+    monkeypatch.setattr(profile_measure, "measure_profile", lambda quick: fresh)
+    with pytest.raises(ProfileError, match="version 1"):
+        local_profile(measure_if_missing=False)
+    assert local_profile().name == "rpi4"
+    assert "re-measuring this machine's profile" in capsys.readouterr().err
+    assert json.loads(path.read_text())["version"] == fresh["version"]
 
 
 def test_cluster_from_dict_validates_types():

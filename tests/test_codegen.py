@@ -21,7 +21,7 @@ from tilec.analysis.tiles import spatial_prefix
 from tilec.codegen import compile_kernels, generate, render
 from tilec.codegen.errors import CodegenError
 from tilec.plan.build import GroupChoice, build_plan
-from tilec_runtime import kernels, memplan
+from tilec_runtime import memplan, native
 from tilec_runtime.lower import lower_rank
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,18 @@ def test_every_family_renders_alone(family):
 
 def test_every_template_file_is_used():
     assert set(render.template_names()) == {render.MODULE_TEMPLATE, "macros.j2", *render.FAMILIES}
+
+
+def test_templates_are_package_data_and_TILEC_TEMPLATES_overrides_them(tmp_path, monkeypatch):
+    assert render.templates_dir() == ROOT / "tilec" / "codegen" / "templates"
+    packaged = render.render_module(("float64",))
+    for p in render.templates_dir().glob("*.j2"):
+        (tmp_path / p.name).write_text(p.read_text())
+    monkeypatch.setenv(render.TEMPLATES_ENV, str(tmp_path))
+    assert render.render_module(("float64",)) == packaged
+    (tmp_path / render.MODULE_TEMPLATE).unlink()
+    with pytest.raises(CodegenError, match=f"kernel templates not found in {tmp_path}"):
+        render.render_module(("float64",))
 
 
 def test_undefined_variables_are_errors_not_empty_strings():
@@ -169,18 +181,18 @@ def tiny(name, answer=42):
 def test_the_cache_builds_once_and_rebuilds_when_the_key_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEC_CACHE", str(tmp_path))
     src, name = tiny("tilec_test_tiny_a")
-    first = kernels.build(src, name)
+    first = native.build(src, name)
     assert first.built and Path(first.path).is_file() and str(tmp_path) in first.path
-    assert not kernels.build(src, name).built
-    assert kernels.load(first.path, name).answer() == 42
+    assert not native.build(src, name).built
+    assert native.load(first.path, name).answer() == 42
     monkeypatch.setenv("TILEC_CFLAGS", "-DTILEC_TEST_FLAG=1")
-    assert kernels.build(src, name).built  # flags are part of the key
+    assert native.build(src, name).built  # flags are part of the key
 
 
 def _build_in_child(cache, src, name, queue):
     os.environ["TILEC_CACHE"] = cache
-    result = kernels.build(src, name)
-    queue.put((result.built, kernels.load(result.path, name).answer()))
+    result = native.build(src, name)
+    queue.put((result.built, native.load(result.path, name).answer()))
 
 
 def test_concurrent_builders_build_once(tmp_path):
@@ -201,14 +213,14 @@ def test_concurrent_builders_build_once(tmp_path):
 def test_a_missing_compiler_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEC_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.raises(kernels.KernelBuildError, match="apt install gcc"):
-        kernels.build(*tiny("tilec_test_tiny_c"))
+    with pytest.raises(native.KernelBuildError, match="apt install gcc"):
+        native.build(*tiny("tilec_test_tiny_c"))
 
 
 def test_a_compile_error_shows_the_compiler_output(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEC_CACHE", str(tmp_path))
-    with pytest.raises(kernels.KernelBuildError, match="tilec_test_tiny_d"):
-        kernels.build("this is not C;", "tilec_test_tiny_d")
+    with pytest.raises(native.KernelBuildError, match="tilec_test_tiny_d"):
+        native.build("this is not C;", "tilec_test_tiny_d")
 
 
 def test_nothing_is_written_into_the_source_tree(tmp_path, monkeypatch):
@@ -219,11 +231,11 @@ def test_nothing_is_written_into_the_source_tree(tmp_path, monkeypatch):
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     # the places a stray output would land (others' files elsewhere may change meanwhile)
-    watched = [tmp_path / "cwd", ROOT / "templates", ROOT / "tilec" / "codegen"]
+    watched = [tmp_path / "cwd", Path(render.templates_dir()), ROOT / "tilec" / "codegen"]
     before = {p: sorted(q.name for q in p.iterdir()) for p in watched}
     source = generate(("float64",))
     assert source.generated and "PyInit_" + source.module in source.text
-    kernels.build(*tiny("tilec_test_tiny_e"))
+    native.build(*tiny("tilec_test_tiny_e"))
     assert {p: sorted(q.name for q in p.iterdir()) for p in watched} == before
     written = {p.suffix for p in (tmp_path / "cache").rglob("*") if p.is_file()}
     assert {".pyx", ".c", ".so"} <= written

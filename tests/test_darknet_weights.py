@@ -135,6 +135,25 @@ def test_truncated_inside_a_layer_and_trailing_bytes_name_the_problem(tmp_path):
         read_darknet(tmp_path / "missing.weights", program)
 
 
+def test_one_weights_error_for_both_formats_and_the_cli_says_it_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import tilec_runtime.errors
+    assert WeightsError is tilec_runtime.errors.WeightsError
+    cfg = tmp_path / "m.cfg"
+    cfg.write_text(CFG)
+    program = small()
+    write_darknet(tmp_path / "w.weights", program, *random_state(program, 1))
+    (tmp_path / "cut.weights").write_bytes((tmp_path / "w.weights").read_bytes()[:40])
+    np.savez(tmp_path / "w.npz", x=np.zeros(1))
+    for bad in ("cut.weights", "w.npz"):
+        p = subprocess.run([sys.executable, "-m", "tilec.cli", "train", str(cfg), "--steps", "1", "--kernels",
+                            "reference", "--init-weights", str(tmp_path / bad)], capture_output=True, text=True)
+        assert p.returncode == 1 and p.stderr.startswith("tilec: error: ") and p.stderr.count("\n") == 1, p.stderr
+        assert bad in p.stderr
+
+
 def test_load_any_reads_both_formats(tmp_path):
     program = small()
     params, buffers = random_state(program, 4)

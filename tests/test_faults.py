@@ -60,7 +60,7 @@ def run_with(n, action, tmp_path, timeout=60.0, at=2):
             with pytest.raises(launch.JobFailed) as err:
                 launch.run_job(make_plan(program, n, ((0, 3),)), workers.addresses, key.encode(), params, buffers,
                                batches, steps=1000, timeout=timeout, state_every=1, on_metrics=on_metrics,
-                               on_state=on_state, kernels=kernel_source("float64"))
+                               on_state=on_state, kernel_source=kernel_source("float64"))
             seconds = time.monotonic() - hit["t"]
         finally:
             if workers.procs[2].poll() is None:
@@ -87,7 +87,7 @@ def test_killed_worker_stops_all_and_resume_on_fewer_devices_is_exact(tmp_path):
     # resume on 2 devices (re-planned)
     losses, p, b, _ = launch.train_local(make_plan(program, 2), ck.params, ck.buffers, batches, steps=TOTAL - ck.step,
                                          first_step=ck.step, momentum=ck.momentum, timeout=30,
-                                         kernels=kernel_source("float64"))
+                                         kernel_source=kernel_source("float64"))
     assert_same((losses, p, b), (uninterrupted[0][ck.step:], *uninterrupted[1:]), 1e-10, FLOOR)
     # and on one device
     p, b, opt = dict(ck.params), dict(ck.buffers), SGD(**OPT)

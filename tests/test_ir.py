@@ -306,6 +306,27 @@ def test_forward_and_backward_flops():
     assert s[1].act_bytes == n1 * 4 * 3  # float32, batch 3
 
 
+def test_a_tile_counts_the_flops_ir_stats_counts():
+    """FLOPs are counted once (``ir.stats``): a tile's regions cost the
+    per-position forward FLOPs times their area, so one tile over the whole
+    map costs what ``layer_stats`` says, and a split costs more (the halo)."""
+    from tilec.analysis.regions import even_splits
+    from tilec.analysis.tiles import group_flops, group_tiles, tile_flops
+    g = Graph([3, 12, 12])
+    conv(g, 4, bn=True, act="leaky")                       # 0
+    g.add_layer("maxpool", size=2, stride=2, padding=0)    # 1
+    conv(g, 2, act="relu")                                 # 2
+    g.add_layer("cost", type="sse")
+    program = g.to_program()
+    whole = sum(s.fwd_flops for s in stats.layer_stats(g)[:3])
+    assert group_flops(program, 0, 2) == whole
+    tile, = group_tiles(program, 0, 2, [0, 6], [0, 6])
+    assert tile_flops(program, tile) == whole
+    halves = group_tiles(program, 0, 2, even_splits(6, 2), [0, 6])
+    assert sum(tile_flops(program, t) for t in halves) > whole
+    assert stats.forward_flops_per_position(program[0]) == (2 * 3 * 9 + 7 + 2) * 4
+
+
 def test_needs_input_grad():
     g = small_graph()
     assert stats.needs_input_grad(g) == {0: False, 1: True, 2: True, 3: True, 4: True,

@@ -1,10 +1,12 @@
 """The runtime refuses malformed programs before running anything (a plan
 may come from a file or a peer)."""
 import copy
+import re
 
 import pytest
 
 from programs import ProgramBuilder
+from tilec.errors import IRError
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.program import validate
 
@@ -68,6 +70,27 @@ def test_reorg_order_is_required_and_darknet_needs_whole_channel_groups():
     b.cost()
     program = b.build()
     program[1]["order"] = "darknet"
-    with pytest.raises(ProgramError, match="layer 1 \\(reorg\\): darknet order needs input channels divisible "
-                                           "by stride² = 4, got 6"):
+    with pytest.raises(ProgramError, match="layer 1 \\(reorg\\): input 6x12x12: darknet's reorg needs channels "
+                                           "divisible by stride² = 4"):
         validate(program)
+
+
+@pytest.mark.parametrize("layer, key, value, reason", [
+    (0, "size", 15, "kernel 15x15 is larger than the padded input 14x14 (input 2x12x12, pad 1)"),
+    (1, "size", 20, "window 20x20 is larger than the padded input"),
+    (2, "stride", 5, "input 4x12x12 is not divisible by stride 5"),
+])
+def test_an_impossible_shape_gives_the_irs_reason(layer, key, value, reason):
+    """Shapes are inferred once (``program.out_shape``): a plan off the
+    network is refused for the same reason the planner's IR gives."""
+    from tilec.ir import Graph
+    program = copy.deepcopy(good())
+    program[layer][key] = value
+    with pytest.raises(ProgramError, match=f"layer {layer} .*" + re.escape(reason)):
+        validate(program)
+    g = Graph(program[0]["in_shape"])
+    for l in program:
+        g.add_layer(l["kind"], l["inputs"], **{k: v for k, v in l.items()
+                                               if k not in ("index", "kind", "inputs", "in_shape", "out_shape")})
+    with pytest.raises(IRError, match=f"node {layer} .*" + re.escape(reason)):
+        g.infer_shapes()

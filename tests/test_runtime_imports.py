@@ -82,7 +82,7 @@ batches = generated_batches(program, 2, 0, "float64")
 key = "x" * 32
 with launch.LocalWorkers(3, key, command=[sys.executable, "-c", {worker!r}]) as w:
     losses, *_ = launch.run_job(make_plan(program, 3, ring_min_bytes=0), w.addresses, key.encode(), params, buffers,
-                                batches, steps=2, timeout=30, state_every=1, kernels=kernel_source("float64"))
+                                batches, steps=2, timeout=30, state_every=1, kernel_source=kernel_source("float64"))
     codes = w.stop()
 print(len(losses), codes)
 """

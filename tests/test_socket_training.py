@@ -65,7 +65,7 @@ def test_local_workers_equal_one_device(n, spans):
     params, buffers, batches = setup(program)
     records = []
     losses, p, b, m = launch.train_local(plan, params, buffers, batches, steps=STEPS, timeout=30,
-                                         on_metrics=records.append, kernels=kernel_source("float64"))
+                                         on_metrics=records.append, kernel_source=kernel_source("float64"))
     want = one_device(program, params, buffers, batches, STEPS)
     assert_same((losses, p, b), want, 1e-10, FLOOR)
     assert set(m) == set(p)  # momentum for every parameter comes back too

@@ -180,9 +180,9 @@ class WorkersBackend:
     """A job on workers that listen at ``addresses`` (``tilec worker``, or
     ``tilec_runtime.launch.LocalWorkers``), over TCP."""
 
-    def __init__(self, plan, addresses, key, kernels, params, buffers, momentum=None, threads=None, timeout=120.0,
-                 trace=False):
-        self.plan, self.addresses, self.key, self.kernels = plan, addresses, key, kernels
+    def __init__(self, plan, addresses, key, kernel_source, params, buffers, momentum=None, threads=None,
+                 timeout=120.0, trace=False):
+        self.plan, self.addresses, self.key, self.kernel_source = plan, addresses, key, kernel_source
         self.params, self.buffers, self.momentum = params, buffers, momentum
         self.threads, self.timeout, self.trace = threads, timeout, trace
         self.job = None
@@ -206,7 +206,7 @@ class WorkersBackend:
         if self.stop:
             job.request_stop()
         try:
-            job.start(self.params, self.buffers, self.momentum, first, last - first, state_every, 30.0, self.kernels,
+            job.start(self.params, self.buffers, self.momentum, first, last - first, state_every, 30.0, self.kernel_source,
                       self.threads, self.trace, changes)
             for step, records, state in job.steps(batches):
                 yield StepResult(step, records[0]["loss"], records[0]["step_s"], records, state)

@@ -8,9 +8,11 @@ greedy groups that keep the halo small) on an even grid.
 """
 from pathlib import Path
 
+from tilec import debug
 from tilec.analysis.regions import even_splits
 from tilec.analysis.tiles import group_flops, group_tiles, spatial_prefix, tile_flops
 from tilec.errors import PlanError
+from tilec.inspect.plan_report import regions_text, schedule_text
 from tilec.plan.build import GroupChoice, build_plan, default_grid, even_choices, parse_grid, parse_groups
 from tilec.plan.tail import one_device_tail
 
@@ -95,47 +97,68 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
         raise PlanError("at least one device is needed")
     if tiled_prefix is not None and tiled_prefix < 0:
         raise PlanError(f"--tile-layers must be >= 0, got {tiled_prefix}")
-    program = graph.to_program()
+    with debug.stage("ir") as st:
+        program = graph.to_program()
+        st.detail = f"{graph.name}: {len(program)} layers, verified, shapes inferred"
     net = graph.net
     batch = batch or net["batch"]
     opt = optimizer or {"lr": net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
-    full = spatial_prefix(program)
-    prefix = full if tiled_prefix is None else min(tiled_prefix, full)
+    with debug.stage("analysis") as st:
+        prefix = spatial_prefix(program) if tiled_prefix is None else min(tiled_prefix, spatial_prefix(program))
+        st.detail = f"tiled prefix: layers 0-{prefix - 1} at most" if prefix else "no tiled prefix"
     itemsize = np.dtype(dtype).itemsize
     use_optimizer = grid is None and groups in (None, "auto")
     clus = resolve_cluster(devices, cluster) if (use_optimizer or cluster is not None) else None
     names = clus.names if clus is not None else (
         [f"dev{r}" for r in range(devices)] if isinstance(devices, int) else list(devices))
     model = solution = None
-    if clus is not None:
-        from tilec.cost.model import CostModel
-        model = CostModel(program, clus, batch, itemsize, prefix=prefix)
     if use_optimizer:
         from tilec.cost.candidates import enumerate_candidates
         from tilec.cost.layouts import layouts
+        from tilec.cost.model import CostModel
         from tilec.solve.cpsat import solve
-        cands = enumerate_candidates(model, layouts(clus), tail=tail,
-                                     cuts=None if tiled_prefix is None else (prefix,))
-        solution = solve(cands, time_limit=time_limit, workers=workers, recompute=recompute)
+        with debug.stage("cost") as st:
+            model = CostModel(program, clus, batch, itemsize, prefix=prefix)
+            cands = enumerate_candidates(model, layouts(clus), tail=tail,
+                                         cuts=None if tiled_prefix is None else (prefix,))
+            st.detail = (f"{len(cands.groups)} candidate groups, {len(cands.transitions)} transitions "
+                         f"for {len(names)} device(s)")
+        with debug.stage("solver") as st:
+            solution = solve(cands, time_limit=time_limit, workers=workers, recompute=recompute,
+                             log=debug.level() >= 2)
+            stats = solution.stats()
+            st.detail = (f"{stats['solver']}: {stats['status']}, predicted step {stats['objective_s']:.4f} s, "
+                         f"gap {100 * stats['gap']:.2f}%")
         choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices), rec)
                    for g, rec in solution.choices if not hasattr(g, "layout_out")]
         tail_choices = [g.choice() for g, _ in solution.choices if hasattr(g, "layout_out")]
         prefix = tail_choices[0].first
         prediction = solution.prediction
     else:
+        if clus is not None:
+            from tilec.cost.model import CostModel
+            with debug.stage("cost"):
+                model = CostModel(program, clus, batch, itemsize, prefix=prefix)
         grid = parse_grid(grid) if isinstance(grid, str) else (grid or default_grid(len(names)))
-        if groups is None or groups == "auto":
-            spans = auto_groups(program, grid, prefix=prefix)
-        else:
-            spans = parse_groups(groups, prefix)
-        choices = even_choices(program, spans, grid, len(names))
+        with debug.stage("analysis groups") as st:
+            if groups is None or groups == "auto":
+                spans = auto_groups(program, grid, prefix=prefix)
+            else:
+                spans = parse_groups(groups, prefix)
+            choices = even_choices(program, spans, grid, len(names))
+            st.detail = f"groups {spans} on an even {grid[0]}x{grid[1]} grid"
         tail_choices = one_device_tail(program, prefix)
         prediction = predict_choices(model, choices, tail_choices) if model is not None else None
     predicted = prediction.to_json(names) if prediction is not None else None
-    plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
-                      optimizer=opt, prefix=prefix, predicted=predicted,
-                      threads=clus.threads if clus is not None else None,
-                      cluster=clus.to_json() if clus is not None else None, tail=tail_choices)
+    with debug.stage("plan") as st:
+        plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
+                          optimizer=opt, prefix=prefix, predicted=predicted,
+                          threads=clus.threads if clus is not None else None,
+                          cluster=clus.to_json() if clus is not None else None, tail=tail_choices)
+        st.detail = (f"{len(plan['groups'])} groups, {len(plan['messages'])} messages, "
+                     f"{sum(map(len, plan['schedule']))} ops on {len(names)} rank(s), hash {plan['hash'][:12]}")
+    debug.dump(2, lambda: "regions (per group, per tile):\n" + regions_text(plan))
+    debug.dump(2, lambda: "schedule (per rank, one step):\n" + schedule_text(plan))
     return plan, solution, model
 
 

@@ -60,6 +60,7 @@ def cache_dir():
 def synthetic_dataset(images, seed, out):
     """The cached synthetic dataset (made now if missing); its directory."""
     from tilec.data.synth import VERSION, make_dataset
+    from tilec_runtime.files import atomic_path
 
     path = os.path.join(cache_dir(), f"synth-v{VERSION}-n{images}-seed{seed}")
     if os.path.exists(os.path.join(path, "dataset.json")):
@@ -67,10 +68,9 @@ def synthetic_dataset(images, seed, out):
         return path
     out.write(f"data: making {images} synthetic images in {path} ...\n")
     out.flush()
-    tmp = f"{path}.tmp{os.getpid()}"
-    make_dataset(tmp, n=images, seed=seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)  # complete or absent: an interrupted run makes it again
+    with atomic_path(path) as tmp:  # complete or absent: an interrupted run makes it again
+        make_dataset(tmp, n=images, seed=seed)
     return path
 
 

@@ -2,7 +2,14 @@
 
 Every message says *where*: the file and line of a .cfg, the IR node, the plan
 field, the device. The CLI prints ``str(err)`` as one line and exits non-zero.
+
+Errors that devices report too are the runtime's (``tilec_runtime.errors``,
+which cannot import the planner); the CLI catches those as well. One of
+them is re-exported here: :class:`WeightsError` (a weights file does not fit
+the model), raised by the runtime's .npz loader and the planner's darknet
+reader alike.
 """
+from tilec_runtime.errors import WeightsError  # noqa: F401 (one class for both sides)
 
 
 class TilecError(Exception):
@@ -24,10 +31,6 @@ class ConfigError(TilecError):
 
 class IRError(TilecError):
     """The graph IR is inconsistent; the message names the failing node."""
-
-
-class WeightsError(TilecError):
-    """A weights or data file does not match the model."""
 
 
 class PlanError(TilecError):

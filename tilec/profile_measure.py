@@ -6,7 +6,7 @@ convolution, its epilogue, a max-pool; forward and backward) on a set of
 shapes that span small and large, thin and deep (the arithmetic intensity
 varies by two orders of magnitude), plus the layers the tail runs whole and
 the optimiser update. The three coefficients of
-:class:`tilec.profiles.Kernel` are fitted per kind and direction by
+:class:`tilec.profiles.KernelCost` are fitted per kind and direction by
 non-negative least squares on *relative* error, against the features of
 :mod:`tilec.cost.compute`, so that the prediction for a shape that was not
 measured follows its FLOPs and bytes. Every timing is the best of several
@@ -33,7 +33,6 @@ Only raw bytes travel (nothing is unpickled), and a request may not exceed
 """
 import datetime
 import itertools
-import json
 import os
 import platform
 import socket
@@ -47,6 +46,7 @@ import numpy as np
 from tilec.cost.compute import conv_features, epilogue_features, features, pool_features
 from tilec.errors import TilecError
 from tilec.profiles import FORMAT, KERNEL_KINDS, VERSION
+from tilec_runtime.files import atomic_json
 
 # (C_in, filters, kernel, output size, batch, with a 2x2 max-pool fused): the
 # layers of YOLO-like stacks at their real sizes (in and out of cache), and
@@ -283,7 +283,7 @@ def _usable_memory_mb():
 def fingerprint(dtype="float32"):
     """What a profile of this machine was measured with; a change means measuring again."""
     from tilec.codegen.render import render_module
-    from tilec_runtime.kernels import cpu_id
+    from tilec_runtime.native import cpu_id
     import hashlib
     return {"machine": platform.machine(), "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],
             "cores": os.cpu_count() or 1, "python": platform.python_version(), "numpy": np.__version__,
@@ -345,9 +345,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
 def write_profile(data, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_json(path, data, indent=1)
     return path
 
 

@@ -1,5 +1,6 @@
 """Progress of a training run: a tqdm bar on a terminal (loss, images/s,
-ETA), plain lines otherwise (logs, pipes, tests), one per step."""
+ETA) where tqdm is installed, plain lines otherwise (logs, pipes, tests),
+one per step."""
 import sys
 
 
@@ -11,8 +12,13 @@ class StepProgress:
         self.out = out or sys.stdout
         self.recent = []
         self.bar = None
+        tqdm = None
         if hasattr(self.out, "isatty") and self.out.isatty():
-            from tqdm import tqdm
+            try:
+                from tqdm import tqdm  # optional: not a dependency of tilec
+            except ImportError:
+                pass
+        if tqdm is not None:
             self.bar = tqdm(total=total, initial=first, file=self.out, unit="step", dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
 

@@ -16,20 +16,15 @@ import threading
 import time
 from dataclasses import dataclass, fields
 
-import numpy as np
-
 from tilec.errors import PlanError, TilecError
 from tilec.progress import StepProgress
 from tilec_runtime import checkpoint as rcheckpoint
 from tilec_runtime import data as rdata
 from tilec_runtime import weights as rweights
+from tilec_runtime.errors import check_loss
 
 BACKENDS = ("local", "inprocess")
 KERNELS = ("generated", "reference")
-
-
-class TrainingError(TilecError):
-    """Training cannot go on (the loss diverged)."""
 
 
 @dataclass
@@ -124,8 +119,7 @@ def run_loop(backend, batches, first, last, *, batch, lr, every=0, on_state=None
             if res.state is not None and on_state is not None:
                 on_state(res.step + 1, *res.state)
                 saved = res.step + 1
-            if res.loss is not None and not np.isfinite(res.loss):
-                raise TrainingError(f"step {res.step + 1}: the loss diverged ({res.loss}): lower --lr")
+            check_loss(res.step, res.loss)
         done = first + len(losses)
         if interrupted and on_state is not None and losses and saved != done:
             on_state(done, *backend.final_state())  # what the steps that ran left
@@ -307,15 +301,16 @@ def make_backend(plan, kind, params, buffers, momentum, out, *, threads=None, ti
         threads = threads or max(1, (os.cpu_count() or 1) // n)
         out.write(f"training on {n} device(s) as threads of this process, {threads} kernel thread(s) each\n")
         return backends.ThreadsBackend(plan, module, params, buffers, momentum, threads, timeout, trace)
-    kernels = _kernel_source(plan["dtype"], out)
+    kernel_source = _kernel_source(plan["dtype"], out)
     if kind == "local":
         from tilec_runtime.launch import local_threads
         threads = threads or local_threads(n)
         out.write(f"training on {n} local worker processes, {threads} kernel thread(s) each\n")
-        return backends.WorkersBackend(plan, workers.addresses, workers.key.encode(), kernels, params, buffers,
+        return backends.WorkersBackend(plan, workers.addresses, workers.key.encode(), kernel_source, params, buffers,
                                        momentum, threads, timeout, trace)
     out.write(f"training on the {n} devices of {where}\n")
-    return backends.WorkersBackend(plan, addresses, key, kernels, params, buffers, momentum, threads, timeout, trace)
+    return backends.WorkersBackend(plan, addresses, key, kernel_source, params, buffers, momentum, threads, timeout,
+                                   trace)
 
 
 def _say_idle(plan, out):

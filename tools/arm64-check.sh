@@ -307,7 +307,7 @@ in_root pip install --no-deps --no-build-isolation --force-reinstall $SRC >"$WOR
     || { tail -n 30 "$WORK/pip-tilec.log"; die "pip install of the checkout failed in the root (log $WORK/pip-tilec.log)"; }
 in_root tilec worker --help >/dev/null || die "\`tilec worker\` does not start in the root"
 # informational (an internal function; '?' if it moves): how a device compiles
-say "kernel build on the device: $(in_root python -c 'from tilec_runtime.kernels import find_compiler, build_flags
+say "kernel build on the device: $(in_root python -c 'from tilec_runtime.native import find_compiler, build_flags
 cc = find_compiler(); print(" ".join(cc + build_flags(cc)))' 2>/dev/null || echo '?')"
 stage_end
 

@@ -2,11 +2,13 @@
 
 Combines the per-axis ranges of ``regions`` into tiles (row-major over the
 grid) and counts the work of each tile including its halo, which is what
-the cost model and ``tilec info --plan`` report.
+the cost model and ``tilec info --plan`` report (FLOPs as ``tilec.ir.stats``
+counts them, per position of a tile's regions).
 """
 from dataclasses import dataclass
 
 from tilec.analysis.regions import axis_regions, length, window_of
+from tilec.ir.stats import forward_flops, forward_flops_per_position
 
 
 @dataclass(frozen=True)
@@ -56,21 +58,11 @@ def group_tiles(program, first, last, row_splits, col_splits):
     return tiles
 
 
-def flops_per_position(layer):
-    """Forward FLOPs per output position and image (multiply-add = 2)."""
-    c_in, c_out = layer["in_shape"][0], layer["out_shape"][0]
-    k = layer["size"]
-    if layer["kind"] == "conv":
-        # conv, plus normalise (4) and activation (1) per output value
-        return 2 * c_in * k * k * c_out + (4 if layer["bn"] else 1) * c_out + c_out
-    return k * k * c_out  # max-pool: one comparison per window element
-
-
 def tile_flops(program, tile):
     """Forward FLOPs of a tile's regions per image, halo included."""
-    return sum(flops_per_position(program[tl.layer]) * area(tl.region) for tl in tile.layers)
+    return sum(forward_flops_per_position(program[tl.layer]) * area(tl.region) for tl in tile.layers)
 
 
 def group_flops(program, first, last):
     """Forward FLOPs of a group on whole maps per image (no halo)."""
-    return sum(flops_per_position(l) * l["out_shape"][1] * l["out_shape"][2] for l in program[first:last + 1])
+    return sum(forward_flops(layer) for layer in program[first:last + 1])

@@ -5,7 +5,7 @@ module:
 
 1. ``render.render_module``: templates -> Cython source for the plan's dtype
 2. ``cythonize.cythonize``: Cython -> C (cached: the C is what devices get)
-3. ``tilec_runtime.kernels.build``: C -> shared library, on the device
+3. ``tilec_runtime.native.build``: C -> shared library, on the device
    (cached; needs only a C compiler and the Python headers)
 
 What each tile runs (its units, shapes and static buffer plan) is lowered
@@ -13,17 +13,18 @@ from the plan on the device itself (``tilec_runtime.lower``): it is data the
 plan determines, and the device needs no planner to compute it.
 
 Every step is keyed by its inputs in the build cache, so a second compile of
-the same plan runs neither Cython nor the C compiler. Set ``TILEC_DEBUG=1``
-to print where each step's output is.
+the same plan runs neither Cython nor the C compiler. ``TILEC_DEBUG=1``
+prints each step with its time and whether it ran or was cached
+(:mod:`tilec.debug`).
 """
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from tilec import debug
 from tilec.codegen.cythonize import cythonize
 from tilec.codegen.render import render_module
-from tilec_runtime import kernels as rkernels
+from tilec_runtime import native
 
 
 class KernelBundle:
@@ -35,16 +36,14 @@ class KernelBundle:
         self.built, self.generated = built, generated  # whether the C compiler / Cython ran
 
 
-def _debug(msg):
-    if os.environ.get("TILEC_DEBUG"):
-        sys.stderr.write(f"[tilec codegen] {msg}\n")
-
-
 def generate(dtypes, on_compile=None):
     """Steps 1-2: the C source of the kernel module for ``dtypes``."""
-    module, pyx = render_module(tuple(dtypes))
-    source = cythonize(module, pyx, on_compile)
-    _debug(f"{module}: Cython {'ran' if source.generated else 'cached'} ({source.seconds:.1f} s)")
+    with debug.stage("codegen render") as st:
+        module, pyx = render_module(tuple(dtypes))
+        st.detail = f"{module} ({'+'.join(dtypes)}): {len(pyx.splitlines())} lines of Cython"
+    with debug.stage("codegen cythonize") as st:
+        source = cythonize(module, pyx, on_compile)
+        st.detail = f"{module}: {'ran' if source.generated else 'cached'}, {len(source.text.splitlines())} lines of C"
     return source
 
 
@@ -62,9 +61,10 @@ def build_modules(dtype_sets, progress=None):
 
     def one(dtypes):
         source = generate(dtypes, announce)
-        result = rkernels.build(source.text, source.module, on_compile=announce)
-        _debug(f"{source.module}: {'built' if result.built else 'cached'} at {result.path}")
-        return rkernels.load(result.path, source.module), source, result
+        with debug.stage("codegen build") as st:
+            result = native.build(source.text, source.module, on_compile=announce)
+            st.detail = f"{source.module}: {'built' if result.built else 'cached'} at {result.path}"
+        return native.load(result.path, source.module), source, result
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(dtype_sets), os.cpu_count() or 1))) as pool:
         return list(pool.map(one, [tuple(d) for d in dtype_sets]))

@@ -1,7 +1,7 @@
 """Cython source -> C source, cached.
 
 The only user of Cython in tilec. The C it produces is what devices build
-(``tilec_runtime.kernels``), so it must not depend on where it was made:
+(``tilec_runtime.native``), so it must not depend on where it was made:
 Cython runs in a cache folder on a file named after the module, and the
 paths it embeds are relative. Keyed by the source, the module name and the
 Cython and scipy versions (the BLAS declarations come from scipy's .pxd).
@@ -12,7 +12,8 @@ import sys
 import time
 
 from tilec.codegen.errors import CodegenError
-from tilec_runtime.build_cache import atomic_write, digest, entry_dir, file_lock
+from tilec_runtime.build_cache import digest, entry_dir, file_lock
+from tilec_runtime.files import atomic_path, atomic_write
 
 
 class CSource:
@@ -44,13 +45,12 @@ def cythonize(module, pyx_source, on_compile=None):
                 if on_compile:
                     on_compile()
                 atomic_write(os.path.join(folder, module + ".pyx"), pyx_source)
-                tmp = f"{module}.c.tmp{os.getpid()}"
-                cmd = [sys.executable, "-m", "cython", "-3", "--fast-fail", "-o", tmp, module + ".pyx"]
-                proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise CodegenError(f"Cython failed on the generated {module}.pyx (in {folder}):\n"
-                                       + (proc.stderr or proc.stdout)[-4000:])
-                os.replace(os.path.join(folder, tmp), c_path)
+                with atomic_path(c_path) as tmp:
+                    cmd = [sys.executable, "-m", "cython", "-3", "--fast-fail", "-o", tmp, module + ".pyx"]
+                    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise CodegenError(f"Cython failed on the generated {module}.pyx (in {folder}):\n"
+                                           + (proc.stderr or proc.stdout)[-4000:])
                 with open(c_path) as f:
                     return CSource(module, f.read(), True, time.perf_counter() - t0)
     with open(c_path) as f:

@@ -1,10 +1,11 @@
 """Render the kernel templates into Cython source.
 
-The only user of Jinja2 in tilec. Templates live in ``templates/`` at the
-top of the repository (``TILEC_TEMPLATES`` overrides the location), are
-rendered with ``StrictUndefined`` (a misspelt variable is an error, not an
-empty string), and produce one module per dtype set: every kernel family of
-``FAMILIES``, once per dtype row of the table in ``module.pyx.j2``.
+The only user of Jinja2 in tilec. Templates live in ``templates/`` beside
+this module, package data of the wheel (``TILEC_TEMPLATES`` overrides the
+location), are rendered with ``StrictUndefined`` (a misspelt variable is an
+error, not an empty string), and produce one module per dtype set: every
+kernel family of ``FAMILIES``, once per dtype row of the table in
+``module.pyx.j2``.
 """
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ MODULE_PREFIX = "tilec_kernels_"
 
 def templates_dir():
     env = os.environ.get(TEMPLATES_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "templates"
+    return Path(env) if env else Path(__file__).resolve().parent / "templates"
 
 
 def environment():

@@ -12,5 +12,9 @@ COMMANDS = ("info", "compile", "train", "worker", "profile", "dot", "simulate", 
 def load_model_arg(args, default_loss=None):
     """The graph of ``args.model`` with ``args.loss``; ``default_loss`` for an
     .onnx file that names none (commands that do not train), said on stderr."""
+    from tilec import debug
     from tilec.frontend.models import load_model
-    return load_model(args.model, args.loss, default_loss, note=lambda line: print(line, file=sys.stderr))
+    with debug.stage("frontend") as st:
+        graph = load_model(args.model, args.loss, default_loss, note=lambda line: print(line, file=sys.stderr))
+        st.detail = f"{graph.name}: {len(graph)} layers from {args.model}"
+    return graph

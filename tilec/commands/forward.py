@@ -62,7 +62,7 @@ def forward(model, weights, images_path, dtype="float32", graph=None):
 def run(args):
     from tilec.commands import load_model_arg
     from tilec.errors import TilecError
-    from tilec_runtime.weights import atomic_savez
+    from tilec_runtime.files import atomic_savez
 
     graph = load_model_arg(args, default_loss="sse")
     outputs = forward(args.model, args.weights, args.input, args.dtype, graph)

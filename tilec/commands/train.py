@@ -49,6 +49,10 @@ def add_defaults(p):
 
 
 def run(args):
+    import warnings
+    # a diverging loss ends training with one line naming the step
+    # (tilec_runtime.errors.check_loss); numpy's warnings on the way are noise
+    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
     if args.model is None:
         from tilec.demo import run_from_args
         return run_from_args(args)

@@ -6,8 +6,9 @@ forward with its batch-norm statistics; backward with the batch-norm
 finish, the weight and the input gradient), its ``epilogue`` (batch norm or
 bias, activation and a fused max-pool; backward their gradients and sums),
 or a max-pool alone. The layers after the tiled prefix run whole on one
-device, or split by channels (``share_seconds``). A call's time on one thread is ``overhead + flops * s_per_flop + bytes *
-s_per_byte`` (:class:`tilec.profiles.Kernel`); this module defines the
+device, or split by channels (``share_seconds``). A call's time on one
+thread is ``overhead + flops * s_per_flop + bytes * s_per_byte``
+(:class:`tilec.profiles.KernelCost`); this module defines the
 FLOPs and bytes of every call, and ``tilec profile`` fits the coefficients
 against the very same features, so measurement and prediction cannot
 drift apart. Threads divide it by the profile's measured speed-up.
@@ -17,7 +18,7 @@ the fitted ``s_per_byte`` absorbs how many passes the implementation makes.
 """
 from math import prod
 
-from tilec.ir.stats import backward_flops, forward_flops
+from tilec.ir.stats import backward_flops, conv_product_flops, forward_flops
 
 # Kernel kinds of the layers the reference executor runs whole (the tail).
 WHOLE_LAYER_KIND = {"connected": "connected", "maxpool": "maxpool"}
@@ -30,7 +31,7 @@ def conv_features(layer, positions, batch, itemsize, direction, dx=True):
     gradient, with the batch-norm finish folded in."""
     c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
     m = batch * positions
-    gemm = 2 * c * k * k * f * m
+    gemm = conv_product_flops(layer) * f * m
     if direction == "forward":
         return gemm, itemsize * m * (c * k * k + f)
     return gemm * (2 if dx else 1), itemsize * m * (c * k * k * (2 if dx else 1) + 2 * f)

@@ -209,5 +209,5 @@ def export_onnx(program, params, buffers, *, name="tilec", net=None):
 
 def write_onnx(path, model):
     """Write ``model`` to ``path`` atomically (write, fsync, rename)."""
-    from tilec_runtime.build_cache import atomic_write
+    from tilec_runtime.files import atomic_write
     atomic_write(path, model.SerializeToString())

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from tilec.errors import WeightsError
+from tilec_runtime.files import atomic_open
 from tilec_runtime.program import buffer_shapes, param_shapes
 
 VERSION = (0, 2, 0)
@@ -97,9 +98,7 @@ def read_darknet(path, program, dtype="float32", params=None, buffers=None):
 
 def write_darknet(path, program, params, buffers, seen=0):
     """Write every conv/connected layer of ``program`` to ``path`` (atomically)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.array(VERSION, dtype="<i4").tofile(f)
         np.array([seen], dtype="<u8").tofile(f)
         for layer in program:
@@ -108,9 +107,6 @@ def write_darknet(path, program, params, buffers, seen=0):
                 if key not in source:
                     raise WeightsError(f"no {key!r} to write (shape {tuple(shape)})")
                 np.ascontiguousarray(source[key], dtype="<f4").reshape(-1).tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_any(path, program, dtype="float32", seed=0):

@@ -7,7 +7,8 @@ normalised values of batch-norm layers, and max-pool argmax indices (int16).
 """
 import numpy as np
 
-from tilec.analysis.tiles import area, flops_per_position, group_flops
+from tilec.analysis.tiles import area, group_flops
+from tilec.ir.stats import forward_flops_per_position
 
 
 def _layer_bytes(layer, positions, batch, itemsize):
@@ -64,7 +65,7 @@ def halo_overhead(plan):
         needed += group_flops(program, *group["layers"])
         for tile in group["tiles"]:
             for tl in tile["layers"]:
-                done += flops_per_position(program[tl["layer"]]) * area(tl["region"])
+                done += forward_flops_per_position(program[tl["layer"]]) * area(tl["region"])
     return done / needed - 1 if needed else 0.0
 
 
@@ -90,4 +91,44 @@ def plan_summary(plan, baseline=None):
         ratio = f"{mem[d] / baseline:.2f}x" if baseline else "-"
         lines.append(f"  {dev['name']:<10}{mem[d] / 1e6:>16.2f}{ratio:>13}{(msgs[d] + coll[d]) / 1e6:>14.2f}"
                      f"{msgs[d] / 1e6:>9.2f}{coll[d] / 1e6:>15.2f}")
+    return "\n".join(lines)
+
+
+def _rect(rows, cols):
+    return f"rows {rows[0]}-{rows[1]} cols {cols[0]}-{cols[1]}"
+
+
+def regions_text(plan):
+    """Text: per tiled group and tile, the region each layer computes (halo
+    included), the cells it owns and its padding at the map's border
+    (top, bottom, left, right); the tail's rank."""
+    lines = []
+    for g, group in enumerate(plan["groups"]):
+        first, last = group["layers"]
+        if group["kind"] != "tiled":
+            lines.append(f"group {g}: layers {first}-{last}, {group['kind']} on rank {group['tiles'][0]['device']}")
+            continue
+        grid = f"{len(group['row_splits']) - 1}x{len(group['col_splits']) - 1}"
+        lines.append(f"group {g}: layers {first}-{last}, grid {grid}{', recompute' if group.get('recompute') else ''}")
+        for t, tile in enumerate(group["tiles"]):
+            lines.append(f"  tile {t} on rank {tile['device']}: output {_rect(tile['rows'], tile['cols'])}, "
+                         f"input {_rect(*tile['input'])}")
+            lines += [f"    layer {tl['layer']}: region {_rect(*tl['region'])}, owned {_rect(*tl['owned'])}, "
+                      f"pads {tuple(tl['pads'])}" for tl in tile["layers"]]
+    return "\n".join(lines)
+
+
+def schedule_text(plan):
+    """Text: every rank's ops of one step in order (the plan's schedule), a
+    message spelled out (tensor, rectangle, peer, phase)."""
+    lines = []
+    for r, ops in enumerate(plan["schedule"]):
+        lines.append(f"rank {r} ({plan['devices'][r]['name']}): {len(ops)} ops")
+        for i, op in enumerate(ops):
+            args = " ".join(f"{k} {v}" for k, v in op.items() if k != "op")
+            if op["op"] in ("send", "recv"):
+                m = plan["messages"][op["msg"]]
+                peer = f"to rank {m['receiver']}" if op["op"] == "send" else f"from rank {m['sender']}"
+                args += f": tensor {m['tensor']} {_rect(m['rows'], m['cols'])} {peer} ({m['phase']})"
+            lines.append(f"  {i:>4} {op['op']} {args}".rstrip())
     return "\n".join(lines)

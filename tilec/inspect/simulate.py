@@ -206,6 +206,46 @@ def _reduce_actions(bucket, b, rank, shapes, item):
     return out
 
 
+class _Links:
+    """Messages on the wire, as TCP carries them: one connection per pair of
+    devices, first in first out; each device's uplink and downlink shared
+    fairly by the connections sending on them at once.
+
+    A message joining a link where k others are under way gets 1/(k+1) of
+    it while they last (it takes (k+1) times as long as alone, to first
+    order), and delays each of them, and what waits behind them on their
+    connections, by its own time alone. Messages are posted in time order
+    (the simulation's event order), so no arrival already used is moved."""
+
+    def __init__(self, devices, arrived):
+        self.devices, self.arrived = devices, arrived
+        self.flows = []  # [start, end, src, dst, key], in posting order
+
+    def send(self, src, dst, nbytes, now, key):
+        """(start, end) on the wire of ``nbytes`` from ``src`` to ``dst``
+        posted at ``now``; its arrival (and those it delays) in ``arrived``."""
+        d = self.devices
+        latency = max(d[src].latency_s, d[dst].latency_s)
+        self.flows = [f for f in self.flows if f[1] > now]
+        queued = [f[1] for f in self.flows if (f[2], f[3]) == (src, dst)]
+        begin = max([now] + queued)
+        sharing = [f for f in self.flows if f[0] <= begin < f[1] and (f[2] == src or f[3] == dst)]
+        k = max(sum(f[2] == src for f in sharing), sum(f[3] == dst for f in sharing))
+        alone = nbytes / min(d[src].bandwidth_bps, d[dst].bandwidth_bps)
+        end = begin + alone * (k + 1)
+        delayed = {(f[2], f[3]) for f in sharing}
+        for f in self.flows:
+            if (f[2], f[3]) in delayed and f[1] > begin:
+                f[1] += alone
+                if f[0] > begin:
+                    f[0] += alone
+                if f[4] in self.arrived:  # (not yet received: see above)
+                    self.arrived[f[4]] += alone
+        self.flows.append([begin, end, src, dst, key])
+        self.arrived[key] = end + latency
+        return begin, end
+
+
 def simulate(plan, cluster, keep_events=True):
     """A :class:`SimResult` of one training step of ``plan`` on ``cluster``
     (``tilec.cluster.plan_cluster``: the cluster the plan carries)."""
@@ -219,10 +259,9 @@ def simulate(plan, cluster, keep_events=True):
         actors += [(r, 0, main), (r, 1, comm)]
     pos, now = [0] * len(actors), [0.0] * len(actors)
     busy, sent = [0.0] * n, [0] * n
-    out_free, in_free = [0.0] * n, [0.0] * n
     arrived, posted, done = {}, {}, {}
+    links = _Links(cluster.devices, arrived)
     events = []
-    devs = cluster.devices
 
     def ready_at(a):
         """When actor ``a`` can run its next action, or None if it is blocked."""
@@ -275,13 +314,10 @@ def simulate(plan, cluster, keep_events=True):
             done[(rank, act[1])] = now[a]
         elif kind == "send":
             _, key, dst, nbytes = act
-            wire = nbytes / min(devs[rank].bandwidth_bps, devs[dst].bandwidth_bps)
-            begin = max(now[a], out_free[rank], in_free[dst])
-            out_free[rank] = in_free[dst] = begin + wire
-            arrived[key] = begin + wire + max(devs[rank].latency_s, devs[dst].latency_s)
+            begin, end = links.send(rank, dst, nbytes, now[a], key)
             sent[rank] += nbytes
             if keep_events:
-                events.append(Event(rank, begin, begin + wire, "send", f"send {nbytes} B to {dst}", thread))
+                events.append(Event(rank, begin, end, "send", f"send {nbytes} B to {dst}", thread))
     step = max(now) if now else 0.0
     return SimResult(step, busy, [step - b for b in busy], sent, events)
 

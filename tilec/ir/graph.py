@@ -13,18 +13,9 @@ construction, so a shape, once inferred, stays valid; :meth:`infer_shapes`
 only computes the shapes still missing, which lets a frontend infer after
 every layer and report the first impossible shape where it occurs.
 
-Shape rules (darknet's):
-
-- conv: ``(H + 2*pad - size) // stride + 1``
-- maxpool: ``(H + padding - size) // stride + 1`` (``padding`` is the total
-  over both borders)
-- avgpool: ``[C, 1, 1]``; connected: ``[output, 1, 1]``
-- softmax, cost, region: the shape of their input (region: ``C`` must be
-  ``num * (4 + 1 + classes)``)
-- route: the channels of its inputs concatenated (all inputs the same H, W)
-- reorg: ``[C*s*s, H/s, W/s]`` (H and W divisible by ``s``; with
-  ``order="darknet"`` also C divisible by ``s*s``: see
-  ``tilec_runtime.ops.reorg_forward``)
+Shapes follow darknet's rules, inferred by the runtime's
+``tilec_runtime.program.out_shape`` (the runtime validates plans that come
+off the network with the same function).
 
 Examples
 --------
@@ -46,7 +37,7 @@ import math
 import networkx as nx
 
 from tilec.errors import IRError
-from tilec_runtime.program import ACTIVATIONS, KINDS, LOSSES, REORG_ORDERS, validate
+from tilec_runtime.program import ACTIVATIONS, KINDS, LOSSES, REORG_ORDERS, out_shape, validate
 
 INPUT = -1
 """The node id of the network input."""
@@ -133,77 +124,6 @@ def node_error(node, kind, detail):
     return err
 
 
-def _fmt(shape):
-    return "x".join(str(v) for v in shape)
-
-
-def out_shape(kind, fields, in_shapes, inputs):
-    """The output shape of a layer from the shapes of its inputs.
-
-    Parameters
-    ----------
-    kind : str
-    fields : dict
-        The kind's fields (see :data:`FIELDS`).
-    in_shapes : list of [C, H, W]
-        One per input, in the order of ``inputs``.
-    inputs : list of int
-        The input node ids (named in error messages).
-
-    Returns
-    -------
-    list of int
-        ``[C, H, W]``.
-
-    Raises
-    ------
-    ValueError
-        The shape is impossible; the text says why (without the node).
-    """
-    c, h, w = in_shapes[0]
-    if kind == "conv":
-        k, s, p = fields["size"], fields["stride"], fields["pad"]
-        if h + 2 * p < k or w + 2 * p < k:
-            raise ValueError(f"kernel {k}x{k} is larger than the padded input "
-                             f"{h + 2 * p}x{w + 2 * p} (input {_fmt(in_shapes[0])}, pad {p})")
-        return [fields["filters"], (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1]
-    if kind == "maxpool":
-        k, s, p = fields["size"], fields["stride"], fields["padding"]
-        if h + p < k or w + p < k:
-            raise ValueError(f"window {k}x{k} is larger than the padded input "
-                             f"{h + p}x{w + p} (input {_fmt(in_shapes[0])}, padding {p})")
-        return [c, (h + p - k) // s + 1, (w + p - k) // s + 1]
-    if kind == "avgpool":
-        return [c, 1, 1]
-    if kind == "connected":
-        return [fields["output"], 1, 1]
-    if kind in ("softmax", "cost"):
-        return [c, h, w]
-    if kind == "region":
-        num, classes = fields["num"], fields["classes"]
-        if len(fields["anchors"]) != 2 * num:
-            raise ValueError(f"{len(fields['anchors'])} anchor values for num={num} (need {2 * num})")
-        if c != num * (5 + classes):
-            raise ValueError(f"input has {c} channels, but num={num} x (4 coords + 1 + {classes} classes) "
-                             f"= {num * (5 + classes)}")
-        return [c, h, w]
-    if kind == "route":
-        for j, shape in zip(inputs[1:], in_shapes[1:]):
-            if shape[1:] != [h, w]:
-                raise ValueError(f"inputs have different sizes: layer {inputs[0]} is "
-                                 f"{_fmt(in_shapes[0])}, layer {j} is {_fmt(shape)} (CxHxW)")
-        return [sum(shape[0] for shape in in_shapes), h, w]
-    if kind == "reorg":
-        s = fields["stride"]
-        if h % s or w % s:
-            raise ValueError(f"input {_fmt(in_shapes[0])} is not divisible by stride {s}")
-        if fields["order"] == "darknet" and c % (s * s):
-            raise ValueError(f"input {_fmt(in_shapes[0])}: darknet's reorg needs channels divisible by "
-                             f"stride² = {s * s}")
-        return [c * s * s, h // s, w // s]
-    raise ValueError(f"unknown kind {kind!r}")  # unreachable: add_layer checks kinds
-
-
 class Graph:
     """A model: layers in execution order, their connections and shapes.
 
@@ -256,7 +176,7 @@ class Graph:
         return self._n
 
     def __repr__(self):
-        return f"Graph({self.name!r}, input {_fmt(self.input_shape)}, {self._n} layers)"
+        return f"Graph({self.name!r}, input {'x'.join(map(str, self.input_shape))}, {self._n} layers)"
 
     def _check_node(self, i, allow_input=False):
         if isinstance(i, bool) or not isinstance(i, int) or not (
@@ -349,9 +269,9 @@ class Graph:
     def _shape_of(self, i, shapes):
         node = self._g.nodes[i]
         ins = [shapes[j] for j in node["inputs"]]
-        fields = {k: node[k] for k in FIELDS[node["kind"]]}
+        layer = {"kind": node["kind"], "inputs": node["inputs"], **{k: node[k] for k in FIELDS[node["kind"]]}}
         try:
-            return ins[0], out_shape(node["kind"], fields, ins, node["inputs"])
+            return ins[0], out_shape(layer, ins)
         except ValueError as err:
             raise node_error(i, node["kind"], str(err)) from None
 

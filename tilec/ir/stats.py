@@ -72,18 +72,35 @@ def param_count(layer):
     return sum(prod(shape) for shape in param_shapes(layer).values())
 
 
+def conv_product_flops(layer):
+    """FLOPs of a conv's product alone per output value and image: its
+    multiply-adds over the input window, ``2 * C * k * k``."""
+    c, k = layer["in_shape"][0], layer["size"]
+    return 2 * c * k * k
+
+
+def forward_flops_per_position(layer):
+    """Forward FLOPs of a conv or max-pool per output position (all channels)
+    and image: :func:`forward_flops` over the output's ``H * W``, which a
+    tile's region multiplies by its own area (``tilec.analysis.tiles``)."""
+    c_out = layer["out_shape"][0]
+    if layer["kind"] == "conv":
+        epilogue = (BN_FWD if layer["bn"] else 1) + ACT_FLOPS[layer["act"]]
+        return (conv_product_flops(layer) + epilogue) * c_out
+    if layer["kind"] == "maxpool":
+        return (layer["size"] ** 2 - 1) * c_out
+    raise ValueError(f"layer {layer['index']} ({layer['kind']}) is not spatial: no FLOPs per position")
+
+
 def forward_flops(layer):
     """Forward FLOPs of one image through a program-style layer dict."""
     kind = layer["kind"]
     n_in, n_out = prod(layer["in_shape"]), prod(layer["out_shape"])
-    if kind == "conv":
-        c, k = layer["in_shape"][0], layer["size"]
-        epilogue = (BN_FWD if layer["bn"] else 1) + ACT_FLOPS[layer["act"]]
-        return 2 * c * k * k * n_out + epilogue * n_out
+    if kind in ("conv", "maxpool"):
+        _, h, w = layer["out_shape"]
+        return forward_flops_per_position(layer) * h * w
     if kind == "connected":
         return 2 * n_in * n_out + (1 + ACT_FLOPS[layer["act"]]) * n_out
-    if kind == "maxpool":
-        return (layer["size"] ** 2 - 1) * n_out
     if kind == "avgpool":
         return n_in + n_out
     if kind == "softmax":
@@ -106,8 +123,7 @@ def backward_flops(layer, input_grad=True):
     kind = layer["kind"]
     n_in, n_out = prod(layer["in_shape"]), prod(layer["out_shape"])
     if kind == "conv":
-        c, k = layer["in_shape"][0], layer["size"]
-        product = 2 * c * k * k * n_out
+        product = conv_product_flops(layer) * n_out
         epilogue = (BN_BWD if layer["bn"] else 1) + ACT_FLOPS[layer["act"]]
         return product * (2 if input_grad else 1) + epilogue * n_out
     if kind == "connected":

@@ -16,7 +16,8 @@ A profile is a JSON file (format ``tilec-profile``, version 2)::
 
 The time of one kernel call on one thread (one stage of one tile, as the
 runtime's schedule runs it) is ``overhead + flops * s_per_flop + bytes *
-s_per_byte`` with the FLOPs and bytes of :func:`tilec.cost.compute.op_features`:
+s_per_byte`` (a :class:`KernelCost`; ``Profile.costs[kind][direction]``, the
+JSON's ``kernels``) with the FLOPs and bytes of :mod:`tilec.cost.compute`:
 the effective rate depends on the shape through its arithmetic intensity
 (a 3-channel input or a 1x1 conv moves more bytes per FLOP) and the
 per-call overhead (small tiles), not a single constant. Kinds: ``conv``
@@ -54,7 +55,7 @@ class ProfileError(TilecError):
 
 
 @dataclass(frozen=True)
-class Kernel:
+class KernelCost:
     """Time of one kernel call: ``overhead_s + flops * s_per_flop + bytes * s_per_byte``."""
     overhead_s: float
     s_per_flop: float
@@ -72,14 +73,14 @@ class Profile:
     process_overhead_bytes: int
     bandwidth_bps: float  # bytes per second
     latency_s: float
-    kernels: dict  # kind -> direction -> Kernel
+    costs: dict  # kind -> direction -> KernelCost (the JSON's "kernels")
     threads: dict = field(default_factory=dict)  # kind -> [speed-up on 1, 2, ... threads]
     sustained: float = 1.0
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def kernel(self, kind, direction):
-        return self.kernels[kind][direction]
+    def cost(self, kind, direction):
+        return self.costs[kind][direction]
 
     def speedup(self, kind, threads):
         """How much faster ``threads`` threads run a kernel of ``kind`` than one
@@ -89,7 +90,7 @@ class Profile:
 
     def seconds(self, kind, direction, flops, nbytes, threads=1, scale=1.0):
         """One call of a ``kind`` kernel on ``threads`` threads of a device ``scale`` times this profile."""
-        one = self.kernels[kind][direction].seconds(flops, nbytes)
+        one = self.costs[kind][direction].seconds(flops, nbytes)
         return one / (self.speedup(kind, threads) * scale * self.sustained)
 
 
@@ -122,18 +123,18 @@ def profile_from_dict(data, source="<dict>"):
     link = data.get("link")
     if not isinstance(link, dict):
         raise ProfileError(f"{source}: missing field 'link'")
-    kernels = {}
+    costs = {}
     for kind in KERNEL_KINDS:
         per = data.get("kernels", {}).get(kind) if isinstance(data.get("kernels"), dict) else None
         if not isinstance(per, dict):
             raise ProfileError(f"{source}: missing field 'kernels.{kind}'")
-        kernels[kind] = {}
+        costs[kind] = {}
         for direction in DIRECTIONS:
             where = f"{source}: kernels.{kind}.{direction}"
             k = per.get(direction)
             if not isinstance(k, dict):
                 raise ProfileError(f"{where}: missing")
-            kernels[kind][direction] = Kernel(
+            costs[kind][direction] = KernelCost(
                 _number(k, "overhead_us", where, strict=False) * 1e-6,
                 _number(k, "s_per_gflop", where, strict=False) * 1e-9,
                 _number(k, "s_per_gb", where, strict=False) * 1e-9)
@@ -157,7 +158,7 @@ def profile_from_dict(data, source="<dict>"):
         process_overhead_bytes=int(_number(data, "process_overhead_mb", source, strict=False) * 1e6),
         bandwidth_bps=_number(link, "bandwidth_mbps", f"{source}: link") * 1e6 / 8,
         latency_s=_number(link, "latency_ms", f"{source}: link", strict=False) * 1e-3,
-        kernels=kernels, threads=speedups, sustained=float(sustained), source=str(source), raw=data)
+        costs=costs, threads=speedups, sustained=float(sustained), source=str(source), raw=data)
 
 
 def load_profile(name_or_path):

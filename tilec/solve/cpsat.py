@@ -35,6 +35,7 @@ microseconds.
 Scaling: seconds are integer microseconds, bytes integer KiB (rounded up).
 """
 import math
+import sys
 import time
 
 from ortools.sat.python import cp_model
@@ -165,6 +166,9 @@ class PlanModel:
         # proven in 3 s instead of not within 15 s)
         p.num_workers = int(workers) if workers else DEFAULT_WORKERS
         p.log_search_progress = bool(log)
+        if log:  # on stderr with the rest of TILEC_DEBUG's output, not on stdout
+            p.log_to_stdout = False
+            solver.log_callback = lambda line: print(line, file=sys.stderr)
         # Measured on YOLOv2-tiny, 4 devices: presolve probing spent seconds
         # deriving ~1e6 binary clauses from the flow constraints for no gain;
         # with every constraint in the LP from the start (not lazily) and

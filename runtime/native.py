@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from tilec_runtime.build_cache import atomic_write, digest, entry_dir, file_lock
+from tilec_runtime.build_cache import digest, entry_dir, file_lock
+from tilec_runtime.files import atomic_path, atomic_write
 from tilec_runtime.errors import RuntimeFault
 
 # -ffp-contract=off: no fused multiply-adds, so that the generated kernels
@@ -162,13 +163,12 @@ def build(c_source, module, include_dirs=(), on_compile=None):
             on_compile()
         src = os.path.join(folder, module + ".c")
         atomic_write(src, c_source)
-        tmp = f"{target}.tmp{os.getpid()}"
-        cmd = cc + flags + ["-I" + include, src, "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise KernelBuildError(f"building kernel module {module} failed ({' '.join(cmd)}):\n"
-                                   + (proc.stderr or proc.stdout)[-4000:])
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            cmd = cc + flags + ["-I" + include, src, "-o", tmp, "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise KernelBuildError(f"building kernel module {module} failed ({' '.join(cmd)}):\n"
+                                       + (proc.stderr or proc.stdout)[-4000:])
     return BuildResult(target, module, True, time.perf_counter() - t0)
 
 
