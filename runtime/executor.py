@@ -372,19 +372,18 @@ class RankExecutor:
         self.tails[op["group"]].backward(op["layer"], self.params, self.acc)
 
     def _chan_reduce(self, op):
-        """All-reduce a B layer's partial sums (forward) or an A layer's partial input gradient (backward)."""
-        tail, i = self.tails[op["group"]], op["layer"]
-        forward = op["phase"] == "forward"
-        array = tail.reduced(i) if forward else tail.reduced_grad(i)
+        """All-reduce a B layer's partial sums (forward), an A layer's partial
+        input gradient (backward) or the group's input gradient (input)."""
+        tail, i, phase = self.tails[op["group"]], op["layer"], op["phase"]
+        array = tail.reduced(i, phase)
         members = self._members(op["group"])
-        ident = shards.reduce_id(i, forward)
+        ident = shards.reduce_id(i, phase)
         if use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"]):
             ring_allreduce(self.comm, (self.step_no, "c", ident), array, members, inplace=True,
                            labels=("crs", "cag"))
         else:
             gather_allreduce(self.comm, (self.step_no, "c", ident), array, members)
-        if not forward:
-            tail.reduced_grad_done(i)
+        tail.reduced_done(i, phase)
 
     def _grad_start(self, op):
         bucket = self.plan["buckets"][op["bucket"]]

@@ -14,10 +14,11 @@ from tilec.analysis.tiles import group_flops, group_tiles, spatial_prefix, tile_
 from tilec.errors import PlanError
 from tilec.inspect.plan_report import regions_text, schedule_text
 from tilec.plan.build import GroupChoice, build_plan, default_grid, even_choices, parse_grid, parse_groups
-from tilec.plan.tail import one_device_tail
+from tilec.analysis.tail import one_device_tail
 
 DEFAULT_HALO_LIMIT = 0.15
 DEFAULT_TIME_LIMIT = 3.0
+FIT_ATTEMPTS = 3  # solves, each leaving the room a plan's message buffers took
 
 
 def auto_groups(program, grid, limit=DEFAULT_HALO_LIMIT, prefix=None):
@@ -123,15 +124,34 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
                                          cuts=None if tiled_prefix is None else (prefix,))
             st.detail = (f"{len(cands.groups)} candidate groups, {len(cands.transitions)} transitions "
                          f"for {len(names)} device(s)")
-        with debug.stage("solver") as st:
-            solution = solve(cands, time_limit=time_limit, workers=workers, recompute=recompute,
-                             log=debug.level() >= 2)
-            stats = solution.stats()
-            st.detail = (f"{stats['solver']}: {stats['status']}, predicted step {stats['objective_s']:.4f} s, "
-                         f"gap {100 * stats['gap']:.2f}%")
-        choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices), rec)
-                   for g, rec in solution.choices if not hasattr(g, "layout_out")]
-        tail_choices = [g.choice() for g, _ in solution.choices if hasattr(g, "layout_out")]
+        from tilec.cost.memory import plan_memory
+        from tilec.solve import InfeasibleError
+        from tilec.solve.bounds import with_memory
+        limits = [d.memory_bytes for d in clus.devices]
+        for attempt in range(FIT_ATTEMPTS):
+            with debug.stage("solver") as st:
+                solution = solve(with_memory(cands, limits), time_limit=time_limit, workers=workers,
+                                 recompute=recompute, log=debug.level() >= 2)
+                stats = solution.stats()
+                st.detail = (f"{stats['solver']}: {stats['status']}, predicted step {stats['objective_s']:.4f} s, "
+                             f"gap {100 * stats['gap']:.2f}%")
+            choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices), rec)
+                       for g, rec in solution.choices if not hasattr(g, "layout_out")]
+            tail_choices = [g.choice() for g, _ in solution.choices if hasattr(g, "layout_out")]
+            plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
+                              optimizer=opt, prefix=tail_choices[0].first, threads=clus.threads, tail=tail_choices)
+            # The plan's own memory (tilec.cost.memory.plan_memory, what the runtime allocates) must fit, not
+            # only the model's sum: where it does not, ask again for a plan that leaves that much more room.
+            over = [sum(plan_memory(plan, r, d.profile).values()) - d.memory_bytes for r, d in enumerate(clus.devices)]
+            if max(over) <= 0:
+                break
+            # (on every device: the plan's own part of it can move to whichever device has room)
+            limits = [m - max(over) - (1 << 20) for m in limits]
+        else:
+            worst = max(range(len(over)), key=over.__getitem__)
+            raise InfeasibleError(f"no plan fits the devices' memory: the best plan found needs "
+                                  f"{over[worst] / 1e6:,.0f} MB more than device {names[worst]!r} has, with its "
+                                  f"message buffers (raise the devices' memory, lower --batch, or add devices)")
         prefix = tail_choices[0].first
         prediction = solution.prediction
     else:

@@ -37,6 +37,7 @@ class Candidates:
     group_layout: list = field(default_factory=list)  # layout index of each group
     nodes: dict = field(default_factory=dict)  # (b, layout index) -> (rects, devices) of layer b-1's map
     transitions: list = field(default_factory=list)  # (b, from layout, to layout, seconds)
+    transition_bytes: list = field(default_factory=list)  # {device: staging bytes} of each transition
     group_out: list = field(default_factory=list)  # layout index each group hands its output on in
     cuts: tuple = ()  # the boundaries where the tiled prefix may end
 
@@ -75,7 +76,7 @@ def tail_options(program, lo, n, members, mode="auto"):
     on any one device (``mode`` auto or one) and split over the k first
     ``members(k)`` (auto or channels; one device where a run cannot be
     split at all); each other run on rank 0."""
-    from tilec.plan.tail import runs
+    from tilec.analysis.tail import runs
     from tilec_runtime import shards
     out = []
     for f0, l0, ok in runs(program, lo):
@@ -102,6 +103,8 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
     where the tiled prefix may end (default: from the first weight-heavy
     layer to the end of the prefix).
     """
+    from tilec.cost.comm import exchange_seconds
+    from tilec.cost.model import staging
     from tilec.cost.tail import holdings
     cands = Candidates(model, list(layouts))
     prefix, program, n = model.prefix, model.program, model.n
@@ -140,8 +143,13 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
         for (b2, lj), (dst_rects, dst_devs) in cands.nodes.items():
             if b2 != b:
                 continue
-            secs = 0.0 if li == lj else model.redistribute_seconds(b, src_rects, src_devs, dst_rects, dst_devs)
+            if li == lj:
+                secs, stage = 0.0, {}
+            else:
+                m = model.redistribute_bytes(b, src_rects, src_devs, dst_rects, dst_devs)
+                secs, stage = 2 * exchange_seconds(m, model.devices), staging(m)
             cands.transitions.append((b, li, lj, secs))
+            cands.transition_bytes.append(stage)
 
     # the tail: groups after the cut, and the moves into and between them
     pricer = model.tail_pricer
@@ -162,8 +170,12 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
         if b in cuts and b > 0:
             for (ab, li) in sorted(arrivals):
                 if ab == b and li < base:
-                    cands.transitions.append((b, li, lj, pricer.transition_seconds(b, cands.nodes[(b, li)], need)))
+                    secs, stage = pricer.transition(b, cands.nodes[(b, li)], need)
+                    cands.transitions.append((b, li, lj, secs))
+                    cands.transition_bytes.append(stage)
         for ab, li in sorted(tail_ends):
             if ab == b:
-                cands.transitions.append((b, li, lj, pricer.transition_seconds(b, cands.layouts[li], need)))
+                secs, stage = pricer.transition(b, cands.layouts[li], need)
+                cands.transitions.append((b, li, lj, secs))
+                cands.transition_bytes.append(stage)
     return cands

@@ -96,25 +96,26 @@ def layer_seconds(profile, layer, positions, batch, itemsize, direction, scale=1
                          features(layer, positions, batch, itemsize, direction), threads, scale)
 
 
-def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale=1.0, threads=1):
+def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale=1.0, threads=1, part="all"):
     """Seconds of a member's share of a layer split by channels
     (``tilec_runtime.shards``): an A or pooling layer on its channels (the
-    layer ``share``); a B layer's partial sum (its input channels, every
-    output) and then, on every member alike, its bias or batch norm and
-    activation on all channels."""
+    layer ``share``); a B layer's ``part`` "partial" sum (its input
+    channels, every output), "post" (on every member alike, its bias or
+    batch norm and activation on all channels), or "all" of it."""
     positions = layer["out_shape"][1] * layer["out_shape"][2]
     if role != "B":
         return layer_seconds(profile, share, positions, batch, itemsize, direction, scale, threads)
     if layer["kind"] == "conv":
         partial = stage_seconds(profile, "conv", direction, conv_features(share, positions, batch, itemsize, direction),
                                 threads, scale)
-        return partial + stage_seconds(profile, "epilogue", direction,
-                                       epilogue_features(layer, positions, None, batch, itemsize, direction), threads,
-                                       scale)
-    partial = stage_seconds(profile, "connected", direction,
-                            features(dict(share, act="linear"), 1, batch, itemsize, direction), threads, scale)
-    n = batch * prod(layer["out_shape"])  # bias and activation
-    return partial + stage_seconds(profile, "elementwise", direction, (3 * n, 3 * n * itemsize), threads, scale)
+        post = stage_seconds(profile, "epilogue", direction,
+                             epilogue_features(layer, positions, None, batch, itemsize, direction), threads, scale)
+    else:
+        partial = stage_seconds(profile, "connected", direction,
+                                features(dict(share, act="linear"), 1, batch, itemsize, direction), threads, scale)
+        n = batch * prod(layer["out_shape"])  # bias and activation
+        post = stage_seconds(profile, "elementwise", direction, (3 * n, 3 * n * itemsize), threads, scale)
+    return {"partial": partial, "post": post, "all": partial + post}[part]
 
 
 def unit_seconds(profile, program, unit, positions, input_grad, batch, itemsize, threads=1, scale=1.0):

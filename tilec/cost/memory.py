@@ -31,7 +31,10 @@ def param_count(layers):
 
 
 def state_bytes(layers, itemsize):
-    return STATE_COPIES * param_count(layers) * itemsize
+    """Parameters with their accumulators, and batch-norm running statistics."""
+    from tilec_runtime.program import buffer_shapes
+    buffers = sum(prod(s) for layer in layers for s in buffer_shapes(layer).values())
+    return (STATE_COPIES * param_count(layers) + buffers) * itemsize
 
 
 def kept_bytes(layer, positions, batch, itemsize):
@@ -91,7 +94,8 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
     kept = 2 * inputs * itemsize + grads * itemsize + sum(kept_bytes(s, p, batch, itemsize)
                                                           for s, p in zip(shares, positions))
     work = max((workspace_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions)), default=0)
-    return {"state": state_bytes(shares, itemsize), "kept": int(kept), "workspace": int(work + partial * itemsize)}
+    return {"state": state_bytes(shares, itemsize), "kept": int(kept), "workspace": int(work + partial * itemsize),
+            "params": param_count(shares)}
 
 
 def plan_memory(plan, rank, profile=None):

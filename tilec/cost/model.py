@@ -120,7 +120,8 @@ class CostModel:
         self.tail_reads = sorted({j for layer in program[self.prefix:] for j in layer["inputs"]
                                   if j < self.prefix and j != layer["index"] - 1})
         self.outside = set(self.tail_reads) | ({self.prefix - 1} if self.prefix else set())
-        self.rank0_bytes = batch * int(np.prod(program[0]["in_shape"])) * itemsize  # the batch's images
+        # the batch's images, and the staging buffers of their pieces for the first group's tiles
+        self.rank0_bytes = 2 * batch * int(np.prod(program[0]["in_shape"])) * itemsize
         self._tail_pricer = None
         self._groups, self._axes, self._memory, self._units = {}, {}, {}, {}
 
@@ -159,12 +160,13 @@ class CostModel:
         return [self.tail_pricer.arc(c.first, c.last, c.mode, tuple(sorted(c.devices))) for c in choices]
 
     def tail_transition(self, prev, arc):
-        """Seconds for tail group ``arc`` to get its input from ``prev`` (a
-        tiled :class:`Group`, a :class:`tilec.cost.tail.TailArc`, or None: the image)."""
+        """(seconds, staging bytes per device) for tail group ``arc`` to get its
+        input from ``prev`` (a tiled :class:`Group`, a
+        :class:`tilec.cost.tail.TailArc`, or None: the image)."""
         if prev is None:
-            return arc.entry_s
+            return arc.entry_s, {}
         held = prev.layout_out if hasattr(prev, "layout_out") else (prev.out_rects, prev.devices)
-        return self.tail_pricer.transition_seconds(arc.first, held, arc.layout_in)
+        return self.tail_pricer.transition(arc.first, held, arc.layout_in)
 
     def _tensor_shape(self, t):
         return self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"]
@@ -184,6 +186,12 @@ class CostModel:
                 g.home_rects = self.layout_rects(layout, first - 1)
                 if g.home_rects is not None:
                     g.entry_s = self.entry_seconds(g, g.home_rects, layout.devices)
+                    # the halo's staging buffers, on the devices of this layout
+                    m = self.redistribute_bytes(first, g.home_rects, layout.devices, g.input_rects, g.devices)
+                    for d, nbytes in staging(m).items():
+                        if d in g.kept:
+                            g.kept[d] += nbytes
+                            g.kept_recompute[d] += nbytes
         return g
 
     def layout_rects(self, layout, tensor):
@@ -262,7 +270,11 @@ class CostModel:
         n_params = param_count(layers)
         upd = max(update_seconds(self.devices[d].profile, n_params, item, self.devices[d].compute_scale,
                                  self.devices[d].threads) for d in members)
-        tail_send = self._tail_sends(first, last, rows, cols, cells, devices)
+        tail_send, stage = self._tail_sends(first, last, rows, cols, cells, devices)
+        for d, nbytes in stage.items():
+            if d in kept:
+                kept[d] += nbytes
+                kept_rec[d] += nbytes
         seconds = fwd_s + bwd_s + bn_s + grad_s + upd + tail_send
         return Group(
             first, last, row_splits, col_splits, devices, seconds, fwd_s,
@@ -275,8 +287,9 @@ class CostModel:
                    "to_tail": tail_send})
 
     def _tail_sends(self, first, last, rows, cols, cells, devices):
-        """Seconds to send the owned cells of the layers the tail reads to rank 0, and back."""
-        total = 0.0
+        """(seconds, staging bytes per device) to send the owned cells of the
+        layers the tail reads to rank 0, and their gradients back."""
+        total, stage = 0.0, {}
         for t in self.tail_reads:
             if not first <= t <= last:
                 continue
@@ -286,7 +299,9 @@ class CostModel:
             for (i, j), d in zip(cells, devices):
                 m[d, 0] += length(rows[i][k].owned) * length(cols[j][k].owned) * c * self.batch * self.itemsize
             total += 2 * exchange_seconds(m, self.devices)
-        return total
+            for d, nbytes in staging(m).items():
+                stage[d] = stage.get(d, 0) + nbytes
+        return total, stage
 
     # -- boundaries ------------------------------------------------------------------
 
@@ -315,6 +330,15 @@ class CostModel:
         m = self.redistribute_bytes(b, src_rects, src_devices, dst_rects, dst_devices)
         return exchange_seconds(m, self.devices) * (1 if b == 0 else 2)
 
+    def boundary_staging(self, prev, g):
+        """{device: staging bytes} of the messages moving ``prev``'s output to
+        the layout of tiled group ``g`` (its halo is counted in ``g``)."""
+        if prev is None or hasattr(prev, "layout_out"):
+            return {}
+        if g.home_rects is None:
+            return staging(self.redistribute_bytes(g.first, prev.out_rects, prev.devices, g.input_rects, g.devices))
+        return staging(self.redistribute_bytes(g.first, prev.out_rects, prev.devices, g.home_rects, g.layout.devices))
+
     def boundary_seconds(self, prev, g):
         """What ``g`` pays at the boundary after ``prev`` (None: the image): transition + entry."""
         if prev is None:
@@ -330,32 +354,35 @@ class CostModel:
         """:class:`Prediction` of a step: ``choices`` is [(Group or TailArc,
         recompute)] in layer order, from layer 0; where they end before the
         program does, the rest runs on rank 0 (``one_device_tail``)."""
-        from tilec.plan.tail import one_device_tail
+        from tilec.analysis.tail import one_device_tail
         end = choices[-1][0].last + 1 if choices else 0
         if end < len(self.program):
             choices = list(choices) + [(arc, False) for arc in self.tail_arcs(one_device_tail(self.program, end))]
         n = self.n
         busy = [0.0] * n
-        state, kept, ws = [0] * n, [0] * n, [0] * n
+        state, kept, ws, tail_ws = [0] * n, [0] * n, [0] * n, [0] * n
         kept[0] = self.rank0_bytes
         group_s, tail = [], []
         prev = None
         for g, rec in choices:
             if hasattr(g, "layout_out"):  # a tail group
-                entry = self.tail_transition(prev, g)
+                entry, stage = self.tail_transition(prev, g)
                 tail.append({"layers": [g.first, g.last], "mode": g.mode, "devices": list(g.devices),
                              "seconds": entry + g.seconds})
             else:
-                entry = self.boundary_seconds(prev, g)
+                entry, stage = self.boundary_seconds(prev, g), self.boundary_staging(prev, g)
                 group_s.append(entry + g.seconds + (g.recompute_seconds if rec else 0.0))
+            for d, nbytes in stage.items():
+                kept[d] += nbytes
             for d in g.members:
                 busy[d] += g.busy[d] + (g.busy_recompute[d] if rec else 0.0)
                 state[d] += g.state[d]
                 kept[d] += (g.kept_recompute if rec else g.kept)[d]
-                ws[d] = max(ws[d], (g.workspace_recompute if rec else g.workspace)[d])
+                pool = tail_ws if hasattr(g, "layout_out") else ws  # the tiles' scratch, the tail's temporaries
+                pool[d] = max(pool[d], (g.workspace_recompute if rec else g.workspace)[d])
             prev = g
-        breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k, "workspace": w}
-                     for dev, s, k, w in zip(self.devices, state, kept, ws)]
+        breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k, "workspace": w + tw}
+                     for dev, s, k, w, tw in zip(self.devices, state, kept, ws, tail_ws)]
         memory = [sum(p.values()) for p in breakdown]
         tail_s = sum(t["seconds"] for t in tail)
         return Prediction(sum(group_s) + tail_s, busy, memory, breakdown, group_s, tail_s, tail)
@@ -369,6 +396,16 @@ class CostModel:
         layers = self.program if layers is None else layers
         total = sum(layer_seconds(dev.profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
         return total + update_seconds(dev.profile, param_count(layers), item)
+
+
+def staging(m):
+    """{device: bytes} of staging buffers for the messages of ``m`` (bytes
+    from device i to j) and their gradients back (a message to the device
+    itself needs none): what each device sends."""
+    m = np.array(m, dtype=float)
+    np.fill_diagonal(m, 0.0)
+    out = m.sum(axis=1) + m.sum(axis=0)
+    return {d: float(v) for d, v in enumerate(out) if v > 0}
 
 
 def _positions(layer):

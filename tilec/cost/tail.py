@@ -24,8 +24,8 @@ import numpy as np
 
 from tilec.cost.comm import exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import share_seconds, update_seconds
-from tilec.cost.memory import STATE_COPIES, tail_member_bytes
-from tilec.plan.tail import TailChoice, flows
+from tilec.cost.memory import tail_member_bytes
+from tilec.analysis.tail import TailChoice, flows
 from tilec_runtime import shards
 
 DIRECTIONS = ("forward", "backward")
@@ -150,9 +150,10 @@ class TailPricer:
         return [(d, total * (bounds[m + 1] - bounds[m]) / c) for m, d in enumerate(held.devices)
                 if bounds[m + 1] > bounds[m]], False
 
-    def move_seconds(self, tensor, held, need):
-        """Seconds to get ``tensor`` from ``held`` to every device of ``need`` (a
-        startable :class:`Holding`) forward, and its gradient back."""
+    def move(self, tensor, held, need):
+        """(seconds, staging bytes per device) to get ``tensor`` from ``held`` to
+        every device of ``need`` (a startable :class:`Holding`) forward, and
+        its gradient back."""
         key = (tensor, held if isinstance(held, Holding) else (held[0].tobytes(), tuple(held[1])), need)
         if key not in self._moves:
             sources, replicated = self._sources(tensor, held)
@@ -160,23 +161,34 @@ class TailPricer:
             fwd = np.zeros((self.n, self.n))
             for s, r, nbytes in forward:
                 fwd[s, r] += nbytes
+            np.fill_diagonal(fwd, 0.0)  # a device's own part is a copy
             secs = exchange_seconds(fwd, self.devices)
+            sent = fwd.sum(axis=1)
             if tensor >= 0:
                 bwd = fwd.T.copy()
                 for s, r, nbytes in extra:
-                    bwd[s, r] += nbytes
+                    if s != r:
+                        bwd[s, r] += nbytes
                 secs += exchange_seconds(bwd, self.devices)
-            self._moves[key] = secs
+                sent = sent + bwd.sum(axis=1)
+            self._moves[key] = (secs, {d: float(v) for d, v in enumerate(sent) if v > 0})
         return self._moves[key]
 
-    def transition_seconds(self, b, held, need):
-        """What a tail group starting at layer ``b`` from ``need`` pays to get
-        layer b-1's output from ``held`` (0 if layer b does not read it)."""
+    def transition(self, b, held, need):
+        """(seconds, staging bytes per device) for a tail group starting at
+        layer ``b`` from ``need`` to get layer b-1's output from ``held``
+        (nothing if layer b does not read it)."""
         if b - 1 not in self.program[b]["inputs"]:
-            return 0.0
+            return 0.0, {}
         if isinstance(held, Holding) and held == need:
-            return 0.0
-        return self.move_seconds(b - 1, held, need)
+            if held.kind == "whole":  # the members all-reduce the input's gradient (``reduce_input``), in place
+                nbytes = self.batch * prod(self._shape(b - 1)) * self.item
+                return gradient_allreduce_seconds(nbytes, list(held.devices), self.devices), {}
+            return 0.0, {}
+        return self.move(b - 1, held, need)
+
+    def transition_seconds(self, b, held, need):
+        return self.transition(b, held, need)[0]
 
     # -- groups ------------------------------------------------------------------------
 
@@ -225,15 +237,18 @@ class TailPricer:
             part = tail_member_bytes(program, first, last, mode, k, m, b, item)
             state[d], kept[d], work[d] = part["state"], part["kept"], part["workspace"]
             dev = self.devices[d]
-            n_params = state[d] // (STATE_COPIES * item)
-            update = max(update, update_seconds(dev.profile, n_params, item, dev.compute_scale, dev.threads))
+            update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
         # what a later layer other than the next reads goes to rank 0 (and its gradient back)
         to_rank0 = 0.0
         for t in range(first, last + 1):
             if self.readers.get(t, set()) - {t + 1}:
-                to_rank0 += self.move_seconds(t, self.holding_of(first, last, mode, devices, t), Holding("one", (0,)))
+                secs, stage = self.move(t, self.holding_of(first, last, mode, devices, t), Holding("one", (0,)))
+                to_rank0 += secs
+                for d, nbytes in stage.items():
+                    if d in kept:
+                        kept[d] += nbytes
         need = Holding("one" if mode == "one" else "whole", devices)
-        entry = self.move_seconds(-1, Holding("one", (0,)), need) if first == 0 else 0.0
+        entry = self.move(-1, Holding("one", (0,)), need)[0] if first == 0 else 0.0
         seconds = compute + collective + update + to_rank0
         return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,
                        self.holding_of(first, last, mode, devices, last),

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilec.analysis.regions import area_of, even_splits, intersect, length
+from tilec.analysis.tail import flows, one_device_tail
 from tilec.analysis.tiles import group_tiles, spatial_prefix
 from tilec.errors import PlanError
 from tilec.plan.schedule import build_schedule, make_buckets
-from tilec.plan.tail import check_choices, flows, holders, one_device_tail, tail_group
+from tilec.plan.tail import check_choices, holders, tail_group
 from tilec_runtime.collectives import RING_MIN_BYTES
 from tilec_runtime.planfile import FORMAT, VERSION, seal
 
@@ -192,7 +193,13 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
             else:
                 held, replicated = holders(program, producer, tensor)
                 sources = [(d, (*whole, chans)) for d, chans in held]
-            forward, extra = flows(sources, replicated, sorted(ch.devices))
+            if replicated and ch.mode == "channels" and sorted(ch.devices) == [d for d, _ in sources]:
+                # whole on every member already: each takes its own copy, and the members all-reduce
+                # the input's gradient (each needs all of it), instead of sending it to one another
+                forward, extra = [(d, d, part) for d, part in sources], []
+                group["reduce_input"] = True
+            else:
+                forward, extra = flows(sources, replicated, sorted(ch.devices))
             messages += [_message(g, tensor, s, r, *part[:2], shape[0], batch, itemsize, part[2])
                          for s, r, part in forward]
             extra_backward += [dict(_message(g, tensor, s, r, *part[:2], shape[0], batch, itemsize, part[2]),

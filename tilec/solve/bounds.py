@@ -27,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 INF = float("inf")
-GROW, SHRINK = 1.5, 0.8
+GROW, SHRINK = 1.5, 0.95
 REFINE = 8  # steps taken after the first plan that fits
 
 
@@ -52,6 +52,14 @@ def _arrays(cands):
     return arr
 
 
+class Prices(list):
+    """Per group (price, recompute?), and ``moves``: per transition its price."""
+
+    def __init__(self, groups, moves):
+        super().__init__(groups)
+        self.moves = moves
+
+
 def _prices(cands, lams, workspace=False):
     """Per group: (price, recompute?), and the constant to subtract, at
     per-device multipliers ``lams``. With ``workspace`` the price also
@@ -64,7 +72,10 @@ def _prices(cands, lams, workspace=False):
     use_rec = rec < keep
     prices = list(zip(np.where(use_rec, rec, keep).tolist(), use_rec.tolist()))
     cap = [d.memory_bytes for d in cands.model.devices]
-    return prices, float(sum(l / c * free for l, c, free in zip(lams, cap, free_memory(cands))))
+    # transitions: their seconds and their staging buffers at the same multipliers
+    moves = [secs + sum(lam[d] * nbytes / cap[d] for d, nbytes in stage.items())
+             for (_, _, _, secs), stage in zip(cands.transitions, cands.transition_bytes)]
+    return Prices(prices, moves), float(sum(l / c * free for l, c, free in zip(lams, cap, free_memory(cands))))
 
 
 def with_memory(cands, memory):
@@ -90,8 +101,9 @@ def distances(cands, prices):
     for gi, g in enumerate(cands.groups):
         starts.setdefault(g.first, []).append((gi, cands.group_layout[gi]))
         ends.setdefault(g.last + 1, []).append((gi, cands.group_out[gi]))
-    for t, (b, li, lj, secs) in enumerate(cands.transitions):
-        moves_from.setdefault(b, []).append((t, li, lj, secs))
+    tprices = getattr(prices, "moves", None) or [t[3] for t in cands.transitions]
+    for t, (b, li, lj, _) in enumerate(cands.transitions):
+        moves_from.setdefault(b, []).append((t, li, lj, tprices[t]))
     to_ready, to_arrived, back = {}, {}, {}  # node -> distance; back: node -> predecessor
     for b in range(end + 1):
         for gi, lo in ends.get(b, []):
@@ -145,8 +157,9 @@ def through(cands, prices, dist):
         before = 0.0 if g.first == 0 else dist["to_ready"].get((g.first, cands.group_layout[gi]), INF)
         after = 0.0 if g.last + 1 == end else dist["from_arrived"].get((g.last + 1, cands.group_out[gi]), INF)
         g_best.append(before + prices[gi][0] + after)
-    t_best = [dist["to_arrived"].get((b, li), INF) + secs + dist["from_ready"].get((b, lj), INF)
-              for b, li, lj, secs in cands.transitions]
+    tprices = getattr(prices, "moves", None) or [t[3] for t in cands.transitions]
+    t_best = [dist["to_arrived"].get((b, li), INF) + tp + dist["from_ready"].get((b, lj), INF)
+              for (b, li, lj, _), tp in zip(cands.transitions, tprices)]
     return g_best, t_best
 
 
@@ -208,7 +221,7 @@ def _overflow(cands, pred):
     return max(m - d.memory_bytes for m, d in zip(pred.memory, cands.model.devices))
 
 
-def _seconds(cands, path):
+def path_seconds(cands, path):
     return cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path]).step_s
 
 
@@ -262,4 +275,5 @@ def prune(cands, upper, tried, slack=1e-6):
     return replace(cands, groups=[cands.groups[gi] for gi in groups],
                    group_layout=[cands.group_layout[gi] for gi in groups],
                    group_out=[cands.group_out[gi] for gi in groups],
-                   transitions=[t for t, k in zip(cands.transitions, keep_t) if k]), groups
+                   transitions=[t for t, k in zip(cands.transitions, keep_t) if k],
+                   transition_bytes=[t for t, k in zip(cands.transition_bytes, keep_t) if k]), groups

@@ -16,7 +16,8 @@ Variables:
 - ``use[g]``: group g is in the plan;
 - ``rec[g]``: group g recomputes its activations in backward (implies use);
 - ``move[t]``: transition t is taken at its boundary;
-- ``work[d]``: device d's largest workspace.
+- ``work[d][pool]``: device d's largest workspace of each pool (the tiles
+  share one scratch; the tail groups' temporaries come and go apart from it).
 
 Constraints:
 - flow: one group starts at layer 0; at each boundary, the groups that
@@ -24,10 +25,11 @@ Constraints:
   into a layout equal the groups that leave from it; one group ends at the
   program's last layer;
 - memory: per device, overhead + images (rank 0) + sum of the chosen
-  groups' state and kept bytes (less what recomputing saves) + ``work[d]``
-  is at most its memory; ``work[d]`` is at least the workspace of the
-  group covering each layer (exactly one group covers each layer, so one
-  linear constraint per layer and device gives the maximum).
+  groups' state and kept bytes (less what recomputing saves) + its works
+  is at most its memory; ``work[d][pool]`` is at least the workspace of
+  the group of that pool covering each layer (exactly one group covers
+  each layer, so one linear constraint per layer and device gives the
+  maximum).
 
 Objective: the sum of the chosen groups' and transitions' seconds, in
 microseconds.
@@ -45,6 +47,12 @@ from tilec.solve import solution_from_path
 US = 1e6
 KIB = 1024
 DEFAULT_WORKERS = 8
+FIRST_FIT_SHARE = 0.4  # of the time limit, to find a first plan that fits when the Lagrangian search did not
+
+
+def _pool(group):
+    """Which workspace a group's transients come from: the tiles' scratch, or the tail's."""
+    return "tail" if hasattr(group, "layout_out") else "tiles"
 
 
 def _kib(nbytes):
@@ -100,12 +108,17 @@ class PlanModel:
         # memory per device
         cm = cands.model
         self.slack = model.new_int_var(0, _kib(sum(d.memory_bytes for d in devices)) * 4, "slack") if overrun else 0
+        # two workspaces per device: the tiles' shared scratch, and the tail groups' temporaries
+        pools = sorted({_pool(g) for g in groups})
         self.work = []
         for d, dev in enumerate(devices):
             const = dev.profile.process_overhead_bytes + (cm.rank0_bytes if d == 0 else 0)
             cap = dev.memory_bytes // KIB
-            ws_max = max([0] + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups])
-            work = model.new_int_var(0, _kib(ws_max), f"work_{d}")
+            work = {}
+            for pool in pools:
+                ws_max = max([0] + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups
+                                    if _pool(g) == pool])
+                work[pool] = model.new_int_var(0, _kib(ws_max), f"work_{d}_{pool}")
             self.work.append(work)
             terms = []
             for gi, g in enumerate(groups):
@@ -114,16 +127,18 @@ class PlanModel:
                 terms.append(_kib(g.state[d] + g.kept[d]) * self.use[gi])
                 if gi in self.rec:
                     terms.append(-(_kib(g.state[d] + g.kept[d]) - _kib(g.state[d] + g.kept_recompute[d])) * self.rec[gi])
-            model.add(sum(terms) + work + _kib(const) <= cap + self.slack)
+            # the staging buffers of the messages a transition moves
+            terms += [_kib(stage[d]) * self.move[t] for t, stage in enumerate(cands.transition_bytes) if d in stage]
+            model.add(sum(terms) + sum(work.values()) + _kib(const) <= cap + self.slack)
             for p in range(end):
-                cover = []
+                cover = {}
                 for gi, g in enumerate(groups):
                     if d in g.workspace and g.first <= p <= g.last:
-                        cover.append(_kib(g.workspace[d]) * self.use[gi])
+                        cover.setdefault(_pool(g), []).append(_kib(g.workspace[d]) * self.use[gi])
                         if gi in self.rec:
-                            cover.append((_kib(g.workspace_recompute[d]) - _kib(g.workspace[d])) * self.rec[gi])
-                if cover:
-                    model.add(work >= sum(cover))
+                            cover[_pool(g)].append((_kib(g.workspace_recompute[d]) - _kib(g.workspace[d])) * self.rec[gi])
+                for pool, terms in cover.items():
+                    model.add(work[pool] >= sum(terms))
 
         # objective
         time_terms = [_us(cands.group_seconds(gi)) * self.use[gi] for gi in range(len(groups))]
@@ -146,9 +161,12 @@ class PlanModel:
             self.model.add_hint(var, gi in chosen)
         for gi, var in self.rec.items():
             self.model.add_hint(var, bool(chosen.get(gi, False)))
-        pred = self.cands.model.evaluate([(self.cands.groups[gi], rec) for gi, rec in path])
-        for d, var in enumerate(self.work):
-            self.model.add_hint(var, _kib(pred.breakdown[d]["workspace"]))
+        chosen_groups = [(self.cands.groups[gi], rec) for gi, rec in path]
+        pred = self.cands.model.evaluate(chosen_groups)
+        for d, work in enumerate(self.work):
+            for pool, var in work.items():
+                self.model.add_hint(var, max([0] + [_kib((g.workspace_recompute if rec else g.workspace).get(d, 0))
+                                                    for g, rec in chosen_groups if _pool(g) == pool]))
         if not isinstance(self.slack, int):
             over = max(m - dev.memory_bytes for m, dev in zip(pred.memory, self.cands.model.devices))
             self.model.add_hint(self.slack, max(0, _kib(over) + 1))
@@ -191,9 +209,10 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
 
     Steps: the fastest plan ignoring memory (a shortest path); if it fits,
     it is optimal and CP-SAT is not needed. Otherwise a Lagrangian search
-    finds a plan that fits (an upper bound), the arcs whose lower bound
-    exceeds it are dropped (:mod:`tilec.solve.bounds`), and CP-SAT solves
-    the rest, seeded with that plan.
+    finds a plan that fits (an upper bound), or, failing that, CP-SAT
+    minimising the overflow does; the arcs whose lower bound exceeds it
+    are dropped (:mod:`tilec.solve.bounds`), and CP-SAT solves the rest,
+    seeded with that plan.
 
     Raises :class:`InfeasibleError` (explained) when no plan fits, and
     when the time limit passes before any plan is found.
@@ -205,11 +224,21 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         cands = _without_recompute(cands)
     if min(bounds.free_memory(cands)) < 0:  # the process, or rank 0's images, do not fit by themselves
         raise explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute)
-    upper, path, tried, _ = bounds.feasible_plan(cands)
+    upper, path, tried, closest = bounds.feasible_plan(cands)
     if path is not None and len(tried) == 1:
         return solution_from_path(cands, path, solver="shortest path (memory not binding)", status="OPTIMAL",
                                   objective_s=upper, bound_s=upper, wall_s=time.perf_counter() - t0)
     dropped, forced = bounds.alone_too_big(cands)
+    if path is None:
+        # No multipliers gave a path that fits (devices alike trade the same groups back and forth):
+        # first find one that fits, seeded with the one that overflowed least, then the fastest.
+        path = _first_fit(cands, closest, dropped, forced, FIRST_FIT_SHARE * time_limit, workers, recompute)
+        if path is None:
+            err = explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute)
+            path = getattr(err, "fitting_path", None)  # (its longer search may find one after all)
+            if path is None:
+                raise err
+        upper = bounds.path_seconds(cands, path)
     if upper is not None:
         reduced, kept = bounds.prune(cands, upper, tried)
         keep = [k for k, gi in enumerate(kept) if gi not in dropped]
@@ -248,8 +277,26 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
                               solver.objective_value / US), wall_s=wall, booleans=pm.booleans)
 
 
+def _first_fit(cands, closest, dropped, forced, time_limit, workers, recompute):
+    """A path that fits, by CP-SAT minimising every device's overflow (None if
+    none does, or none was found in time)."""
+    from tilec.solve import bounds
+    kept = [gi for gi in range(len(cands.groups)) if gi not in dropped]
+    index = {gi: k for k, gi in enumerate(kept)}
+    pm = PlanModel(bounds.subset(cands, kept), recompute=recompute, overrun=True,
+                   forced={index[gi] for gi in forced if gi in index})
+    if closest and all(gi in index for gi, _ in closest):
+        pm.hint([(index[gi], rec) for gi, rec in closest])
+    solver, status = pm.solve(time_limit, workers)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) or solver.value(pm.slack) > 0:
+        return None
+    path = [(kept[gi], rec) for gi, rec in pm.path(solver)]
+    return path if bounds.fits(cands, path)[0] else None
+
+
 def _without_recompute(cands):
     from dataclasses import replace
-    groups = [replace(g, kept_recompute=dict(g.kept), workspace_recompute=dict(g.workspace),
-                      recompute_seconds=0.0) for g in cands.groups]
+    groups = [g if hasattr(g, "layout_out") else  # (a tail group never recomputes)
+              replace(g, kept_recompute=dict(g.kept), workspace_recompute=dict(g.workspace), recompute_seconds=0.0)
+              for g in cands.groups]
     return replace(cands, groups=groups)
