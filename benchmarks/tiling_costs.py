@@ -16,12 +16,12 @@ import json
 from tilec.compile import compile_plan
 from tilec.frontend.models import load_model
 from tilec.cost.traffic import bytes_sent
-from tilec.inspect.plan_report import activation_bytes, halo_overhead
+from tilec.inspect.plan_report import device_bytes, halo_overhead
 
 
 def measure(graph, devices, batch, groups):
     plan = compile_plan(graph, devices=devices, batch=batch, groups=groups)
-    mem = activation_bytes(plan)
+    mem = device_bytes(plan)
     msgs, coll = bytes_sent(plan)
     return {"devices": devices, "batch": batch, "groups": groups, "n_groups": len(plan["groups"]) - 1,
             "act_mb_max": max(mem) / 1e6, "halo_pct": 100 * halo_overhead(plan),
@@ -39,7 +39,7 @@ def main():
     graph = load_model(args.model)
     rows = []
     for batch in map(int, args.batches.split(",")):
-        one = max(activation_bytes(compile_plan(graph, devices=1, batch=batch, groups="all")))
+        one = max(device_bytes(compile_plan(graph, devices=1, batch=batch, groups="all")))
         for groups in ("all", "each"):
             for n in map(int, args.devices.split(",")):
                 r = measure(graph, n, batch, groups)

@@ -2,8 +2,9 @@
 
 The same class runs a one-device plan and every rank of an N-device plan.
 Each of the rank's tiles is a ``TileStep`` (fused generated kernels, a static
-arena: nothing is allocated after the first step but what arrives from
-peers); the ops in between move data (``send``/``recv``), combine batch-norm
+arena, and one scratch shared by all of them for what lives only during a
+tile's backward: nothing is allocated after the first step but what
+arrives from peers); the ops in between move data (``send``/``recv``), combine batch-norm
 statistics, and start the bucketed weight-gradient all-reduces, which a
 communication thread runs while backward goes on (``GradientReducer``).
 
@@ -21,9 +22,9 @@ Messages to the rank itself are copies: made at the send, straight into
 the destination (which is free then: a group input or a gradient buffer
 zeroed at the start of backward), except a gradient for a layer inside a
 group, which is added at the receive, after the next unit's backward has
-written that buffer. (The source of a send may live in the arena that the
-groups which recompute share, so it must not wait.) Messages to peers are
-copied to a staging buffer per message and posted at once.
+written that buffer. (The source of a send may live in the device's
+scratch, which the next group reuses, so it must not wait.) Messages to
+peers are copied to a staging buffer per message and posted at once.
 """
 import time
 
@@ -35,7 +36,7 @@ from tilec_runtime.collectives import GradientReducer, gather_allreduce, ring_al
 from tilec_runtime.fused import TileStep
 from tilec_runtime.geometry import Region
 from tilec_runtime.kernel_set import Kernels
-from tilec_runtime.lower import lower_rank
+from tilec_runtime.lower import lower_rank, scratch_bytes
 from tilec_runtime.program import buffer_shapes, decays, param_shapes
 from tilec_runtime.tailstep import ChannelGroup, WholeGroup
 
@@ -142,27 +143,21 @@ class RankExecutor:
     def _tiles(self, plan, rank, threads):
         """TileSteps of this rank's tiles, their input buffers, and where each tensor lives."""
         specs = lower_rank(plan, rank, threads)
-        shared = max((s["arena"] for g, s in specs.items() if plan["groups"][g].get("recompute")), default=0)
-        shared_args = max((s["arg_arena"] for g, s in specs.items() if plan["groups"][g].get("recompute")), default=0)
-        # groups that recompute keep only their input: their activations share one arena
-        self.transient = np.zeros(shared, self.dtype) if shared else None
-        self.transient_args = np.zeros(shared_args, np.int16) if shared else None
-        self.tiles, self.regions, self.producer, self.grad_out = {}, {}, {}, {}
+        # what a tile needs only during its own backward, and every im2col workspace, share one scratch:
+        # a device runs one group's backward at a time
+        need = max((scratch_bytes(s, self.dtype.itemsize) for s in specs.values()), default=0)
+        self.scratch = np.zeros(need, np.uint8)
+        self.tiles, self.regions, self.producer = {}, {}, {}
         for g, spec in specs.items():
             group = plan["groups"][g]
             tile = next(t for t in group["tiles"] if t["device"] == rank)
             x = np.zeros((self.batch, *spec["input"]), self.dtype)
-            recompute = bool(group.get("recompute"))
-            step = TileStep(spec, self.k, self.dtype, x, self.transient if recompute else None,
-                            self.transient_args if recompute else None)
+            step = TileStep(spec, self.k, self.dtype, x, self.scratch)
             self.tiles[g] = step
             self.regions[g] = {tl["layer"]: Region.of(tl["region"]) for tl in tile["layers"]}
             self.regions[g]["input"] = Region.of(tile["input"])
             for layer in step.produces:
                 self.producer[layer] = g
-            if recompute:
-                # gradients arriving before the recompute must not live in the shared arena
-                self.grad_out[g] = np.zeros_like(step.grad_output)
 
     def _tail(self, plan, rank):
         """The tail groups ``rank`` is a member of: whole, or split by channels."""
@@ -231,10 +226,7 @@ class RankExecutor:
             buf, base = self.tails[self.tail_of[t]].grad_in(t)
             return buf, Region.whole(*buf.shape[2:]), base, True
         p = self.producer[t]
-        step = self.tiles[p]
-        last = t == self.plan["groups"][p]["layers"][1]
-        buf = self.grad_out[p] if last and p in self.grad_out else step.grad_of(t)
-        return buf, self.regions[p][t], 0, True
+        return self.tiles[p].grad_of(t), self.regions[p][t], 0, True
 
     @staticmethod
     def _piece(array, base, m):
@@ -329,7 +321,6 @@ class RankExecutor:
     def _recompute(self, op):
         g = op["group"]
         self.tiles[g].recompute(self.params)
-        np.copyto(self.tiles[g].grad_output, self.grad_out[g])
 
     def _grad_zero(self, op):
         # the accumulators start the backward holding momentum * v (here, not
@@ -339,8 +330,8 @@ class RankExecutor:
                 np.multiply(a, self._momentum, out=a)  # (an array factor: no temporary)
             else:
                 a.fill(0)
-        for g, step in self.tiles.items():
-            (self.grad_out[g] if g in self.grad_out else step.grad_output).fill(0)
+        for step in self.tiles.values():
+            step.grad_output.fill(0)
         for tail in self.tails.values():
             tail.start_backward()
 
@@ -381,19 +372,18 @@ class RankExecutor:
         self.tails[op["group"]].backward(op["layer"], self.params, self.acc)
 
     def _chan_reduce(self, op):
-        """All-reduce a B layer's partial sums (forward) or an A layer's partial input gradient (backward)."""
-        tail, i = self.tails[op["group"]], op["layer"]
-        forward = op["phase"] == "forward"
-        array = tail.reduced(i) if forward else tail.reduced_grad(i)
+        """All-reduce a B layer's partial sums (forward), an A layer's partial
+        input gradient (backward) or the group's input gradient (input)."""
+        tail, i, phase = self.tails[op["group"]], op["layer"], op["phase"]
+        array = tail.reduced(i, phase)
         members = self._members(op["group"])
-        ident = shards.reduce_id(i, forward)
+        ident = shards.reduce_id(i, phase)
         if use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"]):
             ring_allreduce(self.comm, (self.step_no, "c", ident), array, members, inplace=True,
                            labels=("crs", "cag"))
         else:
             gather_allreduce(self.comm, (self.step_no, "c", ident), array, members)
-        if not forward:
-            tail.reduced_grad_done(i)
+        tail.reduced_done(i, phase)
 
     def _grad_start(self, op):
         bucket = self.plan["buckets"][op["bucket"]]

@@ -18,6 +18,9 @@ regions, which the bucket all-reduce completes.
 """
 import numpy as np
 
+from tilec_runtime.lower import scratch_bytes
+from tilec_runtime.memplan import round_up
+
 
 class _Unit:
     """One unit's views into the arena, its small vectors and parameter keys."""
@@ -32,20 +35,29 @@ class TileStep:
     """Forward and backward stages of one tile of one group, from its kernel spec.
 
     ``x``: the group's input region (B, C, h, w), filled by the executor
-    before the forward; ``arena``/``arg_arena``: given to share them (the
-    groups that recompute share one), else allocated.
+    before the forward; ``scratch``: the device's scratch bytes, shared by
+    all its tiles (the im2col workspace, and what lives only during a
+    tile's backward: ``tilec_runtime.lower.scratch_buffers``), else
+    allocated.
     """
 
-    def __init__(self, spec, kernels, dtype, x, arena=None, arg_arena=None):
+    def __init__(self, spec, kernels, dtype, x, scratch=None):
         self.spec = spec
         self.k = k = kernels
         dt = self.dtype = np.dtype(dtype)
         b = spec["batch"]
         # zeros, not empty: the arena is allocated once, and clean numbers
         # keep a bug from reading garbage that happens to look plausible
-        self.arena = np.zeros(spec["arena"], dt) if arena is None else arena[:spec["arena"]]
-        self.arg_arena = np.zeros(spec["arg_arena"], np.int16) if arg_arena is None else arg_arena[:spec["arg_arena"]]
-        self.ws = np.empty(max(spec["workspace"], 1), dt)
+        self.arena = np.zeros(spec["arena"], dt)
+        self.arg_arena = np.zeros(spec["arg_arena"], np.int16)
+        need = scratch_bytes(spec, dt.itemsize)
+        scratch = np.zeros(need, np.uint8) if scratch is None else scratch
+        if scratch.nbytes < need:
+            raise ValueError(f"scratch of {scratch.nbytes} bytes for a tile that needs {need}")
+        split = round_up(spec["scratch"] * dt.itemsize)
+        self.scratch = scratch[:spec["scratch"] * dt.itemsize].view(dt)
+        self.scratch_args = scratch[split:split + 2 * spec["scratch_args"]].view(np.int16)
+        self.ws = self.scratch[:max(spec["workspace"], 1)] if spec["workspace"] else np.empty(1, dt)
         if x.shape != (b, *spec["input"]):
             raise ValueError(f"tile input {x.shape} is not the spec's {(b, *spec['input'])}")
         self.x = x
@@ -68,8 +80,7 @@ class TileStep:
                 u.dst = self.grad_input
             u.dx = u.dst[:, :, rs, cs] if u.dst is not None else None
             if u.kind == "conv" and op["pool"] or u.kind == "maxpool":
-                off, size = spec["arg_buffers"][f"arg{j}"]
-                u.arg = self.arg_arena[off:off + size].reshape(u.out.shape)
+                u.arg = self._view(f"arg{j}", u.out.shape)
             if u.kind == "conv":
                 self._conv_unit(u, op, b, dt, j)
             self.units.append(u)
@@ -104,8 +115,14 @@ class TileStep:
             u.pool_grad = (u.d, u.arg, p["size"], p["stride"], p["pads"], tuple(p["src"]))
 
     def _view(self, name, shape):
-        off, size = self.spec["buffers"][name]
-        return self.arena[off:off + size].reshape(shape)
+        """A buffer's view: in the tile's own arenas or in the device's scratch."""
+        spec = self.spec
+        for where, array in (("buffers", self.arena), ("scratch_buffers", self.scratch),
+                             ("arg_buffers", self.arg_arena), ("scratch_arg_buffers", self.scratch_args)):
+            if name in spec[where]:
+                off, size = spec[where][name]
+                return array[off:off + size].reshape(shape)
+        raise KeyError(name)
 
     def output_of(self, layer):
         """The forward output of ``layer`` (a layer some unit hands on)."""

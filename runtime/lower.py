@@ -108,8 +108,35 @@ def lower_tile(program, group, tile, batch, outside, threads=1):
             # (a message to the device itself is copied when received)
             "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside),
             "ops": ops}
-    _plan_memory(spec)
+    _plan_memory(spec, bool(group.get("recompute")))
     return spec
+
+
+def tile_memory(program, first, last, outside, sizes, in_size, batch, threads, recompute):
+    """The memory plan of a tile from its layers' output sizes alone: ``sizes[layer]`` = (rows,
+    cols), ``in_size`` the input region's; the memory plan ``lower_tile``
+    makes, without the tile's geometry (for the planner's candidates).
+    Returns the spec's sizes: {"arena", "arg_arena", "scratch",
+    "scratch_args", "workspace", "input"}."""
+    ops = []
+    for conv, pool in units(program, first, last, outside):
+        if conv is not None:
+            layer = program[conv]
+            c, k = layer["in_shape"][0], layer["size"]
+            ho, wo = sizes[conv]
+            op = {"kind": "conv", "layer": conv, "channels": c, "filters": layer["filters"], "size": k,
+                  "out": [ho, wo], "band": band_rows(c, k, ho, wo), "pool": None}
+            if pool is not None:
+                op["pool"] = {"layer": pool, "out": list(sizes[pool])}
+        else:
+            op = {"kind": "maxpool", "layer": pool, "channels": program[pool]["in_shape"][0],
+                  "out": list(sizes[pool])}
+        ops.append(op)
+    spec = {"batch": batch, "threads": threads, "input": [program[first]["in_shape"][0], *in_size],
+            "input_grad": first > 0, "ops": ops,
+            "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside)}
+    _plan_memory(spec, recompute, check=False)
+    return {k: spec[k] for k in ("arena", "arg_arena", "scratch", "scratch_args", "workspace", "input")}
 
 
 def out_channels(op):
@@ -134,8 +161,9 @@ def workspace(op, threads, dx):
     return ckk * min(op["band"], ho) * wo * nt + (nt - 1) * op["filters"] * ckk
 
 
-def _plan_memory(spec):
-    """Buffer offsets: float arena, int16 arena (argmax), and the im2col workspace."""
+def _buffers(spec):
+    """({name: (size, first, last)} float buffers, the same for int16) of a
+    tile's step: forward op j at time j, backward op j at 2n-1-j."""
     ops, b = spec["ops"], spec["batch"]
     n = len(ops)
     end = 2 * n  # after the step: the group output stays for the next group / the loss
@@ -159,14 +187,46 @@ def _plan_memory(spec):
     if spec["input_grad"]:
         c, h, w = spec["input"]
         floats["din"] = (b * c * h * w, bwd[0], end)
-    offsets, total = memplan.plan_offsets(floats)
-    memplan.check(floats, offsets, total)
-    arg_offsets, arg_total = memplan.plan_offsets(ints)
-    spec["buffers"] = {name: [offsets[name], floats[name][0]] for name in sorted(floats)}
-    spec["arg_buffers"] = {name: [arg_offsets[name], ints[name][0]] for name in sorted(ints)}
-    spec["arena"], spec["arg_arena"] = total, arg_total
-    spec["workspace"] = max((workspace(op, spec["threads"], j > 0 or spec["input_grad"])
-                             for j, op in enumerate(ops)), default=0)
+    return floats, ints
+
+
+def scratch_buffers(floats, ints, n, recompute):
+    """Names of the buffers that live only during the tile's own backward
+    and so go to the device's scratch (backward phases of groups never
+    overlap on a device): the gradients inside the group (its output's
+    gradient receives messages before its backward starts, so it stays),
+    or, for a group that recomputes, everything it recomputes. ``floats``,
+    ``ints``: the tile's buffers (``_buffers``), ``n`` its units."""
+    if recompute:
+        return set(floats) - {f"d{n - 1}", "din"}, set(ints)
+    return {f"d{j}" for j in range(n - 1)} | {f"da{j}" for j in range(n) if f"da{j}" in floats}, set()
+
+
+def _pack(buffers, names, start=0, check=True):
+    """({name: [offset, size]}, end) of ``names`` packed from ``start``."""
+    offsets, total = memplan.plan_offsets({k: buffers[k] for k in names})
+    if check:
+        memplan.check({k: buffers[k] for k in names}, offsets, total)
+    return {k: [start + offsets[k], buffers[k][0]] for k in sorted(names)}, start + total
+
+
+def _plan_memory(spec, recompute=False, check=True):
+    """Buffer offsets: the tile's own float and int16 arenas (what lives
+    across the step), and its share of the device's scratch: the im2col
+    workspace, then the backward-only buffers (``scratch_buffers``)."""
+    floats, ints = _buffers(spec)
+    spill, spill_args = scratch_buffers(floats, ints, len(spec["ops"]), recompute)
+    spec["buffers"], spec["arena"] = _pack(floats, set(floats) - spill, check=check)
+    spec["arg_buffers"], spec["arg_arena"] = _pack(ints, set(ints) - spill_args, check=check)
+    spec["workspace"] = memplan.round_up(max((workspace(op, spec["threads"], j > 0 or spec["input_grad"])
+                                              for j, op in enumerate(spec["ops"])), default=0))
+    spec["scratch_buffers"], spec["scratch"] = _pack(floats, spill, spec["workspace"], check)
+    spec["scratch_arg_buffers"], spec["scratch_args"] = _pack(ints, spill_args, check=check)
+
+
+def scratch_bytes(spec, itemsize):
+    """Bytes of device scratch a tile needs: its float part, then its int16 part."""
+    return memplan.round_up(spec["scratch"] * itemsize) + 2 * spec["scratch_args"]
 
 
 def lower_rank(plan, rank, threads=1):

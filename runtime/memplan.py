@@ -10,28 +10,34 @@ by ``check``.
 ALIGN = 16  # elements: 64 bytes for float32, so that every buffer starts on a cache line
 
 
-def _round(n):
+def round_up(n):
+    """``n`` rounded up to a whole number of ``ALIGN``."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 def plan_offsets(buffers):
     """``buffers``: {name: (size, first, last)} with inclusive times.
     Returns ({name: offset}, total size)."""
-    placed = []  # (offset, end, first, last)
+    placed = []  # (offset, end, first, last), kept sorted by offset
     offsets = {}
+    top = 0
     for name, (size, first, last) in sorted(buffers.items(), key=lambda kv: (-kv[1][0], kv[0])):
         if size <= 0:
             offsets[name] = 0
             continue
-        busy = sorted((o, e) for o, e, f, l in placed if f <= last and first <= l)
         offset = 0
-        for o, e in busy:
+        for o, e, f, l in placed:
+            if f > last or first > l:
+                continue  # not alive at the same time
             if offset + size <= o:
                 break
             offset = max(offset, e)
         offsets[name] = offset
-        placed.append((offset, offset + _round(size), first, last))
-    return offsets, max((e for _, e, _, _ in placed), default=0)
+        end = offset + round_up(size)
+        top = max(top, end)
+        placed.append((offset, end, first, last))
+        placed.sort()
+    return offsets, top
 
 
 def check(buffers, offsets, total):

@@ -168,7 +168,7 @@ OP_GROUPS = {**{k: "tiled" for k in ("conv_fwd", "epi_fwd", "pool_fwd", "bn_stat
 
 
 CHAN_ROLES = {("chan_reduce", "forward"): "B", ("chan_reduce", "backward"): "A", ("chan_post", None): "B",
-              ("chan_post_bwd", None): "B"}
+              ("chan_post_bwd", None): "B", ("chan_reduce", "input"): "first"}
 
 
 def _check_role(program, group, op, where):
@@ -178,6 +178,10 @@ def _check_role(program, group, op, where):
     want = CHAN_ROLES.get((op["op"], phase))
     if want is None:
         raise ProgramError(f"{where}: bad phase {phase!r}")
+    if want == "first":  # the group's input gradient, named by its first layer
+        if op["layer"] != group["layers"][0] or not group.get("reduce_input"):
+            raise ProgramError(f"{where}: the input all-reduce names the first layer of a group that reduces its input")
+        return
     role = shards.roles(program, *group["layers"])[op["layer"]]
     if role != want:
         raise ProgramError(f"{where}: {op['op']} needs a layer split as {want}, layer {op['layer']} is {role}")

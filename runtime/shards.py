@@ -79,10 +79,21 @@ def check(program, first, last, k):
     return None
 
 
-def reduce_id(layer, forward):
-    """The id of a channel group's all-reduce: a B layer's sums (forward) or
-    an A layer's partial input gradient (backward)."""
-    return 2 * layer + (0 if forward else 1)
+REDUCE_PHASES = ("forward", "backward", "input")
+
+
+def reduce_id(layer, phase):
+    """The id of a channel group's all-reduce at ``layer``: a B layer's sums
+    (``phase`` forward), an A layer's partial input gradient (backward), or
+    the group's input gradient (input: the group's input is the replicated
+    output of a group on the same devices, whose every member needs it)."""
+    return 3 * layer + REDUCE_PHASES.index(phase)
+
+
+def reduce_shape(program, layer, phase, batch):
+    """Shape of the array that all-reduce sums."""
+    layer = program[layer]
+    return (batch, *(layer["out_shape"] if phase == "forward" else layer["in_shape"]))
 
 
 def input_bounds(program, layer, k, held_in):

@@ -76,10 +76,8 @@ def frame_table(plan, rank):
                     table[(d, Kind.BN if kind == "bn_stats" else Kind.BNG, op["layer"])] = spec
         elif kind == "chan_reduce":
             members = sorted(t["device"] for t in groups[op["group"]]["tiles"])
-            layer = program[op["layer"]]
-            forward = op["phase"] == "forward"
-            shape = (batch, *(layer["out_shape"] if forward else layer["in_shape"]))
-            ident = shards.reduce_id(op["layer"], forward)
+            shape = shards.reduce_shape(program, op["layer"], op["phase"], batch)
+            ident = shards.reduce_id(op["layer"], op["phase"])
             n, p = len(members), members.index(rank)
             nbytes = int(np.prod(shape)) * dtype.itemsize
             if collectives.use_ring(nbytes, n, plan["ring_min_bytes"]):

@@ -140,9 +140,18 @@ class ChannelGroup:
             z = (x.reshape(x.shape[0], -1) @ params[f"{i}.fc.weight"].T).reshape(x.shape[0], -1, 1, 1)
         self.partial[i] = np.ascontiguousarray(z)  # all-reduced in place
 
-    def reduced(self, i):
-        """The partial sum of B layer ``i`` that the executor all-reduces in place."""
-        return self.partial[i]
+    def reduced(self, i, phase):
+        """The array the executor all-reduces in place at layer ``i`` in ``phase``
+        (``tilec_runtime.shards.reduce_id``)."""
+        if phase == "forward":
+            return self.partial[i]
+        return self.partial_dx[i - 1] if phase == "backward" else self.grads_out[self.first - 1]
+
+    def reduced_done(self, i, phase):
+        """An A layer's all-reduced input gradient joins the gradient of its input."""
+        if phase == "backward":
+            dx = self.partial_dx.pop(i - 1)
+            self.grads_in[i - 1] = dx if i - 1 not in self.grads_in else self.grads_in[i - 1] + dx
 
     def post(self, i, params, buffers):
         """B layer ``i``'s bias or batch norm and activation, on the whole (all-reduced) sum."""
@@ -186,7 +195,7 @@ class ChannelGroup:
         self.partial[i] = dz
 
     def backward(self, i, params, acc):
-        """Layer ``i``'s share of backward; an A layer's input gradient is partial (``reduced_grad``)."""
+        """Layer ``i``'s share of backward; an A layer's input gradient is partial (``reduced``)."""
         layer = self.program[i]
         j = i - 1
         x = self.acts[j]
@@ -208,20 +217,11 @@ class ChannelGroup:
                 acc[key] += g
             dx = dout.get(j, np.zeros_like(x))
         if self.roles[i] == "A" and any(self.roles[p] != "local" for p in range(self.first, i)):
-            self.partial_dx[j] = np.ascontiguousarray(dx)  # a partial sum: all-reduced (reduced_grad) before it joins grads_in
+            self.partial_dx[j] = np.ascontiguousarray(dx)  # a partial sum: all-reduced before it joins grads_in
         elif j >= self.first:
             self.grads_in[j] = dx if j not in self.grads_in else self.grads_in[j] + dx
         else:
-            self.grads_out[j] = dx
-
-    def reduced_grad(self, i):
-        """A layer ``i``'s partial input gradient, for the executor to all-reduce in place."""
-        return self.partial_dx[i - 1]
-
-    def reduced_grad_done(self, i):
-        dx = self.partial_dx.pop(i - 1)
-        j = i - 1
-        self.grads_in[j] = dx if j not in self.grads_in else self.grads_in[j] + dx
+            self.grads_out[j] = np.ascontiguousarray(dx)  # (all-reduced in place when the group reduces its input)
 
 
 def _shape(program, t):

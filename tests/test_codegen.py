@@ -103,7 +103,7 @@ def test_a_conv_is_fused_with_its_pool_unless_its_output_is_sent():
     spec, = lower_rank(one_group_plan(program), 0).values()
     kinds = [(op["kind"], op["pool"] is not None if op["kind"] == "conv" else None) for op in spec["ops"]]
     assert kinds == [("conv", True), ("conv", True)]
-    assert "da0" in spec["buffers"] and "arg0" in spec["arg_buffers"]
+    assert "da0" in spec["scratch_buffers"] and "arg0" in spec["arg_buffers"]
     # group boundary after the first conv: its output goes to the next group
     plan = build_plan(program, [GroupChoice(0, 0, [0, 16], [0, 16], [0]), GroupChoice(1, 3, [0, 4], [0, 4], [0])],
                       model="t", batch=1, dtype="float32", devices=["d0"], optimizer=OPT)
@@ -131,9 +131,12 @@ def test_lowered_plans_are_json_with_a_valid_memory_plan(program, batch):
     assert json.loads(json.dumps(list(specs.values()))) == list(specs.values())
     for spec in specs.values():
         assert spec["arena"] >= max(size for _, size in spec["buffers"].values())
-        for arena, bufs in (("arena", spec["buffers"]), ("arg_arena", spec["arg_buffers"])):
+        for arena, bufs in (("arena", spec["buffers"]), ("arg_arena", spec["arg_buffers"]),
+                            ("scratch", spec["scratch_buffers"]), ("scratch_args", spec["scratch_arg_buffers"])):
             for name, (off, size) in bufs.items():
                 assert off % memplan.ALIGN == 0 and off + size <= spec[arena], name
+        # the scratch starts with the im2col workspace
+        assert all(off >= spec["workspace"] for off, _ in spec["scratch_buffers"].values())
 
 
 @settings(max_examples=100, deadline=None)
@@ -143,7 +146,7 @@ def test_lowered_plans_are_json_with_a_valid_memory_plan(program, batch):
 def test_memory_plan_never_overlaps_live_buffers(buffers):
     offsets, total = memplan.plan_offsets(buffers)
     memplan.check(buffers, offsets, total)  # raises on an overlap
-    assert total <= sum(memplan._round(s) for s, _, _ in buffers.values())
+    assert total <= sum(memplan.round_up(s) for s, _, _ in buffers.values())
 
 
 def test_memory_plan_reuses_memory_of_dead_buffers():

@@ -125,6 +125,10 @@ def test_cli_compile_then_simulate(tmp_path, capsys, monkeypatch):
     assert all(d["peak_bytes"] > d["memory"]["state"] > 0 for d in data["devices"])
     events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert {e["pid"] for e in events if e["ph"] == "X"} == {0, 1}
+    # a cluster file naming the devices in another order would pair them with the wrong ranks
+    (tmp_path / "swapped.yaml").write_text("devices:\n  - {name: b, profile: rpi4}\n  - {name: a, profile: rpi3b}\n")
+    assert main(["simulate", str(out), "--cluster", str(tmp_path / "swapped.yaml")]) == 1
+    assert "devices ['b', 'a'] in that order, the plan's are ['a', 'b']" in capsys.readouterr().err
 
 
 def test_cli_reports_a_bad_cluster_in_one_line(tmp_path, capsys):

@@ -14,7 +14,7 @@ from built import module
 from programs import ProgramBuilder, random_stacks
 from tilec.analysis.tiles import spatial_prefix
 from tilec.plan.build import GroupChoice, build_plan
-from tilec_runtime import data, fused, inprocess, reference, weights
+from tilec_runtime import data, fused, inprocess, lower, reference, weights
 from tilec_runtime.comm import InProcessHub
 from tilec_runtime.executor import RankExecutor
 from tilec_runtime.optim import SGD
@@ -210,9 +210,10 @@ def executors(plan, params, buffers):
                                          module(plan["dtype"]), params, buffers)
 
 
-def test_recomputing_groups_train_the_same_and_share_one_arena():
-    """A group that recomputes keeps only its input: the activations of all
-    such groups of a device live in one transient arena."""
+def test_recomputing_groups_train_the_same_and_share_one_scratch():
+    """A group that recomputes keeps only its input (and its output's
+    gradient): what it recomputes lives in the device's scratch, which every
+    tile shares, so the scratch is the largest tile's need, not their sum."""
     program = bn_stack()
     got, want = run_case(program, BN_CHOICES, 4, 2, [True, True], dtype="float64")
     assert_same(got, want, 1e-10, FLOOR)
@@ -220,9 +221,23 @@ def test_recomputing_groups_train_the_same_and_share_one_arena():
     plan = build_plan(program, choices, model="m", batch=2, dtype="float64", devices=["a"], optimizer=OPT)
     params, buffers = weights.init_params(program, 1, "float64")
     _, (ex,) = executors(plan, params, buffers)
-    arenas = [step.arena for step in ex.tiles.values()]
-    assert len(arenas) == 2 and all(np.shares_memory(a, ex.transient) for a in arenas)
-    assert ex.transient.size == max(a.size for a in arenas)
+    steps = list(ex.tiles.values())
+    assert len(steps) == 2 and all(np.shares_memory(s.scratch, ex.scratch) for s in steps)
+    assert ex.scratch.nbytes == max(lower.scratch_bytes(s.spec, 8) for s in steps)
+    for s in steps:  # nothing but the output's gradient (and the input gradient) in its own arena
+        assert set(s.spec["buffers"]) <= {f"d{len(s.spec['ops']) - 1}", "din"}
+
+
+def test_gradients_inside_a_group_live_in_the_scratch():
+    """A group that keeps its activations holds them in its own arena; the
+    gradients inside it, needed only during its backward, are in the scratch."""
+    program = bn_stack()
+    plan = build_plan(program, BN_CHOICES[:1] + [GroupChoice(2, 3, [0, 5], [0, 4], [0])], model="m", batch=2,
+                      dtype="float64", devices=["a", "b", "c", "d"], optimizer=OPT)
+    spec = lower.lower_rank(plan, 0)[0]
+    n = len(spec["ops"])
+    assert {f"d{j}" for j in range(n - 1)} <= set(spec["scratch_buffers"])
+    assert f"z{n - 1}" in spec["buffers"] and f"d{n - 1}" in spec["buffers"]
 
 
 def test_every_device_holds_identical_replicas():

@@ -28,6 +28,11 @@ class Common:
         p.add_argument("--grid", help="tile grid RxC of every group (default: chosen by the optimiser)")
         p.add_argument("--groups", help="layer groups: 'auto' (greedy halo rule), 'all', 'each' or ranges like 0-3,4-7 (default: chosen by the optimiser)")
         p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+        p.add_argument("--tile-layers", type=int, metavar="N", dest="tile_layers",
+                       help="tile exactly the first N layers (default: the optimiser chooses where tiling ends)")
+        p.add_argument("--tail", choices=("auto", "one", "channels", "data"), default="auto",
+                       help="the layers after the tiled prefix: auto (the optimiser chooses), one (each group on one "
+                       "device), channels (split by channels wherever a layer can be), data (not implemented)")
 
 
 def build_parser():

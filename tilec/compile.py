@@ -14,9 +14,11 @@ from tilec.analysis.tiles import group_flops, group_tiles, spatial_prefix, tile_
 from tilec.errors import PlanError
 from tilec.inspect.plan_report import regions_text, schedule_text
 from tilec.plan.build import GroupChoice, build_plan, default_grid, even_choices, parse_grid, parse_groups
+from tilec.analysis.tail import one_device_tail
 
 DEFAULT_HALO_LIMIT = 0.15
 DEFAULT_TIME_LIMIT = 3.0
+FIT_ATTEMPTS = 3  # solves, each leaving the room a plan's message buffers took
 
 
 def auto_groups(program, grid, limit=DEFAULT_HALO_LIMIT, prefix=None):
@@ -57,23 +59,37 @@ def resolve_cluster(devices, cluster):
     return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)))
 
 
+TAILS = ("auto", "one", "channels", "data")
+
+
 def compile_plan(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
-                 cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True):
+                 cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True,
+                 tail="auto"):
     """A sealed plan for ``graph`` on ``devices`` (a count or a list of names)
     or on ``cluster`` (a :class:`tilec.cluster.Cluster` or a YAML path)."""
     return plan_with_solution(graph, devices=devices, batch=batch, dtype=dtype, grid=grid, groups=groups,
                               optimizer=optimizer, cluster=cluster, tiled_prefix=tiled_prefix,
-                              time_limit=time_limit, workers=workers, recompute=recompute)[0]
+                              time_limit=time_limit, workers=workers, recompute=recompute, tail=tail)[0]
 
 
 def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
-                       cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True):
+                       cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True,
+                       tail="auto"):
     """(plan, Solution or None, CostModel or None): the plan and how it was chosen.
 
     The optimiser runs unless ``grid`` or ``groups`` (other than "auto") is
-    given; then the model's prediction is attached only if a ``cluster`` is.
+    given; then the tail runs on rank 0 and the model's prediction is
+    attached only if a ``cluster`` is. ``tiled_prefix``: tile exactly that
+    many layers (default: the optimiser chooses where the tiled prefix
+    ends); ``tail``: which tail groups the optimiser may choose (``TAILS``:
+    any, one device each, split by channels wherever a layer can be).
     """
     import numpy as np
+    if tail not in TAILS:
+        raise PlanError(f"--tail must be one of {', '.join(TAILS)}, got {tail!r}")
+    if tail == "data":
+        raise PlanError("--tail data (data parallelism after the tiled prefix) is not implemented yet: "
+                        "use --tail channels to spread the tail's weights and work over the devices")
     if cluster is None and not isinstance(devices, int):
         devices = list(devices)
         if not devices:
@@ -90,7 +106,7 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
     opt = optimizer or {"lr": net["learning_rate"], "momentum": net["momentum"], "decay": net["decay"]}
     with debug.stage("analysis") as st:
         prefix = spatial_prefix(program) if tiled_prefix is None else min(tiled_prefix, spatial_prefix(program))
-        st.detail = f"tiled prefix: layers 0-{prefix - 1}" if prefix else "no tiled prefix"
+        st.detail = f"tiled prefix: layers 0-{prefix - 1} at most" if prefix else "no tiled prefix"
     itemsize = np.dtype(dtype).itemsize
     use_optimizer = grid is None and groups in (None, "auto")
     clus = resolve_cluster(devices, cluster) if (use_optimizer or cluster is not None) else None
@@ -104,16 +120,39 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
         from tilec.solve.cpsat import solve
         with debug.stage("cost") as st:
             model = CostModel(program, clus, batch, itemsize, prefix=prefix)
-            cands = enumerate_candidates(model, layouts(clus))
-            st.detail = f"{len(cands.groups)} candidate groups for {len(names)} device(s)"
-        with debug.stage("solver") as st:
-            solution = solve(cands, time_limit=time_limit, workers=workers, recompute=recompute,
-                             log=debug.level() >= 2)
-            stats = solution.stats()
-            st.detail = (f"{stats['solver']}: {stats['status']}, predicted step {stats['objective_s']:.4f} s, "
-                         f"gap {100 * stats['gap']:.2f}%")
-        choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices), rec)
-                   for g, rec in solution.choices]
+            cands = enumerate_candidates(model, layouts(clus), tail=tail,
+                                         cuts=None if tiled_prefix is None else (prefix,))
+            st.detail = (f"{len(cands.groups)} candidate groups, {len(cands.transitions)} transitions "
+                         f"for {len(names)} device(s)")
+        from tilec.cost.memory import plan_memory
+        from tilec.solve import InfeasibleError
+        from tilec.solve.bounds import with_memory
+        limits = [d.memory_bytes for d in clus.devices]
+        for attempt in range(FIT_ATTEMPTS):
+            with debug.stage("solver") as st:
+                solution = solve(with_memory(cands, limits), time_limit=time_limit, workers=workers,
+                                 recompute=recompute, log=debug.level() >= 2)
+                stats = solution.stats()
+                st.detail = (f"{stats['solver']}: {stats['status']}, predicted step {stats['objective_s']:.4f} s, "
+                             f"gap {100 * stats['gap']:.2f}%")
+            choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices), rec)
+                       for g, rec in solution.choices if not hasattr(g, "layout_out")]
+            tail_choices = [g.choice() for g, _ in solution.choices if hasattr(g, "layout_out")]
+            plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
+                              optimizer=opt, prefix=tail_choices[0].first, threads=clus.threads, tail=tail_choices)
+            # The plan's own memory (tilec.cost.memory.plan_memory, what the runtime allocates) must fit, not
+            # only the model's sum: where it does not, ask again for a plan that leaves that much more room.
+            over = [sum(plan_memory(plan, r, d.profile).values()) - d.memory_bytes for r, d in enumerate(clus.devices)]
+            if max(over) <= 0:
+                break
+            # (on every device: the plan's own part of it can move to whichever device has room)
+            limits = [m - max(over) - (1 << 20) for m in limits]
+        else:
+            worst = max(range(len(over)), key=over.__getitem__)
+            raise InfeasibleError(f"no plan fits the devices' memory: the best plan found needs "
+                                  f"{over[worst] / 1e6:,.0f} MB more than device {names[worst]!r} has, with its "
+                                  f"message buffers (raise the devices' memory, lower --batch, or add devices)")
+        prefix = tail_choices[0].first
         prediction = solution.prediction
     else:
         if clus is not None:
@@ -128,13 +167,14 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
                 spans = parse_groups(groups, prefix)
             choices = even_choices(program, spans, grid, len(names))
             st.detail = f"groups {spans} on an even {grid[0]}x{grid[1]} grid"
-        prediction = predict_choices(model, choices) if model is not None else None
+        tail_choices = one_device_tail(program, prefix)
+        prediction = predict_choices(model, choices, tail_choices) if model is not None else None
     predicted = prediction.to_json(names) if prediction is not None else None
     with debug.stage("plan") as st:
         plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
                           optimizer=opt, prefix=prefix, predicted=predicted,
                           threads=clus.threads if clus is not None else None,
-                          cluster=clus.to_json() if clus is not None else None)
+                          cluster=clus.to_json() if clus is not None else None, tail=tail_choices)
         st.detail = (f"{len(plan['groups'])} groups, {len(plan['messages'])} messages, "
                      f"{sum(map(len, plan['schedule']))} ops on {len(names)} rank(s), hash {plan['hash'][:12]}")
     debug.dump(2, lambda: "regions (per group, per tile):\n" + regions_text(plan))
@@ -142,10 +182,10 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
     return plan, solution, model
 
 
-def predict_choices(model, choices):
-    """The cost model's prediction for GroupChoices made without it (an even grid, given groups)."""
-    return model.evaluate([(model.group(c.first, c.last, c.row_splits, c.col_splits, c.devices), c.recompute)
-                           for c in choices])
+def predict_choices(model, choices, tail):
+    """The cost model's prediction for GroupChoices and TailChoices made without it (an even grid, given groups)."""
+    tiled = [(model.group(c.first, c.last, c.row_splits, c.col_splits, c.devices), c.recompute) for c in choices]
+    return model.evaluate(tiled + [(arc, False) for arc in model.tail_arcs(tail)])
 
 
 def prediction_report(plan, solution=None):
@@ -153,13 +193,17 @@ def prediction_report(plan, solution=None):
     pred = plan.get("predicted")
     if not pred:
         return "  (no prediction: give --cluster, or let the optimiser choose)"
-    lines = [f"  predicted step: {pred['step_s']:.3f} s  (tail on rank 0: {pred['tail_s']:.3f} s)"]
+    lines = [f"  predicted step: {pred['step_s']:.3f} s  (tail: {pred['tail_s']:.3f} s)"]
     tiled = [g for g in plan["groups"] if g["kind"] == "tiled"]
     for g, secs in zip(tiled, pred["group_s"]):
         first, last = g["layers"]
         grid = f"{len(g['row_splits']) - 1}x{len(g['col_splits']) - 1}"
         lines.append(f"    group {first}-{last}: {grid} on {[t['device'] for t in g['tiles']]}"
                      f"{'  recompute' if g.get('recompute') else ''}: {secs:.3f} s")
+    for t in pred.get("tail", []):
+        first, last = t["layers"]
+        how = f"on {t['devices']}" if t["mode"] == "one" else f"split by channels over {t['devices']}"
+        lines.append(f"    tail {first}-{last}: {how}: {t['seconds']:.3f} s")
     lines.append(f"  {'device':<10}{'compute s':>11}{'memory MB':>11}{'state':>9}{'kept':>9}{'workspace':>11}")
     for d in pred["per_device"]:
         lines.append(f"  {d['name']:<10}{d['compute_s']:>11.3f}{d['memory_bytes'] / 1e6:>11.1f}"

@@ -45,6 +45,8 @@ class TrainOptions:
     plan: dict = None
     grid: str = None
     groups: str = None
+    tile_layers: int = None  # tile exactly this many layers (default: the optimiser chooses)
+    tail: str = "auto"  # the layers after the tiled prefix: auto, one, channels
     cluster: str = None
     key_file: str = None
     backend: str = None  # local (default for several devices) | inprocess
@@ -262,7 +264,8 @@ def _backend(graph, run, opts, out):
             from tilec.compile import compile_plan
             run.plan = compile_plan(graph, devices=names or (opts.devices if isinstance(opts.devices, list) else n),
                                     cluster=opts.cluster, batch=run.batch, dtype=run.dtype, grid=opts.grid,
-                                    groups=opts.groups, optimizer=run.optimizer)
+                                    groups=opts.groups, optimizer=run.optimizer, tiled_prefix=opts.tile_layers,
+                                    tail=opts.tail)
         elif run.plan["optimizer"] != run.optimizer:
             from tilec_runtime.planfile import seal
             run.plan = seal(dict(run.plan, optimizer=run.optimizer))

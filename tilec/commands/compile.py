@@ -6,8 +6,6 @@ def add_parser(sub, common):
     common.model(p)
     common.plan_flags(p)
     p.add_argument("--cluster", metavar="FILE", help="cluster file (YAML); default: --devices copies of this machine")
-    p.add_argument("--tile-layers", type=int, metavar="N", dest="tile_layers",
-                   help="tile only the first N layers; the rest runs on rank 0 (default: the whole spatial prefix)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S", dest="time_limit",
                    help="solver time limit in seconds (default 3)")
     p.add_argument("--workers", type=int, default=0, help="CP-SAT portfolio workers (default 8, even on fewer cores)")
@@ -27,7 +25,7 @@ def run(args):
     graph = load_model_arg(args)
     plan, solution, _ = plan_with_solution(
         graph, devices=args.devices, batch=args.batch, dtype=args.dtype, grid=args.grid, groups=args.groups,
-        cluster=args.cluster, tiled_prefix=args.tile_layers,
+        cluster=args.cluster, tiled_prefix=args.tile_layers, tail=args.tail,
         time_limit=args.time_limit or DEFAULT_TIME_LIMIT, workers=args.workers, recompute=not args.no_recompute)
     path = write_plan(plan, args.output)
     report = plan_summary(plan) + "\n" + prediction_report(plan, solution)

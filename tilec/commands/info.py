@@ -18,11 +18,11 @@ def run(args):
         print(layer_table(graph, batch, args.dtype))
         return 0
     from tilec.compile import compile_plan
-    from tilec.inspect.plan_report import activation_bytes, plan_summary
+    from tilec.inspect.plan_report import device_bytes, plan_summary
     from tilec_runtime.planfile import read_plan
     plan = read_plan(args.plan)
     print(layer_table(graph, plan["batch"], plan["dtype"]))
     one = compile_plan(graph, devices=1, batch=plan["batch"], dtype=plan["dtype"], groups="all")
     print()
-    print(plan_summary(plan, baseline=activation_bytes(one)[0]))
+    print(plan_summary(plan, baseline=device_bytes(one)[0]))
     return 0

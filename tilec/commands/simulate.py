@@ -43,6 +43,8 @@ def run(args):
     cluster = resolve_cluster(names, args.cluster) if args.cluster else plan_cluster(plan)
     if len(cluster.devices) != len(names):
         raise PlanError(f"{args.cluster}: {len(cluster.devices)} devices, the plan has {len(names)}")
+    if cluster.names != names:  # rank r of the plan is device r of the file: the names must say so
+        raise PlanError(f"{args.cluster}: devices {cluster.names} in that order, the plan's are {names}")
     result = simulate(plan, cluster, keep_events=bool(args.timeline or args.trace))
     data = prediction(plan, cluster, result)
     if args.json:

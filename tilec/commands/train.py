@@ -71,7 +71,8 @@ def run(args):
         steps=args.steps or 10, batch=args.batch, lr=args.lr, momentum=args.momentum, decay=args.decay,
         seed=args.seed, dtype=args.dtype, data=args.data, init_weights=init_weights,
         save_weights=args.save_weights, metrics=args.metrics, devices=args.devices or 1, plan=plan, grid=args.grid,
-        groups=args.groups, backend=args.backend, cluster=args.cluster, key_file=args.key_file,
+        groups=args.groups, tile_layers=args.tile_layers, tail=args.tail, backend=args.backend, cluster=args.cluster,
+        key_file=args.key_file,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume, timeout=args.timeout,
         kernels=args.kernels, threads=args.threads, trace=args.trace)
     losses, _, _ = train(graph, options)

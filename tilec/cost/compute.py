@@ -5,9 +5,10 @@ the plan's schedule, ``tilec.plan.schedule``): a convolution (``conv``:
 forward with its batch-norm statistics; backward with the batch-norm
 finish, the weight and the input gradient), its ``epilogue`` (batch norm or
 bias, activation and a fused max-pool; backward their gradients and sums),
-or a max-pool alone. The layers after the tiled prefix run whole, on rank
-0. A call's time on one thread is ``overhead + flops * s_per_flop + bytes *
-s_per_byte`` (:class:`tilec.profiles.KernelCost`); this module defines the
+or a max-pool alone. The layers after the tiled prefix run whole on one
+device, or split by channels (``share_seconds``). A call's time on one
+thread is ``overhead + flops * s_per_flop + bytes * s_per_byte``
+(:class:`tilec.profiles.KernelCost`); this module defines the
 FLOPs and bytes of every call, and ``tilec profile`` fits the coefficients
 against the very same features, so measurement and prediction cannot
 drift apart. Threads divide it by the profile's measured speed-up.
@@ -93,6 +94,28 @@ def layer_seconds(profile, layer, positions, batch, itemsize, direction, scale=1
                              threads, scale)
     return stage_seconds(profile, WHOLE_LAYER_KIND.get(kind, "elementwise"), direction,
                          features(layer, positions, batch, itemsize, direction), threads, scale)
+
+
+def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale=1.0, threads=1, part="all"):
+    """Seconds of a member's share of a layer split by channels
+    (``tilec_runtime.shards``): an A or pooling layer on its channels (the
+    layer ``share``); a B layer's ``part`` "partial" sum (its input
+    channels, every output), "post" (on every member alike, its bias or
+    batch norm and activation on all channels), or "all" of it."""
+    positions = layer["out_shape"][1] * layer["out_shape"][2]
+    if role != "B":
+        return layer_seconds(profile, share, positions, batch, itemsize, direction, scale, threads)
+    if layer["kind"] == "conv":
+        partial = stage_seconds(profile, "conv", direction, conv_features(share, positions, batch, itemsize, direction),
+                                threads, scale)
+        post = stage_seconds(profile, "epilogue", direction,
+                             epilogue_features(layer, positions, None, batch, itemsize, direction), threads, scale)
+    else:
+        partial = stage_seconds(profile, "connected", direction,
+                                features(dict(share, act="linear"), 1, batch, itemsize, direction), threads, scale)
+        n = batch * prod(layer["out_shape"])  # bias and activation
+        post = stage_seconds(profile, "elementwise", direction, (3 * n, 3 * n * itemsize), threads, scale)
+    return {"partial": partial, "post": post, "all": partial + post}[part]
 
 
 def unit_seconds(profile, program, unit, positions, input_grad, batch, itemsize, threads=1, scale=1.0):

@@ -31,7 +31,10 @@ def param_count(layers):
 
 
 def state_bytes(layers, itemsize):
-    return STATE_COPIES * param_count(layers) * itemsize
+    """Parameters with their accumulators, and batch-norm running statistics."""
+    from tilec_runtime.program import buffer_shapes
+    buffers = sum(prod(s) for layer in layers for s in buffer_shapes(layer).values())
+    return (STATE_COPIES * param_count(layers) + buffers) * itemsize
 
 
 def kept_bytes(layer, positions, batch, itemsize):
@@ -44,19 +47,55 @@ def kept_bytes(layer, positions, batch, itemsize):
     return values * itemsize
 
 
-def workspace_bytes(layer, positions, batch, itemsize):
-    """The largest transient of one forward or backward call on ``positions`` output positions."""
+def workspace_bytes(layer, positions, batch, itemsize, width=None, threads=1):
+    """The largest transient of one forward or backward call on ``positions``
+    output positions (``width`` of them a row, default a square): a conv's
+    im2col band per thread and, on several threads, their private weight
+    gradients (``tilec_runtime.lower.workspace``, the kernels' own sizes),
+    and the gradient buffers of its output and its input."""
+    from tilec_runtime.kernel_set import band_rows
     kind = layer["kind"]
     m = batch * positions
     if kind == "conv":
-        c, f, k, s = layer["in_shape"][0], layer["filters"], layer["size"], layer["stride"]
-        # backward: im2col + its gradient, the padded input gradient, dy and dz
-        return itemsize * m * (2 * c * k * k + c * s * s + 2 * f)
+        c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
+        wo = width or max(1, round(positions ** 0.5))
+        ho = max(1, -(-positions // wo))
+        ckk, nt = c * k * k, max(1, min(threads, ho))
+        band = ckk * min(band_rows(c, k, ho, wo), ho) * wo * nt + (nt - 1) * f * ckk
+        return itemsize * (band + m * (f + c * layer["stride"] ** 2))
     if kind == "maxpool":
-        c, k, s = layer["in_shape"][0], layer["size"], layer["stride"]
-        return itemsize * m * c * (k * k + s * s + 1)
+        return itemsize * m * layer["in_shape"][0] * 2
     n_in, n_out = prod(layer["in_shape"]), prod(layer["out_shape"])
     return itemsize * batch * (n_in + n_out) * 2
+
+
+def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
+    """{"state", "kept", "workspace"} bytes of one member of a tail group over
+    program[first..last] (``tilec_runtime.tailstep``): on one device
+    (``mode`` "one"), the whole layers; split by channels over ``k``
+    devices, the member's shares (``tilec_runtime.shards.share``). Kept: its
+    inputs and their gradients, every output it holds and the normalised
+    values of batch norm, and (split) the gradient buffer of each output;
+    workspace: the largest kernel transient, and (split) a B layer's
+    partial sum."""
+    from tilec_runtime import shards
+    layers = program[first:last + 1]
+    reads = {j for layer in layers for j in layer["inputs"] if j < first}
+    inputs = sum(batch * prod(program[j]["out_shape"] if j >= 0 else program[0]["in_shape"]) for j in reads)
+    if mode == "one":
+        shares, grads, partial = layers, 0, 0
+    else:
+        shares = [shards.share(program, first, last, k, member, layer["index"]) for layer in layers]
+        grads = sum(batch * prod(s["out_shape"]) for s in shares)
+        roles = shards.roles(program, first, last)
+        partial = max((batch * prod(layer["out_shape"]) for layer in layers if roles[layer["index"]] == "B"),
+                      default=0)
+    positions = [s["out_shape"][1] * s["out_shape"][2] for s in shares]
+    kept = 2 * inputs * itemsize + grads * itemsize + sum(kept_bytes(s, p, batch, itemsize)
+                                                          for s, p in zip(shares, positions))
+    work = max((workspace_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions)), default=0)
+    return {"state": state_bytes(shares, itemsize), "kept": int(kept), "workspace": int(work + partial * itemsize),
+            "params": param_count(shares)}
 
 
 def plan_memory(plan, rank, profile=None):
@@ -64,49 +103,41 @@ def plan_memory(plan, rank, profile=None):
     own static memory plan (``tilec_runtime.lower``): what the executor
     holds, not an estimate. Parts: ``overhead`` (the process, from the
     profile), ``state`` (parameters, accumulators, running statistics),
-    ``arenas`` (every tile's arena, argmax arena, workspace and input
-    region; the groups that recompute share one arena), ``messages``
-    (staging buffers of the messages to peers), ``tail`` (rank 0's tail
-    inputs and an estimate of the reference executor's temporaries)."""
+    ``arenas`` (every tile's arena, argmax arena and input region, and the
+    scratch all tiles share: workspaces, what lives only during a tile's
+    backward, and what a recomputing group recomputes), ``messages``
+    (staging buffers of the messages to peers), ``tail`` (the tail groups'
+    inputs, activations and temporaries, ``tail_member_bytes``)."""
     import numpy as np
 
-    from tilec_runtime.executor import rank_keys
-    from tilec_runtime.lower import lower_rank
+    from tilec_runtime.executor import holdings
+    from tilec_runtime.lower import lower_rank, scratch_bytes
     from tilec_runtime.program import buffer_shapes
     program, batch = plan["program"], plan["batch"]
     item = np.dtype(plan["dtype"]).itemsize
     threads = plan["devices"][rank]["threads"]
-    params, buffers = rank_keys(plan, rank)
+    params, buffers = holdings(plan, rank)
     shapes = {k: s for layer in program for k, s in param_shapes(layer).items()}
     bshapes = {k: s for layer in program for k, s in buffer_shapes(layer).items()}
-    state = item * (STATE_COPIES * sum(prod(shapes[k]) for k in params) + sum(prod(bshapes[k]) for k in buffers))
-    arenas, shared, shared_args = 0, 0, 0
-    for g, spec in lower_rank(plan, rank, threads).items():
-        fixed = item * (spec["workspace"] + batch * prod(spec["input"]))
-        if plan["groups"][g].get("recompute"):
-            last = spec["ops"][-1]
-            out = last["pool"]["out"] if last.get("pool") else last["out"]
-            channels = last["filters"] if last["kind"] == "conv" else last["channels"]
-            fixed += item * batch * channels * prod(out)  # the gradient arriving before the recompute
-            shared, shared_args = max(shared, spec["arena"]), max(shared_args, spec["arg_arena"])
-        else:
-            fixed += item * spec["arena"] + ARGMAX_BYTES * spec["arg_arena"]
-        arenas += fixed
-    arenas += item * shared + ARGMAX_BYTES * shared_args
+
+    def size(shape, piece):  # a whole array, or the slice (axis, start, stop) of a layer split by channels
+        return prod(shape) if piece is None else prod(shape) // shape[piece[0]] * (piece[2] - piece[1])
+    state = item * (STATE_COPIES * sum(size(shapes[k], p) for k, p in params.items())
+                    + sum(size(bshapes[k], p) for k, p in buffers.items()))
+    arenas, scratch = 0, 0
+    for spec in lower_rank(plan, rank, threads).values():
+        arenas += item * (spec["arena"] + batch * prod(spec["input"])) + ARGMAX_BYTES * spec["arg_arena"]
+        scratch = max(scratch, scratch_bytes(spec, item))
+    arenas += scratch
     messages = sum(m["bytes"] for m in plan["messages"] if m["sender"] == rank and m["receiver"] != rank)
-    tail = 0
+    kept, work = 0, 0  # every tail group's activations live through backward; transients do not overlap
     for group in plan["groups"]:
-        if group["kind"] == "tail" and any(t["device"] == rank for t in group["tiles"]):
-            first, last = group["layers"]
-            layers = program[first:last + 1]
-            reads = {j for layer in layers for j in layer["inputs"] if j < first}
-            inputs = sum(batch * prod(program[j]["out_shape"] if j >= 0 else program[0]["in_shape"]) * item
-                         for j in reads)
-            # the reference executor keeps every tail activation and makes a gradient of each
-            tail = 2 * inputs + sum(kept_bytes(layer, layer["out_shape"][1] * layer["out_shape"][2], batch, item)
-                                    for layer in layers) + max(
-                (workspace_bytes(layer, layer["out_shape"][1] * layer["out_shape"][2], batch, item)
-                 for layer in layers), default=0)
+        members = sorted(t["device"] for t in group["tiles"])
+        if group["kind"] == "tail" and rank in members:
+            part = tail_member_bytes(program, *group["layers"], group["mode"], len(members), members.index(rank),
+                                     batch, item)
+            kept, work = kept + part["kept"], max(work, part["workspace"])
+    tail = kept + work
     overhead = profile.process_overhead_bytes if profile is not None else 0
     return {"overhead": int(overhead), "state": int(state), "arenas": int(arenas), "messages": int(messages),
             "tail": int(tail)}

@@ -25,6 +25,7 @@ Step = sum of group times and entries + the tail's compute on rank 0 (a
 constant). Per-device memory: see :mod:`tilec.cost.memory`.
 """
 from dataclasses import dataclass, field
+from math import prod
 
 import numpy as np
 
@@ -33,8 +34,8 @@ from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import layer_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
-from tilec.cost.memory import kept_bytes, param_count, state_bytes, workspace_bytes
-from tilec_runtime.lower import units
+from tilec.cost.memory import ARGMAX_BYTES, param_count, state_bytes
+from tilec_runtime.lower import scratch_bytes, tile_memory, units
 from tilec_runtime.program import param_shapes
 
 FORWARD_OPS = ("conv_fwd", "epi_fwd", "pool_fwd")
@@ -78,11 +79,13 @@ class Prediction:
     memory: list  # per device: peak bytes
     breakdown: list  # per device: {"overhead", "state", "kept", "workspace"} bytes
     group_s: list  # per tiled group: seconds including its entry
-    tail_s: float
+    tail_s: float  # the tail groups, their inputs included
+    tail: list = field(default_factory=list)  # per tail group: {"layers", "mode", "devices", "seconds"}
 
     def to_json(self, names):
         return {"step_s": round(self.step_s, 6), "tail_s": round(self.tail_s, 6),
                 "group_s": [round(t, 6) for t in self.group_s],
+                "tail": [dict(t, seconds=round(t["seconds"], 6)) for t in self.tail],
                 "per_device": [{"name": n, "compute_s": round(b, 6), "memory_bytes": int(m),
                                 **{k: int(v) for k, v in parts.items()}}
                                for n, b, m, parts in zip(names, self.busy_s, self.memory, self.breakdown)]}
@@ -112,12 +115,15 @@ class CostModel:
         self.n = len(self.devices)
         full = spatial_prefix(program)
         self.prefix = full if prefix is None else max(0, min(prefix, full))
-        self.tail_reads = sorted({j for layer in program[self.prefix:] for j in layer["inputs"] if j < self.prefix})
-        # a conv whose output the tail reads keeps it: no fused max-pool there
-        self.outside = set(self.tail_reads)
-        self._groups = {}
-        self._axes = {}
-        self._tail()
+        # what the tail reads of the tiled prefix other than its last layer goes to rank 0
+        # (route, reorg and the losses run there); a conv whose output it reads keeps it: no fused max-pool
+        self.tail_reads = sorted({j for layer in program[self.prefix:] for j in layer["inputs"]
+                                  if j < self.prefix and j != layer["index"] - 1})
+        self.outside = set(self.tail_reads) | ({self.prefix - 1} if self.prefix else set())
+        # the batch's images, and the staging buffers of their pieces for the first group's tiles
+        self.rank0_bytes = 2 * batch * int(np.prod(program[0]["in_shape"])) * itemsize
+        self._tail_pricer = None
+        self._groups, self._axes, self._memory, self._units = {}, {}, {}, {}
 
     # -- units of a tile, priced as the schedule runs them ----------------------
 
@@ -126,28 +132,41 @@ class CostModel:
         for a tile with ``positions[layer]`` output positions
         (:func:`tilec.cost.compute.unit_seconds`, as the simulator prices them)."""
         dev = self.devices[d]
-        return [unit_seconds(dev.profile, self.program, u, positions, j > 0 or first > 0, self.batch, self.itemsize,
-                             dev.threads, dev.compute_scale)
-                for j, u in enumerate(units(self.program, first, last, self.outside))]
+        out = []
+        for j, u in enumerate(units(self.program, first, last, self.outside)):
+            # many candidate groups share a unit of the same size on the same kind of device
+            key = (u, tuple(positions[t] for t in u if t is not None), j > 0 or first > 0, id(dev.profile),
+                   dev.threads, dev.compute_scale)
+            if key not in self._units:
+                self._units[key] = unit_seconds(dev.profile, self.program, u, positions, key[2], self.batch,
+                                                self.itemsize, dev.threads, dev.compute_scale)
+            out.append(self._units[key])
+        return out
 
-    # -- the tail (constant) ---------------------------------------------------------
+    # -- the tail ------------------------------------------------------------------
 
-    def _tail(self):
-        dev0 = self.devices[0]
-        layers = self.program[self.prefix:]
-        b, item = self.batch, self.itemsize
-        fwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "forward", dev0.compute_scale, dev0.threads)
-                  for l in layers)
-        bwd = sum(layer_seconds(dev0.profile, l, _positions(l), b, item, "backward", dev0.compute_scale, dev0.threads)
-                  for l in layers)
-        self.tail_compute_s = fwd + bwd
-        self.tail_s = fwd + bwd + update_seconds(dev0.profile, param_count(layers), item, dev0.compute_scale,
-                                                 dev0.threads)
-        inputs = sum(b * np.prod(self._tensor_shape(t)) * item for t in self.tail_reads if t >= 0)
-        image = b * np.prod(self.program[0]["in_shape"]) * item
-        self.tail_state = state_bytes(layers, item)
-        self.tail_kept = int(inputs + image + sum(kept_bytes(l, _positions(l), b, item) for l in layers))
-        self.tail_workspace = max((workspace_bytes(l, _positions(l), b, item) for l in layers), default=0)
+    @property
+    def tail_pricer(self):
+        """The :class:`tilec.cost.tail.TailPricer` of this model (channel groups over the fastest devices)."""
+        if self._tail_pricer is None:
+            from tilec.cost.layouts import device_speeds
+            from tilec.cost.tail import TailPricer
+            speed = device_speeds(self.cluster)
+            self._tail_pricer = TailPricer(self, sorted(range(self.n), key=lambda d: (-speed[d], d)))
+        return self._tail_pricer
+
+    def tail_arcs(self, choices):
+        """The priced tail groups of ``choices`` (:class:`tilec.plan.tail.TailChoice`)."""
+        return [self.tail_pricer.arc(c.first, c.last, c.mode, tuple(sorted(c.devices))) for c in choices]
+
+    def tail_transition(self, prev, arc):
+        """(seconds, staging bytes per device) for tail group ``arc`` to get its
+        input from ``prev`` (a tiled :class:`Group`, a
+        :class:`tilec.cost.tail.TailArc`, or None: the image)."""
+        if prev is None:
+            return arc.entry_s, {}
+        held = prev.layout_out if hasattr(prev, "layout_out") else (prev.out_rects, prev.devices)
+        return self.tail_pricer.transition(arc.first, held, arc.layout_in)
 
     def _tensor_shape(self, t):
         return self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"]
@@ -167,6 +186,12 @@ class CostModel:
                 g.home_rects = self.layout_rects(layout, first - 1)
                 if g.home_rects is not None:
                     g.entry_s = self.entry_seconds(g, g.home_rects, layout.devices)
+                    # the halo's staging buffers, on the devices of this layout
+                    m = self.redistribute_bytes(first, g.home_rects, layout.devices, g.input_rects, g.devices)
+                    for d, nbytes in staging(m).items():
+                        if d in g.kept:
+                            g.kept[d] += nbytes
+                            g.kept_recompute[d] += nbytes
         return g
 
     def layout_rects(self, layout, tensor):
@@ -188,6 +213,18 @@ class CostModel:
             self._axes[key] = axis_regions(windows, list(splits))
         return self._axes[key]
 
+    def _tile_memory(self, first, last, sizes, in_size, d, recompute):
+        """(bytes a tile keeps all step, bytes of the device's scratch it needs):
+        the runtime's own memory plan (``tilec_runtime.lower.tile_memory``)."""
+        threads = self.devices[d].threads
+        key = (first, last, tuple(sorted(sizes.items())), in_size, threads, recompute)
+        if key not in self._memory:
+            m = tile_memory(self.program, first, last, self.outside, sizes, in_size, self.batch, threads, recompute)
+            item = self.itemsize
+            own = item * (m["arena"] + self.batch * prod(m["input"])) + ARGMAX_BYTES * m["arg_arena"]
+            self._memory[key] = (own, scratch_bytes(m, item))
+        return self._memory[key]
+
     def _price(self, first, last, row_splits, col_splits, devices):
         program, b, item = self.program, self.batch, self.itemsize
         rows, row_in = self._axis(first, last, row_splits, 1)
@@ -199,20 +236,17 @@ class CostModel:
         busy = dict.fromkeys(members, 0.0)
         busy_rec = dict.fromkeys(members, 0.0)
         fwd_s = bwd_s = bn_s = grad_s = 0.0
-        kept = {d: 0 for d in members}
-        act = {d: 0 for d in members}
-        ws = {d: 0 for d in members}
-        for (i, j), d in zip(cells, devices):
-            kept[d] += b * program[first]["in_shape"][0] * length(row_in[i]) * length(col_in[j]) * item
-        # per tile: its units' op times (the schedule's stages), and what it keeps
+        kept, kept_rec, ws, ws_rec = {}, {}, {}, {}
+        # per tile: its units' op times (the schedule's stages), and the runtime's memory plan of it
         tile_units = []
         for (i, j), d in zip(cells, devices):
-            positions = {layer["index"]: length(rows[i][k].region) * length(cols[j][k].region)
-                         for k, layer in enumerate(program[first:last + 1])}
+            sizes = {layer["index"]: (length(rows[i][k].region), length(cols[j][k].region))
+                     for k, layer in enumerate(program[first:last + 1])}
+            positions = {t: h * w for t, (h, w) in sizes.items()}
             tile_units.append(self.unit_times(first, last, d, positions))
-            for layer in program[first:last + 1]:
-                act[d] += kept_bytes(layer, positions[layer["index"]], b, item)
-                ws[d] = max(ws[d], workspace_bytes(layer, positions[layer["index"]], b, item))
+            in_size = (length(row_in[i]), length(col_in[j]))
+            kept[d], ws[d] = self._tile_memory(first, last, sizes, in_size, d, False)
+            kept_rec[d], ws_rec[d] = self._tile_memory(first, last, sizes, in_size, d, True)
         # a split group synchronises every batch-norm layer: each unit takes its slowest tile
         for u in range(len(tile_units[0])):
             f = [sum(t for op, t in tu[u].items() if op in FORWARD_OPS) for tu in tile_units]
@@ -236,13 +270,16 @@ class CostModel:
         n_params = param_count(layers)
         upd = max(update_seconds(self.devices[d].profile, n_params, item, self.devices[d].compute_scale,
                                  self.devices[d].threads) for d in members)
-        tail_send = self._tail_sends(first, last, rows, cols, cells, devices)
+        tail_send, stage = self._tail_sends(first, last, rows, cols, cells, devices)
+        for d, nbytes in stage.items():
+            if d in kept:
+                kept[d] += nbytes
+                kept_rec[d] += nbytes
         seconds = fwd_s + bwd_s + bn_s + grad_s + upd + tail_send
         return Group(
             first, last, row_splits, col_splits, devices, seconds, fwd_s,
             state={d: state for d in members},
-            kept={d: kept[d] + act[d] for d in members}, kept_recompute=dict(kept),
-            workspace=ws, workspace_recompute={d: ws[d] + act[d] for d in members},
+            kept=kept, kept_recompute=kept_rec, workspace=ws, workspace_recompute=ws_rec,
             busy=busy, busy_recompute=busy_rec,
             input_rects=_rects((row_in[i], col_in[j]) for i, j in cells),
             out_rects=_rects((rows[i][-1].region, cols[j][-1].region) for i, j in cells),
@@ -250,8 +287,9 @@ class CostModel:
                    "to_tail": tail_send})
 
     def _tail_sends(self, first, last, rows, cols, cells, devices):
-        """Seconds to send the owned cells of the layers the tail reads to rank 0, and back."""
-        total = 0.0
+        """(seconds, staging bytes per device) to send the owned cells of the
+        layers the tail reads to rank 0, and their gradients back."""
+        total, stage = 0.0, {}
         for t in self.tail_reads:
             if not first <= t <= last:
                 continue
@@ -261,7 +299,9 @@ class CostModel:
             for (i, j), d in zip(cells, devices):
                 m[d, 0] += length(rows[i][k].owned) * length(cols[j][k].owned) * c * self.batch * self.itemsize
             total += 2 * exchange_seconds(m, self.devices)
-        return total
+            for d, nbytes in staging(m).items():
+                stage[d] = stage.get(d, 0) + nbytes
+        return total, stage
 
     # -- boundaries ------------------------------------------------------------------
 
@@ -290,6 +330,15 @@ class CostModel:
         m = self.redistribute_bytes(b, src_rects, src_devices, dst_rects, dst_devices)
         return exchange_seconds(m, self.devices) * (1 if b == 0 else 2)
 
+    def boundary_staging(self, prev, g):
+        """{device: staging bytes} of the messages moving ``prev``'s output to
+        the layout of tiled group ``g`` (its halo is counted in ``g``)."""
+        if prev is None or hasattr(prev, "layout_out"):
+            return {}
+        if g.home_rects is None:
+            return staging(self.redistribute_bytes(g.first, prev.out_rects, prev.devices, g.input_rects, g.devices))
+        return staging(self.redistribute_bytes(g.first, prev.out_rects, prev.devices, g.home_rects, g.layout.devices))
+
     def boundary_seconds(self, prev, g):
         """What ``g`` pays at the boundary after ``prev`` (None: the image): transition + entry."""
         if prev is None:
@@ -302,29 +351,41 @@ class CostModel:
     # -- a whole step ----------------------------------------------------------------
 
     def evaluate(self, choices):
-        """:class:`Prediction` of a step: ``choices`` is [(Group, recompute)] covering the prefix."""
+        """:class:`Prediction` of a step: ``choices`` is [(Group or TailArc,
+        recompute)] in layer order, from layer 0; where they end before the
+        program does, the rest runs on rank 0 (``one_device_tail``)."""
+        from tilec.analysis.tail import one_device_tail
+        end = choices[-1][0].last + 1 if choices else 0
+        if end < len(self.program):
+            choices = list(choices) + [(arc, False) for arc in self.tail_arcs(one_device_tail(self.program, end))]
         n = self.n
         busy = [0.0] * n
-        state, kept, ws = [0] * n, [0] * n, [0] * n
-        group_s = []
+        state, kept, ws, tail_ws = [0] * n, [0] * n, [0] * n, [0] * n
+        kept[0] = self.rank0_bytes
+        group_s, tail = [], []
         prev = None
         for g, rec in choices:
-            entry = self.boundary_seconds(prev, g)
-            group_s.append(entry + g.seconds + (g.recompute_seconds if rec else 0.0))
+            if hasattr(g, "layout_out"):  # a tail group
+                entry, stage = self.tail_transition(prev, g)
+                tail.append({"layers": [g.first, g.last], "mode": g.mode, "devices": list(g.devices),
+                             "seconds": entry + g.seconds})
+            else:
+                entry, stage = self.boundary_seconds(prev, g), self.boundary_staging(prev, g)
+                group_s.append(entry + g.seconds + (g.recompute_seconds if rec else 0.0))
+            for d, nbytes in stage.items():
+                kept[d] += nbytes
             for d in g.members:
                 busy[d] += g.busy[d] + (g.busy_recompute[d] if rec else 0.0)
                 state[d] += g.state[d]
                 kept[d] += (g.kept_recompute if rec else g.kept)[d]
-                ws[d] = max(ws[d], (g.workspace_recompute if rec else g.workspace)[d])
+                pool = tail_ws if hasattr(g, "layout_out") else ws  # the tiles' scratch, the tail's temporaries
+                pool[d] = max(pool[d], (g.workspace_recompute if rec else g.workspace)[d])
             prev = g
-        busy[0] += self.tail_compute_s
-        state[0] += self.tail_state
-        kept[0] += self.tail_kept
-        ws[0] = max(ws[0], self.tail_workspace)
-        breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k, "workspace": w}
-                     for dev, s, k, w in zip(self.devices, state, kept, ws)]
+        breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k, "workspace": w + tw}
+                     for dev, s, k, w, tw in zip(self.devices, state, kept, ws, tail_ws)]
         memory = [sum(p.values()) for p in breakdown]
-        return Prediction(sum(group_s) + self.tail_s, busy, memory, breakdown, group_s, self.tail_s)
+        tail_s = sum(t["seconds"] for t in tail)
+        return Prediction(sum(group_s) + tail_s, busy, memory, breakdown, group_s, tail_s, tail)
 
     def one_core_seconds(self, device=0, layers=None):
         """One core of ``device`` running the whole step (or only ``layers``,
@@ -335,6 +396,16 @@ class CostModel:
         layers = self.program if layers is None else layers
         total = sum(layer_seconds(dev.profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
         return total + update_seconds(dev.profile, param_count(layers), item)
+
+
+def staging(m):
+    """{device: bytes} of staging buffers for the messages of ``m`` (bytes
+    from device i to j) and their gradients back (a message to the device
+    itself needs none): what each device sends."""
+    m = np.array(m, dtype=float)
+    np.fill_diagonal(m, 0.0)
+    out = m.sum(axis=1) + m.sum(axis=0)
+    return {d: float(v) for d, v in enumerate(out) if v > 0}
 
 
 def _positions(layer):

@@ -4,12 +4,14 @@ What a rank sends for each op of its schedule, exactly as the runtime
 sends it: a message's rectangle, the batch-norm all-gathers (count, mean
 and m2 forward; two sums backward, float64), and the gradient buckets
 (a ring sends each of the n - 1 chunks it passes on twice; an all-gather
-sends the whole array to every other member). The plan report, the
-simulator and the cost model all count with these functions.
+sends the whole array to every other member), and the all-reduces of the
+tail groups split by channels. The plan report, the simulator and the cost
+model all count with these functions.
 """
 import numpy as np
 
-from tilec_runtime.collectives import ring_chunks
+from tilec_runtime import shards
+from tilec_runtime.collectives import ring_chunks, use_ring
 from tilec_runtime.program import param_shapes
 
 
@@ -48,6 +50,12 @@ def op_sent_bytes(plan, rank, op, shapes=None):
     if kind in ("bn_stats", "bn_grad"):
         members = members_of(plan["groups"][op["group"]])
         return (len(members) - 1) * bn_bytes(kind, plan["program"][op["layer"]]["filters"])
+    if kind == "chan_reduce":
+        members = members_of(plan["groups"][op["group"]])
+        shape = shards.reduce_shape(plan["program"], op["layer"], op["phase"], plan["batch"])
+        item = np.dtype(plan["dtype"]).itemsize
+        ring = use_ring(int(np.prod(shape)) * item, len(members), plan["ring_min_bytes"])
+        return reduce_bytes(shape, members, rank, "ring" if ring else "gather", item)
     if kind == "grad_start":
         bucket = plan["buckets"][op["bucket"]]
         shapes = shapes or param_shape_table(plan["program"])

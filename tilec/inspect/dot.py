@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 from tilec.errors import TilecError
+from tilec_runtime import shards
 
 # colour-blind-friendly pastel palette, cycled by device rank
 PALETTE = ("#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99",
@@ -51,8 +52,10 @@ def plan_dot(plan):
         if group["kind"] == "tiled":
             grid = f"{len(group['row_splits']) - 1}x{len(group['col_splits']) - 1}"
             title = f"group {g}: layers {first}-{last}, grid {grid}{', recompute' if group.get('recompute') else ''}"
+        elif group["mode"] == "channels":
+            title = f"tail group {g}: layers {first}-{last}, split by channels over {len(group['tiles'])}"
         else:
-            title = f"tail: layers {first}-{last}"
+            title = f"tail group {g}: layers {first}-{last}"
         lines.append(f"  subgraph cluster_{g} {{")
         lines.append(f"    label={_quote(title)}; style=rounded; color=\"#888888\";")
         for t, tile in enumerate(group["tiles"]):
@@ -62,6 +65,13 @@ def plan_dot(plan):
             out = program[last]["out_shape"]
             if group["kind"] == "tiled":
                 label = f"{names[d]}\\nrows {tile['rows'][0]}-{tile['rows'][1]}\\ncols {tile['cols'][0]}-{tile['cols'][1]}"
+            elif group["mode"] == "channels":  # each member's shard of every weight-bearing layer's channels
+                members = sorted(x["device"] for x in group["tiles"])
+                held = shards.layouts(program, first, last, len(members))
+                m = members.index(d)
+                label = names[d] + "".join(
+                    f"\\n{i}: {'all' if held[i] is None else f'ch {held[i][m]}-{held[i][m + 1] - 1}'}"
+                    for i in range(first, last + 1) if program[i]["kind"] in shards.WEIGHTED)
             else:
                 label = f"{names[d]}\\n{_shape(out)}"
             lines.append(f"    {node} [label={_quote(label)}, fillcolor={_quote(PALETTE[d % len(PALETTE)])}];")

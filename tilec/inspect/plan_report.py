@@ -1,58 +1,19 @@
-"""What a plan costs each device: activation memory, halo work, bytes sent.
+"""What a plan costs each device: memory, halo work, bytes sent.
 
-Pure functions of the plan dict (the same numbers for any backend).
-Activation memory counts every array a device keeps from forward for
-backward: each layer's output region (and the group input region), the
-normalised values of batch-norm layers, and max-pool argmax indices (int16).
+Pure functions of the plan dict (the same numbers for any backend). Memory
+is what the runtime allocates (``device_bytes``).
 """
-import numpy as np
-
 from tilec.analysis.tiles import area, group_flops
 from tilec.ir.stats import forward_flops_per_position
 
 
-def _layer_bytes(layer, positions, batch, itemsize):
-    c = layer["out_shape"][0]
-    values = batch * c * positions
-    if layer["kind"] == "conv":
-        return values * itemsize * (2 if layer["bn"] else 1)
-    if layer["kind"] == "maxpool":
-        return values * (itemsize + 2)
-    return values * itemsize
-
-
-def activation_bytes(plan):
-    """Peak bytes of activations each device holds for backward, by rank.
-
-    A group that recomputes keeps only its input region; its activations
-    exist again only while its own backward runs, so the peak adds the
-    largest such group once.
-    """
-    program, batch = plan["program"], plan["batch"]
-    itemsize = np.dtype(plan["dtype"]).itemsize
-    out = [0] * len(plan["devices"])
-    workspace = [0] * len(plan["devices"])
-    for g, group in enumerate(plan["groups"]):
-        first, last = group["layers"]
-        for tile in group["tiles"]:
-            d = tile["device"]
-            if group["kind"] == "tail":
-                read = {m["tensor"] for m in plan["messages"] if m["phase"] == "forward" and m["receiver"] == d
-                        and m["group"] == g}
-                for t in read:
-                    c, h, w = program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]
-                    out[d] += batch * c * h * w * itemsize
-                for layer in program[first:last + 1]:
-                    _, h, w = layer["out_shape"]
-                    out[d] += _layer_bytes(layer, h * w, batch, itemsize)
-                continue
-            out[d] += batch * program[first]["in_shape"][0] * area(tile["input"]) * itemsize
-            acts = sum(_layer_bytes(program[tl["layer"]], area(tl["region"]), batch, itemsize) for tl in tile["layers"])
-            if group.get("recompute"):
-                workspace[d] = max(workspace[d], acts)
-            else:
-                out[d] += acts
-    return [a + w for a, w in zip(out, workspace)]
+def device_bytes(plan):
+    """Bytes each device allocates for a step, by rank: its parameters and
+    accumulators, tile arenas and scratch, message buffers and tail groups
+    (``tilec.cost.memory.plan_memory``, the runtime's own memory plan), the
+    process itself not included."""
+    from tilec.cost.memory import plan_memory
+    return [sum(v for k, v in plan_memory(plan, r).items() if k != "overhead") for r in range(len(plan["devices"]))]
 
 
 def halo_overhead(plan):
@@ -70,10 +31,10 @@ def halo_overhead(plan):
 
 
 def plan_summary(plan, baseline=None):
-    """Text: groups, and per device activation memory (vs ``baseline`` bytes,
+    """Text: groups, and per device memory (vs ``baseline`` bytes,
     the one-device figure), halo overhead and bytes sent per step."""
     from tilec.cost.traffic import bytes_sent
-    mem = activation_bytes(plan)
+    mem = device_bytes(plan)
     msgs, coll = bytes_sent(plan)
     lines = [f"plan {plan['hash'][:12]}  model {plan['model']}  batch {plan['batch']}  {plan['dtype']}  "
              f"{len(plan['devices'])} device(s)"]
@@ -83,10 +44,13 @@ def plan_summary(plan, baseline=None):
             grid = f"{len(group['row_splits']) - 1}x{len(group['col_splits']) - 1}"
             lines.append(f"  group {g}: layers {first}-{last}  grid {grid}  rows {group['row_splits']}  "
                          f"cols {group['col_splits']}  devices {[t['device'] for t in group['tiles']]}")
+        elif group["mode"] == "channels":
+            lines.append(f"  group {g}: layers {first}-{last}  split by channels over devices "
+                         f"{sorted(t['device'] for t in group['tiles'])}")
         else:
-            lines.append(f"  group {g}: layers {first}-{last}  tail on device 0")
+            lines.append(f"  group {g}: layers {first}-{last}  on device {group['tiles'][0]['device']}")
     lines.append(f"  halo overhead (redundant forward FLOPs): {100 * halo_overhead(plan):.1f}%")
-    lines.append(f"  {'device':<10}{'activations MB':>16}{'vs 1 device':>13}{'sent MB/step':>14}{'(tiles':>9}{' + all-reduce)':>15}")
+    lines.append(f"  {'device':<10}{'memory MB':>16}{'vs 1 device':>13}{'sent MB/step':>14}{'(tiles':>9}{' + all-reduce)':>15}")
     for d, dev in enumerate(plan["devices"]):
         ratio = f"{mem[d] / baseline:.2f}x" if baseline else "-"
         lines.append(f"  {dev['name']:<10}{mem[d] / 1e6:>16.2f}{ratio:>13}{(msgs[d] + coll[d]) / 1e6:>14.2f}"

@@ -6,13 +6,18 @@ communication thread, as the runtime does (``tilec_runtime.executor``):
 
 - compute ops take the time of :mod:`tilec.cost.compute` for the tile's
   regions, on the device's threads (the profile's measured speed-up);
-- a send does not block: it occupies the sender's outgoing and the
-  receiver's incoming link (full duplex, each device on a switch port) for
-  bytes / bandwidth, and arrives one latency after its last byte; a message
-  to the device itself is a memory copy;
+- a send does not block: it goes on the connection from sender to
+  receiver (first in, first out), sharing the sender's outgoing and the
+  receiver's incoming link fairly with the other connections sending at
+  once (full duplex, each device on a switch port), and arrives one
+  latency after its last byte; a message to the device itself is a memory
+  copy;
 - a receive blocks until its message has arrived (that wait is idle time);
 - the batch-norm all-gathers send every member's contribution to every
-  other member and wait for theirs;
+  other member and wait for theirs; a channel group's all-reduces (the
+  partial sums of a layer split by input channels, the partial input
+  gradients of one split by output channels) go round a ring or are
+  all-gathered, as the runtime runs them, on the main thread;
 - ``grad_start`` hands a bucket to the communication thread, which runs its
   ring or all-gather rounds (the same bytes as the runtime's, from
   :mod:`tilec.cost.traffic`) and then its update; ``grad_wait`` waits for
@@ -26,11 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tilec.cost.compute import copy_seconds, layer_seconds, unit_seconds, update_seconds
+from tilec.cost.compute import copy_seconds, layer_seconds, share_seconds, unit_seconds, update_seconds
 from tilec.cost.memory import param_count
 from tilec.cost.traffic import bn_bytes, members_of, param_shape_table
 from tilec.errors import TilecError
-from tilec_runtime.collectives import ring_chunks
+from tilec_runtime import shards
+from tilec_runtime.collectives import ring_chunks, use_ring
 from tilec_runtime.geometry import Region
 from tilec_runtime.lower import outside_tensors, units
 
@@ -100,6 +106,8 @@ class _Pricer:
             secs = sum(layer_seconds(profile, layer, layer["out_shape"][1] * layer["out_shape"][2], self.batch,
                                      self.item, direction, scale, threads) for layer in self.program[first:last + 1])
             return secs, "tail", f"tail {first}-{last} {direction}"
+        if kind.startswith("chan_"):
+            return self.channel_op(rank, op)
         if kind == "recompute":
             secs = sum(sec for unit in self.tile_units(op["group"], rank) for name, sec in unit.items()
                        if name in FORWARD)
@@ -112,6 +120,20 @@ class _Pricer:
             height = Region.of(next(tl for tl in tile["layers"] if tl["layer"] == conv)["region"]).height
             secs *= (op["rows"][1] - op["rows"][0]) / height
         return secs, "forward" if kind in FORWARD else "backward", f"{kind} g{op['group']} u{op['unit']}"
+
+    def channel_op(self, rank, op):
+        """(seconds, kind, label) of a channel group's compute op on ``rank``."""
+        group, i = self.plan["groups"][op["group"]], op["layer"]
+        members = sorted(t["device"] for t in group["tiles"])
+        first, last = group["layers"]
+        share = shards.share(self.program, first, last, len(members), members.index(rank), i)
+        role = shards.roles(self.program, first, last)[i]
+        profile, scale, threads = self.device(rank)
+        direction, part = {"chan_fwd": ("forward", "partial"), "chan_post": ("forward", "post"),
+                           "chan_post_bwd": ("backward", "post"), "chan_bwd": ("backward", "partial")}[op["op"]]
+        secs = share_seconds(profile, self.program[i], share, role, self.batch, self.item, direction, scale, threads,
+                             part)
+        return secs, "tail", f"{op['op']} g{op['group']} layer {i}"
 
     def update(self, rank, keys, shapes):
         profile, scale, threads = self.device(rank)
@@ -154,6 +176,8 @@ def _actions(plan, rank, pricer, shapes):
             for other in members:
                 if other != rank:
                     main.append(("recv", ("c", kind, op["layer"], other, rank), other))
+        elif kind == "chan_reduce":
+            main += _channel_reduce_actions(plan, op, rank, item)
         elif kind == "grad_start":
             bucket = plan["buckets"][op["bucket"]]
             update = pricer.update(rank, bucket["keys"], shapes)
@@ -181,28 +205,44 @@ def _local_bytes(plan, m):
     return plan["batch"] * c * Region.of((m["rows"], m["cols"])).area * np.dtype(plan["dtype"]).itemsize
 
 
-def _reduce_actions(bucket, b, rank, shapes, item):
-    """The rounds ``tilec_runtime.collectives`` runs for a bucket's reduced keys."""
-    members = bucket["members"]
+def _channel_reduce_actions(plan, op, rank, item):
+    """The rounds of a channel group's all-reduce (``RankExecutor._chan_reduce``)."""
+    members = sorted(t["device"] for t in plan["groups"][op["group"]]["tiles"])
+    shape = shards.reduce_shape(plan["program"], op["layer"], op["phase"], plan["batch"])
+    key = ("cr", op["group"], op["layer"], op["phase"])
+    return _allreduce_actions(key, shape, members, rank, item, use_ring(int(np.prod(shape)) * item, len(members),
+                                                                        plan["ring_min_bytes"]))
+
+
+def _allreduce_actions(key, shape, members, rank, item, ring):
+    """Send and receive actions of one all-reduce of an array of ``shape``:
+    round a ring (``ring``) or all-gathered (``tilec_runtime.collectives``)."""
     n, p = len(members), members.index(rank)
     succ, pred = members[(p + 1) % n], members[(p - 1) % n]
     out = []
+    if ring:
+        chunks = [length * item for length in ring_chunks(shape, n)]
+        for phase, start in (("rs", p), ("ag", p + 1)):
+            for s in range(n - 1):
+                sent, got = (start - s) % n, (start - s - 1) % n
+                out.append(("send", (*key, phase, sent, rank), succ, chunks[sent]))
+                out.append(("recv", (*key, phase, got, pred), pred))
+        return out
+    nbytes = int(np.prod(shape)) * item
+    for other in members:
+        if other != rank:
+            out.append(("send", (*key, rank, other), other, nbytes))
+    for other in members:
+        if other != rank:
+            out.append(("recv", (*key, other, rank), other))
+    return out
+
+
+def _reduce_actions(bucket, b, rank, shapes, item):
+    """The rounds ``tilec_runtime.collectives`` runs for a bucket's reduced keys."""
+    out = []
     for key, algorithm in sorted(bucket["reduce"].items()):
-        if algorithm == "ring":
-            chunks = [length * item for length in ring_chunks(shapes[key], n)]
-            for phase, start in (("rs", p), ("ag", p + 1)):
-                for s in range(n - 1):
-                    sent, got = (start - s) % n, (start - s - 1) % n
-                    out.append(("send", ("r", key, phase, sent, rank), succ, chunks[sent]))
-                    out.append(("recv", ("r", key, phase, got, pred), pred))
-        else:
-            nbytes = int(np.prod(shapes[key])) * item
-            for other in members:
-                if other != rank:
-                    out.append(("send", ("g", key, rank, other), other, nbytes))
-            for other in members:
-                if other != rank:
-                    out.append(("recv", ("g", key, other, rank), other))
+        out += _allreduce_actions(("r", key), shapes[key], bucket["members"], rank, item, algorithm == "ring")
     return out
 
 

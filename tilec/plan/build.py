@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilec.analysis.regions import area_of, even_splits, intersect, length
+from tilec.analysis.tail import flows, one_device_tail
 from tilec.analysis.tiles import group_tiles, spatial_prefix
 from tilec.errors import PlanError
 from tilec.plan.schedule import build_schedule, make_buckets
-from tilec.plan.tail import check_choices, holders, one_device_tail, replicated_output, tail_group
+from tilec.plan.tail import check_choices, holders, tail_group
 from tilec_runtime.collectives import RING_MIN_BYTES
 from tilec_runtime.planfile import FORMAT, VERSION, seal
 
@@ -182,22 +183,27 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
         g, group = len(groups), tail_group(program, ch)
         for tensor in sorted({j for layer in program[ch.first:ch.last + 1] for j in layer["inputs"] if j < ch.first}):
             shape = program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
-            rows, cols = (0, shape[1] - 1), (0, shape[2] - 1)
+            whole = (0, shape[1] - 1), (0, shape[2] - 1)
             producer = next((p for p in groups if p["layers"][0] <= tensor <= p["layers"][1]), None)
+            replicated = False
             if tensor < 0:
-                sources = [(0, rows, cols, None)]
+                sources = [(0, (*whole, None))]
             elif producer["kind"] == "tiled":
-                sources = [(d, r, c, None) for d, (r, c) in owners[tensor] if length(r) > 0 and length(c) > 0]
+                sources = [(d, (r, c, None)) for d, (r, c) in owners[tensor] if length(r) > 0 and length(c) > 0]
             else:
-                sources = [(d, rows, cols, chans) for d, chans in holders(program, producer, tensor)]
-            for member in sorted(t["device"] for t in group["tiles"]):
-                for src, r, c, chans in sources:
-                    messages.append(_message(g, tensor, src, member, r, c, shape[0], batch, itemsize, chans))
-                if producer is not None and replicated_output(producer, program, tensor):
-                    # every member of a channel group needs the whole gradient of its replicated output
-                    for d in sorted(t["device"] for t in producer["tiles"])[1:]:
-                        extra_backward.append(dict(_message(g, tensor, member, d, rows, cols, shape[0], batch,
-                                                            itemsize), phase="backward"))
+                held, replicated = holders(program, producer, tensor)
+                sources = [(d, (*whole, chans)) for d, chans in held]
+            if replicated and ch.mode == "channels" and sorted(ch.devices) == [d for d, _ in sources]:
+                # whole on every member already: each takes its own copy, and the members all-reduce
+                # the input's gradient (each needs all of it), instead of sending it to one another
+                forward, extra = [(d, d, part) for d, part in sources], []
+                group["reduce_input"] = True
+            else:
+                forward, extra = flows(sources, replicated, sorted(ch.devices))
+            messages += [_message(g, tensor, s, r, *part[:2], shape[0], batch, itemsize, part[2])
+                         for s, r, part in forward]
+            extra_backward += [dict(_message(g, tensor, s, r, *part[:2], shape[0], batch, itemsize, part[2]),
+                                    phase="backward") for s, r, part in extra]
         groups.append(group)
 
     # backward: partial gradients travel the forward messages in reverse

@@ -36,7 +36,8 @@ ops of one rank, in order:
     batch norm and activation (``chan_post``, backward ``chan_post_bwd``);
     backward, a layer's share, and the all-reduce of an A layer's partial
     input gradient (``phase`` backward) where its input comes from inside
-    the group.
+    the group, and of the group's input gradient (``phase`` input) where
+    its input is the replicated output of a group on the same devices.
 ``grad_start`` ``bucket``
     the bucket's gradients are final on this rank: sum them over its
     members (ring or all-gather) and update those parameters, on the
@@ -205,6 +206,8 @@ def channel_backward(program, g, group):
         ops.append({"op": "chan_bwd", "group": g, "layer": i})
         if r[i] == "A" and i > first and any(r[j] != "local" for j in range(first, i)):
             ops.append({"op": "chan_reduce", "group": g, "layer": i, "phase": "backward"})
+    if group.get("reduce_input"):
+        ops.append({"op": "chan_reduce", "group": g, "layer": first, "phase": "input"})
     return ops
 
 

@@ -1,66 +1,12 @@
-"""The layers after the tiled prefix: their groups, devices and messages.
-
-The tail is cut into *runs*: maximal stretches of layers that can be split
-by channels (conv, connected and pooling layers, each reading the one
-before: ``tilec_runtime.shards``), and the layers between them that need
-the assembled map (route, reorg, the losses), which run on rank 0. Each
-run becomes one tail group, on one device (``mode: "one"``) or split by
-channels over a set of devices (``mode: "channels"``).
-
-Messages carry every tensor a group reads from where it is: a tile's owned
-cells (the tiled prefix), a whole map (a group on one device), the
-replicated map of a channel group (from its lowest member), or each
-member's channels. A channel group's input is replicated on all its
-members, so in backward each member returns its partial gradient and the
-producer adds them up. A channel group whose output is replicated needs
-that output's gradient on every member (each applies the last batch norm
-to all channels): its consumers send it to every member, a backward
-message with no forward twin.
-"""
-from dataclasses import dataclass
-
+"""The tail groups of a plan: choices checked against the program, their
+group dicts, and who holds each of their outputs (the runs, choices and
+messages themselves: ``tilec.analysis.tail``)."""
 from tilec.errors import PlanError
 from tilec_runtime import shards
 
 
-@dataclass
-class TailChoice:
-    """A tail group over program[first..last]: ``mode`` "one" (``devices``
-    one rank) or "channels" (``devices`` the members, sorted)."""
-    first: int
-    last: int
-    mode: str
-    devices: list
-
-
-def runs(program, prefix):
-    """[(first, last, splittable)] covering program[prefix:]. A splittable
-    run ends where a layer's output is read by anything but the next layer
-    (a group split by channels hands on its last output only)."""
-    readers = {}
-    for layer in program:
-        for j in layer["inputs"]:
-            readers.setdefault(j, set()).add(layer["index"])
-    out = []
-    for layer in program[prefix:]:
-        i = layer["index"]
-        ok = layer["kind"] in shards.SPLITTABLE and layer["inputs"] == [i - 1]
-        if out and out[-1][2] == ok and (not ok or readers.get(i - 1, set()) <= {i}):
-            first, _, _ = out[-1]
-            out[-1] = (first, i, ok)
-        else:
-            out.append((i, i, ok))
-    return out
-
-
-def one_device_tail(program, prefix, device=0):
-    """The whole tail on one device (rank 0 unless told)."""
-    return [TailChoice(first, last, "one", [device if ok else 0]) for first, last, ok in runs(program, prefix)]
-
-
 def check_choices(program, prefix, choices, n_devices):
     expect = prefix
-    splittable = {(f, l): ok for f, l, ok in runs(program, prefix)}
     for ch in choices:
         where = f"tail group {ch.first}-{ch.last}"
         if ch.first != expect or ch.last < ch.first:
@@ -72,8 +18,8 @@ def check_choices(program, prefix, choices, n_devices):
         if ch.mode == "one":
             if len(ch.devices) != 1:
                 raise PlanError(f"{where}: mode 'one' takes one device, got {ch.devices}")
-            if not splittable.get((ch.first, ch.last), True) and ch.devices != [0]:
-                raise PlanError(f"{where}: layers that need the assembled map run on rank 0")
+            if ch.last == len(program) - 1 and ch.devices != [0]:
+                raise PlanError(f"{where}: the loss runs on rank 0, which has the batch's targets")
         elif ch.mode == "channels":
             problem = shards.check(program, ch.first, ch.last, len(ch.devices))
             if problem:
@@ -92,22 +38,14 @@ def tail_group(program, ch):
 
 
 def holders(program, group, tensor):
-    """[(device, channel range or None)] of who holds ``tensor`` (an output
-    of ``group``, a tail group) and how: the whole map, or channels."""
+    """([(device, channel range or None)], replicated) of who holds ``tensor``
+    (an output of ``group``, a tail group) and how: the whole map on one
+    device, the whole map on every member (``replicated``), or channels."""
     members = sorted(t["device"] for t in group["tiles"])
     if group["mode"] == "one":
-        return [(members[0], None)]
+        return [(members[0], None)], False
     first, last = group["layers"]
     held = shards.layouts(program, first, last, len(members))[tensor]
     if held is None:
-        return [(members[0], None)]
-    return [(d, (held[m], held[m + 1] - 1)) for m, d in enumerate(members) if held[m + 1] > held[m]]
-
-
-def replicated_output(group, program, tensor):
-    """Whether ``tensor`` is a replicated output of a channel group: then
-    every member needs its gradient."""
-    if group["kind"] != "tail" or group["mode"] != "channels":
-        return False
-    first, last = group["layers"]
-    return shards.layouts(program, first, last, len(group["tiles"]))[tensor] is None
+        return [(d, None) for d in members], True
+    return [(d, (held[m], held[m + 1] - 1)) for m, d in enumerate(members) if held[m + 1] > held[m]], False

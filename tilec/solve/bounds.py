@@ -10,7 +10,7 @@ Lagrangian relaxation of the memory constraints: give every group a price
 ``seconds + sum_d lam_d * bytes_d / cap_d`` (state and kept bytes; keep or
 recompute, whichever is cheaper at that price) and subtract ``sum_d lam_d
 * free_d / cap_d``, where ``free_d`` is device d's memory less what every
-plan puts on it (process, tail). Any plan that fits costs at least that
+plan puts on it (process, images). Any plan that fits costs at least that
 much through each arc (workspace only adds memory, so leaving it out keeps
 the bound valid). With all ``lam = 0`` it is the plain fastest plan.
 
@@ -27,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 INF = float("inf")
-GROW, SHRINK = 1.5, 0.8
+GROW, SHRINK = 1.5, 0.95
 REFINE = 8  # steps taken after the first plan that fits
 
 
@@ -52,6 +52,14 @@ def _arrays(cands):
     return arr
 
 
+class Prices(list):
+    """Per group (price, recompute?), and ``moves``: per transition its price."""
+
+    def __init__(self, groups, moves):
+        super().__init__(groups)
+        self.moves = moves
+
+
 def _prices(cands, lams, workspace=False):
     """Per group: (price, recompute?), and the constant to subtract, at
     per-device multipliers ``lams``. With ``workspace`` the price also
@@ -64,7 +72,10 @@ def _prices(cands, lams, workspace=False):
     use_rec = rec < keep
     prices = list(zip(np.where(use_rec, rec, keep).tolist(), use_rec.tolist()))
     cap = [d.memory_bytes for d in cands.model.devices]
-    return prices, float(sum(l / c * free for l, c, free in zip(lams, cap, free_memory(cands))))
+    # transitions: their seconds and their staging buffers at the same multipliers
+    moves = [secs + sum(lam[d] * nbytes / cap[d] for d, nbytes in stage.items())
+             for (_, _, _, secs), stage in zip(cands.transitions, cands.transition_bytes)]
+    return Prices(prices, moves), float(sum(l / c * free for l, c, free in zip(lams, cap, free_memory(cands))))
 
 
 def with_memory(cands, memory):
@@ -77,41 +88,41 @@ def with_memory(cands, memory):
 
 def free_memory(cands):
     """Per device: memory less what every plan puts there: the process and,
-    on rank 0, the tail (its state, kept bytes and workspace)."""
+    on rank 0, the batch's images."""
     m = cands.model
-    tail = m.tail_state + m.tail_kept + m.tail_workspace
-    return [d.memory_bytes - d.profile.process_overhead_bytes - (tail if r == 0 else 0)
+    return [d.memory_bytes - d.profile.process_overhead_bytes - (m.rank0_bytes if r == 0 else 0)
             for r, d in enumerate(m.devices)]
 
 
 def distances(cands, prices):
     """Shortest distances (to, from) every node, and the best path, at group ``prices``."""
-    prefix = cands.prefix
+    end = cands.end
     starts, ends, moves_from = {}, {}, {}
-    for gi, (g, li) in enumerate(zip(cands.groups, cands.group_layout)):
-        starts.setdefault(g.first, []).append((gi, li))
-        ends.setdefault(g.last + 1, []).append((gi, li))
-    for t, (b, li, lj, secs) in enumerate(cands.transitions):
-        moves_from.setdefault(b, []).append((t, li, lj, secs))
+    for gi, g in enumerate(cands.groups):
+        starts.setdefault(g.first, []).append((gi, cands.group_layout[gi]))
+        ends.setdefault(g.last + 1, []).append((gi, cands.group_out[gi]))
+    tprices = getattr(prices, "moves", None) or [t[3] for t in cands.transitions]
+    for t, (b, li, lj, _) in enumerate(cands.transitions):
+        moves_from.setdefault(b, []).append((t, li, lj, tprices[t]))
     to_ready, to_arrived, back = {}, {}, {}  # node -> distance; back: node -> predecessor
-    for b in range(prefix + 1):
-        for gi, li in ends.get(b, []):
+    for b in range(end + 1):
+        for gi, lo in ends.get(b, []):
             g = cands.groups[gi]
-            start = 0.0 if g.first == 0 else to_ready.get((g.first, li), INF)
+            start = 0.0 if g.first == 0 else to_ready.get((g.first, cands.group_layout[gi]), INF)
             d = start + prices[gi][0]
-            if d < to_arrived.get((b, li), INF):
-                to_arrived[(b, li)] = d
-                back[("a", b, li)] = gi
+            if d < to_arrived.get((b, lo), INF):
+                to_arrived[(b, lo)] = d
+                back[("a", b, lo)] = gi
         for t, li, lj, secs in moves_from.get(b, []):
             d = to_arrived.get((b, li), INF) + secs
             if d < to_ready.get((b, lj), INF):
                 to_ready[(b, lj)] = d
                 back[("r", b, lj)] = (li, t)
     from_ready, from_arrived = {}, {}
-    for b in range(prefix, -1, -1):
+    for b in range(end, -1, -1):
         for gi, li in starts.get(b, []):
             g = cands.groups[gi]
-            rest = 0.0 if g.last + 1 == prefix else from_arrived.get((g.last + 1, li), INF)
+            rest = 0.0 if g.last + 1 == end else from_arrived.get((g.last + 1, cands.group_out[gi]), INF)
             d = prices[gi][0] + rest
             if d < from_ready.get((b, li), INF):
                 from_ready[(b, li)] = d
@@ -120,18 +131,18 @@ def distances(cands, prices):
             if d < from_arrived.get((b, li), INF):
                 from_arrived[(b, li)] = d
     # the best path, walked back from the cheapest arrival at the end
-    ends_at = [(to_arrived[(prefix, li)], li) for _, li in ends.get(prefix, []) if (prefix, li) in to_arrived]
+    ends_at = [(to_arrived[(end, lo)], lo) for _, lo in ends.get(end, []) if (end, lo) in to_arrived]
     path = []
     if ends_at:
-        _, li = min(ends_at)
-        b = prefix
+        _, lo = min(ends_at)
+        b = end
         while True:
-            gi = back[("a", b, li)]
+            gi = back[("a", b, lo)]
             path.append((gi, prices[gi][1]))
             g = cands.groups[gi]
             if g.first == 0:
                 break
-            li, _ = back[("r", g.first, li)]
+            lo, _ = back[("r", g.first, cands.group_layout[gi])]
             b = g.first
         path.reverse()
     return {"to_ready": to_ready, "to_arrived": to_arrived, "from_ready": from_ready,
@@ -140,14 +151,15 @@ def distances(cands, prices):
 
 def through(cands, prices, dist):
     """Cheapest path cost through each group and each transition."""
-    prefix = cands.prefix
+    end = cands.end
     g_best = []
-    for gi, (g, li) in enumerate(zip(cands.groups, cands.group_layout)):
-        before = 0.0 if g.first == 0 else dist["to_ready"].get((g.first, li), INF)
-        after = 0.0 if g.last + 1 == prefix else dist["from_arrived"].get((g.last + 1, li), INF)
+    for gi, g in enumerate(cands.groups):
+        before = 0.0 if g.first == 0 else dist["to_ready"].get((g.first, cands.group_layout[gi]), INF)
+        after = 0.0 if g.last + 1 == end else dist["from_arrived"].get((g.last + 1, cands.group_out[gi]), INF)
         g_best.append(before + prices[gi][0] + after)
-    t_best = [dist["to_arrived"].get((b, li), INF) + secs + dist["from_ready"].get((b, lj), INF)
-              for b, li, lj, secs in cands.transitions]
+    tprices = getattr(prices, "moves", None) or [t[3] for t in cands.transitions]
+    t_best = [dist["to_arrived"].get((b, li), INF) + tp + dist["from_ready"].get((b, lj), INF)
+              for (b, li, lj, _), tp in zip(cands.transitions, tprices)]
     return g_best, t_best
 
 
@@ -157,7 +169,7 @@ def fits(cands, path):
 
 
 def feasible_plan(cands, steps=40, keep_bounds=True):
-    """(upper bound seconds without the tail or None, its path or None,
+    """(upper bound seconds or None, its path or None,
     [(lams, prices, constant, dist)], the path that overflows least).
 
     The multiplier of every device that overflows grows by ``GROW``
@@ -177,8 +189,8 @@ def feasible_plan(cands, steps=40, keep_bounds=True):
         return None, None, tried, None
     ok, pred = fits(cands, dist["path"])
     if ok:
-        return pred.step_s - cands.model.tail_s, dist["path"], tried, dist["path"]
-    start = (pred.step_s - cands.model.tail_s) * 1e-2
+        return pred.step_s, dist["path"], tried, dist["path"]
+    start = (pred.step_s) * 1e-2
     lams = [0.0] * n
     best = (None, None)
     closest = (_overflow(cands, pred), dist["path"])
@@ -195,7 +207,7 @@ def feasible_plan(cands, steps=40, keep_bounds=True):
         ok, pred = fits(cands, dist["path"])
         closest = min(closest, (_overflow(cands, pred), dist["path"]))
         if ok:
-            secs = pred.step_s - cands.model.tail_s
+            secs = pred.step_s
             if best[0] is None or secs < best[0]:
                 best = (secs, dist["path"])
         if best[0] is not None:
@@ -209,15 +221,15 @@ def _overflow(cands, pred):
     return max(m - d.memory_bytes for m, d in zip(pred.memory, cands.model.devices))
 
 
-def _seconds(cands, path):
-    return cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path]).step_s - cands.model.tail_s
+def path_seconds(cands, path):
+    return cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path]).step_s
 
 
 def lower_bound(cands, tried):
-    """The best Lagrangian lower bound over the multipliers tried (seconds, tail excluded)."""
+    """The best Lagrangian lower bound over the multipliers tried (seconds)."""
     best = 0.0
     for _, _, const, dist in tried:
-        ends = [v for (b, _), v in dist["to_arrived"].items() if b == cands.prefix]
+        ends = [v for (b, _), v in dist["to_arrived"].items() if b == cands.end]
         if ends:
             best = max(best, min(ends) - const)
     return best
@@ -227,13 +239,11 @@ def alone_too_big(cands):
     """Groups that overflow a device by themselves (with what every plan puts
     there), and groups that fit only if they recompute: (dropped, forced).
     Dropping the first and forcing the second removes no plan that fits."""
-    model = cands.model
     free = free_memory(cands)
     dropped, forced = set(), set()
     for gi, g in enumerate(cands.groups):
         def fits_alone(kept, ws):
-            return all(g.state[d] + kept[d] + max(0, ws[d] - (model.tail_workspace if d == 0 else 0)) <= free[d]
-                       for d in g.members)
+            return all(g.state[d] + kept[d] + ws[d] <= free[d] for d in g.members)
         if not fits_alone(g.kept, g.workspace):
             if fits_alone(g.kept_recompute, g.workspace_recompute):
                 forced.add(gi)
@@ -245,7 +255,7 @@ def alone_too_big(cands):
 def subset(cands, keep):
     """``cands`` with only the groups ``keep`` (indices, in order)."""
     return replace(cands, groups=[cands.groups[gi] for gi in keep],
-                   group_layout=[cands.group_layout[gi] for gi in keep])
+                   group_layout=[cands.group_layout[gi] for gi in keep], group_out=[cands.group_out[gi] for gi in keep])
 
 
 def prune(cands, upper, tried, slack=1e-6):
@@ -264,4 +274,6 @@ def prune(cands, upper, tried, slack=1e-6):
     groups = [gi for gi, k in enumerate(keep_g) if k]
     return replace(cands, groups=[cands.groups[gi] for gi in groups],
                    group_layout=[cands.group_layout[gi] for gi in groups],
-                   transitions=[t for t, k in zip(cands.transitions, keep_t) if k]), groups
+                   group_out=[cands.group_out[gi] for gi in groups],
+                   transitions=[t for t, k in zip(cands.transitions, keep_t) if k],
+                   transition_bytes=[t for t, k in zip(cands.transition_bytes, keep_t) if k]), groups

@@ -1,34 +1,38 @@
 """The plan optimiser: a CP-SAT model over the precomputed candidates.
 
-Problem: choose a chain of layer groups over the tiled prefix, each with a
-layout (split lines and the device of every tile) and keep-or-recompute,
-so that every device's peak memory fits and the predicted step time is
-least.
+Problem: choose a chain of groups over the whole program: layer groups of
+the tiled prefix, each with a layout (split lines and the device of every
+tile) and keep-or-recompute, up to a cut, then tail groups, each on one
+device or split by channels over several, so that every device's peak
+memory fits and the predicted step time is least.
 
 Data (:mod:`tilec.cost.candidates`, all priced outside the solver): groups
-with their seconds, per-device state/kept/workspace bytes, and the
-recompute variant's extra seconds and smaller kept bytes; transitions
-between layouts at each boundary with their seconds.
+and tail groups with their seconds, per-device state/kept/workspace bytes,
+and the recompute variant's extra seconds and smaller kept bytes;
+transitions between layouts (and tail holdings) at each boundary with
+their seconds.
 
 Variables:
 - ``use[g]``: group g is in the plan;
 - ``rec[g]``: group g recomputes its activations in backward (implies use);
 - ``move[t]``: transition t is taken at its boundary;
-- ``work[d]``: device d's largest workspace.
+- ``work[d][pool]``: device d's largest workspace of each pool (the tiles
+  share one scratch; the tail groups' temporaries come and go apart from it).
 
 Constraints:
 - flow: one group starts at layer 0; at each boundary, the groups that
   arrive in a layout equal the transitions out of it, and the transitions
   into a layout equal the groups that leave from it; one group ends at the
-  prefix's last layer;
-- memory: per device, overhead + tail (rank 0) + sum of the chosen groups'
-  state and kept bytes (less what recomputing saves) + ``work[d]`` is at most
-  its memory; ``work[d]`` is at least the workspace of the group covering
-  each layer (exactly one group covers each layer, so one linear
-  constraint per layer and device gives the maximum).
+  program's last layer;
+- memory: per device, overhead + images (rank 0) + sum of the chosen
+  groups' state and kept bytes (less what recomputing saves) + its works
+  is at most its memory; ``work[d][pool]`` is at least the workspace of
+  the group of that pool covering each layer (exactly one group covers
+  each layer, so one linear constraint per layer and device gives the
+  maximum).
 
-Objective: the sum of the chosen groups' and transitions' seconds (the
-tail is a constant), in microseconds.
+Objective: the sum of the chosen groups' and transitions' seconds, in
+microseconds.
 
 Scaling: seconds are integer microseconds, bytes integer KiB (rounded up).
 """
@@ -43,6 +47,12 @@ from tilec.solve import solution_from_path
 US = 1e6
 KIB = 1024
 DEFAULT_WORKERS = 8
+FIRST_FIT_SHARE = 0.4  # of the time limit, to find a first plan that fits when the Lagrangian search did not
+
+
+def _pool(group):
+    """Which workspace a group's transients come from: the tiles' scratch, or the tail's."""
+    return "tail" if hasattr(group, "layout_out") else "tiles"
 
 
 def _kib(nbytes):
@@ -61,7 +71,7 @@ class PlanModel:
     def __init__(self, cands, recompute=True, overrun=False, forced=()):
         self.cands = cands
         model = self.model = cp_model.CpModel()
-        groups, prefix = cands.groups, cands.prefix
+        groups = cands.groups
         devices = cands.model.devices
 
         # variables
@@ -78,31 +88,37 @@ class PlanModel:
         self.move = [model.new_bool_var(f"move_{b}_{li}_{lj}") for b, li, lj, _ in cands.transitions]
 
         # flow along the chain
+        end = cands.end
         model.add(sum(self.use[gi] for gi, g in enumerate(groups) if g.first == 0) == 1)
-        model.add(sum(self.use[gi] for gi, g in enumerate(groups) if g.last == prefix - 1) == 1)
+        model.add(sum(self.use[gi] for gi, g in enumerate(groups) if g.last + 1 == end) == 1)
         arrive, leave, moves_out, moves_in = {}, {}, {}, {}
-        for gi, (g, li) in enumerate(zip(groups, cands.group_layout)):
-            if g.last + 1 < prefix:
-                arrive.setdefault((g.last + 1, li), []).append(self.use[gi])
+        for gi, g in enumerate(groups):
+            if g.last + 1 < end:
+                arrive.setdefault((g.last + 1, cands.group_out[gi]), []).append(self.use[gi])
             if g.first > 0:
-                leave.setdefault((g.first, li), []).append(self.use[gi])
+                leave.setdefault((g.first, cands.group_layout[gi]), []).append(self.use[gi])
         for t, (b, li, lj, _) in enumerate(cands.transitions):
             moves_out.setdefault((b, li), []).append(self.move[t])
             moves_in.setdefault((b, lj), []).append(self.move[t])
-        for node in cands.nodes:
+        for node in set(arrive) | set(moves_out):
             model.add(sum(arrive.get(node, [])) == sum(moves_out.get(node, [])))
+        for node in set(leave) | set(moves_in):
             model.add(sum(moves_in.get(node, [])) == sum(leave.get(node, [])))
 
         # memory per device
         cm = cands.model
         self.slack = model.new_int_var(0, _kib(sum(d.memory_bytes for d in devices)) * 4, "slack") if overrun else 0
+        # two workspaces per device: the tiles' shared scratch, and the tail groups' temporaries
+        pools = sorted({_pool(g) for g in groups})
         self.work = []
         for d, dev in enumerate(devices):
-            const = dev.profile.process_overhead_bytes + (cm.tail_state + cm.tail_kept if d == 0 else 0)
+            const = dev.profile.process_overhead_bytes + (cm.rank0_bytes if d == 0 else 0)
             cap = dev.memory_bytes // KIB
-            ws_max = max([cm.tail_workspace if d == 0 else 0]
-                         + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups])
-            work = model.new_int_var(_kib(cm.tail_workspace) if d == 0 else 0, _kib(ws_max), f"work_{d}")
+            work = {}
+            for pool in pools:
+                ws_max = max([0] + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups
+                                    if _pool(g) == pool])
+                work[pool] = model.new_int_var(0, _kib(ws_max), f"work_{d}_{pool}")
             self.work.append(work)
             terms = []
             for gi, g in enumerate(groups):
@@ -111,16 +127,18 @@ class PlanModel:
                 terms.append(_kib(g.state[d] + g.kept[d]) * self.use[gi])
                 if gi in self.rec:
                     terms.append(-(_kib(g.state[d] + g.kept[d]) - _kib(g.state[d] + g.kept_recompute[d])) * self.rec[gi])
-            model.add(sum(terms) + work + _kib(const) <= cap + self.slack)
-            for p in range(prefix):
-                cover = []
+            # the staging buffers of the messages a transition moves
+            terms += [_kib(stage[d]) * self.move[t] for t, stage in enumerate(cands.transition_bytes) if d in stage]
+            model.add(sum(terms) + sum(work.values()) + _kib(const) <= cap + self.slack)
+            for p in range(end):
+                cover = {}
                 for gi, g in enumerate(groups):
                     if d in g.workspace and g.first <= p <= g.last:
-                        cover.append(_kib(g.workspace[d]) * self.use[gi])
+                        cover.setdefault(_pool(g), []).append(_kib(g.workspace[d]) * self.use[gi])
                         if gi in self.rec:
-                            cover.append((_kib(g.workspace_recompute[d]) - _kib(g.workspace[d])) * self.rec[gi])
-                if cover:
-                    model.add(work >= sum(cover))
+                            cover[_pool(g)].append((_kib(g.workspace_recompute[d]) - _kib(g.workspace[d])) * self.rec[gi])
+                for pool, terms in cover.items():
+                    model.add(work[pool] >= sum(terms))
 
         # objective
         time_terms = [_us(cands.group_seconds(gi)) * self.use[gi] for gi in range(len(groups))]
@@ -143,15 +161,18 @@ class PlanModel:
             self.model.add_hint(var, gi in chosen)
         for gi, var in self.rec.items():
             self.model.add_hint(var, bool(chosen.get(gi, False)))
-        pred = self.cands.model.evaluate([(self.cands.groups[gi], rec) for gi, rec in path])
-        for d, var in enumerate(self.work):
-            self.model.add_hint(var, _kib(pred.breakdown[d]["workspace"]))
+        chosen_groups = [(self.cands.groups[gi], rec) for gi, rec in path]
+        pred = self.cands.model.evaluate(chosen_groups)
+        for d, work in enumerate(self.work):
+            for pool, var in work.items():
+                self.model.add_hint(var, max([0] + [_kib((g.workspace_recompute if rec else g.workspace).get(d, 0))
+                                                    for g, rec in chosen_groups if _pool(g) == pool]))
         if not isinstance(self.slack, int):
             over = max(m - dev.memory_bytes for m, dev in zip(pred.memory, self.cands.model.devices))
             self.model.add_hint(self.slack, max(0, _kib(over) + 1))
         taken = set()
         for (gi, _), (gj, _) in zip(path, path[1:]):
-            taken.add((self.cands.groups[gj].first, self.cands.group_layout[gi], self.cands.group_layout[gj]))
+            taken.add((self.cands.groups[gj].first, self.cands.group_out[gi], self.cands.group_layout[gj]))
         for t, (b, li, lj, _) in enumerate(self.cands.transitions):
             self.model.add_hint(self.move[t], (b, li, lj) in taken)
 
@@ -188,9 +209,10 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
 
     Steps: the fastest plan ignoring memory (a shortest path); if it fits,
     it is optimal and CP-SAT is not needed. Otherwise a Lagrangian search
-    finds a plan that fits (an upper bound), the arcs whose lower bound
-    exceeds it are dropped (:mod:`tilec.solve.bounds`), and CP-SAT solves
-    the rest, seeded with that plan.
+    finds a plan that fits (an upper bound), or, failing that, CP-SAT
+    minimising the overflow does; the arcs whose lower bound exceeds it
+    are dropped (:mod:`tilec.solve.bounds`), and CP-SAT solves the rest,
+    seeded with that plan.
 
     Raises :class:`InfeasibleError` (explained) when no plan fits, and
     when the time limit passes before any plan is found.
@@ -198,19 +220,25 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
     from tilec.solve import bounds
     from tilec.solve.explain import explain_infeasible
     t0 = time.perf_counter()
-    tail = cands.model.tail_s
-    if cands.prefix == 0:
-        return solution_from_path(cands, [], solver="none (no tiled layers)", status="OPTIMAL",
-                                  objective_s=tail, bound_s=tail, wall_s=0.0)
     if not recompute:
         cands = _without_recompute(cands)
-    if min(bounds.free_memory(cands)) < 0:  # the process, or rank 0's tail, does not fit by itself
+    if min(bounds.free_memory(cands)) < 0:  # the process, or rank 0's images, do not fit by themselves
         raise explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute)
-    upper, path, tried, _ = bounds.feasible_plan(cands)
+    upper, path, tried, closest = bounds.feasible_plan(cands)
     if path is not None and len(tried) == 1:
         return solution_from_path(cands, path, solver="shortest path (memory not binding)", status="OPTIMAL",
-                                  objective_s=upper + tail, bound_s=upper + tail, wall_s=time.perf_counter() - t0)
+                                  objective_s=upper, bound_s=upper, wall_s=time.perf_counter() - t0)
     dropped, forced = bounds.alone_too_big(cands)
+    if path is None:
+        # No multipliers gave a path that fits (devices alike trade the same groups back and forth):
+        # first find one that fits, seeded with the one that overflowed least, then the fastest.
+        path = _first_fit(cands, closest, dropped, forced, FIRST_FIT_SHARE * time_limit, workers, recompute)
+        if path is None:
+            err = explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute)
+            path = getattr(err, "fitting_path", None)  # (its longer search may find one after all)
+            if path is None:
+                raise err
+        upper = bounds.path_seconds(cands, path)
     if upper is not None:
         reduced, kept = bounds.prune(cands, upper, tried)
         keep = [k for k, gi in enumerate(kept) if gi not in dropped]
@@ -229,7 +257,7 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         lower = max(solver.best_objective_bound / US, bounds.lower_bound(cands, tried))
         if status != cp_model.INFEASIBLE and path is not None:  # the Lagrangian plan stands
             return solution_from_path(cands, path, solver="lagrangian (cp-sat timed out)", status="FEASIBLE",
-                                      objective_s=upper + tail, bound_s=lower + tail, wall_s=wall,
+                                      objective_s=upper, bound_s=lower, wall_s=wall,
                                       booleans=pm.booleans)
         # Infeasible or undecided: the least-overflow model explains why no
         # plan fits, or finds one that does (CP-SAT rounds bytes up to KiB,
@@ -239,18 +267,36 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         if fitting is None:
             raise err
         sol = solution_from_path(cands, fitting, solver="cp-sat (least overflow)", status="FEASIBLE",
-                                 objective_s=0.0, bound_s=lower + tail, wall_s=time.perf_counter() - t0,
+                                 objective_s=0.0, bound_s=lower, wall_s=time.perf_counter() - t0,
                                  booleans=pm.booleans)
         sol.objective_s = sol.prediction.step_s
         return sol
     lower = max(solver.best_objective_bound / US, bounds.lower_bound(cands, tried))
     return solution_from_path(reduced, pm.path(solver), solver="cp-sat", status=solver.status_name(status),
-                              objective_s=solver.objective_value / US + tail, bound_s=min(lower + tail,
-                              solver.objective_value / US + tail), wall_s=wall, booleans=pm.booleans)
+                              objective_s=solver.objective_value / US, bound_s=min(lower,
+                              solver.objective_value / US), wall_s=wall, booleans=pm.booleans)
+
+
+def _first_fit(cands, closest, dropped, forced, time_limit, workers, recompute):
+    """A path that fits, by CP-SAT minimising every device's overflow (None if
+    none does, or none was found in time)."""
+    from tilec.solve import bounds
+    kept = [gi for gi in range(len(cands.groups)) if gi not in dropped]
+    index = {gi: k for k, gi in enumerate(kept)}
+    pm = PlanModel(bounds.subset(cands, kept), recompute=recompute, overrun=True,
+                   forced={index[gi] for gi in forced if gi in index})
+    if closest and all(gi in index for gi, _ in closest):
+        pm.hint([(index[gi], rec) for gi, rec in closest])
+    solver, status = pm.solve(time_limit, workers)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) or solver.value(pm.slack) > 0:
+        return None
+    path = [(kept[gi], rec) for gi, rec in pm.path(solver)]
+    return path if bounds.fits(cands, path)[0] else None
 
 
 def _without_recompute(cands):
     from dataclasses import replace
-    groups = [replace(g, kept_recompute=dict(g.kept), workspace_recompute=dict(g.workspace),
-                      recompute_seconds=0.0) for g in cands.groups]
+    groups = [g if hasattr(g, "layout_out") else  # (a tail group never recomputes)
+              replace(g, kept_recompute=dict(g.kept), workspace_recompute=dict(g.workspace), recompute_seconds=0.0)
+              for g in cands.groups]
     return replace(cands, groups=groups)

@@ -14,23 +14,23 @@ from tilec.solve import InfeasibleError, solution_from_path
 
 
 def _arcs(cands):
-    """Groups by (first, layout) and transitions by (b, from layout)."""
+    """Groups by (first, input layout) and transitions by (b, from layout)."""
     starts, moves = {}, {}
-    for gi, (g, li) in enumerate(zip(cands.groups, cands.group_layout)):
-        starts.setdefault((g.first, li), []).append(gi)
+    for gi, g in enumerate(cands.groups):
+        starts.setdefault((g.first, cands.group_layout[gi]), []).append(gi)
     for b, li, lj, secs in cands.transitions:
         moves.setdefault((b, li), []).append((lj, secs))
     return starts, moves
 
 
 def shortest_path(cands):
-    """(seconds without the tail, [(gi, False)]) of the fastest path, ignoring memory."""
+    """(seconds, [(gi, False)]) of the fastest path, ignoring memory."""
     starts, moves = _arcs(cands)
-    prefix = cands.prefix
+    end = cands.end
     # ready[(b, L)] = (seconds, path) with the map of layer b-1 held as L
     ready = {(0, li): (0.0, []) for li in range(len(cands.layouts))}
     best_end = (float("inf"), None)
-    for b in range(prefix):
+    for b in range(end):
         arrived = {}
         for (rb, li), (secs, path) in list(ready.items()):
             if rb != b:
@@ -38,8 +38,8 @@ def shortest_path(cands):
             for gi in starts.get((b, li), []):
                 g = cands.groups[gi]
                 t = secs + cands.group_seconds(gi)
-                key = (g.last + 1, li)
-                if g.last + 1 == prefix:
+                key = (g.last + 1, cands.group_out[gi])
+                if g.last + 1 == end:
                     if t < best_end[0]:
                         best_end = (t, path + [(gi, False)])
                 elif t < arrived.get(key, (float("inf"),))[0]:
@@ -50,14 +50,13 @@ def shortest_path(cands):
                 if t < ready.get((ab, lj), (float("inf"),))[0]:
                     ready[(ab, lj)] = (t, path)
     if best_end[1] is None:
-        raise InfeasibleError("no way to split the tiled prefix over these devices")
+        raise InfeasibleError("no way to split the program over these devices")
     return best_end
 
 
 def solve_shortest_path(cands):
     t0 = time.perf_counter()
-    secs, path = shortest_path(cands)
-    total = secs + cands.model.tail_s
+    total, path = shortest_path(cands)
     return solution_from_path(cands, path, solver="shortest-path", status="OPTIMAL (memory ignored)",
                               objective_s=total, bound_s=total, wall_s=time.perf_counter() - t0)
 
@@ -70,7 +69,7 @@ def exhaustive(cands, recompute=True, limit=2_000_000):
     """The fastest path whose every device fits its memory, by trying all paths."""
     t0 = time.perf_counter()
     starts, moves = _arcs(cands)
-    prefix, model = cands.prefix, cands.model
+    end, model = cands.end, cands.model
     best = [float("inf"), None]
     visited = [0]
 
@@ -82,12 +81,12 @@ def exhaustive(cands, recompute=True, limit=2_000_000):
                 if visited[0] > limit:
                     raise RuntimeError(f"exhaustive search passed {limit} paths: the instance is too big")
                 step = path + [(gi, rec)]
-                if g.last + 1 == prefix:
+                if g.last + 1 == end:
                     pred = model.evaluate([(cands.groups[i], r) for i, r in step])
                     if pred.step_s < best[0] and fits(cands, pred):
                         best[:] = [pred.step_s, step]
                     continue
-                for lj, _ in moves.get((g.last + 1, cands.group_layout[gi]), []):
+                for lj, _ in moves.get((g.last + 1, cands.group_out[gi]), []):
                     walk(g.last + 1, lj, step)
 
     for li in range(len(cands.layouts)):

@@ -3,7 +3,7 @@
 The same model is solved again with every device allowed a common memory
 overrun, minimised. The plan that needs the least extra memory names the
 device that overflows most and what it holds (parameters + gradients +
-momentum, kept activations, workspace; the tail on rank 0), and the
+momentum, kept activations, workspace, of its tiles and tail groups), and the
 overrun gives the smallest memory that would work.
 """
 from tilec.solve import InfeasibleError
@@ -26,7 +26,7 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True):
     path, proven = None, False
     free = free_memory(cands)
     if min(free) < 0:
-        # What no plan avoids (the process; rank 0's tail) already overflows:
+        # What no plan avoids (the process; rank 0's images) already overflows:
         # that much memory is needed anyway. If some plan fits once every
         # device has it, it is the smallest memory that works.
         need = max(d.memory_bytes - f for d, f in zip(devices, free) if f < 0)
@@ -60,16 +60,16 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True):
     _, worst = max(over)
     dev, parts = devices[worst], pred.breakdown[worst]
     held = []
-    if worst == 0 and model.prefix < len(model.program):
-        held.append(f"the tail (layers {model.prefix}-{len(model.program) - 1}): parameters, gradients and momentum "
-                    f"{_mb(model.tail_state)}, activations {_mb(model.tail_kept)}, workspace up to "
-                    f"{_mb(model.tail_workspace)}")
-    tiles = [(cands.groups[gi], rec) for gi, rec in path if worst in cands.groups[gi].members]
-    if tiles:
-        spans = ", ".join(f"{g.first}-{g.last}{' (recomputed)' if rec else ''}" for g, rec in tiles)
-        held.append(f"tiles of groups {spans}: parameters, gradients and momentum "
-                    f"{_mb(sum(g.state[worst] for g, _ in tiles))}, activations "
-                    f"{_mb(sum((g.kept_recompute if rec else g.kept)[worst] for g, rec in tiles))}")
+    chosen = [(cands.groups[gi], rec) for gi, rec in path if worst in cands.groups[gi].members]
+    for what, groups in (("tiles of groups", [(g, rec) for g, rec in chosen if not hasattr(g, "layout_out")]),
+                         ("tail groups", [(g, rec) for g, rec in chosen if hasattr(g, "layout_out")])):
+        if groups:
+            spans = ", ".join(f"{g.first}-{g.last}{' (recomputed)' if rec else ''}"
+                              f"{' split over ' + str(len(g.members)) if getattr(g, 'mode', '') == 'channels' else ''}"
+                              for g, rec in groups)
+            held.append(f"{what} {spans}: parameters, gradients and momentum "
+                        f"{_mb(sum(g.state[worst] for g, _ in groups))}, activations "
+                        f"{_mb(sum((g.kept_recompute if rec else g.kept)[worst] for g, rec in groups))}")
     # CP-SAT rounds every group's bytes up to KiB: leave room for that, in whole MB
     rounding = (len(path) + 2) * 1024
     needs = [int(-(-(d.memory_bytes + extra + rounding) // MB) * MB) for d in devices]

@@ -1,0 +1,90 @@
+"""The layers after the tiled prefix as the planner sees them: runs, choices, messages.
+
+The tail is cut into *runs*: maximal stretches of layers that can be split
+by channels (conv, connected and pooling layers, each reading the one
+before: ``tilec_runtime.shards``), and the layers between them that need
+the assembled map (route, reorg, the loss), which run whole on one device
+(the loss on rank 0, which has the batch's targets). Each run becomes one
+or more tail groups, on one device (``mode: "one"``) or split by channels
+over a set of devices (``mode: "channels"``).
+
+Messages carry every tensor a group reads from where it is (``flows``): a
+tile's owned cells (the tiled prefix), a whole map (a group on one device),
+the replicated map of a channel group, or each member's channels. A
+channel group's input is replicated on all its members, so in backward
+each member returns its partial gradient and the producer adds them up. A
+channel group whose output is replicated needs that output's gradient on
+every member (each applies the last batch norm to all channels): its
+consumers send it to every member, backward messages with no forward twin.
+The plan builder (``tilec.plan.tail``) and the cost model
+(``tilec.cost.tail``) both read these, so messages and prices agree.
+"""
+from dataclasses import dataclass
+
+from tilec_runtime import shards
+
+
+@dataclass
+class TailChoice:
+    """A tail group over program[first..last]: ``mode`` "one" (``devices``
+    one rank) or "channels" (``devices`` the members, sorted)."""
+    first: int
+    last: int
+    mode: str
+    devices: list
+
+
+def runs(program, prefix):
+    """[(first, last, splittable)] covering program[prefix:]. A splittable
+    run ends where a layer's output is read by anything but the next layer
+    (a group split by channels hands on its last output only)."""
+    readers = {}
+    for layer in program:
+        for j in layer["inputs"]:
+            readers.setdefault(j, set()).add(layer["index"])
+    out = []
+    for layer in program[prefix:]:
+        i = layer["index"]
+        ok = layer["kind"] in shards.SPLITTABLE and layer["inputs"] == [i - 1]
+        if out and out[-1][2] == ok and (not ok or readers.get(i - 1, set()) <= {i}):
+            first, _, _ = out[-1]
+            out[-1] = (first, i, ok)
+        else:
+            out.append((i, i, ok))
+    return out
+
+
+def one_device_tail(program, prefix, device=0):
+    """The whole tail on one device (rank 0 unless told)."""
+    return [TailChoice(first, last, "one", [device if ok else 0]) for first, last, ok in runs(program, prefix)]
+
+
+def flows(sources, replicated, receivers):
+    """Who sends what so that every receiver holds a tensor, and its gradient comes back.
+
+    ``sources``: [(device, part)], the parts that make the tensor, or with
+    ``replicated`` the devices that each hold all of it (``part`` the
+    whole). Returns (forward [(sender, receiver, part)], extra backward
+    [(sender, receiver, part)]): backward, every forward message returns
+    in reverse (partial gradients, summed by its sender); a replicated
+    tensor's holders each need the whole gradient, so each receiver also
+    sends it to the holders it did not take the tensor from. A receiver that
+    holds a replicated tensor takes its own copy; the others take it from
+    the holders in turn, so that no one holder sends every copy.
+    """
+    forward, extra = [], []
+    if not replicated:
+        for r in receivers:
+            forward += [(d, r, part) for d, part in sources]
+        return forward, extra
+    held = [d for d, _ in sources]
+    part = sources[0][1]
+    turn = 0
+    for r in receivers:
+        if r in held:
+            src = r
+        else:
+            src, turn = held[turn % len(held)], turn + 1
+        forward.append((src, r, part))
+        extra += [(r, d, part) for d in held if d != src]
+    return forward, extra

@@ -1,0 +1,256 @@
+"""The price of the layers after the tiled prefix: tail groups on one
+device or split by channels, and the moves of maps between them.
+
+A tail group (``tilec.plan.tail``) over program[first..last] runs on one
+device, or split by channels over a set of members (the k fastest devices,
+k = 2..n: ``tilec_runtime.shards``). Between groups a map is *held* in one
+of three ways (:class:`Holding`): on one device, whole on every member of
+a channel group, or split by channels over them. A group needs its input
+whole on one device, or whole on each of its members; moving a map from
+how it is held to how the next group needs it, forward and its gradient
+backward, is a *transition* with the same messages the plan builder makes
+(``tilec.plan.tail.flows``).
+
+A group's time is, layer by layer, its slowest member forward and
+backward (a channel group's all-reduces make every layer a barrier), plus
+its all-reduces, its SGD update, and sending rank 0 what a later layer
+other than the next reads (route, reorg and the losses run on rank 0).
+Memory per member: ``tilec.cost.memory.tail_member_bytes``.
+"""
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+
+from tilec.cost.comm import exchange_seconds, gradient_allreduce_seconds
+from tilec.cost.compute import share_seconds, update_seconds
+from tilec.cost.memory import tail_member_bytes
+from tilec.analysis.tail import TailChoice, flows
+from tilec_runtime import shards
+
+DIRECTIONS = ("forward", "backward")
+
+
+@dataclass(frozen=True)
+class Holding:
+    """How a map is held: ``kind`` "one" (on ``devices[0]``), "whole" (on
+    every member of ``devices``) or "split" (by channels over them)."""
+    kind: str
+    devices: tuple
+
+    @property
+    def startable(self):
+        """Whether a tail group can start from it (it needs its input whole)."""
+        return self.kind != "split"
+
+    def label(self, names=None):
+        devs = ",".join(names[d] if names else str(d) for d in self.devices)
+        return {"one": f"on [{devs}]", "whole": f"whole on [{devs}]", "split": f"split by channels over [{devs}]"}[
+            self.kind]
+
+
+def holdings(n, order):
+    """Every holding the planner considers on ``n`` devices: one device
+    each, and whole or split over the k first of ``order`` (fastest first)."""
+    out = [Holding("one", (d,)) for d in range(n)]
+    for k in range(2, n + 1):
+        members = tuple(sorted(order[:k]))
+        out += [Holding("whole", members), Holding("split", members)]
+    return out
+
+
+@dataclass
+class TailArc:
+    """A tail group as the solver sees it (the fields of
+    :class:`tilec.cost.model.Group` it reads)."""
+    first: int
+    last: int
+    mode: str  # "one" | "channels"
+    devices: tuple  # members, sorted
+    seconds: float
+    state: dict
+    kept: dict
+    workspace: dict
+    busy: dict
+    layout_in: Holding
+    layout_out: Holding
+    parts: dict = field(default_factory=dict)
+    entry_s: float = 0.0  # a group starting at layer 0: the image from rank 0
+    recompute_seconds: float = 0.0
+
+    @property
+    def members(self):
+        return list(self.devices)
+
+    @property
+    def kept_recompute(self):  # a tail group never recomputes
+        return self.kept
+
+    @property
+    def workspace_recompute(self):
+        return self.workspace
+
+    @property
+    def busy_recompute(self):
+        return dict.fromkeys(self.devices, 0.0)
+
+    def choice(self):
+        return TailChoice(self.first, self.last, self.mode, list(self.devices))
+
+    def label(self, names=None):
+        devs = ",".join(names[d] if names else str(d) for d in self.devices)
+        return f"{self.first}-{self.last} {'on' if self.mode == 'one' else 'split by channels over'} [{devs}]"
+
+
+class TailPricer:
+    """Prices tail groups and transitions of ``model`` (a
+    :class:`tilec.cost.model.CostModel`), cached."""
+
+    def __init__(self, model, order):
+        self.model, self.program = model, model.program
+        self.devices, self.n = model.devices, model.n
+        self.batch, self.item = model.batch, model.itemsize
+        self.order = list(order)
+        self.readers = {}
+        for layer in self.program:
+            for j in layer["inputs"]:
+                self.readers.setdefault(j, set()).add(layer["index"])
+        self._arcs, self._moves, self._layers = {}, {}, {}
+
+    # -- holdings ----------------------------------------------------------------------
+
+    def members(self, k):
+        return tuple(sorted(self.order[:k]))
+
+    def holding_of(self, first, last, mode, devices, tensor):
+        """How a group over program[first..last] holds its output ``tensor``."""
+        if mode == "one":
+            return Holding("one", tuple(devices))
+        held = shards.layouts(self.program, first, last, len(devices))[tensor]
+        return Holding("whole" if held is None else "split", tuple(devices))
+
+    def _shape(self, t):
+        return self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"]
+
+    def _sources(self, tensor, held):
+        """([(device, bytes)], replicated) of ``tensor`` held as ``held``: a
+        :class:`Holding`, or the (rects, devices) of a tiled layout's tiles."""
+        c, h, w = self._shape(tensor)
+        per_cell = self.batch * c * self.item
+        if not isinstance(held, Holding):
+            rects, devs = held
+            areas = (rects[:, 1] - rects[:, 0] + 1) * (rects[:, 3] - rects[:, 2] + 1)
+            return [(int(d), float(a) * per_cell) for d, a in zip(devs, areas) if a > 0], False
+        total = per_cell * h * w
+        if held.kind == "one":
+            return [(held.devices[0], total)], False
+        if held.kind == "whole":
+            return [(d, total) for d in held.devices], True
+        bounds = shards.part_bounds(c, len(held.devices))
+        return [(d, total * (bounds[m + 1] - bounds[m]) / c) for m, d in enumerate(held.devices)
+                if bounds[m + 1] > bounds[m]], False
+
+    def move(self, tensor, held, need):
+        """(seconds, staging bytes per device) to get ``tensor`` from ``held`` to
+        every device of ``need`` (a startable :class:`Holding`) forward, and
+        its gradient back."""
+        key = (tensor, held if isinstance(held, Holding) else (held[0].tobytes(), tuple(held[1])), need)
+        if key not in self._moves:
+            sources, replicated = self._sources(tensor, held)
+            forward, extra = flows(sources, replicated, list(need.devices))
+            fwd = np.zeros((self.n, self.n))
+            for s, r, nbytes in forward:
+                fwd[s, r] += nbytes
+            np.fill_diagonal(fwd, 0.0)  # a device's own part is a copy
+            secs = exchange_seconds(fwd, self.devices)
+            sent = fwd.sum(axis=1)
+            if tensor >= 0:
+                bwd = fwd.T.copy()
+                for s, r, nbytes in extra:
+                    if s != r:
+                        bwd[s, r] += nbytes
+                secs += exchange_seconds(bwd, self.devices)
+                sent = sent + bwd.sum(axis=1)
+            self._moves[key] = (secs, {d: float(v) for d, v in enumerate(sent) if v > 0})
+        return self._moves[key]
+
+    def transition(self, b, held, need):
+        """(seconds, staging bytes per device) for a tail group starting at
+        layer ``b`` from ``need`` to get layer b-1's output from ``held``
+        (nothing if layer b does not read it)."""
+        if b - 1 not in self.program[b]["inputs"]:
+            return 0.0, {}
+        if isinstance(held, Holding) and held == need:
+            if held.kind == "whole":  # the members all-reduce the input's gradient (``reduce_input``), in place
+                nbytes = self.batch * prod(self._shape(b - 1)) * self.item
+                return gradient_allreduce_seconds(nbytes, list(held.devices), self.devices), {}
+            return 0.0, {}
+        return self.move(b - 1, held, need)
+
+    def transition_seconds(self, b, held, need):
+        return self.transition(b, held, need)[0]
+
+    # -- groups ------------------------------------------------------------------------
+
+    def _layer(self, first, last, i, d, member, k):
+        """(forward, backward) seconds of layer ``i`` on device ``d``, member
+        ``member`` of ``k`` (k = 1: the whole layer)."""
+        key = (first if k > 1 else None, last if k > 1 else None, i, d, member, k)
+        if key not in self._layers:
+            dev, layer = self.devices[d], self.program[i]
+            if k == 1:
+                share, role = layer, "A"
+            else:
+                share = shards.share(self.program, first, last, k, member, i)
+                role = shards.roles(self.program, first, last)[i]
+            self._layers[key] = tuple(share_seconds(dev.profile, layer, share, role, self.batch, self.item, direction,
+                                                    dev.compute_scale, dev.threads) for direction in DIRECTIONS)
+        return self._layers[key]
+
+    def arc(self, first, last, mode, devices):
+        """The :class:`TailArc` of program[first..last] on ``devices``."""
+        key = (first, last, mode, tuple(devices))
+        if key not in self._arcs:
+            self._arcs[key] = self._price(first, last, mode, tuple(devices))
+        return self._arcs[key]
+
+    def _price(self, first, last, mode, devices):
+        k = len(devices) if mode == "channels" else 1
+        program, b, item = self.program, self.batch, self.item
+        busy = dict.fromkeys(devices, 0.0)
+        compute = collective = 0.0
+        roles = shards.roles(program, first, last) if k > 1 else {}
+        for i in range(first, last + 1):
+            times = [self._layer(first, last, i, d, m, k) for m, d in enumerate(devices)]
+            compute += max(t[0] for t in times) + max(t[1] for t in times)
+            for d, t in zip(devices, times):
+                busy[d] += t[0] + t[1]
+            if k > 1 and roles[i] == "B":  # the partial sums, forward
+                collective += gradient_allreduce_seconds(b * prod(program[i]["out_shape"]) * item, devices,
+                                                         self.devices)
+            if k > 1 and roles[i] == "A" and any(roles[j] != "local" for j in range(first, i)):
+                collective += gradient_allreduce_seconds(b * prod(program[i]["in_shape"]) * item, devices,
+                                                         self.devices)
+        state, kept, work = {}, {}, {}
+        update = 0.0
+        for m, d in enumerate(devices):
+            part = tail_member_bytes(program, first, last, mode, k, m, b, item)
+            state[d], kept[d], work[d] = part["state"], part["kept"], part["workspace"]
+            dev = self.devices[d]
+            update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
+        # what a later layer other than the next reads goes to rank 0 (and its gradient back)
+        to_rank0 = 0.0
+        for t in range(first, last + 1):
+            if self.readers.get(t, set()) - {t + 1}:
+                secs, stage = self.move(t, self.holding_of(first, last, mode, devices, t), Holding("one", (0,)))
+                to_rank0 += secs
+                for d, nbytes in stage.items():
+                    if d in kept:
+                        kept[d] += nbytes
+        need = Holding("one" if mode == "one" else "whole", devices)
+        entry = self.move(-1, Holding("one", (0,)), need)[0] if first == 0 else 0.0
+        seconds = compute + collective + update + to_rank0
+        return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,
+                       self.holding_of(first, last, mode, devices, last),
+                       parts={"compute": compute, "collectives": collective, "update": update, "to_rank0": to_rank0},
+                       entry_s=entry)
