@@ -1,6 +1,6 @@
 """``tilec_runtime.ops``-compatible functions backed by generated kernels.
 
-The executors (``reference``, ``tiled``) take an implementation of the
+The reference executor and the tail groups take an implementation of the
 functions of ``ops`` (``impl``); ``GeneratedOps(module)`` is one whose spatial,
 batch-norm and activation functions run the generated kernels, with the
 same signatures and results (outputs are new arrays, as in ``ops``), and

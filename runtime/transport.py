@@ -53,6 +53,7 @@ _DCODE = {d: i for i, d in enumerate(DTYPES)}
 BYTES = np.dtype("uint8")
 
 MAX_TEXT = 4096  # error and abort messages
+MAC_CHUNK = 1 << 17  # bytes hashed and sent (or received and checked) at a time
 TAG_BYTES = 16  # the MAC of a frame on a Channel
 
 
@@ -162,33 +163,43 @@ class Channel:
     def __getattr__(self, name):  # settimeout, shutdown, close, recv_into, sendall ...
         return getattr(self.sock, name)
 
-    def _tag(self, key, seq, head, payload):
+    def _mac(self, key, seq, head):
         h = hashlib.blake2b(key=key, digest_size=TAG_BYTES)
         h.update(seq.to_bytes(8, "big"))
         h.update(head)
-        if len(payload):
-            h.update(payload)
-        return h.digest()
+        return h
 
     def send(self, head, payload):
-        """Write one frame and its tag (one writer at a time: the sequence is the order on the wire)."""
+        """Write one frame and its tag (one writer at a time: the sequence is
+        the order on the wire). A long payload is hashed and written chunk by
+        chunk, so that the receiver checks one chunk while this hashes the next."""
         with self._lock:
-            tag = self._tag(self.send_key, self.sent, head, payload)
+            h = self._mac(self.send_key, self.sent, head)
             self.sent += 1
-            if len(payload) <= 65536:
-                self.sock.sendall(head + bytes(payload) + tag)
-            else:
-                self.sock.sendall(head)
-                self.sock.sendall(payload)
-                self.sock.sendall(tag)
+            if len(payload) <= MAC_CHUNK:
+                h.update(payload)
+                self.sock.sendall(head + bytes(payload) + h.digest())
+                return
+            self.sock.sendall(head)
+            payload = memoryview(payload)
+            for start in range(0, len(payload), MAC_CHUNK):
+                piece = payload[start:start + MAC_CHUNK]
+                h.update(piece)
+                self.sock.sendall(piece)
+            self.sock.sendall(h.digest())
 
-    def verify(self, head, payload, alive=None):
-        """Read a frame's tag and check it; FrameError if the frame is not the next one this peer sent."""
+    def receive(self, head, payload, alive=None):
+        """Fill ``payload`` (a writable byte view) and check the frame's tag;
+        FrameError if the frame is not the next one this peer sent."""
+        h = self._mac(self.recv_key, self.received, bytes(head))
+        self.received += 1
+        for start in range(0, len(payload), MAC_CHUNK):
+            piece = payload[start:start + MAC_CHUNK]
+            recv_exact(self.sock, piece, alive)
+            h.update(piece)
         tag = bytearray(TAG_BYTES)
         recv_exact(self.sock, memoryview(tag), alive)
-        want = self._tag(self.recv_key, self.received, bytes(head), payload)
-        self.received += 1
-        if not hmac.compare_digest(bytes(tag), want):
+        if not hmac.compare_digest(bytes(tag), h.digest()):
             raise FrameError(f"{kind_name(head[5])} frame failed authentication (changed, replayed or out of order)")
 
 
@@ -257,10 +268,11 @@ def read_frame(sock, expect, buf=None, alive=None):
     kind, step, tensor, dtype, shape, length = read_header(sock, buf, alive)
     check(expect(kind, step, tensor), kind, dtype, shape, length)
     array = np.empty(shape, dtype)
-    if length:
-        recv_exact(sock, memoryview(array).cast("B"), alive)
+    view = memoryview(array).cast("B") if length else memoryview(bytearray(0))
     if isinstance(sock, Channel):
-        sock.verify(buf, memoryview(array).cast("B") if length else b"", alive)
+        sock.receive(buf, view, alive)
+    elif length:
+        recv_exact(sock, view, alive)
     return Frame(kind, step, tensor, array)
 
 

@@ -57,6 +57,7 @@ SETUP_TIMEOUT = 120.0
 BUILD_TIMEOUT = 1800.0  # a first build of the kernels from C, on a slow device
 MAX_PENDING = 32  # connections being authenticated or served at once
 LISTENING = "tilec worker listening on"
+SWITCH_INTERVAL = 2e-4  # seconds (see ``run``)
 PEER_KINDS = (Kind.FWD, Kind.BWD, Kind.BN, Kind.BNG, Kind.GRAD, Kind.RING_RS, Kind.RING_AG, Kind.CHAN, Kind.CHAN_RS,
               Kind.CHAN_AG)
 
@@ -520,6 +521,9 @@ def run(args):
     key = load_key(args.key_file)
     if args.parent is not None:
         die_with_parent()
+    # A frame's reader and sender threads need the GIL for a moment: by default a thread running Python
+    # may keep it 5 ms, which a barrier (a batch-norm all-gather, a halo) waits out every time.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     server = Server(args.listen, key, once=args.once)
     print(f"{LISTENING} {server.address[0]}:{server.address[1]}", flush=True)
     return server.serve(parent=args.parent)

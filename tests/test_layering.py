@@ -109,5 +109,6 @@ def test_import_tilec_is_light():
 
 
 def test_runtime_imports_without_the_planner():
-    loaded = _loaded_after("import tilec_runtime.tiled, tilec_runtime.inprocess, tilec_runtime.planfile")
+    loaded = _loaded_after("import tilec_runtime.executor, tilec_runtime.inprocess, tilec_runtime.planfile, "
+                           "tilec_runtime.worker")
     assert "tilec" not in loaded and "networkx" not in loaded
