@@ -11,7 +11,8 @@ all-reduces.
 import json
 
 CATEGORY = {"send": "comm", "recv": "comm", "bn_stats": "collective", "bn_grad": "collective",
-            "grad_start": "comm", "grad_wait": "wait", "tail_fwd": "compute", "tail_bwd": "compute"}
+            "grad_start": "comm", "grad_wait": "wait", "tail_fwd": "compute", "tail_bwd": "compute",
+            "chan_reduce": "collective"}
 
 
 def op_name(op, messages=None):
