@@ -26,6 +26,8 @@ setup(
         # torch is pinned: it is the tests' independent oracle, never a
         # dependency of tilec itself (an unpinned torch pulls a CUDA build)
         "test": ["pytest>=7", "hypothesis>=6.80", "torch==2.13.0", *ONNX],
+        # benchmarks/: the baselines (torch) and the BLAS each library uses
+        "bench": ["torch==2.13.0", "threadpoolctl>=3", "matplotlib>=3"],
     },
     entry_points={"console_scripts": ["tilec=tilec.cli:main"]},
 )

@@ -1,37 +1,40 @@
-"""Training on worker processes over loopback sockets: 2 workers vs 1, and
-tilec vs PyTorch DistributedDataParallel, side by side in one run.
+"""Training on worker processes over loopback sockets: 2 workers vs 1,
+threads, and tilec vs PyTorch DistributedDataParallel, side by side in one run.
 
-Model: the YOLOv2-tiny-shaped ``tiny416`` of ``benchmarks/kernels.py`` (six
-3x3 conv + batch norm + leaky layers, 16..512 filters, max-pools, a
-sum-of-squares cost), 416x416, float32, SGD with momentum.
+Models (float32, SGD with momentum, a generated batch):
 
-Runs (every process limited to one BLAS thread, as one device would be):
+- ``tiny416``: the bundled reference stack (416x416, six 3x3 conv + batch
+  norm + leaky layers with max-pools, a 1x1 conv, a sum-of-squares cost);
+- ``yolov2-tiny-12``: yolov2-tiny's first 12 layers and a sum-of-squares cost
+  on layer 11's output (416x416);
+- ``yolov2-tiny``: all of it, with its region loss (the 13x13 layers that
+  hold 70% of its FLOPs: issue 11).
 
-- ``tilec 1 worker`` / ``tilec 2 workers``: `tilec train --backend local`'s
-  machinery (``tilec_runtime.launch``) with the plan `tilec compile
-  --devices N` makes, batch 1 and batch 2, the generated kernels (or with
-  ``--kernels reference`` the numpy ones). Step time is rank 0's wall time
-  per step (the launcher's view of a step); memory is each worker's peak
-  resident set during a step (VmHWM, reset at every step start).
-- ``torch DDP 2 procs``: nn.Conv2d/BatchNorm2d/LeakyReLU/MaxPool2d under
+Runs, each device one worker process (`tilec train --backend local`'s
+machinery, ``tilec_runtime.launch``) with the plan `tilec compile` makes for
+as many copies of this machine's profile (``tilec profile``) with that many
+kernel threads each:
+
+- ``1 dev t1`` / ``1 dev t2``: one device, one or two kernel threads;
+- ``2 dev t1``: two devices of one thread each (on this 2-core machine, two
+  single-core devices);
+- ``torch DDP 2x4``: nn.Conv2d/BatchNorm2d/LeakyReLU/MaxPool2d under
   DistributedDataParallel (gloo, 2 processes, ``torch.set_num_threads(1)``),
-  global batch 2 (one image per process). Step time per process (from a
-  barrier to after ``optimizer.step()``); memory per process as above.
+  global batch 8, against ``2 dev t1`` at batch 8.
 
-The runs alternate round by round (1 worker, 2 workers, DDP, ...), so that
-load from other processes on the machine hits them alike; tables give the
-median over all measured steps (the first step of every job is a warm-up
-and is dropped) and the minimum. The machine's usable parallelism is
-measured in the same run: the throughput of two single-threaded processes
-running a matmul loop side by side, relative to one alone (2.0 = two free
-cores). On a shared machine, read the 2-vs-1 speedup against that number.
+Step time is rank 0's wall time per step (the launcher's view), memory
+each worker's peak resident set during a step (VmHWM, reset at every step
+start), wait the largest fraction of a step a rank spent waiting for
+peers. The runs alternate round by round, so that load from other
+processes hits them alike; tables give the median over all measured steps
+(the first step of every job is a warm-up and is dropped) and the minimum.
+The machine's usable parallelism (two single-threaded matmul loops side by
+side / one alone; 2.00 = two free cores) is measured in the same run: read
+the 2-vs-1 speedups against it. Next to each run, the simulator's
+prediction for its plan (``tilec simulate``) and its error.
 
-    python benchmarks/cluster.py [--rounds 3] [--steps 4] [--kernels generated|reference] \
-        [--json cluster.json] [--no-torch]
-
-Next to each tilec run: the simulator's prediction (``tilec simulate``: the
-plan replayed against copies of this machine's profile, ``tilec profile``)
-and its error relative to the measured median.
+    python benchmarks/cluster.py [--rounds 3] [--steps 5] [--only tiny416,...] [--json cluster.json]
+        [--kernels generated|reference] [--no-torch]
 """
 import argparse
 import json
@@ -76,50 +79,41 @@ def parallel_capacity(seconds=2.0):
 # -- tilec ---------------------------------------------------------------------------------
 
 
-def load_tiny416(folder):
-    from kernels import tiny_cfg
-    from tilec.frontend.models import load_model
-    path = Path(folder) / "tiny416.cfg"
-    path.write_text(tiny_cfg())
-    return load_model(path)
-
-
-def tilec_job(graph, devices, batch, steps, kernel_source):
-    """One job on ``devices`` local workers; returns per-step records."""
+def tilec_job(graph, devices, batch, steps, kernel_source, threads):
+    """One job on ``devices`` local workers of ``threads`` kernel threads each;
+    returns (plan, per-step records)."""
+    from tilec.cluster import local_profile, uniform_cluster
     from tilec.compile import compile_plan
     from tilec_runtime import data, launch, weights
     program = graph.to_program()
-    plan = compile_plan(graph, devices=devices, batch=batch, dtype="float32")
+    cluster = uniform_cluster(local_profile(), devices, threads=threads)
+    plan = compile_plan(graph, cluster=cluster, batch=batch, dtype="float32")
     params, buffers = weights.init_params(program, 0, "float32")
     batches = data.generated_batches(program, batch, 0, "float32")
     records = []
-    launch.train_local(plan, params, buffers, batches, steps=steps, threads=1, on_metrics=records.append,
-                       kernel_source=kernel_source)
+    launch.train_local(plan, params, buffers, batches, steps=steps, threads=threads, on_metrics=records.append,
+                       kernel_source=kernel_source, timeout=600)
     return plan, records[1:]
 
 
 def summarise_tilec(records):
-    """Step seconds (rank 0's view), per-worker peaks and waits."""
+    """Step seconds (rank 0's view), per-worker peaks, waits (the largest share of a step a rank waited)."""
     n = len(records[0])
     return {
         "step_s": [r[0]["step_s"] for r in records],
         "peak_bytes": [max(r[d]["peak_bytes"] for r in records) for d in range(n)],
         "cpu_s": [statistics.median(r[d]["cpu_s"] for r in records) for d in range(n)],
         "wait_s": [statistics.median(r[d]["wait_s"] for r in records) for d in range(n)],
+        "wait_share": [max(r[d]["wait_s"] / r[d]["step_s"] for d in range(n)) for r in records],
         "sent_bytes": [records[-1][d]["bytes_sent"] for d in range(n)],
     }
 
 
 def predicted(plan):
-    """The simulator's step time for ``plan`` on copies of this machine's
-    profile (``tilec simulate``), or None where there is no simulator."""
-    try:
-        from tilec.compile import resolve_cluster
-        from tilec.inspect.simulate import simulate
-    except ImportError:
-        return None
-    names = [d["name"] for d in plan["devices"]]
-    return simulate(plan, resolve_cluster(names, None), keep_events=False).step_s
+    """The simulator's step time for ``plan`` on the cluster it was made for (``tilec simulate``)."""
+    from tilec.cluster import plan_cluster
+    from tilec.inspect.simulate import simulate
+    return simulate(plan, plan_cluster(plan), keep_events=False).step_s
 
 
 # -- PyTorch DDP ---------------------------------------------------------------------------
@@ -135,7 +129,8 @@ def ddp_rank(args):
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     dist.init_process_group("gloo", rank=args.ddp_rank, world_size=2)
-    graph = load_tiny416(args.folder)
+    from tilec.frontend.models import load_model
+    graph = load_model("tiny416")
     program = graph.to_program()
     params, buffers = weights.init_params(program, 0, "float32")
     model = torch_model([layer for layer in program if layer["kind"] in ("conv", "maxpool")], params, buffers)
@@ -165,10 +160,10 @@ def ddp_rank(args):
     print(json.dumps({"step_s": times[1:], "peak_bytes": max(peaks[1:])}))
 
 
-def ddp_job(folder, batch, steps, port):
+def ddp_job(batch, steps, port):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **ONE_THREAD)
-    procs = [subprocess.Popen([sys.executable, __file__, "--ddp-rank", str(r), "--folder", folder, "--batch",
-                               str(batch), "--steps", str(steps)], stdout=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen([sys.executable, __file__, "--ddp-rank", str(r), "--batch", str(batch), "--steps",
+                               str(steps)], stdout=subprocess.PIPE, text=True, env=env)
              for r in range(2)]
     try:
         outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
@@ -186,6 +181,8 @@ def merge(runs):
     out = {"step_s": [], "peak_bytes": None}
     for r in runs:
         out["step_s"] += r["step_s"]
+        if "wait_share" in r:
+            out.setdefault("wait_share", []).extend(r["wait_share"])
         out["peak_bytes"] = r["peak_bytes"] if out["peak_bytes"] is None else [
             max(a, b) for a, b in zip(out["peak_bytes"], r["peak_bytes"])]
         for key in ("cpu_s", "wait_s", "sent_bytes"):
@@ -197,85 +194,86 @@ def merge(runs):
     return out
 
 
+# (label, model, batch, devices, threads): the runs, round by round
+RUNS = [(f"{model} b{batch} {label}", model, batch, devices, threads)
+        for model, batches in (("tiny416", (1, 4, 8)), ("yolov2-tiny-12", (1, 4)), ("yolov2-tiny", (1,)))
+        for batch in batches
+        for label, devices, threads in (("1 dev t1", 1, 1), ("1 dev t2", 1, 2), ("2 dev t1", 2, 1))
+        if not (label == "1 dev t2" and (model != "tiny416" or batch == 8))]
+
+
 def row(name, r, base=None, prediction=None):
     med, best = statistics.median(r["step_s"]), min(r["step_s"])
-    peak = max(r["peak_bytes"])
     speed = f"{statistics.median(base['step_s']) / med:5.2f}x" if base else "     -"
-    mem = f"{peak / max(base['peak_bytes']):5.2f}x" if base else "     -"
-    extra = ""
-    if "cpu_s" in r:
-        extra = "  cpu/wait s " + " ".join(f"{c:.3f}/{w:.3f}" for c, w in zip(r["cpu_s"], r["wait_s"]))
-        extra += "  sent MB " + " ".join(f"{b / 1e6:.1f}" for b in r["sent_bytes"])
+    mem = f"{max(r['peak_bytes']) / max(base['peak_bytes']):5.2f}x" if base else "     -"
+    wait = f"{statistics.median(r['wait_share']):4.0%}" if "wait_share" in r else "   -"
     sim = "      -         " if prediction is None else f"{prediction:6.3f} ({prediction / med - 1:+4.0%})"
-    return (f"{name:<22} {med:8.3f} {best:8.3f} {speed:>8} "
-            f"{' '.join(f'{p / 2**20:6.0f}' for p in r['peak_bytes']):>14} {mem:>7}  {sim}{extra}")
+    return (f"| {name:<26} | {med:8.3f} | {best:8.3f} | {speed:>8} | "
+            f"{' '.join(f'{p / 1e6:5.0f}' for p in r['peak_bytes']):>12} | {mem:>7} | {wait:>5} | {sim} |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4, help="steps per job (the first is a warm-up)")
+    ap.add_argument("--steps", type=int, default=5, help="steps per job (the first is a warm-up)")
+    ap.add_argument("--only", help="models to run (comma-separated; default all)")
     ap.add_argument("--json", default="cluster.json")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--kernels", choices=("generated", "reference"), default="generated",
                     help="what the workers run (as `tilec train --kernels`; default generated)")
     ap.add_argument("--ddp-rank", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ddp_rank is not None:
         return ddp_rank(args)
 
+    from kernels import load_graph
     os.environ.update(ONE_THREAD)  # this process too (it runs nothing heavy, but be fair)
     folder = tempfile.mkdtemp(prefix="tilec-cluster-bench-")
-    graph = load_tiny416(folder)
     kernel_source = None
     if args.kernels == "generated":
         from tilec.codegen import generate
         source = generate(("float32",))
         kernel_source = {"module": source.module, "source": source.text}
+    only = set(args.only.split(",")) if args.only else None
+    runs_wanted = [r for r in RUNS if only is None or r[1] in only]
+    graphs = {model: load_graph(model, folder) for _, model, _, _, _ in runs_wanted}
     capacity_before = parallel_capacity()
-    runs = {}
-    plans = {}
-    contenders = [("tilec 1 worker b1", 1, 1), ("tilec 2 workers b1", 2, 1),
-                  ("tilec 1 worker b2", 1, 2), ("tilec 2 workers b2", 2, 2)]
+    runs, plans = {}, {}
     for rnd in range(args.rounds):
-        for name, devices, batch in contenders:
-            plan, records = tilec_job(graph, devices, batch, args.steps, kernel_source)
+        for name, model, batch, devices, threads in runs_wanted:
+            plan, records = tilec_job(graphs[model], devices, batch, args.steps, kernel_source, threads)
             plans[name] = plan
             runs.setdefault(name, []).append(summarise_tilec(records))
             print(f"round {rnd + 1}: {name}: {[round(r[0]['step_s'], 3) for r in records]}", file=sys.stderr)
-        if not args.no_torch:
-            got = ddp_job(folder, 2, args.steps, 29500 + rnd)
-            runs.setdefault("torch DDP 2 procs b2", []).append(got)
+        if not args.no_torch and (only is None or "tiny416" in only):
+            got = ddp_job(8, args.steps, 29500 + rnd)
+            runs.setdefault("tiny416 b8 torch DDP 2x4", []).append(got)
             print(f"round {rnd + 1}: torch DDP: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
     capacity_after = parallel_capacity()
     merged = {name: merge(r) for name, r in runs.items()}
+    sims = {name: predicted(plan) for name, plan in plans.items()}
 
-    print(f"tiny416 (YOLOv2-tiny-shaped), 416x416, float32, one BLAS thread per process, {args.kernels} "
-          f"kernels; {args.rounds} rounds x {args.steps - 1} measured steps")
+    print(f"float32, one BLAS thread per process, {args.kernels} kernels; {args.rounds} rounds x "
+          f"{args.steps - 1} measured steps")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; usable parallelism "
           f"{capacity_before:.2f} before, {capacity_after:.2f} after (2.00 = two free cores)")
-    head = (f"{'run':<22} {'median s':>8} {'min s':>8} {'speedup':>8} {'peak MB/proc':>14} {'memory':>7}  "
-            f"simulated s (err)")
-    print(head)
-    print("-" * len(head))
-    sims = {name: predicted(plan) for name, plan in plans.items()}
-    for batch in (1, 2):
-        base = merged[f"tilec 1 worker b{batch}"]
-        print(row(f"tilec 1 worker b{batch}", base, None, sims[f"tilec 1 worker b{batch}"]))
-        print(row(f"tilec 2 workers b{batch}", merged[f"tilec 2 workers b{batch}"], base,
-                  sims[f"tilec 2 workers b{batch}"]))
-    if "torch DDP 2 procs b2" in merged:
-        print(row("torch DDP 2 procs b2", merged["torch DDP 2 procs b2"], merged["tilec 2 workers b2"]))
-        print("(the DDP row's speedup and memory are relative to tilec 2 workers b2: >1x speedup = DDP faster)")
-    from tilec.inspect.plan_report import plan_summary
-    for name in ("tilec 2 workers b1", "tilec 2 workers b2"):
-        print(f"\n{name}: {plan_summary(plans[name])}")
-    result = {"model": "tiny416", "dtype": "float32", "kernels": args.kernels, "rounds": args.rounds,
-              "steps": args.steps,
+    print()
+    print(f"| {'run':<26} | {'median s':>8} | {'min s':>8} | {'speedup':>8} | {'peak MB/proc':>12} | {'memory':>7} | "
+          f"{'wait':>5} | simulated s (err) |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 9}|{'-' * 7}|{'-' * 19}|")
+    for name, model, batch, devices, threads in runs_wanted:
+        base = merged.get(f"{model} b{batch} 1 dev t1")
+        print(row(name, merged[name], None if name.endswith("1 dev t1") else base, sims[name]))
+    if "tiny416 b8 torch DDP 2x4" in merged:
+        print(row("tiny416 b8 torch DDP 2x4", merged["tiny416 b8 torch DDP 2x4"], merged["tiny416 b8 2 dev t1"]))
+        print("\n(speedup and memory are relative to the same model and batch on 1 dev t1; the DDP row's to "
+              "tilec 2 dev t1 at batch 8: >1x speedup = DDP faster, <1x memory = DDP lighter)")
+    result = {"dtype": "float32", "kernels": args.kernels, "rounds": args.rounds, "steps": args.steps,
               "parallel_capacity": [capacity_before, capacity_after], "cpu_count": os.cpu_count(),
-              "runs": merged, "simulated_s": sims, "plans": {k: v["hash"] for k, v in plans.items()}}
+              "runs": merged, "simulated_s": sims, "plans": {k: v["hash"] for k, v in plans.items()},
+              "tails": {k: [(g["layers"], g["mode"], len(g["tiles"])) for g in v["groups"] if g["kind"] == "tail"]
+                        for k, v in plans.items()}}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.json}")

@@ -3,11 +3,12 @@ reference vs PyTorch, side by side in this one process.
 
 Models (float32, one device, forward + backward + SGD update):
 
-- ``tiny416``: YOLOv2-tiny-shaped: six 3x3 conv + batch norm + leaky layers
-  (16..512 filters), each followed by a 2x2 max-pool (the last one stride
-  1), a sum-of-squares cost; 416x416, batch 1 and 4
-- ``yolo16``: YOLOv2's first 16 layers (0-15 of yolov2.cfg) and a
-  sum-of-squares cost; 608x608, batch 1
+- ``tiny416``: the bundled reference stack (six 3x3 conv + batch norm +
+  leaky layers with 2x2 max-pools, a 1x1 conv, a sum-of-squares cost);
+  416x416, batch 1 and 4
+- ``yolov2-16``: YOLOv2's first 16 layers (0-15 of yolov2.cfg) and a
+  sum-of-squares cost; 608x608, batch 1 (any bundled model with ``-N``:
+  its first N layers)
 
 Contenders: ``generated`` (tilec_runtime.fused with the generated kernels,
 what ``tilec train --devices 1`` runs), ``reference`` (the numpy executor,
@@ -27,7 +28,7 @@ Unset OpenBLAS's kernel overrides for this command only, so that every
 library picks its best kernel for the CPU (the table names the kernel):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/kernels.py \
-        [--models tiny416:1,tiny416:4,yolo16:1] [--rounds 7] [--json kernels.json] [--profile]
+        [--models tiny416:1,tiny416:4,yolov2-16:1] [--rounds 7] [--json kernels.json] [--profile]
 
 ``--profile`` adds, per model, where the generated step's time goes (per
 kernel function and layer shape), measured over separate steps.
@@ -40,19 +41,11 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def tiny_cfg():
-    net = "[net]\nbatch=1\nwidth=416\nheight=416\nchannels=3\nmomentum=0.9\ndecay=0.0005\nlearning_rate=0.001\n"
-    layers = ""
-    for i, f in enumerate((16, 32, 64, 128, 256, 512)):
-        layers += (f"\n[convolutional]\nbatch_normalize=1\nfilters={f}\nsize=3\nstride=1\npad=1\nactivation=leaky\n"
-                   f"\n[maxpool]\nsize=2\nstride={2 if i < 5 else 1}\n")
-    return net + layers + "\n[cost]\ntype=sse\n"
 
 
 def prefix_cfg(program, net, n):
@@ -73,16 +66,17 @@ def prefix_cfg(program, net, n):
 
 
 def load_graph(name, folder):
-    from tilec.frontend.models import load_model
-    if name == "tiny416":
-        text = tiny_cfg()
-    elif name == "yolo16":
-        g = load_model("yolov2")
-        text = prefix_cfg(g.to_program(), g.net, 16)
-    else:
-        raise SystemExit(f"unknown model {name!r} (tiny416, yolo16)")
+    """A bundled model, or the first N layers of one with a sum-of-squares
+    cost: ``yolov2-tiny-12``, ``yolov2-16``."""
+    from tilec.frontend.models import bundled_names, load_model
+    if name in bundled_names():
+        return load_model(name)
+    base, _, n = name.rpartition("-")
+    if base not in bundled_names() or not n.isdigit():
+        raise SystemExit(f"unknown model {name!r} (a bundled one, or one of them with -N: its first N layers)")
+    g = load_model(base)
     path = Path(folder) / f"{name}.cfg"
-    path.write_text(text)
+    path.write_text(prefix_cfg(g.to_program(), g.net, int(n)))
     return load_model(path)
 
 
@@ -100,11 +94,16 @@ def conv_flops(program, batch):
 # -- contenders --------------------------------------------------------------
 
 def generated_step(plan, params, buffers, images, target):
-    from tilec.codegen import compile_kernels
-    from tilec_runtime.fused import OneDeviceTrainer
-    bundle = compile_kernels(plan, progress=lambda m: print(m, file=sys.stderr))
-    trainer = OneDeviceTrainer(plan, bundle.kernel_plan, bundle.module_obj, params, buffers)
-    return (lambda: trainer.step(images, target)), trainer, bundle
+    """The one executor on a one-device plan, one kernel thread (what
+    ``tilec train --devices 1 --threads 1`` runs)."""
+    from tilec.codegen import build_modules
+    from tilec_runtime.comm import InProcessHub
+    from tilec_runtime.executor import RankExecutor
+    (module, _, _), = build_modules([("float32",)])
+    hub = InProcessHub(1, 600.0)
+    ex = RankExecutor(plan, 0, hub.comm(0), module, params, buffers, threads=1)
+    ex.comm.stepping_thread = threading.get_ident()
+    return (lambda: ex.step(images, target)), ex
 
 
 def reference_step(plan, params, buffers, images, target):
@@ -218,7 +217,7 @@ def profile_generated(trainer, images, target, steps=3):
         return timed
 
     from tilec_runtime.kernel_set import FUNCTIONS as _FUNCTIONS
-    kernel_sets = [s.k for s in trainer.steps] + [trainer.k]
+    kernel_sets = [s.k for s in trainer.tiles.values()] + [trainer.k]
     saved = [{fn: getattr(k, fn) for fn in _FUNCTIONS} for k in kernel_sets]
     for k in kernel_sets:
         for fn in _FUNCTIONS:
@@ -244,7 +243,7 @@ def blas_info():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny416:1,tiny416:4,yolo16:1", help="name:batch,...")
+    ap.add_argument("--models", default="tiny416:1,tiny416:4,yolov2-16:1", help="name:batch,...")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--contenders", default="generated,reference,torch")
@@ -293,7 +292,7 @@ def main():
             for who in contenders:
                 params, buffers = weights.init_params(program, 0, "float32")
                 if who == "generated":
-                    steps[who], trainer, _ = generated_step(plan, params, buffers, images, target)
+                    steps[who], trainer = generated_step(plan, params, buffers, images, target)
                 elif who == "reference":
                     steps[who] = reference_step(plan, params, buffers, images, target)
                 elif who == "torch":

@@ -151,12 +151,24 @@ def header(kind, step, tensor, array):
     return HEADER.pack(MAGIC, VERSION, int(kind), _DCODE[array.dtype], array.ndim, step, tensor, *shape, array.nbytes)
 
 
+MACS = ("blake2b", "sha256")
+
+
+def new_mac(name, key):
+    """A keyed hash for frame MACs: BLAKE2b, or HMAC-SHA256 (cut to ``TAG_BYTES``)."""
+    if name == "blake2b":
+        return hashlib.blake2b(key=key, digest_size=TAG_BYTES)
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 class Channel:
     """A socket whose frames are authenticated (see the module docstring).
     Anything but framing goes to the socket itself."""
 
-    def __init__(self, sock, send_key, recv_key):
-        self.sock, self.send_key, self.recv_key = sock, bytes(send_key), bytes(recv_key)
+    def __init__(self, sock, send_key, recv_key, mac="blake2b"):
+        if mac not in MACS:
+            raise ValueError(f"unknown MAC {mac!r}")
+        self.sock, self.send_key, self.recv_key, self.mac = sock, bytes(send_key), bytes(recv_key), mac
         self.sent = self.received = 0
         self._lock = threading.Lock()
 
@@ -164,7 +176,7 @@ class Channel:
         return getattr(self.sock, name)
 
     def _mac(self, key, seq, head):
-        h = hashlib.blake2b(key=key, digest_size=TAG_BYTES)
+        h = new_mac(self.mac, key)
         h.update(seq.to_bytes(8, "big"))
         h.update(head)
         return h
@@ -178,7 +190,7 @@ class Channel:
             self.sent += 1
             if len(payload) <= MAC_CHUNK:
                 h.update(payload)
-                self.sock.sendall(head + bytes(payload) + h.digest())
+                self.sock.sendall(head + bytes(payload) + h.digest()[:TAG_BYTES])
                 return
             self.sock.sendall(head)
             payload = memoryview(payload)
@@ -186,7 +198,7 @@ class Channel:
                 piece = payload[start:start + MAC_CHUNK]
                 h.update(piece)
                 self.sock.sendall(piece)
-            self.sock.sendall(h.digest())
+            self.sock.sendall(h.digest()[:TAG_BYTES])
 
     def receive(self, head, payload, alive=None):
         """Fill ``payload`` (a writable byte view) and check the frame's tag;
@@ -199,7 +211,7 @@ class Channel:
             h.update(piece)
         tag = bytearray(TAG_BYTES)
         recv_exact(self.sock, memoryview(tag), alive)
-        if not hmac.compare_digest(bytes(tag), h.digest()):
+        if not hmac.compare_digest(bytes(tag), h.digest()[:TAG_BYTES]):
             raise FrameError(f"{kind_name(head[5])} frame failed authentication (changed, replayed or out of order)")
 
 

@@ -66,7 +66,8 @@ def test_acceptor_without_the_key_is_caught_by_the_initiator():
 
     def impostor():
         read_frame(b, lambda *k: auth._HELLO[Kind.HELLO])
-        send_frame(b, Kind.HELLO, 0, 0, as_bytes({"role": "worker", "id": "w", "plan": "", "nonce": "00" * 32}))
+        send_frame(b, Kind.HELLO, 0, 0, as_bytes({"role": "worker", "id": "w", "plan": "", "nonce": "00" * 32,
+                                                  "mac": {"blake2b": 1.0}}))
         read_frame(b, lambda *k: auth._PROOF[Kind.PROOF])
         send_frame(b, Kind.PROOF, 0, 0, as_bytes("y" * 32))  # cannot compute the MAC
     t = threading.Thread(target=impostor)
@@ -353,3 +354,13 @@ def test_a_tampered_frame_stops_the_job_with_one_line_naming_the_peer():
         link.close(0.5)
     assert mailbox.fault is not None and mailbox.fault.peer == 3
     assert "sent an invalid frame" in mailbox.fault.reason and "\n" not in mailbox.fault.reason
+
+
+def test_both_ends_agree_on_the_mac_their_slower_end_runs_fastest():
+    """Each end says in its HELLO how fast it runs each MAC; both pick the one
+    whose slower end is quicker, so a fast x86 and a Pi agree on BLAKE2b."""
+    assert auth.choose_mac({"blake2b": 600, "sha256": 1700}, {"blake2b": 120, "sha256": 60}) == "blake2b"
+    assert auth.choose_mac({"blake2b": 600, "sha256": 1700}, {"blake2b": 600, "sha256": 1700}) == "sha256"
+    assert auth.choose_mac({"blake2b": 600}, {"blake2b": 100, "sha256": 900}) == "blake2b"  # an older end
+    init, acc = both_sides(KEY, KEY)
+    assert init.channel.mac == acc.channel.mac == auth.choose_mac(auth.mac_speeds(), auth.mac_speeds())

@@ -23,10 +23,10 @@ def conv_params(c, f, k, bn):
 # -- bundled models ----------------------------------------------------------
 
 def test_bundled_names():
-    assert bundled_names() == ["detector-small", "small-cnn", "tiny", "yolov2", "yolov2-tiny"]
+    assert bundled_names() == ["detector-small", "small-cnn", "tiny", "tiny416", "yolov2", "yolov2-tiny"]
 
 
-@pytest.mark.parametrize("name", ["tiny", "yolov2-tiny", "yolov2", "detector-small"])
+@pytest.mark.parametrize("name", ["tiny", "tiny416", "yolov2-tiny", "yolov2", "detector-small"])
 def test_every_bundled_model_parses_to_a_valid_program(name):
     g = load_model(name)
     assert g.name == name
@@ -126,7 +126,7 @@ def test_load_model_paths_and_unknown_names(tmp_path):
     path.write_text(NET + "[avgpool]\n[softmax]\n")
     assert load_model(str(path)).name == "mine"
     assert load_model(path).name == "mine"
-    with pytest.raises(TilecError, match="unknown model 'yolov3'.*tiny, yolov2, yolov2-tiny"):
+    with pytest.raises(TilecError, match="unknown model .yolov3.*tiny, tiny416, yolov2, yolov2-tiny"):
         load_model("yolov3")
     with pytest.raises(ConfigError, match="missing.cfg: cannot read"):
         load_model(tmp_path / "missing.cfg")
