@@ -1,21 +1,24 @@
 """The paper's table: speedup over one core and memory per device for YOLOv2
-(608x608, the first 16 layers tiled) and YOLOv2-tiny (416x416), batch 1/2/4/8,
-next to the ranges Rama et al. (2024) report: 2x-15x speedup, up to 8x less
-memory per device, up to 1.5x from layer grouping.
+(608x608) and YOLOv2-tiny (416x416), batch 1/2/4/8, next to the ranges
+Rama et al. (2024) report: 2x-15x speedup, up to 8x less memory per device,
+up to 1.5x from layer grouping.
 
 Two sources, side by side:
 
 - **simulated**: 1-6 Raspberry Pi 3 (the shipped ``rpi3b`` profile) on
   100 Mbit/s Ethernet. For each (model, batch, N) the optimiser's plan
   (``tilec.compile.plan_with_solution``: cost model + CP-SAT, the Pi's memory
-  as the limit) is replayed by the simulator (``tilec.inspect.simulate``).
-  Speedup = one Pi core running the whole step on whole maps (the cost
-  model's ``one_core_seconds``) / the simulated step. Memory per device =
-  the cost model's largest per-device total (state, kept activations,
-  workspace); the reduction is the one-device total (computed with no
-  memory limit) over it. Grouping = the simulated step of the same devices
-  with every layer its own group (no fusion, even grid) / the optimiser's.
-  A plan that fits no Pi's memory is shown as "does not fit"; grouping is
+  as the limit; it chooses where tiling ends and how each tail layer runs)
+  is replayed by the simulator (``tilec.inspect.simulate``). Speedup = one
+  Pi core running the whole step on whole maps (the cost model's
+  ``one_core_seconds``) / the simulated step, and one whole Pi (all its
+  cores, its memory unlimited) / the simulated step. Memory per device =
+  the largest per-device peak as ``tilec simulate --json`` reports it (the
+  runtime's own memory plan); the reduction is one device's (its memory
+  unlimited) over it. Grouping = the simulated step of the same devices
+  with every tiled layer its own group on an even grid (the same cut and
+  tail) / the optimiser's. A plan that fits no Pi's memory is shown as
+  "does not fit" with the memory its leanest plan needs; grouping is
   compared only where the layer-by-layer plan fits as well.
 - **measured**: this machine, 1 and 2 local worker processes (one BLAS
   thread each, over loopback: ``tilec_runtime.launch.train_local``), the
@@ -48,49 +51,77 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MODELS = (("yolov2", 16, "YOLOv2 608, layers 0-15 tiled"), ("yolov2-tiny", None, "YOLOv2-tiny 416"))
+MODELS = (("yolov2", None, "YOLOv2 608"), ("yolov2-tiny", None, "YOLOv2-tiny 416"))
 PAPER = {"speedup": (2.0, 15.0), "memory": 8.0, "grouping": 1.5}
 
 
 # -- simulated Raspberry Pi 3 clusters ------------------------------------------------------
 
 
+def peak_bytes(plan, cluster):
+    """Each device's peak as ``tilec simulate --json`` reports it (the runtime's own memory plan)."""
+    from tilec.cost.memory import plan_memory
+    return [sum(plan_memory(plan, r, d.profile).values()) for r, d in enumerate(cluster.devices)]
+
+
+def tail_of(plan):
+    """[(first, last, "one" | "channels", devices)] of a plan's tail groups."""
+    return [(g["layers"][0], g["layers"][1], g["mode"], sorted(t["device"] for t in g["tiles"]))
+            for g in plan["groups"] if g["kind"] == "tail"]
+
+
+def layer_by_layer(plan, graph, cluster):
+    """The same plan with every tiled layer its own group on an even grid (same cut, same tail)."""
+    from tilec.analysis.tail import TailChoice
+    from tilec.plan.build import build_plan, default_grid, even_choices
+    cut = next(g["layers"][0] for g in plan["groups"] if g["kind"] == "tail")
+    choices = even_choices(plan["program"], [(i, i) for i in range(cut)], default_grid(len(cluster.devices)),
+                           len(cluster.devices))
+    tail = [TailChoice(f, l, mode, devs) for f, l, mode, devs in tail_of(plan)]
+    return build_plan(plan["program"], choices, model=graph.name, batch=plan["batch"], dtype=plan["dtype"],
+                      devices=cluster.names, optimizer=plan["optimizer"], prefix=cut, tail=tail,
+                      threads=cluster.threads)
+
+
 def simulated_cell(graph, prefix, batch, n, profile, time_limit):
-    """Speedup, memory and grouping gain of ``n`` copies of ``profile``."""
+    """Speedup (over one core and over one board), memory and grouping gain of ``n`` copies of ``profile``."""
     from tilec.cluster import uniform_cluster
-    from tilec.compile import compile_plan, plan_with_solution
+    from tilec.compile import plan_with_solution
     from tilec.errors import PlanError
     from tilec.inspect.simulate import simulate
 
     cluster = uniform_cluster(profile, n)
+    t0 = time.perf_counter()
     try:
         plan, _, model = plan_with_solution(graph, devices=n, cluster=cluster, batch=batch, tiled_prefix=prefix,
                                             time_limit=time_limit)
     except PlanError as exc:
-        return {"devices": n, "fits": False, "why": str(exc).splitlines()[0]}
+        needed = getattr(exc, "needed_bytes", None)
+        return {"devices": n, "fits": False, "why": str(exc).splitlines()[0], "needed_bytes": needed,
+                "compile_s": time.perf_counter() - t0}
+    compile_s = time.perf_counter() - t0
     step = simulate(plan, cluster, keep_events=False).step_s
     one_core = model.one_core_seconds()
-    memory = max(d["memory_bytes"] for d in plan["predicted"]["per_device"])
-    # layer by layer: compared only where it fits too (else the optimiser's plan may be slower
-    # because it recomputes to fit, and the comparison says nothing about grouping)
-    each = compile_plan(graph, devices=n, cluster=cluster, batch=batch, tiled_prefix=prefix, groups="each")
-    each_memory = max(d["memory_bytes"] for d in each["predicted"]["per_device"])
-    each_fits = each_memory <= profile.memory_bytes
+    peaks = peak_bytes(plan, cluster)
+    # layer by layer, the same cut and tail: compared only where it fits too (else the optimiser's
+    # plan may be slower because it recomputes to fit, and the comparison says nothing about grouping)
+    each = layer_by_layer(plan, graph, cluster)
+    each_fits = all(p <= d.memory_bytes for p, d in zip(peak_bytes(each, cluster), cluster.devices))
     step_each = simulate(each, cluster, keep_events=False).step_s
-    return {"devices": n, "fits": True, "step_s": step, "one_core_s": one_core, "speedup": one_core / step,
-            "memory_bytes": memory, "step_each_s": step_each, "each_memory_bytes": each_memory,
-            "each_fits": each_fits, "grouping": step_each / step if each_fits else None,
-            "groups": [g["layers"] for g in plan["groups"] if g["kind"] == "tiled"]}
+    return {"devices": n, "fits": max(peaks) <= profile.memory_bytes, "step_s": step, "one_core_s": one_core,
+            "speedup": one_core / step, "memory_bytes": max(peaks), "peak_bytes": peaks, "compile_s": compile_s,
+            "step_each_s": step_each, "each_fits": each_fits, "grouping": step_each / step if each_fits else None,
+            "groups": [g["layers"] for g in plan["groups"] if g["kind"] == "tiled"], "tail": tail_of(plan)}
 
 
-def one_device_memory(graph, prefix, batch, profile):
-    """The predicted memory of one device running everything, with no memory limit."""
+def one_board(graph, batch, profile, time_limit):
+    """One whole board (all its cores), its memory unlimited: the step and its peak."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import plan_with_solution
-    roomy = dataclasses.replace(profile, memory_bytes=1 << 50)
-    plan, _, _ = plan_with_solution(graph, devices=1, cluster=uniform_cluster(roomy, 1), batch=batch,
-                                    tiled_prefix=prefix)
-    return plan["predicted"]["per_device"][0]["memory_bytes"]
+    from tilec.inspect.simulate import simulate
+    roomy = uniform_cluster(dataclasses.replace(profile, memory_bytes=1 << 50), 1)
+    plan, _, _ = plan_with_solution(graph, devices=1, cluster=roomy, batch=batch, time_limit=time_limit)
+    return simulate(plan, roomy, keep_events=False).step_s, peak_bytes(plan, roomy)[0]
 
 
 def simulate_all(batches, max_devices, profile_name, time_limit, log):
@@ -102,13 +133,14 @@ def simulate_all(batches, max_devices, profile_name, time_limit, log):
         graph = load_model(name)
         for batch in batches:
             t0 = time.perf_counter()
-            base = one_device_memory(graph, prefix, batch, profile)
+            board_s, base = one_board(graph, batch, profile, time_limit)
             cells = [simulated_cell(graph, prefix, batch, n, profile, time_limit) for n in range(1, max_devices + 1)]
             for c in cells:
-                if c["fits"]:
+                if "memory_bytes" in c:
                     c["memory_reduction"] = base / c["memory_bytes"]
+                    c["speedup_board"] = board_s / c["step_s"]
             rows.append({"model": name, "label": label, "batch": batch, "one_device_memory_bytes": base,
-                         "cells": cells})
+                         "one_board_s": board_s, "cells": cells})
             log(f"simulated {label} batch {batch}: {time.perf_counter() - t0:.1f} s")
     return {"profile": profile.name, "rows": rows}
 
@@ -188,16 +220,22 @@ def _mb(v):
 def markdown(sim, meas, paper=PAPER):
     n_max = len(sim["rows"][0]["cells"])
     lines = [f"### Simulated: 1-{n_max} Raspberry Pi 3 (`{sim['profile']}` profile)", "",
-             "Each cell: speedup over one Pi core / largest memory per device in MB (reduction against one "
-             "device). Grouping: simulated step with every layer its own group / the optimiser's groups, "
-             "where the layer-by-layer plan fits the Pi's memory too.", "",
+             "Each cell: speedup over one Pi core, and over one whole Pi (its memory unlimited) / largest "
+             "memory per device in MB, as `tilec simulate --json` reports it (reduction against one device, "
+             "its memory unlimited). Grouping: simulated step with every tiled layer its own group (the same "
+             "cut and tail) / the optimiser's groups, where that plan fits the Pi's memory too. A plan that "
+             "does not fit shows the memory its leanest plan needs.", "",
              "| model | batch | " + " | ".join(f"{n} Pi" for n in range(1, n_max + 1)) + " | grouping |",
              "|---|---:|" + "---:|" * n_max + "---:|"]
     for row in sim["rows"]:
         cells = []
         for c in row["cells"]:
-            cells.append(f"{c['speedup']:.1f}x / {_mb(c['memory_bytes'])} ({c['memory_reduction']:.1f}x)"
-                         if c["fits"] else "does not fit")
+            if c["fits"]:
+                cells.append(f"{c['speedup']:.1f}x, {c['speedup_board']:.1f}x board / {_mb(c['memory_bytes'])} "
+                             f"({c['memory_reduction']:.1f}x)")
+            else:
+                need = c.get("needed_bytes") or c.get("memory_bytes")
+                cells.append(f"does not fit (needs {_mb(need)})" if need else "does not fit")
         gains = [c["grouping"] for c in row["cells"] if c["fits"] and c["devices"] > 1 and c["grouping"]]
         grouping = f"{min(gains):.2f}-{max(gains):.2f}x" if gains else "-"
         lines.append(f"| {row['label']} | {row['batch']} | " + " | ".join(cells) + f" | {grouping} |")

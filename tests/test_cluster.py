@@ -139,3 +139,24 @@ def test_cluster_from_dict_validates_types():
         cluster_from_dict({"devices": ["pi"]}, "c.yaml")
     with pytest.raises(ClusterError, match="unknown field 'nodes'"):
         cluster_from_dict({"devices": [{"name": "a", "profile": "rpi3b"}], "nodes": 1}, "c.yaml")
+
+
+def test_a_profile_measured_with_another_machine_or_kernels_is_measured_again(monkeypatch, tmp_path, capsys):
+    import json
+
+    from tilec import profile_measure
+    from tilec.cluster import local_profile_path
+    from tilec.profiles import PROFILES_DIR
+    monkeypatch.delenv("TILEC_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = profile_measure.fingerprint()
+    old = json.loads((PROFILES_DIR / "rpi4.json").read_text())
+    path = local_profile_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(dict(old, measured_with=dict(here, kernels="another"))))
+    calls = []
+    monkeypatch.setattr(profile_measure, "measure_profile",
+                        lambda quick: calls.append(1) or dict(old, name="fresh", measured_with=here))
+    assert local_profile().name == "fresh" and len(calls) == 1
+    assert "measured with another machine, Python, numpy or kernels" in capsys.readouterr().err
+    assert local_profile().name == "fresh" and len(calls) == 1  # now cached, with this machine's fingerprint

@@ -182,6 +182,18 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
     return plan, solution, model
 
 
+def idle_note(plan):
+    """A line naming the devices ``plan`` leaves without work, and why (None if it uses them all)."""
+    busy = {t["device"] for g in plan["groups"] for t in g["tiles"]}
+    idle = [d["name"] for d in plan["devices"] if d["rank"] not in busy]
+    if not idle:
+        return None
+    used = len(plan["devices"]) - len(idle)
+    why = "the optimiser found the step faster" if plan.get("predicted") else "the plan puts work"
+    return (f"note: {', '.join(idle)} idle: {why} on {used} device(s) (the report of `tilec compile ... -o DIR` "
+            f"gives the predicted times)")
+
+
 def predict_choices(model, choices, tail):
     """The cost model's prediction for GroupChoices and TailChoices made without it (an even grid, given groups)."""
     tiled = [(model.group(c.first, c.last, c.row_splits, c.col_splits, c.devices), c.recompute) for c in choices]

@@ -318,12 +318,10 @@ def make_backend(plan, kind, params, buffers, momentum, out, *, threads=None, ti
 
 def _say_idle(plan, out):
     """Name the devices a plan leaves without work, and why."""
-    busy = {t["device"] for g in plan["groups"] for t in g["tiles"]}
-    idle = [d["name"] for d in plan["devices"] if d["rank"] not in busy]
-    if idle:
-        used = len(plan["devices"]) - len(idle)
-        out.write(f"note: {', '.join(idle)} idle: the optimiser found the step faster on {used} device(s) "
-                  f"(see `tilec compile ... -o DIR` for the predicted times)\n")
+    from tilec.compile import idle_note
+    note = idle_note(plan)
+    if note:
+        out.write(note + "\n")
 
 
 def _loop(backend, run, opts, out):

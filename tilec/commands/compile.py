@@ -18,7 +18,7 @@ def run(args):
     from tilec.commands import load_model_arg
     import os
 
-    from tilec.compile import DEFAULT_TIME_LIMIT, plan_with_solution, prediction_report
+    from tilec.compile import DEFAULT_TIME_LIMIT, idle_note, plan_with_solution, prediction_report
     from tilec.inspect.dot import plan_dot
     from tilec.inspect.plan_report import plan_summary
     from tilec_runtime.planfile import write_plan
@@ -34,5 +34,8 @@ def run(args):
     with open(os.path.join(args.output, "plan.dot"), "w") as f:
         f.write(plan_dot(plan))
     print(report)
+    note = idle_note(plan)
+    if note:
+        print(note)
     print(f"wrote {path}, report.txt and plan.dot")
     return 0
