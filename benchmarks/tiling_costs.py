@@ -4,7 +4,7 @@ planner trades against each other.
 For a model (default: yolov2-tiny at 416x416), batch sizes and device counts,
 two extreme groupings of the spatial prefix: (a) one group over all of it,
 (b) one group per layer; each with the default (most square) even grid. Per
-device: activation memory kept for backward (max over devices, and vs one
+device: memory the runtime allocates (max over devices, and vs one
 device), redundant halo FLOPs, and bytes sent per step (tile exchanges and
 all-reduces). Pure plan arithmetic: nothing is timed.
 

@@ -80,11 +80,8 @@ def tail_options(program, lo, n, members, mode="auto"):
     from tilec_runtime import shards
     out = []
     for f0, l0, ok in runs(program, lo):
-        if not ok:
-            # whole maps, on any device; on rank 0 the loss (it has the targets) and a run that reads an earlier
-            # layer than the one before it (a route), which the cost model prices as sent to rank 0
-            far = any(j < f0 - 1 for layer in program[f0:l0 + 1] for j in layer["inputs"])
-            out += [(f0, l0, "one", (d,)) for d in ([0] if l0 == len(program) - 1 or far else range(n))]
+        if not ok:  # whole maps, on any device; the loss on rank 0 (it has the targets)
+            out += [(f0, l0, "one", (d,)) for d in ([0] if l0 == len(program) - 1 else range(n))]
             continue
         split = [(f, l, "channels", members(k)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1)
                  for k in range(2, n + 1) if shards.check(program, f, l, k) is None] if mode != "one" else []

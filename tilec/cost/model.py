@@ -299,7 +299,7 @@ class CostModel:
             for (i, j), d in zip(cells, devices):
                 m[d, 0] += length(rows[i][k].owned) * length(cols[j][k].owned) * c * self.batch * self.itemsize
             total += 2 * exchange_seconds(m, self.devices)
-            for d, nbytes in staging(m).items():
+            for d, nbytes in staging(m, backward=False).items():  # (the reader counts the gradients it returns)
                 stage[d] = stage.get(d, 0) + nbytes
         return total, stage
 
@@ -398,13 +398,13 @@ class CostModel:
         return total + update_seconds(dev.profile, param_count(layers), item)
 
 
-def staging(m):
+def staging(m, backward=True):
     """{device: bytes} of staging buffers for the messages of ``m`` (bytes
-    from device i to j) and their gradients back (a message to the device
-    itself needs none): what each device sends."""
+    from device i to j) and (``backward``) their gradients back (a message
+    to the device itself needs none): what each device sends."""
     m = np.array(m, dtype=float)
     np.fill_diagonal(m, 0.0)
-    out = m.sum(axis=1) + m.sum(axis=0)
+    out = m.sum(axis=1) + (m.sum(axis=0) if backward else 0.0)
     return {d: float(v) for d, v in enumerate(out) if v > 0}
 
 

@@ -150,11 +150,13 @@ class TailPricer:
         return [(d, total * (bounds[m + 1] - bounds[m]) / c) for m, d in enumerate(held.devices)
                 if bounds[m + 1] > bounds[m]], False
 
-    def move(self, tensor, held, need):
+    def move(self, tensor, held, need, backward_staging=True):
         """(seconds, staging bytes per device) to get ``tensor`` from ``held`` to
         every device of ``need`` (a startable :class:`Holding`) forward, and
-        its gradient back."""
-        key = (tensor, held if isinstance(held, Holding) else (held[0].tobytes(), tuple(held[1])), need)
+        its gradient back; without ``backward_staging``, only the senders'
+        forward staging (the receivers count their own)."""
+        key = (tensor, held if isinstance(held, Holding) else (held[0].tobytes(), tuple(held[1])), need,
+               backward_staging)
         if key not in self._moves:
             sources, replicated = self._sources(tensor, held)
             forward, extra = flows(sources, replicated, list(need.devices))
@@ -170,7 +172,8 @@ class TailPricer:
                     if s != r:
                         bwd[s, r] += nbytes
                 secs += exchange_seconds(bwd, self.devices)
-                sent = sent + bwd.sum(axis=1)
+                if backward_staging:
+                    sent = sent + bwd.sum(axis=1)
             self._moves[key] = (secs, {d: float(v) for d, v in enumerate(sent) if v > 0})
         return self._moves[key]
 
@@ -239,14 +242,20 @@ class TailPricer:
             dev = self.devices[d]
             update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
         # what a later layer other than the next reads goes to rank 0 (and its gradient back)
+        # what a later layer other than the next reads (a route) goes to where it runs, priced here as if
+        # to rank 0 (its sends' staging here; the receiver counts the gradients it sends back)
         to_rank0 = 0.0
         for t in range(first, last + 1):
             if self.readers.get(t, set()) - {t + 1}:
-                secs, stage = self.move(t, self.holding_of(first, last, mode, devices, t), Holding("one", (0,)))
+                secs, stage = self.move(t, self.holding_of(first, last, mode, devices, t), Holding("one", (0,)),
+                                        backward_staging=False)
                 to_rank0 += secs
                 for d, nbytes in stage.items():
                     if d in kept:
                         kept[d] += nbytes
+        if mode == "one":  # the gradients of what it reads from earlier than the layer before go back
+            far = {j for layer in program[first:last + 1] for j in layer["inputs"] if 0 <= j < first - 1}
+            kept[devices[0]] += sum(b * prod(self._shape(j)) * item for j in far)
         need = Holding("one" if mode == "one" else "whole", devices)
         entry = self.move(-1, Holding("one", (0,)), need)[0] if first == 0 else 0.0
         seconds = compute + collective + update + to_rank0
