@@ -32,9 +32,9 @@ class Solution:
         return 0.0 if self.objective_s <= 0 else max(0.0, (self.objective_s - self.bound_s) / self.objective_s)
 
     def stats(self):
-        return {"solver": self.solver, "status": self.status, "objective_s": round(self.objective_s, 6),
-                "bound_s": round(self.bound_s, 6), "gap": round(self.gap, 6), "wall_s": round(self.wall_s, 3),
-                "booleans": self.booleans}
+        return {"solver": self.solver, "status": self.status, "objective_s": round(float(self.objective_s), 6),
+                "bound_s": round(float(self.bound_s), 6), "gap": round(float(self.gap), 6),
+                "wall_s": round(float(self.wall_s), 3), "booleans": int(self.booleans)}
 
 
 def solution_from_path(cands, path, **info):
