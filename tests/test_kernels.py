@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from alloc_counter import count_allocations
@@ -277,8 +277,20 @@ def pool_case(draw):
                 ties=draw(st.booleans()), seed=draw(SEEDS), threads=draw(THREADS))
 
 
+# YOLO's 2x2 stride-2 pool, which has a core of its own (no scratch row),
+# on an odd map inside a larger array, with ties, and on rows too wide for it
+YOLO_POOLS = [dict(dtype=np.dtype(dt), shape=(2, 3, h, w), size=2, stride=2, pads=(0, 0, 0, 0), pre=pre, act=act,
+                   offsets=(1, 0, 2, 1), ties=ties, seed=7, threads=threads)
+              for dt, h, w, pre, act, ties, threads in [("float32", 9, 11, "bn", "leaky", True, 2),
+                                                         ("float64", 6, 8, "bias", "relu", False, 1),
+                                                         ("float32", 5, 300, "none", "linear", True, 3)]]
+
+
 @FAST
 @given(pool_case())
+@example(YOLO_POOLS[0])
+@example(YOLO_POOLS[1])
+@example(YOLO_POOLS[2])
 def test_max_pool_of_the_activation_forward_and_backward(case):
     """Pooling fused with the conv epilogue equals normalise, activate, pool;
     ties (rounded inputs) must pick the first maximum, as ops does."""
