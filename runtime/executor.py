@@ -25,6 +25,11 @@ group, which is added at the receive, after the next unit's backward has
 written that buffer. (The source of a send may live in the device's
 scratch, which the next group reuses, so it must not wait.) Messages to
 peers are copied to a staging buffer per message and posted at once.
+
+The image reaches no rank whole: each gets its pieces of it (``input``
+ops), cut by the data source (the launcher streams them batches ahead;
+threads in one process cut them from the shared batch), so that no rank
+spends the start of a step sending the image and none waits for it.
 """
 import time
 
@@ -33,6 +38,7 @@ import numpy as np
 from tilec_runtime import ops, shards
 from tilec_runtime.blas_threads import limit_blas_threads
 from tilec_runtime.collectives import GradientReducer, gather_allreduce, ring_allreduce, use_ring
+from tilec_runtime.errors import ProgramError
 from tilec_runtime.fused import TileStep
 from tilec_runtime.geometry import Region
 from tilec_runtime.kernel_set import Kernels
@@ -70,6 +76,27 @@ def rank_keys(plan, rank):
     """(parameter keys, buffer keys) of the layers ``rank`` computes."""
     params, buffers = holdings(plan, rank)
     return list(params), list(buffers)
+
+
+BATCHES_AHEAD = 2  # the data source streams this many steps' batches ahead of the one running
+
+
+def input_messages(plan, rank):
+    """[(message id, shape)] of the pieces of the image ``rank`` takes in
+    (its ``input`` ops, in order)."""
+    c = plan["program"][0]["in_shape"][0]
+    out = []
+    for op in plan["schedule"][rank]:
+        if op["op"] == "input":
+            box = Region.of((plan["messages"][op["msg"]]["rows"], plan["messages"][op["msg"]]["cols"]))
+            out.append((op["msg"], (plan["batch"], c, box.height, box.width)))
+    return out
+
+
+def input_piece(images, m):
+    """The view of message ``m``'s rectangle in the whole batch ``images``."""
+    rs, cs = Region.of((m["rows"], m["cols"])).within(Region.whole(*images.shape[2:]))
+    return images[:, :, rs, cs]
 
 
 def cut(array, piece):
@@ -190,20 +217,18 @@ class RankExecutor:
                 if m["phase"] == "backward" and (t in self.tail_of or
                                                  t != plan["groups"][self.producer[t]]["layers"][1]):
                     self.copy_at_recv.add(k)
-            elif m["sender"] == rank:
+            elif m["sender"] == rank and m["tensor"] >= 0:  # (the image's pieces come from the data source)
                 t = m["tensor"]
-                c = (self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"])[0]
+                c = self.program[t]["out_shape"][0]
                 if "channels" in m:
                     c = m["channels"][1] - m["channels"][0] + 1
                 box = Region.of((m["rows"], m["cols"]))
                 self.staging[k] = np.empty((self.batch, c, box.height, box.width), self.dtype)
 
-    def _source(self, m, images):
+    def _source(self, m):
         """(array, the region it covers, its first channel) that message ``m`` is cut from on its sender."""
         t, g = m["tensor"], m["group"]
         if m["phase"] == "forward":
-            if t == -1:
-                return images, Region.whole(*images.shape[2:]), 0
             if t in self.tail_of:
                 array, base = self.tails[self.tail_of[t]].output(t)
                 return array, Region.whole(*array.shape[2:]), base
@@ -238,14 +263,16 @@ class RankExecutor:
 
     # -- a step --------------------------------------------------------------------
 
-    def step(self, images=None, target=None):
-        """One training step (``images``/``target`` on rank 0). Returns the
-        loss on the rank that runs the tail, else None."""
+    def step(self, images=None, target=None, inputs=None):
+        """One training step: ``images`` the whole batch or ``inputs`` {message
+        id: array} this rank's pieces of it (``input_messages``), either on
+        every rank that has input ops; ``target`` on the rank that computes
+        the loss. Returns the loss there, else None."""
         self.step_no += 1
-        if images is not None:
-            images = np.ascontiguousarray(images, self.dtype)
-        self.images, self.target, self.loss = images, target, None
-        run = {"send": self._send, "recv": self._recv, "conv_fwd": self._conv_fwd, "bn_stats": self._bn_stats,
+        if inputs is None and images is not None:
+            inputs = {k: input_piece(images, self.plan["messages"][k]) for k, _ in input_messages(self.plan, self.rank)}
+        self.inputs, self.target, self.loss = inputs or {}, target, None
+        run = {"send": self._send, "recv": self._recv, "input": self._input, "conv_fwd": self._conv_fwd, "bn_stats": self._bn_stats,
                "epi_fwd": self._epi_fwd, "pool_fwd": self._pool_fwd, "recompute": self._recompute,
                "grad_zero": self._grad_zero, "epi_bwd": self._epi_bwd, "bn_grad": self._bn_grad,
                "conv_bwd": self._conv_bwd, "pool_bwd": self._pool_bwd, "tail_fwd": self._tail_fwd,
@@ -260,7 +287,7 @@ class RankExecutor:
                 t0 = time.perf_counter()
                 run[op["op"]](op)
                 events.append((op, t0, time.perf_counter()))
-        self.images = self.target = None
+        self.inputs = self.target = None
         return self.loss
 
     def _send(self, op):
@@ -269,7 +296,7 @@ class RankExecutor:
             if op["msg"] not in self.copy_at_recv:
                 self._local(m)
             return
-        src, region, base = self._source(m, self.images)
+        src, region, base = self._source(m)
         stage = self.staging[op["msg"]]
         previous = self.sent.get(op["msg"])
         if previous is not None:
@@ -285,8 +312,14 @@ class RankExecutor:
             return
         self._land(m, self.comm.recv(m["sender"], (self.step_no, "m", op["msg"])))
 
+    def _input(self, op):
+        piece = self.inputs.get(op["msg"])
+        if piece is None:
+            raise ProgramError(f"rank {self.rank} was given no input piece {op['msg']} for step {self.step_no}")
+        self._land(self.plan["messages"][op["msg"]], piece)
+
     def _local(self, m):
-        src, region, base = self._source(m, self.images)
+        src, region, base = self._source(m)
         self._land(m, self._piece(src, (region, base), m))
 
     def _land(self, m, piece):

@@ -51,10 +51,31 @@ def gather_state(executors):
     return params, buffers, momentum
 
 
+class _Shared:
+    """``batches.get(step)`` fetched once and handed to every rank's thread
+    (each cuts its own pieces of the image from it)."""
+
+    def __init__(self, batches, n):
+        self.batches, self.n = batches, n
+        self.lock = threading.Lock()
+        self.held = {}  # step: [(images, target), ranks that have not taken it]
+
+    def get(self, step):
+        with self.lock:
+            entry = self.held.get(step)
+            if entry is None:
+                entry = self.held[step] = [self.batches.get(step), self.n]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.held[step]
+            return entry[0]
+
+
 def run_ranks(executors, hub, batches, first_step, steps, on_step=None):
     """Run ``steps`` steps on every executor, one thread each. Returns the losses."""
     n = len(executors)
     losses, errors = [], [None] * n
+    shared = _Shared(batches, n)
 
     def run(rank):
         ex = executors[rank]
@@ -62,14 +83,14 @@ def run_ranks(executors, hub, batches, first_step, steps, on_step=None):
         try:
             for step in range(first_step, first_step + steps):
                 t0 = time.perf_counter()
+                images, target = shared.get(step)
                 if rank == 0:
-                    images, target = batches.get(step)
                     loss = ex.step(images, target)
                     losses.append(loss)
                     if on_step:
                         on_step(step, loss, time.perf_counter() - t0)
                 else:
-                    ex.step()
+                    ex.step(images)
         except BaseException as exc:  # noqa: BLE001 - reported below, after join
             errors[rank] = exc
             hub.fail(rank, exc)

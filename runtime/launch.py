@@ -2,9 +2,10 @@
 
 ``run_job`` sends a plan and each rank's state to workers that are already
 listening (``tilec worker`` on each device of a cluster, or processes this
-machine starts with ``LocalWorkers``), streams the batches to rank 0,
-collects per-step metrics from every device and the model state at
-checkpoint steps, and returns the final state. The first fault anywhere
+machine starts with ``LocalWorkers``), streams every device its pieces of
+each batch's image (and rank 0 the labels/targets), collects per-step
+metrics from every device and the model state at checkpoint steps, and
+returns the final state. The first fault anywhere
 ends the job with one line naming the device and the step.
 """
 import contextlib
@@ -22,11 +23,12 @@ import numpy as np
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.errors import RuntimeFault
-from tilec_runtime.executor import cut
+from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
-from tilec_runtime.worker import (BUILD_TIMEOUT, LISTENING, MAX_METRICS_BYTES, SETUP_TIMEOUT, has_momentum,
-                                  holdings, owned, pieces, state_spec, state_steps, state_table)
+from tilec_runtime.worker import (BUILD_TIMEOUT, FIRST_PIECE, LISTENING, MAX_METRICS_BYTES,
+                                  SETUP_TIMEOUT, TARGET, has_momentum, holdings, owned, pieces, state_spec,
+                                  state_steps, state_table)
 
 
 class JobFailed(PeerLost):
@@ -207,18 +209,22 @@ class Job:
         dtype = np.dtype(self.plan["dtype"])
         target_dtype = np.int64 if self.plan["program"][-1]["kind"] == "softmax" else dtype
         sent = first  # batches of steps before this one are on their way
+        image_pieces = [[self.plan["messages"][k] for k, _ in input_messages(self.plan, r)] for r in range(self.n)]
 
         def send_batch(step):
             nonlocal sent
             if step < last and step == sent and self.stop_at is None:
                 images, target = batches.get(step)
-                self.links[0].send(Kind.BATCH, step, 0, np.ascontiguousarray(images, dtype))
-                self.links[0].send(Kind.BATCH, step, 1, np.ascontiguousarray(target, target_dtype))
+                self.links[0].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(target, target_dtype))
+                for r, messages in enumerate(image_pieces):
+                    for j, m in enumerate(messages):
+                        piece = np.ascontiguousarray(input_piece(images, m), dtype)
+                        self.links[r].send(Kind.BATCH, step, FIRST_PIECE + j, piece)
                 sent += 1
 
-        # two batches ahead: rank 0 never waits for data while the launcher is busy
-        send_batch(first)
-        send_batch(first + 1)
+        # batches ahead: no device waits for data while the launcher is busy
+        for ahead in range(first, first + BATCHES_AHEAD):
+            send_batch(ahead)
         state = None
         for step in range(first, last):
             if self.stop_requested and self.stop_at is None and sent < last:
@@ -228,7 +234,7 @@ class Job:
             self.step = step
             records = [self.wait(r, Kind.METRICS, step) for r in range(self.n)]
             records = [_json(a, self.who(r)) for r, a in enumerate(records)]
-            send_batch(step + 2)
+            send_batch(step + BATCHES_AHEAD)
             step_state = self.collect(step + 1) if step + 1 in self.reports else None
             state = step_state or state
             yield step, records, step_state

@@ -14,7 +14,7 @@ from tilec_runtime.files import atomic_json
 from tilec_runtime.program import validate as validate_program
 
 FORMAT = "tilec-plan"
-VERSION = 2  # 2: the per-rank schedule, gradient buckets, device threads, the cluster
+VERSION = 3  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops
 DTYPES = ("float32", "float64")
 
 
@@ -153,7 +153,7 @@ def _check_buckets(plan):
             raise ProgramError(f"bucket {b}: bad reduce {reduce!r}")
 
 
-OPS = {"send": ("msg",), "recv": ("msg",), "conv_fwd": ("group", "unit"), "epi_fwd": ("group", "unit"),
+OPS = {"send": ("msg",), "recv": ("msg",), "input": ("msg",), "conv_fwd": ("group", "unit"), "epi_fwd": ("group", "unit"),
        "pool_fwd": ("group", "unit"), "bn_stats": ("group", "unit", "layer"), "recompute": ("group",),
        "grad_zero": (), "epi_bwd": ("group", "unit"), "bn_grad": ("group", "unit", "layer"),
        "conv_bwd": ("group", "unit"), "pool_bwd": ("group", "unit"), "tail_fwd": ("group",),
@@ -214,7 +214,10 @@ def _check_schedule(plan):
                 k = op["msg"]
                 if not 0 <= k < len(messages) or messages[k]["sender" if kind == "send" else "receiver"] != r:
                     raise ProgramError(f"{where}: message {k} is not this device's to {kind}")
+                if (kind == "input") != (messages[k]["tensor"] == -1):
+                    raise ProgramError(f"{where}: the image's pieces are input ops, nothing else is ({kind} {k})")
                 (sent if kind == "send" else received)[k] += 1
+                sent[k] += kind == "input"  # (by the data source)
             if "group" in OPS[kind]:
                 g = op["group"]
                 if not 0 <= g < len(groups) or all(t["device"] != r for t in groups[g]["tiles"]):

@@ -10,7 +10,7 @@ all-reduces.
 """
 import json
 
-CATEGORY = {"send": "comm", "recv": "comm", "bn_stats": "collective", "bn_grad": "collective",
+CATEGORY = {"send": "comm", "recv": "comm", "input": "comm", "bn_stats": "collective", "bn_grad": "collective",
             "grad_start": "comm", "grad_wait": "wait", "tail_fwd": "compute", "tail_bwd": "compute",
             "chan_reduce": "collective"}
 
@@ -25,6 +25,8 @@ def op_name(op, messages=None):
         peer = m["receiver"] if kind == "send" else m["sender"]
         arrow = "->" if kind == "send" else "<-"
         return f"{kind} {m['phase'][0]} L{m['tensor']} {arrow} {peer}"
+    if kind == "input":
+        return f"input m{op['msg']}"
     parts = [kind]
     if "group" in op:
         parts.append(f"g{op['group']}")

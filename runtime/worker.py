@@ -14,7 +14,7 @@ launcher's connection::
                                 rank computes with, in ``state_table`` order
     worker -> launcher   READY  (or ERROR: the plan or state was refused)
     launcher -> worker   GO     every worker is ready: open the mesh
-    launcher -> rank 0   BATCH  images and labels/targets of each step
+    launcher -> worker   BATCH  its pieces of the image, and (rank 0) the labels/targets, of each step
     worker -> launcher   METRICS  per step: loss (rank 0), compute, wait,
                                 bytes sent, peak memory
     worker -> launcher   STATE  at checkpoint steps and at the end: the
@@ -41,7 +41,7 @@ from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
 from tilec_runtime.errors import Diverged, ProgramError, RuntimeFault, check_loss
-from tilec_runtime.executor import RankExecutor
+from tilec_runtime.executor import BATCHES_AHEAD, RankExecutor, input_messages
 from tilec_runtime.executor import holdings as holdings_of
 from tilec_runtime.program import buffer_shapes, param_shapes
 from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
@@ -115,13 +115,20 @@ def piece_shape(shape, piece):
     return tuple(shape)
 
 
-def batch_specs(plan):
-    """Specs of the images (tensor 0) and labels/targets (tensor 1) of a step."""
+TARGET = 0  # BATCH frames: the labels/targets (to rank 0, which computes the loss), then the image's pieces
+FIRST_PIECE = 1
+
+
+def batch_specs(plan, rank):
+    """{tensor: Spec} of the BATCH frames ``rank`` takes each step: the
+    labels/targets (rank 0) and its pieces of the image (``input_messages``)."""
     program, dtype, batch = plan["program"], np.dtype(plan["dtype"]), plan["batch"]
-    images = Spec(dtype, (batch, *program[0]["in_shape"]))
-    if program[-1]["kind"] == "softmax":
-        return images, Spec(np.dtype("int64"), (batch,))
-    return images, Spec(dtype, (batch, *target_shape(program)))
+    specs = {FIRST_PIECE + j: Spec(dtype, shape) for j, (_, shape) in enumerate(input_messages(plan, rank))}
+    if rank == 0:
+        target = (Spec(np.dtype("int64"), (batch,)) if program[-1]["kind"] == "softmax"
+                  else Spec(dtype, (batch, *target_shape(program))))
+        specs[TARGET] = target
+    return specs
 
 
 def state_spec(plan, index, rank):
@@ -263,11 +270,9 @@ class Job:
                         dev.lr = float(lr)
                 reset_peak()
                 sent0, cpu0 = comm.bytes_sent, time.process_time()
-                images = target = None
-                if rank == 0 and (self.stop_after is None or step < self.stop_after):
-                    images = comm.wait((LAUNCHER, Kind.BATCH, step, 0), LAUNCHER, lambda: "images")
-                    if images is not None:
-                        target = comm.wait((LAUNCHER, Kind.BATCH, step, 1), LAUNCHER, lambda: "labels")
+                batch = None
+                if self.stop_after is None or step < self.stop_after:
+                    batch = self._batch(step)
                 t0, wall0, wait0 = time.perf_counter(), time.time(), comm.wait_s  # (not the wait for data)
                 if dev.events is not None:
                     dev.events.clear()
@@ -275,9 +280,9 @@ class Job:
                 try:
                     if self.stop_after is not None and step >= self.stop_after:
                         raise Stopped("stopped")
-                    if rank == 0 and images is None:
+                    if batch is None:
                         raise Stopped("no batch")
-                    loss = dev.step(images, target)
+                    loss = dev.step(target=batch[0], inputs=batch[1])
                 except Stopped:
                     if self.stop_after is None or step < self.stop_after:
                         raise
@@ -341,23 +346,36 @@ class Job:
             return False
         self.stop_after = frame.step
         mailbox = self.comm.mailbox
-        mailbox.put((LAUNCHER, Kind.BATCH, frame.step, 0), None)  # rank 0: no batch is coming
+        for tensor in self.batch_specs:  # no batch is coming
+            mailbox.put((LAUNCHER, Kind.BATCH, frame.step, tensor), None)
         first = self.job["first_step"]
         mailbox.stop(frame.step - first + 1, PEER_KINDS)  # the executor counts its steps from 1
         return True
 
+    def _batch(self, step):
+        """(target or None, {message id: piece of the image}) of ``step`` from
+        the launcher (``batch_specs``), or None if the job stopped before it."""
+        out = {}
+        for tensor in self.batch_specs:
+            array = self.comm.wait((LAUNCHER, Kind.BATCH, step, tensor), LAUNCHER, lambda: "its batch")
+            if array is None:
+                return None
+            out[tensor] = array
+        pieces = input_messages(self.plan, self.rank)
+        return out.get(TARGET), {k: out[FIRST_PIECE + j] for j, (k, _) in enumerate(pieces)}
+
     def _launcher_expect(self):
-        """What the launcher may send during training: batches (to rank 0), and STOP."""
-        specs = batch_specs(self.plan) if self.rank == 0 else ()
+        """What the launcher may send during training: batches, and STOP."""
+        specs = self.batch_specs = batch_specs(self.plan, self.rank)
         seen = set()
 
         def expect(kind, step, tensor):
             if kind == Kind.STOP:
                 return EMPTY
-            if kind != Kind.BATCH or tensor >= len(specs):
+            if kind != Kind.BATCH or tensor not in specs:
                 raise FrameError(f"the launcher may not send {kind_name(kind)} {tensor} to device {self.rank}")
             now = self.current
-            if not now <= step <= now + 2 or (step, tensor) in seen:
+            if not now <= step <= now + BATCHES_AHEAD or (step, tensor) in seen:
                 raise FrameError(f"BATCH {tensor} for step {step} while at step {now}")
             seen.add((step, tensor))
             return specs[tensor]

@@ -171,7 +171,7 @@ def test_exchange_bytes_and_memory_match_the_plan(spans, grids):
         assert (got == want).all(), f"group {gi}"
         prev_rects, prev_devs = g.out_rects, g.devices
     pred = model.evaluate([(g, False) for g in groups])
-    for d in range(1, 4):  # (rank 0 also holds the image batch, which the plan does not allocate)
+    for d in range(4):  # (each its pieces of the image too)
         assert pred.memory[d] == sum(plan_memory(plan, d, model.devices[d].profile).values())
 
 
@@ -201,7 +201,7 @@ def test_the_solvers_additive_view_equals_evaluate():
     rng = random.Random(3)
     for _ in range(25):
         path, b, secs = [], 0, 0.0
-        kept = [model.rank0_bytes, 0, 0]
+        kept = [0, 0, 0]
         while b < cands.end:
             options = [gi for gi, g in enumerate(cands.groups) if g.first == b and (
                 not path or (b, cands.group_out[path[-1][0]], cands.group_layout[gi]) in moves)]

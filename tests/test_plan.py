@@ -7,7 +7,7 @@ from programs import ProgramBuilder
 from tilec.errors import PlanError
 from tilec.plan.build import GroupChoice, build_plan, default_grid, parse_groups
 from tilec_runtime.errors import ProgramError
-from tilec_runtime.planfile import read_plan, validate, write_plan
+from tilec_runtime.planfile import read_plan, seal, validate, write_plan
 
 OPT = {"lr": 0.01, "momentum": 0.9, "decay": 0.0}
 
@@ -63,6 +63,27 @@ def test_bad_plans_are_refused():
         edit(p)
         with pytest.raises(ProgramError, match=match):
             validate(p)
+
+
+def test_every_device_takes_its_pieces_of_the_image_from_the_data_source():
+    """No device sends the image: each of group 0's tiles has an input op for
+    its piece, in place of a receive; a schedule that receives or sends a
+    piece, or takes anything else as input, is refused."""
+    plan = make()
+    image = {k for k, m in enumerate(plan["messages"]) if m["tensor"] == -1}
+    for r, ops in enumerate(plan["schedule"]):
+        assert [op["msg"] for op in ops if op["op"] == "input"] == sorted(
+            k for k in image if plan["messages"][k]["receiver"] == r)
+        assert not [op for op in ops if op["op"] in ("send", "recv") and op["msg"] in image]
+    k = min(image)
+    receiver = plan["messages"][k]["receiver"]
+    first = next(i for i, op in enumerate(plan["schedule"][receiver]) if op["op"] == "input")
+    other = next(i for i, m in enumerate(plan["messages"]) if m["tensor"] >= 0 and m["receiver"] == receiver)
+    for edit, match in [({"op": "recv", "msg": k}, "input ops"), ({"op": "input", "msg": other}, "input ops")]:
+        p = json.loads(json.dumps(plan))
+        p["schedule"][receiver][first] = edit
+        with pytest.raises(ProgramError, match=match):
+            validate(seal(p))
 
 
 def test_build_errors_name_the_problem():

@@ -45,7 +45,8 @@ def train_socketpairs(plan, params, buffers, batches, steps):
             out = []
             for step in range(steps):
                 comm.step = step + 1
-                out.append(devices[comm.rank].step(*(batches.get(step) if comm.rank == 0 else ())))
+                images, target = batches.get(step)  # every rank cuts its pieces of the image
+                out.append(devices[comm.rank].step(images, target if comm.rank == 0 else None))
             comm.close()
             return out
         except BaseException as exc:

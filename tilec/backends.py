@@ -151,7 +151,7 @@ class ThreadsBackend:
                 results = [(0, record, error)]
             else:
                 for r, q in enumerate(self.jobs):
-                    q.put((images, target, rate) if r == 0 else (None, None, rate))
+                    q.put((images, target if r == 0 else None, rate))  # each rank cuts its own pieces
                 results = sorted(self.done.get() for _ in self.executors)
             errors = [e for _, _, e in results if e is not None]
             if errors:

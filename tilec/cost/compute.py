@@ -148,6 +148,11 @@ def update_seconds(profile, n_params, itemsize, scale=1.0, threads=1):
     return stage_seconds(profile, "elementwise", "forward", (3 * n_params, 3 * n_params * itemsize), threads, scale)
 
 
+def zero_seconds(profile, n_params, itemsize, scale=1.0, threads=1):
+    """Starting the backward: ``n_params`` accumulators scaled by the momentum in place."""
+    return stage_seconds(profile, "elementwise", "forward", (n_params, 2 * n_params * itemsize), threads, scale)
+
+
 def copy_seconds(profile, nbytes, scale=1.0):
     """A memory copy of ``nbytes`` (a message to the device itself, a staging copy)."""
     return stage_seconds(profile, "elementwise", "forward", (0, 2 * nbytes), 1, scale)

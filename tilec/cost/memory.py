@@ -106,11 +106,12 @@ def plan_memory(plan, rank, profile=None):
     ``arenas`` (every tile's arena, argmax arena and input region, and the
     scratch all tiles share: workspaces, what lives only during a tile's
     backward, and what a recomputing group recomputes), ``messages``
-    (staging buffers of the messages to peers), ``tail`` (the tail groups'
-    inputs, activations and temporaries, ``tail_member_bytes``)."""
+    (staging buffers of the messages to peers), ``inputs`` (its pieces of
+    the image, of this step and those streamed ahead), ``tail`` (the tail
+    groups' inputs, activations and temporaries, ``tail_member_bytes``)."""
     import numpy as np
 
-    from tilec_runtime.executor import holdings
+    from tilec_runtime.executor import BATCHES_AHEAD, holdings, input_messages
     from tilec_runtime.lower import lower_rank, scratch_bytes
     from tilec_runtime.program import buffer_shapes
     program, batch = plan["program"], plan["batch"]
@@ -129,7 +130,10 @@ def plan_memory(plan, rank, profile=None):
         arenas += item * (spec["arena"] + batch * prod(spec["input"])) + ARGMAX_BYTES * spec["arg_arena"]
         scratch = max(scratch, scratch_bytes(spec, item))
     arenas += scratch
-    messages = sum(m["bytes"] for m in plan["messages"] if m["sender"] == rank and m["receiver"] != rank)
+    messages = sum(m["bytes"] for m in plan["messages"]
+                   if m["sender"] == rank and m["receiver"] != rank and m["tensor"] >= 0)
+    # its pieces of the image: this step's and those the launcher streams ahead
+    inputs = (BATCHES_AHEAD + 1) * item * sum(prod(shape) for _, shape in input_messages(plan, rank))
     kept, work = 0, 0  # every tail group's activations live through backward; transients do not overlap
     for group in plan["groups"]:
         members = sorted(t["device"] for t in group["tiles"])
@@ -140,4 +144,4 @@ def plan_memory(plan, rank, profile=None):
     tail = kept + work
     overhead = profile.process_overhead_bytes if profile is not None else 0
     return {"overhead": int(overhead), "state": int(state), "arenas": int(arenas), "messages": int(messages),
-            "tail": int(tail)}
+            "inputs": int(inputs), "tail": int(tail)}

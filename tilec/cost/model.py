@@ -35,6 +35,7 @@ from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allred
 from tilec.cost.compute import layer_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
 from tilec.cost.memory import ARGMAX_BYTES, param_count, state_bytes
+from tilec_runtime.executor import BATCHES_AHEAD
 from tilec_runtime.lower import scratch_bytes, tile_memory, units
 from tilec_runtime.program import param_shapes
 
@@ -120,8 +121,6 @@ class CostModel:
         self.tail_reads = sorted({j for layer in program[self.prefix:] for j in layer["inputs"]
                                   if j < self.prefix and j != layer["index"] - 1})
         self.outside = set(self.tail_reads) | ({self.prefix - 1} if self.prefix else set())
-        # the batch's images, and the staging buffers of their pieces for the first group's tiles
-        self.rank0_bytes = 2 * batch * int(np.prod(program[0]["in_shape"])) * itemsize
         self._tail_pricer = None
         self._groups, self._axes, self._memory, self._units = {}, {}, {}, {}
 
@@ -182,6 +181,11 @@ class CostModel:
             g.layout = layout
             if first == 0:
                 g.entry_s = self.entry_seconds(g)
+                # each tile's piece of the image, this step's and those the launcher streams ahead
+                unit = (BATCHES_AHEAD + 1) * self.batch * self.program[0]["in_shape"][0] * self.itemsize
+                for (r0, r1, c0, c1), d in zip(g.input_rects, g.devices):
+                    g.kept[d] += (r1 - r0 + 1) * (c1 - c0 + 1) * unit
+                    g.kept_recompute[d] += (r1 - r0 + 1) * (c1 - c0 + 1) * unit
             elif layout is not None:
                 g.home_rects = self.layout_rects(layout, first - 1)
                 if g.home_rects is not None:
@@ -306,13 +310,12 @@ class CostModel:
     # -- boundaries ------------------------------------------------------------------
 
     def entry_seconds(self, group, prev_rects=None, prev_devices=None):
-        """Seconds for ``group`` to receive its input: from rank 0's image when
-        ``prev_rects`` is None, else from tiles ``prev_rects`` held by
+        """Seconds for ``group`` to receive its input: none for the image
+        (``prev_rects`` None: the launcher streams each device its pieces
+        batches ahead, off the step), else from tiles ``prev_rects`` held by
         ``prev_devices`` on the same map, forward and backward."""
         if prev_rects is None:
-            h, w = self.program[0]["in_shape"][1:]
-            return self.redistribute_seconds(0, _rects([((0, h - 1), (0, w - 1))]), [0],
-                                             group.input_rects, group.devices)
+            return 0.0
         return self.redistribute_seconds(group.first, prev_rects, prev_devices, group.input_rects, group.devices)
 
     def redistribute_bytes(self, b, src_rects, src_devices, dst_rects, dst_devices):
@@ -361,7 +364,6 @@ class CostModel:
         n = self.n
         busy = [0.0] * n
         state, kept, ws, tail_ws = [0] * n, [0] * n, [0] * n, [0] * n
-        kept[0] = self.rank0_bytes
         group_s, tail = [], []
         prev = None
         for g, rec in choices:

@@ -27,6 +27,7 @@ from tilec.cost.compute import share_seconds, update_seconds
 from tilec.cost.memory import tail_member_bytes
 from tilec.analysis.tail import TailChoice, flows
 from tilec_runtime import shards
+from tilec_runtime.executor import BATCHES_AHEAD
 
 DIRECTIONS = ("forward", "backward")
 
@@ -75,7 +76,7 @@ class TailArc:
     layout_in: Holding
     layout_out: Holding
     parts: dict = field(default_factory=dict)
-    entry_s: float = 0.0  # a group starting at layer 0: the image from rank 0
+    entry_s: float = 0.0  # (the image costs no time: the launcher streams it ahead)
     recompute_seconds: float = 0.0
 
     @property
@@ -256,10 +257,11 @@ class TailPricer:
         if mode == "one":  # the gradients of what it reads from earlier than the layer before go back
             far = {j for layer in program[first:last + 1] for j in layer["inputs"] if 0 <= j < first - 1}
             kept[devices[0]] += sum(b * prod(self._shape(j)) * item for j in far)
+        if first == 0:  # every member takes the whole image from the launcher, this step's and those ahead
+            for d in devices:
+                kept[d] += (BATCHES_AHEAD + 1) * b * prod(self._shape(-1)) * item
         need = Holding("one" if mode == "one" else "whole", devices)
-        entry = self.move(-1, Holding("one", (0,)), need)[0] if first == 0 else 0.0
         seconds = compute + collective + update + to_rank0
         return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,
                        self.holding_of(first, last, mode, devices, last),
-                       parts={"compute": compute, "collectives": collective, "update": update, "to_rank0": to_rank0},
-                       entry_s=entry)
+                       parts={"compute": compute, "collectives": collective, "update": update, "to_rank0": to_rank0})

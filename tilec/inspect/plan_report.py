@@ -94,5 +94,8 @@ def schedule_text(plan):
                 m = plan["messages"][op["msg"]]
                 peer = f"to rank {m['receiver']}" if op["op"] == "send" else f"from rank {m['sender']}"
                 args += f": tensor {m['tensor']} {_rect(m['rows'], m['cols'])} {peer} ({m['phase']})"
+            elif op["op"] == "input":
+                m = plan["messages"][op["msg"]]
+                args += f": the image {_rect(m['rows'], m['cols'])}, from the data source"
             lines.append(f"  {i:>4} {op['op']} {args}".rstrip())
     return "\n".join(lines)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tilec.cost.compute import copy_seconds, layer_seconds, share_seconds, unit_seconds, update_seconds
+from tilec.cost.compute import (copy_seconds, layer_seconds, share_seconds, unit_seconds, update_seconds,
+                                zero_seconds)
 from tilec.cost.memory import param_count
 from tilec.cost.traffic import bn_bytes, members_of, param_shape_table
 from tilec.errors import TilecError
@@ -140,6 +141,11 @@ class _Pricer:
         n = sum(int(np.prod(shapes[k])) for k in keys)
         return update_seconds(profile, n, self.item, scale, threads)
 
+    def zero(self, rank, keys, shapes):
+        profile, scale, threads = self.device(rank)
+        n = sum(int(np.prod(shapes[k])) for k in keys)
+        return zero_seconds(profile, n, self.item, scale, threads)
+
     def copy(self, rank, nbytes):
         profile, scale, _ = self.device(rank)
         return copy_seconds(profile, nbytes, scale)
@@ -167,6 +173,10 @@ def _actions(plan, rank, pricer, shapes):
                 main.append(("send", ("m", op["msg"]), m["receiver"], m["bytes"]))
             else:
                 main.append(("recv", ("m", op["msg"]), m["sender"]))
+        elif kind == "input":  # its piece of the image, streamed ahead by the data source: landed
+            m = messages[op["msg"]]
+            main.append(("compute", pricer.copy(rank, m["bytes"] or _local_bytes(plan, m)), "update",
+                         f"input message {op['msg']}"))
         elif kind in ("bn_stats", "bn_grad"):
             members = members_of(plan["groups"][op["group"]])
             nbytes = bn_bytes(kind, plan["program"][op["layer"]]["filters"])
@@ -192,8 +202,9 @@ def _actions(plan, rank, pricer, shapes):
             comm.append(("done", op["bucket"]))
         elif kind == "grad_wait":
             main.append(("join", tuple(posted)))
-        elif kind == "grad_zero":
-            continue
+        elif kind == "grad_zero":  # the accumulators start at momentum * v: a pass over them
+            keys = [k for b in plan["buckets"] if rank in b["members"] for k in b["keys"]]
+            main.append(("compute", pricer.zero(rank, keys, shapes), "backward", "grad_zero"))
         else:
             main.append(("compute", *pricer.op(rank, op)))
     return main, comm

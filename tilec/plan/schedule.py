@@ -248,7 +248,7 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True)
         bucket_ids.setdefault((bucket["group"], bucket["unit"]), []).append(b)
     schedule = []
     for r in range(n_devices):
-        ops = [{"op": "send", "msg": k} for k in fwd_out.get((-1, r), [])]  # the image, from rank 0
+        ops = []
         for g, group in enumerate(groups):
             if tile_of(group, r) is None:
                 continue
@@ -291,5 +291,14 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True)
                 len(members_of(group)) > 1,
                 lambda j, g=g, us=us: bucket_ids.get((g, us[j][0]), []))
         ops.append({"op": "grad_wait"})
-        schedule.append(ops)
+        schedule.append([_fed(op, messages) for op in ops])
     return schedule
+
+
+def _fed(op, messages):
+    """The image's pieces come from the data source (the launcher streams
+    every device its own, batches ahead), not from rank 0 at the start of
+    the step: an ``input`` op where the receiver's ``recv`` would be."""
+    if op["op"] == "recv" and messages[op["msg"]]["tensor"] == -1:
+        return {"op": "input", "msg": op["msg"]}
+    return op

@@ -87,11 +87,8 @@ def with_memory(cands, memory):
 
 
 def free_memory(cands):
-    """Per device: memory less what every plan puts there: the process and,
-    on rank 0, the batch's images."""
-    m = cands.model
-    return [d.memory_bytes - d.profile.process_overhead_bytes - (m.rank0_bytes if r == 0 else 0)
-            for r, d in enumerate(m.devices)]
+    """Per device: memory less what every plan puts there: the process."""
+    return [d.memory_bytes - d.profile.process_overhead_bytes for d in cands.model.devices]
 
 
 def distances(cands, prices):

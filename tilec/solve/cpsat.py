@@ -106,13 +106,12 @@ class PlanModel:
             model.add(sum(moves_in.get(node, [])) == sum(leave.get(node, [])))
 
         # memory per device
-        cm = cands.model
         self.slack = model.new_int_var(0, _kib(sum(d.memory_bytes for d in devices)) * 4, "slack") if overrun else 0
         # two workspaces per device: the tiles' shared scratch, and the tail groups' temporaries
         pools = sorted({_pool(g) for g in groups})
         self.work = []
         for d, dev in enumerate(devices):
-            const = dev.profile.process_overhead_bytes + (cm.rank0_bytes if d == 0 else 0)
+            const = dev.profile.process_overhead_bytes
             cap = dev.memory_bytes // KIB
             work = {}
             for pool in pools:
