@@ -183,7 +183,7 @@ class CostModel:
                 g.entry_s = self.entry_seconds(g)
                 # each tile's piece of the image, this step's and those the launcher streams ahead
                 unit = (BATCHES_AHEAD + 1) * self.batch * self.program[0]["in_shape"][0] * self.itemsize
-                for (r0, r1, c0, c1), d in zip(g.input_rects, g.devices):
+                for (r0, r1, c0, c1), d in zip(g.input_rects.tolist(), g.devices):
                     g.kept[d] += (r1 - r0 + 1) * (c1 - c0 + 1) * unit
                     g.kept_recompute[d] += (r1 - r0 + 1) * (c1 - c0 + 1) * unit
             elif layout is not None:
