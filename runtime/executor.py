@@ -88,7 +88,8 @@ def input_messages(plan, rank):
     out = []
     for op in plan["schedule"][rank]:
         if op["op"] == "input":
-            box = Region.of((plan["messages"][op["msg"]]["rows"], plan["messages"][op["msg"]]["cols"]))
+            m = plan["messages"][op["msg"]]
+            box = Region.of((m["rows"], m["cols"]))
             out.append((op["msg"], (plan["batch"], c, box.height, box.width)))
     return out
 
@@ -270,10 +271,12 @@ class RankExecutor:
         the loss. Returns the loss there, else None."""
         self.step_no += 1
         if inputs is None and images is not None:
-            inputs = {k: input_piece(images, self.plan["messages"][k]) for k, _ in input_messages(self.plan, self.rank)}
+            inputs = {k: input_piece(images, self.plan["messages"][k])
+                      for k, _ in input_messages(self.plan, self.rank)}
         self.inputs, self.target, self.loss = inputs or {}, target, None
-        run = {"send": self._send, "recv": self._recv, "input": self._input, "conv_fwd": self._conv_fwd, "bn_stats": self._bn_stats,
-               "epi_fwd": self._epi_fwd, "pool_fwd": self._pool_fwd, "recompute": self._recompute,
+        run = {"send": self._send, "recv": self._recv, "input": self._input, "conv_fwd": self._conv_fwd,
+               "bn_stats": self._bn_stats, "epi_fwd": self._epi_fwd, "pool_fwd": self._pool_fwd,
+               "recompute": self._recompute,
                "grad_zero": self._grad_zero, "epi_bwd": self._epi_bwd, "bn_grad": self._bn_grad,
                "conv_bwd": self._conv_bwd, "pool_bwd": self._pool_bwd, "tail_fwd": self._tail_fwd,
                "tail_bwd": self._tail_bwd, "grad_start": self._grad_start, "grad_wait": self._grad_wait,

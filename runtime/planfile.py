@@ -153,9 +153,9 @@ def _check_buckets(plan):
             raise ProgramError(f"bucket {b}: bad reduce {reduce!r}")
 
 
-OPS = {"send": ("msg",), "recv": ("msg",), "input": ("msg",), "conv_fwd": ("group", "unit"), "epi_fwd": ("group", "unit"),
-       "pool_fwd": ("group", "unit"), "bn_stats": ("group", "unit", "layer"), "recompute": ("group",),
-       "grad_zero": (), "epi_bwd": ("group", "unit"), "bn_grad": ("group", "unit", "layer"),
+OPS = {"send": ("msg",), "recv": ("msg",), "input": ("msg",), "conv_fwd": ("group", "unit"),
+       "epi_fwd": ("group", "unit"), "pool_fwd": ("group", "unit"), "bn_stats": ("group", "unit", "layer"),
+       "recompute": ("group",), "grad_zero": (), "epi_bwd": ("group", "unit"), "bn_grad": ("group", "unit", "layer"),
        "conv_bwd": ("group", "unit"), "pool_bwd": ("group", "unit"), "tail_fwd": ("group",),
        "tail_bwd": ("group",), "grad_start": ("bucket",), "grad_wait": (), "chan_fwd": ("group", "layer"),
        "chan_reduce": ("group", "layer"), "chan_post": ("group", "layer"), "chan_post_bwd": ("group", "layer"),
