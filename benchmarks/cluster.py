@@ -79,21 +79,25 @@ def parallel_capacity(seconds=2.0):
 # -- tilec ---------------------------------------------------------------------------------
 
 
-def tilec_job(graph, devices, batch, steps, kernel_source, threads):
-    """One job on ``devices`` local workers of ``threads`` kernel threads each;
-    returns (plan, per-step records)."""
+def tilec_plan(graph, devices, batch, threads):
+    """The plan for ``devices`` local workers of ``threads`` kernel threads each."""
     from tilec.cluster import local_profile, uniform_cluster
     from tilec.compile import compile_plan
+    cluster = uniform_cluster(local_profile(), devices, threads=threads)
+    return compile_plan(graph, cluster=cluster, batch=batch, dtype="float32")
+
+
+def tilec_job(graph, plan, batch, steps, kernel_source, threads):
+    """One job of ``plan`` on local workers of ``threads`` kernel threads
+    each; returns the per-step records."""
     from tilec_runtime import data, launch, weights
     program = graph.to_program()
-    cluster = uniform_cluster(local_profile(), devices, threads=threads)
-    plan = compile_plan(graph, cluster=cluster, batch=batch, dtype="float32")
     params, buffers = weights.init_params(program, 0, "float32")
     batches = data.generated_batches(program, batch, 0, "float32")
     records = []
     launch.train_local(plan, params, buffers, batches, steps=steps, threads=threads, on_metrics=records.append,
                        kernel_source=kernel_source, timeout=600)
-    return plan, records[1:]
+    return records[1:]
 
 
 def summarise_tilec(records):
@@ -238,12 +242,15 @@ def main():
     only = set(args.only.split(",")) if args.only else None
     runs_wanted = [r for r in RUNS if only is None or r[1] in only]
     graphs = {model: load_graph(model, folder) for _, model, _, _, _ in runs_wanted}
+    # compiled once, before the rounds: the solver's answer may differ between
+    # calls, and every round and the simulation should see the same plan
+    plans = {name: tilec_plan(graphs[model], devices, batch, threads)
+             for name, model, batch, devices, threads in runs_wanted}
     capacity_before = parallel_capacity()
-    runs, plans = {}, {}
+    runs = {}
     for rnd in range(args.rounds):
         for name, model, batch, devices, threads in runs_wanted:
-            plan, records = tilec_job(graphs[model], devices, batch, args.steps, kernel_source, threads)
-            plans[name] = plan
+            records = tilec_job(graphs[model], plans[name], batch, args.steps, kernel_source, threads)
             runs.setdefault(name, []).append(summarise_tilec(records))
             print(f"round {rnd + 1}: {name}: {[round(r[0]['step_s'], 3) for r in records]}", file=sys.stderr)
         if not args.no_torch and (only is None or "tiny416" in only):

@@ -96,9 +96,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TINY416 = REPO.parent / "shared" / "models" / "tiny416.cfg"
-if not TINY416.is_file():
-    TINY416 = Path("/work/shared/models/tiny416.cfg")
 
 SUBNET = "169.254.91"
 PORT, SERVE_PORT = 7700, 7790
@@ -111,24 +108,24 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 SSE = ["--lr", "1e-6"]  # tiny416's sum-of-squares cost diverges at its cfg's rate
 CONFIGS = {
     # the optimiser keeps the step on the faster device: the profile and the quota alone, no communication
-    "tiny416-25+10": (str(TINY416), 1, [0.25, 0.1], [], SSE),
+    "tiny416-25+10": ("tiny416", 1, [0.25, 0.1], [], SSE),
     "detector-small-b16-20+10+10": ("detector-small", 16, [0.2, 0.1, 0.1], [], []),
     # every device tiled by force (at these speeds a 94 Mbit/s link is slow): communication-bound
-    "tiny416-2x50-grid": (str(TINY416), 1, [0.5, 0.5], ["--grid", "1x2"], SSE),
-    "tiny416-50+20-grid": (str(TINY416), 1, [0.5, 0.2], ["--grid", "1x2"], SSE),
-    "tiny416-3x30-grid": (str(TINY416), 1, [0.3, 0.3, 0.3], ["--grid", "1x3"], SSE),
+    "tiny416-2x50-grid": ("tiny416", 1, [0.5, 0.5], ["--grid", "1x2"], SSE),
+    "tiny416-50+20-grid": ("tiny416", 1, [0.5, 0.2], ["--grid", "1x2"], SSE),
+    "tiny416-3x30-grid": ("tiny416", 1, [0.3, 0.3, 0.3], ["--grid", "1x3"], SSE),
     # Pi-class devices (a Pi 3B's four cores are about 10% of this machine's core): the optimiser's plan
-    "tiny416-2x10": (str(TINY416), 1, [0.1, 0.1], [], SSE),
-    "tiny416-3x10": (str(TINY416), 1, [0.1, 0.1, 0.1], [], SSE),
+    "tiny416-2x10": ("tiny416", 1, [0.1, 0.1], [], SSE),
+    "tiny416-3x10": ("tiny416", 1, [0.1, 0.1, 0.1], [], SSE),
     "detector-small-b16-2x10": ("detector-small", 16, [0.1, 0.1], [], []),
     "detector-small-b16-3x10": ("detector-small", 16, [0.1, 0.1, 0.1], [], []),
     # not run by default: more than one core in all (on a 2-core machine shared with other work the
     # devices then take CPU from each other and the measured ratios move with the load), or one device
     # (`tilec train --metrics` writes no per-device record for one device: no peak memory, no cpu_s)
-    "tiny416-100+40-grid": (str(TINY416), 1, [1.0, 0.4], ["--grid", "1x2"], SSE),
-    "tiny416-3x50-grid": (str(TINY416), 1, [0.5, 0.5, 0.5], ["--grid", "1x3"], SSE),
+    "tiny416-100+40-grid": ("tiny416", 1, [1.0, 0.4], ["--grid", "1x2"], SSE),
+    "tiny416-3x50-grid": ("tiny416", 1, [0.5, 0.5, 0.5], ["--grid", "1x3"], SSE),
     "detector-small-b16-100+40-grid": ("detector-small", 16, [1.0, 0.4], ["--grid", "1x2"], []),
-    "tiny416-1x10": (str(TINY416), 1, [0.1], [], SSE),
+    "tiny416-1x10": ("tiny416", 1, [0.1], [], SSE),
     "detector-small-b16-1x10": ("detector-small", 16, [0.1], [], []),
 }
 DEFAULT = ("tiny416-25+10", "detector-small-b16-20+10+10", "tiny416-2x50-grid", "tiny416-50+20-grid",
@@ -178,8 +175,8 @@ class Emulation:
     """Namespaces, shaped links and cgroups for up to ``n`` devices; every
     process started through it is killed and everything removed by close()."""
 
-    def __init__(self, n, mbps, period_us, pin, work, env):
-        self.n, self.mbps, self.period_us, self.pin, self.work, self.env = n, mbps, period_us, pin, work, env
+    def __init__(self, n, mbps, period_us, pin, env):
+        self.n, self.mbps, self.period_us, self.pin, self.env = n, mbps, period_us, pin, env
         self.tag = f"{TAG}{os.getpid()}"
         self.switch = f"{self.tag}-sw"
         self.ns = [f"{self.tag}-{i}" for i in range(n)]
@@ -490,7 +487,7 @@ def run_config(name, emu, args, work, profile, link):
         full["ops"] = op_seconds(d / "full-speed-trace.json", n, args.warmup, measured=True)
     measured["full_speed"] = full
     print(f"  measured {measured['step_s']:.3f} s per step (rank 0's median)", flush=True)
-    return {"name": name, "model": Path(model).stem if model.endswith(".cfg") else model, "batch": batch,
+    return {"name": name, "model": model, "batch": batch,
             "devices": n, "nominal_shares": shares, "compile_flags": compile_flags, "train_flags": train_flags,
             "probe": {"before": before, "after": after}, "compile_ratios": ratios,
             "busy_devices": sorted({t["device"] for g in plan_json["groups"] for t in g["tiles"]}),
@@ -548,9 +545,7 @@ def op_class(name, cat, tid, measured):
     if tid == 1:
         return "allreduce-thread" if measured or cat != "update" else "update"
     if measured:
-        if cat == "compute":
-            return kind
-        return kind  # send, recv, bn_stats, bn_grad, grad_start, grad_wait
+        return kind  # a compute kind, or send, recv, bn_stats, bn_grad, grad_start, grad_wait
     if cat in ("forward", "backward"):
         return kind
     if cat == "tail":
@@ -677,7 +672,7 @@ def main():
         return probe(float(args.probe[0]), int(args.probe[1]))
     if args.list:
         for name, (model, batch, shares, cflags, tflags) in CONFIGS.items():
-            print(f"{name:<32} {Path(model).name:<16} batch {batch:<3} shares {shares}  compile {' '.join(cflags)}"
+            print(f"{name:<32} {model:<16} batch {batch:<3} shares {shares}  compile {' '.join(cflags)}"
                   f"{'  (default)' if name in DEFAULT else ''}")
         return 0
     if os.geteuid() != 0:
@@ -704,7 +699,7 @@ def main():
     before = machine_state()
     print(f"{before['time']}: load average {' '.join(before['loadavg'])}; busy: {before['busy_processes']}",
           flush=True)
-    emu = Emulation(max(len(CONFIGS[c][2]) for c in names), args.mbps, args.period_us, args.pin, work, env)
+    emu = Emulation(max(len(CONFIGS[c][2]) for c in names), args.mbps, args.period_us, args.pin, env)
     results, failed = [], []
     try:
         if args.profile:

@@ -51,7 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MODELS = (("yolov2", None, "YOLOv2 608"), ("yolov2-tiny", None, "YOLOv2-tiny 416"))
+MODELS = (("yolov2", "YOLOv2 608"), ("yolov2-tiny", "YOLOv2-tiny 416"))
 PAPER = {"speedup": (2.0, 15.0), "memory": 8.0, "grouping": 1.5}
 
 
@@ -83,7 +83,7 @@ def layer_by_layer(plan, graph, cluster):
                       threads=cluster.threads)
 
 
-def simulated_cell(graph, prefix, batch, n, profile, time_limit):
+def simulated_cell(graph, batch, n, profile, time_limit):
     """Speedup (over one core and over one board), memory and grouping gain of ``n`` copies of ``profile``."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import plan_with_solution
@@ -93,8 +93,7 @@ def simulated_cell(graph, prefix, batch, n, profile, time_limit):
     cluster = uniform_cluster(profile, n)
     t0 = time.perf_counter()
     try:
-        plan, _, model = plan_with_solution(graph, devices=n, cluster=cluster, batch=batch, tiled_prefix=prefix,
-                                            time_limit=time_limit)
+        plan, _, model = plan_with_solution(graph, devices=n, cluster=cluster, batch=batch, time_limit=time_limit)
     except PlanError as exc:
         needed = getattr(exc, "needed_bytes", None)
         return {"devices": n, "fits": False, "why": str(exc).splitlines()[0], "needed_bytes": needed,
@@ -108,7 +107,8 @@ def simulated_cell(graph, prefix, batch, n, profile, time_limit):
     each = layer_by_layer(plan, graph, cluster)
     each_fits = all(p <= d.memory_bytes for p, d in zip(peak_bytes(each, cluster), cluster.devices))
     step_each = simulate(each, cluster, keep_events=False).step_s
-    return {"devices": n, "fits": max(peaks) <= profile.memory_bytes, "step_s": step, "one_core_s": one_core,
+    # plan_with_solution raised PlanError above unless every device's peak_bytes fits its memory
+    return {"devices": n, "fits": True, "step_s": step, "one_core_s": one_core,
             "speedup": one_core / step, "memory_bytes": max(peaks), "peak_bytes": peaks, "compile_s": compile_s,
             "step_each_s": step_each, "each_fits": each_fits, "grouping": step_each / step if each_fits else None,
             "groups": [g["layers"] for g in plan["groups"] if g["kind"] == "tiled"], "tail": tail_of(plan)}
@@ -129,14 +129,14 @@ def simulate_all(batches, max_devices, profile_name, time_limit, log):
     from tilec.profiles import load_profile
     profile = load_profile(profile_name)
     rows = []
-    for name, prefix, label in MODELS:
+    for name, label in MODELS:
         graph = load_model(name)
         for batch in batches:
             t0 = time.perf_counter()
             board_s, base = one_board(graph, batch, profile, time_limit)
-            cells = [simulated_cell(graph, prefix, batch, n, profile, time_limit) for n in range(1, max_devices + 1)]
+            cells = [simulated_cell(graph, batch, n, profile, time_limit) for n in range(1, max_devices + 1)]
             for c in cells:
-                if "memory_bytes" in c:
+                if c["fits"]:
                     c["memory_reduction"] = base / c["memory_bytes"]
                     c["speedup_board"] = board_s / c["step_s"]
             rows.append({"model": name, "label": label, "batch": batch, "one_device_memory_bytes": base,
@@ -166,12 +166,12 @@ def measurable(name):
     return parse_cfg(sse, path=f"{name}.cfg"), "[cost] sse in place of [region] (the workers do not take boxes yet)"
 
 
-def measured_job(graph, prefix, devices, batch, steps, kernels):
+def measured_job(graph, devices, batch, steps, kernels):
     """(median step s, peak RSS per worker, predicted memory per device) of one local job."""
     from tilec.compile import compile_plan
     from tilec_runtime import data, launch, weights
     program = graph.to_program()
-    plan = compile_plan(graph, devices=devices, batch=batch, dtype="float32", tiled_prefix=prefix)
+    plan = compile_plan(graph, devices=devices, batch=batch, dtype="float32")
     params, buffers = weights.init_params(program, 0, "float32")
     batches = data.generated_batches(program, batch, 0, "float32")
     records = []
@@ -194,7 +194,7 @@ def measure_all(batches, steps, kernels, log):
     capacity = parallel_capacity()
     log(f"usable parallelism of this machine: {capacity:.2f} (2.0 = two free cores)")
     rows = []
-    for name, prefix, label in MODELS:
+    for name, label in MODELS:
         graph, note = measurable(name)
         if note:
             log(f"{label}: measured with {note}")
@@ -202,7 +202,7 @@ def measure_all(batches, steps, kernels, log):
             row = {"model": name, "label": label, "batch": batch, "note": note}
             for n in (1, 2):
                 t0 = time.perf_counter()
-                row[f"w{n}"] = measured_job(graph, prefix, n, batch, steps, kernels)
+                row[f"w{n}"] = measured_job(graph, n, batch, steps, kernels)
                 log(f"measured {label} batch {batch} on {n} worker(s): {row[f'w{n}']['step_s']:.2f} s/step "
                     f"({time.perf_counter() - t0:.0f} s)")
             row["speedup"] = row["w1"]["step_s"] / row["w2"]["step_s"]
@@ -234,7 +234,7 @@ def markdown(sim, meas, paper=PAPER):
                 cells.append(f"{c['speedup']:.1f}x, {c['speedup_board']:.1f}x board / {_mb(c['memory_bytes'])} "
                              f"({c['memory_reduction']:.1f}x)")
             else:
-                need = c.get("needed_bytes") or c.get("memory_bytes")
+                need = c["needed_bytes"]
                 cells.append(f"does not fit (needs {_mb(need)})" if need else "does not fit")
         gains = [c["grouping"] for c in row["cells"] if c["fits"] and c["devices"] > 1 and c["grouping"]]
         grouping = f"{min(gains):.2f}-{max(gains):.2f}x" if gains else "-"

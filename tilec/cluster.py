@@ -213,9 +213,10 @@ def local_profile(measure_if_missing=True):
     path = local_profile_path()
     stale = None
     if path.is_file():
+        from tilec.profile_measure import fingerprint
         try:
             profile = load_profile(path)
-            if _measured_here(path):
+            if profile.raw.get("measured_with") == fingerprint():
                 return profile
             stale = ProfileError(f"{path}: measured with another machine, Python, numpy or kernels")
         except ProfileError as exc:  # written by an older tilec, or damaged: measure again
@@ -228,18 +229,6 @@ def local_profile(measure_if_missing=True):
     data = measure_profile(quick=True)
     write_profile(data, path)
     return profile_from_dict(data, str(path))
-
-
-def _measured_here(path):
-    """Whether the cached profile at ``path`` was measured on this machine
-    with this Python, numpy and kernels (its ``measured_with``)."""
-    import json
-
-    from tilec.profile_measure import fingerprint
-    try:
-        return json.loads(Path(path).read_text()).get("measured_with") == fingerprint()
-    except (OSError, ValueError):
-        return False
 
 
 def plan_cluster(plan):

@@ -32,6 +32,7 @@ Only raw bytes travel (nothing is unpickled), and a request may not exceed
 ``MAX_PAYLOAD``, so a stray client cannot make the server allocate much.
 """
 import datetime
+import functools
 import itertools
 import os
 import platform
@@ -282,6 +283,15 @@ def _usable_memory_mb():
 
 def fingerprint(dtype="float32"):
     """What a profile of this machine was measured with; a change means measuring again."""
+    from tilec.codegen.render import templates_dir
+    # rendering every template takes 60-100 ms, and only the templates folder
+    # (TILEC_TEMPLATES) can change within a process; a copy, so callers
+    # cannot alter the cached dict
+    return dict(_fingerprint(dtype, templates_dir()))
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(dtype, folder):
     from tilec.codegen.render import render_module
     from tilec_runtime.native import cpu_id
     import hashlib
@@ -427,7 +437,6 @@ def start_loopback_server():
 def _busy(stop):
     """Keep one core busy as a worker's kernels do: GIL-free calls of about
     a millisecond with a little Python between them."""
-    import numpy as np
     x = np.ones(1 << 18, np.float32)
     while not stop.is_set():
         for _ in range(8):
@@ -447,8 +456,6 @@ def measure_transport(pings=100, payload=4 << 20, rounds=5, busy=None):
     take one from compute: measured with ``busy`` threads (default: one per
     core) computing throughout. Idle, this machine's loopback measured 3-5x
     faster than what workers then met in their traces."""
-    import numpy as np
-
     from tilec_runtime.auth import choose_mac, mac_speeds
     from tilec_runtime.transport import Channel, Kind, Link, Mailbox, Spec
     speeds = mac_speeds()

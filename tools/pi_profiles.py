@@ -91,8 +91,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from tilec_runtime.files import atomic_json, atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_FILE = Path(__file__).resolve().parent / "pi_profiles_host.json"
@@ -423,14 +424,14 @@ BOARDS = {
 def measure_sgemm(n=1024, reps=10):
     """Single-core SGEMM GFLOP/s: numpy float32 ``n``^3 matmul, BLAS on one thread, best of ``reps``."""
     import numpy as np
+    from tilec.profile_measure import _time
     from tilec_runtime.blas_threads import limit_blas_threads
     if not limit_blas_threads(1):
         raise SystemExit("pi_profiles: no OpenBLAS found to limit to one thread; the SGEMM would not be one core")
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
     c = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=c)  # warm-up
-    best = min(_timed(lambda: np.matmul(a, b, out=c)) for _ in range(reps))
+    best = _time(lambda: np.matmul(a, b, out=c), 0, reps)[0]
     return 2 * n ** 3 / best / 1e9
 
 
@@ -438,10 +439,10 @@ def measure_memcpy(mib=64, reps=10):
     """Single-core memcpy MB/s (1 MB = 1e6 bytes): numpy copyto of a ``mib`` MiB float32 array, bytes
     copied per second (like tinymembench's memcpy), best of ``reps``."""
     import numpy as np
+    from tilec.profile_measure import _time
     n = mib * (1 << 20) // 4
     src, dst = np.ones(n, np.float32), np.zeros(n, np.float32)
-    np.copyto(dst, src)  # first touch
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(reps))
+    best = _time(lambda: np.copyto(dst, src), 0, reps)[0]  # its warm-up call is the first touch
     return n * 4 / best / 1e6
 
 
@@ -462,12 +463,6 @@ def measure_7zip(runs=4):
     return {"rating": max(r["rating_per_usage"] for r in runs_out), "runs": runs_out, "version": version,
             "command": f"{Path(exe).name} b -mmt=1",
             "how": "best over the runs of the Tot: line's R/U (the rating at 100 % CPU usage)"}
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _cpu_model():
@@ -711,7 +706,7 @@ def main(argv=None):
     host_path = Path(args.host)
     if args.measure:
         host = measure_host()
-        host_path.write_text(json.dumps(host, indent=1) + "\n")
+        atomic_json(host_path, host, indent=1)
         print(f"pi_profiles: wrote {host_path}")
     host = json.loads(host_path.read_text())
     out = Path(args.out)
@@ -727,7 +722,7 @@ def main(argv=None):
                 stale.append(board)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(profile_text(data))
+        atomic_write(path, profile_text(data))
         r_gemm, r_mem, r_scalar = ratios(host, board)
         conv = data["kernels"]["conv"]["forward"]
         print(f"pi_profiles: {path}  r_gemm {r_gemm:.1f}  r_mem {r_mem:.1f}  r_scalar {r_scalar:.1f}  conv fwd "

@@ -9,7 +9,6 @@ Cython and scipy versions (the BLAS declarations come from scipy's .pxd).
 import os
 import subprocess
 import sys
-import time
 
 from tilec.codegen.errors import CodegenError
 from tilec_runtime.build_cache import digest, entry_dir, file_lock
@@ -19,8 +18,8 @@ from tilec_runtime.files import atomic_path, atomic_write
 class CSource:
     """C source of a module and whether this call ran Cython."""
 
-    def __init__(self, module, text, generated, seconds):
-        self.module, self.text, self.generated, self.seconds = module, text, generated, seconds
+    def __init__(self, module, text, generated):
+        self.module, self.text, self.generated = module, text, generated
 
 
 def _versions():
@@ -32,7 +31,6 @@ def _versions():
 def cythonize(module, pyx_source, on_compile=None):
     """The C translation of ``pyx_source`` as module ``module`` (cached).
     ``on_compile()`` is called just before Cython runs."""
-    t0 = time.perf_counter()
     try:
         versions = _versions()
     except ImportError as exc:
@@ -52,6 +50,6 @@ def cythonize(module, pyx_source, on_compile=None):
                         raise CodegenError(f"Cython failed on the generated {module}.pyx (in {folder}):\n"
                                            + (proc.stderr or proc.stdout)[-4000:])
                 with open(c_path) as f:
-                    return CSource(module, f.read(), True, time.perf_counter() - t0)
+                    return CSource(module, f.read(), True)
     with open(c_path) as f:
-        return CSource(module, f.read(), False, time.perf_counter() - t0)
+        return CSource(module, f.read(), False)
