@@ -98,8 +98,11 @@ def handshake(sock, key, *, role, ident, plan="", initiator):
     """Authenticate both ends of ``sock`` (which should have a timeout).
     Returns the other side's ``Hello``; raises AuthError (after telling the
     other side why, where that is safe) or a transport error."""
+    # one reading for both the HELLO and the choice below, so this end picks
+    # from the very speeds the other end saw
+    speeds = mac_speeds()
     mine = as_bytes({"role": role, "id": str(ident), "plan": plan, "nonce": secrets.token_hex(NONCE_BYTES),
-                     "mac": mac_speeds()})
+                     "mac": speeds})
     if initiator:
         send_frame(sock, Kind.HELLO, 0, 0, mine)
         frame = read_expected(sock, _HELLO)
@@ -130,7 +133,7 @@ def handshake(sock, key, *, role, ident, plan="", initiator):
     session = _mac(key, b"session", transcript)
     keys = {side: hmac.new(session, side, hashlib.sha256).digest() for side in (b"initiator", b"acceptor")}
     mine_key, their_key = (b"initiator", b"acceptor") if initiator else (b"acceptor", b"initiator")
-    theirs.channel = Channel(sock, keys[mine_key], keys[their_key], choose_mac(mac_speeds(), theirs["mac"]))
+    theirs.channel = Channel(sock, keys[mine_key], keys[their_key], choose_mac(speeds, theirs["mac"]))
     return theirs
 
 
@@ -139,11 +142,15 @@ def mac_speeds():
     SHA-256 runs on the CPU's SHA instructions where it has them (x86,
     newer Arm), many times faster than BLAKE2b; without them (a Raspberry Pi
     3 or 4) BLAKE2b is the faster."""
+    global _SPEEDS
     if not _SPEEDS:
-        data = bytes(1 << 18)
+        # measured into a local dict and published whole: handshakes run on
+        # parallel threads, and one must never read a half-filled table
+        data, speeds = bytes(1 << 18), {}
         for name in MACS:
             best = min(_time_mac(name, data) for _ in range(3))
-            _SPEEDS[name] = round(len(data) / max(best, 1e-9) / 1e6, 1)
+            speeds[name] = round(len(data) / max(best, 1e-9) / 1e6, 1)
+        _SPEEDS = speeds
     return dict(_SPEEDS)
 
 

@@ -43,7 +43,7 @@ from tilec_runtime.fused import TileStep
 from tilec_runtime.geometry import Region
 from tilec_runtime.kernel_set import Kernels
 from tilec_runtime.lower import lower_rank, scratch_bytes
-from tilec_runtime.program import buffer_shapes, decays, param_shapes
+from tilec_runtime.program import buffer_shapes, decays, message_shape, param_shapes
 from tilec_runtime.tailstep import ChannelGroup, WholeGroup
 
 
@@ -96,8 +96,7 @@ def input_messages(plan, rank):
 
 def input_piece(images, m):
     """The view of message ``m``'s rectangle in the whole batch ``images``."""
-    rs, cs = Region.of((m["rows"], m["cols"])).within(Region.whole(*images.shape[2:]))
-    return images[:, :, rs, cs]
+    return Region.of((m["rows"], m["cols"])).view(images, Region.whole(*images.shape[2:]))
 
 
 def cut(array, piece):
@@ -108,6 +107,19 @@ def cut(array, piece):
     index = [slice(None)] * array.ndim
     index[axis] = slice(start, stop)
     return array[tuple(index)]
+
+
+def place(out, key, array, piece, shape):
+    """Put a holder's ``array`` of ``key`` into ``out``: as the whole array
+    (``piece`` None), or as its slice ``piece`` of the whole, of ``shape``,
+    that the members' slices fill in."""
+    if piece is None:
+        out[key] = array
+        return
+    whole = out.get(key)
+    if whole is None:
+        whole = out[key] = np.zeros(shape, array.dtype)
+    cut(whole, piece)[...] = array
 
 
 def momentum_holders(plan, rank):
@@ -159,6 +171,8 @@ class RankExecutor:
         self.lr, self.momentum = float(opt["lr"]), float(opt.get("momentum", 0.0))
         self.decay = float(opt.get("decay", 0.0))
         self._momentum = np.array(self.momentum, self.dtype)
+        # the image pieces this rank cuts when given the whole batch
+        self.input_ids = [k for k, _ in input_messages(plan, rank)]
         self._tiles(plan, rank, threads=self.threads)
         self._tail(plan, rank)
         self._messages(plan, rank)
@@ -219,12 +233,7 @@ class RankExecutor:
                                                  t != plan["groups"][self.producer[t]]["layers"][1]):
                     self.copy_at_recv.add(k)
             elif m["sender"] == rank and m["tensor"] >= 0:  # (the image's pieces come from the data source)
-                t = m["tensor"]
-                c = self.program[t]["out_shape"][0]
-                if "channels" in m:
-                    c = m["channels"][1] - m["channels"][0] + 1
-                box = Region.of((m["rows"], m["cols"]))
-                self.staging[k] = np.empty((self.batch, c, box.height, box.width), self.dtype)
+                self.staging[k] = np.empty(message_shape(self.program, m, self.batch), self.dtype)
 
     def _source(self, m):
         """(array, the region it covers, its first channel) that message ``m`` is cut from on its sender."""
@@ -271,24 +280,16 @@ class RankExecutor:
         the loss. Returns the loss there, else None."""
         self.step_no += 1
         if inputs is None and images is not None:
-            inputs = {k: input_piece(images, self.plan["messages"][k])
-                      for k, _ in input_messages(self.plan, self.rank)}
+            inputs = {k: input_piece(images, self.plan["messages"][k]) for k in self.input_ids}
         self.inputs, self.target, self.loss = inputs or {}, target, None
-        run = {"send": self._send, "recv": self._recv, "input": self._input, "conv_fwd": self._conv_fwd,
-               "bn_stats": self._bn_stats, "epi_fwd": self._epi_fwd, "pool_fwd": self._pool_fwd,
-               "recompute": self._recompute,
-               "grad_zero": self._grad_zero, "epi_bwd": self._epi_bwd, "bn_grad": self._bn_grad,
-               "conv_bwd": self._conv_bwd, "pool_bwd": self._pool_bwd, "tail_fwd": self._tail_fwd,
-               "tail_bwd": self._tail_bwd, "grad_start": self._grad_start, "grad_wait": self._grad_wait,
-               "chan_fwd": self._chan_fwd, "chan_reduce": self._chan_reduce, "chan_post": self._chan_post,
-               "chan_post_bwd": self._chan_post_bwd, "chan_bwd": self._chan_bwd}
         events = self.events
-        for op in self.ops:
+        for op in self.ops:  # op "x" runs method _x (planfile.OPS lists the names a plan may use)
+            run = getattr(self, "_" + op["op"])
             if events is None:
-                run[op["op"]](op)
+                run(op)
             else:
                 t0 = time.perf_counter()
-                run[op["op"]](op)
+                run(op)
                 events.append((op, t0, time.perf_counter()))
         self.inputs = self.target = None
         return self.loss

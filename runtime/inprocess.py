@@ -9,9 +9,7 @@ import threading
 import time
 
 from tilec_runtime.comm import InProcessHub, PeerLost
-import numpy as np
-
-from tilec_runtime.executor import RankExecutor, cut, holdings
+from tilec_runtime.executor import RankExecutor, cut, holdings, place
 from tilec_runtime.program import buffer_shapes, param_shapes
 
 
@@ -41,13 +39,7 @@ def gather_state(executors):
         for out, arrays, held in ((params, ex.params, ex.pieces), (buffers, ex.buffers, ex.buffer_pieces),
                                   (momentum, ex.velocity, ex.pieces)):
             for key, array in arrays.items():
-                if held[key] is None:
-                    out[key] = array
-                else:
-                    whole = out.get(key)
-                    if whole is None or whole.shape != tuple(shapes[key]):
-                        whole = out[key] = np.zeros(shapes[key], array.dtype)
-                    cut(whole, held[key])[...] = array
+                place(out, key, array, held[key], shapes[key])
     return params, buffers, momentum
 
 

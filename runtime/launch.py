@@ -23,7 +23,7 @@ import numpy as np
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.errors import RuntimeFault
-from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece
+from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece, place
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
 from tilec_runtime.worker import (BUILD_TIMEOUT, FIRST_PIECE, LISTENING, MAX_METRICS_BYTES,
@@ -85,6 +85,7 @@ class Job:
         self.table = state_table(plan["program"])
         # what each rank reports: the state no lower rank holds as well
         self.owned = [owned(plan, r, has_momentum(plan)) for r in range(self.n)]
+        self.held = [pieces(plan, r) for r in range(self.n)]  # (read for every STATE frame)
         self.mailbox = Mailbox()
         self.socks, self.links = [], {}
         self.step = 0  # the step in progress (0-based), for messages
@@ -123,7 +124,7 @@ class Job:
                     "first_step": first_step, "steps": steps, "timeout": self.timeout, "state_every": state_every,
                     "momentum": send_momentum, "kernel_source": kernel_source, "threads": threads, "trace": bool(trace),
                     "lr": [[int(a), float(b)] for a, b in (lr or [])], "plan": plan}))
-                held = pieces(plan, r)
+                held = self.held[r]
                 for index in holdings(plan, r, send_momentum):
                     section, key, shape = self.table[index]
                     array = sections[section].get(key)
@@ -162,14 +163,14 @@ class Job:
         return False
 
     def _expect(self, rank):
-        mine = set(self.owned[rank])
+        mine, held = set(self.owned[rank]), self.held[rank]
         seen = set()
 
         def expect(kind, step, tensor):
             if kind == Kind.METRICS and tensor == 0 and self.first <= step < self.done_step:
                 spec = text_spec(MAX_METRICS_BYTES)
             elif kind == Kind.STATE and tensor in mine and step in self.reports:
-                spec = state_spec(self.plan, tensor, rank)
+                spec = state_spec(self.plan, tensor, held.get(tensor))
             elif kind == Kind.DONE and step == self.done_step and tensor == 0:
                 spec = EMPTY
             elif kind == Kind.ERROR:
@@ -256,16 +257,10 @@ class Job:
     def collect(self, done):
         """(params, buffers, momentum) reported after ``done`` steps."""
         out = {"param": {}, "buffer": {}, "momentum": {}}
-        for r in range(self.n):
-            held = pieces(self.plan, r)
+        for r, held in enumerate(self.held):
             for index in self.owned[r]:
                 section, key, shape = self.table[index]
-                array = self.wait(r, Kind.STATE, done, index)
-                if held[index] is None:
-                    out[section][key] = array
-                else:  # a slice of a layer split by channels: the members' slices make the whole
-                    whole = out[section].setdefault(key, np.zeros(shape, self.plan["dtype"]))
-                    cut(whole, held[index])[...] = array
+                place(out[section], key, self.wait(r, Kind.STATE, done, index), held[index], shape)
         return out["param"], out["buffer"], out["momentum"]
 
     def abort(self, message):

@@ -11,7 +11,7 @@ import os
 
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.files import atomic_json
-from tilec_runtime.program import validate as validate_program
+from tilec_runtime.program import tensor_shape, validate as validate_program
 
 FORMAT = "tilec-plan"
 VERSION = 3  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops
@@ -111,10 +111,6 @@ def _check_tail(program, g, group):
         raise ProgramError(f"group {g}: bad tail mode {mode!r}")
 
 
-def _shape_of(program, tensor):
-    return program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
-
-
 def _check_messages(plan):
     program, groups, ndev = plan["program"], plan["groups"], len(plan["devices"])
     for k, m in enumerate(plan["messages"]):
@@ -129,7 +125,7 @@ def _check_messages(plan):
         t = m.get("tensor")
         if not isinstance(t, int) or not -1 <= t < len(program) or (t == -1 and m["phase"] != "forward"):
             raise ProgramError(f"{where}: bad tensor {t!r}")
-        c, h, w = _shape_of(program, t)
+        c, h, w = tensor_shape(program, t)
         if "channels" in m:
             _range(m["channels"], c, f"{where} channels")
         _range(m.get("rows"), h, f"{where} rows")

@@ -58,6 +58,20 @@ def pads_of(layer):
     return (top, rest, top, rest)
 
 
+def tensor_shape(program, t):
+    """(C, H, W) of tensor ``t``: layer ``t``'s output, or the image (-1)."""
+    return program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]
+
+
+def message_shape(program, m, batch):
+    """(B, C, h, w) of message ``m``: its channels (all of its tensor's
+    unless it names a range) of its rectangle."""
+    c = tensor_shape(program, m["tensor"])[0]
+    if "channels" in m:
+        c = m["channels"][1] - m["channels"][0] + 1
+    return (batch, c, m["rows"][1] - m["rows"][0] + 1, m["cols"][1] - m["cols"][0] + 1)
+
+
 def param_shapes(layer):
     """{key: shape} of the trainable parameters of a layer (state-dict keys)."""
     i, kind = layer["index"], layer["kind"]

@@ -25,15 +25,12 @@ is whole on the member that holds those weights: nothing else is reduced.
 Everything here is plain integer arithmetic on the program, so the planner
 (messages, memory, costs) and every device (which slices it holds) agree.
 """
-from math import prod
+# members' channels are cut into nearly equal parts by the same rule as a ring's chunks (the planner
+# calls it by this name)
+from tilec_runtime.collectives import chunk_bounds as part_bounds
 
 SPLITTABLE = ("conv", "connected", "maxpool", "avgpool")
 WEIGHTED = ("conv", "connected")
-
-
-def part_bounds(n, k):
-    """Start offsets of ``k`` nearly equal parts of ``n`` items, and the end."""
-    return [n * i // k for i in range(k + 1)]
 
 
 def roles(program, first, last):
@@ -96,11 +93,11 @@ def reduce_shape(program, layer, phase, batch):
     return (batch, *(layer["out_shape"] if phase == "forward" else layer["in_shape"]))
 
 
-def input_bounds(program, layer, k, held_in):
+def input_bounds(layer, held_in):
     """Bounds of a B layer's input that each member holds, in the layer's
     own input features: channels for a conv, flattened C*H*W positions for
     a connected layer (channel-major, so a channel range is contiguous)."""
-    c, h, w = layer["in_shape"]
+    _, h, w = layer["in_shape"]
     scale = 1 if layer["kind"] == "conv" else h * w
     return [b * scale for b in held_in]
 
@@ -126,7 +123,7 @@ def param_slices(program, first, last, k):
                 out[f"{i}.fc.weight"] = (0, bounds)
                 out[f"{i}.fc.bias"] = (0, bounds)
         elif r[i] == "B":
-            bounds = input_bounds(program, layer, k, held[prev])
+            bounds = input_bounds(layer, held[prev])
             out[f"{i}.conv.weight" if kind == "conv" else f"{i}.fc.weight"] = (1, bounds)
         prev = i
     return out
@@ -151,21 +148,3 @@ def share(program, first, last, k, member, i):
     if role == "local":
         return dict(layer, in_shape=[c, h, w], out_shape=[c, *out[1:]])
     return dict(layer, in_shape=[c, h, w])
-
-
-def shard_shape(shape, axis, bounds, member):
-    """The shape of ``member``'s slice of an array of ``shape``."""
-    shape = list(shape)
-    shape[axis] = bounds[member + 1] - bounds[member]
-    return tuple(shape)
-
-
-def take(array, axis, bounds, member):
-    """``member``'s slice of ``array`` (a view)."""
-    index = [slice(None)] * array.ndim
-    index[axis] = slice(bounds[member], bounds[member + 1])
-    return array[tuple(index)]
-
-
-def bytes_of(shape, itemsize):
-    return prod(shape) * itemsize

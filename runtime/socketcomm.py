@@ -23,7 +23,7 @@ from tilec_runtime import collectives, shards
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import Comm, PeerLost, Sent
 from tilec_runtime.errors import ProgramError
-from tilec_runtime.program import param_shapes
+from tilec_runtime.program import message_shape, param_shapes
 from tilec_runtime.transport import (FrameError, Kind, Link, Lost, Mailbox, Silent, Spec, as_bytes,
                                      await_frame, connect, heartbeat_interval, kind_name, send_frame, text_spec)
 
@@ -45,8 +45,24 @@ def ring_id(key_index, chunk):
     return key_index << 8 | chunk
 
 
-def _tensor_shape(program, t):
-    return program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]
+def _allreduce_frames(table, rank, members, dtype, shape, ring, ident, kinds, gather_id):
+    """Into ``table``: the frames ``rank`` receives in an all-reduce of
+    ``shape`` over ``members``: with ``ring`` the chunks
+    collectives.ring_allreduce takes from the predecessor (tensor ids
+    ``ring_id(ident, chunk)``), else every other member's whole array
+    (``gather_id``). ``kinds``: (reduce-scatter, all-gather, gather)."""
+    n, p = len(members), members.index(rank)
+    if ring:
+        lengths = collectives.ring_chunks(shape, n)
+        pred = members[(p - 1) % n]
+        for s in range(n - 1):
+            rs, ag = (p - s - 1) % n, (p - s) % n
+            table[(pred, kinds[0], ring_id(ident, rs))] = Spec(dtype, (lengths[rs],))
+            table[(pred, kinds[1], ring_id(ident, ag))] = Spec(dtype, (lengths[ag],))
+    else:
+        for d in members:
+            if d != rank:
+                table[(d, kinds[2], gather_id)] = Spec(dtype, tuple(shape))
 
 
 def frame_table(plan, rank):
@@ -63,11 +79,8 @@ def frame_table(plan, rank):
             m = messages[op["msg"]]
             if m["sender"] == rank:
                 continue
-            channels = _tensor_shape(program, m["tensor"])[0]
-            if "channels" in m:
-                channels = m["channels"][1] - m["channels"][0] + 1
-            shape = (batch, channels, m["rows"][1] - m["rows"][0] + 1, m["cols"][1] - m["cols"][0] + 1)
-            table[(m["sender"], Kind.FWD if m["phase"] == "forward" else Kind.BWD, op["msg"])] = Spec(dtype, shape)
+            table[(m["sender"], Kind.FWD if m["phase"] == "forward" else Kind.BWD, op["msg"])] = Spec(
+                dtype, message_shape(program, m, batch))
         elif kind in ("bn_stats", "bn_grad"):
             c = program[op["layer"]]["filters"]
             spec = Spec(F64, (1 + 2 * c,) if kind == "bn_stats" else (2 * c,))
@@ -78,37 +91,15 @@ def frame_table(plan, rank):
             members = sorted(t["device"] for t in groups[op["group"]]["tiles"])
             shape = shards.reduce_shape(program, op["layer"], op["phase"], batch)
             ident = shards.reduce_id(op["layer"], op["phase"])
-            n, p = len(members), members.index(rank)
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-            if collectives.use_ring(nbytes, n, plan["ring_min_bytes"]):
-                lengths = collectives.ring_chunks(shape, n)
-                pred = members[(p - 1) % n]
-                for s in range(n - 1):
-                    rs, ag = (p - s - 1) % n, (p - s) % n
-                    table[(pred, Kind.CHAN_RS, ring_id(ident, rs))] = Spec(dtype, (lengths[rs],))
-                    table[(pred, Kind.CHAN_AG, ring_id(ident, ag))] = Spec(dtype, (lengths[ag],))
-            else:
-                for d in members:
-                    if d != rank:
-                        table[(d, Kind.CHAN, ident)] = Spec(dtype, shape)
+            ring = collectives.use_ring(int(np.prod(shape)) * dtype.itemsize, len(members), plan["ring_min_bytes"])
+            _allreduce_frames(table, rank, members, dtype, shape, ring, ident,
+                              (Kind.CHAN_RS, Kind.CHAN_AG, Kind.CHAN), ident)
         elif kind == "grad_start":
             bucket = plan["buckets"][op["bucket"]]
-            members = bucket["members"]
-            n, p = len(members), members.index(rank)
-            pred = members[(p - 1) % n]
             shapes = {k: s for i in range(len(program)) for k, s in param_shapes(program[i]).items()}
             for key, algorithm in bucket["reduce"].items():
-                if algorithm == "ring":
-                    # the chunks collectives.ring_allreduce receives from the predecessor
-                    lengths = collectives.ring_chunks(shapes[key], n)
-                    for s in range(n - 1):
-                        rs, ag = (p - s - 1) % n, (p - s) % n
-                        table[(pred, Kind.RING_RS, ring_id(keys[key], rs))] = Spec(dtype, (lengths[rs],))
-                        table[(pred, Kind.RING_AG, ring_id(keys[key], ag))] = Spec(dtype, (lengths[ag],))
-                else:
-                    for d in members:
-                        if d != rank:
-                            table[(d, Kind.GRAD, ring_id(keys[key], 0))] = Spec(dtype, tuple(shapes[key]))
+                _allreduce_frames(table, rank, bucket["members"], dtype, shapes[key], algorithm == "ring", keys[key],
+                                  (Kind.RING_RS, Kind.RING_AG, Kind.GRAD), ring_id(keys[key], 0))
     return table
 
 

@@ -20,7 +20,7 @@ receives for it (``grad_in``) and the gradient it returns for its inputs
 import numpy as np
 
 from tilec_runtime import ops, reference, shards
-from tilec_runtime.program import pads_of
+from tilec_runtime.program import pads_of, tensor_shape
 
 
 class WholeGroup:
@@ -31,13 +31,13 @@ class WholeGroup:
         self.layers = program[first:last + 1]
         self.batch, self.dtype, self.k = batch, dtype, impl
         reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
-        self.inputs = {t: np.zeros((batch, *_shape(program, t)), dtype) for t in reads}
+        self.inputs = {t: np.zeros((batch, *tensor_shape(program, t)), dtype) for t in reads}
         only = self.layers[0] if len(self.layers) == 1 else None
         # a sum-of-squares cost straight on the tiled prefix: allocation-free
         self.native = native_kernels if (only is not None and only["kind"] == "cost"
                                          and only["inputs"] == [first - 1] and first > 0) else None
         self.acts, self.cache, self.loss = {}, None, None
-        self.grads_in, self.grads_out = {}, {}
+        self.grads_in, self.grads_out, self.no_grad = {}, {}, {}
         if self.native is not None:
             self.grads_out[first - 1] = np.zeros_like(self.inputs[first - 1])
 
@@ -46,7 +46,7 @@ class WholeGroup:
 
     def grad_in(self, t):
         if t not in self.grads_in:
-            self.grads_in[t] = np.zeros((self.batch, *_shape(self.program, t)), self.dtype)
+            self.grads_in[t] = np.zeros((self.batch, *tensor_shape(self.program, t)), self.dtype)
         return self.grads_in[t], 0
 
     def grad_out(self, t):
@@ -71,13 +71,16 @@ class WholeGroup:
     def backward(self, params, acc):
         if self.native is not None:
             return  # sse wrote the gradient with the loss
-        dout = {t: g for t, g in self.grads_in.items()}
-        grads, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, dout, impl=self.k)
+        grads, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, self.grads_in,
+                                                impl=self.k)
         for key, g in grads.items():
             acc[key] += g
         for t in self.inputs:
             if t >= 0:
-                self.grads_out[t] = dout[t] if t in dout else np.zeros_like(self.inputs[t])
+                if t not in dout and t not in self.no_grad:
+                    # an input the loss does not reach returns zeros: read only, so one array serves every step
+                    self.no_grad[t] = np.zeros_like(self.inputs[t])
+                self.grads_out[t] = dout[t] if t in dout else self.no_grad[t]
         self.cache = None
 
 
@@ -91,8 +94,12 @@ class ChannelGroup:
         self.member, self.n = member, k
         self.roles = shards.roles(program, first, last)
         self.held = shards.layouts(program, first, last, k)
-        self.slices = shards.param_slices(program, first, last, k)
-        self.inputs = {first - 1: np.zeros((batch, *_shape(program, first - 1)), dtype)}
+        # fixed by the plan: worked out once, not at every step
+        self.shares = {i: shards.share(program, first, last, k, member, i) for i in range(first, last + 1)}
+        # an A layer's input gradient is partial (all-reduced) when a split layer comes before it in the group
+        self.reduce_dx = {i: self.roles[i] == "A" and any(self.roles[p] != "local" for p in range(first, i))
+                          for i in range(first, last + 1)}
+        self.inputs = {first - 1: np.zeros((batch, *tensor_shape(program, first - 1)), dtype)}
         self.acts, self.cache, self.partial, self.partial_dx = {}, {}, {}, {}
         self.grads_in, self.grads_out = {}, {}
 
@@ -116,7 +123,7 @@ class ChannelGroup:
 
     def layer_share(self, layer):
         """The layer as this member computes it (``shards.share``)."""
-        return shards.share(self.program, self.first, self.last, self.n, self.member, layer["index"])
+        return self.shares[layer["index"]]
 
     def start_backward(self):
         for g in self.grads_in.values():
@@ -172,9 +179,6 @@ class ChannelGroup:
 
     # -- backward -----------------------------------------------------------------
 
-    def _dout(self, i):
-        return self.grads_in.get(i)
-
     def post_backward(self, i, params, acc):
         """B layer ``i``: the activation's and batch norm's (or bias's) gradient, on all channels."""
         layer, dy = self.program[i], self.grads_in[i]
@@ -216,13 +220,9 @@ class ChannelGroup:
             for key, g in grads.items():
                 acc[key] += g
             dx = dout.get(j, np.zeros_like(x))
-        if self.roles[i] == "A" and any(self.roles[p] != "local" for p in range(self.first, i)):
+        if self.reduce_dx[i]:
             self.partial_dx[j] = np.ascontiguousarray(dx)  # a partial sum: all-reduced before it joins grads_in
         elif j >= self.first:
             self.grads_in[j] = dx if j not in self.grads_in else self.grads_in[j] + dx
         else:
             self.grads_out[j] = np.ascontiguousarray(dx)  # (all-reduced in place when the group reduces its input)
-
-
-def _shape(program, t):
-    return program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]

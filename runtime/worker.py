@@ -131,10 +131,11 @@ def batch_specs(plan, rank):
     return specs
 
 
-def state_spec(plan, index, rank):
-    """What ``rank``'s STATE frame of ``index`` carries: its slice or the whole array."""
+def state_spec(plan, index, piece):
+    """What a STATE frame of ``index`` carries: the sender's slice ``piece``
+    of it (``pieces``), or the whole array (None)."""
     shape = state_table(plan["program"])[index][2]
-    return Spec(np.dtype(plan["dtype"]), piece_shape(shape, pieces(plan, rank).get(index)))
+    return Spec(np.dtype(plan["dtype"]), piece_shape(shape, piece))
 
 
 # -- memory ---------------------------------------------------------------------------
@@ -205,13 +206,13 @@ def parse_job(job):
 
 def receive_state(conn, plan, wanted, rank):
     """{section: {key: array}} from the STATE frames listed in ``wanted`` (``rank``'s slices)."""
-    table = state_table(plan["program"])
+    table, held = state_table(plan["program"]), pieces(plan, rank)
     state = {"param": {}, "buffer": {}, "momentum": {}}
     for index in wanted:
         def expect(kind, step, tensor, index=index):
             if kind != Kind.STATE or tensor != index:
                 raise FrameError(f"expected STATE {index}, got {kind_name(kind)} {tensor}")
-            return state_spec(plan, index, rank)
+            return state_spec(plan, index, held.get(index))
         frame = read_frame(conn, expect)
         section, key, _ = table[index]
         state[section][key] = frame.array
@@ -361,12 +362,12 @@ class Job:
             if array is None:
                 return None
             out[tensor] = array
-        pieces = input_messages(self.plan, self.rank)
-        return out.get(TARGET), {k: out[FIRST_PIECE + j] for j, (k, _) in enumerate(pieces)}
+        return out.get(TARGET), {k: out[FIRST_PIECE + j] for j, k in enumerate(self.piece_ids)}
 
     def _launcher_expect(self):
         """What the launcher may send during training: batches, and STOP."""
         specs = self.batch_specs = batch_specs(self.plan, self.rank)
+        self.piece_ids = [k for k, _ in input_messages(self.plan, self.rank)]  # BATCH frame FIRST_PIECE + j: piece j
         seen = set()
 
         def expect(kind, step, tensor):
