@@ -206,7 +206,7 @@ def test_the_solvers_additive_view_equals_evaluate():
             options = [gi for gi, g in enumerate(cands.groups) if g.first == b and (
                 not path or (b, cands.group_out[path[-1][0]], cands.group_layout[gi]) in moves)]
             gi = rng.choice(options)
-            rec = rng.random() < 0.3 and not hasattr(cands.groups[gi], "layout_out")
+            rec = rng.random() < 0.3 and not cands.groups[gi].is_tail
             if path:
                 t = moves[(b, cands.group_out[path[-1][0]], cands.group_layout[gi])]
                 secs += cands.transitions[t][3]

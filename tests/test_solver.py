@@ -48,7 +48,7 @@ def rank0_tail(cands):
     one-device plan has it): only the tiled prefix is left to choose."""
     program, prefix = cands.model.program, cands.prefix
     whole = {(f, l) for f, l, _ in runs(program, prefix)}
-    keep = [gi for gi, g in enumerate(cands.groups) if not hasattr(g, "layout_out")
+    keep = [gi for gi, g in enumerate(cands.groups) if not g.is_tail
             or (g.devices == (0,) and (g.first, g.last) in whole)]
     return subset(cands, keep)
 
@@ -109,7 +109,7 @@ def test_cpsat_matches_the_exhaustive_optimum_over_tail_choices(squeeze):
     stays small)."""
     def cands_for(cl):
         c, model, _ = candidates("tiny", cl, 4, 5, cuts=(5,))
-        keep = [gi for gi, g in enumerate(c.groups) if hasattr(g, "layout_out")
+        keep = [gi for gi, g in enumerate(c.groups) if g.is_tail
                 or ((g.first, g.last) in ((0, 2), (3, 4)) and tuple(g.devices) == (0, 1) and g.layout.rows == 2)]
         return subset(c, keep), model
     cands, model = cands_for(cluster(2))

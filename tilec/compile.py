@@ -136,8 +136,8 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
                 st.detail = (f"{stats['solver']}: {stats['status']}, predicted step {stats['objective_s']:.4f} s, "
                              f"gap {100 * stats['gap']:.2f}%")
             choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices), rec)
-                       for g, rec in solution.choices if not hasattr(g, "layout_out")]
-            tail_choices = [g.choice() for g, _ in solution.choices if hasattr(g, "layout_out")]
+                       for g, rec in solution.choices if not g.is_tail]
+            tail_choices = [g.choice() for g, _ in solution.choices if g.is_tail]
             plan = build_plan(program, choices, model=graph.name, batch=batch, dtype=dtype, devices=names,
                               optimizer=opt, prefix=tail_choices[0].first, threads=clus.threads, tail=tail_choices)
             # The plan's own memory (tilec.cost.memory.plan_memory, what the runtime allocates) must fit, not

@@ -34,14 +34,20 @@ class TailChoice:
     devices: list
 
 
-def runs(program, prefix):
-    """[(first, last, splittable)] covering program[prefix:]. A splittable
-    run ends where a layer's output is read by anything but the next layer
-    (a group split by channels hands on its last output only)."""
+def readers_of(program):
+    """{layer: the set of layers that read its output} (-1: the image)."""
     readers = {}
     for layer in program:
         for j in layer["inputs"]:
             readers.setdefault(j, set()).add(layer["index"])
+    return readers
+
+
+def runs(program, prefix):
+    """[(first, last, splittable)] covering program[prefix:]. A splittable
+    run ends where a layer's output is read by anything but the next layer
+    (a group split by channels hands on its last output only)."""
+    readers = readers_of(program)
     out = []
     for layer in program[prefix:]:
         i = layer["index"]
@@ -54,9 +60,9 @@ def runs(program, prefix):
     return out
 
 
-def one_device_tail(program, prefix, device=0):
-    """The whole tail on one device (rank 0 unless told)."""
-    return [TailChoice(first, last, "one", [device if ok else 0]) for first, last, ok in runs(program, prefix)]
+def one_device_tail(program, prefix):
+    """The whole tail on rank 0."""
+    return [TailChoice(first, last, "one", [0]) for first, last, _ in runs(program, prefix)]
 
 
 def flows(sources, replicated, receivers):

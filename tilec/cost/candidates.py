@@ -39,7 +39,6 @@ class Candidates:
     transitions: list = field(default_factory=list)  # (b, from layout, to layout, seconds)
     transition_bytes: list = field(default_factory=list)  # {device: staging bytes} of each transition
     group_out: list = field(default_factory=list)  # layout index each group hands its output on in
-    cuts: tuple = ()  # the boundaries where the tiled prefix may end
 
     @property
     def prefix(self):
@@ -54,9 +53,6 @@ class Candidates:
     def group_seconds(self, gi, recompute=False):
         g = self.groups[gi]
         return g.entry_s + g.seconds + (g.recompute_seconds if recompute else 0.0)
-
-
-TAIL_MODES = ("auto", "one", "channels")
 
 
 def weight_heavy_from(program, prefix):
@@ -99,19 +95,17 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
     every transition.
 
     ``max_span``: the longest tiled group considered (None: any length);
-    ``tail``: which tail groups (``TAIL_MODES``); ``cuts``: the boundaries
+    ``tail``: which tail groups ("auto", "one" or "channels", as
+    ``tilec.compile.TAILS``); ``cuts``: the boundaries
     where the tiled prefix may end (default: from the first weight-heavy
     layer to the end of the prefix).
     """
-    from tilec.cost.comm import exchange_seconds
-    from tilec.cost.model import staging
     from tilec.cost.tail import holdings
     cands = Candidates(model, list(layouts))
     prefix, program, n = model.prefix, model.program, model.n
     end = len(program)
     cuts = tuple(sorted(cuts)) if cuts is not None else tuple(range(max(1, weight_heavy_from(program, prefix)),
                                                                      prefix + 1)) if prefix else (0,)
-    cands.cuts = cuts
     for b in range(1, prefix + 1):
         for li, lay in enumerate(layouts):
             rects = model.layout_rects(lay, b - 1)
@@ -146,8 +140,7 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
             if li == lj:
                 secs, stage = 0.0, {}
             else:
-                m = model.redistribute_bytes(b, src_rects, src_devs, dst_rects, dst_devs)
-                secs, stage = 2 * exchange_seconds(m, model.devices), staging(m)
+                secs, stage = model.redistribute(b, src_rects, src_devs, dst_rects, dst_devs)
             cands.transitions.append((b, li, lj, secs))
             cands.transition_bytes.append(stage)
 

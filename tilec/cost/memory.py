@@ -47,26 +47,37 @@ def kept_bytes(layer, positions, batch, itemsize):
     return values * itemsize
 
 
-def workspace_bytes(layer, positions, batch, itemsize, width=None, threads=1):
+def workspace_bytes(layer, positions, batch, itemsize):
     """The largest transient of one forward or backward call on ``positions``
-    output positions (``width`` of them a row, default a square): a conv's
-    im2col band per thread and, on several threads, their private weight
-    gradients (``tilec_runtime.lower.workspace``, the kernels' own sizes),
-    and the gradient buffers of its output and its input."""
+    output positions (a square of them): a conv's im2col band on one thread
+    (``tilec_runtime.lower.workspace``, the kernels' own sizes), and the
+    gradient buffers of its output and its input."""
     from tilec_runtime.kernel_set import band_rows
     kind = layer["kind"]
     m = batch * positions
     if kind == "conv":
         c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
-        wo = width or max(1, round(positions ** 0.5))
+        wo = max(1, round(positions ** 0.5))
         ho = max(1, -(-positions // wo))
-        ckk, nt = c * k * k, max(1, min(threads, ho))
-        band = ckk * min(band_rows(c, k, ho, wo), ho) * wo * nt + (nt - 1) * f * ckk
+        band = c * k * k * min(band_rows(c, k, ho, wo), ho) * wo
         return itemsize * (band + m * (f + c * layer["stride"] ** 2))
     if kind == "maxpool":
         return itemsize * m * layer["in_shape"][0] * 2
     n_in, n_out = prod(layer["in_shape"]), prod(layer["out_shape"])
     return itemsize * batch * (n_in + n_out) * 2
+
+
+def tile_own_bytes(spec, batch, itemsize):
+    """What one tile keeps all step, from its lowered memory plan
+    (``tilec_runtime.lower``): its arena, its input region, its argmax arena."""
+    return itemsize * (spec["arena"] + batch * prod(spec["input"])) + ARGMAX_BYTES * spec["arg_arena"]
+
+
+def image_bytes(values, itemsize):
+    """Bytes of ``values`` image values held for this step and for each the
+    launcher streams ahead."""
+    from tilec_runtime.executor import BATCHES_AHEAD
+    return (BATCHES_AHEAD + 1) * values * itemsize
 
 
 def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
@@ -111,7 +122,8 @@ def plan_memory(plan, rank, profile=None):
     groups' inputs, activations and temporaries, ``tail_member_bytes``)."""
     import numpy as np
 
-    from tilec_runtime.executor import BATCHES_AHEAD, holdings, input_messages
+    from tilec.analysis.tiles import members_of
+    from tilec_runtime.executor import holdings, input_messages
     from tilec_runtime.lower import lower_rank, scratch_bytes
     from tilec_runtime.program import buffer_shapes
     program, batch = plan["program"], plan["batch"]
@@ -127,16 +139,16 @@ def plan_memory(plan, rank, profile=None):
                     + sum(size(bshapes[k], p) for k, p in buffers.items()))
     arenas, scratch = 0, 0
     for spec in lower_rank(plan, rank, threads).values():
-        arenas += item * (spec["arena"] + batch * prod(spec["input"])) + ARGMAX_BYTES * spec["arg_arena"]
+        arenas += tile_own_bytes(spec, batch, item)
         scratch = max(scratch, scratch_bytes(spec, item))
     arenas += scratch
     messages = sum(m["bytes"] for m in plan["messages"]
                    if m["sender"] == rank and m["receiver"] != rank and m["tensor"] >= 0)
     # its pieces of the image: this step's and those the launcher streams ahead
-    inputs = (BATCHES_AHEAD + 1) * item * sum(prod(shape) for _, shape in input_messages(plan, rank))
+    inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item)
     kept, work = 0, 0  # every tail group's activations live through backward; transients do not overlap
     for group in plan["groups"]:
-        members = sorted(t["device"] for t in group["tiles"])
+        members = members_of(group)
         if group["kind"] == "tail" and rank in members:
             part = tail_member_bytes(program, *group["layers"], group["mode"], len(members), members.index(rank),
                                      batch, item)

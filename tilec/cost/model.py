@@ -25,7 +25,6 @@ Step = sum of group times and entries + the tail's compute on rank 0 (a
 constant). Per-device memory: see :mod:`tilec.cost.memory`.
 """
 from dataclasses import dataclass, field
-from math import prod
 
 import numpy as np
 
@@ -34,8 +33,7 @@ from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import layer_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
-from tilec.cost.memory import ARGMAX_BYTES, param_count, state_bytes
-from tilec_runtime.executor import BATCHES_AHEAD
+from tilec.cost.memory import image_bytes, param_count, state_bytes, tile_own_bytes
 from tilec_runtime.lower import scratch_bytes, tile_memory, units
 from tilec_runtime.program import param_shapes
 
@@ -47,6 +45,7 @@ DIRECTIONS = ("forward", "backward")
 @dataclass
 class Group:
     """One way of running program[first..last]: split lines and tile devices."""
+    is_tail = False  # (not a field) tiled groups and tail groups share the solver's lists
     first: int
     last: int
     row_splits: list
@@ -66,7 +65,7 @@ class Group:
     parts: dict = field(default_factory=dict)  # seconds by kind, for reports
     layout: object = None  # the Layout it came from, if any
     home_rects: np.ndarray = None  # its layout's tiles on the input map (None: no layout, or first group)
-    entry_s: float = 0.0  # receiving its input: from the image, or the halo from its home tiles
+    entry_s: float = 0.0  # receiving the halo from its home tiles (none for the image: streamed ahead)
 
     @property
     def members(self):
@@ -164,7 +163,7 @@ class CostModel:
         :class:`tilec.cost.tail.TailArc`, or None: the image)."""
         if prev is None:
             return arc.entry_s, {}
-        held = prev.layout_out if hasattr(prev, "layout_out") else (prev.out_rects, prev.devices)
+        held = prev.layout_out if prev.is_tail else (prev.out_rects, prev.devices)
         return self.tail_pricer.transition(arc.first, held, arc.layout_in)
 
     def _tensor_shape(self, t):
@@ -180,19 +179,18 @@ class CostModel:
             g = self._groups[key] = self._price(first, last, list(row_splits), list(col_splits), tuple(devices))
             g.layout = layout
             if first == 0:
-                g.entry_s = self.entry_seconds(g)
                 # each tile's piece of the image, this step's and those the launcher streams ahead
-                unit = (BATCHES_AHEAD + 1) * self.batch * self.program[0]["in_shape"][0] * self.itemsize
+                channels = self.program[0]["in_shape"][0]
                 for (r0, r1, c0, c1), d in zip(g.input_rects.tolist(), g.devices):
-                    g.kept[d] += (r1 - r0 + 1) * (c1 - c0 + 1) * unit
-                    g.kept_recompute[d] += (r1 - r0 + 1) * (c1 - c0 + 1) * unit
+                    piece = image_bytes(self.batch * channels * (r1 - r0 + 1) * (c1 - c0 + 1), self.itemsize)
+                    g.kept[d] += piece
+                    g.kept_recompute[d] += piece
             elif layout is not None:
                 g.home_rects = self.layout_rects(layout, first - 1)
                 if g.home_rects is not None:
-                    g.entry_s = self.entry_seconds(g, g.home_rects, layout.devices)
-                    # the halo's staging buffers, on the devices of this layout
-                    m = self.redistribute_bytes(first, g.home_rects, layout.devices, g.input_rects, g.devices)
-                    for d, nbytes in staging(m).items():
+                    # the halo, and its staging buffers on the devices of this layout
+                    g.entry_s, stage = self.redistribute(first, g.home_rects, layout.devices, g.input_rects, g.devices)
+                    for d, nbytes in stage.items():
                         if d in g.kept:
                             g.kept[d] += nbytes
                             g.kept_recompute[d] += nbytes
@@ -225,8 +223,7 @@ class CostModel:
         if key not in self._memory:
             m = tile_memory(self.program, first, last, self.outside, sizes, in_size, self.batch, threads, recompute)
             item = self.itemsize
-            own = item * (m["arena"] + self.batch * prod(m["input"])) + ARGMAX_BYTES * m["arg_arena"]
-            self._memory[key] = (own, scratch_bytes(m, item))
+            self._memory[key] = (tile_own_bytes(m, self.batch, item), scratch_bytes(m, item))
         return self._memory[key]
 
     def _price(self, first, last, row_splits, col_splits, devices):
@@ -309,15 +306,6 @@ class CostModel:
 
     # -- boundaries ------------------------------------------------------------------
 
-    def entry_seconds(self, group, prev_rects=None, prev_devices=None):
-        """Seconds for ``group`` to receive its input: none for the image
-        (``prev_rects`` None: the launcher streams each device its pieces
-        batches ahead, off the step), else from tiles ``prev_rects`` held by
-        ``prev_devices`` on the same map, forward and backward."""
-        if prev_rects is None:
-            return 0.0
-        return self.redistribute_seconds(group.first, prev_rects, prev_devices, group.input_rects, group.devices)
-
     def redistribute_bytes(self, b, src_rects, src_devices, dst_rects, dst_devices):
         """(devices, devices) bytes each device sends each other one to move the
         input map of layer ``b`` from tiles ``src`` to regions ``dst`` (forward)."""
@@ -328,28 +316,25 @@ class CostModel:
         np.add.at(m, (np.repeat(src[:, None], len(dst), 1), np.repeat(dst[None, :], len(src), 0)), areas)
         return m
 
-    def redistribute_seconds(self, b, src_rects, src_devices, dst_rects, dst_devices):
-        """Seconds of :meth:`redistribute_bytes` (and, unless it is the image, the gradients back)."""
+    def redistribute(self, b, src_rects, src_devices, dst_rects, dst_devices):
+        """(seconds, {device: staging bytes}) of :meth:`redistribute_bytes`,
+        forward and the gradients back: the image (b = 0) is never
+        redistributed, the launcher streams each device its pieces ahead."""
         m = self.redistribute_bytes(b, src_rects, src_devices, dst_rects, dst_devices)
-        return exchange_seconds(m, self.devices) * (1 if b == 0 else 2)
+        return 2 * exchange_seconds(m, self.devices), staging(m)
 
-    def boundary_staging(self, prev, g):
-        """{device: staging bytes} of the messages moving ``prev``'s output to
-        the layout of tiled group ``g`` (its halo is counted in ``g``)."""
-        if prev is None or hasattr(prev, "layout_out"):
-            return {}
-        if g.home_rects is None:
-            return staging(self.redistribute_bytes(g.first, prev.out_rects, prev.devices, g.input_rects, g.devices))
-        return staging(self.redistribute_bytes(g.first, prev.out_rects, prev.devices, g.home_rects, g.layout.devices))
-
-    def boundary_seconds(self, prev, g):
-        """What ``g`` pays at the boundary after ``prev`` (None: the image): transition + entry."""
+    def boundary(self, prev, g):
+        """(seconds, {device: staging bytes}) tiled group ``g`` pays at the
+        boundary after ``prev`` (None: the image): the transition to its
+        layout, and its entry (its halo's staging is counted in ``g``)."""
         if prev is None:
-            return g.entry_s
+            return g.entry_s, {}
         if g.home_rects is None:
-            return self.entry_seconds(g, prev.out_rects, prev.devices)
-        return self.redistribute_seconds(g.first, prev.out_rects, prev.devices, g.home_rects,
-                                         g.layout.devices) + g.entry_s
+            secs, stage = self.redistribute(g.first, prev.out_rects, prev.devices, g.input_rects, g.devices)
+        else:
+            secs, stage = self.redistribute(g.first, prev.out_rects, prev.devices, g.home_rects, g.layout.devices)
+            secs += g.entry_s
+        return secs, {} if prev.is_tail else stage
 
     # -- a whole step ----------------------------------------------------------------
 
@@ -367,12 +352,12 @@ class CostModel:
         group_s, tail = [], []
         prev = None
         for g, rec in choices:
-            if hasattr(g, "layout_out"):  # a tail group
+            if g.is_tail:
                 entry, stage = self.tail_transition(prev, g)
                 tail.append({"layers": [g.first, g.last], "mode": g.mode, "devices": list(g.devices),
                              "seconds": entry + g.seconds})
             else:
-                entry, stage = self.boundary_seconds(prev, g), self.boundary_staging(prev, g)
+                entry, stage = self.boundary(prev, g)
                 group_s.append(entry + g.seconds + (g.recompute_seconds if rec else 0.0))
             for d, nbytes in stage.items():
                 kept[d] += nbytes
@@ -380,7 +365,7 @@ class CostModel:
                 busy[d] += g.busy[d] + (g.busy_recompute[d] if rec else 0.0)
                 state[d] += g.state[d]
                 kept[d] += (g.kept_recompute if rec else g.kept)[d]
-                pool = tail_ws if hasattr(g, "layout_out") else ws  # the tiles' scratch, the tail's temporaries
+                pool = {"tiles": ws, "tail": tail_ws}[workspace_pool(g)]
                 pool[d] = max(pool[d], (g.workspace_recompute if rec else g.workspace)[d])
             prev = g
         breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k, "workspace": w + tw}
@@ -398,6 +383,12 @@ class CostModel:
         layers = self.program if layers is None else layers
         total = sum(layer_seconds(dev.profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
         return total + update_seconds(dev.profile, param_count(layers), item)
+
+
+def workspace_pool(group):
+    """Which workspace a group's transients come from: the tiles' shared
+    scratch, or the tail's temporaries (they come and go apart from it)."""
+    return "tail" if group.is_tail else "tiles"
 
 
 def staging(m, backward=True):

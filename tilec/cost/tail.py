@@ -17,17 +17,16 @@ its all-reduces, its SGD update, and sending rank 0 what a later layer
 other than the next reads (route, reorg and the losses run on rank 0).
 Memory per member: ``tilec.cost.memory.tail_member_bytes``.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 
 from tilec.cost.comm import exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import share_seconds, update_seconds
-from tilec.cost.memory import tail_member_bytes
-from tilec.analysis.tail import TailChoice, flows
+from tilec.cost.memory import image_bytes, tail_member_bytes
+from tilec.analysis.tail import TailChoice, flows, readers_of
 from tilec_runtime import shards
-from tilec_runtime.executor import BATCHES_AHEAD
 
 DIRECTIONS = ("forward", "backward")
 
@@ -38,16 +37,6 @@ class Holding:
     every member of ``devices``) or "split" (by channels over them)."""
     kind: str
     devices: tuple
-
-    @property
-    def startable(self):
-        """Whether a tail group can start from it (it needs its input whole)."""
-        return self.kind != "split"
-
-    def label(self, names=None):
-        devs = ",".join(names[d] if names else str(d) for d in self.devices)
-        return {"one": f"on [{devs}]", "whole": f"whole on [{devs}]", "split": f"split by channels over [{devs}]"}[
-            self.kind]
 
 
 def holdings(n, order):
@@ -64,6 +53,7 @@ def holdings(n, order):
 class TailArc:
     """A tail group as the solver sees it (the fields of
     :class:`tilec.cost.model.Group` it reads)."""
+    is_tail = True  # (not a field)
     first: int
     last: int
     mode: str  # "one" | "channels"
@@ -75,7 +65,6 @@ class TailArc:
     busy: dict
     layout_in: Holding
     layout_out: Holding
-    parts: dict = field(default_factory=dict)
     entry_s: float = 0.0  # (the image costs no time: the launcher streams it ahead)
     recompute_seconds: float = 0.0
 
@@ -98,10 +87,6 @@ class TailArc:
     def choice(self):
         return TailChoice(self.first, self.last, self.mode, list(self.devices))
 
-    def label(self, names=None):
-        devs = ",".join(names[d] if names else str(d) for d in self.devices)
-        return f"{self.first}-{self.last} {'on' if self.mode == 'one' else 'split by channels over'} [{devs}]"
-
 
 class TailPricer:
     """Prices tail groups and transitions of ``model`` (a
@@ -112,10 +97,7 @@ class TailPricer:
         self.devices, self.n = model.devices, model.n
         self.batch, self.item = model.batch, model.itemsize
         self.order = list(order)
-        self.readers = {}
-        for layer in self.program:
-            for j in layer["inputs"]:
-                self.readers.setdefault(j, set()).add(layer["index"])
+        self.readers = readers_of(self.program)
         self._arcs, self._moves, self._layers = {}, {}, {}
 
     # -- holdings ----------------------------------------------------------------------
@@ -153,7 +135,8 @@ class TailPricer:
 
     def move(self, tensor, held, need, backward_staging=True):
         """(seconds, staging bytes per device) to get ``tensor`` from ``held`` to
-        every device of ``need`` (a startable :class:`Holding`) forward, and
+        every device of ``need`` (a :class:`Holding` not split: a tail group
+        needs its input whole) forward, and
         its gradient back; without ``backward_staging``, only the senders'
         forward staging (the receivers count their own)."""
         key = (tensor, held if isinstance(held, Holding) else (held[0].tobytes(), tuple(held[1])), need,
@@ -190,9 +173,6 @@ class TailPricer:
                 return gradient_allreduce_seconds(nbytes, list(held.devices), self.devices), {}
             return 0.0, {}
         return self.move(b - 1, held, need)
-
-    def transition_seconds(self, b, held, need):
-        return self.transition(b, held, need)[0]
 
     # -- groups ------------------------------------------------------------------------
 
@@ -259,9 +239,8 @@ class TailPricer:
             kept[devices[0]] += sum(b * prod(self._shape(j)) * item for j in far)
         if first == 0:  # every member takes the whole image from the launcher, this step's and those ahead
             for d in devices:
-                kept[d] += (BATCHES_AHEAD + 1) * b * prod(self._shape(-1)) * item
+                kept[d] += image_bytes(b * prod(self._shape(-1)), item)
         need = Holding("one" if mode == "one" else "whole", devices)
         seconds = compute + collective + update + to_rank0
         return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,
-                       self.holding_of(first, last, mode, devices, last),
-                       parts={"compute": compute, "collectives": collective, "update": update, "to_rank0": to_rank0})
+                       self.holding_of(first, last, mode, devices, last))

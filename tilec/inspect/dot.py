@@ -8,6 +8,7 @@ SVG or PNG with Graphviz's ``dot`` program when it is installed.
 import shutil
 import subprocess
 
+from tilec.analysis.tiles import members_of
 from tilec.errors import TilecError
 from tilec_runtime import shards
 
@@ -58,6 +59,9 @@ def plan_dot(plan):
             title = f"tail group {g}: layers {first}-{last}"
         lines.append(f"  subgraph cluster_{g} {{")
         lines.append(f"    label={_quote(title)}; style=rounded; color=\"#888888\";")
+        if group["kind"] != "tiled" and group["mode"] == "channels":
+            members = members_of(group)
+            held = shards.layouts(program, first, last, len(members))
         for t, tile in enumerate(group["tiles"]):
             d = tile["device"]
             node = f"g{g}t{t}"
@@ -66,8 +70,6 @@ def plan_dot(plan):
             if group["kind"] == "tiled":
                 label = f"{names[d]}\\nrows {tile['rows'][0]}-{tile['rows'][1]}\\ncols {tile['cols'][0]}-{tile['cols'][1]}"
             elif group["mode"] == "channels":  # each member's shard of every weight-bearing layer's channels
-                members = sorted(x["device"] for x in group["tiles"])
-                held = shards.layouts(program, first, last, len(members))
                 m = members.index(d)
                 label = names[d] + "".join(
                     f"\\n{i}: {'all' if held[i] is None else f'ch {held[i][m]}-{held[i][m + 1] - 1}'}"

@@ -3,7 +3,7 @@
 Pure functions of the plan dict (the same numbers for any backend). Memory
 is what the runtime allocates (``device_bytes``).
 """
-from tilec.analysis.tiles import area, group_flops
+from tilec.analysis.tiles import area, group_flops, members_of
 from tilec.ir.stats import forward_flops_per_position
 
 
@@ -46,7 +46,7 @@ def plan_summary(plan, baseline=None):
                          f"cols {group['col_splits']}  devices {[t['device'] for t in group['tiles']]}")
         elif group["mode"] == "channels":
             lines.append(f"  group {g}: layers {first}-{last}  split by channels over devices "
-                         f"{sorted(t['device'] for t in group['tiles'])}")
+                         f"{members_of(group)}")
         else:
             lines.append(f"  group {g}: layers {first}-{last}  on device {group['tiles'][0]['device']}")
     lines.append(f"  halo overhead (redundant forward FLOPs): {100 * halo_overhead(plan):.1f}%")
@@ -65,12 +65,14 @@ def _rect(rows, cols):
 def regions_text(plan):
     """Text: per tiled group and tile, the region each layer computes (halo
     included), the cells it owns and its padding at the map's border
-    (top, bottom, left, right); the tail's rank."""
+    (top, bottom, left, right); each tail group's ranks."""
     lines = []
     for g, group in enumerate(plan["groups"]):
         first, last = group["layers"]
         if group["kind"] != "tiled":
-            lines.append(f"group {g}: layers {first}-{last}, {group['kind']} on rank {group['tiles'][0]['device']}")
+            members = members_of(group)  # a channel-split tail group runs on all of them
+            ranks = f"rank {members[0]}" if len(members) == 1 else f"ranks {', '.join(map(str, members))}"
+            lines.append(f"group {g}: layers {first}-{last}, {group['kind']} on {ranks}")
             continue
         grid = f"{len(group['row_splits']) - 1}x{len(group['col_splits']) - 1}"
         lines.append(f"group {g}: layers {first}-{last}, grid {grid}{', recompute' if group.get('recompute') else ''}")

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tilec.analysis.tiles import members_of
 from tilec.cost.compute import (copy_seconds, layer_seconds, share_seconds, unit_seconds, update_seconds,
                                 zero_seconds)
 from tilec.cost.memory import param_count
-from tilec.cost.traffic import bn_bytes, members_of, param_shape_table
+from tilec.cost.traffic import bn_bytes, param_shape_table
 from tilec.errors import TilecError
 from tilec_runtime import shards
 from tilec_runtime.collectives import ring_chunks, use_ring
@@ -125,7 +126,7 @@ class _Pricer:
     def channel_op(self, rank, op):
         """(seconds, kind, label) of a channel group's compute op on ``rank``."""
         group, i = self.plan["groups"][op["group"]], op["layer"]
-        members = sorted(t["device"] for t in group["tiles"])
+        members = members_of(group)
         first, last = group["layers"]
         share = shards.share(self.program, first, last, len(members), members.index(rank), i)
         role = shards.roles(self.program, first, last)[i]
@@ -218,7 +219,7 @@ def _local_bytes(plan, m):
 
 def _channel_reduce_actions(plan, op, rank, item):
     """The rounds of a channel group's all-reduce (``RankExecutor._chan_reduce``)."""
-    members = sorted(t["device"] for t in plan["groups"][op["group"]]["tiles"])
+    members = members_of(plan["groups"][op["group"]])
     shape = shards.reduce_shape(plan["program"], op["layer"], op["phase"], plan["batch"])
     key = ("cr", op["group"], op["layer"], op["phase"])
     return _allreduce_actions(key, shape, members, rank, item, use_ring(int(np.prod(shape)) * item, len(members),

@@ -53,15 +53,12 @@ and the algorithm per reduced key.
 """
 import numpy as np
 
+from tilec.analysis.tiles import members_of
 from tilec_runtime import shards
 from tilec_runtime.collectives import RING_MIN_BYTES, use_ring
 from tilec_runtime.geometry import Region
 from tilec_runtime.lower import outside_tensors, produced_by, units
 from tilec_runtime.program import param_shapes
-
-
-def members_of(group):
-    return sorted(t["device"] for t in group["tiles"])
 
 
 def tile_of(group, rank):
@@ -183,11 +180,12 @@ def group_backward(program, g, group, rank, outside, recvs, sends, bn_sync, buck
 def channel_forward(program, g, group, sends):
     """Forward ops of a member of a channel-split tail group."""
     first, last = group["layers"]
+    r = shards.roles(program, first, last)
     ops = []
     for layer in program[first:last + 1]:
         i = layer["index"]
         ops.append({"op": "chan_fwd", "group": g, "layer": i})
-        if shards.roles(program, first, last)[i] == "B":
+        if r[i] == "B":
             ops.append({"op": "chan_reduce", "group": g, "layer": i, "phase": "forward"})
             ops.append({"op": "chan_post", "group": g, "layer": i})
         ops += [{"op": "send", "msg": k} for k in sends(i)]

@@ -1,6 +1,7 @@
 """The tail groups of a plan: choices checked against the program, their
 group dicts, and who holds each of their outputs (the runs, choices and
 messages themselves: ``tilec.analysis.tail``)."""
+from tilec.analysis.tiles import members_of
 from tilec.errors import PlanError
 from tilec_runtime import shards
 
@@ -41,7 +42,7 @@ def holders(program, group, tensor):
     """([(device, channel range or None)], replicated) of who holds ``tensor``
     (an output of ``group``, a tail group) and how: the whole map on one
     device, the whole map on every member (``replicated``), or channels."""
-    members = sorted(t["device"] for t in group["tiles"])
+    members = members_of(group)
     if group["mode"] == "one":
         return [(members[0], None)], False
     first, last = group["layers"]

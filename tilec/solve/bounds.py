@@ -52,6 +52,37 @@ def _arrays(cands):
     return arr
 
 
+def _transition_arrays(cands):
+    """Per transition: seconds, and (transitions, devices) staging bytes
+    relative to each device's memory, computed once per candidate set: the
+    search prices them at every step."""
+    arr = getattr(cands, "_bound_transitions", None)
+    if arr is None:
+        cap = np.array([d.memory_bytes for d in cands.model.devices], float)
+        stage = np.zeros((len(cands.transitions), len(cap)))
+        for t, nbytes in enumerate(cands.transition_bytes):
+            for d, v in nbytes.items():
+                stage[t, d] = v
+        secs = np.array([t[3] for t in cands.transitions], float)
+        arr = cands._bound_transitions = (secs, stage / cap)
+    return arr
+
+
+def _indexes(cands):
+    """Groups by the boundary they start and end at, transitions by their
+    boundary: fixed for a candidate set, while the prices change per step."""
+    idx = getattr(cands, "_bound_indexes", None)
+    if idx is None:
+        starts, ends, moves_from = {}, {}, {}
+        for gi, g in enumerate(cands.groups):
+            starts.setdefault(g.first, []).append((gi, cands.group_layout[gi]))
+            ends.setdefault(g.last + 1, []).append((gi, cands.group_out[gi]))
+        for t, (b, li, lj, _) in enumerate(cands.transitions):
+            moves_from.setdefault(b, []).append((t, li, lj))
+        idx = cands._bound_indexes = (starts, ends, moves_from)
+    return idx
+
+
 class Prices(list):
     """Per group (price, recompute?), and ``moves``: per transition its price."""
 
@@ -73,8 +104,8 @@ def _prices(cands, lams, workspace=False):
     prices = list(zip(np.where(use_rec, rec, keep).tolist(), use_rec.tolist()))
     cap = [d.memory_bytes for d in cands.model.devices]
     # transitions: their seconds and their staging buffers at the same multipliers
-    moves = [secs + sum(lam[d] * nbytes / cap[d] for d, nbytes in stage.items())
-             for (_, _, _, secs), stage in zip(cands.transitions, cands.transition_bytes)]
+    tsecs, tstage_rel = _transition_arrays(cands)
+    moves = (tsecs + tstage_rel @ lam).tolist()
     return Prices(prices, moves), float(sum(l / c * free for l, c, free in zip(lams, cap, free_memory(cands))))
 
 
@@ -94,13 +125,8 @@ def free_memory(cands):
 def distances(cands, prices):
     """Shortest distances (to, from) every node, and the best path, at group ``prices``."""
     end = cands.end
-    starts, ends, moves_from = {}, {}, {}
-    for gi, g in enumerate(cands.groups):
-        starts.setdefault(g.first, []).append((gi, cands.group_layout[gi]))
-        ends.setdefault(g.last + 1, []).append((gi, cands.group_out[gi]))
+    starts, ends, moves_from = _indexes(cands)
     tprices = getattr(prices, "moves", None) or [t[3] for t in cands.transitions]
-    for t, (b, li, lj, _) in enumerate(cands.transitions):
-        moves_from.setdefault(b, []).append((t, li, lj, tprices[t]))
     to_ready, to_arrived, back = {}, {}, {}  # node -> distance; back: node -> predecessor
     for b in range(end + 1):
         for gi, lo in ends.get(b, []):
@@ -110,8 +136,8 @@ def distances(cands, prices):
             if d < to_arrived.get((b, lo), INF):
                 to_arrived[(b, lo)] = d
                 back[("a", b, lo)] = gi
-        for t, li, lj, secs in moves_from.get(b, []):
-            d = to_arrived.get((b, li), INF) + secs
+        for t, li, lj in moves_from.get(b, []):
+            d = to_arrived.get((b, li), INF) + tprices[t]
             if d < to_ready.get((b, lj), INF):
                 to_ready[(b, lj)] = d
                 back[("r", b, lj)] = (li, t)
@@ -123,8 +149,8 @@ def distances(cands, prices):
             d = prices[gi][0] + rest
             if d < from_ready.get((b, li), INF):
                 from_ready[(b, li)] = d
-        for t, li, lj, secs in moves_from.get(b, []):
-            d = secs + from_ready.get((b, lj), INF)
+        for t, li, lj in moves_from.get(b, []):
+            d = tprices[t] + from_ready.get((b, lj), INF)
             if d < from_arrived.get((b, li), INF):
                 from_arrived[(b, li)] = d
     # the best path, walked back from the cheapest arrival at the end

@@ -42,17 +42,13 @@ import time
 
 from ortools.sat.python import cp_model
 
+from tilec.cost.model import workspace_pool
 from tilec.solve import solution_from_path
 
 US = 1e6
 KIB = 1024
 DEFAULT_WORKERS = 8
 FIRST_FIT_SHARE = 0.4  # of the time limit, to find a first plan that fits when the Lagrangian search did not
-
-
-def _pool(group):
-    """Which workspace a group's transients come from: the tiles' scratch, or the tail's."""
-    return "tail" if hasattr(group, "layout_out") else "tiles"
 
 
 def _kib(nbytes):
@@ -108,7 +104,7 @@ class PlanModel:
         # memory per device
         self.slack = model.new_int_var(0, _kib(sum(d.memory_bytes for d in devices)) * 4, "slack") if overrun else 0
         # two workspaces per device: the tiles' shared scratch, and the tail groups' temporaries
-        pools = sorted({_pool(g) for g in groups})
+        pools = sorted({workspace_pool(g) for g in groups})
         self.work = []
         for d, dev in enumerate(devices):
             const = dev.profile.process_overhead_bytes
@@ -116,7 +112,7 @@ class PlanModel:
             work = {}
             for pool in pools:
                 ws_max = max([0] + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups
-                                    if _pool(g) == pool])
+                                    if workspace_pool(g) == pool])
                 work[pool] = model.new_int_var(0, _kib(ws_max), f"work_{d}_{pool}")
             self.work.append(work)
             terms = []
@@ -129,14 +125,22 @@ class PlanModel:
             # the staging buffers of the messages a transition moves
             terms += [_kib(stage[d]) * self.move[t] for t, stage in enumerate(cands.transition_bytes) if d in stage]
             model.add(sum(terms) + sum(work.values()) + _kib(const) <= cap + self.slack)
+            # one pass over the groups (not layers x groups: seconds on large
+            # candidate sets), emitted per layer as before so the model is the same
+            cover = {}  # layer -> pool -> terms, in group order
+            for gi, g in enumerate(groups):
+                if d not in g.workspace:
+                    continue
+                pool = workspace_pool(g)
+                use_t = _kib(g.workspace[d]) * self.use[gi]
+                rec_t = (_kib(g.workspace_recompute[d]) - _kib(g.workspace[d])) * self.rec[gi] if gi in self.rec else None
+                for p in range(g.first, g.last + 1):
+                    terms = cover.setdefault(p, {}).setdefault(pool, [])
+                    terms.append(use_t)
+                    if rec_t is not None:
+                        terms.append(rec_t)
             for p in range(end):
-                cover = {}
-                for gi, g in enumerate(groups):
-                    if d in g.workspace and g.first <= p <= g.last:
-                        cover.setdefault(_pool(g), []).append(_kib(g.workspace[d]) * self.use[gi])
-                        if gi in self.rec:
-                            cover[_pool(g)].append((_kib(g.workspace_recompute[d]) - _kib(g.workspace[d])) * self.rec[gi])
-                for pool, terms in cover.items():
+                for pool, terms in cover.get(p, {}).items():
                     model.add(work[pool] >= sum(terms))
 
         # objective
@@ -165,7 +169,7 @@ class PlanModel:
         for d, work in enumerate(self.work):
             for pool, var in work.items():
                 self.model.add_hint(var, max([0] + [_kib((g.workspace_recompute if rec else g.workspace).get(d, 0))
-                                                    for g, rec in chosen_groups if _pool(g) == pool]))
+                                                    for g, rec in chosen_groups if workspace_pool(g) == pool]))
         if not isinstance(self.slack, int):
             over = max(m - dev.memory_bytes for m, dev in zip(pred.memory, self.cands.model.devices))
             self.model.add_hint(self.slack, max(0, _kib(over) + 1))
@@ -233,7 +237,8 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         # first find one that fits, seeded with the one that overflowed least, then the fastest.
         path = _first_fit(cands, closest, dropped, forced, FIRST_FIT_SHARE * time_limit, workers, recompute)
         if path is None:
-            err = explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute)
+            err = explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute,
+                                     fallback=closest)
             path = getattr(err, "fitting_path", None)  # (its longer search may find one after all)
             if path is None:
                 raise err
@@ -261,7 +266,8 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         # Infeasible or undecided: the least-overflow model explains why no
         # plan fits, or finds one that does (CP-SAT rounds bytes up to KiB,
         # so "infeasible" can hide a plan that fits to the byte).
-        err = explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute)
+        err = explain_infeasible(cands, time_limit=time_limit, workers=workers, recompute=recompute,
+                                 fallback=closest)
         fitting = getattr(err, "fitting_path", None)
         if fitting is None:
             raise err
@@ -295,7 +301,7 @@ def _first_fit(cands, closest, dropped, forced, time_limit, workers, recompute):
 
 def _without_recompute(cands):
     from dataclasses import replace
-    groups = [g if hasattr(g, "layout_out") else  # (a tail group never recomputes)
+    groups = [g if g.is_tail else  # (a tail group never recomputes)
               replace(g, kept_recompute=dict(g.kept), workspace_recompute=dict(g.workspace), recompute_seconds=0.0)
               for g in cands.groups]
     return replace(cands, groups=groups)

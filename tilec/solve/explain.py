@@ -15,8 +15,12 @@ def _mb(nbytes):
     return f"{nbytes / MB:,.0f} MB"
 
 
-def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True):
-    """An :class:`InfeasibleError` whose message explains the shortfall."""
+def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallback=None):
+    """An :class:`InfeasibleError` whose message explains the shortfall.
+
+    ``fallback``: the path that overflows least, when the caller already
+    ran :func:`feasible_plan` on ``cands`` (the search is seconds on large
+    candidate sets, and would find the same path again)."""
     from ortools.sat.python import cp_model
 
     from tilec.solve.bounds import feasible_plan, free_memory, with_memory
@@ -34,7 +38,7 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True):
         _, fitting, _, fallback = feasible_plan(raised, keep_bounds=False)
         if fitting is not None:
             path, proven = fitting, True
-    else:
+    elif fallback is None:
         fallback = feasible_plan(cands, keep_bounds=False)[3]
     if path is None:
         pm = PlanModel(cands, recompute=recompute, overrun=True)
@@ -61,8 +65,8 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True):
     dev, parts = devices[worst], pred.breakdown[worst]
     held = []
     chosen = [(cands.groups[gi], rec) for gi, rec in path if worst in cands.groups[gi].members]
-    for what, groups in (("tiles of groups", [(g, rec) for g, rec in chosen if not hasattr(g, "layout_out")]),
-                         ("tail groups", [(g, rec) for g, rec in chosen if hasattr(g, "layout_out")])):
+    for what, groups in (("tiles of groups", [(g, rec) for g, rec in chosen if not g.is_tail]),
+                         ("tail groups", [(g, rec) for g, rec in chosen if g.is_tail])):
         if groups:
             spans = ", ".join(f"{g.first}-{g.last}{' (recomputed)' if rec else ''}"
                               f"{' split over ' + str(len(g.members)) if getattr(g, 'mode', '') == 'channels' else ''}"
