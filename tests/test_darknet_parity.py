@@ -12,7 +12,7 @@ about 1e-5 relative, hence 1e-4. Folding darknet's epsilon into the running
 variance leaves float32 rounding alone (about 1e-6). A wrong reorg order is
 an O(1) error from layer 7 of ``passthrough`` on.
 """
-import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +23,14 @@ import torch_oracle
 from programs import ProgramBuilder
 from test_tiled import FLOOR, assert_same, run_case
 from tilec.cli import main
-from tilec.frontend.darknet_weights import read_darknet, write_darknet
-from tilec.frontend.models import load_model
 from tilec.plan.build import GroupChoice
 from tilec_runtime import ops, region
-from tilec_runtime.weights import save_weights
 
-MODELS = ("passthrough", "pools", "region-train")
-BATCH = 2  # every fixture's
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from darknet_parity import (BATCH, MODELS, darknet_layers, darknet_truths, default_dir,  # noqa: E402
+                            matched_epsilon_weights, missing_files, program_of,
+                            region_grad_error, rel_err, weights_round_trip, write_input)
+
 FORWARD_RTOL = 1e-4
 MATCHED_EPS_RTOL = 1e-5
 REGION_RTOL = 1e-6
@@ -39,32 +39,12 @@ REGION_RTOL = 1e-6
 @pytest.fixture(scope="module")
 def parity():
     """The fixture directory; a clear failure when it is not there."""
-    env = os.environ.get("TILEC_PARITY_DIR")
-    where = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "darknet-parity"
-    missing = [f"{m}{ext}" for m in MODELS for ext in (".cfg", ".weights", ".input.bin", ".layers.txt", ".layers.bin")]
-    missing = [f for f in missing + ["region-train.region.bin", "truths.bin"] if not (where / f).is_file()]
+    where = default_dir()
+    missing = missing_files(where)
     if missing:
         pytest.fail(f"darknet parity fixtures missing in {where} (first: {missing[0]}); they ship in "
                     "../shared/darknet-parity beside the repository, or set TILEC_PARITY_DIR", pytrace=False)
     return where
-
-
-def rel_err(got, want):
-    """max|a - b| / max|b|, the measure the fixtures are judged by."""
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def darknet_layers(parity, name):
-    """[(index, darknet type, output (BATCH, outputs per image))] of a fixture."""
-    flat = np.fromfile(parity / f"{name}.layers.bin", dtype="<f4")
-    layers, start = [], 0
-    for line in (parity / f"{name}.layers.txt").read_text().splitlines():
-        index, kind, outputs = line.split()
-        n = BATCH * int(outputs)
-        layers.append((int(index), kind, flat[start:start + n].reshape(BATCH, -1)))
-        start += n
-    assert start == flat.size, f"{name}.layers.bin has {flat.size} values, layers.txt accounts for {start}"
-    return layers
 
 
 def assert_layers_close(got, layers, tol):
@@ -72,16 +52,6 @@ def assert_layers_close(got, layers, tol):
     for i, kind, want in layers:
         err = rel_err(got[i], want)
         assert err < tol, f"layer {i} ({kind}): relative error {err:.3g} > {tol:g}"
-
-
-def program_of(parity, name):
-    return load_model(parity / f"{name}.cfg").to_program()
-
-
-def write_input(parity, name, path):
-    c, h, w = program_of(parity, name)[0]["in_shape"]
-    np.save(path, np.fromfile(parity / f"{name}.input.bin", dtype="<f4").reshape(BATCH, c, h, w))
-    return path
 
 
 def tilec_forward(parity, name, tmp_path, weights, *extra):
@@ -110,70 +80,35 @@ def test_every_layer_matches_darknet(parity, tmp_path, name):
 def test_every_layer_matches_darknet_with_its_batch_norm_epsilon(parity, tmp_path, name):
     """Running variance v' with sqrt(v' + 1e-5) = sqrt(v) + 1e-6 makes tilec's
     normalisation darknet's; float64 then differs by darknet's float32 rounding."""
-    program = program_of(parity, name)
-    params, buffers, _, _ = read_darknet(parity / f"{name}.weights", program, "float64")
-    for key in buffers:
-        if key.endswith(".bn.running_var"):
-            buffers[key] = (np.sqrt(buffers[key]) + 1e-6) ** 2 - ops.BN_EPS
-    save_weights(tmp_path / "matched.npz", params, buffers)
+    matched_epsilon_weights(parity, name, tmp_path / "matched.npz")
     got = tilec_forward(parity, name, tmp_path, tmp_path / "matched.npz", "--dtype", "float64")
     assert_layers_close(got, darknet_layers(parity, name), MATCHED_EPS_RTOL)
 
 
 # -- the [region] gradient ----------------------------------------------------
 
-def darknet_truths(parity):
-    """truths.bin (x y w h class, a zero row ends an image's list) as tilec's
-    (class cx cy w h) rows padded with ``region.PAD``."""
-    rows = np.fromfile(parity / "truths.bin", dtype="<f4").reshape(BATCH, -1, 5).astype(np.float64)
-    truth = np.full(rows.shape, region.PAD)
-    for b in range(BATCH):
-        for t, (x, y, w, h, cls) in enumerate(rows[b]):
-            if x == 0:
-                break
-            truth[b, t] = (cls, x, y, w, h)
-    return truth
-
-
-def expected_region_grad(x, delta, layer):
-    """tilec's region gradient from darknet's CPU delta: -delta / batch, with
-    the logistic derivative (which darknet's CPU code leaves out) applied to
-    x, y and objectness."""
-    shape = (BATCH, layer["num"], region.entries(layer), *x.shape[2:])
-    s = 1.0 / (1.0 + np.exp(-x.reshape(shape)))
-    g = (-delta / BATCH).reshape(shape).copy()
-    g[:, :, [0, 1, 4]] *= s[:, :, [0, 1, 4]] * (1 - s[:, :, [0, 1, 4]])
-    return g.reshape(x.shape)
-
-
 @pytest.mark.parametrize("source", ["darknet", "tilec"])
 def test_region_gradient_matches_darknet_delta(parity, tmp_path, source):
     """On darknet's own region input, and on the one `tilec forward` computes.
     darknet ran with seen = 20000, past the 12800-image prior term that
     tilec's training leaves out, so both have no prior term."""
-    program = program_of(parity, "region-train")
-    layer = program[-1]
+    layer = program_of(parity, "region-train")[-1]
     j = layer["inputs"][0]
     if source == "darknet":
         x = dict((i, out) for i, _, out in darknet_layers(parity, "region-train"))[j]
     else:
         x = tilec_forward(parity, "region-train", tmp_path, parity / "region-train.weights")[j]
+    assert region_grad_error(parity, x) < REGION_RTOL
     x = x.reshape(BATCH, *layer["in_shape"]).astype(np.float64)
-    delta = np.fromfile(parity / "region-train.region.bin", dtype="<f4").reshape(x.shape).astype(np.float64)
     truth = darknet_truths(parity)
-    _, grad = region.forward(x, truth, layer)
-    assert rel_err(grad, expected_region_grad(x, delta, layer)) < REGION_RTOL
-    assert np.array_equal(region.forward(x, truth, layer, seen=20000)[1], grad)
+    assert np.array_equal(region.forward(x, truth, layer, seen=20000)[1], region.forward(x, truth, layer)[1])
 
 
 # -- .weights -----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
 def test_weights_round_trip_is_byte_identical(parity, tmp_path, name):
-    program = program_of(parity, name)
-    params, buffers, header, _ = read_darknet(parity / f"{name}.weights", program)
-    write_darknet(tmp_path / "out.weights", program, params, buffers, seen=header["seen"])
-    assert (tmp_path / "out.weights").read_bytes() == (parity / f"{name}.weights").read_bytes()
+    assert weights_round_trip(parity, name, tmp_path / "out.weights")
 
 
 # -- [reorg] --------------------------------------------------------------------
