@@ -200,6 +200,47 @@ def avgpool_backward(x_shape, dy):
     return np.broadcast_to(dy / dy.dtype.type(h * w), x_shape).copy()
 
 
+def _avg_divisor(h, w, size, stride, pads, count_pad, dtype):
+    """Per output position, the number of cells a window averages: ``size²``
+    with ``count_pad`` (every window lies inside the padded map), else the
+    cells inside the map (ONNX's count_include_pad=0, AlexeyAB darknet's
+    local_avgpool)."""
+    pt, pb, pl, pr = pads
+    ho, wo = out_size(h, size, stride, pt, pb), out_size(w, size, stride, pl, pr)
+    if count_pad:
+        return dtype.type(size * size)
+    rows = [min(i * stride - pt + size, h) - max(i * stride - pt, 0) for i in range(ho)]
+    cols = [min(j * stride - pl + size, w) - max(j * stride - pl, 0) for j in range(wo)]
+    return np.outer(rows, cols).astype(dtype)
+
+
+def local_avgpool_forward(x, size, stride, pads, count_pad):
+    """Average pooling over ``size`` x ``size`` windows with zero padding
+    ``pads`` (top, bottom, left, right); see :func:`_avg_divisor`."""
+    pt, pb, pl, pr = pads
+    b, c, h, w = x.shape
+    ho, wo = out_size(h, size, stride, pt, pb), out_size(w, size, stride, pl, pr)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(pads) else x
+    span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
+    y = np.zeros((b, c, ho, wo), x.dtype)
+    for i in range(size):
+        for j in range(size):
+            y += xp[:, :, i:i + span_h:stride, j:j + span_w:stride]
+    return y / _avg_divisor(h, w, size, stride, pads, count_pad, x.dtype)
+
+
+def local_avgpool_backward(x_shape, size, stride, pads, count_pad, dy):
+    pt, pb, pl, pr = pads
+    b, c, h, w = x_shape
+    g = dy / _avg_divisor(h, w, size, stride, pads, count_pad, dy.dtype)
+    dxp = np.zeros((b, c, h + pt + pb, w + pl + pr), dtype=dy.dtype)
+    span_h, span_w = (dy.shape[2] - 1) * stride + 1, (dy.shape[3] - 1) * stride + 1
+    for i in range(size):
+        for j in range(size):
+            dxp[:, :, i:i + span_h:stride, j:j + span_w:stride] += g
+    return dxp[:, :, pt:pt + h, pl:pl + w]
+
+
 def connected_forward(x, w, b):
     return x.reshape(x.shape[0], -1) @ w.T + b
 
@@ -250,8 +291,25 @@ def _reorg_view(shape, s, order):
     raise ValueError(f"reorg: unknown order {order!r}")
 
 
-def reorg_forward(x, s, order):
-    """Reorg with stride ``s``: (B, C, H, W) -> (B, C*s*s, H/s, W/s).
+def _permute(x, s, order, shape, inverse):
+    """Reorg's permutation of the data of an input of ``shape`` (B, C, H, W),
+    or its inverse, applied to ``x`` (flat per image; the caller reshapes)."""
+    axes = _REORG_AXES[order]
+    view = _reorg_view(shape, s, order)
+    if not inverse:
+        return x.reshape(view).transpose(axes)
+    return x.reshape(tuple(view[a] for a in axes)).transpose(np.argsort(axes))
+
+
+def reorg_shape(shape, s, reverse=False):
+    """The output shape of a reorg of ``shape`` (B, C, H, W)."""
+    b, c, h, w = shape
+    return (b, c // (s * s), h * s, w * s) if reverse else (b, c * s * s, h // s, w // s)
+
+
+def reorg_forward(x, s, order, reverse=False):
+    """Reorg with stride ``s``: (B, C, H, W) -> (B, C*s*s, H/s, W/s), or with
+    ``reverse`` -> (B, C/s², H*s, W*s).
 
     ``order="space_to_depth"``: output channel ``(c*s + dy)*s + dx`` at
     (i, j) is input (c, i*s + dy, j*s + dx): torch's pixel_unshuffle (the
@@ -270,16 +328,18 @@ def reorg_forward(x, s, order):
     ``w2 = i*s + o mod s``, ``h2 = j*s + o div s``; the result is then read
     as (C*s*s, H/s, W/s). Not a space-to-depth: it needs ``C`` divisible by
     ``s*s``.
+
+    ``reverse`` (``space_to_depth`` and ``onnx``): depth-to-space, the
+    inverse of the reorg whose output has this input's shape: torch's
+    pixel_shuffle and ONNX DepthToSpace CRD, and ONNX DepthToSpace DCR,
+    which is also darknet's ``[reorg] reverse=1`` (``reorg_cpu`` with
+    forward=1 on the layer's own C, H, W gives exactly DCR's order).
     """
-    b, c, h, w = x.shape
-    view = x.reshape(_reorg_view(x.shape, s, order))
-    return view.transpose(_REORG_AXES[order]).reshape(b, c * s * s, h // s, w // s)
+    out = reorg_shape(x.shape, s, reverse)
+    return _permute(x, s, order, out if reverse else x.shape, reverse).reshape(out)
 
 
-def reorg_backward(dy, s, order):
+def reorg_backward(dy, s, order, reverse=False):
     """The gradient of :func:`reorg_forward`: the inverse permutation."""
-    b, cs2, ho, wo = dy.shape
-    in_shape = (b, cs2 // (s * s), ho * s, wo * s)
-    axes = _REORG_AXES[order]
-    out_view = tuple(_reorg_view(in_shape, s, order)[a] for a in axes)
-    return dy.reshape(out_view).transpose(np.argsort(axes)).reshape(in_shape)
+    in_shape = reorg_shape(dy.shape, s, not reverse)
+    return _permute(dy, s, order, dy.shape if reverse else in_shape, not reverse).reshape(in_shape)

@@ -14,7 +14,8 @@ from tilec_runtime.files import atomic_json
 from tilec_runtime.program import tensor_shape, validate as validate_program
 
 FORMAT = "tilec-plan"
-VERSION = 3  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops
+VERSION = 4  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops;
+#             4: reorg reverse, local_avgpool
 DTYPES = ("float32", "float64")
 
 

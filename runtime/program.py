@@ -4,18 +4,22 @@ A program is a list of layer dicts in execution order; ``layer["index"]`` is
 its position (the 0-based index of the .cfg section after ``[net]``).
 Fields common to every layer:
 
-- ``kind``: conv | maxpool | avgpool | connected | softmax | cost | region | route | reorg
+- ``kind``: conv | maxpool | avgpool | local_avgpool | connected | softmax | cost | region | route | reorg
 - ``inputs``: indices of the layers it reads (``-1`` is the network input)
 - ``in_shape``: [C, H, W] of its (first) input; ``out_shape``: [C, H, W]
 
 Per kind: conv ``filters, size, stride, pad, bn, act``; maxpool ``size,
 stride, padding`` (total padding, darknet's: the map is offset by
-``padding // 2`` at the top/left); connected ``output, act``; cost ``type``
-(``sse``); reorg ``stride, order`` (``order`` is ``darknet``, the
-permutation of darknet's reorg layer that YOLOv2's weights were trained
-with, ``space_to_depth``, a clean space-to-depth in torch's
-pixel_unshuffle order, or ``onnx``, ONNX SpaceToDepth's blocks-first order:
-see ``ops.reorg_forward``); region (the YOLOv2 loss,
+``padding // 2`` at the top/left); avgpool (global) none; local_avgpool
+``size, stride, padding`` (as maxpool's, zero padding) and ``count_pad``
+(whether padding cells count in a window's average); connected ``output,
+act``; cost ``type`` (``sse``); reorg ``stride, order, reverse`` (``order``
+is ``darknet``, the permutation of darknet's reorg layer that YOLOv2's
+weights were trained with, ``space_to_depth``, a clean space-to-depth in
+torch's pixel_unshuffle order, or ``onnx``, ONNX SpaceToDepth's
+blocks-first order; ``reverse`` the inverse map, depth-to-space, for the
+last two: darknet's own reverse is the onnx order's, see
+``ops.reorg_forward``); region (the YOLOv2 loss,
 ``tilec_runtime.region``) ``anchors`` (2*num numbers, in cells), ``classes, coords, num, softmax,
 rescore, bias_match, object_scale, noobject_scale, class_scale, coord_scale,
 thresh, max_boxes`` (truth rows per image) and ``jitter`` (read by the data
@@ -28,7 +32,7 @@ it reads (a plan comes from a file or a socket) before allocating anything.
 from tilec_runtime import region
 from tilec_runtime.errors import ProgramError
 
-KINDS = ("conv", "maxpool", "avgpool", "connected", "softmax", "cost", "region", "route", "reorg")
+KINDS = ("conv", "maxpool", "avgpool", "local_avgpool", "connected", "softmax", "cost", "region", "route", "reorg")
 SPATIAL = ("conv", "maxpool")
 ACTIVATIONS = ("linear", "leaky", "relu")
 LOSSES = ("softmax", "cost", "region")
@@ -38,13 +42,14 @@ _REQUIRED = {
     "conv": ("filters", "size", "stride", "pad", "bn", "act"),
     "maxpool": ("size", "stride", "padding"),
     "avgpool": (),
+    "local_avgpool": ("size", "stride", "padding", "count_pad"),
     "connected": ("output", "act"),
     "softmax": (),
     "cost": ("type",),
     "region": ("anchors", "classes", "coords", "num", "softmax", "rescore", "bias_match", "object_scale",
                "noobject_scale", "class_scale", "coord_scale", "thresh", "max_boxes", "jitter"),
     "route": (),
-    "reorg": ("stride", "order"),
+    "reorg": ("stride", "order", "reverse"),
 }
 
 
@@ -119,9 +124,12 @@ def _check_fields(layer):
             _int(layer, key, low)
         if not isinstance(layer["bn"], bool):
             raise ProgramError(f"layer {i} (conv): bn must be true or false, got {layer['bn']!r}")
-    elif kind == "maxpool":
+    elif kind in ("maxpool", "local_avgpool"):
         for key, low in (("size", 1), ("stride", 1), ("padding", 0)):
             _int(layer, key, low)
+        if kind == "local_avgpool" and not isinstance(layer["count_pad"], bool):
+            raise ProgramError(f"layer {i} (local_avgpool): count_pad must be true or false, "
+                               f"got {layer['count_pad']!r}")
     elif kind == "connected":
         _int(layer, "output", 1)
     elif kind == "reorg":
@@ -129,6 +137,8 @@ def _check_fields(layer):
         if layer["order"] not in REORG_ORDERS:
             raise ProgramError(f"layer {i} (reorg): order must be one of {', '.join(REORG_ORDERS)}, "
                                f"got {layer['order']!r}")
+        if not isinstance(layer["reverse"], bool):
+            raise ProgramError(f"layer {i} (reorg): reverse must be true or false, got {layer['reverse']!r}")
     elif kind == "cost" and layer["type"] != "sse":
         raise ProgramError(f"layer {i} (cost): only type sse is supported, got {layer['type']!r}")
     if kind in ("conv", "connected") and layer["act"] not in ACTIVATIONS:
@@ -145,15 +155,17 @@ def out_shape(layer, in_shapes):
     shapes are inferred (the planner's IR calls it too).
 
     - conv: ``(H + 2*pad - size) // stride + 1``
-    - maxpool: ``(H + padding - size) // stride + 1`` (``padding`` is the
-      total over both borders)
+    - maxpool, local_avgpool: ``(H + padding - size) // stride + 1``
+      (``padding`` is the total over both borders; a local_avgpool window
+      must hold a cell of the map)
     - avgpool: ``[C, 1, 1]``; connected: ``[output, 1, 1]``
     - softmax, cost, region: the shape of their input (region: ``C`` must be
       ``num * (4 + 1 + classes)``, :func:`tilec_runtime.region.check`)
     - route: the channels of its inputs concatenated (all the same H, W)
     - reorg: ``[C*s*s, H/s, W/s]`` (H and W divisible by ``s``; with
       ``order="darknet"`` also C divisible by ``s*s``: see
-      ``ops.reorg_forward``)
+      ``ops.reorg_forward``); reversed ``[C/s², H*s, W*s]`` (C divisible
+      by ``s*s``)
 
     ``layer`` needs ``kind``, the kind's fields and, for a route, ``inputs``.
     Raises ValueError saying why the inputs do not fit (without naming the
@@ -161,15 +173,18 @@ def out_shape(layer, in_shapes):
     """
     kind = layer["kind"]
     c, h, w = in_shapes[0]
-    if kind in ("conv", "maxpool"):
+    if kind in ("conv", "maxpool", "local_avgpool"):
         k, s = layer["size"], layer["stride"]
         top, bottom = pads_of(layer)[:2]
         if h + top + bottom < k or w + top + bottom < k:
             what, pad = ("kernel", f"pad {top}") if kind == "conv" else ("window", f"padding {top + bottom}")
             raise ValueError(f"{what} {k}x{k} is larger than the padded input {h + top + bottom}x"
                              f"{w + top + bottom} (input {_fmt(in_shapes[0])}, {pad})")
-        return [layer["filters"] if kind == "conv" else c, (h + top + bottom - k) // s + 1,
-                (w + top + bottom - k) // s + 1]
+        ho, wo = (h + top + bottom - k) // s + 1, (w + top + bottom - k) // s + 1
+        if kind == "local_avgpool" and (top >= k or (ho - 1) * s - top > h - 1 or (wo - 1) * s - top > w - 1):
+            raise ValueError(f"padding {top + bottom} on input {_fmt(in_shapes[0])}: a {k}x{k} window "
+                             f"at stride {s} would average padding alone")
+        return [layer["filters"] if kind == "conv" else c, ho, wo]
     if kind == "avgpool":
         return [c, 1, 1]
     if kind == "connected":
@@ -181,6 +196,15 @@ def out_shape(layer, in_shapes):
                 raise ValueError(f"inputs have different sizes: layer {inputs[0]} is "
                                  f"{_fmt(in_shapes[0])}, layer {j} is {_fmt(shape)} (CxHxW)")
         return [sum(shape[0] for shape in in_shapes), h, w]
+    if kind == "reorg" and layer["reverse"]:
+        s = layer["stride"]
+        if layer["order"] == "darknet":
+            # darknet's reverse=1 is exactly DepthToSpace DCR: one name for one map
+            raise ValueError("a reversed darknet reorg is order onnx (DepthToSpace DCR), which computes it")
+        if c % (s * s):
+            raise ValueError(f"input {_fmt(in_shapes[0])}: depth-to-space needs channels divisible by "
+                             f"stride² = {s * s}")
+        return [c // (s * s), h * s, w * s]
     if kind == "reorg":
         s = layer["stride"]
         if h % s or w % s:

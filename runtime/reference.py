@@ -49,13 +49,15 @@ def forward_layers(layers, params, buffers, acts, target, train=True, impl=None)
             acts[i], cache[i] = k.maxpool_forward(x, layer["size"], layer["stride"], pads_of(layer))
         elif kind == "avgpool":
             acts[i] = ops.avgpool_forward(x)
+        elif kind == "local_avgpool":
+            acts[i] = ops.local_avgpool_forward(x, layer["size"], layer["stride"], pads_of(layer), layer["count_pad"])
         elif kind == "connected":
             y = ops.connected_forward(x, params[f"{i}.fc.weight"], params[f"{i}.fc.bias"])
             acts[i] = ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
         elif kind == "route":
             acts[i] = np.concatenate([acts[j] for j in layer["inputs"]], axis=1)
         elif kind == "reorg":
-            acts[i] = ops.reorg_forward(x, layer["stride"], layer["order"])
+            acts[i] = ops.reorg_forward(x, layer["stride"], layer["order"], layer["reverse"])
         elif kind == "softmax":
             loss, cache[i] = ops.softmax_xent(x.reshape(x.shape[0], -1), target)
             acts[i] = x
@@ -132,6 +134,9 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None):
             add(j, k.maxpool_backward(x.shape, layer["size"], layer["stride"], pads_of(layer), cache[i], dy))
         elif kind == "avgpool":
             add(j, ops.avgpool_backward(x.shape, dy))
+        elif kind == "local_avgpool":
+            add(j, ops.local_avgpool_backward(x.shape, layer["size"], layer["stride"], pads_of(layer),
+                                              layer["count_pad"], dy))
         elif kind == "connected":
             dz = ops.act_backward(acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
             dx, grads[f"{i}.fc.weight"], grads[f"{i}.fc.bias"] = ops.connected_backward(x, params[f"{i}.fc.weight"], dz)
@@ -143,7 +148,7 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None):
                 add(src, dy[:, start:start + c])
                 start += c
         elif kind == "reorg":
-            add(j, ops.reorg_backward(dy, layer["stride"], layer["order"]))
+            add(j, ops.reorg_backward(dy, layer["stride"], layer["order"], layer["reverse"]))
     return grads, dout
 
 

@@ -29,7 +29,7 @@ Everything here is plain integer arithmetic on the program, so the planner
 # calls it by this name)
 from tilec_runtime.collectives import chunk_bounds as part_bounds
 
-SPLITTABLE = ("conv", "connected", "maxpool", "avgpool")
+SPLITTABLE = ("conv", "connected", "maxpool", "avgpool", "local_avgpool")
 WEIGHTED = ("conv", "connected")
 
 

@@ -8,8 +8,10 @@ Shapes follow darknet's formulas:
   total padding, darknet's default ``size - 1``; the map is offset by
   ``padding // 2`` at the top/left)
 - avgpool: ``(C, 1, 1)``; connected: ``(output, 1, 1)``
+- local_avgpool: as maxpool
 - route: channels summed, spatial size of its (equal-sized) inputs
-- reorg: ``(C * s * s, H / s, W / s)`` (darknet order: C divisible by ``s * s``)
+- reorg: ``(C * s * s, H / s, W / s)`` (darknet order: C divisible by ``s * s``);
+  reversed ``(C / (s * s), H * s, W * s)``
 - softmax / cost: the shape of their input
 
 This deliberately does not use the planner's IR or cfg frontend: the tests
@@ -85,6 +87,20 @@ class ProgramBuilder:
         src = self._src(src)
         return self._add("avgpool", [src], [self.shape(src)[0], 1, 1])
 
+    def local_avgpool(self, size=2, stride=2, padding=None, count_pad=False, src=None):
+        """``padding=None`` is ``size - 1``, as maxpool's."""
+        src = self._src(src)
+        c, h, w = self.shape(src)
+        padding = size - 1 if padding is None else int(padding)
+        top = padding // 2
+        ho = (h + padding - size) // stride + 1
+        wo = (w + padding - size) // stride + 1
+        if min(h, w) + padding < size or top >= size or (ho - 1) * stride - top >= h \
+                or (wo - 1) * stride - top >= w:
+            raise ShapeError(f"local_avgpool {size}/{stride} padding {padding} does not fit a {h}x{w} map")
+        return self._add("local_avgpool", [src], [c, ho, wo], size=size, stride=stride, padding=padding,
+                         count_pad=bool(count_pad))
+
     def connected(self, output, act="linear", src=None):
         src = self._src(src)
         return self._add("connected", [src], [output, 1, 1], output=output, act=act)
@@ -97,14 +113,21 @@ class ProgramBuilder:
             raise ShapeError(f"route inputs have different spatial sizes: {shapes}")
         return self._add("route", list(srcs), [sum(s[0] for s in shapes)] + shapes[0][1:])
 
-    def reorg(self, stride=2, src=None, order="darknet"):
+    def reorg(self, stride=2, src=None, order="darknet", reverse=False):
         src = self._src(src)
         c, h, w = self.shape(src)
+        if reverse:
+            if c % (stride * stride):
+                raise ShapeError(f"depth-to-space stride {stride} needs channels divisible by {stride * stride}, "
+                                 f"got {c}")
+            return self._add("reorg", [src], [c // (stride * stride), h * stride, w * stride], stride=stride,
+                             order=order, reverse=True)
         if h % stride or w % stride:
             raise ShapeError(f"reorg stride {stride} needs a map divisible by it, got {h}x{w}")
         if order == "darknet" and c % (stride * stride):
             raise ShapeError(f"darknet reorg stride {stride} needs channels divisible by {stride * stride}, got {c}")
-        return self._add("reorg", [src], [c * stride * stride, h // stride, w // stride], stride=stride, order=order)
+        return self._add("reorg", [src], [c * stride * stride, h // stride, w // stride], stride=stride, order=order,
+                         reverse=False)
 
     def softmax(self, src=None):
         src = self._src(src)
@@ -165,7 +188,25 @@ def _reorg(b, src, order, draw):
 
 
 @st.composite
-def random_stacks(draw, max_prefix=5, tails=("classify", "regress", "route", "reorg")):
+def local_avgpool_args(draw, h, w):
+    """Arguments of a local_avgpool whose every window holds a cell of the map, or None."""
+    options = []
+    for k, s in POOL_SHAPES:
+        for p in range(2 * k - 1):
+            ho, wo = (h + p - k) // s + 1, (w + p - k) // s + 1
+            if min(h, w) + p >= k and p // 2 < k and (ho - 1) * s - p // 2 < h and (wo - 1) * s - p // 2 < w:
+                options.append((k, s, p))
+    if not options:
+        return None
+    size, stride, padding = draw(st.sampled_from(options))
+    return dict(size=size, stride=stride, padding=padding, count_pad=draw(st.booleans()))
+
+
+TAILS = ("classify", "regress", "route", "reorg", "depth_to_space", "local_avgpool")
+
+
+@st.composite
+def random_stacks(draw, max_prefix=5, tails=TAILS):
     """A random valid program: a spatial prefix of 1..max_prefix conv/maxpool
     layers on a (C in 1..4, H and W in 5..23 independently) input, then a tail:
 
@@ -178,6 +219,11 @@ def random_stacks(draw, max_prefix=5, tails=("classify", "regress", "route", "re
       of the last output (needs even H, W), then classify or regress. The
       order is drawn; darknet's needs channels divisible by 4, so as in
       YOLOv2 a 1x1 conv to 4 channels goes first where they are not.
+    - ``depth_to_space``: a 1x1 conv to 4 or 8 channels where the channels
+      are not a multiple of 4, a reversed reorg (either order) doubling the
+      map, optionally a 3x3 conv on it, then classify or regress
+    - ``local_avgpool``: an average pool (drawn window, padding, count_pad)
+      of the last output, then classify or regress
     """
     c, h, w = draw(st.integers(1, 4)), draw(st.integers(5, 23)), draw(st.integers(5, 23))
     b = ProgramBuilder(c, h, w)
@@ -202,7 +248,17 @@ def random_stacks(draw, max_prefix=5, tails=("classify", "regress", "route", "re
             b.route(r, last)
         elif hh % 2 == 0 and ww % 2 == 0:
             _reorg(b, last, order, draw)
-    if tail == "classify" or (tail in ("route", "reorg") and draw(st.booleans())):
+    elif tail == "depth_to_space":
+        if b.shape(last)[0] % 4:
+            b.conv(draw(st.sampled_from([4, 8])), 1, 1, 0, bn=draw(st.booleans()), act="leaky")
+        b.reorg(2, order=draw(st.sampled_from(["onnx", "space_to_depth"])), reverse=True)
+        if draw(st.booleans()):
+            b.conv(**draw(conv_args(*b.shape(b.last))))
+    elif tail == "local_avgpool":
+        pool = draw(local_avgpool_args(hh, ww))
+        if pool is not None:
+            b.local_avgpool(**pool)
+    if tail == "classify" or (tail != "regress" and draw(st.booleans())):
         b.avgpool()
         b.connected(draw(st.integers(2, 5)), act=draw(st.sampled_from(ACTIVATIONS)))
         b.softmax()

@@ -182,6 +182,17 @@ def test_route_absolute_and_relative():
     assert g.layer(2)["out_shape"] == [4, 8, 8]
 
 
+def test_local_avgpool_and_reverse_reorg():
+    """AlexeyAB's [local_avgpool] (maxpool's keys and defaults, padding not
+    counted) and darknet's [reorg] reverse=1 (DepthToSpace DCR)."""
+    g = parse_cfg(NET + "[local_avgpool]\nsize=3\nstride=2\n[convolutional]\nfilters=8\nsize=1\n"
+                  "[reorg]\nstride=2\nreverse=1\n[cost]\n")
+    pool, reorg = g.layer(0), g.layer(2)
+    assert (pool["size"], pool["stride"], pool["padding"], pool["count_pad"], pool["out_shape"]) == \
+        (3, 2, 2, False, [3, 4, 4])
+    assert (reorg["order"], reorg["reverse"], reorg["out_shape"]) == ("onnx", True, [2, 8, 8])
+
+
 # -- every error -------------------------------------------------------------
 
 ERRORS = [
@@ -240,6 +251,13 @@ ERRORS = [
     ("cost type", NET + "[cost]\ntype=smooth\n", 6, "cost", "type=smooth: unknown type (supported: sse)"),
     ("reorg stride", NET + "[reorg]\nstride=4\n[cost]\n", 6, "reorg", "stride=4: must be 2"),
     ("reorg no stride", NET + "[reorg]\n[cost]\n", 5, "reorg", "missing required key 'stride'"),
+    ("reorg reverse", NET + "[reorg]\nstride=2\nreverse=2\n[cost]\n", 7, "reorg", "reverse=2: must be 0 or 1"),
+    ("reverse channels", NET + "[reorg]\nstride=2\nreverse=1\n[cost]\n", 5, "reorg",
+     "layer 0: input 3x8x8: depth-to-space needs channels divisible by stride² = 4"),
+    ("local_avgpool key", NET + "[local_avgpool]\nsize=2\ncount_pad=1\n[cost]\n", 7, "local_avgpool",
+     "unknown key 'count_pad'"),
+    ("local_avgpool padding alone", NET + "[local_avgpool]\nsize=2\nstride=1\npadding=4\n[cost]\n", 5,
+     "local_avgpool", "would average padding alone"),
     ("route to later layer", NET + CONV + "[route]\nlayers=3\n[cost]\n", 9, "route",
      "layers=3: 3 is layer 3, but route 1 can read only layers 0..0"),
     ("route to itself", NET + CONV + "[route]\nlayers=1\n[cost]\n", 9, "route", "1 is layer 1"),

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from programs import ProgramBuilder, ShapeError, conv_args
+from programs import ProgramBuilder, ShapeError, conv_args, local_avgpool_args
 from test_socket_training import train_socketpairs
 from test_tiled import FLOOR, OPT, assert_same, converges, one_device, rel_err, splits, well_conditioned
 from tilec.analysis.tiles import spatial_prefix
@@ -28,20 +28,31 @@ from built import module
 
 @st.composite
 def tail_stacks(draw):
-    """A conv prefix, then 1-5 conv/maxpool/avgpool/connected layers, then a loss."""
+    """A conv prefix, then 1-5 conv/maxpool/local_avgpool/depth-to-space/
+    connected layers, then a loss (or a global avgpool, a connected layer
+    and a softmax)."""
     b = ProgramBuilder(draw(st.integers(1, 3)), draw(st.integers(4, 11)), draw(st.integers(4, 11)))
     for _ in range(draw(st.integers(1, 2))):
         b.conv(**draw(conv_args(*b.shape(b.last))))
     flat = False
     for _ in range(draw(st.integers(1, 5))):
         c, h, w = b.shape(b.last)
-        kind = draw(st.sampled_from(["conv", "conv", "maxpool", "connected"] if not flat else ["connected"]))
+        kind = draw(st.sampled_from(["conv", "conv", "maxpool", "local_avgpool", "depth_to_space", "connected"]
+                                    if not flat else ["connected"]))
         try:
             if kind == "conv":
                 b.conv(draw(st.integers(1, 7)), draw(st.sampled_from([1, 3])), draw(st.integers(1, 2)), "same",
                        bn=draw(st.booleans()), act=draw(st.sampled_from(ACTIVATIONS)))
             elif kind == "maxpool":
                 b.maxpool(2, draw(st.integers(1, 2)))
+            elif kind == "local_avgpool":
+                pool = draw(local_avgpool_args(h, w))
+                if pool is not None:
+                    b.local_avgpool(**pool)
+            elif kind == "depth_to_space":
+                if c % 4:
+                    b.conv(draw(st.sampled_from([4, 8])), 1, 1, 0, bn=draw(st.booleans()), act="leaky")
+                b.reorg(2, order=draw(st.sampled_from(["onnx", "space_to_depth"])), reverse=True)
             else:
                 b.connected(draw(st.integers(1, 9)), act=draw(st.sampled_from(ACTIVATIONS)))
                 flat = True

@@ -151,6 +151,29 @@ def test_darknet_reorg_is_darknets_permutation_and_backward_its_inverse(b, c, h,
     assert np.array_equal(ty.detach().numpy(), y) and np.array_equal(tx.grad.numpy(), dx)
 
 
+@pytest.mark.parametrize("b, c, h, w, s", REORG_SHAPES)
+def test_darknet_reverse_reorg_is_depth_to_space_dcr(tmp_path, b, c, h, w, s):
+    """darknet's ``[reorg] reverse=1``: forward ``reorg_cpu(forward=1)`` on
+    the layer's own (c, h, w), out[source[p]] = x[p]; backward
+    ``reorg_cpu(forward=0)``, dx[p] = dy[source[p]]. A .cfg's reverse=1 is
+    order onnx reversed, DepthToSpace DCR (checked against onnxruntime in
+    test_onnx)."""
+    rng = np.random.default_rng(c * h + w + 1)
+    x = rng.standard_normal((b, c, h, w))
+    source = darknet_reorg_indices(c, h, w, s)
+    want = np.empty((b, c * h * w))
+    want[:, source] = x.reshape(b, -1)
+    y = ops.reorg_forward(x, s, "onnx", reverse=True)
+    assert y.shape == (b, c // (s * s), h * s, w * s) and np.array_equal(y.reshape(b, -1), want)
+    dy = rng.standard_normal(y.shape)
+    assert np.array_equal(ops.reorg_backward(dy, s, "onnx", reverse=True).reshape(b, -1), dy.reshape(b, -1)[:, source])
+    if s == 2:
+        cfg = tmp_path / "r.cfg"
+        cfg.write_text(f"[net]\nheight={h}\nwidth={w}\nchannels={c}\n[reorg]\nstride=2\nreverse=1\n[cost]\n")
+        layer = program_of(tmp_path, "r")[0]
+        assert (layer["order"], layer["reverse"], layer["out_shape"]) == ("onnx", True, [c // 4, h * 2, w * 2])
+
+
 def test_darknet_reorg_is_not_space_to_depth():
     x = np.arange(2 * 8 * 4 * 4, dtype=np.float64).reshape(2, 8, 4, 4)
     assert not np.array_equal(ops.reorg_forward(x, 2, "darknet"), ops.reorg_forward(x, 2, "space_to_depth"))

@@ -75,6 +75,15 @@ CASES = {
     "reorg-passthrough": (2, (4, 6, 4), [_conv(filters=2, size=3, stride=2, act="leaky"), lambda p: p.reorg(2, src=0),
                                          lambda p: p.route(2, 1), _conv(filters=2, size=3, bn=True)], "softmax"),
     "dead-branch": (2, (2, 5, 5), [_conv(filters=2, size=3), _conv(filters=2, size=3, src=0)], "cost"),
+    "depth-to-space-dcr": (2, (8, 3, 2), [lambda p: p.reorg(2, order="onnx", reverse=True),
+                                          _conv(filters=2, size=3, act="leaky")], "cost"),
+    "depth-to-space-crd": (2, (8, 2, 3), [lambda p: p.reorg(2, order="space_to_depth", reverse=True),
+                                          _conv(filters=2, size=1, pad=0)], "softmax"),
+    "local-avgpool-3-2-pad": (2, (2, 7, 6), [lambda p: p.local_avgpool(3, 2, padding=2)], "cost"),
+    "local-avgpool-3-1-count-pad": (2, (2, 5, 6), [lambda p: p.local_avgpool(3, 1, padding=3, count_pad=True),
+                                                   _conv(filters=2, size=3, bn=True)], "cost"),
+    "local-avgpool-2-2-odd": (2, (3, 5, 7), [lambda p: p.local_avgpool(2, 2, padding=0),
+                                             lambda p: p.connected(3, act="relu")], "softmax"),
 }
 
 

@@ -146,26 +146,26 @@ def test_shape_rules_strided_and_reorg():
     g.infer_shapes()
     assert [layer["out_shape"] for layer in g.layers()] == [[3, 6, 5], [3, 3, 3], [3, 3, 3]]
     h = Graph([4, 6, 10])
-    h.add_layer("reorg", stride=2, order="darknet")
+    h.add_layer("reorg", stride=2, order="darknet", reverse=False)
     assert h.infer_shapes().layer(0)["out_shape"] == [16, 3, 5]
 
 
 def test_reorg_orders_and_darknet_channels():
     g = Graph([2, 6, 10])
-    g.add_layer("reorg", stride=2, order="space_to_depth")  # any channel count
+    g.add_layer("reorg", stride=2, order="space_to_depth", reverse=False)  # any channel count
     assert g.infer_shapes().layer(0)["out_shape"] == [8, 3, 5]
     g = Graph([2, 6, 10])
-    g.add_layer("reorg", stride=2, order="darknet")
+    g.add_layer("reorg", stride=2, order="darknet", reverse=False)
     with pytest.raises(IRError, match=r"node 0 \(reorg\): input 2x6x10: darknet's reorg needs channels divisible by"):
         g.infer_shapes()
     with pytest.raises(IRError, match="node 1 \\(reorg\\): order must be one of darknet, space_to_depth, onnx, got 'x'"):
-        g.add_layer("reorg", stride=2, order="x")
+        g.add_layer("reorg", stride=2, order="x", reverse=False)
 
 
 @pytest.mark.parametrize("build, fragment", [
     (lambda g: conv(g, 2, size=9, pad=1), "node 0 (conv): kernel 9x9 is larger than the padded input 6x7"),
     (lambda g: g.add_layer("maxpool", size=6, stride=1, padding=0), "node 0 (maxpool): window 6x6"),
-    (lambda g: g.add_layer("reorg", stride=2, order="darknet"), "node 0 (reorg): input 1x4x5 is not divisible by stride 2"),
+    (lambda g: g.add_layer("reorg", stride=2, order="darknet", reverse=False), "node 0 (reorg): input 1x4x5 is not divisible by stride 2"),
 ])
 def test_impossible_shapes_name_the_node(build, fragment):
     g = Graph([1, 4, 5])

@@ -160,7 +160,11 @@ def every_kind(loss="softmax"):
     m.reorg(2, order="darknet").route(1).reorg(2, order="space_to_depth").route(1).reorg(2, order="onnx")
     m.route(2, 4, 6)                                                 # 7: 96x3x3
     m.maxpool(3, 1, padding=2).maxpool(2, 1)                         # 8, 9: 96x3x3
-    m.conv(16, 3, stride=2, pad=1, bn=False, act="relu")             # 10: 16x2x2
+    m.local_avgpool(3, 1, padding=2, count_pad=True)                 # 10: 96x3x3
+    m.local_avgpool(2, 1, padding=1)                                 # 11: 96x3x3
+    m.reorg(2, order="onnx", reverse=True).route(11)                 # 12, 13: 24x6x6, 96x3x3
+    m.reorg(2, order="space_to_depth", reverse=True).route(12, 14)   # 14, 15: 24x6x6, 48x6x6
+    m.conv(16, 3, stride=2, pad=1, bn=False, act="relu")             # 16: 16x3x3
     if loss == "softmax":
         m.connected(10, act="leaky").connected(7).softmax()
     elif loss == "sse":
@@ -247,6 +251,78 @@ def test_maxpool_pads_map_exactly_or_are_refused():
     assert maxpool_padding((8, 8), 2, 2, [1, 1, 0, 0], False) is None  # top > bottom: refused
 
 
+def test_averagepool_pads_map_exactly_or_are_refused():
+    """Windows and divisors: with count_include_pad=1 every window of an
+    exact mapping lies inside both padded maps (k*k), with 0 both count the
+    cells of the map."""
+    rng = np.random.default_rng(5)
+    mapped = 0
+    for h in (5, 6, 7):
+        for k, s in ((2, 1), (2, 2), (3, 1), (3, 2)):
+            for top in range(k):
+                for bottom in range(k):
+                    pads = [top, top, bottom, bottom]
+                    total = maxpool_padding((h, h), k, s, pads, False)
+                    if total is None:
+                        continue
+                    for count in (0, 1):
+                        mapped += 1
+                        x = rng.standard_normal((1, 2, h, h)).astype(np.float32)
+                        node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s],
+                                                pads=pads, count_include_pad=count)
+                        layer = {"kind": "local_avgpool", "padding": total}
+                        ours = ops.local_avgpool_forward(x, k, s, pads_of(layer), bool(count))
+                        np.testing.assert_allclose(ours, run_node(node, x), rtol=1e-6, atol=1e-6,
+                                                   err_msg=str((h, k, s, pads, count)))
+    assert mapped > 60
+
+
+def pooled_cnn():
+    """conv+BN+leaky, max-pool, a 1x1 conv, PixelShuffle (DepthToSpace CRD),
+    AvgPool2d with padding (counted, torch's default) and without, a conv
+    and a linear head: float64."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+                         nn.MaxPool2d(2, 2), nn.Conv2d(8, 16, 1), nn.PixelShuffle(2),
+                         nn.AvgPool2d(3, 1, padding=1), nn.Conv2d(4, 6, 3, padding=1),
+                         nn.AvgPool2d(2, 2, padding=1, count_include_pad=False), nn.Flatten(),
+                         nn.Linear(6 * 5 * 5, 5)).double()
+
+
+def test_torch_pixel_shuffle_and_avgpool_cnn_trains_on_two_devices_as_in_torch(tmp_path):
+    """tilec's weights after 3 steps on 2 devices equal torch's (float64);
+    torch's final weights are read through the importer (whose key mapping
+    the small CNN's test checks by hand)."""
+    module = pooled_cnn()
+    x0 = torch.zeros(BATCH, 3, 8, 8, dtype=torch.float64)
+    model = export_torch(module, x0, tmp_path / "pooled.onnx")
+    kinds = [layer["kind"] for layer in import_onnx(model, "softmax").graph.layers()]
+    assert kinds == ["conv", "maxpool", "conv", "reorg", "local_avgpool", "conv", "local_avgpool", "connected",
+                     "softmax"]
+    rng = np.random.default_rng(3)
+    images, labels = rng.standard_normal((BATCH * STEPS, 3, 8, 8)), rng.integers(0, 5, BATCH * STEPS)
+    np.savez(tmp_path / "batch.npz", images=images, labels=labels)
+    assert main(["train", str(model), "--loss", "softmax", "--devices", "2", "--dtype", "float64",
+                 "--steps", str(STEPS), "--batch", str(BATCH), "--lr", str(LR), "--momentum", str(MOMENTUM),
+                 "--decay", "0", "--data", str(tmp_path / "batch.npz"),
+                 "--save-weights", str(tmp_path / "out.npz")]) == 0
+    start = onnx_weights(model)
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM)
+    for step in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(module(torch.tensor(images[step * BATCH:(step + 1) * BATCH])),
+                        torch.tensor(labels[step * BATCH:(step + 1) * BATCH])).backward()
+        opt.step()
+    theirs = onnx_weights(export_torch(module, x0, tmp_path / "trained.onnx"))
+    with np.load(tmp_path / "out.npz") as z:
+        ours = {k: z[k] for k in z.files}
+    assert sorted(ours) == sorted(theirs)
+    diff = max(float(np.abs(ours[k] - theirs[k]).max()) for k in theirs)
+    moved = max(float(np.abs(theirs[k] - start[k]).max()) for k in theirs)
+    assert diff <= 1e-8 and moved > 1e-3, (diff, moved)
+
+
 def test_conv_pads_map_exactly_or_are_refused():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
@@ -271,6 +347,25 @@ def test_onnx_reorg_order_is_onnxruntime_space_to_depth(c, s):
     x = np.random.default_rng(c).standard_normal((2, c, 2 * s, 3 * s)).astype(np.float32)
     theirs = run_node(helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=s), x)
     assert np.array_equal(ops.reorg_forward(x, s, "onnx"), theirs)
+
+
+@pytest.mark.parametrize("mode, order", [("DCR", "onnx"), ("CRD", "space_to_depth")])
+@pytest.mark.parametrize("c,s", [(8, 2), (18, 3), (4, 2)])
+def test_reversed_reorg_is_onnxruntime_depth_to_space(mode, order, c, s):
+    x = np.random.default_rng(c).standard_normal((2, c, 3, 2)).astype(np.float32)
+    theirs = run_node(helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=s, mode=mode), x)
+    assert np.array_equal(ops.reorg_forward(x, s, order, reverse=True), theirs)
+    assert np.array_equal(ops.reorg_backward(theirs, s, order, reverse=True), x)
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_torch_pixel_shuffle_imports_as_reversed_space_to_depth(tmp_path, opset):
+    """Exported as Reshape -> Transpose -> Reshape (opset 9) or DepthToSpace CRD (11 and up)."""
+    module = nn.Sequential(nn.Conv2d(3, 8, 1), nn.PixelShuffle(2), nn.Conv2d(2, 2, 1))
+    imported = import_onnx(export_torch(module, torch.zeros(1, 3, 4, 4), tmp_path / "p.onnx", opset), "sse")
+    reorg = imported.graph.layer(1)
+    assert (reorg["kind"], reorg["order"], reorg["reverse"], reorg["out_shape"]) == \
+        ("reorg", "space_to_depth", True, [2, 8, 8])
 
 
 def test_torch_pixel_unshuffle_imports_as_space_to_depth(tmp_path):
@@ -334,9 +429,11 @@ REFUSED = [
      r"'p' \(MaxPool\): attribute pads=\[1, 1, 0, 0\]"),
     ([N("MaxPool", ["x"], ["y"], name="p", kernel_shape=[2, 3])], [], r"'p' \(MaxPool\): attribute kernel_shape"),
     ([N("Sigmoid", ["x"], ["y"], name="s")], [], r"node 's' \(Sigmoid\): op Sigmoid is not supported"),
-    ([N("DepthToSpace", ["x"], ["y"], name="d", blocksize=2)], [], r"'d' \(DepthToSpace\): .*upsampling"),
+    ([N("DepthToSpace", ["x"], ["y"], name="d", blocksize=2, mode="RCD")], [],
+     r"'d' \(DepthToSpace\): attribute mode=RCD"),
     ([N("Relu", ["x"], ["y"])], [], r"node #0 \(output 'y'\) \(Relu\): .*folded into the Conv"),
-    ([N("AveragePool", ["x"], ["y"], name="a", kernel_shape=[2, 2])], [], r"'a' \(AveragePool\): .*global"),
+    ([N("AveragePool", ["x"], ["y"], name="a", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)], [],
+     r"'a' \(AveragePool\): attribute pads=\[0, 0, 0, 0\] .*, ceil_mode=1"),
     ([N("Conv", ["x", "w"], ["z"], name="c"),
       N("BatchNormalization", ["z", "s", "b", "m", "v"], ["y"], name="bn", epsilon=1e-3)],
      W + [(n, (4,)) for n in "sbmv"], r"node 'bn' \(BatchNormalization\): attribute epsilon=0.001"),

@@ -32,6 +32,7 @@ def good():
     (2, "out_shape", [16, 6, 5], "out_shape"),
     (4, "output", 0, "output"),
     (2, "order", "pixel_unshuffle", "layer 2 \\(reorg\\): order must be one of darknet, space_to_depth, onnx"),
+    (2, "reverse", 1, "layer 2 \\(reorg\\): reverse must be true or false"),
 ])
 def test_bad_fields_are_refused(layer, key, value, match):
     program = copy.deepcopy(good())
@@ -73,6 +74,27 @@ def test_reorg_order_is_required_and_darknet_needs_whole_channel_groups():
     with pytest.raises(ProgramError, match="layer 1 \\(reorg\\): input 6x12x12: darknet's reorg needs channels "
                                            "divisible by stride² = 4"):
         validate(program)
+
+
+def test_depth_to_space_and_local_avgpool_shapes_are_checked():
+    b = ProgramBuilder(8, 6, 5)
+    b.reorg(2, order="onnx", reverse=True)                  # 0: 2x12x10
+    b.local_avgpool(3, 2, padding=2)                        # 1: 2x6x5
+    b.cost()
+    program = b.build()
+    assert program[0]["out_shape"] == [2, 12, 10] and program[1]["out_shape"] == [2, 6, 5]
+    cases = [(0, "order", "darknet", "a reversed darknet reorg is order onnx"),
+             (1, "count_pad", 0, "count_pad must be true or false"),
+             (1, "padding", 6, "padding 6 on input 2x12x10: a 3x3 window at stride 2 would average padding alone")]
+    for layer, key, value, match in cases:
+        bad = copy.deepcopy(program)
+        bad[layer][key] = value
+        with pytest.raises(ProgramError, match=re.escape(match)):
+            validate(bad)
+    bad = copy.deepcopy(program)
+    bad[0]["in_shape"] = [6, 6, 5]  # the network input
+    with pytest.raises(ProgramError, match="depth-to-space needs channels divisible by stride² = 4"):
+        validate(bad)
 
 
 @pytest.mark.parametrize("layer, key, value, reason", [

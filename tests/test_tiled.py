@@ -163,9 +163,11 @@ def test_tiled_float32_equals_one_device(case):
     """Float32: within 1e-4 of one-device float32, or, where float32 itself
     is ill-conditioned (batch norm over a few values, scale-invariant
     weights), no further from the exact (float64) result than one-device
-    float32 is, within a factor of 3."""
+    float32 is, within a factor of 3. Examples where a kink decides a branch
+    (``well_conditioned``) are discarded, as in float64: there float32's
+    rounding, different in any two correct orders of summation, picks it."""
     got, want = run_case(*case, dtype="float32")
-    assume(converges(want[0]))
+    assume(converges(want[0]) and well_conditioned_case(case))
     _, exact = run_case(*case, dtype="float64")
     for tiled32, one32, one64 in [(got[1], want[1], exact[1]), (got[2], want[2], exact[2])]:
         for key in one32:

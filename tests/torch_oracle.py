@@ -19,18 +19,52 @@ def _act(z, kind):
     return z
 
 
+def _darknet_source(c, h, w, s):
+    """darknet's ``reorg_cpu`` index arithmetic on a (c, h, w) input: for
+    flat ``i + w*(j + h*k)``, the flat ``w2 + w*s*(h2 + h*s*c2)``."""
+    k, j, i = torch.meshgrid(torch.arange(c), torch.arange(h), torch.arange(w), indexing="ij")
+    out_c = c // (s * s)
+    c2, offset = k % out_c, k // out_c
+    w2, h2 = i * s + offset % s, j * s + offset // s
+    return (w2 + w * s * (h2 + h * s * c2)).reshape(-1)
+
+
 def darknet_reorg(x, s):
     """darknet's ``reorg_cpu`` (forward), written out from its index
     arithmetic as a gather, independently of ``ops.reorg_forward``'s
     transpose: output flat ``i + w*(j + h*k)`` reads input flat
     ``w2 + w*s*(h2 + h*s*c2)``."""
     b, c, h, w = x.shape
-    k, j, i = torch.meshgrid(torch.arange(c), torch.arange(h), torch.arange(w), indexing="ij")
-    out_c = c // (s * s)
-    c2, offset = k % out_c, k // out_c
-    w2, h2 = i * s + offset % s, j * s + offset // s
-    source = (w2 + w * s * (h2 + h * s * c2)).reshape(-1)  # indexed by i + w*(j + h*k)
-    return x.reshape(b, -1)[:, source].reshape(b, c * s * s, h // s, w // s)
+    return x.reshape(b, -1)[:, _darknet_source(c, h, w, s)].reshape(b, c * s * s, h // s, w // s)
+
+
+def onnx_depth_to_space(x, s):
+    """ONNX DepthToSpace DCR (channel ``(dy*s + dx)*C + c``) from torch's
+    pixel_shuffle (CRD, channel ``c*s*s + dy*s + dx``) by swapping the two
+    channel factors, independently of ``ops``."""
+    b, c, h, w = x.shape
+    return F.pixel_shuffle(x.reshape(b, s * s, c // (s * s), h, w).transpose(1, 2).reshape(b, c, h, w), s)
+
+
+def reorg(x, layer):
+    """A reorg layer in torch, by its order and direction."""
+    s = layer["stride"]
+    if layer["reverse"]:
+        return {"space_to_depth": F.pixel_shuffle, "onnx": onnx_depth_to_space}[layer["order"]](x, s)
+    return {"space_to_depth": F.pixel_unshuffle, "onnx": onnx_space_to_depth,
+            "darknet": darknet_reorg}[layer["order"]](x, s)
+
+
+def local_avgpool(x, layer):
+    """Zero-padded average pooling: torch's avg_pool2d on the padded map,
+    divided, without ``count_pad``, by the share of each window inside the map."""
+    pt, pb, pl, pr = pads_of(layer)
+    k, s = layer["size"], layer["stride"]
+    y = F.avg_pool2d(F.pad(x, (pl, pr, pt, pb)), k, s)
+    if layer["count_pad"]:
+        return y
+    inside = F.pad(torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype), (pl, pr, pt, pb))
+    return y / F.avg_pool2d(inside, k, s)
 
 
 def onnx_space_to_depth(x, s):
@@ -64,17 +98,15 @@ def forward(program, tparams, tbuffers, images, target):
             acts[i] = F.max_pool2d(xp, layer["size"], layer["stride"])
         elif kind == "avgpool":
             acts[i] = x.mean(dim=(2, 3), keepdim=True)
+        elif kind == "local_avgpool":
+            acts[i] = local_avgpool(x, layer)
         elif kind == "connected":
             y = F.linear(x.reshape(x.shape[0], -1), tparams[f"{i}.fc.weight"], tparams[f"{i}.fc.bias"])
             acts[i] = _act(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
         elif kind == "route":
             acts[i] = torch.cat([acts[j] for j in layer["inputs"]], dim=1)
-        elif kind == "reorg" and layer["order"] == "space_to_depth":
-            acts[i] = F.pixel_unshuffle(x, layer["stride"])
-        elif kind == "reorg" and layer["order"] == "onnx":
-            acts[i] = onnx_space_to_depth(x, layer["stride"])
         elif kind == "reorg":
-            acts[i] = darknet_reorg(x, layer["stride"])
+            acts[i] = reorg(x, layer)
         elif kind == "softmax":
             loss = F.cross_entropy(x.reshape(x.shape[0], -1), target)
         elif kind == "cost":

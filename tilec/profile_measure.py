@@ -185,7 +185,7 @@ def _samples(quick, dtype, min_time, kernels):
     for c, hw, b in (ELT_QUICK if quick else ELT_SHAPES):
         # reorg (a pure data movement) stands for route/reorg/avgpool/losses and the update
         layer = {"kind": "reorg", "index": 0, "inputs": [-1], "in_shape": [c, hw * 2, hw * 2],
-                 "out_shape": [c * 4, hw, hw], "stride": 2, "order": "darknet"}
+                 "out_shape": [c * 4, hw, hw], "stride": 2, "order": "darknet", "reverse": False}
         x = rng.standard_normal((b, c, hw * 2, hw * 2)).astype(dtype)
         dy = rng.standard_normal((b, c * 4, hw, hw)).astype(dtype)
         record("elementwise", "forward", features(layer, hw * hw, b, itemsize, "forward"),

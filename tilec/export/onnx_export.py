@@ -8,10 +8,12 @@ computes, per layer kind:
   ``LeakyRelu(alpha=0.1)``;
 - maxpool: ``MaxPool`` with pads ``[P//2, P//2, P - P//2, P - P//2]`` (top,
   left, bottom, right): darknet-style total padding ``P``;
-- avgpool: ``GlobalAveragePool``; connected: ``Flatten`` then ``Gemm``
-  (``transB=1``) and the activation;
+- avgpool: ``GlobalAveragePool``; local_avgpool: ``AveragePool`` with
+  maxpool's pads and ``count_include_pad``; connected: ``Flatten`` then
+  ``Gemm`` (``transB=1``) and the activation;
 - route: ``Concat`` on channels; reorg: ``SpaceToDepth`` for
   ``order="onnx"``, else ``Reshape -> Transpose -> Reshape`` in its order;
+  reversed, ``DepthToSpace`` (DCR for ``onnx``, CRD for ``space_to_depth``);
 - the loss: softmax exports the probabilities (``Flatten``, ``Softmax``,
   shape (N, K)); ``[cost]`` (sse) and ``[region]`` export their *input*, the
   raw output before the loss: for a region model the raw conv output,
@@ -110,15 +112,17 @@ def _conv(w, layer, params, buffers):
     return w.activation(i, z, layer["act"]), 4
 
 
-def _maxpool(w, layer, params, buffers):
+def _pool(w, layer, params, buffers):
     i, k, s, total = layer["index"], layer["size"], layer["stride"], layer["padding"]
     top, end = total // 2, total - total // 2
+    op = "MaxPool" if layer["kind"] == "maxpool" else "AveragePool"
     if end >= k:
         # ONNX requires pads smaller than the window
-        raise ExportError(f"layer {i} (maxpool): padding {total} puts {end} >= size {k} at the bottom/right, "
-                          "which ONNX MaxPool does not allow")
-    return w.node("MaxPool", [w.map(layer["inputs"][0])], f"{i}.maxpool", kernel_shape=[k, k],
-                  strides=[s, s], pads=[top, top, end, end]), 4
+        raise ExportError(f"layer {i} ({layer['kind']}): padding {total} puts {end} >= size {k} at the "
+                          f"bottom/right, which ONNX {op} does not allow")
+    extra = {} if op == "MaxPool" else {"count_include_pad": int(layer["count_pad"])}
+    return w.node(op, [w.map(layer["inputs"][0])], f"{i}.{layer['kind']}", kernel_shape=[k, k],
+                  strides=[s, s], pads=[top, top, end, end], **extra), 4
 
 
 def _avgpool(w, layer, params, buffers):
@@ -141,6 +145,9 @@ def _route(w, layer, params, buffers):
 def _reorg(w, layer, params, buffers):
     i, s, order = layer["index"], layer["stride"], layer["order"]
     x = w.map(layer["inputs"][0])
+    if layer["reverse"]:
+        return w.node("DepthToSpace", [x], f"{i}.reorg", blocksize=s,
+                      mode="CRD" if order == "space_to_depth" else "DCR"), 4
     if order == "onnx":
         return w.node("SpaceToDepth", [x], f"{i}.reorg", blocksize=s), 4
     view, perm = _REORG[order]
@@ -158,7 +165,8 @@ def _loss(w, layer, params, buffers):
     return w.node("Identity", [w.tensors[j][0]], OUTPUT), w.tensors[j][1]
 
 
-LAYERS = {"conv": _conv, "maxpool": _maxpool, "avgpool": _avgpool, "connected": _connected, "route": _route,
+LAYERS = {"conv": _conv, "maxpool": _pool, "local_avgpool": _pool, "avgpool": _avgpool,
+          "connected": _connected, "route": _route,
           "reorg": _reorg, "softmax": _loss, "cost": _loss, "region": _loss}
 
 

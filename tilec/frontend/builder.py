@@ -66,6 +66,15 @@ class Model:
         """Global average pooling to ``[C, 1, 1]``."""
         return self._add("avgpool")
 
+    def local_avgpool(self, size, stride, padding=None, count_pad=False):
+        """Average pooling over ``size`` x ``size`` windows; ``padding`` as
+        :meth:`maxpool`'s (zeros), counted in a window's average only with
+        ``count_pad`` (torch's AvgPool2d default; ONNX's and AlexeyAB
+        darknet's ``[local_avgpool]`` count only the cells of the map)."""
+        if padding is None and isinstance(size, int):
+            padding = size - 1
+        return self._add("local_avgpool", size=size, stride=stride, padding=padding, count_pad=count_pad)
+
     def connected(self, output, act="linear"):
         """Fully connected layer with ``output`` units."""
         return self._add("connected", output=output, act=act)
@@ -102,12 +111,15 @@ class Model:
             raise ConfigError(f"node {index} (route): layers {list(layers)} reach before layer 0")
         return self._add("route", inputs)
 
-    def reorg(self, stride=2, order="darknet"):
+    def reorg(self, stride=2, order="darknet", reverse=False):
         """``[C, H, W] -> [C*s*s, H/s, W/s]``: darknet's reorg permutation (as
         in a .cfg), ``order="space_to_depth"`` (pixel_unshuffle order) or
-        ``order="onnx"`` (ONNX SpaceToDepth, blocks first); see
+        ``order="onnx"`` (ONNX SpaceToDepth, blocks first); with ``reverse``
+        the inverse, ``[C, H, W] -> [C/s², H*s, W*s]`` (depth-to-space: torch's
+        pixel_shuffle for ``space_to_depth``, ONNX DepthToSpace DCR, which is
+        also darknet's ``reverse=1``, for ``onnx``); see
         ``tilec_runtime.ops.reorg_forward``."""
-        return self._add("reorg", stride=stride, order=order)
+        return self._add("reorg", stride=stride, order=order, reverse=reverse)
 
     def __len__(self):
         return len(self._graph)

@@ -22,15 +22,20 @@ Sections (darknet's short aliases in parentheses) and their keys:
   default **linear**, not darknet's logistic, which tilec does not support).
 - ``[maxpool]`` (``[max]``): ``stride`` (1), ``size`` (= stride), ``padding``
   (total over both borders, = size - 1): darknet's defaults.
-- ``[avgpool]`` (``[avg]``): no keys.
+- ``[avgpool]`` (``[avg]``): no keys: global average pooling.
+- ``[local_avgpool]`` (AlexeyAB's darknet): ``stride`` (1), ``size`` (=
+  stride), ``padding`` (= size - 1) as ``[maxpool]``; zero padding that a
+  window's average does not count (it divides by the cells inside the map).
 - ``[connected]`` (``[conn]``): ``output`` (required), ``activation`` (linear).
 - ``[softmax]`` (``[soft]``): ``groups`` (only 1).
 - ``[cost]``: ``type`` (only sse, the default).
 - ``[route]``: ``layers``, comma-separated; a negative entry is relative to
   the route's own index (``-1`` is the layer before it), others absolute.
-- ``[reorg]``: ``stride`` (required; only 2). darknet's reorg permutation
-  (``order="darknet"`` in the IR), not a clean space-to-depth; the input
-  channels must be divisible by 4.
+- ``[reorg]``: ``stride`` (required; only 2), ``reverse`` (0/1, 0).
+  darknet's reorg permutation (``order="darknet"`` in the IR), not a clean
+  space-to-depth; the input channels must be divisible by 4. ``reverse=1``
+  is darknet's inverse, a depth-to-space, which computes exactly ONNX
+  DepthToSpace in DCR mode (``order="onnx", reverse=True`` in the IR).
 - ``[region]``: the YOLOv2 detection loss (``tilec_runtime.region`` states
   its exact semantics). ``anchors`` (comma-separated width, height pairs in
   grid cells; darknet's default 0.5 each), ``classes`` (20), ``coords``
@@ -57,7 +62,7 @@ SECTION_ALIASES = {
     "net": "net", "network": "net",
     "convolutional": "conv", "conv": "conv",
     "maxpool": "maxpool", "max": "maxpool",
-    "avgpool": "avgpool", "avg": "avgpool",
+    "avgpool": "avgpool", "avg": "avgpool", "local_avgpool": "local_avgpool",
     "connected": "connected", "conn": "connected",
     "softmax": "softmax", "soft": "softmax",
     "cost": "cost", "route": "route", "reorg": "reorg", "region": "region",
@@ -226,11 +231,12 @@ def _read_layer(kind, section, path, index):
         return prev, {"filters": r.int("filters"), "size": size, "stride": r.int("stride", 1),
                       "pad": pad, "bn": bool(r.int("batch_normalize", 0, minimum=0, choices=(0, 1))),
                       "act": r.choice("activation", ("linear", "leaky", "relu"), "linear")}
-    if kind == "maxpool":
+    if kind in ("maxpool", "local_avgpool"):
         r = _Reader(section, path, ("size", "stride", "padding"))
         stride = r.int("stride", 1)
         size = r.int("size", stride)
-        return prev, {"size": size, "stride": stride, "padding": r.int("padding", size - 1, minimum=0)}
+        fields = {"size": size, "stride": stride, "padding": r.int("padding", size - 1, minimum=0)}
+        return prev, fields if kind == "maxpool" else {**fields, "count_pad": False}
     if kind == "avgpool":
         _Reader(section, path, ())
         return prev, {}
@@ -257,7 +263,11 @@ def _read_layer(kind, section, path, index):
         return inputs, {}
     if kind == "reorg":
         # a .cfg is darknet's model: its weights expect darknet's permutation
-        return prev, {"stride": _Reader(section, path, ("stride",)).int("stride", choices=(2,)), "order": "darknet"}
+        # (reverse=1, a depth-to-space, is exactly ONNX DepthToSpace DCR: order onnx)
+        r = _Reader(section, path, ("stride", "reverse"))
+        reverse = bool(r.int("reverse", 0, minimum=0, choices=(0, 1)))
+        return prev, {"stride": r.int("stride", choices=(2,)), "order": "onnx" if reverse else "darknet",
+                      "reverse": reverse}
     if kind == "region":
         return prev, _read_region(section, path)
     raise AssertionError(kind)  # SECTION_ALIASES maps only to the kinds above

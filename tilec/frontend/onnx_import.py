@@ -8,15 +8,20 @@ Supported nodes (default domain, any opset an exporter writes, 9 and up):
   tilec conv layer. Padding maps onto tilec's single ``pad`` exactly or is
   refused (``onnx_pads``).
 - ``MaxPool`` (pads, ``auto_pad``, ``ceil_mode``) onto darknet-style
-  ``padding`` exactly, or refused; ``GlobalAveragePool``, and an
-  ``AveragePool`` whose window is the whole map.
+  ``padding`` exactly, or refused; ``GlobalAveragePool`` and an
+  ``AveragePool`` whose window is the whole map (avgpool); any other
+  ``AveragePool`` (local_avgpool, ``count_include_pad`` either way; padding
+  as MaxPool's; ``ceil_mode`` only where it keeps the floor's output size,
+  since a partial last window's divisor has no tilec equivalent).
 - ``Gemm`` (``alpha = beta = 1``, ``transA = 0``), or ``MatMul`` with an
   optional ``Add`` of a bias, on a flattened map, with an optional ``Relu``
   or ``LeakyRelu(0.1)``: a tilec connected layer.
 - ``Concat`` on channels (route), ``SpaceToDepth`` (reorg with
-  ``order="onnx"``, blocks first), and ``Reshape -> Transpose -> Reshape``
-  when it is exactly one of tilec's reorg orders (torch's pixel_unshuffle
-  exports as ``order="space_to_depth"``).
+  ``order="onnx"``, blocks first), ``DepthToSpace`` (reorg with
+  ``reverse``: ``order="onnx"`` for DCR mode, ``"space_to_depth"`` for CRD,
+  torch's pixel_shuffle), and ``Reshape -> Transpose -> Reshape`` when it
+  is exactly one of tilec's reorg orders, either way (torch's
+  pixel_unshuffle exports as ``order="space_to_depth"``).
 - ``Flatten``, a ``Reshape`` to (batch, rest), ``Squeeze`` of 1x1 maps,
   ``Identity``, and the constant shape arithmetic exporters emit
   (``onnx_consts``). A trailing ``Softmax``/``LogSoftmax`` over each
@@ -34,8 +39,8 @@ tilec's layers differ from ONNX's in ways that matter here:
   the ONNX model lacks starts at zero, and tilec trains it.
 - Batch norm must use epsilon 1e-5 and momentum 0.9 (ONNX's convention,
   torch's 0.1), LeakyRelu alpha 0.1: tilec's fixed values.
-- ``DepthToSpace`` (upsampling) is refused: every tilec layer keeps or
-  shrinks the map.
+- A layer after ``DepthToSpace``, which grows the map, runs on whole maps
+  (the planner tiles only the leading convs and max-pools).
 
 Every unsupported op, attribute or pattern is a :class:`ConfigError` naming
 the file, the node (its name, or ``#position`` and its output), its op type
@@ -53,7 +58,7 @@ import numpy as np
 
 from tilec.errors import ConfigError, IRError
 from tilec.frontend.onnx_consts import BATCH, FOLDABLE, fold
-from tilec.frontend.onnx_pads import auto_pads, conv_pad, maxpool_padding
+from tilec.frontend.onnx_pads import auto_pads, conv_pad, maxpool_padding, onnx_out_size
 from tilec.ir.graph import DEFAULT_NET, Graph
 from tilec_runtime.ops import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE
 
@@ -390,11 +395,24 @@ def _avgpool(imp, node):
     a = imp.attrs(node, {"auto_pad": "NOTSET", "ceil_mode": 0, "count_include_pad": 0, "dilations": None,
                          "kernel_shape": None, "pads": None, "strides": None})
     x = imp.value(node, 0)
-    pads = [0, 0, 0, 0] if a["pads"] is None else list(a["pads"])
-    if list(a["kernel_shape"] or []) != x.shape[1:] or any(pads) or a["auto_pad"] not in ("NOTSET", "VALID"):
-        raise imp.fail(node, f"attribute kernel_shape={a['kernel_shape']}, pads={pads}: tilec's avgpool is global; "
-                             f"only a {x.shape[1]}x{x.shape[2]} window without padding maps onto it")
-    imp.add(node, "avgpool", [x.layer], node.output[0])
+    if a["dilations"] is not None and any(d != 1 for d in a["dilations"]):
+        raise imp.fail(node, f"attribute dilations={list(a['dilations'])}: only 1 is supported")
+    kernel = list(a["kernel_shape"] or [])
+    if kernel == x.shape[1:] and a["auto_pad"] in ("NOTSET", "VALID") and not any(a["pads"] or []):
+        imp.add(node, "avgpool", [x.layer], node.output[0])
+        return
+    k = _square(imp, node, "kernel_shape", a["kernel_shape"])
+    s = _square(imp, node, "strides", a["strides"], [1, 1])
+    pads = _pads(imp, node, a, x.shape, k, s)
+    floor = [onnx_out_size(n, k, s, begin, end) for n, begin, end in zip(x.shape[1:], pads[:2], pads[2:])]
+    ceil = [onnx_out_size(n, k, s, begin, end, True) for n, begin, end in zip(x.shape[1:], pads[:2], pads[2:])]
+    padding = maxpool_padding(x.shape[1:], k, s, pads, False) if floor == ceil or not a["ceil_mode"] else None
+    if padding is None:
+        raise imp.fail(node, f"attribute pads={pads} (top, left, bottom, right), ceil_mode={a['ceil_mode']} on a "
+                             f"{x.shape[1]}x{x.shape[2]} map: no darknet-style padding (total P, P//2 at the "
+                             "top/left, the same on both axes) gives the same windows and divisors")
+    imp.add(node, "local_avgpool", [x.layer], node.output[0], size=k, stride=s, padding=padding,
+            count_pad=bool(a["count_include_pad"]))
 
 
 def _flatten(imp, node):
@@ -449,25 +467,29 @@ def _reshape(imp, node):
         _reorg_view(imp, node, x, rest)
     else:
         raise imp.fail(node, f"shape {target}: tilec reads (batch, C*H*W), (batch, C, H, W) unchanged, or the "
-                             "6-d view of a space-to-depth")
+                             "6-d view of a space-to-depth or depth-to-space")
 
 
-# A space-to-depth written out, as torch exports pixel_unshuffle: Reshape to
+# A space-to-depth (or depth-to-space) written out, as torch exports
+# pixel_unshuffle (pixel_shuffle before opset 11): Reshape to
 # a 6-d view, Transpose, Reshape back to 4-d. Each step records what it saw
 # in ``imp.views`` (the shape constants of later steps may come later in the
 # node order); the last one becomes one reorg layer, or an error.
 
 def _reorg_orders(c, h, w, s):
-    """{(order, perm): the view per image of an input [C, H, W]} for stride ``s``."""
-    return {("space_to_depth", (0, 1, 3, 5, 2, 4)): [c, h // s, s, w // s, s],
-            ("onnx", (0, 3, 5, 1, 2, 4)): [c, h // s, s, w // s, s],
-            ("darknet", (0, 3, 5, 1, 2, 4)): [c // (s * s), h, s, w, s]}
+    """{(order, reverse, perm): the view per image of an input [C, H, W]}
+    for stride ``s``."""
+    return {("space_to_depth", False, (0, 1, 3, 5, 2, 4)): [c, h // s, s, w // s, s],
+            ("onnx", False, (0, 3, 5, 1, 2, 4)): [c, h // s, s, w // s, s],
+            ("darknet", False, (0, 3, 5, 1, 2, 4)): [c // (s * s), h, s, w, s],
+            ("space_to_depth", True, (0, 1, 4, 2, 5, 3)): [c // (s * s), s, s, h, w],
+            ("onnx", True, (0, 3, 4, 1, 5, 2)): [s, s, c // (s * s), h, w]}
 
 
 def _next_step(imp, node, op):
     if imp.sole_consumer(node.output[0], (op,)) is None:
-        raise imp.fail(node, "a 6-d view is read only as Reshape -> Transpose -> Reshape (a space-to-depth), "
-                             "each read by the next alone")
+        raise imp.fail(node, "a 6-d view is read only as Reshape -> Transpose -> Reshape (a space-to-depth or "
+                             "depth-to-space), each read by the next alone")
 
 
 def _reorg_view(imp, node, x, view):
@@ -479,24 +501,28 @@ def _transpose(imp, node):
     perm = tuple(imp.attrs(node, {"perm": None})["perm"] or ())
     if node.input[0] not in imp.views:
         raise imp.fail(node, "a Transpose is read only as the middle of Reshape -> Transpose -> Reshape "
-                             "(a space-to-depth)")
+                             "(a space-to-depth or depth-to-space)")
     _next_step(imp, node, "Reshape")
     x, view, _ = imp.views[node.input[0]]
     imp.views[node.output[0]] = (x, view, perm)
 
 
 def _reorg(imp, node, x, view, perm):
-    """The last Reshape of a space-to-depth: one reorg layer in the order that (view, perm) computes."""
+    """The last Reshape of a space-to-depth (or depth-to-space): one reorg
+    layer in the order that (view, perm) computes."""
     imp.attrs(node, {"allowzero": 0})
     c, h, w = x.shape
-    s = view[2]
     final = [int(v) for v in imp.const(node, 1, "shape").reshape(-1)]
-    order = next((o for (o, p), v in _reorg_orders(c, h, w, s).items() if p == perm and v == view), None)
-    if order is None or s < 2 or h % s or w % s or len(final) != 4 \
-            or final[1:] != [c * s * s, h // s, w // s] or final[0] not in (0, -1, BATCH, imp.batch):
-        raise imp.fail(node, f"a view {view} of a {c}x{h}x{w} map, permuted {list(perm)} and reshaped to "
-                             f"{final}: not a space-to-depth in one of tilec's reorg orders")
-    imp.add(node, "reorg", [x.layer], node.output[0], stride=s, order=order)
+    found = [(o, rev, s) for s in {v for v in view[:3] if v >= 2}
+             for (o, rev, p), v in _reorg_orders(c, h, w, s).items() if p == perm and v == view]
+    if len(found) == 1 and len(final) == 4 and final[0] in (0, -1, BATCH, imp.batch):
+        order, reverse, s = found[0]
+        want = [c // (s * s), h * s, w * s] if reverse else [c * s * s, h // s, w // s]
+        if final[1:] == want and not (c % (s * s) if reverse else h % s or w % s):
+            imp.add(node, "reorg", [x.layer], node.output[0], stride=s, order=order, reverse=reverse)
+            return
+    raise imp.fail(node, f"a view {view} of a {c}x{h}x{w} map, permuted {list(perm)} and reshaped to "
+                         f"{final}: not a space-to-depth or depth-to-space in one of tilec's reorg orders")
 
 
 def _connected(imp, node, x, weight, bias):
@@ -563,11 +589,20 @@ def _concat(imp, node):
 
 def _space_to_depth(imp, node):
     s = imp.attrs(node, {"blocksize": None})["blocksize"]
-    imp.add(node, "reorg", [imp.value(node, 0).layer], node.output[0], stride=s, order="onnx")
+    imp.add(node, "reorg", [imp.value(node, 0).layer], node.output[0], stride=s, order="onnx", reverse=False)
 
 
 def _depth_to_space(imp, node):
-    raise imp.fail(node, "DepthToSpace (upsampling) is not supported: every tilec layer keeps or shrinks the map")
+    a = imp.attrs(node, {"blocksize": None, "mode": "DCR"})
+    x = imp.value(node, 0)
+    if a["mode"] not in DEPTH_TO_SPACE:
+        raise imp.fail(node, f"attribute mode={a['mode']}: only DCR and CRD are defined")
+    imp.add(node, "reorg", [x.layer], node.output[0], stride=a["blocksize"], order=DEPTH_TO_SPACE[a["mode"]],
+            reverse=True)
+
+
+DEPTH_TO_SPACE = {"DCR": "onnx", "CRD": "space_to_depth"}
+"""ONNX DepthToSpace mode -> the reorg order whose reverse it is."""
 
 
 def _softmax(imp, node):
@@ -601,7 +636,7 @@ HANDLERS = {
     "BatchNormalization": _unsupported_alone, "Relu": _unsupported_alone, "LeakyRelu": _unsupported_alone,
     "Add": _unsupported_alone, "Gather": _constants_only, "Unsqueeze": _constants_only, "Cast": _constants_only,
 }
-SUPPORTED = sorted(set(HANDLERS) - {"DepthToSpace"} | set(FOLDABLE))
+SUPPORTED = sorted(set(HANDLERS) | set(FOLDABLE))
 
 
 # -- the entry points ------------------------------------------------------------

@@ -29,15 +29,17 @@ def layer_detail(layer):
         k = layer["size"]
         bn = " bn" if layer["bn"] else ""
         return f"{layer['filters']} {k}x{k}/{layer['stride']} pad {layer['pad']}{bn} {layer['act']}"
-    if kind == "maxpool":
+    if kind in ("maxpool", "local_avgpool"):
         k = layer["size"]
-        return f"{k}x{k}/{layer['stride']} padding {layer['padding']}"
+        counted = " count pad" if layer.get("count_pad") else ""
+        return f"{k}x{k}/{layer['stride']} padding {layer['padding']}{counted}"
     if kind == "connected":
         return f"{layer['output']} {layer['act']}"
     if kind == "route":
         return "layers " + ",".join(str(j) for j in layer["inputs"])
     if kind == "reorg":
-        return f"/{layer['stride']}" + ("" if layer["order"] == "darknet" else f" {layer['order']}")
+        return (f"{'x' if layer['reverse'] else '/'}{layer['stride']}"
+                + ("" if layer["order"] == "darknet" else f" {layer['order']}"))
     if kind == "cost":
         return layer["type"]
     return ""

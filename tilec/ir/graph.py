@@ -102,6 +102,7 @@ FIELDS = {
              "bn": _bool, "act": _act},
     "maxpool": {"size": _pos_int, "stride": _pos_int, "padding": _nonneg_int},
     "avgpool": {},
+    "local_avgpool": {"size": _pos_int, "stride": _pos_int, "padding": _nonneg_int, "count_pad": _bool},
     "connected": {"output": _pos_int, "act": _act},
     "softmax": {},
     "cost": {"type": _cost_type},
@@ -110,7 +111,7 @@ FIELDS = {
                "class_scale": _nonneg_num, "coord_scale": _nonneg_num, "thresh": _fraction,
                "max_boxes": _pos_int, "jitter": _fraction},
     "route": {},
-    "reorg": {"stride": _pos_int, "order": _reorg_order},
+    "reorg": {"stride": _pos_int, "order": _reorg_order, "reverse": _bool},
 }
 """Per kind, the fields a layer must have and how each is checked (the
 field names are the runtime's; a test keeps the two in step)."""

@@ -27,6 +27,8 @@ maxpool            k*k-1  1         comparisons; bwd scatter-add
 avgpool            note   note      fwd: one add per *input* element + one
                                     divide per output; bwd: one divide per
                                     input element
+local_avgpool      k*k    k*k       fwd: k*k-1 adds + a divide; bwd: a divide
+                                    + k*k-1 scatter-adds
 softmax (+xent)    5      1         max, subtract, exp, sum, normalise; bwd
                                     p - onehot
 cost (sse)         3      1         subtract + multiply-add; bwd: scale by 1/B
@@ -103,6 +105,8 @@ def forward_flops(layer):
         return 2 * n_in * n_out + (1 + ACT_FLOPS[layer["act"]]) * n_out
     if kind == "avgpool":
         return n_in + n_out
+    if kind == "local_avgpool":
+        return layer["size"] ** 2 * n_out
     if kind == "softmax":
         return SOFTMAX_FWD * n_in
     if kind == "cost":
@@ -135,6 +139,8 @@ def backward_flops(layer, input_grad=True):
         return n_out
     if kind == "avgpool":
         return n_in
+    if kind == "local_avgpool":
+        return layer["size"] ** 2 * n_out
     if kind == "softmax":
         return SOFTMAX_BWD * n_in
     if kind == "cost":
