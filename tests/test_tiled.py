@@ -22,10 +22,10 @@ from tilec_runtime.optim import SGD
 OPT = {"lr": 0.01, "momentum": 0.9, "decay": 5e-4}
 
 
-def one_device(program, params, buffers, batches, steps):
+def one_device(program, params, buffers, batches, steps, optimizer=OPT):
     p = {k: v.copy() for k, v in params.items()}
     b = {k: v.copy() for k, v in buffers.items()}
-    opt, losses = SGD(**OPT), []
+    opt, losses = SGD(**optimizer), []
     for step in range(steps):
         images, target = batches.get(step)
         loss, grads = reference.train_step(program, p, b, images, target)
@@ -101,7 +101,8 @@ def converges(losses):
 
 
 def well_conditioned(program, params, buffers, batches, steps, tol=1e-11, nudges=((1e-15, 1e-16, 1e-11),
-                                                                                (1e-9, 1e-12, 1e-6))):
+                                                                                (1e-9, 1e-12, 1e-6)),
+                     optimizer=OPT):
     """Whether the reference itself gives the same training from parameters
     changed a little: for each (relative, absolute, tolerance) of ``nudges``,
     every parameter moved by a random relative and absolute amount (the
@@ -117,12 +118,12 @@ def well_conditioned(program, params, buffers, batches, steps, tol=1e-11, nudges
     proportion to the nudge; one at a kink jumps, whatever its size, so the
     larger nudge finds the kinks the smaller one misses. Such examples are
     discarded."""
-    a = one_device(program, params, buffers, batches, steps)
+    a = one_device(program, params, buffers, batches, steps, optimizer)
     rng = np.random.default_rng(0)
     for rel, absolute, limit in nudges:
         nudged = {k: v * (1 + rel * rng.standard_normal(v.shape)) + absolute * rng.standard_normal(v.shape)
                   for k, v in params.items()}
-        b = one_device(program, nudged, buffers, batches, steps)
+        b = one_device(program, nudged, buffers, batches, steps, optimizer)
         limit = max(limit, tol)
         if not np.allclose(a[0], b[0], rtol=limit, atol=0) or any(rel_err(a[1][k], b[1][k], FLOOR) >= limit
                                                                   for k in a[1]):

@@ -5,12 +5,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import torch_oracle
 from programs import ProgramBuilder, random_stacks
+from test_tiled import well_conditioned
 from tilec_runtime import data, optim, reference, weights
 from tilec_runtime.errors import WeightsError
 from tilec_runtime.program import decays
@@ -93,6 +94,13 @@ def test_sgd_training_matches_torch(program, dtype, batch, seed):
     b0 = {k: v.copy() for k, v in buffers.items()}
     batches = data.generated_batches(program, batch, seed, dtype)
     lr = stable_lr(program, params, buffers, batches)
+    up = lambda d: {k: v.astype(np.float64) for k, v in d.items()}  # noqa: E731
+    target = batches.target if batches.target.dtype.kind in "iu" else batches.target.astype(np.float64)
+    exact = data.BatchSource(batches.images.astype(np.float64), target, batch)
+    # where a kink decides a branch (a ReLU that kills a batch norm's input), any two correct
+    # implementations part by far more than rounding: nothing to compare (test_tiled.well_conditioned)
+    assume(well_conditioned(program, up(p0), up(b0), exact, 3,
+                            optimizer={"lr": lr, "momentum": MOMENTUM, "decay": DECAY}))
     losses = train_reference(program, params, buffers, batches, 3, lr, MOMENTUM, DECAY)
     tlosses, tparams, tbuffers = torch_oracle.train(program, p0, b0, batches, 3, lr, MOMENTUM, DECAY)
     rtol = RTOL[dtype]
@@ -100,9 +108,6 @@ def test_sgd_training_matches_torch(program, dtype, batch, seed):
     allowed = rtol * np.abs(tlosses)
     xparams = xbuffers = None
     if dtype == "float32":
-        up = lambda d: {k: v.astype(np.float64) for k, v in d.items()}  # noqa: E731
-        target = batches.target if batches.target.dtype.kind in "iu" else batches.target.astype(np.float64)
-        exact = data.BatchSource(batches.images.astype(np.float64), target, batch)
         xlosses, xparams, xbuffers = torch_oracle.train(program, up(p0), up(b0), exact, 3, lr, MOMENTUM, DECAY)
         allowed = np.maximum(allowed, 3 * np.abs(np.subtract(tlosses, xlosses)))
     assert np.all(np.abs(np.subtract(losses, tlosses)) <= allowed), (losses, tlosses)
