@@ -470,6 +470,7 @@ class Link:
         self.sock.settimeout(None)  # waits are timed in the mailbox
         self.queue = queue.SimpleQueue()
         self.closing = False
+        self.dead = False  # the sender has stopped: nothing queued will leave
         self.reader = threading.Thread(target=self._read, name=f"tilec-read-{peer}", daemon=True)
         self.sender = threading.Thread(target=self._write, name=f"tilec-send-{peer}", daemon=True)
         self.reader.start()
@@ -477,8 +478,12 @@ class Link:
 
     def send(self, kind, step, tensor, array=None, done=None):
         """Queue a frame. The array must not change until it is sent:
-        ``done`` (a threading.Event), if given, is set then."""
+        ``done`` (a threading.Event), if given, is set then, or when the
+        frame never will leave (the connection broke: the mailbox's fault
+        says why), so that no sender waits out its timeout for it."""
         self.queue.put((kind, step, tensor, array, done))
+        if self.dead and done is not None:
+            done.set()
 
     def _write(self):
         while True:
@@ -497,9 +502,24 @@ class Link:
                     # let the reader get to it before this becomes the fault
                     self.reader.join(2.0)
                     self.mailbox.fail(self.peer, f"connection broken ({exc.strerror or exc})")
+                self._release(done)
                 return
             if done is not None:
                 done.set()
+
+    def _release(self, done):
+        """Wake every waiter for a frame that will not leave: this one and
+        the queued ones (``dead`` first, so a frame queued meanwhile is
+        released by ``send`` or here)."""
+        self.dead = True
+        while True:
+            if done is not None:
+                done.set()
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            done = item[-1] if item is not None else None
 
     def _alive(self):
         self.heard = time.monotonic()

@@ -6,6 +6,7 @@ and bit-identical on every member."""
 import socket
 import struct
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -277,6 +278,30 @@ def test_frame_from_outside_the_plan_ends_the_step_with_peer_lost():
     finally:
         me.close(error="test over")
         b.close()
+
+
+def test_a_send_that_cannot_leave_does_not_wait_out_the_timeout():
+    """A peer gone mid-job: the frames for it never leave, and whoever waits
+    for them (a bucket's all-reduce) wakes at once, not after the timeout,
+    so a survivor stops promptly; the mailbox's fault says why."""
+    plan = make_plan(small_program(), 2)
+    a, b = socket.socketpair()
+    me = SocketComm(plan, 0, {1: a}, timeout=60.0)
+    me.step = 1
+    try:
+        b.close()
+        big = np.zeros(1 << 20)  # more than a socket buffer: the write fails
+        handles = [me.send(1, (1, "g", "0.conv.weight"), big) for _ in range(3)]
+        start = time.monotonic()
+        for handle in handles:
+            handle.wait(60.0)
+        assert time.monotonic() - start < 10.0
+        with pytest.raises(PeerLost, match=r"device 1 \(dev1\) lost at step 1 \(connection (broken|closed)"):
+            me.recv(1, (1, "bn", 0))
+        late = me.send(1, (1, "g", "0.conv.weight"), big)  # after the link died
+        late.wait(1.0)
+    finally:
+        me.close(error="test over")
 
 
 def test_frames_for_a_later_step_or_twice_are_refused():
