@@ -5,6 +5,7 @@ does not fit) print one line and exit with status 1; no traceback.
 """
 import argparse
 import importlib
+import os
 import sys
 
 from tilec.commands import COMMANDS
@@ -65,6 +66,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("tilec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`tilec simulate --json | head`): not an error of
+        # tilec's; stdout goes to /dev/null so that exit's flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
