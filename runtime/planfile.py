@@ -54,7 +54,8 @@ def validate(plan):
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise ProgramError("not a tilec plan (missing format 'tilec-plan')")
     if plan.get("version") != VERSION:
-        raise ProgramError(f"plan version {plan.get('version')!r} is not supported (this runtime reads {VERSION})")
+        raise ProgramError(f"plan version {plan.get('version')!r} is not supported (this runtime reads {VERSION}): "
+                           "compile it again with this tilec")
     if plan.get("hash") != plan_hash(plan):
         raise ProgramError("plan hash does not match its contents (edited or corrupted)")
     if plan.get("dtype") not in DTYPES:
@@ -248,8 +249,10 @@ def read_plan(path):
     try:
         with open(path) as f:
             plan = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ProgramError(f"{path}: cannot read plan: {exc}") from None
+    except OSError as exc:
+        raise ProgramError(f"{path}: cannot read plan: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ProgramError(f"{path}: not a plan (the plan.json that `tilec compile -o DIR` writes): {exc}") from None
     try:
         return validate(plan)
     except (KeyError, TypeError) as exc:

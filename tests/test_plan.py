@@ -103,3 +103,19 @@ def test_group_specs():
         with pytest.raises(PlanError):
             parse_groups(bad, 4)
     assert default_grid(6) == (3, 2) and default_grid(5) == (5, 1) and default_grid(4) == (2, 2)
+
+
+def test_reading_what_is_not_a_current_plan_says_what_to_do(tmp_path):
+    from tilec_runtime.errors import ProgramError
+    from tilec_runtime.planfile import read_plan
+    cfg = tmp_path / "model.cfg"
+    cfg.write_text("[net]\nheight=8\n")
+    with pytest.raises(ProgramError, match=r"model.cfg: not a plan \(the plan.json that `tilec compile -o DIR` "
+                                           r"writes\)"):
+        read_plan(cfg)
+    with pytest.raises(ProgramError, match=r"missing.json: cannot read plan: No such file"):
+        read_plan(tmp_path / "missing.json")
+    (tmp_path / "old.json").write_text('{"format": "tilec-plan", "version": 3}')
+    with pytest.raises(ProgramError, match=r"plan version 3 is not supported \(this runtime reads \d+\): compile it "
+                                           r"again with this tilec"):
+        read_plan(tmp_path / "old.json")
