@@ -83,7 +83,7 @@ def tilec_plan(graph, devices, batch, threads):
     """The plan for ``devices`` local workers of ``threads`` kernel threads each."""
     from tilec.cluster import local_profile, uniform_cluster
     from tilec.compile import compile_plan
-    cluster = uniform_cluster(local_profile(), devices, threads=threads)
+    cluster = uniform_cluster(local_profile(), devices, threads=threads, shared=True)
     return compile_plan(graph, cluster=cluster, batch=batch, dtype="float32")
 
 

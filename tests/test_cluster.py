@@ -112,6 +112,21 @@ def test_uniform_cluster_and_local_profile(monkeypatch, tmp_path):
         local_profile(measure_if_missing=False)
 
 
+def test_local_workers_share_the_machine_as_its_threads_do():
+    """Processes on one machine compute at the per-thread speed its profile
+    measured with all of their threads busy: 2 single-threaded workers of a
+    machine whose conv runs 1.7x on 2 threads each run at 0.85 of alone."""
+    prof = load_profile("rpi4")  # conv on 1..4 threads: its measured speed-ups
+    for n, threads in ((2, 1), (4, 1), (2, 2), (3, 2)):
+        busy = n * threads
+        want = threads * prof.speedup("conv", busy) / busy / prof.speedup("conv", threads)
+        cl = uniform_cluster(prof, n, threads=threads, shared=True)
+        assert all(d.compute_scale == pytest.approx(want) and d.threads == threads for d in cl.devices)
+        assert want < 1.0
+    assert uniform_cluster(prof, 1, threads=4, shared=True).devices[0].compute_scale == 1.0  # one: alone
+    assert uniform_cluster(prof, 3, threads=1).devices[0].compute_scale == 1.0  # separate machines
+
+
 def test_a_stale_cached_profile_is_measured_again(monkeypatch, tmp_path, capsys):
     """A profile cached by an older tilec (another version) is not an error:
     this machine is measured again, and the new profile cached."""

@@ -99,12 +99,24 @@ def cluster_from_json(data, where="plan cluster"):
         raise ClusterError(f"{where}: malformed ({exc!r})") from None
 
 
-def uniform_cluster(profile, n, names=None, threads=None):
+def uniform_cluster(profile, n, names=None, threads=None, shared=False):
     """``n`` copies of ``profile`` (named dev0, dev1, ... unless ``names``),
-    each running ``threads`` kernel threads (default: the profile's cores)."""
+    each running ``threads`` kernel threads (default: the profile's cores).
+
+    ``shared``: the devices are processes on the one machine ``profile``
+    measured (local workers). Each then computes at the speed per thread
+    that the profile's thread speed-ups measured with all of their threads
+    busy (two processes share caches and memory bandwidth as two threads
+    do), not at its speed alone: ``compute_scale`` is that ratio for conv,
+    the bulk of a step."""
     names = list(names) if names else [f"dev{r}" for r in range(n)]
-    devices = tuple(Device(name, profile, 1.0, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s,
-                           threads=threads or profile.cores) for name in names)
+    threads = threads or profile.cores
+    scale = 1.0
+    if shared and len(names) > 1:
+        busy = len(names) * threads
+        scale = threads * profile.speedup("conv", busy) / busy / profile.speedup("conv", threads)
+    devices = tuple(Device(name, profile, scale, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s,
+                           threads=threads) for name in names)
     return Cluster(devices, f"{len(devices)} x {profile.name}")
 
 
@@ -238,4 +250,4 @@ def plan_cluster(plan):
         return cluster_from_json(plan["cluster"])
     names = [d["name"] for d in plan["devices"]]
     profile = local_profile()
-    return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)))
+    return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)), shared=True)

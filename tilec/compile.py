@@ -56,7 +56,7 @@ def resolve_cluster(devices, cluster):
     names = [f"dev{r}" for r in range(devices)] if isinstance(devices, int) else list(devices)
     profile = local_profile()
     # devices on this machine share its cores
-    return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)))
+    return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)), shared=True)
 
 
 TAILS = ("auto", "one", "channels", "data")
