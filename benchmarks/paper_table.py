@@ -58,12 +58,6 @@ PAPER = {"speedup": (2.0, 15.0), "memory": 8.0, "grouping": 1.5}
 # -- simulated Raspberry Pi 3 clusters ------------------------------------------------------
 
 
-def peak_bytes(plan, cluster):
-    """Each device's peak as ``tilec simulate --json`` reports it (the runtime's own memory plan)."""
-    from tilec.cost.memory import plan_memory
-    return [sum(plan_memory(plan, r, d.profile).values()) for r, d in enumerate(cluster.devices)]
-
-
 def tail_of(plan):
     """[(first, last, "one" | "channels", devices)] of a plan's tail groups."""
     return [(g["layers"][0], g["layers"][1], g["mode"], sorted(t["device"] for t in g["tiles"]))
@@ -87,6 +81,7 @@ def simulated_cell(graph, batch, n, profile, time_limit):
     """Speedup (over one core and over one board), memory and grouping gain of ``n`` copies of ``profile``."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import plan_with_solution
+    from tilec.cost.memory import plan_peaks
     from tilec.errors import PlanError
     from tilec.inspect.simulate import simulate
 
@@ -101,11 +96,11 @@ def simulated_cell(graph, batch, n, profile, time_limit):
     compile_s = time.perf_counter() - t0
     step = simulate(plan, cluster, keep_events=False).step_s
     one_core = model.one_core_seconds()
-    peaks = peak_bytes(plan, cluster)
+    peaks = plan_peaks(plan, cluster)
     # layer by layer, the same cut and tail: compared only where it fits too (else the optimiser's
     # plan may be slower because it recomputes to fit, and the comparison says nothing about grouping)
     each = layer_by_layer(plan, graph, cluster)
-    each_fits = all(p <= d.memory_bytes for p, d in zip(peak_bytes(each, cluster), cluster.devices))
+    each_fits = all(p <= d.memory_bytes for p, d in zip(plan_peaks(each, cluster), cluster.devices))
     step_each = simulate(each, cluster, keep_events=False).step_s
     # plan_with_solution raised PlanError above unless every device's peak_bytes fits its memory
     return {"devices": n, "fits": True, "step_s": step, "one_core_s": one_core,
@@ -118,10 +113,11 @@ def one_board(graph, batch, profile, time_limit):
     """One whole board (all its cores), its memory unlimited: the step and its peak."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import plan_with_solution
+    from tilec.cost.memory import plan_peaks
     from tilec.inspect.simulate import simulate
     roomy = uniform_cluster(dataclasses.replace(profile, memory_bytes=1 << 50), 1)
     plan, _, _ = plan_with_solution(graph, devices=1, cluster=roomy, batch=batch, time_limit=time_limit)
-    return simulate(plan, roomy, keep_events=False).step_s, peak_bytes(plan, roomy)[0]
+    return simulate(plan, roomy, keep_events=False).step_s, plan_peaks(plan, roomy)[0]
 
 
 def simulate_all(batches, max_devices, profile_name, time_limit, log):

@@ -43,7 +43,7 @@ from tilec_runtime.fused import TileStep
 from tilec_runtime.geometry import Region
 from tilec_runtime.kernel_set import Kernels
 from tilec_runtime.lower import lower_rank, scratch_bytes
-from tilec_runtime.program import buffer_shapes, decays, message_shape, param_shapes
+from tilec_runtime.program import buffer_shapes, decays, members_of, message_shape, param_shapes
 from tilec_runtime.tailstep import ChannelGroup, WholeGroup
 
 
@@ -55,7 +55,7 @@ def holdings(plan, rank):
     program = plan["program"]
     params, buffers = {}, {}
     for group in plan["groups"]:
-        members = sorted(t["device"] for t in group["tiles"])
+        members = members_of(group)
         if rank not in members:
             continue
         first, last = group["layers"]
@@ -84,14 +84,8 @@ BATCHES_AHEAD = 2  # the data source streams this many steps' batches ahead of t
 def input_messages(plan, rank):
     """[(message id, shape)] of the pieces of the image ``rank`` takes in
     (its ``input`` ops, in order)."""
-    c = plan["program"][0]["in_shape"][0]
-    out = []
-    for op in plan["schedule"][rank]:
-        if op["op"] == "input":
-            m = plan["messages"][op["msg"]]
-            box = Region.of((m["rows"], m["cols"]))
-            out.append((op["msg"], (plan["batch"], c, box.height, box.width)))
-    return out
+    return [(op["msg"], message_shape(plan["program"], plan["messages"][op["msg"]], plan["batch"]))
+            for op in plan["schedule"][rank] if op["op"] == "input"]
 
 
 def input_piece(images, m):
@@ -173,6 +167,7 @@ class RankExecutor:
         self._momentum = np.array(self.momentum, self.dtype)
         # the image pieces this rank cuts when given the whole batch
         self.input_ids = [k for k, _ in input_messages(plan, rank)]
+        self.members = [members_of(group) for group in plan["groups"]]
         self._tiles(plan, rank, threads=self.threads)
         self._tail(plan, rank)
         self._messages(plan, rank)
@@ -207,7 +202,7 @@ class RankExecutor:
         self.tails, self.tail_of = {}, {}
         impl = GeneratedOps(self.module)
         for g, group in enumerate(plan["groups"]):
-            members = sorted(t["device"] for t in group["tiles"])
+            members = members_of(group)
             if group["kind"] != "tail" or rank not in members:
                 continue
             first, last = group["layers"]
@@ -334,9 +329,6 @@ class RankExecutor:
         else:
             np.copyto(view, piece)
 
-    def _members(self, g):
-        return sorted(t["device"] for t in self.plan["groups"][g]["tiles"])
-
     def _conv_fwd(self, op):
         rows = tuple(op["rows"]) if "rows" in op else None
         self.tiles[op["group"]].conv_fwd(op["unit"], self.params, rows)
@@ -344,7 +336,7 @@ class RankExecutor:
     def _bn_stats(self, op):
         n, mean, m2 = self.tiles[op["group"]].stats(op["unit"])
         packed = np.concatenate([n, mean, m2])
-        parts = self.comm.allgather((self.step_no, "bn", op["layer"]), packed, self._members(op["group"]))
+        parts = self.comm.allgather((self.step_no, "bn", op["layer"]), packed, self.members[op["group"]])
         c = mean.shape[0]
         total, tmean, tm2 = ops.bn_combine([(p[0], p[1:1 + c], p[1 + c:]) for p in parts])
         n[0], mean[...], m2[...] = total, tmean, tm2
@@ -378,7 +370,7 @@ class RankExecutor:
     def _bn_grad(self, op):
         s1, s2 = self.tiles[op["group"]].sums(op["unit"])
         total = self.comm.allreduce_sum((self.step_no, "bng", op["layer"]), np.concatenate([s1, s2]),
-                                        self._members(op["group"]))
+                                        self.members[op["group"]])
         c = s1.shape[0]
         s1[...], s2[...] = total[:c], total[c:]
 
@@ -413,7 +405,7 @@ class RankExecutor:
         input gradient (backward) or the group's input gradient (input)."""
         tail, i, phase = self.tails[op["group"]], op["layer"], op["phase"]
         array = tail.reduced(i, phase)
-        members = self._members(op["group"])
+        members = self.members[op["group"]]
         ident = shards.reduce_id(i, phase)
         if use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"]):
             ring_allreduce(self.comm, (self.step_no, "c", ident), array, members, inplace=True,

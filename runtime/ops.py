@@ -204,29 +204,24 @@ def _avg_divisor(h, w, size, stride, pads, count_pad, dtype):
     """Per output position, the number of cells a window averages: ``size²``
     with ``count_pad`` (every window lies inside the padded map), else the
     cells inside the map (ONNX's count_include_pad=0, AlexeyAB darknet's
-    local_avgpool)."""
-    pt, pb, pl, pr = pads
-    ho, wo = out_size(h, size, stride, pt, pb), out_size(w, size, stride, pl, pr)
+    local_avgpool): the window sums of the padded map of ones."""
     if count_pad:
         return dtype.type(size * size)
-    rows = [min(i * stride - pt + size, h) - max(i * stride - pt, 0) for i in range(ho)]
-    cols = [min(j * stride - pl + size, w) - max(j * stride - pl, 0) for j in range(wo)]
-    return np.outer(rows, cols).astype(dtype)
+    pt, pb, pl, pr = pads
+    ho, wo = out_size(h, size, stride, pt, pb), out_size(w, size, stride, pl, pr)
+    inside = np.pad(np.ones((1, 1, h, w), dtype), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    return _windows(inside, size, stride, ho, wo).sum(axis=(4, 5))[0, 0]
 
 
 def local_avgpool_forward(x, size, stride, pads, count_pad):
     """Average pooling over ``size`` x ``size`` windows with zero padding
     ``pads`` (top, bottom, left, right); see :func:`_avg_divisor`."""
     pt, pb, pl, pr = pads
-    b, c, h, w = x.shape
+    h, w = x.shape[2], x.shape[3]
     ho, wo = out_size(h, size, stride, pt, pb), out_size(w, size, stride, pl, pr)
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(pads) else x
-    span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1
-    y = np.zeros((b, c, ho, wo), x.dtype)
-    for i in range(size):
-        for j in range(size):
-            y += xp[:, :, i:i + span_h:stride, j:j + span_w:stride]
-    return y / _avg_divisor(h, w, size, stride, pads, count_pad, x.dtype)
+    return _windows(xp, size, stride, ho, wo).sum(axis=(4, 5)) / _avg_divisor(h, w, size, stride, pads, count_pad,
+                                                                                x.dtype)
 
 
 def local_avgpool_backward(x_shape, size, stride, pads, count_pad, dy):

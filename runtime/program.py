@@ -63,6 +63,12 @@ def pads_of(layer):
     return (top, rest, top, rest)
 
 
+def members_of(group):
+    """The ranks of a plan group's tiles, sorted: a channel-split group's
+    member index is a rank's position here."""
+    return sorted(t["device"] for t in group["tiles"])
+
+
 def tensor_shape(program, t):
     """(C, H, W) of tensor ``t``: layer ``t``'s output, or the image (-1)."""
     return program[t]["out_shape"] if t >= 0 else program[0]["in_shape"]
@@ -247,7 +253,7 @@ def validate(program):
         if not inputs or not all(isinstance(j, int) and -1 <= j < pos for j in inputs):
             raise ProgramError(f"layer {pos} ({kind}): inputs {inputs!r} must name earlier layers")
         _check_fields(layer)
-        in_shapes = [program[0]["in_shape"] if j == -1 else program[j]["out_shape"] for j in inputs]
+        in_shapes = [tensor_shape(program, j) for j in inputs]
         if layer["in_shape"] != in_shapes[0]:
             raise ProgramError(f"layer {pos} ({kind}): in_shape {layer['in_shape']} is not its input's shape {in_shapes[0]}")
         try:

@@ -23,7 +23,7 @@ from tilec_runtime import collectives, shards
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import Comm, PeerLost, Sent
 from tilec_runtime.errors import ProgramError
-from tilec_runtime.program import message_shape, param_shapes
+from tilec_runtime.program import members_of, message_shape, param_shapes
 from tilec_runtime.transport import (FrameError, Kind, Link, Lost, Mailbox, Silent, Spec, as_bytes,
                                      await_frame, connect, heartbeat_interval, kind_name, send_frame, text_spec)
 
@@ -84,11 +84,11 @@ def frame_table(plan, rank):
         elif kind in ("bn_stats", "bn_grad"):
             c = program[op["layer"]]["filters"]
             spec = Spec(F64, (1 + 2 * c,) if kind == "bn_stats" else (2 * c,))
-            for d in sorted(t["device"] for t in groups[op["group"]]["tiles"]):
+            for d in members_of(groups[op["group"]]):
                 if d != rank:
                     table[(d, Kind.BN if kind == "bn_stats" else Kind.BNG, op["layer"])] = spec
         elif kind == "chan_reduce":
-            members = sorted(t["device"] for t in groups[op["group"]]["tiles"])
+            members = members_of(groups[op["group"]])
             shape = shards.reduce_shape(program, op["layer"], op["phase"], batch)
             ident = shards.reduce_id(op["layer"], op["phase"])
             ring = collectives.use_ring(int(np.prod(shape)) * dtype.itemsize, len(members), plan["ring_min_bytes"])

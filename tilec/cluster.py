@@ -248,6 +248,11 @@ def plan_cluster(plan):
     machine's profile for every device (a plan made with --grid/--groups)."""
     if plan.get("cluster"):
         return cluster_from_json(plan["cluster"])
-    names = [d["name"] for d in plan["devices"]]
+    return local_cluster([d["name"] for d in plan["devices"]])
+
+
+def local_cluster(names):
+    """Devices ``names`` as local workers of this machine: its profile, its
+    cores divided between them, the machine shared (``uniform_cluster``)."""
     profile = local_profile()
     return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)), shared=True)

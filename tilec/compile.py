@@ -47,16 +47,12 @@ def halo_overhead(program, first, last, grid):
 
 def resolve_cluster(devices, cluster):
     """A Cluster from a cluster (object or YAML path) or a device count (copies of this machine)."""
-    from tilec.cluster import Cluster, load_cluster, uniform_cluster
+    from tilec.cluster import Cluster, load_cluster, local_cluster
     if isinstance(cluster, Cluster):
         return cluster
     if cluster is not None:
         return load_cluster(Path(cluster))
-    from tilec.cluster import local_profile
-    names = [f"dev{r}" for r in range(devices)] if isinstance(devices, int) else list(devices)
-    profile = local_profile()
-    # devices on this machine share its cores
-    return uniform_cluster(profile, len(names), names, threads=max(1, profile.cores // len(names)), shared=True)
+    return local_cluster([f"dev{r}" for r in range(devices)] if isinstance(devices, int) else list(devices))
 
 
 TAILS = ("auto", "one", "channels", "data")
@@ -124,7 +120,7 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
                                          cuts=None if tiled_prefix is None else (prefix,))
             st.detail = (f"{len(cands.groups)} candidate groups, {len(cands.transitions)} transitions "
                          f"for {len(names)} device(s)")
-        from tilec.cost.memory import plan_memory
+        from tilec.cost.memory import plan_peaks
         from tilec.solve import InfeasibleError
         from tilec.solve.bounds import with_memory
         limits = [d.memory_bytes for d in clus.devices]
@@ -142,7 +138,7 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
                               optimizer=opt, prefix=tail_choices[0].first, threads=clus.threads, tail=tail_choices)
             # The plan's own memory (tilec.cost.memory.plan_memory, what the runtime allocates) must fit, not
             # only the model's sum: where it does not, ask again for a plan that leaves that much more room.
-            over = [sum(plan_memory(plan, r, d.profile).values()) - d.memory_bytes for r, d in enumerate(clus.devices)]
+            over = [peak - d.memory_bytes for peak, d in zip(plan_peaks(plan, clus), clus.devices)]
             if max(over) <= 0:
                 break
             # (on every device: the plan's own part of it can move to whichever device has room)

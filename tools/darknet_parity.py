@@ -14,6 +14,7 @@ file read and written again is byte-identical. ``tests/test_darknet_parity.py``
 holds the same comparisons to their tolerances, with these helpers.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -44,8 +45,14 @@ def rel_err(got, want):
 
 
 def program_of(parity, name):
+    """The fixture's program (parsed once; shared, so read it, do not change it)."""
+    return _program(str(Path(parity) / f"{name}.cfg"))
+
+
+@functools.lru_cache(maxsize=None)
+def _program(cfg):
     from tilec.frontend.models import load_model
-    return load_model(Path(parity) / f"{name}.cfg").to_program()
+    return load_model(cfg).to_program()
 
 
 def darknet_layers(parity, name):

@@ -11,12 +11,6 @@ from tilec.analysis.regions import axis_regions, length, window_of
 from tilec.ir.stats import forward_flops, forward_flops_per_position
 
 
-def members_of(group):
-    """The ranks of a plan group's tiles, sorted: a channel-split group's
-    member index is a rank's position here."""
-    return sorted(t["device"] for t in group["tiles"])
-
-
 @dataclass(frozen=True)
 class TileLayer:
     layer: int

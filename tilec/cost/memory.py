@@ -20,7 +20,7 @@ Peak = process overhead + state + kept + max workspace.
 """
 from math import prod
 
-from tilec_runtime.program import param_shapes
+from tilec_runtime.program import param_shapes, tensor_shape
 
 STATE_COPIES = 2  # parameters, and momentum buffers that accumulate the gradients
 ARGMAX_BYTES = 2  # int16 max-pool indices
@@ -92,7 +92,7 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
     from tilec_runtime import shards
     layers = program[first:last + 1]
     reads = {j for layer in layers for j in layer["inputs"] if j < first}
-    inputs = sum(batch * prod(program[j]["out_shape"] if j >= 0 else program[0]["in_shape"]) for j in reads)
+    inputs = sum(batch * prod(tensor_shape(program, j)) for j in reads)
     if mode == "one":
         shares, grads, partial = layers, 0, 0
     else:
@@ -122,7 +122,7 @@ def plan_memory(plan, rank, profile=None):
     groups' inputs, activations and temporaries, ``tail_member_bytes``)."""
     import numpy as np
 
-    from tilec.analysis.tiles import members_of
+    from tilec_runtime.program import members_of
     from tilec_runtime.executor import holdings, input_messages
     from tilec_runtime.lower import lower_rank, scratch_bytes
     from tilec_runtime.program import buffer_shapes
@@ -157,3 +157,10 @@ def plan_memory(plan, rank, profile=None):
     overhead = profile.process_overhead_bytes if profile is not None else 0
     return {"overhead": int(overhead), "state": int(state), "arenas": int(arenas), "messages": int(messages),
             "inputs": int(inputs), "tail": int(tail)}
+
+
+def plan_peaks(plan, cluster):
+    """Each device's peak bytes for ``plan`` on ``cluster`` (``plan_memory``
+    summed, its profile's process overhead included): what ``tilec simulate
+    --json`` reports and a device's memory must hold."""
+    return [sum(plan_memory(plan, r, d.profile).values()) for r, d in enumerate(cluster.devices)]

@@ -166,9 +166,6 @@ class CostModel:
         held = prev.layout_out if prev.is_tail else (prev.out_rects, prev.devices)
         return self.tail_pricer.transition(arc.first, held, arc.layout_in)
 
-    def _tensor_shape(self, t):
-        return self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"]
-
     # -- one group -----------------------------------------------------------------
 
     def group(self, first, last, row_splits, col_splits, devices, layout=None):
@@ -334,7 +331,7 @@ class CostModel:
         else:
             secs, stage = self.redistribute(g.first, prev.out_rects, prev.devices, g.home_rects, g.layout.devices)
             secs += g.entry_s
-        return secs, {} if prev.is_tail else stage
+        return secs, stage
 
     # -- a whole step ----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from tilec.cost.compute import share_seconds, update_seconds
 from tilec.cost.memory import image_bytes, tail_member_bytes
 from tilec.analysis.tail import TailChoice, flows, readers_of
 from tilec_runtime import shards
+from tilec_runtime.program import tensor_shape
 
 DIRECTIONS = ("forward", "backward")
 
@@ -54,6 +55,7 @@ class TailArc:
     """A tail group as the solver sees it (the fields of
     :class:`tilec.cost.model.Group` it reads)."""
     is_tail = True  # (not a field)
+    entry_s = 0.0  # (not a field) a tail group's input is its predecessor's output: the image costs no time
     first: int
     last: int
     mode: str  # "one" | "channels"
@@ -65,7 +67,6 @@ class TailArc:
     busy: dict
     layout_in: Holding
     layout_out: Holding
-    entry_s: float = 0.0  # (the image costs no time: the launcher streams it ahead)
     recompute_seconds: float = 0.0
 
     @property
@@ -112,13 +113,10 @@ class TailPricer:
         held = shards.layouts(self.program, first, last, len(devices))[tensor]
         return Holding("whole" if held is None else "split", tuple(devices))
 
-    def _shape(self, t):
-        return self.program[t]["out_shape"] if t >= 0 else self.program[0]["in_shape"]
-
     def _sources(self, tensor, held):
         """([(device, bytes)], replicated) of ``tensor`` held as ``held``: a
         :class:`Holding`, or the (rects, devices) of a tiled layout's tiles."""
-        c, h, w = self._shape(tensor)
+        c, h, w = tensor_shape(self.program, tensor)
         per_cell = self.batch * c * self.item
         if not isinstance(held, Holding):
             rects, devs = held
@@ -169,7 +167,7 @@ class TailPricer:
             return 0.0, {}
         if isinstance(held, Holding) and held == need:
             if held.kind == "whole":  # the members all-reduce the input's gradient (``reduce_input``), in place
-                nbytes = self.batch * prod(self._shape(b - 1)) * self.item
+                nbytes = self.batch * prod(tensor_shape(self.program, b - 1)) * self.item
                 return gradient_allreduce_seconds(nbytes, list(held.devices), self.devices), {}
             return 0.0, {}
         return self.move(b - 1, held, need)
@@ -222,7 +220,6 @@ class TailPricer:
             state[d], kept[d], work[d] = part["state"], part["kept"], part["workspace"]
             dev = self.devices[d]
             update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
-        # what a later layer other than the next reads goes to rank 0 (and its gradient back)
         # what a later layer other than the next reads (a route) goes to where it runs, priced here as if
         # to rank 0 (its sends' staging here; the receiver counts the gradients it sends back)
         to_rank0 = 0.0
@@ -236,10 +233,10 @@ class TailPricer:
                         kept[d] += nbytes
         if mode == "one":  # the gradients of what it reads from earlier than the layer before go back
             far = {j for layer in program[first:last + 1] for j in layer["inputs"] if 0 <= j < first - 1}
-            kept[devices[0]] += sum(b * prod(self._shape(j)) * item for j in far)
+            kept[devices[0]] += sum(b * prod(tensor_shape(self.program, j)) * item for j in far)
         if first == 0:  # every member takes the whole image from the launcher, this step's and those ahead
             for d in devices:
-                kept[d] += image_bytes(b * prod(self._shape(-1)), item)
+                kept[d] += image_bytes(b * prod(tensor_shape(self.program, -1)), item)
         need = Holding("one" if mode == "one" else "whole", devices)
         seconds = compute + collective + update + to_rank0
         return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,

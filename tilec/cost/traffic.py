@@ -10,10 +10,9 @@ model all count with these functions.
 """
 import numpy as np
 
-from tilec.analysis.tiles import members_of
 from tilec_runtime import shards
 from tilec_runtime.collectives import ring_chunks, use_ring
-from tilec_runtime.program import param_shapes
+from tilec_runtime.program import members_of, param_shapes
 
 
 def bn_bytes(kind, filters):

@@ -592,6 +592,10 @@ def _space_to_depth(imp, node):
     imp.add(node, "reorg", [imp.value(node, 0).layer], node.output[0], stride=s, order="onnx", reverse=False)
 
 
+DEPTH_TO_SPACE = {"DCR": "onnx", "CRD": "space_to_depth"}
+"""ONNX DepthToSpace mode -> the reorg order whose reverse it is."""
+
+
 def _depth_to_space(imp, node):
     a = imp.attrs(node, {"blocksize": None, "mode": "DCR"})
     x = imp.value(node, 0)
@@ -599,10 +603,6 @@ def _depth_to_space(imp, node):
         raise imp.fail(node, f"attribute mode={a['mode']}: only DCR and CRD are defined")
     imp.add(node, "reorg", [x.layer], node.output[0], stride=a["blocksize"], order=DEPTH_TO_SPACE[a["mode"]],
             reverse=True)
-
-
-DEPTH_TO_SPACE = {"DCR": "onnx", "CRD": "space_to_depth"}
-"""ONNX DepthToSpace mode -> the reorg order whose reverse it is."""
 
 
 def _softmax(imp, node):

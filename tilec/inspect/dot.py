@@ -8,9 +8,9 @@ SVG or PNG with Graphviz's ``dot`` program when it is installed.
 import shutil
 import subprocess
 
-from tilec.analysis.tiles import members_of
 from tilec.errors import TilecError
 from tilec_runtime import shards
+from tilec_runtime.program import members_of
 
 # colour-blind-friendly pastel palette, cycled by device rank
 PALETTE = ("#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99",

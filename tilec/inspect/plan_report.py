@@ -3,8 +3,9 @@
 Pure functions of the plan dict (the same numbers for any backend). Memory
 is what the runtime allocates (``device_bytes``).
 """
-from tilec.analysis.tiles import area, group_flops, members_of
+from tilec.analysis.tiles import area, group_flops
 from tilec.ir.stats import forward_flops_per_position
+from tilec_runtime.program import members_of
 
 
 def device_bytes(plan):

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tilec.analysis.tiles import members_of
 from tilec.cost.compute import (copy_seconds, layer_seconds, share_seconds, unit_seconds, update_seconds,
                                 zero_seconds)
 from tilec.cost.memory import param_count
@@ -41,6 +40,7 @@ from tilec_runtime import shards
 from tilec_runtime.collectives import ring_chunks, use_ring
 from tilec_runtime.geometry import Region
 from tilec_runtime.lower import outside_tensors, units
+from tilec_runtime.program import members_of, message_shape
 
 
 class SimulationError(TilecError):
@@ -212,9 +212,7 @@ def _actions(plan, rank, pricer, shapes):
 
 
 def _local_bytes(plan, m):
-    t = m["tensor"]
-    c = (plan["program"][t]["out_shape"] if t >= 0 else plan["program"][0]["in_shape"])[0]
-    return plan["batch"] * c * Region.of((m["rows"], m["cols"])).area * np.dtype(plan["dtype"]).itemsize
+    return int(np.prod(message_shape(plan["program"], m, plan["batch"]))) * np.dtype(plan["dtype"]).itemsize
 
 
 def _channel_reduce_actions(plan, op, rank, item):

@@ -28,6 +28,7 @@ from tilec.plan.schedule import build_schedule, make_buckets
 from tilec.plan.tail import check_choices, holders, tail_group
 from tilec_runtime.collectives import RING_MIN_BYTES
 from tilec_runtime.planfile import FORMAT, VERSION, seal
+from tilec_runtime.program import tensor_shape
 
 
 @dataclass
@@ -182,7 +183,7 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
     for ch in tail:
         g, group = len(groups), tail_group(program, ch)
         for tensor in sorted({j for layer in program[ch.first:ch.last + 1] for j in layer["inputs"] if j < ch.first}):
-            shape = program[tensor]["out_shape"] if tensor >= 0 else program[0]["in_shape"]
+            shape = tensor_shape(program, tensor)
             whole = (0, shape[1] - 1), (0, shape[2] - 1)
             producer = next((p for p in groups if p["layers"][0] <= tensor <= p["layers"][1]), None)
             replicated = False

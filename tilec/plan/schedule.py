@@ -53,12 +53,11 @@ and the algorithm per reduced key.
 """
 import numpy as np
 
-from tilec.analysis.tiles import members_of
 from tilec_runtime import shards
 from tilec_runtime.collectives import RING_MIN_BYTES, use_ring
 from tilec_runtime.geometry import Region
 from tilec_runtime.lower import outside_tensors, produced_by, units
-from tilec_runtime.program import param_shapes
+from tilec_runtime.program import members_of, param_shapes
 
 
 def tile_of(group, rank):

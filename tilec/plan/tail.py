@@ -1,9 +1,9 @@
 """The tail groups of a plan: choices checked against the program, their
 group dicts, and who holds each of their outputs (the runs, choices and
 messages themselves: ``tilec.analysis.tail``)."""
-from tilec.analysis.tiles import members_of
 from tilec.errors import PlanError
 from tilec_runtime import shards
+from tilec_runtime.program import members_of
 
 
 def check_choices(program, prefix, choices, n_devices):
