@@ -121,3 +121,27 @@ def test_loss_curve(tmp_path):
     for name in ("a.png", "b.png"):
         with Image.open(tmp_path / name) as img:
             assert img.size == (720, 400)
+
+
+def test_train_without_a_model_refuses_flags_the_demo_would_ignore(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    assert main(["train", "--batch", "4", "--lr", "0.1"]) == 1
+    assert "--batch, --lr need a MODEL" in capsys.readouterr().err
+
+
+def test_train_with_a_plan_and_no_model_trains_the_plans_model(tmp_path, monkeypatch, capsys):
+    import tilec.train
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    assert main(["compile", "tiny", "--devices", "2", "--batch", "2", "-o", str(tmp_path / "p")]) == 0
+    seen = []
+    monkeypatch.setattr(tilec.train, "train", lambda graph, options: seen.append((graph.name, options.plan)) or
+                        ([1.0], None, None))
+    assert main(["train", "--plan", str(tmp_path / "p"), "--steps", "1"]) == 0
+    assert seen[0][0] == "tiny" and seen[0][1]["batch"] == 2
+    assert "train: tiny (the model" in capsys.readouterr().err
+    from tilec.frontend.models import bundled_path
+    (tmp_path / "mine.cfg").write_text(bundled_path("tiny").read_text())
+    assert main(["compile", str(tmp_path / "mine.cfg"), "--devices", "2", "-o", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--plan", str(tmp_path / "q")]) == 1
+    assert "give the model it was compiled for ('mine')" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """`tilec train [MODEL]`: train a model; without MODEL, the detection demo."""
+import sys
 
 
 def add_parser(sub, common):
@@ -48,12 +49,42 @@ def add_defaults(p):
     p.set_defaults(devices=None)
 
 
+# flags that only a MODEL's training reads (the demo chooses its own): given without one, they would
+# be silently ignored
+MODEL_FLAGS = ("batch", "grid", "groups", "tile_layers", "loss", "cluster", "key_file", "checkpoint_every", "data",
+               "lr", "momentum", "decay", "init_weights", "save_weights", "metrics", "threads", "trace")
+
+
+def plan_model(path):
+    """The bundled model a plan was compiled for (``tilec train --plan DIR`` without MODEL)."""
+    from tilec.errors import TilecError
+    from tilec.frontend.models import bundled_names
+    from tilec_runtime.planfile import read_plan
+    name = read_plan(path)["model"]
+    if name not in bundled_names():
+        raise TilecError(f"--plan {path}: give the model it was compiled for ({name!r}): "
+                         f"tilec train MODEL --plan {path}")
+    print(f"train: {name} (the model {path} was compiled for)", file=sys.stderr)
+    return name
+
+
+def demo_only(args):
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        from tilec.errors import TilecError
+        raise TilecError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} a MODEL (without one, "
+                         f"`tilec train` runs the demo, which chooses its own)")
+
+
 def run(args):
     import warnings
     # a diverging loss ends training with one line naming the step
     # (tilec_runtime.errors.check_loss); numpy's warnings on the way are noise
     warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+    if args.model is None and args.plan:
+        args.model = plan_model(args.plan)
     if args.model is None:
+        demo_only(args)
         from tilec.demo import run_from_args
         return run_from_args(args)
     from tilec.commands import load_model_arg
