@@ -297,8 +297,11 @@ class CostModel:
             for (i, j), d in zip(cells, devices):
                 m[d, 0] += length(rows[i][k].owned) * length(cols[j][k].owned) * c * self.batch * self.itemsize
             total += 2 * exchange_seconds(m, self.devices)
-            for d, nbytes in staging(m, backward=False).items():  # (the reader counts the gradients it returns)
-                stage[d] = stage.get(d, 0) + nbytes
+            # every tile stages its part, rank 0's included: the reader (a route, a loss) may run on any
+            # device, which the chain does not know here (the reader counts the gradients it returns)
+            for d, nbytes in enumerate(m.sum(axis=1)):
+                if nbytes:
+                    stage[d] = stage.get(d, 0) + float(nbytes)
         return total, stage
 
     # -- boundaries ------------------------------------------------------------------

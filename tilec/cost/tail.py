@@ -221,14 +221,15 @@ class TailPricer:
             dev = self.devices[d]
             update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
         # what a later layer other than the next reads (a route) goes to where it runs, priced here as if
-        # to rank 0 (its sends' staging here; the receiver counts the gradients it sends back)
+        # to rank 0; its senders' staging counted as if to another device, since the chain does not know
+        # where the reader runs (the receiver counts the gradients it sends back)
         to_rank0 = 0.0
         for t in range(first, last + 1):
             if self.readers.get(t, set()) - {t + 1}:
-                secs, stage = self.move(t, self.holding_of(first, last, mode, devices, t), Holding("one", (0,)),
-                                        backward_staging=False)
-                to_rank0 += secs
-                for d, nbytes in stage.items():
+                held = self.holding_of(first, last, mode, devices, t)
+                to_rank0 += self.move(t, held, Holding("one", (0,)), backward_staging=False)[0]
+                sources, replicated = self._sources(t, held)
+                for d, nbytes in sources[:1] if replicated else sources:
                     if d in kept:
                         kept[d] += nbytes
         if mode == "one":  # the gradients of what it reads from earlier than the layer before go back

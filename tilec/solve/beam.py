@@ -29,7 +29,7 @@ from tilec.cost.model import workspace_pool
 # those that leave it emptiest, weight of memory against seconds). Measured on YOLOv2 (batch 4 on 2-4
 # Pi 3s, batch 8 on 6): the narrow beams find a plan in 0.05-1.9 s where they find one; the wide ones
 # cost 2-3x more.
-ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 1.0), (6, 2, 16.0))
+ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 1.0), (6, 2, 64.0))
 
 
 class _Late(Exception):
