@@ -274,51 +274,18 @@ def test_cli_profile_measures_kernels_and_the_link_to_a_peer(tmp_path, capsys):
     assert "HOST:PORT" in capsys.readouterr().err
 
 
-SKIP_CFG = """
-[net]
-batch=2
-width=16
-height=16
-channels=3
-[convolutional]
-batch_normalize=1
-filters=8
-size=3
-stride=1
-pad=1
-activation=leaky
-[maxpool]
-size=2
-stride=2
-[convolutional]
-batch_normalize=1
-filters=16
-size=3
-stride=1
-pad=1
-activation=leaky
-[convolutional]
-batch_normalize=1
-filters=16
-size=3
-stride=1
-pad=1
-activation=leaky
-[route]
-layers=-1,-2
-[convolutional]
-filters=4
-size=1
-stride=1
-pad=0
-activation=linear
-[cost]
-type=sse
-"""
+def _cfg_conv(filters, size=3, bn=1, act="leaky"):
+    return f"[convolutional]\nbatch_normalize={bn}\nfilters={filters}\nsize={size}\npad=1\nactivation={act}\n"
+
+
+# a route reading the map before the one before it (layer 2, beside layer 3)
+SKIP_CFG = ("[net]\nbatch=2\nwidth=16\nheight=16\nchannels=3\n" + _cfg_conv(8) + "[maxpool]\nsize=2\nstride=2\n"
+            + _cfg_conv(16) + _cfg_conv(16) + "[route]\nlayers=-1,-2\n" + _cfg_conv(4, 1, 0, "linear")
+            + "[cost]\ntype=sse\n")
 
 
 @pytest.mark.parametrize("reader", [0, 1])
-def test_memory_of_a_skip_read_wherever_its_reader_runs(tmp_path, reader):
+def test_memory_of_a_skip_read_wherever_its_reader_runs(reader):
     """A route reads a map from a group that is not the one before it: the
     sender stages it for the route's device, which the chain of groups does
     not know when it prices the sender, so the model counts that staging
@@ -327,8 +294,7 @@ def test_memory_of_a_skip_read_wherever_its_reader_runs(tmp_path, reader):
     said fits then did not)."""
     from tilec.analysis.tail import TailChoice
     from tilec.frontend.cfg import parse_cfg
-    (tmp_path / "skip.cfg").write_text(SKIP_CFG)
-    program = parse_cfg(tmp_path / "skip.cfg").to_program()
+    program = parse_cfg(SKIP_CFG).to_program()
     model = CostModel(program, uniform_cluster(RPI3, 2), 2, 4, prefix=2)
     tiled = [model.group(0, 1, [0, 4, 8], [0, 8], (0, 1))]
     tail = [TailChoice(2, 2, "one", [0]), TailChoice(3, 3, "one", [0]), TailChoice(4, 5, "one", [reader]),
