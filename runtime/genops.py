@@ -57,16 +57,23 @@ class GeneratedOps:
         k.conv_forward(x, w, stride, tuple(pads), z, ws, band)
         return z
 
-    def conv2d_backward(self, x, w, stride, pads, dy):
+    def conv2d_backward(self, x, w, stride, pads, dy, dw=None):
+        """(dx, dw); with ``dw`` (an accumulator), the kernel adds the weight
+        gradient into it: no weight-sized temporary (YOLOv2's 3x3x1024x1024
+        layers: 38 MB each)."""
         k = self._kern(x)
         x, w = _lastdim(x), np.ascontiguousarray(w, dtype=x.dtype)
         dy = np.ascontiguousarray(dy, dtype=x.dtype)
         f, c, ks, _ = w.shape
         band = band_rows(c, ks, dy.shape[2], dy.shape[3])
-        dx, dw = np.zeros(x.shape, x.dtype), np.empty(w.shape, x.dtype)
+        into = dw is not None and dw.dtype == x.dtype and dw.flags.c_contiguous
+        dx, out = np.zeros(x.shape, x.dtype), dw if into else np.empty(w.shape, x.dtype)
         ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True, 0, f), x.dtype)
-        k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, dw, dx)
-        return dx, dw
+        k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, out, dx, accumulate=into)
+        if dw is not None and not into:
+            dw += out
+            out = dw
+        return dx, out
 
     # -- max-pooling -----------------------------------------------------------
 

@@ -44,15 +44,20 @@ def conv2d_forward(x, w, stride, pads):
     return np.ascontiguousarray(y.reshape(b, ho, wo, f).transpose(0, 3, 1, 2))
 
 
-def conv2d_backward(x, w, stride, pads, dy):
-    """Gradients (dx, dw) of ``conv2d_forward`` for an output gradient ``dy``."""
+def conv2d_backward(x, w, stride, pads, dy, dw=None):
+    """Gradients (dx, dw) of ``conv2d_forward`` for an output gradient ``dy``
+    (with ``dw``, the weight gradient is added to it)."""
     pt, pb, pl, pr = pads
     f, c, k, _ = w.shape
     b, _, ho, wo = dy.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(pads) else x
     cols = _windows(xp, k, stride, ho, wo).transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * k * k)
     dy2 = dy.transpose(0, 2, 3, 1).reshape(b * ho * wo, f)
-    dw = (dy2.T @ cols).reshape(w.shape)
+    grad = (dy2.T @ cols).reshape(w.shape)
+    if dw is None:
+        dw = grad
+    else:
+        dw += grad
     dcols = (dy2 @ w.reshape(f, c * k * k)).reshape(b, ho, wo, c, k, k)
     dxp = np.zeros(xp.shape, dtype=dy.dtype)
     span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1

@@ -94,11 +94,15 @@ def backward(program, params, images, state, impl=None):
     return backward_layers(program, params, acts, cache, impl=impl)[0]
 
 
-def backward_layers(layers, params, acts, cache, dout=None, impl=None):
+def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None):
     """Backward through ``layers`` from the loss (if among them) and the
     output gradients in ``dout``. Returns (grads, dout) where ``dout`` now
-    holds the gradients of the tensors the layers read but did not produce."""
-    grads = {}
+    holds the gradients of the tensors the layers read but did not produce.
+    With ``acc``, each parameter gradient is added to ``acc[key]`` as soon
+    as its layer is done (and ``grads`` stays empty): a layer's gradients
+    are then all that is held at once, not every layer's (YOLOv2's layers
+    18-24 on one device: 136 MB less)."""
+    grads = _Accumulate(acc) if acc is not None else {}
     dout = dict(dout or {})
     k = impl or ops
 
@@ -128,7 +132,11 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None):
                 dz = k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
             else:
                 grads[f"{i}.conv.bias"] = dz.sum(axis=(0, 2, 3))
-            dx, grads[f"{i}.conv.weight"] = k.conv2d_backward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer), dz)
+            key = f"{i}.conv.weight"
+            if acc is not None:  # straight into the accumulator
+                dx, _ = k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz, dw=acc[key])
+            else:
+                dx, grads[key] = k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz)
             add(j, dx)
         elif kind == "maxpool":
             add(j, k.maxpool_backward(x.shape, layer["size"], layer["stride"], pads_of(layer), cache[i], dy))
@@ -150,6 +158,17 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None):
         elif kind == "reorg":
             add(j, ops.reorg_backward(dy, layer["stride"], layer["order"], layer["reverse"]))
     return grads, dout
+
+
+class _Accumulate(dict):
+    """A dict that adds what is stored in it to ``acc`` and keeps nothing."""
+
+    def __init__(self, acc):
+        super().__init__()
+        self.acc = acc
+
+    def __setitem__(self, key, value):
+        self.acc[key] += value
 
 
 def train_step(program, params, buffers, images, target, impl=None):

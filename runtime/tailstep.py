@@ -71,10 +71,8 @@ class WholeGroup:
     def backward(self, params, acc):
         if self.native is not None:
             return  # sse wrote the gradient with the loss
-        grads, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, self.grads_in,
-                                                impl=self.k)
-        for key, g in grads.items():
-            acc[key] += g
+        _, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, self.grads_in,
+                                            impl=self.k, acc=acc)
         for t in self.inputs:
             if t >= 0:
                 if t not in dout and t not in self.no_grad:
@@ -206,19 +204,17 @@ class ChannelGroup:
         if self.roles[i] == "B":
             dz = self.partial.pop(i)
             if layer["kind"] == "conv":
-                dx, dw = self.k.conv2d_backward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer), dz)
+                key = f"{i}.conv.weight"
+                dx, _ = self.k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz, dw=acc[key])
             else:
                 flat = x.reshape(x.shape[0], -1)
-                dw = dz.T @ flat
+                acc[f"{i}.fc.weight"] += dz.T @ flat
                 dx = (dz @ params[f"{i}.fc.weight"]).reshape(x.shape)
-            acc[f"{i}.{'conv' if layer['kind'] == 'conv' else 'fc'}.weight"] += dw
         else:
             share = self.layer_share(layer)
             cache = {i: self.cache.pop(i, None)}
-            grads, dout = reference.backward_layers([share], params, self.acts, cache, {i: self.grads_in[i]},
-                                                    impl=self.k)
-            for key, g in grads.items():
-                acc[key] += g
+            _, dout = reference.backward_layers([share], params, self.acts, cache, {i: self.grads_in[i]},
+                                                impl=self.k, acc=acc)
             dx = dout.get(j, np.zeros_like(x))
         if self.reduce_dx[i]:
             self.partial_dx[j] = np.ascontiguousarray(dx)  # a partial sum: all-reduced before it joins grads_in

@@ -308,3 +308,40 @@ def test_memory_of_a_skip_read_wherever_its_reader_runs(reader):
         held = sum(plan_memory(plan, d, model.devices[d].profile).values())
         # (over by at most the map's staging and its gradient's, which a device sending to itself does without)
         assert held <= pred.memory[d] <= held + 2 * skip
+
+
+@pytest.mark.parametrize("first, last", [(18, 24), (25, 25), (26, 26), (27, 28), (29, 30)])
+def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last):
+    """A tail group on one device (YOLOv2's, batch 2): numpy's own account
+    of what the group's step allocates at its peak (tracemalloc), with the
+    inputs it holds, is within the model's kept and workspace bytes, and
+    not far below (where the model once said half, and elsewhere twice)."""
+    import tracemalloc
+
+    from built import module
+    from tilec.cost.memory import tail_member_bytes
+    from tilec_runtime.genops import GeneratedOps
+    from tilec_runtime.kernel_set import Kernels
+    from tilec_runtime.tailstep import WholeGroup
+    from tilec_runtime.weights import init_params
+    batch, program = 2, load_model("yolov2").to_program()
+    params, buffers = init_params(program, 0, "float32")
+    mod = module("float32")
+    group = WholeGroup(program, first, last, batch, np.float32, GeneratedOps(mod), Kernels(mod, "float32"))
+    rng = np.random.default_rng(0)
+    for x in group.inputs.values():
+        x[...] = rng.standard_normal(x.shape)
+    acc = {k: np.zeros_like(v) for k, v in params.items() if first <= int(k.split(".")[0]) <= last}
+    tracemalloc.start()
+    try:
+        group.forward(params, buffers, None)
+        group.start_backward()
+        group.grad_in(last)[0][...] = 1e-3
+        group.backward(params, acc)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    held = peak + sum(x.nbytes for x in group.inputs.values())
+    model = tail_member_bytes(program, first, last, "one", 1, 0, batch, 4)
+    need = model["kept"] + model["workspace"]
+    assert held <= 1.05 * need and need <= 1.5 * held
