@@ -42,7 +42,6 @@ and OUT.json (every number).
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import sys
 import time
@@ -145,21 +144,10 @@ def simulate_all(batches, max_devices, profile_name, time_limit, log):
 
 
 def measurable(name):
-    """The model to measure: the bundled one, or (where the worker processes
-    do not take a [region] loss's box targets yet) the same layers ending in
-    ``[cost] type=sse``, whose cost on rank 0 is as negligible. Returns
-    (graph, note or None)."""
-    from tilec.compile import compile_plan
-    from tilec.frontend.cfg import parse_cfg
-    from tilec.frontend.models import bundled_path, load_model
-    from tilec_runtime import data, worker
-    graph = load_model(name)
-    plan = compile_plan(graph, devices=2, batch=1, grid="1x2", groups="all")
-    if tuple(worker.batch_specs(plan)[1].shape) == (1, *data.target_shape(plan["program"])):
-        return graph, None
-    text = bundled_path(name).read_text()
-    sse = text[:re.search(r"^\[region\]", text, re.M).start()] + "[cost]\ntype=sse\n"
-    return parse_cfg(sse, path=f"{name}.cfg"), "[cost] sse in place of [region] (the workers do not take boxes yet)"
+    """The model to measure, with its own loss (the workers take a [region]
+    loss's box targets): (graph, note or None)."""
+    from tilec.frontend.models import load_model
+    return load_model(name), None
 
 
 def measured_job(graph, devices, batch, steps, kernels):

@@ -285,3 +285,30 @@ def test_beam_search_fits_yolov2_at_batch_4_on_two_pi3s():
     assert upper is None or peak(model, path, cands).step_s < upper
     sol = solve(cands, time_limit=3)
     assert fits(model, sol.prediction)
+
+
+@pytest.mark.parametrize("n, squeeze", [(2, 0.9), (3, 0.85)])
+def test_leanest_plan_fits_its_stated_extra_and_no_less_than_the_least_overflow(n, squeeze):
+    """Where nothing fits, memory-first beam searches state an extra memory
+    per device with which their plan fits (the cost model agrees), and it
+    is never below the least overflow that CP-SAT proves."""
+    import time
+
+    from ortools.sat.python import cp_model
+
+    from tilec.solve.beam import leanest
+    from tilec.solve.bounds import with_memory
+    cands, model, _ = candidates("tiny", cluster(n), 16, 3, cuts=(3,))
+    _, fastest = shortest_path(rank0_tail(cands))
+    need = max(peak(model, fastest, rank0_tail(cands)).memory)
+    cands, model, _ = candidates("tiny", cluster(n, memory=need * squeeze), 16, 3, cuts=(3,))
+    cands = rank0_tail(cands)
+    with pytest.raises(InfeasibleError):
+        exhaustive(cands)
+    extra, path = leanest(cands, need, time.perf_counter() + 30)
+    raised = with_memory(cands, [d.memory_bytes + extra for d in model.devices])
+    assert extra > 0 and fits(raised.model, peak(raised.model, path, raised))
+    pm = PlanModel(cands, overrun=True)
+    solver, status = pm.solve(20)
+    assert status == cp_model.OPTIMAL
+    assert extra >= solver.value(pm.slack) * 1024 - 1024 * (len(path) + 2)  # (CP-SAT counts KiB, rounded up)

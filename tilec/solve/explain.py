@@ -1,18 +1,28 @@
 """Why no plan fits, in terms a user can act on.
 
 The same model is solved again with every device allowed a common memory
-overrun, minimised. The plan that needs the least extra memory names the
+overrun, minimised (seeded with the leanest plan memory-first beam searches
+find, :func:`tilec.solve.beam.leanest`). The plan that needs the least extra memory names the
 device that overflows most and what it holds (parameters + gradients +
 momentum, kept activations, workspace, of its tiles and tail groups), and the
 overrun gives the smallest memory that would work.
 """
+import time
+
 from tilec.solve import InfeasibleError
+from tilec.solve.beam import leanest
 
 MB = 1_000_000
+LEAN_SHARE = 1.0  # of the time limit, for memory-first beam searches before CP-SAT
 
 
 def _mb(nbytes):
     return f"{nbytes / MB:,.0f} MB"
+
+
+def _overflow(cands, path):
+    pred = cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path])
+    return max(0, max(m - d.memory_bytes for m, d in zip(pred.memory, cands.model.devices)))
 
 
 def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallback=None):
@@ -41,13 +51,21 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallba
     elif fallback is None:
         fallback = feasible_plan(cands, keep_bounds=False)[3]
     if path is None:
+        # memory-first beam searches first: a lean plan to start from (seconds of CP-SAT alone find far worse)
+        start = time.perf_counter()
+        if fallback:
+            lean = leanest(cands, _overflow(cands, fallback), start + LEAN_SHARE * time_limit, recompute)
+            if lean is not None and lean[0] < _overflow(cands, fallback):
+                fallback = lean[1]
         pm = PlanModel(cands, recompute=recompute, overrun=True)
         if fallback:
             pm.hint(fallback)
-        solver, status = pm.solve(time_limit, workers)
+        solver, status = pm.solve(max(1.0, time_limit - (time.perf_counter() - start)), workers)
         proven = status == cp_model.OPTIMAL
         if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             path = pm.path(solver)
+            if fallback and not proven and _overflow(cands, fallback) < _overflow(cands, path):
+                path = fallback
         elif fallback:
             path = fallback
         else:
