@@ -34,7 +34,7 @@ Two sources, side by side:
 
     python benchmarks/paper_table.py [--out paper_table] [--batches 1,2,4,8]
         [--measure-batches 1,2] [--steps 3] [--max-devices 6] [--profile rpi3b] [--kernels generated]
-        [--time-limit 6] [--no-measure]
+        [--time-limit 6] [--no-measure] [--from-json OUT.json]
 
 Writes OUT.md (the tables), OUT.png (speedup and memory against devices)
 and OUT.json (every number).
@@ -198,7 +198,7 @@ def measure_all(batches, steps, kernels, log):
 
 
 def _mb(v):
-    return f"{v / 2 ** 20:,.0f}"
+    return f"{v / 1e6:,.0f}"  # MB as tilec prints them (10^6 bytes)
 
 
 def markdown(sim, meas, paper=PAPER):
@@ -295,16 +295,21 @@ def main(argv=None):
     ap.add_argument("--kernels", choices=("generated", "reference"), default="generated")
     ap.add_argument("--time-limit", type=float, default=6.0, help="solver seconds per plan")
     ap.add_argument("--no-measure", action="store_true")
+    ap.add_argument("--from-json", metavar="FILE", help="write the table and plot again from an earlier run's JSON")
     args = ap.parse_args(argv)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    batches = [int(b) for b in args.batches.split(",")]
-    sim = simulate_all(batches, args.max_devices, args.profile, args.time_limit, log)
-    meas = None
-    if not args.no_measure:
-        meas = measure_all([int(b) for b in args.measure_batches.split(",")], args.steps, args.kernels, log)
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        sim, meas = earlier["simulated"], earlier["measured"]
+    else:
+        batches = [int(b) for b in args.batches.split(",")]
+        sim = simulate_all(batches, args.max_devices, args.profile, args.time_limit, log)
+        meas = None
+        if not args.no_measure:
+            meas = measure_all([int(b) for b in args.measure_batches.split(",")], args.steps, args.kernels, log)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(sim, meas)
