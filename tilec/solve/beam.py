@@ -27,9 +27,9 @@ from tilec.cost.model import workspace_pool
 
 # attempts, cheapest first, until one finds a plan: (partial paths kept per node by score, per device
 # those that leave it emptiest, weight of memory against seconds). Measured on YOLOv2 (batch 4 on 2-4
-# Pi 3s, batch 8 on 6): the narrow beams find a plan in 0.05-1.9 s where they find one; the wide ones
-# cost 2-3x more.
-ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 1.0), (6, 2, 64.0))
+# Pi 3s, batch 8 on 5-6): the narrow beams find a plan in 0.05-1.9 s where they find one; the wide ones
+# cost 2-3x more (batch 8 on 5 Pi 3s needs the memory-first wide one: 2.7 s).
+ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 64.0), (6, 2, 1.0))
 
 
 class _Late(Exception):
