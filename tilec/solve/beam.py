@@ -33,7 +33,7 @@ ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 64.0), (6, 2, 1.0))
 
 
 class _Late(Exception):
-    pass
+    """The deadline passed during a search."""
 
 
 class _Partial:
@@ -88,7 +88,7 @@ def _search(cands, by_start, moves_from, free, n, end, forced, recompute, width,
     def emptiest(d):
         return lambda p: (p.total[d], p.secs)
 
-    keys = [score] + [emptiest(d) for d in range(n)]  # (the first: by score)
+    roomiest = [emptiest(d) for d in range(n)]
 
     def select(partials):
         # the best by score, and for each device those that leave it emptiest: a later group that
@@ -96,7 +96,7 @@ def _search(cands, by_start, moves_from, free, n, end, forced, recompute, width,
         if len(partials) <= width:
             return partials
         chosen = {id(p): p for p in heapq.nsmallest(width, partials, key=score)}
-        for key in keys[1:]:
+        for key in roomiest:
             chosen.update((id(p), p) for p in heapq.nsmallest(roomy, partials, key=key))
         return list(chosen.values())
 
