@@ -59,8 +59,8 @@ PAPER = {"speedup": (2.0, 15.0), "memory": 8.0, "grouping": 1.5}
 
 def tail_of(plan):
     """[(first, last, "one" | "channels", devices)] of a plan's tail groups."""
-    return [(g["layers"][0], g["layers"][1], g["mode"], sorted(t["device"] for t in g["tiles"]))
-            for g in plan["groups"] if g["kind"] == "tail"]
+    from tilec_runtime.program import members_of
+    return [(g["layers"][0], g["layers"][1], g["mode"], members_of(g)) for g in plan["groups"] if g["kind"] == "tail"]
 
 
 def layer_by_layer(plan, graph, cluster):

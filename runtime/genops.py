@@ -66,13 +66,9 @@ class GeneratedOps:
         dy = np.ascontiguousarray(dy, dtype=x.dtype)
         f, c, ks, _ = w.shape
         band = band_rows(c, ks, dy.shape[2], dy.shape[3])
-        into = dw is not None and dw.dtype == x.dtype and dw.flags.c_contiguous
-        dx, out = np.zeros(x.shape, x.dtype), dw if into else np.empty(w.shape, x.dtype)
+        dx, out = np.zeros(x.shape, x.dtype), np.empty(w.shape, x.dtype) if dw is None else dw
         ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True, 0, f), x.dtype)
-        k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, out, dx, accumulate=into)
-        if dw is not None and not into:
-            dw += out
-            out = dw
+        k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, out, dx, accumulate=dw is not None)
         return dx, out
 
     # -- max-pooling -----------------------------------------------------------

@@ -102,9 +102,15 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None)
     as its layer is done (and ``grads`` stays empty): a layer's gradients
     are then all that is held at once, not every layer's (YOLOv2's layers
     18-24 on one device: 136 MB less)."""
-    grads = _Accumulate(acc) if acc is not None else {}
+    grads = {}
     dout = dict(dout or {})
     k = impl or ops
+
+    def put(key, g):
+        if acc is None:
+            grads[key] = g
+        else:
+            acc[key] += g
 
     def add(j, g):
         if j == -1:
@@ -127,16 +133,16 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None)
                 xhat, inv_std = cache[i]
                 s1, s2 = k.bn_grad_sums(dz, xhat)
                 count = dz.shape[0] * dz.shape[2] * dz.shape[3]
-                grads[f"{i}.bn.weight"] = s2.astype(dz.dtype)
-                grads[f"{i}.bn.bias"] = s1.astype(dz.dtype)
+                put(f"{i}.bn.weight", s2.astype(dz.dtype))
+                put(f"{i}.bn.bias", s1.astype(dz.dtype))
                 dz = k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
             else:
-                grads[f"{i}.conv.bias"] = dz.sum(axis=(0, 2, 3))
+                put(f"{i}.conv.bias", dz.sum(axis=(0, 2, 3)))
             key = f"{i}.conv.weight"
-            if acc is not None:  # straight into the accumulator
-                dx, _ = k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz, dw=acc[key])
-            else:
-                dx, grads[key] = k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz)
+            into = None if acc is None else acc[key]  # (the kernel adds the weight gradient to it)
+            dx, dw = k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz, dw=into)
+            if into is None:
+                grads[key] = dw
             add(j, dx)
         elif kind == "maxpool":
             add(j, k.maxpool_backward(x.shape, layer["size"], layer["stride"], pads_of(layer), cache[i], dy))
@@ -147,7 +153,9 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None)
                                               layer["count_pad"], dy))
         elif kind == "connected":
             dz = ops.act_backward(acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
-            dx, grads[f"{i}.fc.weight"], grads[f"{i}.fc.bias"] = ops.connected_backward(x, params[f"{i}.fc.weight"], dz)
+            dx, dw, db = ops.connected_backward(x, params[f"{i}.fc.weight"], dz)
+            put(f"{i}.fc.weight", dw)
+            put(f"{i}.fc.bias", db)
             add(j, dx)
         elif kind == "route":
             start = 0
@@ -158,17 +166,6 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None)
         elif kind == "reorg":
             add(j, ops.reorg_backward(dy, layer["stride"], layer["order"], layer["reverse"]))
     return grads, dout
-
-
-class _Accumulate(dict):
-    """A dict that adds what is stored in it to ``acc`` and keeps nothing."""
-
-    def __init__(self, acc):
-        super().__init__()
-        self.acc = acc
-
-    def __setitem__(self, key, value):
-        self.acc[key] += value
 
 
 def train_step(program, params, buffers, images, target, impl=None):

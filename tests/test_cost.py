@@ -274,14 +274,11 @@ def test_cli_profile_measures_kernels_and_the_link_to_a_peer(tmp_path, capsys):
     assert "HOST:PORT" in capsys.readouterr().err
 
 
-def _cfg_conv(filters, size=3, bn=1, act="leaky"):
-    return f"[convolutional]\nbatch_normalize={bn}\nfilters={filters}\nsize={size}\npad=1\nactivation={act}\n"
-
-
-# a route reading the map before the one before it (layer 2, beside layer 3)
-SKIP_CFG = ("[net]\nbatch=2\nwidth=16\nheight=16\nchannels=3\n" + _cfg_conv(8) + "[maxpool]\nsize=2\nstride=2\n"
-            + _cfg_conv(16) + _cfg_conv(16) + "[route]\nlayers=-1,-2\n" + _cfg_conv(4, 1, 0, "linear")
-            + "[cost]\ntype=sse\n")
+def skip_model():
+    """A route reading the map before the one before it (layer 2, beside layer 3)."""
+    from tilec.frontend.builder import Model
+    return (Model(16, 16, 3, batch=2).conv(8, bn=True, act="leaky").maxpool(2, 2)
+            .conv(16, bn=True, act="leaky").conv(16, bn=True, act="leaky").route(-1, -2).conv(4, 1).sse())
 
 
 @pytest.mark.parametrize("reader", [0, 1])
@@ -293,8 +290,7 @@ def test_memory_of_a_skip_read_wherever_its_reader_runs(reader):
     sender was rank 0 and the route ran on another device: a plan the model
     said fits then did not)."""
     from tilec.analysis.tail import TailChoice
-    from tilec.frontend.cfg import parse_cfg
-    program = parse_cfg(SKIP_CFG).to_program()
+    program = skip_model().build().to_program()
     model = CostModel(program, uniform_cluster(RPI3, 2), 2, 4, prefix=2)
     tiled = [model.group(0, 1, [0, 4, 8], [0, 8], (0, 1))]
     tail = [TailChoice(2, 2, "one", [0]), TailChoice(3, 3, "one", [0]), TailChoice(4, 5, "one", [reader]),

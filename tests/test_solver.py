@@ -254,13 +254,12 @@ def test_beam_search_plans_fit_and_none_where_nothing_fits(n, squeeze):
     the cost model agrees that it fits, and it is no faster than the
     exhaustive optimum; where none fits, it finds none."""
     from tilec.solve.beam import beam_fit
-    from tilec.solve.bounds import alone_too_big
     cands, model, _ = candidates("tiny", cluster(n), 16, 3, cuts=(3,))
     _, fastest = shortest_path(rank0_tail(cands))
     need = max(peak(model, fastest, rank0_tail(cands)).memory)
     cands, model, _ = candidates("tiny", cluster(n, memory=need * squeeze), 16, 3, cuts=(3,))
     cands = rank0_tail(cands)
-    path = beam_fit(cands, *alone_too_big(cands))
+    path = beam_fit(cands)
     try:
         best = exhaustive(cands)
     except InfeasibleError:
@@ -277,9 +276,9 @@ def test_beam_search_fits_yolov2_at_batch_4_on_two_pi3s():
     none in most runs, and a plan 18% slower when it did), beam search finds
     a plan that fits, and the solver returns one within its time limit."""
     from tilec.solve.beam import beam_fit
-    from tilec.solve.bounds import alone_too_big, feasible_plan
+    from tilec.solve.bounds import feasible_plan
     cands, model, _ = candidates("yolov2", cluster(2), 4)
-    path = beam_fit(cands, *alone_too_big(cands))
+    path = beam_fit(cands)
     assert path is not None and fits(model, peak(model, path, cands))
     upper, _, _, _ = feasible_plan(cands)
     assert upper is None or peak(model, path, cands).step_s < upper

@@ -55,12 +55,12 @@ MODEL_FLAGS = ("batch", "grid", "groups", "tile_layers", "loss", "cluster", "key
                "lr", "momentum", "decay", "init_weights", "save_weights", "metrics", "threads", "trace")
 
 
-def plan_model(path):
-    """The bundled model a plan was compiled for (``tilec train --plan DIR`` without MODEL)."""
+def plan_model(plan, path):
+    """The bundled model ``plan`` (read from ``path``) was compiled for
+    (``tilec train --plan DIR`` without MODEL)."""
     from tilec.errors import TilecError
     from tilec.frontend.models import bundled_names
-    from tilec_runtime.planfile import read_plan
-    name = read_plan(path)["model"]
+    name = plan["model"]
     if name not in bundled_names():
         raise TilecError(f"--plan {path}: give the model it was compiled for ({name!r}): "
                          f"tilec train MODEL --plan {path}")
@@ -81,8 +81,10 @@ def run(args):
     # a diverging loss ends training with one line naming the step
     # (tilec_runtime.errors.check_loss); numpy's warnings on the way are noise
     warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
-    if args.model is None and args.plan:
-        args.model = plan_model(args.plan)
+    from tilec_runtime.planfile import read_plan
+    plan = read_plan(args.plan) if args.plan else None
+    if args.model is None and plan is not None:
+        args.model = plan_model(plan, args.plan)
     if args.model is None:
         demo_only(args)
         from tilec.demo import run_from_args
@@ -91,9 +93,7 @@ def run(args):
     from tilec.errors import TilecError
     from tilec.frontend.models import is_onnx, model_path
     from tilec.train import TrainOptions, train
-    from tilec_runtime.planfile import read_plan
     graph = load_model_arg(args)
-    plan = read_plan(args.plan) if args.plan else None
     if args.threads is not None and args.threads < 1:
         raise TilecError(f"--threads must be at least 1, got {args.threads}")
     # an ONNX model's initializers are its weights: train from them unless told otherwise

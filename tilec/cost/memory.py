@@ -62,7 +62,6 @@ def workspace_bytes(layer, positions, batch, itemsize):
     from tilec_runtime.kernel_set import band_rows
     kind = layer["kind"]
     m = batch * positions
-    weights = param_count([layer])
     if kind == "conv":
         c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
         wo = max(1, round(positions ** 0.5))
@@ -76,7 +75,7 @@ def workspace_bytes(layer, positions, batch, itemsize):
     n_in, n_out = prod(layer["in_shape"]), prod(layer["out_shape"])
     if kind == "reorg":
         return itemsize * batch * n_out
-    return itemsize * (batch * (n_in + n_out) * 2 + weights)
+    return itemsize * (batch * (n_in + n_out) * 2 + param_count([layer]))
 
 
 def tile_own_bytes(spec, batch, itemsize):

@@ -186,8 +186,13 @@ def through(cands, prices, dist):
     return g_best, t_best
 
 
+def predict(cands, path):
+    """The cost model's prediction of ``path`` ([(group index, recompute?)])."""
+    return cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path])
+
+
 def fits(cands, path):
-    pred = cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path])
+    pred = predict(cands, path)
     return all(m <= d.memory_bytes for m, d in zip(pred.memory, cands.model.devices)), pred
 
 
@@ -244,8 +249,13 @@ def _overflow(cands, pred):
     return max(m - d.memory_bytes for m, d in zip(pred.memory, cands.model.devices))
 
 
+def overflow(cands, path):
+    """Bytes the fullest device lacks for ``path`` (0 if it fits)."""
+    return max(0, _overflow(cands, predict(cands, path)))
+
+
 def path_seconds(cands, path):
-    return cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path]).step_s
+    return predict(cands, path).step_s
 
 
 def lower_bound(cands, tried):

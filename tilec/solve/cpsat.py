@@ -239,11 +239,14 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
     dropped, forced = bounds.alone_too_big(cands)
     # memory binds: beam search often finds a plan that fits where the multipliers do not, or a faster one;
     # then the multipliers (bounds for pruning and the gap, sometimes a faster plan) take fewer steps
-    found = beam_fit(cands, dropped, forced, recompute, deadline=t0 + BEAM_SHARE * time_limit)
+    found = beam_fit(cands, recompute, deadline=t0 + BEAM_SHARE * time_limit,
+                     reference=bounds.lower_bound(cands, tried))  # (at zero multipliers: the fastest plan)
     upper, path, tried, closest = bounds.feasible_plan(cands, steps=LAGRANGE_STEPS[found is not None])
     source = "lagrangian"
-    if found is not None and (path is None or bounds.path_seconds(cands, found) < upper):
-        upper, path, source = bounds.path_seconds(cands, found), found, "beam search"
+    if found is not None:
+        found_s = bounds.path_seconds(cands, found)
+        if path is None or found_s < upper:
+            upper, path, source = found_s, found, "beam search"
     if path is None:
         # No multipliers gave a path that fits (devices alike trade the same groups back and forth):
         # first find one that fits, seeded with the one that overflowed least, then the fastest.

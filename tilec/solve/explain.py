@@ -20,11 +20,6 @@ def _mb(nbytes):
     return f"{nbytes / MB:,.0f} MB"
 
 
-def _overflow(cands, path):
-    pred = cands.model.evaluate([(cands.groups[gi], rec) for gi, rec in path])
-    return max(0, max(m - d.memory_bytes for m, d in zip(pred.memory, cands.model.devices)))
-
-
 def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallback=None):
     """An :class:`InfeasibleError` whose message explains the shortfall.
 
@@ -33,7 +28,7 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallba
     candidate sets, and would find the same path again)."""
     from ortools.sat.python import cp_model
 
-    from tilec.solve.bounds import feasible_plan, free_memory, with_memory
+    from tilec.solve.bounds import feasible_plan, free_memory, overflow, predict, with_memory
     from tilec.solve.cpsat import PlanModel
     model = cands.model
     devices = model.devices
@@ -53,10 +48,11 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallba
     if path is None:
         # memory-first beam searches first: a lean plan to start from (seconds of CP-SAT alone find far worse)
         start = time.perf_counter()
+        short = overflow(cands, fallback) if fallback else None
         if fallback:
-            lean = leanest(cands, _overflow(cands, fallback), start + LEAN_SHARE * time_limit, recompute)
-            if lean is not None and lean[0] < _overflow(cands, fallback):
-                fallback = lean[1]
+            lean = leanest(cands, short, start + LEAN_SHARE * time_limit, recompute)
+            if lean is not None and lean[0] < short:
+                short, fallback = lean
         pm = PlanModel(cands, recompute=recompute, overrun=True)
         if fallback:
             pm.hint(fallback)
@@ -64,14 +60,14 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallba
         proven = status == cp_model.OPTIMAL
         if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             path = pm.path(solver)
-            if fallback and not proven and _overflow(cands, fallback) < _overflow(cands, path):
+            if fallback and not proven and short < overflow(cands, path):
                 path = fallback
         elif fallback:
             path = fallback
         else:
             return InfeasibleError("no plan fits the devices' memory (and the search for the smallest memory "
                                    "that would work did not finish: raise --time-limit)")
-    pred = model.evaluate([(cands.groups[gi], rec) for gi, rec in path])
+    pred = predict(cands, path)
     extra = max(0, max(m - d.memory_bytes for m, d in zip(pred.memory, devices)))
     if extra == 0:  # the search for the least overflow found a plan that fits after all
         err = InfeasibleError("a plan fits (found while explaining)")
