@@ -92,14 +92,11 @@ class ProgramBuilder:
         src = self._src(src)
         c, h, w = self.shape(src)
         padding = size - 1 if padding is None else int(padding)
-        top = padding // 2
-        ho = (h + padding - size) // stride + 1
-        wo = (w + padding - size) // stride + 1
-        if min(h, w) + padding < size or top >= size or (ho - 1) * stride - top >= h \
-                or (wo - 1) * stride - top >= w:
+        if not avg_windows_fit(h, w, size, stride, padding):
             raise ShapeError(f"local_avgpool {size}/{stride} padding {padding} does not fit a {h}x{w} map")
-        return self._add("local_avgpool", [src], [c, ho, wo], size=size, stride=stride, padding=padding,
-                         count_pad=bool(count_pad))
+        return self._add("local_avgpool", [src], [c, (h + padding - size) // stride + 1,
+                                                  (w + padding - size) // stride + 1],
+                         size=size, stride=stride, padding=padding, count_pad=bool(count_pad))
 
     def connected(self, output, act="linear", src=None):
         src = self._src(src)
@@ -187,15 +184,19 @@ def _reorg(b, src, order, draw):
     return b.reorg(2, src=src, order=order)
 
 
+def avg_windows_fit(h, w, size, stride, padding):
+    """Whether every window of an average pool over an h x w map (total
+    ``padding``, ``padding // 2`` at the top/left) holds a cell of the map."""
+    top = padding // 2
+    ho, wo = (h + padding - size) // stride + 1, (w + padding - size) // stride + 1
+    return (min(h, w) + padding >= size and top < size and (ho - 1) * stride - top < h
+            and (wo - 1) * stride - top < w)
+
+
 @st.composite
 def local_avgpool_args(draw, h, w):
     """Arguments of a local_avgpool whose every window holds a cell of the map, or None."""
-    options = []
-    for k, s in POOL_SHAPES:
-        for p in range(2 * k - 1):
-            ho, wo = (h + p - k) // s + 1, (w + p - k) // s + 1
-            if min(h, w) + p >= k and p // 2 < k and (ho - 1) * s - p // 2 < h and (wo - 1) * s - p // 2 < w:
-                options.append((k, s, p))
+    options = [(k, s, p) for k, s in POOL_SHAPES for p in range(2 * k - 1) if avg_windows_fit(h, w, k, s, p)]
     if not options:
         return None
     size, stride, padding = draw(st.sampled_from(options))
