@@ -14,7 +14,13 @@ The emulated cluster (made and removed by this script, also on Ctrl-C):
   Ethernet) in both directions: its uplink (``eth0`` egress) and its
   downlink (its switch port's egress), as a full-duplex switch port is.
   No traffic leaves 169.254.91.0/24.
-- compute: each worker runs in its own cgroup (v1 ``cpu`` controller,
+- compute (``--emulate stretch``, the default): each worker runs as
+  ``tilec worker --emulate-speed SHARE``, sleeping after each compute stage
+  ``1/SHARE - 1`` times as long as the stage took
+  (``tilec_runtime.emulate``): a device that computes that much slower and
+  never stops, as a slow board. The runtime's own work between stages
+  (framing, copies, dispatch) is not slowed.
+- compute (``--emulate quota``): each worker runs in its own cgroup (v1 ``cpu`` controller,
   ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, period ``--period-us``,
   or with 0 per device the shortest period that keeps the kernel's minimum
   quota of 1 ms; ``--pin`` adds a cpuset) at a nominal share of one core.
@@ -149,24 +155,31 @@ def tilec_cmd(*args):
 # -- the speed probe: run as `emulated_cluster.py --probe SECONDS ROUNDS` -------------------------
 
 
-def probe(seconds, rounds):
+def probe(seconds, rounds, speed=None):
     """Print the seconds of one forward + backward of a conv tile (generated
-    kernels, one thread), per round of at least ``seconds`` wall time."""
+    kernels, one thread), per round of at least ``seconds`` wall time; with
+    ``speed``, each stage slowed as a worker's ``--emulate-speed`` slows it."""
     from tilec.profile_measure import _conv_tile, _module
+    from tilec_runtime.emulate import Stretch
     from tilec_runtime.kernel_set import Kernels
     kernels = Kernels(_module("float32")[0], "float32")
     kernels.set_threads(1)
     step, _, _, params, buffers, acc = _conv_tile(kernels, "float32", 32, 64, 3, 48, 1, True, True)
     step.conv_fwd(0, params)
     step.epi_fwd(0, params, buffers)
+    stretch = Stretch(speed) if speed is not None else None
+
+    def stage(fn, *a):
+        return fn(*a) if stretch is None else stretch.run(fn, *a)
+
     out = []
     print("ready", flush=True)
     sys.stdin.readline()  # start together with the other probes
     for _ in range(rounds):
         t0, n = time.perf_counter(), 0
         while True:
-            step.conv_fwd(0, params)
-            step.conv_bwd(0, params, acc)
+            stage(step.conv_fwd, 0, params)
+            stage(step.conv_bwd, 0, params, acc)
             n += 1
             if time.perf_counter() - t0 >= seconds:
                 break
@@ -181,8 +194,10 @@ class Emulation:
     """Namespaces, shaped links and cgroups for up to ``n`` devices; every
     process started through it is killed and everything removed by close()."""
 
-    def __init__(self, n, mbps, period_us, pin, env):
+    def __init__(self, n, mbps, period_us, pin, env, mode="stretch"):
         self.n, self.mbps, self.period_us, self.pin, self.env = n, mbps, period_us, pin, env
+        self.mode = mode  # "stretch": workers slow their compute (--emulate-speed); "quota": CFS quotas
+        self.speeds = [1.0] * n  # stretch: each device's emulated speed
         self.tag = f"{TAG}{os.getpid()}"
         self.switch = f"{self.tag}-sw"
         self.ns = [f"{self.tag}-{i}" for i in range(n)]
@@ -239,7 +254,11 @@ class Emulation:
         return self.period_us or max(1000, int(round(1000 / share)))
 
     def set_shares(self, shares):
-        """Device i runs at most shares[i] of one core (1.0: no quota)."""
+        """Device i runs at shares[i] of one core (1.0: full speed): by
+        quota, or (stretch) by its workers' ``--emulate-speed``."""
+        if self.mode == "stretch":
+            self.speeds = list(shares)
+            shares = [1.0] * len(shares)
         for cg, share in zip(self.cgroups, shares):
             (cg / "cpu.cfs_quota_us").write_text("-1")
             period = self.period(share) if share < 1.0 else 100000
@@ -341,6 +360,8 @@ def run_probes(emu, devices, seconds, rounds):
     procs = []
     for d in devices:
         cmd = [sys.executable, __file__, "--probe", str(seconds), str(rounds)]
+        if d is not None and emu.mode == "stretch" and emu.speeds[d] < 1.0:
+            cmd += ["--probe-speed", str(emu.speeds[d])]
         if d is None:
             p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=emu.env,
                                  start_new_session=True)
@@ -429,8 +450,9 @@ def cpu_stat(cgroup):
 def start_workers(emu, n, key_file):
     procs = []
     for i in range(n):
+        slow = ["--emulate-speed", emu.speeds[i]] if emu.mode == "stretch" and emu.speeds[i] < 1.0 else []
         procs.append(emu.start(i, tilec_cmd("worker", "--listen", f"{emu.address(i)}:{PORT}", "--key-file",
-                                            key_file), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                                            key_file, *slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for i, p in enumerate(procs):
         line = p.stdout.readline()
         if "listening" not in line:
@@ -681,10 +703,14 @@ def main():
                     "time per op kind with the simulator's")
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--keep", help="keep the plans, cluster files and metrics in this directory")
+    ap.add_argument("--emulate", choices=("stretch", "quota"), default="stretch",
+                    help="how a device is slowed: its worker sleeps after each compute stage (--emulate-speed), "
+                         "or a CFS quota (default stretch; see the module docstring)")
     ap.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-speed", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
-        return probe(float(args.probe[0]), int(args.probe[1]))
+        return probe(float(args.probe[0]), int(args.probe[1]), args.probe_speed)
     if args.list:
         for name, (model, batch, shares, cflags, tflags) in CONFIGS.items():
             print(f"{name:<32} {model:<16} batch {batch:<3} shares {shares}  compile {' '.join(cflags)}"
@@ -714,7 +740,7 @@ def main():
     before = machine_state()
     print(f"{before['time']}: load average {' '.join(before['loadavg'])}; busy: {before['busy_processes']}",
           flush=True)
-    emu = Emulation(max(len(CONFIGS[c][2]) for c in names), args.mbps, args.period_us, args.pin, env)
+    emu = Emulation(max(len(CONFIGS[c][2]) for c in names), args.mbps, args.period_us, args.pin, env, args.emulate)
     results, failed = [], []
     try:
         if args.profile:
@@ -759,11 +785,14 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"machine": {"before": before, "after": after, "cpu_count": os.cpu_count(),
                                    "node": platform.node()},
-                       "settings": {"mbps": args.mbps, "period_us": args.period_us, "pin": args.pin,
+                       "settings": {"emulate": args.emulate, "mbps": args.mbps, "period_us": args.period_us,
+                                    "pin": args.pin,
                                     "steps": args.steps, "warmup": args.warmup, "probe_reference_s": emu.reference},
                        "link": link, "results": results, "failed": failed}, f, indent=1)
     print()
-    print(f"emulated cluster: {args.mbps:g} Mbit/s links (tbf, both ways), CFS period {args.period_us} us, "
+    slowed = ("compute stretched by sleeps (--emulate-speed)" if args.emulate == "stretch"
+              else f"CFS quotas, period {args.period_us} us")
+    print(f"emulated cluster: {args.mbps:g} Mbit/s links (tbf, both ways), {slowed}, "
           f"{args.steps} steps, medians over steps {args.warmup + 1}-{args.steps}; {platform.node()}, "
           f"{os.cpu_count()} cores")
     print(f"link latency {link['latency_ms']:.3f} ms, TCP throughput {link['bandwidth_mbps']:.1f} Mbit/s; "

@@ -45,6 +45,7 @@ from tilec_runtime.kernel_set import Kernels
 from tilec_runtime.lower import lower_rank, scratch_bytes
 from tilec_runtime.program import buffer_shapes, decays, members_of, message_shape, param_shapes
 from tilec_runtime.tailstep import ChannelGroup, WholeGroup
+from tilec_runtime.trace import category
 
 
 def holdings(plan, rank):
@@ -135,11 +136,17 @@ class RankExecutor:
     momentum buffers to start from (default zero); ``module``: the built
     kernel module of the plan's dtype; ``threads``: kernel threads (default
     the plan's for this device). ``trace``: record every op's start and end
-    (``events``) for ``tilec train --trace``.
+    (``events``) for ``tilec train --trace``. ``stretch``: a
+    :class:`tilec_runtime.emulate.Stretch` that slows compute (an emulated
+    slower device), or None.
     """
 
-    def __init__(self, plan, rank, comm, module, params, buffers, momentum=None, threads=None, trace=False):
+    def __init__(self, plan, rank, comm, module, params, buffers, momentum=None, threads=None, trace=False,
+                 stretch=None):
         self.plan, self.rank, self.comm = plan, rank, comm
+        self.stretch = stretch
+        # stretched: the compute ops' positions in the schedule
+        self.computes = {i for i, op in enumerate(plan["schedule"][rank]) if category(op) == "compute"}
         program = self.program = plan["program"]
         self.batch = plan["batch"]
         dt = self.dtype = np.dtype(plan["dtype"])
@@ -277,15 +284,20 @@ class RankExecutor:
         if inputs is None and images is not None:
             inputs = {k: input_piece(images, self.plan["messages"][k]) for k in self.input_ids}
         self.inputs, self.target, self.loss = inputs or {}, target, None
-        events = self.events
-        for op in self.ops:  # op "x" runs method _x (planfile.OPS lists the names a plan may use)
+        events, stretch = self.events, self.stretch
+        for i, op in enumerate(self.ops):  # op "x" runs method _x (planfile.OPS lists the names a plan may use)
             run = getattr(self, "_" + op["op"])
-            if events is None:
+            if events is None and stretch is None:
                 run(op)
-            else:
-                t0 = time.perf_counter()
-                run(op)
-                events.append((op, t0, time.perf_counter()))
+                continue
+            t0 = time.perf_counter()
+            run(op)
+            t1 = time.perf_counter()
+            if stretch is not None and i in self.computes:
+                stretch.after(t1 - t0)
+                t1 = time.perf_counter()
+            if events is not None:
+                events.append((op, t0, t1))
         self.inputs = self.target = None
         return self.loss
 
@@ -423,9 +435,12 @@ class RankExecutor:
 
     def _apply(self, bucket):
         """SGD on the bucket's parameters from their (summed) accumulators."""
+        t0 = time.perf_counter()
         for key in bucket["keys"]:
             self.k.sgd(self.params[key].reshape(-1), self.acc[key].reshape(-1), self.lr,
                        self.decay if decays(key) else 0.0)
+        if self.stretch is not None:
+            self.stretch.after(time.perf_counter() - t0)
 
     def _grad_wait(self, op):
         t0 = time.perf_counter()

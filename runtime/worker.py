@@ -40,6 +40,7 @@ from tilec_runtime import planfile
 from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
+from tilec_runtime.emulate import Stretch
 from tilec_runtime.errors import Diverged, ProgramError, RuntimeFault, check_loss
 from tilec_runtime.executor import BATCHES_AHEAD, RankExecutor, input_messages
 from tilec_runtime.executor import holdings as holdings_of
@@ -147,14 +148,22 @@ def state_spec(plan, index, piece):
 # threshold keeps blocks of 4 MiB and more in mmap, returned when freed (measured there: the same step time;
 # with 1 MiB steps were 5-10% slower, paying page faults for mid-size arrays each step).
 MMAP_THRESHOLD = 4 << 20
-M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+M_MMAP_THRESHOLD = -3  # mallopt's parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+# Fixing the mmap threshold also fixes the trim threshold at its default (128 KiB): every freed block at
+# the top of the heap went back to the system, and the next step's temporaries of a few MB page-faulted
+# afresh. Measured: a 128-of-256-filter 3x3 conv on 26x26 (im2col workspace 3.1 MB) took 4.1 ms instead
+# of 2.5. The heap may keep this much free at its top (less than a 4 MiB block times the few alive at once).
+TRIM_THRESHOLD = 32 << 20
 
 
 def fix_mmap_threshold():
     """Stop glibc's malloc from keeping freed temporaries (see ``MMAP_THRESHOLD``); elsewhere a no-op."""
     try:
         import ctypes
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):
         pass
 
@@ -276,7 +285,8 @@ class Job:
             comm.stepping_thread = threading.get_ident()
             dev = self.executor = RankExecutor(plan, rank, comm, module, state["param"], state["buffer"],
                                                state["momentum"] if momentum else None,
-                                               threads=job.get("threads"), trace=bool(job.get("trace")))
+                                               threads=job.get("threads"), trace=bool(job.get("trace")),
+                                               stretch=self.server.stretch)
             del state
             last = step + job["steps"]
             reports = state_steps(step, last, job["state_every"])
@@ -421,9 +431,10 @@ class Job:
 class Server:
     """Accepts connections; runs one job at a time."""
 
-    def __init__(self, listen, key, once=False, log=None):
+    def __init__(self, listen, key, once=False, log=None, stretch=None):
         host, port = parse_address(listen)
         self.key, self.once = key, once
+        self.stretch = stretch  # a tilec_runtime.emulate.Stretch: compute slowed (an emulated device), or None
         self.log = log or sys.stderr
         self.sock = socket.create_server((host, port))
         self.address = self.sock.getsockname()[:2]
@@ -552,6 +563,13 @@ def add_arguments(p):
     p.add_argument("--key-file", metavar="FILE", help="the cluster key (default: $TILEC_KEY)")
     p.add_argument("--once", action="store_true", help="exit after one job (status 1 if it failed)")
     p.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+    add_emulate_argument(p)
+
+
+def add_emulate_argument(p):
+    p.add_argument("--emulate-speed", type=float, metavar="R",
+                   help="compute as a device R (0 < R <= 1) times this machine's speed: a sleep after every "
+                        "compute stage (for checking the simulator, benchmarks/emulated_cluster.py)")
 
 
 def run(args):
@@ -562,7 +580,13 @@ def run(args):
     # A frame's reader and sender threads need the GIL for a moment: by default a thread running Python
     # may keep it 5 ms, which a barrier (a batch-norm all-gather, a halo) waits out every time.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    server = Server(args.listen, key, once=args.once)
+    stretch = None
+    if getattr(args, "emulate_speed", None) is not None:
+        try:
+            stretch = Stretch(args.emulate_speed)
+        except ValueError as exc:
+            raise RuntimeFault(str(exc)) from None
+    server = Server(args.listen, key, once=args.once, stretch=stretch)
     print(f"{LISTENING} {server.address[0]}:{server.address[1]}", flush=True)
     return server.serve(parent=args.parent)
 

@@ -69,6 +69,12 @@ def test_quick_profile_of_this_machine_is_a_valid_profile():
     assert all(prof.speedup(kind, 1) == 1.0 and len(prof.threads[kind]) in (1, prof.cores) for kind in prof.threads)
     assert "loopback" in data["sources"]["link"]
     assert layer_seconds(prof, conv(64, 64), 256, 1, 4, "forward") > 0
+    # corrected by traced training steps (tilec.profile_calibrate): the kinds a tiled step runs
+    for kind in ("conv", "epilogue"):
+        for direction in ("forward", "backward"):
+            cost = prof.cost(kind, direction)
+            assert cost.in_step == data["kernels"][kind][direction]["in_step"] > 0 and cost.dispatch_s >= 0
+    assert "in_step" in data["sources"]
 
 
 def test_link_test_on_loopback():

@@ -34,7 +34,8 @@ STAGES = {
 }
 # modules that compose the stages may import any of them (demo: the
 # detection demo, plan + train + eval on a synthetic dataset)
-COMPOSITION = {"cli", "commands", "compile", "train", "cluster", "profile_measure", "demo", "__init__", "errors"}
+COMPOSITION = {"cli", "commands", "compile", "train", "cluster", "profile_measure", "profile_calibrate", "demo", "__init__",
+               "errors"}
 # leaf modules every stage may import
 SHARED = {"errors", "debug"}
 # third-party packages that only one stage may import

@@ -46,6 +46,7 @@ import numpy as np
 
 from tilec.cost.compute import conv_features, epilogue_features, features, pool_features
 from tilec.errors import TilecError
+from tilec.profile_calibrate import in_step_costs
 from tilec.profiles import FORMAT, KERNEL_KINDS, VERSION
 from tilec_runtime.files import atomic_json
 
@@ -281,6 +282,9 @@ def _usable_memory_mb():
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6)
 
 
+CALIBRATION = 2  # how in-step factors are measured (tilec.profile_calibrate): a change measures again
+
+
 def fingerprint(dtype="float32"):
     """What a profile of this machine was measured with; a change means measuring again."""
     from tilec.codegen.render import templates_dir
@@ -297,7 +301,7 @@ def _fingerprint(dtype, folder):
     import hashlib
     return {"machine": platform.machine(), "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],
             "cores": os.cpu_count() or 1, "python": platform.python_version(), "numpy": np.__version__,
-            "kernels": render_module((dtype,))[0]}
+            "kernels": render_module((dtype,))[0], "calibration": CALIBRATION}
 
 
 def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=None):
@@ -320,6 +324,14 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
             (k, d, f, b, min(t, t2), max(m, m2)) for (k, d, f, b, t, m), (_, _, _, _, t2, m2) in zip(samples, got)]
     fitted, errors, noise = fit_kernels(samples)
     cores = os.cpu_count() or 1
+    # (a first profile, uncorrected, prices the calibration step)
+    link0 = {"bandwidth_mbps": 1000.0, "latency_ms": 0.0}
+    draft = {"format": FORMAT, "version": VERSION, "name": "draft", "cores": cores, "memory_mb": 1e6,
+             "process_overhead_mb": 0, "link": link0, "kernels": fitted}
+    in_step, calibration_s = in_step_costs(draft, module, dtype, size=208 if quick else 416, steps=4 if quick else 6)
+    for kind, per in in_step.items():
+        for direction, extra in per.items():
+            fitted[kind][direction].update(extra)
     speedups = thread_speedups(kernels, dtype, cores, min_time)
     if peer is None:
         link = measure_transport()
@@ -345,6 +357,10 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
                        f"fitted per kind and direction",
             "fit_worst_relative_error": errors,
             "noise_median_over_best": noise,
+            "in_step": f"one-device training steps of tiny416's layers ({'4' if quick else '6'} each, the runtime's "
+                       f"executor, traced; {calibration_s:.1f} s): dispatch_us, each kind's measured less fitted "
+                       f"time per op at 64x64; in_step, the rest over the fitted at {208 if quick else 416}x"
+                       f"{208 if quick else 416}; kinds these steps do not run keep none",
             "threads": f"each kind timed on 1 to {cores} threads on one mid-sized call",
             "sustained": "not measured: a short run; a board that throttles under sustained load needs its own",
             "memory_mb": "MemAvailable at measurement time",

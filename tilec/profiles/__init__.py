@@ -56,13 +56,19 @@ class ProfileError(TilecError):
 
 @dataclass(frozen=True)
 class KernelCost:
-    """Time of one kernel call: ``overhead_s + flops * s_per_flop + bytes * s_per_byte``."""
+    """Time of one kernel call in a training step:
+    ``(overhead_s + flops * s_per_flop + bytes * s_per_byte) * in_step + dispatch_s``;
+    ``in_step``: how much slower a step runs the kernel than the fitted calls,
+    ``dispatch_s``: what the executor adds per call (:mod:`tilec.profile_calibrate`;
+    1 and 0 where not measured)."""
     overhead_s: float
     s_per_flop: float
     s_per_byte: float
+    in_step: float = 1.0
+    dispatch_s: float = 0.0
 
     def seconds(self, flops, nbytes):
-        return self.overhead_s + flops * self.s_per_flop + nbytes * self.s_per_byte
+        return (self.overhead_s + flops * self.s_per_flop + nbytes * self.s_per_byte) * self.in_step + self.dispatch_s
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,9 @@ def profile_from_dict(data, source="<dict>"):
             costs[kind][direction] = KernelCost(
                 _number(k, "overhead_us", where, strict=False) * 1e-6,
                 _number(k, "s_per_gflop", where, strict=False) * 1e-9,
-                _number(k, "s_per_gb", where, strict=False) * 1e-9)
+                _number(k, "s_per_gb", where, strict=False) * 1e-9,
+                _number(k, "in_step", where) if "in_step" in k else 1.0,
+                _number(k, "dispatch_us", where, strict=False) * 1e-6 if "dispatch_us" in k else 0.0)
     threads = data.get("threads", {})
     if not isinstance(threads, dict):
         raise ProfileError(f"{source}: field 'threads' must map kernel kinds to speed-ups")

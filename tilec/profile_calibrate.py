@@ -1,0 +1,111 @@
+"""The kernels as a training step runs them: a correction on the fitted costs.
+
+``tilec profile`` fits each kernel kind's cost on calls repeated on one
+tile, its data warm in cache from the call before. A training step runs
+each stage once, on data other stages have pushed out of cache, on maps
+larger than the fitted tiles, with the executor's dispatch around it. The
+fitted costs therefore predict less than a step takes: on this project's
+2-core x86 machine a traced one-device step of tiny416 ran its convolutions
+5-10% and its batch-norm epilogues 1.2-3.8x slower than priced.
+
+So after the fit the profile trains a reference stack on one device for a
+few steps with the runtime's own executor, traced; prices the same schedule
+ops with the fitted costs (the simulator's pricing, ``tilec.inspect
+.simulate``), and keeps, per kernel kind and direction, what a step adds to
+each call (``dispatch_us``, from the stack at 64x64, where the kernels cost
+little) and the rest of the measured time over the priced (``in_step``, at
+full size), which :class:`tilec.profiles.KernelCost` applies. Kinds a
+one-device step of the stack does not run (connected, the element-wise
+tail) keep none.
+"""
+import statistics
+import time
+
+import numpy as np
+
+# schedule op -> (kernel kind, direction) whose cost prices it
+OP_KIND = {"conv_fwd": ("conv", "forward"), "conv_bwd": ("conv", "backward"),
+           "epi_fwd": ("epilogue", "forward"), "epi_bwd": ("epilogue", "backward"),
+           "pool_fwd": ("maxpool", "forward"), "pool_bwd": ("maxpool", "backward")}
+# a factor outside this is a broken measurement (a machine busy for a moment), not a cache effect
+LIMITS = (0.5, 8.0)
+SMALL = 64  # the stack's image size where its kernels cost little beside the executor's dispatch
+
+
+def reference_stack(size):
+    """tiny416's layers on a ``size`` x ``size`` image (the reference stack for speed)."""
+    from tilec.frontend.builder import Model
+    m = Model(height=size, width=size, channels=3, batch=1)
+    for f in (16, 32, 64, 128, 256):
+        m.conv(f, size=3, bn=True, act="leaky")
+        m.maxpool(2, 2)
+    m.conv(512, size=3, bn=True, act="leaky")
+    m.conv(8, size=1, bn=False, act="linear")
+    m.sse()
+    return m.build()
+
+
+def measured_ops(plan, module, steps):
+    """{op index: median seconds} of the schedule's ops on one device over ``steps`` steps (the first dropped)."""
+    from tilec_runtime import data, weights
+    from tilec_runtime.comm import InProcessHub
+    from tilec_runtime.inprocess import make_executors
+    program = plan["program"]
+    params, buffers = weights.init_params(program, 0, plan["dtype"])
+    batches = data.generated_batches(program, plan["batch"], 0, plan["dtype"])
+    ex, = make_executors(plan, [InProcessHub(1).comm(0)], module, params, buffers, threads=1, trace=True)
+    ex.lr = 0.0  # the numbers stay those of the first step: no drift into denormals or overflow
+    per = {}
+    try:
+        for step in range(steps):
+            ex.events.clear()
+            images, target = batches.get(step)
+            ex.step(images=images, target=target)
+            if step == 0:
+                continue  # first touches of the arenas
+            for i, (_, a, b) in enumerate(ex.events):
+                per.setdefault(i, []).append(b - a)
+    finally:
+        ex.close()
+    return {i: statistics.median(v) for i, v in per.items()}
+
+
+def _priced_and_measured(profile, module, dtype, size, steps):
+    """{(kind, direction): [(measured s, priced s)]} of the stack's ops at ``size`` on one device."""
+    from tilec.cluster import uniform_cluster
+    from tilec.compile import compile_plan
+    from tilec.inspect.simulate import _Pricer
+    cluster = uniform_cluster(profile, 1, threads=1)
+    plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
+    measured = measured_ops(plan, module, steps)
+    pricer = _Pricer(plan, cluster)
+    out = {}
+    for i, op in enumerate(plan["schedule"][0]):
+        key = OP_KIND.get(op["op"])
+        if key is not None and i in measured and "rows" not in op:
+            out.setdefault(key, []).append((measured[i], pricer.op(0, op)[0]))
+    return out
+
+
+def in_step_costs(profile_data, module, dtype="float32", size=416, steps=5):
+    """({kind: {direction: {"in_step", "dispatch_us"}}}, seconds it took) for
+    ``profile_data`` (fitted, uncorrected): per op, what the executor adds
+    (``dispatch_us``: measured less priced on a stack so small that its
+    kernels cost next to nothing) and how much slower its kernels run
+    (``in_step``: the rest of the measured time over the priced, on the stack
+    at ``size``)."""
+    from tilec.profiles import profile_from_dict
+    t0 = time.perf_counter()
+    profile = profile_from_dict(profile_data, "<being measured>")
+    small = _priced_and_measured(profile, module, dtype, SMALL, steps)
+    large = _priced_and_measured(profile, module, dtype, size, steps)
+    out = {}
+    for key, pairs in large.items():
+        dispatch = max(0.0, statistics.median(m - p for m, p in small[key])) if key in small else 0.0
+        measured = sum(max(m - dispatch, 0.0) for m, _ in pairs)
+        priced = sum(p for _, p in pairs)
+        if priced > 0:
+            kind, direction = key
+            out.setdefault(kind, {})[direction] = {"in_step": round(float(np.clip(measured / priced, *LIMITS)), 3),
+                                                   "dispatch_us": round(dispatch * 1e6, 2)}
+    return out, time.perf_counter() - t0
