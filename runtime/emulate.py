@@ -22,7 +22,6 @@ class Stretch:
         speed = float(speed)
         if not 0.0 < speed <= 1.0:
             raise ValueError(f"an emulated speed is a fraction of this machine's, in (0, 1], not {speed}")
-        self.speed = speed
         self.factor = 1.0 / speed - 1.0
 
     def after(self, seconds):
@@ -31,6 +30,7 @@ class Stretch:
             time.sleep(seconds * self.factor)
 
     def run(self, fn, *args):
+        """``fn(*args)``, then the rest of its emulated time."""
         t0 = time.perf_counter()
         out = fn(*args)
         self.after(time.perf_counter() - t0)

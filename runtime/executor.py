@@ -31,6 +31,7 @@ ops), cut by the data source (the launcher streams them batches ahead;
 threads in one process cut them from the shared batch), so that no rank
 spends the start of a step sending the image and none waits for it.
 """
+import functools
 import time
 
 import numpy as np
@@ -144,9 +145,6 @@ class RankExecutor:
     def __init__(self, plan, rank, comm, module, params, buffers, momentum=None, threads=None, trace=False,
                  stretch=None):
         self.plan, self.rank, self.comm = plan, rank, comm
-        self.stretch = stretch
-        # stretched: the compute ops' positions in the schedule
-        self.computes = {i for i, op in enumerate(plan["schedule"][rank]) if category(op) == "compute"}
         program = self.program = plan["program"]
         self.batch = plan["batch"]
         dt = self.dtype = np.dtype(plan["dtype"])
@@ -179,7 +177,10 @@ class RankExecutor:
         self._tail(plan, rank)
         self._messages(plan, rank)
         self.events = [] if trace else None
-        self.reducer = GradientReducer(comm, self._apply, [] if trace else None)
+        # an emulated slower device (``stretch``) slows its compute ops and its updates, nothing else
+        self.stretch = stretch
+        self.update = self._apply if stretch is None else functools.partial(stretch.run, self._apply)
+        self.reducer = GradientReducer(comm, self.update, [] if trace else None)
         self.step_no = 0
 
     # -- set-up ------------------------------------------------------------------
@@ -285,19 +286,16 @@ class RankExecutor:
             inputs = {k: input_piece(images, self.plan["messages"][k]) for k in self.input_ids}
         self.inputs, self.target, self.loss = inputs or {}, target, None
         events, stretch = self.events, self.stretch
-        for i, op in enumerate(self.ops):  # op "x" runs method _x (planfile.OPS lists the names a plan may use)
+        for op in self.ops:  # op "x" runs method _x (planfile.OPS lists the names a plan may use)
             run = getattr(self, "_" + op["op"])
-            if events is None and stretch is None:
+            if stretch is not None and category(op) == "compute":
+                run = functools.partial(stretch.run, run)
+            if events is None:
                 run(op)
-                continue
-            t0 = time.perf_counter()
-            run(op)
-            t1 = time.perf_counter()
-            if stretch is not None and i in self.computes:
-                stretch.after(t1 - t0)
-                t1 = time.perf_counter()
-            if events is not None:
-                events.append((op, t0, t1))
+            else:
+                t0 = time.perf_counter()
+                run(op)
+                events.append((op, t0, time.perf_counter()))
         self.inputs = self.target = None
         return self.loss
 
@@ -431,16 +429,13 @@ class RankExecutor:
         if bucket["reduce"]:
             self.reducer.start(self.step_no, bucket, self.acc)
         else:
-            self._apply(bucket)
+            self.update(bucket)
 
     def _apply(self, bucket):
         """SGD on the bucket's parameters from their (summed) accumulators."""
-        t0 = time.perf_counter()
         for key in bucket["keys"]:
             self.k.sgd(self.params[key].reshape(-1), self.acc[key].reshape(-1), self.lr,
                        self.decay if decays(key) else 0.0)
-        if self.stretch is not None:
-            self.stretch.after(time.perf_counter() - t0)
 
     def _grad_wait(self, op):
         t0 = time.perf_counter()

@@ -566,8 +566,16 @@ def add_arguments(p):
     add_emulate_argument(p)
 
 
+def emulated_speed(text):
+    """``--emulate-speed``'s :class:`Stretch`."""
+    try:
+        return Stretch(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_emulate_argument(p):
-    p.add_argument("--emulate-speed", type=float, metavar="R",
+    p.add_argument("--emulate-speed", dest="stretch", type=emulated_speed, metavar="R",
                    help="compute as a device R (0 < R <= 1) times this machine's speed: a sleep after every "
                         "compute stage (for checking the simulator, benchmarks/emulated_cluster.py)")
 
@@ -580,13 +588,7 @@ def run(args):
     # A frame's reader and sender threads need the GIL for a moment: by default a thread running Python
     # may keep it 5 ms, which a barrier (a batch-norm all-gather, a halo) waits out every time.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    stretch = None
-    if getattr(args, "emulate_speed", None) is not None:
-        try:
-            stretch = Stretch(args.emulate_speed)
-        except ValueError as exc:
-            raise RuntimeFault(str(exc)) from None
-    server = Server(args.listen, key, once=args.once, stretch=stretch)
+    server = Server(args.listen, key, once=args.once, stretch=args.stretch)
     print(f"{LISTENING} {server.address[0]}:{server.address[1]}", flush=True)
     return server.serve(parent=args.parent)
 

@@ -26,10 +26,11 @@ def test_stretch_sleeps_the_rest_of_a_slower_devices_time(monkeypatch):
             emulate.Stretch(bad)
 
 
-class Recorder:
+class Recorder(emulate.Stretch):
     """A Stretch that records what it would sleep after, and sleeps nothing."""
 
     def __init__(self):
+        super().__init__(1.0)
         self.calls = []
 
     def after(self, seconds):

@@ -18,6 +18,7 @@ full size), which :class:`tilec.profiles.KernelCost` applies. Kinds a
 one-device step of the stack does not run (connected, the element-wise
 tail) keep none.
 """
+import re
 import statistics
 import time
 
@@ -33,16 +34,11 @@ SMALL = 64  # the stack's image size where its kernels cost little beside the ex
 
 
 def reference_stack(size):
-    """tiny416's layers on a ``size`` x ``size`` image (the reference stack for speed)."""
-    from tilec.frontend.builder import Model
-    m = Model(height=size, width=size, channels=3, batch=1)
-    for f in (16, 32, 64, 128, 256):
-        m.conv(f, size=3, bn=True, act="leaky")
-        m.maxpool(2, 2)
-    m.conv(512, size=3, bn=True, act="leaky")
-    m.conv(8, size=1, bn=False, act="linear")
-    m.sse()
-    return m.build()
+    """The bundled tiny416 (the reference stack for speed) on a ``size`` x ``size`` image."""
+    from tilec.frontend.cfg import parse_cfg
+    from tilec.frontend.models import model_path
+    text = model_path("tiny416").read_text()
+    return parse_cfg(re.sub(r"(?m)^(height|width)\s*=\s*\d+", rf"\g<1>={size}", text), path="tiny416")
 
 
 def measured_ops(plan, module, steps):
@@ -74,11 +70,11 @@ def _priced_and_measured(profile, module, dtype, size, steps):
     """{(kind, direction): [(measured s, priced s)]} of the stack's ops at ``size`` on one device."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import compile_plan
-    from tilec.inspect.simulate import _Pricer
+    from tilec.inspect.simulate import OpPricer
     cluster = uniform_cluster(profile, 1, threads=1)
     plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
     measured = measured_ops(plan, module, steps)
-    pricer = _Pricer(plan, cluster)
+    pricer = OpPricer(plan, cluster)
     out = {}
     for i, op in enumerate(plan["schedule"][0]):
         key = OP_KIND.get(op["op"])

@@ -46,7 +46,7 @@ import numpy as np
 
 from tilec.cost.compute import conv_features, epilogue_features, features, pool_features
 from tilec.errors import TilecError
-from tilec.profile_calibrate import in_step_costs
+from tilec.profile_calibrate import SMALL, in_step_costs
 from tilec.profiles import FORMAT, KERNEL_KINDS, VERSION
 from tilec_runtime.files import atomic_json
 
@@ -324,14 +324,6 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
             (k, d, f, b, min(t, t2), max(m, m2)) for (k, d, f, b, t, m), (_, _, _, _, t2, m2) in zip(samples, got)]
     fitted, errors, noise = fit_kernels(samples)
     cores = os.cpu_count() or 1
-    # (a first profile, uncorrected, prices the calibration step)
-    link0 = {"bandwidth_mbps": 1000.0, "latency_ms": 0.0}
-    draft = {"format": FORMAT, "version": VERSION, "name": "draft", "cores": cores, "memory_mb": 1e6,
-             "process_overhead_mb": 0, "link": link0, "kernels": fitted}
-    in_step, calibration_s = in_step_costs(draft, module, dtype, size=208 if quick else 416, steps=4 if quick else 6)
-    for kind, per in in_step.items():
-        for direction, extra in per.items():
-            fitted[kind][direction].update(extra)
     speedups = thread_speedups(kernels, dtype, cores, min_time)
     if peer is None:
         link = measure_transport()
@@ -342,7 +334,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         link_source = f"measured to {peer[0]}:{peer[1]} with the tilec link test"
     host = platform.node() or "this machine"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return {
+    data = {
         "format": FORMAT, "version": VERSION, "name": name or f"local-{host}",
         "cores": cores, "memory_mb": _usable_memory_mb(), "process_overhead_mb": 60,
         "link": {"bandwidth_mbps": round(link["bandwidth_mbps"], 3), "latency_ms": round(link["latency_ms"], 4)},
@@ -357,16 +349,23 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
                        f"fitted per kind and direction",
             "fit_worst_relative_error": errors,
             "noise_median_over_best": noise,
-            "in_step": f"one-device training steps of tiny416's layers ({'4' if quick else '6'} each, the runtime's "
-                       f"executor, traced; {calibration_s:.1f} s): dispatch_us, each kind's measured less fitted "
-                       f"time per op at 64x64; in_step, the rest over the fitted at {208 if quick else 416}x"
-                       f"{208 if quick else 416}; kinds these steps do not run keep none",
             "threads": f"each kind timed on 1 to {cores} threads on one mid-sized call",
             "sustained": "not measured: a short run; a board that throttles under sustained load needs its own",
             "memory_mb": "MemAvailable at measurement time",
             "link": link_source,
         },
     }
+    # the fitted costs, as they stand, price the calibration steps
+    size, steps = (208, 4) if quick else (416, 6)
+    in_step, calibration_s = in_step_costs(data, module, dtype, size=size, steps=steps)
+    for kind, per in in_step.items():
+        for direction, extra in per.items():
+            fitted[kind][direction].update(extra)
+    data["sources"]["in_step"] = (
+        f"one-device training steps of tiny416's layers ({steps} each, the runtime's executor, traced; "
+        f"{calibration_s:.1f} s): dispatch_us, each kind's measured less fitted time per op at {SMALL}x{SMALL}; "
+        f"in_step, the rest over the fitted at {size}x{size}; kinds these steps do not run keep none")
+    return data
 
 
 def write_profile(data, path):

@@ -69,7 +69,7 @@ class SimResult:
 FORWARD = {"conv_fwd", "epi_fwd", "pool_fwd", "recompute"}
 
 
-class _Pricer:
+class OpPricer:
     """Seconds of the compute ops of a plan's schedule on its cluster."""
 
     def __init__(self, plan, cluster):
@@ -302,7 +302,7 @@ def simulate(plan, cluster, keep_events=True):
     n = len(plan["devices"])
     if len(cluster.devices) != n:
         raise SimulationError(f"the plan has {n} devices, the cluster {len(cluster.devices)}")
-    pricer, shapes = _Pricer(plan, cluster), param_shape_table(plan["program"])
+    pricer, shapes = OpPricer(plan, cluster), param_shape_table(plan["program"])
     actors = []  # (rank, thread, actions)
     for r in range(n):
         main, comm = _actions(plan, r, pricer, shapes)

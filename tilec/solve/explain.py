@@ -68,14 +68,14 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallba
             return InfeasibleError("no plan fits the devices' memory (and the search for the smallest memory "
                                    "that would work did not finish: raise --time-limit)")
     pred = predict(cands, path)
-    extra = max(0, max(m - d.memory_bytes for m, d in zip(pred.memory, devices)))
+    over = [(m - d.memory_bytes, r) for r, (m, d) in enumerate(zip(pred.memory, devices))]
+    extra, worst = max(over)
+    extra = max(0, extra)
     if extra == 0:  # the search for the least overflow found a plan that fits after all
         err = InfeasibleError("a plan fits (found while explaining)")
         err.fitting_path = path
         return err
     proven = proven or extra <= max(-f for f in free) + 1024
-    over = [(m - d.memory_bytes, r) for r, (m, d) in enumerate(zip(pred.memory, devices))]
-    _, worst = max(over)
     dev, parts = devices[worst], pred.breakdown[worst]
     held = []
     chosen = [(cands.groups[gi], rec) for gi, rec in path if worst in cands.groups[gi].members]
