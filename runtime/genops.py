@@ -51,9 +51,9 @@ class GeneratedOps:
         f, c, ks, _ = w.shape
         ho = ops.out_size(x.shape[2], ks, stride, pads[0], pads[1])
         wo = ops.out_size(x.shape[3], ks, stride, pads[2], pads[3])
-        band = band_rows(c, ks, ho, wo)
+        band = band_rows(c, ks, ho, wo, x.shape[0])
         z = np.empty((x.shape[0], f, ho, wo), x.dtype)
-        ws = np.empty(self.module.workspace_size(c, ks, band, ho, wo, False, False), x.dtype)
+        ws = np.empty(self.module.workspace_size(c, ks, band, ho, wo, False, False, 0, f), x.dtype)
         k.conv_forward(x, w, stride, tuple(pads), z, ws, band)
         return z
 
@@ -65,7 +65,7 @@ class GeneratedOps:
         x, w = _lastdim(x), np.ascontiguousarray(w, dtype=x.dtype)
         dy = np.ascontiguousarray(dy, dtype=x.dtype)
         f, c, ks, _ = w.shape
-        band = band_rows(c, ks, dy.shape[2], dy.shape[3])
+        band = band_rows(c, ks, dy.shape[2], dy.shape[3], x.shape[0])
         dx, out = np.zeros(x.shape, x.dtype), np.empty(w.shape, x.dtype) if dw is None else dw
         ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True, 0, f), x.dtype)
         k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, out, dx, accumulate=dw is not None)

@@ -13,14 +13,26 @@ FUNCTIONS = ("conv_forward", "conv_backward", "bn_act", "act_grad", "pool_forwar
 # and at most BAND_ELEMENTS elements (C*k*k x positions) so that a band stays
 # in cache between im2col and the GEMM. Measured on x86 (a sweep over
 # YOLOv2-tiny's layers at 416x416): 1024 positions is within 5% of the best
-# band for every layer. The planner's lowering uses the same rule.
+# band for every layer. A map smaller than half a band takes whole images
+# instead, several per GEMM (a band of more rows than the map): one image of
+# tiny416's 3x3 layers at 96x96, batch 16, is a GEMM 9 columns wide, which
+# packs the weights afresh for every image: layer 10's forward + backward ran
+# 2.7x slower than with 16 images per GEMM (benchmarks/conv_images.py). Not a 1x1 conv: its GEMM reads the input
+# planes themselves, and grouping would add the copy im2col makes (tiny416's
+# last layer, 512 -> 8 on 3x3: 2.6x slower grouped). The planner's lowering
+# uses the same rule.
 BAND_POSITIONS = 1024
 BAND_ELEMENTS = 1 << 20
 
 
-def band_rows(c, k, ho, wo):
-    """Output rows per im2col band of a conv with c input channels, k x k."""
+def band_rows(c, k, ho, wo, batch=1):
+    """Output rows per im2col band of a conv with c input channels, k x k, on
+    ``batch`` images of ho x wo: more than ho when whole images share a GEMM
+    (a multiple of ho: band // ho images per GEMM)."""
     rows = min(BAND_POSITIONS // wo, BAND_ELEMENTS // (c * k * k * wo))
+    images = min(batch, rows // ho) if k > 1 else 1
+    if images >= 2:
+        return images * ho
     return max(1, min(ho, rows))
 
 

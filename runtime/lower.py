@@ -71,7 +71,7 @@ def _conv_op(layer, tl, base, batch):
         # owned cells relative to the region, half-open
         "owned": [owned[0][0] - region[0][0], owned[0][1] - region[0][0] + 1,
                   owned[1][0] - region[1][0], owned[1][1] - region[1][0] + 1],
-        "count": batch * h * w, "band": band_rows(c, k, ho, wo), "pool": None,
+        "count": batch * h * w, "band": band_rows(c, k, ho, wo, batch), "pool": None,
     }
 
 
@@ -125,7 +125,7 @@ def tile_memory(program, first, last, outside, sizes, in_size, batch, threads, r
             c, k = layer["in_shape"][0], layer["size"]
             ho, wo = sizes[conv]
             op = {"kind": "conv", "layer": conv, "channels": c, "filters": layer["filters"], "size": k,
-                  "out": [ho, wo], "band": band_rows(c, k, ho, wo), "pool": None}
+                  "out": [ho, wo], "band": band_rows(c, k, ho, wo, batch), "pool": None}
             if pool is not None:
                 op["pool"] = {"layer": pool, "out": list(sizes[pool])}
         else:
@@ -152,13 +152,17 @@ def out_shape(op):
 def workspace(op, threads, dx):
     """Elements of workspace a conv op needs on ``threads`` threads (the
     kernels' ``workspace_size``): an im2col band per thread, and backward a
-    private weight gradient for every thread but the first."""
+    private weight gradient for every thread but the first; a band of
+    several images also holds their GEMM output."""
     if op["kind"] != "conv":
         return 0
     ho, wo = op["out"]
-    ckk = op["channels"] * op["size"] ** 2
+    ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
-    return ckk * min(op["band"], ho) * wo * nt + (nt - 1) * op["filters"] * ckk
+    need = ckk * min(band, ho) * wo * nt + (nt - 1) * f * ckk
+    if band > ho:
+        need = max(need, (ckk + f) * band * wo * threads + (threads - 1) * f * ckk)
+    return need
 
 
 def _buffers(spec):

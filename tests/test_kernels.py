@@ -83,15 +83,16 @@ def embedded(rng, shape, dtype, draw_offsets):
 
 @st.composite
 def conv_case(draw, max_hw=12):
-    """(dtype, x shape, F, k, stride, pads, band, offsets, seed) with a valid output."""
+    """(dtype, x shape, F, k, stride, pads, band, offsets, seed) with a valid output; a
+    band of more rows than the map puts several images in one GEMM."""
     k = draw(st.sampled_from((1, 2, 3, 5)))
     pads = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
     h = draw(st.integers(max(1, k - pads[0] - pads[1]), max_hw))
     w = draw(st.integers(max(1, k - pads[2] - pads[3]), max_hw))
     stride = draw(st.integers(1, 3))
     ho = ops.out_size(h, k, stride, pads[0], pads[1])
-    return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w),
-                f=draw(st.integers(1, 5)), k=k, stride=stride, pads=pads, band=draw(st.integers(1, ho)),
+    return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 5)), draw(st.integers(1, 4)), h, w),
+                f=draw(st.integers(1, 5)), k=k, stride=stride, pads=pads, band=draw(st.integers(1, 3 * ho)),
                 offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)), seed=draw(SEEDS), threads=draw(THREADS))
 
 
@@ -103,7 +104,7 @@ def conv_setup(case):
     ho = ops.out_size(h, k, case["stride"], case["pads"][0], case["pads"][1])
     wo = ops.out_size(w, k, case["stride"], case["pads"][2], case["pads"][3])
     size = module(dt).workspace_size
-    ws = np.empty(max(size(c, k, case["band"], ho, wo, False, False, case["threads"]),
+    ws = np.empty(max(size(c, k, case["band"], ho, wo, False, False, case["threads"], case["f"]),
                       size(c, k, case["band"], ho, wo, True, True, case["threads"], case["f"])), dt)
     return rng, x, wt, ho, wo, ws
 
@@ -180,6 +181,35 @@ def test_conv_backward_adds_the_input_gradient_and_sets_or_adds_the_weight_gradi
     check(dw, want_dw + (7.0 if accumulate else 0.0), dt, mag_dw + 7.0)
     if with_dx:
         check(dx, before + want_dx, dt, mag_dx + np.abs(before))
+
+
+@FAST
+@given(conv_case(), st.integers(2, 4))
+def test_several_images_per_gemm_equal_one_image_per_gemm_with_the_batch_norm_finish(case, images):
+    """A band of ``images`` whole maps (the threads split the images) against
+    a band of one map (they split the rows): the same statistics forward, and
+    backward the same batch-norm finish of dz in place (mean terms on the
+    owned cells), weight and input gradients."""
+    rng, x, w, ho, wo, _ = conv_setup(case)
+    dt, f, nb = case["dtype"], case["f"], x.shape[0]
+    z = rng.standard_normal((nb, f, ho, wo)).astype(dt)
+    dz = rng.standard_normal((nb, f, ho, wo)).astype(dt)
+    mean, inv, gamma, m1, m2 = (rng.standard_normal(f).astype(dt) for _ in range(5))
+    owned = (ho // 3, ho, 0, max(1, wo // 2))
+    got = []
+    for band in (ho, images * ho):
+        size = module(dt).workspace_size
+        ws = np.empty(max(size(x.shape[1], case["k"], band, ho, wo, b, True, case["threads"], f) for b in (0, 1)), dt)
+        d, dw, dx = dz.copy(), np.ones(w.shape, dt), np.zeros(x.shape, dt)
+        out, n, mu, var = np.empty_like(z), np.zeros(1), np.zeros(f), np.zeros(f)
+        with threads(dt, case["threads"]):
+            kern(dt).conv_backward(x, w, case["stride"], case["pads"], d, ws, band, dw, dx,
+                                   (z, mean, inv, gamma, m1, m2), owned, accumulate=True)
+            kern(dt).conv_forward(x, w, case["stride"], case["pads"], out, ws, band, owned, n, mu, var)
+        got.append((d, dw, dx, out, n, mu, var))
+    tol = 1e-4 if dt == np.float32 else 1e-11
+    for one, several in zip(*got):
+        np.testing.assert_allclose(several, one, rtol=tol, atol=tol * (1 + np.abs(one).max()))
 
 
 @st.composite
@@ -697,6 +727,22 @@ def test_band_rows_cover_the_map_and_bound_the_workspace():
         rows = band_rows(c, k, ho, wo)
         assert 1 <= rows <= ho
         assert rows == 1 or c * k * k * rows * wo <= 1 << 20
+
+
+def test_small_maps_take_several_whole_images_per_band():
+    """tiny416's 3x3 layers at 96x96, batch 16: the band holds whole images,
+    as many as the position and element bounds allow, never more than the
+    batch; a 13x13 map of 512 channels does not fit two; a 1x1 conv (whose
+    GEMM reads its input planes directly) keeps one image per GEMM."""
+    assert band_rows(256, 3, 3, 3, 16) == 16 * 3
+    assert band_rows(512, 3, 3, 3, 64) == 25 * 3  # 2**20 elements: 75 rows of 3 x 4608 columns
+    assert band_rows(256, 3, 3, 3, 1) == 3
+    assert band_rows(512, 3, 13, 13, 8) == 13
+    assert band_rows(512, 1, 3, 3, 16) == 3
+    for c, k, ho, wo, b in [(256, 3, 3, 3, 16), (64, 3, 12, 12, 16), (16, 3, 5, 7, 3), (3, 2, 1, 1, 64)]:
+        rows = band_rows(c, k, ho, wo, b)
+        assert rows % ho == 0 and 2 <= rows // ho <= b
+        assert c * k * k * rows * wo <= 1 << 20 and rows * wo <= 1024
 
 
 @pytest.mark.parametrize("devices, threads", [(1, 1), (1, 2), (2, 1)])

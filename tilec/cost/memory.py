@@ -66,7 +66,9 @@ def workspace_bytes(layer, positions, batch, itemsize):
         c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
         wo = max(1, round(positions ** 0.5))
         ho = max(1, -(-positions // wo))
-        band = c * k * k * min(band_rows(c, k, ho, wo), ho) * wo
+        rows = band_rows(c, k, ho, wo, batch)
+        # several images per GEMM keep its output beside their columns
+        band = (c * k * k + (f if rows > ho else 0)) * rows * wo
         return itemsize * (band + m * (2 * f + c * layer["stride"] ** 2))
     if kind == "maxpool":
         return itemsize * m * layer["in_shape"][0] * 2
