@@ -139,6 +139,8 @@ CONFIGS = {
     "detector-small-b16-100+40-grid": ("detector-small", 16, [1.0, 0.4], ["--grid", "1x2"], []),
     "tiny416-1x10": ("tiny416", 1, [0.1], [], SSE),
     "detector-small-b16-1x10": ("detector-small", 16, [0.1], [], []),
+    # the tiles split by columns (narrow rows: what a cost per row prices), against the optimiser's rows
+    "detector-small-b16-2x10-cols": ("detector-small", 16, [0.1, 0.1], ["--grid", "1x2"], []),
 }
 DEFAULT = ("tiny416-25+10", "detector-small-b16-20+10+10", "tiny416-2x50-grid", "tiny416-50+20-grid",
            "tiny416-3x30-grid", "tiny416-2x10", "tiny416-3x10", "detector-small-b16-2x10", "detector-small-b16-3x10")

@@ -1,6 +1,7 @@
 """The cost model: kernel times from profiles, the profiler's fit and link
 test, exchanges checked against the plan's own messages, memory, and the
 additivity the solvers rely on."""
+import copy
 import dataclasses
 import random
 import socket
@@ -13,7 +14,8 @@ from tilec.analysis.tiles import spatial_prefix
 from tilec.cluster import uniform_cluster
 from tilec.cost.candidates import enumerate_candidates
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
-from tilec.cost.compute import features, layer_seconds, update_seconds
+from tilec.compile import compile_plan
+from tilec.cost.compute import features, layer_seconds, unit_seconds, update_seconds
 from tilec.cost.layouts import even_layout, layouts
 from tilec.cost.memory import STATE_COPIES, param_count, plan_memory, state_bytes
 from tilec.cost.model import CostModel
@@ -21,7 +23,7 @@ from tilec.frontend.models import load_model
 from tilec.cost.traffic import bytes_sent
 from tilec.plan.build import GroupChoice, build_plan
 from tilec.profile_measure import LinkError, fit_kernel, measure_link, parse_peer, start_loopback_server
-from tilec.profiles import load_profile
+from tilec.profiles import load_profile, profile_from_dict
 from tilec_runtime.collectives import RING_MIN_BYTES
 
 RPI3 = load_profile("rpi3b")
@@ -58,6 +60,36 @@ def test_fit_recovers_known_coefficients():
         secs = [float(np.dot(truth, r)) for r in rows]
         coef, worst = fit_kernel(rows, secs)
         assert coef == pytest.approx(truth, rel=1e-6, abs=1e-15) and worst < 1e-6
+    # with a cost per row walked
+    rows = [r + (n,) for r, n in zip(rows, rng.uniform(1e2, 1e6, 12))]
+    for truth in ([2e-5, 3e-10, 1e-9, 2e-8], [0.0, 5e-10, 0.0, 5e-8]):
+        secs = [float(np.dot(truth, r)) for r in rows]
+        coef, worst = fit_kernel(rows, secs)
+        assert coef == pytest.approx(truth, rel=1e-6, abs=1e-15) and worst < 1e-6
+
+
+def test_a_cost_per_row_prices_a_narrow_tile_above_a_wide_one_and_the_optimiser_splits_rows():
+    """A tile split by columns keeps every row of the map, narrowed; with
+    a cost per row (``ns_per_row``, what ``tilec profile`` fits) it costs
+    more than the same area split by rows, and the optimiser splits a
+    square map's rows. Without one (the shipped Pi profiles) the two are
+    priced alike."""
+    program = load_model("detector-small").to_program()
+    tall, wide = {0: (96, 48), 1: (48, 24)}, {0: (48, 96), 1: (24, 48)}  # conv 0 and its fused pool
+
+    def priced(profile, sizes):
+        return sum(unit_seconds(profile, program, (0, 1), sizes, False, 4, 4).values())
+
+    assert priced(RPI3, tall) == pytest.approx(priced(RPI3, wide))
+    raw = copy.deepcopy(RPI3.raw)
+    for kind in ("conv", "epilogue", "maxpool"):
+        for cost in raw["kernels"][kind].values():
+            cost["ns_per_row"] = 300
+    rowed = profile_from_dict(raw, "with a cost per row")
+    assert priced(rowed, tall) > priced(rowed, wide)
+    plan = compile_plan(load_model("detector-small"), cluster=uniform_cluster(rowed, 2), batch=4, dtype="float32")
+    tiled = [g for g in plan["groups"] if g.get("row_splits")]
+    assert tiled and all(len(g["row_splits"]) == 3 and len(g["col_splits"]) == 2 for g in tiled)
 
 
 def test_quick_profile_of_this_machine_is_a_valid_profile():

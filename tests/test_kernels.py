@@ -307,13 +307,25 @@ def pool_case(draw):
                 ties=draw(st.booleans()), seed=draw(SEEDS), threads=draw(THREADS))
 
 
-# YOLO's 2x2 stride-2 pool, which has a core of its own (no scratch row),
-# on an odd map inside a larger array, with ties, and on rows too wide for it
+# YOLO's 2x2 stride-2 pool, which has cores of its own (no scratch row; on a
+# contiguous map of short rows, one flat pass of the activation first), on
+# an odd map inside a larger array, with ties, on rows too wide for it, and
+# on contiguous maps, one tall enough for several CHUNKs of row pairs
 YOLO_POOLS = [dict(dtype=np.dtype(dt), shape=(2, 3, h, w), size=2, stride=2, pads=(0, 0, 0, 0), pre=pre, act=act,
-                   offsets=(1, 0, 2, 1), ties=ties, seed=7, threads=threads)
-              for dt, h, w, pre, act, ties, threads in [("float32", 9, 11, "bn", "leaky", True, 2),
-                                                         ("float64", 6, 8, "bias", "relu", False, 1),
-                                                         ("float32", 5, 300, "none", "linear", True, 3)]]
+                   offsets=offsets, ties=ties, seed=7, threads=threads)
+              for dt, h, w, pre, act, ties, threads, offsets in [
+                  ("float32", 9, 11, "bn", "leaky", True, 2, (1, 0, 2, 1)),
+                  ("float64", 6, 8, "bias", "relu", False, 1, (1, 0, 2, 1)),
+                  ("float32", 5, 300, "none", "linear", True, 3, (1, 0, 2, 1)),
+                  ("float32", 9, 11, "bn", "leaky", True, 2, (1, 0, 2, 0)),
+                  ("float64", 201, 12, "bn", "leaky", True, 2, (0, 0, 0, 0))]]
+# the pool's gradient inside act_grad on maps of several CHUNKs of rows, with
+# windows across a chunk's edge: overlapping (3 by 2, padded; 2 by 1) and not
+GRAD_POOLS = [dict(dtype=np.dtype(dt), shape=(1, 2, h, w), size=size, stride=stride, pads=pads, pre="bias",
+                   act="leaky", offsets=(3, 1, 2, 2), ties=True, seed=3, threads=threads)
+              for dt, h, w, size, stride, pads, threads in [
+                  ("float64", 150, 40, 3, 2, (1, 1, 1, 1), 2), ("float32", 97, 30, 2, 1, (0, 1, 0, 1), 1),
+                  ("float64", 64, 64, 2, 2, (0, 0, 0, 0), 3)]]
 
 
 @FAST
@@ -321,6 +333,8 @@ YOLO_POOLS = [dict(dtype=np.dtype(dt), shape=(2, 3, h, w), size=2, stride=2, pad
 @example(YOLO_POOLS[0])
 @example(YOLO_POOLS[1])
 @example(YOLO_POOLS[2])
+@example(YOLO_POOLS[3])
+@example(YOLO_POOLS[4])
 def test_max_pool_of_the_activation_forward_and_backward(case):
     """Pooling fused with the conv epilogue equals normalise, activate, pool;
     ties (rounded inputs) must pick the first maximum, as ops does."""
@@ -355,6 +369,9 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
 
 @FAST
 @given(pool_case())
+@example(GRAD_POOLS[0])
+@example(GRAD_POOLS[1])
+@example(GRAD_POOLS[2])
 def test_pool_gradient_routed_inside_the_activation_gradient(case):
     """act_grad with a fused pool equals ops's max-pool backward followed by
     the activation backward, for a pool reading a window of the conv output."""

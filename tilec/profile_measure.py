@@ -52,15 +52,19 @@ from tilec_runtime.files import atomic_json
 
 # (C_in, filters, kernel, output size, batch, with a 2x2 max-pool fused): the
 # layers of YOLO-like stacks at their real sizes (in and out of cache), and
-# thin, deep, 1x1 and small ones
+# thin, deep, 1x1 and small ones; a size (rows, cols) is a tile narrowed by a
+# column split, as many rows as the whole map but short ones (what tells a
+# kernel's cost per row from its cost per byte)
 CONV_SHAPES = [(3, 16, 3, 208, 1, True), (16, 32, 3, 104, 1, True), (32, 64, 3, 52, 2, True),
                (64, 128, 3, 26, 1, True), (128, 256, 3, 13, 2, True), (256, 512, 3, 13, 1, False),
                (512, 512, 3, 13, 1, False), (512, 64, 1, 26, 1, False), (128, 64, 1, 52, 1, False),
-               (16, 16, 3, 24, 1, False), (8, 8, 3, 6, 1, False), (32, 32, 3, 96, 2, False)]
+               (16, 16, 3, 24, 1, False), (8, 8, 3, 6, 1, False), (32, 32, 3, 96, 2, False),
+               (16, 32, 3, (96, 12), 4, True), (64, 128, 3, (24, 6), 8, True), (32, 32, 3, (64, 8), 2, False)]
 CONV_QUICK = [(3, 16, 3, 160, 1, True), (32, 64, 3, 40, 1, False), (128, 256, 3, 13, 1, True),
-              (512, 64, 1, 20, 1, False), (8, 8, 3, 6, 1, False)]
-POOL_SHAPES = [(16, 2, 104, 1), (64, 2, 26, 2), (256, 2, 13, 1), (8, 2, 8, 1), (32, 3, 40, 1), (512, 2, 13, 1)]
-POOL_QUICK = [(16, 2, 80, 1), (128, 2, 13, 1), (8, 2, 6, 1)]
+              (512, 64, 1, 20, 1, False), (8, 8, 3, 6, 1, False), (32, 32, 3, (48, 8), 4, True)]
+POOL_SHAPES = [(16, 2, 104, 1), (64, 2, 26, 2), (256, 2, 13, 1), (8, 2, 8, 1), (32, 3, 40, 1), (512, 2, 13, 1),
+               (32, 2, (48, 6), 4)]
+POOL_QUICK = [(16, 2, 80, 1), (128, 2, 13, 1), (8, 2, 6, 1), (32, 2, (24, 6), 2)]
 FC_SHAPES = [(1024, 64, 1), (4096, 256, 2), (8192, 512, 1), (256, 10, 4)]
 FC_QUICK = [(2048, 128, 1), (256, 10, 1)]
 ELT_SHAPES = [(16, 64, 1), (64, 32, 2), (256, 12, 1), (8, 6, 1), (128, 26, 4)]
@@ -91,11 +95,17 @@ def _module(dtype):
     return module, source.module
 
 
+def _size(hw):
+    """(rows, cols) of a shape's output size: a square ``hw`` or a (rows, cols) tile."""
+    return tuple(hw) if isinstance(hw, tuple) else (hw, hw)
+
+
 def _stack(c, f, k, hw, pool, dx):
     """[a cheap 1x1 conv to c channels, when dx,] a k x k conv to f (BN,
-    leaky), [a 2x2 max-pool,] a sum-of-squares cost."""
+    leaky), [a 2x2 max-pool,] a sum-of-squares cost, on an ``hw`` map."""
     from tilec.frontend.builder import Model
-    m = Model(height=hw, width=hw, channels=1 if dx else c, batch=1)
+    h, w = _size(hw)
+    m = Model(height=h, width=w, channels=1 if dx else c, batch=1)
     if dx:
         m.conv(c, size=1, bn=False, act="linear")
     m.conv(f, size=k, bn=True, act="leaky")
@@ -115,7 +125,7 @@ def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx, threads=1):
     program = _stack(c, f, k, hw, pool, dx)
     last = len(program) - 2
     first = 1 if dx else 0
-    groups = ([GroupChoice(0, 0, [0, hw], [0, hw], [0])] if dx else [])
+    groups = ([GroupChoice(0, 0, [0, _size(hw)[0]], [0, _size(hw)[1]], [0])] if dx else [])
     _, h, w = program[last]["out_shape"]
     groups.append(GroupChoice(first, last, [0, h], [0, w], [0]))
     plan = build_plan(program, groups, model="profile", batch=b, dtype=dtype, devices=["d"],
@@ -133,7 +143,7 @@ def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx, threads=1):
 
 
 def _samples(quick, dtype, min_time, kernels):
-    """[(kind, direction, flops, bytes, best s, median s)] of every measured call, on one thread."""
+    """[(kind, direction, flops, bytes, rows, best s, median s)] of every measured call, on one thread."""
     from tilec_runtime import ops
     itemsize = np.dtype(dtype).itemsize
     rng = np.random.default_rng(0)
@@ -141,36 +151,38 @@ def _samples(quick, dtype, min_time, kernels):
 
     def record(kind, direction, fb, fn):
         best, median = _time(fn, min_time)
-        out.append((kind, direction, fb[0], fb[1], best, median))
+        out.append((kind, direction, fb[0], fb[1], fb[2] if len(fb) > 2 else 0, best, median))
 
     for c, f, k, hw, b, pool in (CONV_QUICK if quick else CONV_SHAPES):
         for dx in (False, True):
             step, layer, program, params, buffers, acc = _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx)
-            p = hw * hw
-            pooled = (hw // 2) ** 2 if pool else None
+            h, w = _size(hw)
+            p = h * w
+            pooled = (h // 2) * (w // 2) if pool else None
             step.conv_fwd(0, params)
             step.epi_fwd(0, params, buffers)
             step.grad_output[...] = rng.standard_normal(step.grad_output.shape).astype(dtype)
             if not dx:
-                record("conv", "forward", conv_features(layer, p, b, itemsize, "forward"),
+                record("conv", "forward", conv_features(layer, p, b, itemsize, "forward", rows=h),
                        lambda: step.conv_fwd(0, params))
-                record("epilogue", "forward", epilogue_features(layer, p, pooled, b, itemsize, "forward"),
+                record("epilogue", "forward", epilogue_features(layer, p, pooled, b, itemsize, "forward", h),
                        lambda: (step.stats(0)[0].__setitem__(0, float(b * p)), step.epi_fwd(0, params, buffers,
                                                                                             running=False)))
-                record("epilogue", "backward", epilogue_features(layer, p, pooled, b, itemsize, "backward"),
+                record("epilogue", "backward", epilogue_features(layer, p, pooled, b, itemsize, "backward", h),
                        lambda: step.epi_bwd(0, params))
-            record("conv", "backward", conv_features(layer, p, b, itemsize, "backward", dx),
+            record("conv", "backward", conv_features(layer, p, b, itemsize, "backward", dx, h),
                    lambda: step.conv_bwd(0, params, acc))
     k_ = kernels
     for c, size, hw, b in (POOL_QUICK if quick else POOL_SHAPES):
-        layer = {"kind": "maxpool", "index": 0, "inputs": [-1], "in_shape": [c, hw * size, hw * size],
-                 "out_shape": [c, hw, hw], "size": size, "stride": size, "padding": 0}
-        x = rng.standard_normal((b, c, hw * size, hw * size)).astype(dtype)
-        y, arg = np.empty((b, c, hw, hw), dtype), np.empty((b, c, hw, hw), np.int16)
+        h, w = _size(hw)
+        layer = {"kind": "maxpool", "index": 0, "inputs": [-1], "in_shape": [c, h * size, w * size],
+                 "out_shape": [c, h, w], "size": size, "stride": size, "padding": 0}
+        x = rng.standard_normal((b, c, h * size, w * size)).astype(dtype)
+        y, arg = np.empty((b, c, h, w), dtype), np.empty((b, c, h, w), np.int16)
         dy, dx_ = rng.standard_normal(y.shape).astype(dtype), np.zeros_like(x)
-        record("maxpool", "forward", pool_features(layer, hw * hw, b, itemsize, "forward"),
+        record("maxpool", "forward", pool_features(layer, h * w, b, itemsize, "forward", h),
                lambda: k_.pool_forward(x, size, size, (0, 0, 0, 0), y, arg))
-        record("maxpool", "backward", pool_features(layer, hw * hw, b, itemsize, "backward"),
+        record("maxpool", "backward", pool_features(layer, h * w, b, itemsize, "backward", h),
                lambda: k_.pool_backward(dy, arg, size, size, (0, 0, 0, 0), dx_))
     for n_in, n_out, b in (FC_QUICK if quick else FC_SHAPES):
         layer = {"kind": "connected", "index": 0, "inputs": [-1], "in_shape": [n_in, 1, 1],
@@ -227,23 +239,25 @@ def thread_speedups(kernels, dtype, cores, min_time):
 
 
 def fit_kernel(rows, seconds):
-    """Non-negative (overhead, s_per_flop, s_per_byte) minimising the relative
-    error of ``rows`` (each (1, flops, bytes)) against ``seconds``.
+    """Non-negative coefficients (overhead, s_per_flop, s_per_byte[,
+    s_per_row]) minimising the relative error of ``rows`` (each (1, flops,
+    bytes[, rows])) against ``seconds``.
 
-    Every subset of the three terms is solved by least squares and the best
-    solution with no negative coefficient wins (exact NNLS for 3 unknowns).
-    Returns (coefficients, worst relative error).
+    Every subset of the terms is solved by least squares and the best
+    solution with no negative coefficient wins (exact NNLS for so few
+    unknowns). Returns (coefficients, worst relative error).
     """
     a = np.asarray(rows, float)
     t = np.asarray(seconds, float)
+    n = a.shape[1]
     aw, tw = a / t[:, None], np.ones_like(t)  # divide by t: relative error
-    best = (np.inf, np.zeros(3))
-    for k in range(1, 4):
-        for cols in itertools.combinations(range(3), k):
+    best = (np.inf, np.zeros(n))
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
             sol, *_ = np.linalg.lstsq(aw[:, cols], tw, rcond=None)
             if (sol < 0).any():
                 continue
-            coef = np.zeros(3)
+            coef = np.zeros(n)
             coef[list(cols)] = sol
             err = float(np.sum((aw @ coef - tw) ** 2))
             if err < best[0]:
@@ -254,19 +268,21 @@ def fit_kernel(rows, seconds):
 
 
 def fit_kernels(samples):
-    """({kind: {direction: {"overhead_us", "s_per_gflop", "s_per_gb"}}}, worst relative error, noise)."""
+    """({kind: {direction: {"overhead_us", "s_per_gflop", "s_per_gb"[, "ns_per_row"]}}}, worst relative
+    error, noise); a per-row cost only for the kinds whose calls walk rows."""
     kernels, errors, noise = {}, {}, {}
     groups = {}
-    for kind, direction, flops, nbytes, best, median in samples:
+    for kind, direction, flops, nbytes, nrows, best, median in samples:
         rows, secs, spread = groups.setdefault((kind, direction), ([], [], []))
-        rows.append((1.0, flops, nbytes))
+        rows.append((1.0, flops, nbytes, nrows))
         secs.append(best)
         spread.append(median / best - 1)
     for (kind, direction), (rows, secs, spread) in sorted(groups.items()):
-        coef, worst = fit_kernel(rows, secs)
+        walks_rows = any(r[3] for r in rows)
+        coef, worst = fit_kernel([r if walks_rows else r[:3] for r in rows], secs)
         kernels.setdefault(kind, {})[direction] = {
             "overhead_us": round(coef[0] * 1e6, 3), "s_per_gflop": round(coef[1] * 1e9, 6),
-            "s_per_gb": round(coef[2] * 1e9, 6)}
+            "s_per_gb": round(coef[2] * 1e9, 6), **({"ns_per_row": round(coef[3] * 1e9, 3)} if walks_rows else {})}
         errors[f"{kind}.{direction}"] = round(worst, 3)
         noise[f"{kind}.{direction}"] = round(float(np.median(spread)), 3)
     return kernels, errors, noise
@@ -282,7 +298,7 @@ def _usable_memory_mb():
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6)
 
 
-CALIBRATION = 2  # how in-step factors are measured (tilec.profile_calibrate): a change measures again
+CALIBRATION = 3  # how in-step factors (tilec.profile_calibrate) and row costs are measured: a change measures again
 
 
 def fingerprint(dtype="float32"):
@@ -321,7 +337,8 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
     for _ in range(rounds):
         got = _samples(quick, dtype, min_time, kernels)
         samples = got if samples is None else [
-            (k, d, f, b, min(t, t2), max(m, m2)) for (k, d, f, b, t, m), (_, _, _, _, t2, m2) in zip(samples, got)]
+            (k, d, f, b, r, min(t, t2), max(m, m2))
+            for (k, d, f, b, r, t, m), (*_, t2, m2) in zip(samples, got)]
     fitted, errors, noise = fit_kernels(samples)
     cores = os.cpu_count() or 1
     speedups = thread_speedups(kernels, dtype, cores, min_time)

@@ -15,6 +15,16 @@ drift apart. Threads divide it by the profile's measured speed-up.
 
 Bytes count the arrays a kernel streams through memory, not every pass:
 the fitted ``s_per_byte`` absorbs how many passes the implementation makes.
+
+Rows count the row segments a kernel walks one by one (im2col's and
+col2im's copies, the epilogue's and the pool's rows of each channel): each
+costs a fixed few dozen nanoseconds (loop set-up, a short copy, a vector
+loop's scalar remainder) whatever its width. A tile split by columns keeps
+every row of the map, narrowed: detector-small's tiles split 1x2 over two
+emulated devices took 0.874 s a step, split 2x1 0.674 s, which FLOPs and
+bytes alone price the same. Features with a row count are (flops, bytes, rows);
+``rows`` gives the output rows a call covers (default: the whole map's
+width, as the tail runs layers).
 """
 from math import prod
 
@@ -24,40 +34,55 @@ from tilec.ir.stats import backward_flops, conv_product_flops, forward_flops
 WHOLE_LAYER_KIND = {"connected": "connected", "maxpool": "maxpool"}
 
 
-def conv_features(layer, positions, batch, itemsize, direction, dx=True):
-    """(flops, bytes) of a convolution on ``positions`` output positions:
-    the GEMMs over the im2col matrix (positions x C*k*k) and the output
-    (positions x F); backward, the weight gradient and (``dx``) the input
-    gradient, with the batch-norm finish folded in."""
+def _rows(layer, positions, rows):
+    """Output rows of a call on ``positions`` positions: ``rows`` if given, else full-width rows."""
+    return rows if rows is not None else max(1, round(positions / layer["out_shape"][2]))
+
+
+def conv_features(layer, positions, batch, itemsize, direction, dx=True, rows=None):
+    """(flops, bytes, rows) of a convolution on ``positions`` output
+    positions (``rows`` of them): the GEMMs over the im2col matrix
+    (positions x C*k*k) and the output (positions x F); backward, the weight
+    gradient and (``dx``) the input gradient, with the batch-norm finish
+    folded in. Rows: im2col's row copies (C*k*k per output row; none for a
+    1x1 stride-1 conv, whose GEMM reads its input), col2im's for ``dx``, and
+    the batch-norm finish's F per output row."""
     c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
     m = batch * positions
     gemm = conv_product_flops(layer) * f * m
+    h = batch * _rows(layer, positions, rows)
+    copies = 0 if k == 1 and layer["stride"] == 1 else h * c * k * k
     if direction == "forward":
-        return gemm, itemsize * m * (c * k * k + f)
-    return gemm * (2 if dx else 1), itemsize * m * (c * k * k * (2 if dx else 1) + 2 * f)
+        return gemm, itemsize * m * (c * k * k + f), copies
+    return (gemm * (2 if dx else 1), itemsize * m * (c * k * k * (2 if dx else 1) + 2 * f),
+            copies * (2 if dx else 1) + h * f)
 
 
-def epilogue_features(layer, positions, pooled, batch, itemsize, direction):
-    """(flops, bytes) of batch norm or bias, the activation and a fused
-    max-pool (``pooled``: its output positions, or None) around a conv."""
+def epilogue_features(layer, positions, pooled, batch, itemsize, direction, rows=None):
+    """(flops, bytes, rows) of batch norm or bias, the activation and a fused
+    max-pool (``pooled``: its output positions, or None) around a conv on
+    ``positions`` positions (``rows`` of them): rows of every channel."""
     f, m = layer["filters"], batch * positions
+    h = batch * f * _rows(layer, positions, rows)
     if pooled is None:
         if direction == "forward":  # read z, write the activation
-            return f * m * (6 if layer["bn"] else 2), itemsize * f * 2 * m
-        return f * m * (8 if layer["bn"] else 3), itemsize * f * 3 * m  # read z and dy, write dz
+            return f * m * (6 if layer["bn"] else 2), itemsize * f * 2 * m, h
+        return f * m * (8 if layer["bn"] else 3), itemsize * f * 3 * m, h  # read z and dy, write dz
     out = batch * pooled  # plus the pool's output and int16 argmax (forward), read back (backward)
     if direction == "forward":
-        return f * m * (7 if layer["bn"] else 3), itemsize * f * (m + out) + 2 * f * out
-    return f * m * (9 if layer["bn"] else 4), itemsize * f * (2 * m + out) + 2 * f * out
+        return f * m * (7 if layer["bn"] else 3), itemsize * f * (m + out) + 2 * f * out, h
+    return f * m * (9 if layer["bn"] else 4), itemsize * f * (2 * m + out) + 2 * f * out, h
 
 
-def pool_features(layer, positions, batch, itemsize, direction):
-    """(flops, bytes) of a max-pool on ``positions`` output positions."""
+def pool_features(layer, positions, batch, itemsize, direction, rows=None):
+    """(flops, bytes, rows) of a max-pool on ``positions`` output positions
+    (``rows`` of them): output rows of every channel."""
     c, k, s = layer["in_shape"][0], layer["size"], layer["stride"]
     m = batch * positions
+    h = batch * c * _rows(layer, positions, rows)
     if direction == "forward":
-        return c * m * k * k, itemsize * c * m * (s * s + 1)
-    return c * m, itemsize * c * m * (s * s + 1)
+        return c * m * k * k, itemsize * c * m * (s * s + 1), h
+    return c * m, itemsize * c * m * (s * s + 1), h
 
 
 def features(layer, positions, batch, itemsize, direction):
@@ -75,9 +100,10 @@ def features(layer, positions, batch, itemsize, direction):
     return flops, itemsize * batch * (n_in + n_out)
 
 
-def stage_seconds(profile, kind, direction, flops_bytes, threads=1, scale=1.0):
-    flops, nbytes = flops_bytes
-    return profile.seconds(kind, direction, flops, nbytes, threads, scale)
+def stage_seconds(profile, kind, direction, features_, threads=1, scale=1.0):
+    """Seconds of one call with ``features_`` = (flops, bytes[, rows])."""
+    flops, nbytes, *rows = features_
+    return profile.seconds(kind, direction, flops, nbytes, threads, scale, rows[0] if rows else 0)
 
 
 def layer_seconds(profile, layer, positions, batch, itemsize, direction, scale=1.0, threads=1):
@@ -118,10 +144,10 @@ def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale
     return {"partial": partial, "post": post, "all": partial + post}[part]
 
 
-def unit_seconds(profile, program, unit, positions, input_grad, batch, itemsize, threads=1, scale=1.0):
+def unit_seconds(profile, program, unit, sizes, input_grad, batch, itemsize, threads=1, scale=1.0):
     """{schedule op: seconds} of one unit (conv layer or None, pool layer or
-    None) of a tile; ``positions[layer]``: the tile's output positions of a
-    layer; ``input_grad``: whether backward computes the input gradient."""
+    None) of a tile; ``sizes[layer]``: the (rows, cols) of the tile's output
+    of a layer; ``input_grad``: whether backward computes the input gradient."""
     conv, pool = unit
     out = {}
 
@@ -129,16 +155,16 @@ def unit_seconds(profile, program, unit, positions, input_grad, batch, itemsize,
         return stage_seconds(profile, kind, direction, fb, threads, scale)
 
     if conv is None:
-        layer, p = program[pool], positions[pool]
-        out["pool_fwd"] = t("maxpool", "forward", pool_features(layer, p, batch, itemsize, "forward"))
-        out["pool_bwd"] = t("maxpool", "backward", pool_features(layer, p, batch, itemsize, "backward"))
+        layer, (h, w) = program[pool], sizes[pool]
+        out["pool_fwd"] = t("maxpool", "forward", pool_features(layer, h * w, batch, itemsize, "forward", h))
+        out["pool_bwd"] = t("maxpool", "backward", pool_features(layer, h * w, batch, itemsize, "backward", h))
         return out
-    layer, p = program[conv], positions[conv]
-    pooled = positions[pool] if pool is not None else None
-    out["conv_fwd"] = t("conv", "forward", conv_features(layer, p, batch, itemsize, "forward"))
-    out["epi_fwd"] = t("epilogue", "forward", epilogue_features(layer, p, pooled, batch, itemsize, "forward"))
-    out["epi_bwd"] = t("epilogue", "backward", epilogue_features(layer, p, pooled, batch, itemsize, "backward"))
-    out["conv_bwd"] = t("conv", "backward", conv_features(layer, p, batch, itemsize, "backward", input_grad))
+    layer, (h, w) = program[conv], sizes[conv]
+    pooled = sizes[pool][0] * sizes[pool][1] if pool is not None else None
+    out["conv_fwd"] = t("conv", "forward", conv_features(layer, h * w, batch, itemsize, "forward", rows=h))
+    out["epi_fwd"] = t("epilogue", "forward", epilogue_features(layer, h * w, pooled, batch, itemsize, "forward", h))
+    out["epi_bwd"] = t("epilogue", "backward", epilogue_features(layer, h * w, pooled, batch, itemsize, "backward", h))
+    out["conv_bwd"] = t("conv", "backward", conv_features(layer, h * w, batch, itemsize, "backward", input_grad, h))
     return out
 
 

@@ -125,18 +125,18 @@ class CostModel:
 
     # -- units of a tile, priced as the schedule runs them ----------------------
 
-    def unit_times(self, first, last, d, positions):
+    def unit_times(self, first, last, d, sizes):
         """[{op: seconds}] of the units of program[first..last] on device ``d``
-        for a tile with ``positions[layer]`` output positions
+        for a tile with a (rows, cols) output ``sizes[layer]``
         (:func:`tilec.cost.compute.unit_seconds`, as the simulator prices them)."""
         dev = self.devices[d]
         out = []
         for j, u in enumerate(units(self.program, first, last, self.outside)):
             # many candidate groups share a unit of the same size on the same kind of device
-            key = (u, tuple(positions[t] for t in u if t is not None), j > 0 or first > 0, id(dev.profile),
+            key = (u, tuple(sizes[t] for t in u if t is not None), j > 0 or first > 0, id(dev.profile),
                    dev.threads, dev.compute_scale)
             if key not in self._units:
-                self._units[key] = unit_seconds(dev.profile, self.program, u, positions, key[2], self.batch,
+                self._units[key] = unit_seconds(dev.profile, self.program, u, sizes, key[2], self.batch,
                                                 self.itemsize, dev.threads, dev.compute_scale)
             out.append(self._units[key])
         return out
@@ -240,8 +240,7 @@ class CostModel:
         for (i, j), d in zip(cells, devices):
             sizes = {layer["index"]: (length(rows[i][k].region), length(cols[j][k].region))
                      for k, layer in enumerate(program[first:last + 1])}
-            positions = {t: h * w for t, (h, w) in sizes.items()}
-            tile_units.append(self.unit_times(first, last, d, positions))
+            tile_units.append(self.unit_times(first, last, d, sizes))
             in_size = (length(row_in[i]), length(col_in[j]))
             kept[d], ws[d] = self._tile_memory(first, last, sizes, in_size, d, False)
             kept_rec[d], ws_rec[d] = self._tile_memory(first, last, sizes, in_size, d, True)

@@ -90,10 +90,11 @@ class OpPricer:
             group = self.plan["groups"][g]
             first, last = group["layers"]
             tile = next(t for t in group["tiles"] if t["device"] == rank)
-            positions = {tl["layer"]: Region.of(tl["region"]).area for tl in tile["layers"]}
+            sizes = {tl["layer"]: (Region.of(tl["region"]).height, Region.of(tl["region"]).width)
+                     for tl in tile["layers"]}
             profile, scale, threads = self.device(rank)
             self._units[key] = [
-                unit_seconds(profile, self.program, u, positions, j > 0 or first > 0, self.batch, self.item, threads,
+                unit_seconds(profile, self.program, u, sizes, j > 0 or first > 0, self.batch, self.item, threads,
                              scale)
                 for j, u in enumerate(units(self.program, first, last, self.outside))]
         return self._units[key]

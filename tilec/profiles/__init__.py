@@ -6,7 +6,7 @@ A profile is a JSON file (format ``tilec-profile``, version 2)::
      "cores": 4, "memory_mb": 750, "process_overhead_mb": 60,
      "link": {"bandwidth_mbps": 94, "latency_ms": 0.25},
      "kernels": {"conv": {"forward": {"overhead_us": 400, "s_per_gflop": 0.25,
-                                      "s_per_gb": 2.4},
+                                      "s_per_gb": 2.4, "ns_per_row": 20},
                           "backward": {...}},
                  "epilogue": {...}, "maxpool": {...}, "connected": {...},
                  "elementwise": {...}},
@@ -16,8 +16,10 @@ A profile is a JSON file (format ``tilec-profile``, version 2)::
 
 The time of one kernel call on one thread (one stage of one tile, as the
 runtime's schedule runs it) is ``overhead + flops * s_per_flop + bytes *
-s_per_byte`` (a :class:`KernelCost`; ``Profile.costs[kind][direction]``, the
-JSON's ``kernels``) with the FLOPs and bytes of :mod:`tilec.cost.compute`:
+s_per_byte + rows * s_per_row`` (a :class:`KernelCost`;
+``Profile.costs[kind][direction]``, the JSON's ``kernels``; ``ns_per_row``
+optional, 0 if absent) with the FLOPs, bytes and rows of
+:mod:`tilec.cost.compute`:
 the effective rate depends on the shape through its arithmetic intensity
 (a 3-channel input or a 1x1 conv moves more bytes per FLOP) and the
 per-call overhead (small tiles), not a single constant. Kinds: ``conv``
@@ -57,18 +59,22 @@ class ProfileError(TilecError):
 @dataclass(frozen=True)
 class KernelCost:
     """Time of one kernel call in a training step:
-    ``(overhead_s + flops * s_per_flop + bytes * s_per_byte) * in_step + dispatch_s``;
-    ``in_step``: how much slower a step runs the kernel than the fitted calls,
-    ``dispatch_s``: what the executor adds per call (:mod:`tilec.profile_calibrate`;
-    1 and 0 where not measured)."""
+    ``(overhead_s + flops * s_per_flop + bytes * s_per_byte + rows * s_per_row)
+    * in_step + dispatch_s``; ``rows``: the row segments it walks one by one
+    (:mod:`tilec.cost.compute`; 0 where not measured), ``in_step``: how much
+    slower a step runs the kernel than the fitted calls, ``dispatch_s``: what
+    the executor adds per call (:mod:`tilec.profile_calibrate`; 1 and 0 where
+    not measured)."""
     overhead_s: float
     s_per_flop: float
     s_per_byte: float
     in_step: float = 1.0
     dispatch_s: float = 0.0
+    s_per_row: float = 0.0
 
-    def seconds(self, flops, nbytes):
-        return (self.overhead_s + flops * self.s_per_flop + nbytes * self.s_per_byte) * self.in_step + self.dispatch_s
+    def seconds(self, flops, nbytes, rows=0):
+        return ((self.overhead_s + flops * self.s_per_flop + nbytes * self.s_per_byte + rows * self.s_per_row)
+                * self.in_step + self.dispatch_s)
 
 
 @dataclass(frozen=True)
@@ -94,9 +100,9 @@ class Profile:
         table = self.threads.get(kind) or [1.0]
         return table[max(0, min(threads, len(table)) - 1)]
 
-    def seconds(self, kind, direction, flops, nbytes, threads=1, scale=1.0):
+    def seconds(self, kind, direction, flops, nbytes, threads=1, scale=1.0, rows=0):
         """One call of a ``kind`` kernel on ``threads`` threads of a device ``scale`` times this profile."""
-        one = self.costs[kind][direction].seconds(flops, nbytes)
+        one = self.costs[kind][direction].seconds(flops, nbytes, rows)
         return one / (self.speedup(kind, threads) * scale * self.sustained)
 
 
@@ -145,7 +151,8 @@ def profile_from_dict(data, source="<dict>"):
                 _number(k, "s_per_gflop", where, strict=False) * 1e-9,
                 _number(k, "s_per_gb", where, strict=False) * 1e-9,
                 _number(k, "in_step", where) if "in_step" in k else 1.0,
-                _number(k, "dispatch_us", where, strict=False) * 1e-6 if "dispatch_us" in k else 0.0)
+                _number(k, "dispatch_us", where, strict=False) * 1e-6 if "dispatch_us" in k else 0.0,
+                _number(k, "ns_per_row", where, strict=False) * 1e-9 if "ns_per_row" in k else 0.0)
     threads = data.get("threads", {})
     if not isinstance(threads, dict):
         raise ProfileError(f"{source}: field 'threads' must map kernel kinds to speed-ups")
