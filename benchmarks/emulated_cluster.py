@@ -739,7 +739,7 @@ def main():
     print(f"{before['time']}: load average {' '.join(before['loadavg'])}; busy: {before['busy_processes']}",
           flush=True)
     emu = Emulation(max(len(CONFIGS[c][2]) for c in names), args.mbps, args.period_us, args.pin, env, args.emulate)
-    results, failed = [], []
+    results, failed, profile_used = [], [], None
     try:
         if args.profile:
             profile = str(Path(args.profile).resolve())
@@ -753,6 +753,7 @@ def main():
             print("  " + got.stdout.strip().splitlines()[0], flush=True)
         # a stale cached profile must not matter: every tilec here reads this one
         env["TILEC_PROFILE"] = profile
+        profile_used = {"from": args.profile or "tilec profile at the start", "data": json.loads(Path(profile).read_text())}
         emu.open()
         emu.reference = min(run_probes(emu, [None], 0.1, 15)[0])
         print(f"speed probe outside any quota: {emu.reference * 1e3:.2f} ms per call (best of 15)", flush=True)
@@ -786,7 +787,7 @@ def main():
                        "settings": {"emulate": args.emulate, "mbps": args.mbps, "period_us": args.period_us,
                                     "pin": args.pin,
                                     "steps": args.steps, "warmup": args.warmup, "probe_reference_s": emu.reference},
-                       "link": link, "results": results, "failed": failed}, f, indent=1)
+                       "link": link, "profile": profile_used, "results": results, "failed": failed}, f, indent=1)
     print()
     slowed = ("compute stretched by sleeps (--emulate-speed)" if args.emulate == "stretch"
               else f"CFS quotas, period {args.period_us} us")
