@@ -46,10 +46,12 @@ Per configuration:
 1. `tilec compile MODEL --cluster cluster.yaml -o PLAN` (once): every
    device with this machine's profile (``tilec profile``, measured at the
    start unless ``--profile`` names one), ``compute_scale`` = its ratio
-   measured just before, ``threads: 1``, ``bandwidth_mbps`` = ``--mbps``,
-   ``latency_ms`` = the latency measured across the shaped path (``tilec
-   profile --serve`` in one namespace, ``tilec.profile_measure.measure_link``
-   from another), ``memory_mb`` large, and the workers' hosts and ports.
+   measured just before, ``threads: 1``, ``bandwidth_mbps`` and
+   ``latency_ms`` as measured across the shaped path (``tilec profile
+   --serve`` in one namespace, ``tilec.profile_measure.measure_link`` from
+   another: what `tilec profile --peer` puts in a user's cluster file; TCP
+   carries 91 of tbf's 94 Mbit/s), ``memory_mb`` large, and the workers'
+   hosts and ports.
 2. `tilec train MODEL --plan PLAN --cluster cluster.yaml --key-file KEY
    --steps N --metrics m.jsonl [--trace]` against `tilec worker` processes
    in the namespaces and cgroups. Per device (median over the steps after
@@ -431,7 +433,7 @@ def write_cluster(path, profile, ratios, emu, latency_ms, mbps):
     for i, r in enumerate(ratios):
         lines.append(f"  - {{name: d{i}, host: {emu.address(i)}, port: {PORT}, profile: {profile}, "
                      f"compute_scale: {r:.4f}, threads: 1, memory_mb: 100000}}")
-    lines.append(f"link: {{bandwidth_mbps: {mbps}, latency_ms: {latency_ms:.4f}}}")
+    lines.append(f"link: {{bandwidth_mbps: {mbps:.3f}, latency_ms: {latency_ms:.4f}}}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -494,7 +496,7 @@ def run_config(name, emu, args, work, profile, link):
     print(f"  speed ratios {' '.join(f'{r:.3f}' for r in ratios)} (nominal {shares})", flush=True)
     # the plan: compiled once, for the devices as they measure now
     cluster = d / "cluster.yaml"
-    write_cluster(cluster, profile, ratios, emu, link["latency_ms"], args.mbps)
+    write_cluster(cluster, profile, ratios, emu, link["latency_ms"], link["bandwidth_mbps"])
     plan = d / "plan"
     got = subprocess.run(tilec_cmd("compile", model, "--cluster", cluster, "--batch", batch, "-o", plan,
                                    "--workers", "2", *compile_flags), capture_output=True, text=True,
@@ -537,7 +539,7 @@ def predict(result, emu, args, profile, link):
     d = Path(result["dir"])
     ratios = speed_ratios(emu.reference, result["probe"]["before"], result["probe"]["after"])
     cluster = d / "cluster-predicted.yaml"
-    write_cluster(cluster, profile, ratios, emu, link["latency_ms"], args.mbps)
+    write_cluster(cluster, profile, ratios, emu, link["latency_ms"], link["bandwidth_mbps"])
     got = subprocess.run(tilec_cmd("simulate", d / "plan", "--cluster", cluster, "--json", "--trace",
                                    d / "sim-trace.json"), capture_output=True, text=True, env=emu.env, timeout=600)
     if got.returncode != 0:
