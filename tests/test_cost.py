@@ -107,6 +107,13 @@ def test_quick_profile_of_this_machine_is_a_valid_profile():
             cost = prof.cost(kind, direction)
             assert cost.in_step == data["kernels"][kind][direction]["in_step"] > 0 and cost.dispatch_s >= 0
     assert "in_step" in data["sources"]
+    # a detector's region loss, timed on its own: priced by it, not as an element-wise pass
+    region = load_model("detector-small").to_program()[-1]
+    assert prof.cost("region", "forward") != prof.cost("elementwise", "forward")
+    assert prof.cost("region", "backward") == prof.cost("elementwise", "backward")
+    assert layer_seconds(prof, region, 36, 16, 4, "forward") > 5 * layer_seconds(
+        dataclasses.replace(prof, costs={k: v for k, v in prof.costs.items() if k != "region"}), region, 36, 16, 4,
+        "forward")
 
 
 def test_link_test_on_loopback():

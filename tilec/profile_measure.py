@@ -69,6 +69,10 @@ FC_SHAPES = [(1024, 64, 1), (4096, 256, 2), (8192, 512, 1), (256, 10, 4)]
 FC_QUICK = [(2048, 128, 1), (256, 10, 1)]
 ELT_SHAPES = [(16, 64, 1), (64, 32, 2), (256, 12, 1), (8, 6, 1), (128, 26, 4)]
 ELT_QUICK = [(16, 48, 1), (8, 6, 1), (128, 16, 1)]
+# (bundled detector whose region loss is timed, batch): small and YOLO-sized maps
+REGION_SHAPES = [("detector-small", 1), ("detector-small", 16), ("yolov2-tiny", 1), ("yolov2-tiny", 4),
+                 ("yolov2-tiny", 8)]
+REGION_QUICK = [("detector-small", 4), ("yolov2-tiny", 2)]
 # the shape each kind's thread speed-up is measured on (a mid-sized call of it)
 THREAD_SHAPE = (32, 64, 3, 48, 1, True)
 THREAD_POOL = (64, 2, 48, 1)
@@ -144,7 +148,8 @@ def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx, threads=1):
 
 def _samples(quick, dtype, min_time, kernels):
     """[(kind, direction, flops, bytes, rows, best s, median s)] of every measured call, on one thread."""
-    from tilec_runtime import ops
+    from tilec.frontend.models import load_model
+    from tilec_runtime import data, ops, region
     itemsize = np.dtype(dtype).itemsize
     rng = np.random.default_rng(0)
     out = []
@@ -205,6 +210,14 @@ def _samples(quick, dtype, min_time, kernels):
                lambda: ops.reorg_forward(x, 2, "darknet"))
         record("elementwise", "backward", features(layer, hw * hw, b, itemsize, "backward"),
                lambda: ops.reorg_backward(dy, 2, "darknet"))
+    for model, b in (REGION_QUICK if quick else REGION_SHAPES):
+        # the loss and its gradient, as the tail's forward computes them (its backward hands that on)
+        program = load_model(model).to_program()
+        layer = program[-1]
+        x = rng.standard_normal((b, *layer["in_shape"])).astype(dtype)
+        _, truth = data.generated_batches(program, b, 0, dtype).get(0)
+        record("region", "forward", features(layer, layer["out_shape"][1] * layer["out_shape"][2], b, itemsize,
+                                             "forward"), lambda: region.forward(x, truth, layer))
     return out
 
 

@@ -30,8 +30,10 @@ from math import prod
 
 from tilec.ir.stats import backward_flops, conv_product_flops, forward_flops
 
-# Kernel kinds of the layers the reference executor runs whole (the tail).
-WHOLE_LAYER_KIND = {"connected": "connected", "maxpool": "maxpool"}
+# Kernel kinds of the layers the reference executor runs whole (the tail);
+# the rest are "elementwise" (a region loss too, where the profile has no
+# "region" kind of its own)
+WHOLE_LAYER_KIND = {"connected": "connected", "maxpool": "maxpool", "region": "region"}
 
 
 def _rows(layer, positions, rows):

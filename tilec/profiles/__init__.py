@@ -26,7 +26,10 @@ per-call overhead (small tiles), not a single constant. Kinds: ``conv``
 (the GEMM-bound convolution, forward and backward), ``epilogue`` (the
 memory-bound batch norm, bias, activation and fused max-pool around it),
 ``maxpool``, ``connected``, and ``elementwise`` (everything else: route,
-reorg, losses, the optimiser update).
+reorg, losses, the optimiser update); optionally ``region`` (a detector's
+region loss, forward: numpy over every anchor and truth box, far slower per
+byte than an element-wise pass; priced as ``elementwise`` where absent, as
+in the shipped Pi profiles).
 
 ``threads[kind][t - 1]`` is how much faster a kernel of ``kind`` runs on
 ``t`` threads than on one (the runtime splits every kernel over a device's
@@ -48,6 +51,9 @@ from tilec.errors import TilecError
 FORMAT = "tilec-profile"
 VERSION = 2
 KERNEL_KINDS = ("conv", "epilogue", "maxpool", "connected", "elementwise")
+# kinds a profile may price on their own (``tilec profile`` measures them);
+# where one is absent, its calls are priced as ``elementwise``
+OPTIONAL_KINDS = ("region",)
 DIRECTIONS = ("forward", "backward")
 PROFILES_DIR = Path(__file__).resolve().parent
 
@@ -92,7 +98,9 @@ class Profile:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     def cost(self, kind, direction):
-        return self.costs[kind][direction]
+        """The KernelCost of ``kind`` (an optional kind the profile lacks: ``elementwise``'s)."""
+        per = self.costs.get(kind)
+        return per[direction] if per and direction in per else self.costs["elementwise"][direction]
 
     def speedup(self, kind, threads):
         """How much faster ``threads`` threads run a kernel of ``kind`` than one
@@ -102,7 +110,7 @@ class Profile:
 
     def seconds(self, kind, direction, flops, nbytes, threads=1, scale=1.0, rows=0):
         """One call of a ``kind`` kernel on ``threads`` threads of a device ``scale`` times this profile."""
-        one = self.costs[kind][direction].seconds(flops, nbytes, rows)
+        one = self.cost(kind, direction).seconds(flops, nbytes, rows)
         return one / (self.speedup(kind, threads) * scale * self.sustained)
 
 
@@ -136,14 +144,17 @@ def profile_from_dict(data, source="<dict>"):
     if not isinstance(link, dict):
         raise ProfileError(f"{source}: missing field 'link'")
     costs = {}
-    for kind in KERNEL_KINDS:
-        per = data.get("kernels", {}).get(kind) if isinstance(data.get("kernels"), dict) else None
+    kernels = data.get("kernels") if isinstance(data.get("kernels"), dict) else {}
+    for kind in KERNEL_KINDS + tuple(k for k in OPTIONAL_KINDS if k in kernels):
+        per = kernels.get(kind)
         if not isinstance(per, dict):
             raise ProfileError(f"{source}: missing field 'kernels.{kind}'")
         costs[kind] = {}
         for direction in DIRECTIONS:
             where = f"{source}: kernels.{kind}.{direction}"
             k = per.get(direction)
+            if k is None and kind in OPTIONAL_KINDS:
+                continue
             if not isinstance(k, dict):
                 raise ProfileError(f"{where}: missing")
             costs[kind][direction] = KernelCost(
@@ -158,8 +169,9 @@ def profile_from_dict(data, source="<dict>"):
         raise ProfileError(f"{source}: field 'threads' must map kernel kinds to speed-ups")
     speedups = {}
     for kind, table in threads.items():
-        if kind not in KERNEL_KINDS:
-            raise ProfileError(f"{source}: threads.{kind}: not a kernel kind ({', '.join(KERNEL_KINDS)})")
+        if kind not in KERNEL_KINDS + OPTIONAL_KINDS:
+            raise ProfileError(f"{source}: threads.{kind}: not a kernel kind "
+                               f"({', '.join(KERNEL_KINDS + OPTIONAL_KINDS)})")
         if not (isinstance(table, list) and table and all(isinstance(v, (int, float)) and v > 0 for v in table)):
             raise ProfileError(f"{source}: threads.{kind} must be a list of positive speed-ups, got {table!r}")
         speedups[kind] = [float(v) for v in table]
