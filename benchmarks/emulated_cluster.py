@@ -162,9 +162,7 @@ def tilec_cmd(*args):
 def probe(seconds, rounds, speed=None):
     """Print the seconds of one forward + backward of a conv tile (generated
     kernels, one thread), per round of at least ``seconds`` wall time; with
-    ``speed``, slowed as a worker's ``--emulate-speed`` slows it (the two
-    stages' sleeps owed and taken together, as a worker takes a run of
-    stages' before its next message)."""
+    ``speed``, each stage slowed as a worker's ``--emulate-speed`` slows it."""
     from tilec.profile_measure import _conv_tile, _module
     from tilec_runtime.emulate import Stretch
     from tilec_runtime.kernel_set import Kernels
@@ -173,16 +171,15 @@ def probe(seconds, rounds, speed=None):
     step, _, _, params, buffers, acc = _conv_tile(kernels, "float32", 32, 64, 3, 48, 1, True, True)
     step.conv_fwd(0, params)
     step.epi_fwd(0, params, buffers)
-    stretch = Stretch(speed if speed is not None else 1.0)
+    stage = Stretch(speed).run if speed is not None else (lambda fn, *a: fn(*a))
     out = []
     print("ready", flush=True)
     sys.stdin.readline()  # start together with the other probes
     for _ in range(rounds):
         t0, n = time.perf_counter(), 0
         while True:
-            stretch.defer(step.conv_fwd, 0, params)
-            stretch.defer(step.conv_bwd, 0, params, acc)
-            stretch.settle()
+            stage(step.conv_fwd, 0, params)
+            stage(step.conv_bwd, 0, params, acc)
             n += 1
             if time.perf_counter() - t0 >= seconds:
                 break

@@ -1,17 +1,11 @@
 """A device slower than this machine, for checking the simulator
 (``benchmarks/emulated_cluster.py``): ``tilec worker --emulate-speed R``.
 
-Each compute stage of the schedule, and each SGD update, costs a sleep
-``1/R - 1`` times as long as the stage took, so the worker computes like a
-device ``R`` times this machine's speed. A sleeping worker gives its core
-away and goes on the moment its stage's time is up, as a slow board
-computes on without stopping. The schedule's stages owe their sleeps and
-pay them together before the next message, collective or step end (when
-a peer could tell the difference), not one by one: a stage run right after
-a sleep finds its caches cold from whatever ran meanwhile, which a board
-computing without pause does not pay (``benchmarks/cold_ops.py``: a
-small conv tile 2x, a large one 1.07x, stretched to a tenth of this
-machine). A CFS quota, the other way to slow a process,
+Each compute stage of the schedule, and each SGD update, is followed by a
+sleep ``1/R - 1`` times as long as the stage took, so the worker computes
+like a device ``R`` times this machine's speed. A sleeping worker gives its
+core away and goes on the moment its stage's time is up, as a slow board
+computes on without stopping. A CFS quota, the other way to slow a process,
 stops it for the rest of its period whenever it has used its share: at a
 tenth of a core, 9 ms in every 10, which a peer waiting for a halo or a
 batch-norm sum then waits out too (the emulated-cluster benchmark measured
@@ -29,7 +23,6 @@ class Stretch:
         if not 0.0 < speed <= 1.0:
             raise ValueError(f"an emulated speed is a fraction of this machine's, in (0, 1], not {speed}")
         self.factor = 1.0 / speed - 1.0
-        self.owed = 0.0  # the schedule thread's sleeps not yet taken (``defer``)
 
     def after(self, seconds):
         """The stage just run took ``seconds`` here: wait out the rest of its emulated time."""
@@ -42,16 +35,3 @@ class Stretch:
         out = fn(*args)
         self.after(time.perf_counter() - t0)
         return out
-
-    def defer(self, fn, *args):
-        """``fn(*args)``; the rest of its emulated time is owed until ``settle``."""
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.owed += (time.perf_counter() - t0) * self.factor
-        return out
-
-    def settle(self):
-        """Sleep what the deferred stages owe (before a device shows a peer where it is)."""
-        owed, self.owed = self.owed, 0.0
-        if owed > 0.0:
-            self.after(owed / self.factor)

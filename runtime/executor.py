@@ -80,8 +80,6 @@ def rank_keys(plan, rank):
     return list(params), list(buffers)
 
 
-# the trace's op for an emulated device's sleeps (tilec_runtime.emulate.Stretch.settle)
-EMULATED = {"op": "emulated"}
 BATCHES_AHEAD = 2  # the data source streams this many steps' batches ahead of the one running
 
 
@@ -141,8 +139,7 @@ class RankExecutor:
     the plan's for this device). ``trace``: record every op's start and end
     (``events``) for ``tilec train --trace``. ``stretch``: a
     :class:`tilec_runtime.emulate.Stretch` that slows compute (an emulated
-    slower device: the compute ops' sleeps are owed and taken before the
-    next other op and at the step's end, traced as "emulated"), or None.
+    slower device), or None.
     """
 
     def __init__(self, plan, rank, comm, module, params, buffers, momentum=None, threads=None, trace=False,
@@ -291,28 +288,16 @@ class RankExecutor:
         events, stretch = self.events, self.stretch
         for op in self.ops:  # op "x" runs method _x (planfile.OPS lists the names a plan may use)
             run = getattr(self, "_" + op["op"])
-            if stretch is not None:
-                if category(op) == "compute":
-                    run = functools.partial(stretch.defer, run)
-                else:  # an emulated device reaches a message only when its compute's time is up
-                    self._settle(stretch, events)
+            if stretch is not None and category(op) == "compute":
+                run = functools.partial(stretch.run, run)
             if events is None:
                 run(op)
             else:
                 t0 = time.perf_counter()
                 run(op)
                 events.append((op, t0, time.perf_counter()))
-        if stretch is not None:
-            self._settle(stretch, events)
         self.inputs = self.target = None
         return self.loss
-
-    @staticmethod
-    def _settle(stretch, events):
-        t0 = time.perf_counter()
-        stretch.settle()
-        if events is not None and stretch.factor > 0.0:
-            events.append((EMULATED, t0, time.perf_counter()))
 
     def _send(self, op):
         m = self.plan["messages"][op["msg"]]

@@ -30,7 +30,7 @@ class Recorder(emulate.Stretch):
     """A Stretch that records what it would sleep after, and sleeps nothing."""
 
     def __init__(self):
-        super().__init__(0.5)
+        super().__init__(1.0)
         self.calls = []
 
     def after(self, seconds):
@@ -54,36 +54,17 @@ def _run(stretch, steps=2):
     return plan, losses, ex.params
 
 
-def test_deferred_stages_owe_their_sleeps_until_settled(monkeypatch):
-    slept = []
-    monkeypatch.setattr(emulate.time, "sleep", slept.append)
-    clock = iter([0.0, 0.01, 1.0, 1.02])
-    monkeypatch.setattr(emulate.time, "perf_counter", lambda: next(clock))
-    stretch = emulate.Stretch(0.5)
-    assert stretch.defer(lambda x: x + 1, 1) == 2 and stretch.defer(lambda: None) is None
-    assert slept == [] and stretch.owed == pytest.approx(0.03)
-    stretch.settle()
-    stretch.settle()  # nothing owed: no sleep
-    assert slept == [pytest.approx(0.03)] and stretch.owed == 0.0
-
-
 def test_a_stretched_device_computes_the_same_numbers_and_stretches_every_compute_op():
-    """Every compute op's time is owed and paid before the next other op
-    (or the step's end), every update's right after it; nothing else."""
     rec = Recorder()
     plan, losses, params = _run(rec)
     _, want_losses, want_params = _run(None)
     assert losses == want_losses
     for key, want in want_params.items():
         np.testing.assert_array_equal(params[key], want)
-    schedule = plan["schedule"][0]
-    computes = sum(category(op) == "compute" for op in schedule)
-    updates = sum(1 for op in schedule if op["op"] == "grad_start")
-    # a settle before every other op and at the end, one per run of compute ops that owes something
-    runs = sum(1 for i, op in enumerate(schedule)
-               if category(op) == "compute" and (i + 1 == len(schedule) or category(schedule[i + 1]) != "compute"))
-    assert computes > runs > 0 and updates > 0
-    assert len(rec.calls) == 2 * (runs + updates) and all(s > 0 for s in rec.calls)
+    computes = sum(category(op) == "compute" for op in plan["schedule"][0])
+    updates = sum(1 for op in plan["schedule"][0] if op["op"] == "grad_start")
+    assert computes > 0 and updates > 0
+    assert len(rec.calls) == 2 * (computes + updates) and all(s >= 0 for s in rec.calls)
 
 
 def test_in_step_correction_and_dispatch_price_a_call():
