@@ -89,6 +89,12 @@ def test_sgd_training_matches_torch(program, dtype, batch, seed):
     """Three SGD steps with momentum and weight decay: losses, weights and
     batch-norm running statistics equal torch's (float64: 1e-9; float32:
     1e-4, or as close as float32's own conditioning allows)."""
+    # A batch norm over 2 values passes back an input gradient that is zero but for eps (both of its
+    # mean terms remove all of dy): in float32 it is rounding noise, which every weight before it then
+    # follows, and two correct implementations round it apart (found: layer 2's weights 8.3e-5 apart,
+    # allowed 5.9e-5, batch 2 over a 1x1 map).
+    assume(dtype == "float64" or all(batch * layer["out_shape"][1] * layer["out_shape"][2] > 2
+                                     for layer in program if layer["kind"] == "conv" and layer["bn"]))
     params, buffers = weights.init_params(program, seed, dtype)
     p0 = {k: v.copy() for k, v in params.items()}
     b0 = {k: v.copy() for k, v in buffers.items()}
