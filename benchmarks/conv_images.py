@@ -19,18 +19,10 @@ Unset OpenBLAS's kernel overrides for this command only:
 """
 import argparse
 import json
-import os
 import statistics
 import sys
-import time
 
 import numpy as np
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def conv_call(module, kernels, layer, x, w, dy, batch_for_band):
@@ -40,7 +32,7 @@ def conv_call(module, kernels, layer, x, w, dy, batch_for_band):
     ho, wo = dy.shape[2:]
     pads = (layer["pad"],) * 4
     band = band_rows(c, k, ho, wo, batch_for_band)
-    ws = np.empty(max(module.workspace_size(c, k, band, ho, wo, b, True, 0, f) for b in (False, True)), x.dtype)
+    ws = np.empty(module.workspace_size(c, k, band, ho, wo, True, True, 0, f), x.dtype)  # (backward's is the larger)
     z, dw, dx = np.empty(dy.shape, x.dtype), np.empty(w.shape, x.dtype), np.empty(x.shape, x.dtype)
 
     def run():
@@ -74,14 +66,12 @@ def main():
     args = ap.parse_args()
 
     import threadpoolctl
-    from kernels import blas_info
+    from kernels import _timed, blas_info, openblas_overrides
     from tilec.codegen import build_modules
     from tilec.profile_calibrate import reference_stack
     from tilec_runtime.kernel_set import Kernels
 
-    overrides = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-    if overrides:
-        print(f"warning: {overrides} set: OpenBLAS runs a forced kernel; unset them for this command", file=sys.stderr)
+    overrides = openblas_overrides()
     (module, _, _), = build_modules([(args.dtype,)], progress=lambda m: print(m, file=sys.stderr))
     limiter = threadpoolctl.threadpool_limits(1)  # the kernels' threads are their own; BLAS runs inside each
     module.set_threads(args.threads)
@@ -100,7 +90,7 @@ def main():
         w = (rng.standard_normal((f, c, layer["size"], layer["size"])) * 0.1).astype(args.dtype)
         dy = rng.standard_normal((args.batch, f, ho, wo)).astype(args.dtype)
         calls = {}
-        calls["one image"], band1 = conv_call(module, kernels, layer, x, w, dy, 1)
+        calls["one image"], _ = conv_call(module, kernels, layer, x, w, dy, 1)
         calls["several"], band = conv_call(module, kernels, layer, x, w, dy, args.batch)
         if not args.no_torch:
             calls["torch"] = torch_call(layer, x, w, dy)
@@ -118,11 +108,12 @@ def main():
             row["several_vs_torch"] = med["torch"] / med["several"]
             row["one_vs_torch"] = med["torch"] / med["one image"]
         rows.append(row)
+    blas = blas_info()  # (as the rounds ran: one BLAS thread)
     limiter.restore_original_limits()
     total = {who: sum(r["median_s"][who] for r in rows) for who in rows[0]["median_s"]}
     print(f"tiny416 conv layers at {args.size}x{args.size}, batch {args.batch}, {args.dtype}, "
           f"{args.threads} thread(s), forward + backward, median of {args.rounds} rounds")
-    print("BLAS: " + "; ".join(f"{b['library']} {b['version']} kernel {b['kernel']}" for b in blas_info()))
+    print("BLAS: " + "; ".join(f"{b['library']} {b['version']} kernel {b['kernel']}" for b in blas))
     head = f"{'layer':>5} {'in':>14} {'F':>5} {'out':>7} {'imgs/GEMM':>9} {'one image ms':>12} {'several ms':>10} " \
            f"{'gain':>5}" + ("" if args.no_torch else f" {'torch ms':>8} {'vs torch':>8}")
     print(head)
@@ -134,14 +125,14 @@ def main():
         if "torch" in m:
             line += f" {m['torch'] * 1e3:>8.2f} {r['several_vs_torch']:>8.2f}"
         print(line)
-    summary = f"all layers: one image {total['one image'] * 1e3:.1f} ms, several {total['several'] * 1e3:.1f} ms " \
+    summary = f"all layers (sum of their medians): one image {total['one image'] * 1e3:.1f} ms, several {total['several'] * 1e3:.1f} ms " \
               f"({total['one image'] / total['several']:.2f}x)"
     if "torch" in total:
         summary += f", torch {total['torch'] * 1e3:.1f} ms (tilec {total['torch'] / total['several']:.2f}x torch's speed)"
     print(summary)
     with open(args.json, "w") as fh:
         json.dump({"size": args.size, "batch": args.batch, "threads": args.threads, "dtype": args.dtype,
-                   "blas": blas_info(), "openblas_overrides": overrides, "layers": rows, "total_s": total}, fh,
+                   "blas": blas, "openblas_overrides": overrides, "layers": rows, "total_s": total}, fh,
                   indent=1)
     print(f"wrote {args.json}")
 

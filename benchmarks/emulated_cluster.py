@@ -33,13 +33,13 @@ The emulated cluster (made and removed by this script, also on Ctrl-C):
   read its data from its own disk: the batches do not cross the shaped
   link) and outside the quotas.
 
-The share a quota actually gives is measured, before and after each run:
+The speed a device actually gets is measured, before and after each run:
 the same generated conv kernel (forward + backward of a 32->64 3x3 conv
-tile, one thread) timed inside every device's cgroup (all at once, best of
-5 rounds) against this machine outside any quota (the best over the whole
-run: other processes' load slows an unconstrained probe far more than one
-held to a share of a core). A device's speed ratio is that reference over
-the mean of its before and after times.
+tile, one thread) timed as every device runs it (under its stretch, or in
+its cgroup; all at once, best of 5 rounds) against this machine unslowed
+(the best over the whole run: other processes' load slows an unconstrained
+probe far more than a slowed one). A device's speed ratio is that
+reference over the mean of its before and after times.
 
 Per configuration:
 
@@ -79,8 +79,8 @@ workers share), on an otherwise quiet machine (it reports the load average
 and the busiest processes before and after)::
 
     sudo -E env PATH=$PATH python benchmarks/emulated_cluster.py \\
-        [--configs NAME,...] [--steps 8] [--warmup 2] [--mbps 94] [--period-us 10000] [--pin] \\
-        [--profile host.json] [--trace] [--json out.json] [--keep DIR]
+        [--configs NAME,...] [--steps 8] [--warmup 2] [--mbps 94] [--emulate stretch|quota] \\
+        [--period-us 10000] [--pin] [--profile host.json] [--trace] [--json out.json] [--keep DIR]
     python benchmarks/emulated_cluster.py --list        # the configurations
     python benchmarks/emulated_cluster.py --cleanup     # remove what a killed run left
 

@@ -234,6 +234,14 @@ def profile_generated(trainer, images, target, steps=3):
     return total / steps, rows
 
 
+def openblas_overrides():
+    """OpenBLAS's kernel overrides set in the environment ({name: value}), with a warning when any are."""
+    overrides = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    if overrides:
+        print(f"warning: {overrides} set: OpenBLAS runs a forced kernel; unset them for this command", file=sys.stderr)
+    return overrides
+
+
 def blas_info():
     import threadpoolctl
     return [{"library": os.path.basename(i.get("filepath", "")), "api": i.get("internal_api"),
@@ -259,9 +267,7 @@ def main():
     from tilec.compile import compile_plan
     from tilec_runtime import weights
 
-    overrides = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-    if overrides:
-        print(f"warning: {overrides} set: OpenBLAS runs a forced kernel; unset them for this command", file=sys.stderr)
+    overrides = openblas_overrides()
     (module, _, _), = build_modules([("float32",)], progress=lambda m: print(m, file=sys.stderr))
     # scipy's BLAS is loaded with the kernel module: limit threads after that
     limiter = threadpoolctl.threadpool_limits(1)

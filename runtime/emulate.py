@@ -12,6 +12,7 @@ batch-norm sum then waits out too (the emulated-cluster benchmark measured
 it). Only compute is slowed: the runtime's own work between stages (framing,
 copies, the Python that dispatches them) runs at this machine's speed.
 """
+import argparse
 import time
 
 
@@ -35,3 +36,18 @@ class Stretch:
         out = fn(*args)
         self.after(time.perf_counter() - t0)
         return out
+
+
+def emulated_speed(text):
+    """``--emulate-speed``'s :class:`Stretch`."""
+    try:
+        return Stretch(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_emulate_argument(p):
+    """``--emulate-speed R`` on a worker's parser (here, not in the worker: `tilec --help` loads no runtime)."""
+    p.add_argument("--emulate-speed", dest="stretch", type=emulated_speed, metavar="R",
+                   help="compute as a device R (0 < R <= 1) times this machine's speed: a sleep after every "
+                        "compute stage (for checking the simulator, benchmarks/emulated_cluster.py)")

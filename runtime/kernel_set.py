@@ -17,10 +17,10 @@ FUNCTIONS = ("conv_forward", "conv_backward", "bn_act", "act_grad", "pool_forwar
 # instead, several per GEMM (a band of more rows than the map): one image of
 # tiny416's 3x3 layers at 96x96, batch 16, is a GEMM 9 columns wide, which
 # packs the weights afresh for every image: layer 10's forward + backward ran
-# 2.7-3.2x slower than with 16 images per GEMM (benchmarks/conv_images.py). Not a 1x1 conv: its GEMM reads the input
-# planes themselves, and grouping would add the copy im2col makes (tiny416's
-# last layer, 512 -> 8 on 3x3: 2.6x slower grouped). The planner's lowering
-# uses the same rule.
+# 2.7-3.2x slower than with 16 images per GEMM (benchmarks/conv_images.py).
+# Not a 1x1 conv: its GEMM reads the input planes themselves, and grouping
+# would add the copy im2col makes (tiny416's last layer, 512 -> 8 on 3x3:
+# 2.6x slower grouped). The planner's lowering uses the same rule.
 BAND_POSITIONS = 1024
 BAND_ELEMENTS = 1 << 20
 

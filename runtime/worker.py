@@ -40,7 +40,7 @@ from tilec_runtime import planfile
 from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
-from tilec_runtime.emulate import Stretch
+from tilec_runtime.emulate import add_emulate_argument
 from tilec_runtime.errors import Diverged, ProgramError, RuntimeFault, check_loss
 from tilec_runtime.executor import BATCHES_AHEAD, RankExecutor, input_messages
 from tilec_runtime.executor import holdings as holdings_of
@@ -564,20 +564,6 @@ def add_arguments(p):
     p.add_argument("--once", action="store_true", help="exit after one job (status 1 if it failed)")
     p.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     add_emulate_argument(p)
-
-
-def emulated_speed(text):
-    """``--emulate-speed``'s :class:`Stretch`."""
-    try:
-        return Stretch(float(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_emulate_argument(p):
-    p.add_argument("--emulate-speed", dest="stretch", type=emulated_speed, metavar="R",
-                   help="compute as a device R (0 < R <= 1) times this machine's speed: a sleep after every "
-                        "compute stage (for checking the simulator, benchmarks/emulated_cluster.py)")
 
 
 def run(args):

@@ -355,7 +355,8 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
             for (k, d, f, b, r, t, m), (*_, t2, m2) in zip(samples, got)]
     fitted, errors, noise = fit_kernels(samples)
     cores = os.cpu_count() or 1
-    speedups = thread_speedups(kernels, dtype, cores, min_time, 1 if quick else 3)
+    thread_rounds = 1 if quick else 3
+    speedups = thread_speedups(kernels, dtype, cores, min_time, thread_rounds)
     if peer is None:
         link = measure_transport()
         link_source = ("loopback through tilec's own transport (framing, MAC, sender and reader threads): "
@@ -381,7 +382,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
             "fit_worst_relative_error": errors,
             "noise_median_over_best": noise,
             "threads": f"each kind timed on 1 to {cores} threads on one mid-sized call, best of "
-                       f"{1 if quick else 3} interleaved round(s)",
+                       f"{thread_rounds} interleaved round(s)",
             "sustained": "not measured: a short run; a board that throttles under sustained load needs its own",
             "memory_mb": "MemAvailable at measurement time",
             "link": link_source,

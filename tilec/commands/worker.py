@@ -7,7 +7,7 @@ def add_parser(sub, common):
                    help="the address to bind (default: loopback, a free port); 0.0.0.0:PORT for every interface")
     p.add_argument("--key-file", metavar="FILE", help="the cluster key (default: $TILEC_KEY)")
     p.add_argument("--once", action="store_true", help="exit after one job (status 1 if it failed)")
-    from tilec_runtime.worker import add_emulate_argument
+    from tilec_runtime.emulate import add_emulate_argument
     add_emulate_argument(p)
 
 

@@ -60,16 +60,16 @@ def workspace_bytes(layer, positions, batch, itemsize):
     under, 25 and 27-28 exact, 29-30 and 26 11% and 39% over; before, 29-30
     36% under and the route 2.3x over.)"""
     from tilec_runtime.kernel_set import band_rows
+    from tilec_runtime.lower import workspace
     kind = layer["kind"]
     m = batch * positions
     if kind == "conv":
         c, f, k = layer["in_shape"][0], layer["filters"], layer["size"]
         wo = max(1, round(positions ** 0.5))
         ho = max(1, -(-positions // wo))
-        rows = band_rows(c, k, ho, wo, batch)
-        # several images per GEMM keep its output beside their columns
-        band = (c * k * k + (f if rows > ho else 0)) * rows * wo
-        return itemsize * (band + m * (2 * f + c * layer["stride"] ** 2))
+        op = {"kind": "conv", "channels": c, "filters": f, "size": k, "out": [ho, wo],
+              "band": band_rows(c, k, ho, wo, batch)}
+        return itemsize * (workspace(op, 1, True) + m * (2 * f + c * layer["stride"] ** 2))
     if kind == "maxpool":
         return itemsize * m * layer["in_shape"][0] * 2
     if kind == "route":

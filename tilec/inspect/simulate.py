@@ -90,8 +90,8 @@ class OpPricer:
             group = self.plan["groups"][g]
             first, last = group["layers"]
             tile = next(t for t in group["tiles"] if t["device"] == rank)
-            sizes = {tl["layer"]: (Region.of(tl["region"]).height, Region.of(tl["region"]).width)
-                     for tl in tile["layers"]}
+            regions = {tl["layer"]: Region.of(tl["region"]) for tl in tile["layers"]}
+            sizes = {layer: (r.height, r.width) for layer, r in regions.items()}
             profile, scale, threads = self.device(rank)
             self._units[key] = [
                 unit_seconds(profile, self.program, u, sizes, j > 0 or first > 0, self.batch, self.item, threads,

@@ -97,10 +97,13 @@ class Profile:
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def priced_as(self, kind, direction):
+        """The kind whose cost and speed-up price ``kind``: itself, or
+        ``elementwise`` for an optional kind the profile lacks."""
+        return kind if direction in self.costs.get(kind, {}) else "elementwise"
+
     def cost(self, kind, direction):
-        """The KernelCost of ``kind`` (an optional kind the profile lacks: ``elementwise``'s)."""
-        per = self.costs.get(kind)
-        return per[direction] if per and direction in per else self.costs["elementwise"][direction]
+        return self.costs[self.priced_as(kind, direction)][direction]
 
     def speedup(self, kind, threads):
         """How much faster ``threads`` threads run a kernel of ``kind`` than one
@@ -110,7 +113,8 @@ class Profile:
 
     def seconds(self, kind, direction, flops, nbytes, threads=1, scale=1.0, rows=0):
         """One call of a ``kind`` kernel on ``threads`` threads of a device ``scale`` times this profile."""
-        one = self.cost(kind, direction).seconds(flops, nbytes, rows)
+        kind = self.priced_as(kind, direction)
+        one = self.costs[kind][direction].seconds(flops, nbytes, rows)
         return one / (self.speedup(kind, threads) * scale * self.sustained)
 
 
@@ -119,7 +123,12 @@ def shipped_names():
     return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
 
 
-def _number(data, key, where, minimum=0.0, strict=True, integer=False):
+_REQUIRED = object()
+
+
+def _number(data, key, where, minimum=0.0, strict=True, integer=False, default=_REQUIRED):
+    if default is not _REQUIRED and key not in data:
+        return default
     value = data.get(key) if isinstance(data, dict) else None
     if value is None:
         raise ProfileError(f"{where}: missing field {key!r}")
@@ -161,9 +170,9 @@ def profile_from_dict(data, source="<dict>"):
                 _number(k, "overhead_us", where, strict=False) * 1e-6,
                 _number(k, "s_per_gflop", where, strict=False) * 1e-9,
                 _number(k, "s_per_gb", where, strict=False) * 1e-9,
-                _number(k, "in_step", where) if "in_step" in k else 1.0,
-                _number(k, "dispatch_us", where, strict=False) * 1e-6 if "dispatch_us" in k else 0.0,
-                _number(k, "ns_per_row", where, strict=False) * 1e-9 if "ns_per_row" in k else 0.0)
+                _number(k, "in_step", where, default=1.0),
+                _number(k, "dispatch_us", where, strict=False, default=0.0) * 1e-6,
+                _number(k, "ns_per_row", where, strict=False, default=0.0) * 1e-9)
     threads = data.get("threads", {})
     if not isinstance(threads, dict):
         raise ProfileError(f"{source}: field 'threads' must map kernel kinds to speed-ups")

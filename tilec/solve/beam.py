@@ -72,9 +72,9 @@ class Beam:
         """A path that fits devices of ``memory`` bytes each
         ([(group index, recompute?)]): the fastest of the first attempt that
         finds one; None if none does by ``deadline`` (perf_counter)."""
-        from tilec.solve.bounds import alone_too_big, fits, with_memory
+        from tilec.solve.bounds import alone_too_big, fits, free_memory, with_memory
         cands = with_memory(self.cands, memory)
-        free = [m - d.profile.process_overhead_bytes for m, d in zip(memory, cands.model.devices)]
+        free = free_memory(cands)
         if min(free) <= 0 or self.reference is None:
             return None
         dropped, forced = alone_too_big(cands)
