@@ -165,12 +165,19 @@ def workspace(op, threads, dx):
     return need
 
 
-def _buffers(spec):
+def _buffers(spec, recompute=False):
     """({name: (size, first, last)} float buffers, the same for int16) of a
-    tile's step: forward op j at time j, backward op j at 2n-1-j."""
+    tile's step: forward op j at time j, backward op j at 2n-1-j.
+
+    An output read outside the group is read only by forward messages, all
+    sent (copied) before the step's backward starts (``grad_zero``), so it
+    lives no longer than the group itself needs it: the last unit's output
+    and its gradient, which fills only from then on, share their bytes. A
+    group that recomputes writes its forward again during backward, so
+    there the outputs it hands on stay to the end of the step."""
     ops, b = spec["ops"], spec["batch"]
     n = len(ops)
-    end = 2 * n  # after the step: the group output stays for the next group / the loss
+    end = 2 * n
     bwd = [2 * n - 1 - j for j in range(n)]
     floats, ints = {}, {}
     for j, op in enumerate(ops):
@@ -178,7 +185,8 @@ def _buffers(spec):
         size = b * c * h * w
         reads_input_backward = j + 1 < n and ops[j + 1]["kind"] == "conv"
         kept = j == n - 1 or (op["pool"] or op if op["kind"] == "conv" else op)["layer"] in spec["kept"]
-        floats[f"out{j}"] = (size, j, end if kept else (bwd[j + 1] if reads_input_backward else j + 1))
+        own = bwd[j + 1] if reads_input_backward else (j + 1 if j + 1 < n else j)
+        floats[f"out{j}"] = (size, j, end if kept and recompute else own)
         floats[f"d{j}"] = (size, bwd[j + 1] if j + 1 < n else n, bwd[j])
         if op["kind"] == "conv":
             zsize = b * op["filters"] * op["out"][0] * op["out"][1]
@@ -218,7 +226,7 @@ def _plan_memory(spec, recompute=False, check=True):
     """Buffer offsets: the tile's own float and int16 arenas (what lives
     across the step), and its share of the device's scratch: the im2col
     workspace, then the backward-only buffers (``scratch_buffers``)."""
-    floats, ints = _buffers(spec)
+    floats, ints = _buffers(spec, recompute)
     spill, spill_args = scratch_buffers(floats, ints, len(spec["ops"]), recompute)
     spec["buffers"], spec["arena"] = _pack(floats, set(floats) - spill, check=check)
     spec["arg_buffers"], spec["arg_arena"] = _pack(ints, set(ints) - spill_args, check=check)

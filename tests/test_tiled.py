@@ -257,6 +257,26 @@ def test_gradients_inside_a_group_live_in_the_scratch():
     assert f"z{n - 1}" in spec["buffers"] and f"d{n - 1}" in spec["buffers"]
 
 
+def test_a_groups_output_shares_its_bytes_with_its_gradient():
+    """The output a group hands on is read only by forward messages, copied
+    as they are sent, all before backward starts: its gradient, filled from
+    then on, takes the same bytes. A group that recomputes writes its output
+    again in backward, so there the two stay apart (and training is exact
+    either way: ``test_recomputing_groups_train_the_same_and_share_one_scratch``)."""
+    program = bn_stack()
+    for flag in (False, True):
+        choices = [GroupChoice(c.first, c.last, c.row_splits, c.col_splits, c.devices, flag) for c in BN_CHOICES]
+        plan = build_plan(program, choices, model="m", batch=2, dtype="float64",
+                          devices=["a", "b", "c", "d"], optimizer=OPT)
+        for spec in lower.lower_rank(plan, 0).values():
+            last = len(spec["ops"]) - 1
+            where = {**spec["buffers"], **{k: [None, v[1]] for k, v in spec["scratch_buffers"].items()}}
+            out, grad = where[f"out{last}"], where[f"d{last}"]
+            assert (out[0] == grad[0]) != flag, (flag, out, grad)
+    got, want = run_case(program, BN_CHOICES, 4, 2, dtype="float64")
+    assert_same(got, want, 1e-10, FLOOR)
+
+
 def test_every_device_holds_identical_replicas():
     """All-reduces combine in rank order, so replicated weights never drift."""
     program = bn_stack()
