@@ -13,8 +13,9 @@ fastest plan's seconds + weight * fullest device's share``, and for each
 device those that leave it emptiest (so that a later group needing most of
 one device, a weight-heavy layer on one Pi, finds a path with room for
 it). Attempts go from narrow to wide and from "fast first" to "small
-first"; the fastest complete path of the first that finds one is a plan
-CP-SAT then improves (its upper bound and its hint).
+first", until one finds a plan close to the fastest (memory aside) or the
+time is up; the fastest complete path found is a plan CP-SAT then improves
+(its upper bound and its hint).
 
 Memory is counted as CP-SAT's model counts it (process, state and kept
 bytes, staging buffers of transitions, each workspace pool's maximum), and
@@ -30,6 +31,10 @@ from tilec.cost.model import workspace_pool
 # Pi 3s, batch 8 on 5-6): the narrow beams find a plan in 0.05-1.9 s where they find one; the wide ones
 # cost 2-3x more (batch 8 on 5 Pi 3s needs the memory-first wide one: 2.7 s).
 ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 64.0), (6, 2, 1.0))
+# A plan this much slower than the fastest one (memory aside) is taken; a slower one, the next attempts
+# may better while time remains. The first attempt's plan for YOLOv2 at batch 8 on 6 Pi 3s on a 100 Mbit/s
+# link took 297 s a step (all of the tail on single devices), the second's 104 s (the fastest plan 85 s).
+CLOSE = 0.3
 
 
 class _Late(Exception):
@@ -70,23 +75,31 @@ class Beam:
 
     def fit(self, memory, recompute=True, deadline=None, attempts=ATTEMPTS):
         """A path that fits devices of ``memory`` bytes each
-        ([(group index, recompute?)]): the fastest of the first attempt that
-        finds one; None if none does by ``deadline`` (perf_counter)."""
+        ([(group index, recompute?)]): the fastest found by the attempts, in
+        order, until one finds a path within ``CLOSE`` of the fastest plan
+        (memory aside), the next attempt is wider than the one that found
+        the first path, or ``deadline`` (perf_counter) passes; None if none
+        is found by then."""
         from tilec.solve.bounds import alone_too_big, fits, free_memory, with_memory
         cands = with_memory(self.cands, memory)
         free = free_memory(cands)
         if min(free) <= 0 or self.reference is None:
             return None
         dropped, forced = alone_too_big(cands)
+        best, found_at = None, None  # (seconds, path), the width of the attempt that found the first
         for width, roomy, weight in attempts:
+            if best is not None and (best[0] <= (1 + CLOSE) * self.reference or width > found_at):
+                break  # (a wider search costs 2-3x more, and found no faster plan where one was measured)
             try:
                 found = self._search(free, dropped, forced, recompute, width, roomy, weight, deadline)
             except _Late:
-                return None
-            for _, path in found:  # fastest first; the cost model has the last word
+                break
+            for secs, path in found:  # fastest first; the cost model has the last word
                 if fits(cands, path)[0]:
-                    return path
-        return None
+                    if best is None or secs < best[0]:
+                        best, found_at = (secs, path), found_at or width
+                    break
+        return None if best is None else best[1]
 
     def _search(self, free, dropped, forced, recompute, width, roomy, weight, deadline):
         """Complete paths that fit by the solver's count, fastest first: [(seconds, path)]."""
