@@ -111,7 +111,7 @@ class TileStep:
         if op["pool"]:
             p = op["pool"]
             u.prs, u.pcs = _window(p["src"])
-            u.da = self._view(f"da{j}", u.z.shape)
+            u.da = None if op.get("regen") else self._view(f"da{j}", u.z.shape)  # (None: made again by band)
             u.pool_grad = (u.d, u.arg, p["size"], p["stride"], p["pads"], tuple(p["src"]))
 
     def _view(self, name, shape):
@@ -217,6 +217,9 @@ class TileStep:
         unit's (or the group input's) gradient buffer."""
         u, s = self.units[j], self.units[j].spec
         g = u.da if s["pool"] else u.d
+        regen = None
+        if s.get("regen"):  # the gradient at the conv output is made again band by band (z stands for its shape)
+            g, regen = u.z, (u.pool_grad, u.pre, u.act, u.z, params[u.beta])
         bn = None
         if u.gamma is not None:
             self.k.bn_grad_constants(u.s1, u.s2, float(s["count"]), u.m1_t, u.m2_t, acc[u.gamma], acc[u.beta])
@@ -226,7 +229,7 @@ class TileStep:
         if u.dst is not None:
             u.dst.fill(0)
         self.k.conv_backward(u.src, params[u.w], s["stride"], u.pads, g, self.ws, s["band"], acc[u.w], u.dx, bn,
-                             u.owned, accumulate=True)
+                             u.owned, accumulate=True, regen=regen)
 
     def pool_bwd(self, j):
         u, s = self.units[j], self.units[j].spec

@@ -81,8 +81,10 @@ def _pool_op(layer, tl, base):
             "pads": list(tl["pads"]), "out": [_len(tl["region"][0]), _len(tl["region"][1])]}
 
 
-def lower_tile(program, group, tile, batch, outside, threads=1):
-    """The kernel spec of one tile on a device running ``threads`` threads."""
+def lower_tile(program, group, tile, batch, outside, threads=1, regen=True):
+    """The kernel spec of one tile on a device running ``threads`` threads
+    (``regen`` False: no conv makes its gradient again, see ``regenerates``;
+    for timing the kernels as every other layer runs them)."""
     first, last = group["layers"]
     by_layer = {tl["layer"]: tl for tl in tile["layers"]}
     base = tile["input"]
@@ -108,7 +110,7 @@ def lower_tile(program, group, tile, batch, outside, threads=1):
             # (a message to the device itself is copied when received)
             "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside),
             "ops": ops}
-    _plan_memory(spec, bool(group.get("recompute")))
+    _plan_memory(spec, bool(group.get("recompute")), regen=regen)
     return spec
 
 
@@ -149,17 +151,29 @@ def out_shape(op):
     return [out_channels(op), *last["out"]]
 
 
+def regenerates(op, j, input_grad):
+    """Whether conv op ``j`` of a tile makes its output's gradient again
+    band by band in its backward (``conv_backward``'s ``regen``) instead of
+    storing it whole: a conv with a fused max-pool whose input needs no
+    gradient (the network's first layer), on bands of rows. Its gradient
+    would be the largest buffer of the step (YOLOv2's layer 0 at 608 x 608:
+    32 channels, 47 MB an image)."""
+    return (op["kind"] == "conv" and bool(op["pool"]) and j == 0 and not input_grad
+            and op["band"] <= op["out"][0])
+
+
 def workspace(op, threads, dx):
     """Elements of workspace a conv op needs on ``threads`` threads (the
     kernels' ``workspace_size``): an im2col band per thread, and backward a
     private weight gradient for every thread but the first; a band of
-    several images also holds their GEMM output."""
+    several images also holds their GEMM output; an op that regenerates its
+    gradient, that gradient's band per thread."""
     if op["kind"] != "conv":
         return 0
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
-    need = ckk * min(band, ho) * wo * nt + (nt - 1) * f * ckk
+    need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
     if band > ho:
         need = max(need, (ckk + f) * band * wo * threads + (threads - 1) * f * ckk)
     return need
@@ -192,7 +206,8 @@ def _buffers(spec, recompute=False):
             zsize = b * op["filters"] * op["out"][0] * op["out"][1]
             floats[f"z{j}"] = (zsize, j, bwd[j])
             if op["pool"]:
-                floats[f"da{j}"] = (zsize, bwd[j], bwd[j])
+                if not op.get("regen"):
+                    floats[f"da{j}"] = (zsize, bwd[j], bwd[j])
                 ints[f"arg{j}"] = (size, j, bwd[j])
         else:
             ints[f"arg{j}"] = (size, j, bwd[j])
@@ -222,10 +237,13 @@ def _pack(buffers, names, start=0, check=True):
     return {k: [start + offsets[k], buffers[k][0]] for k in sorted(names)}, start + total
 
 
-def _plan_memory(spec, recompute=False, check=True):
+def _plan_memory(spec, recompute=False, check=True, regen=True):
     """Buffer offsets: the tile's own float and int16 arenas (what lives
     across the step), and its share of the device's scratch: the im2col
     workspace, then the backward-only buffers (``scratch_buffers``)."""
+    for j, op in enumerate(spec["ops"]):
+        if regen and regenerates(op, j, spec["input_grad"]):
+            op["regen"] = True
     floats, ints = _buffers(spec, recompute)
     spill, spill_args = scratch_buffers(floats, ints, len(spec["ops"]), recompute)
     spec["buffers"], spec["arena"] = _pack(floats, set(floats) - spill, check=check)
@@ -241,8 +259,8 @@ def scratch_bytes(spec, itemsize):
     return memplan.round_up(spec["scratch"] * itemsize) + 2 * spec["scratch_args"]
 
 
-def lower_rank(plan, rank, threads=1):
-    """{group index: kernel spec} of the tiles ``rank`` computes."""
+def lower_rank(plan, rank, threads=1, regen=True):
+    """{group index: kernel spec} of the tiles ``rank`` computes (``regen``: see ``lower_tile``)."""
     program, batch = plan["program"], plan["batch"]
     outside = outside_tensors(plan)
     specs = {}
@@ -251,5 +269,5 @@ def lower_rank(plan, rank, threads=1):
             continue
         for tile in group["tiles"]:
             if tile["device"] == rank:
-                specs[g] = lower_tile(program, group, tile, batch, outside, threads)
+                specs[g] = lower_tile(program, group, tile, batch, outside, threads, regen)
     return specs

@@ -406,6 +406,58 @@ def test_pool_gradient_routed_inside_the_activation_gradient(case):
                                atol=RTOL[dt] * np.abs(dp).sum())
 
 
+@FAST
+@given(pool_case(), st.integers(1, 40), st.integers(1, 3))
+@example(GRAD_POOLS[0], 7, 2)
+@example(YOLO_POOLS[4], 40, 3)
+def test_a_conv_backward_that_makes_its_gradient_again_equals_one_given_it(case, band, c_in):
+    """A network's first conv with a fused pool (no input gradient) stores
+    no gradient at its output: act_grad makes only the sums (da None, the
+    same sums), and conv_backward makes each band's gradient again from the
+    pool's gradient and z (``regen``): the same batch-norm finish and weight
+    gradient as from the stored gradient, on bands of any height and any
+    threads, for a pool reading a window of the conv output."""
+    rng = np.random.default_rng(case["seed"])
+    dt, (b, f, h, w) = case["dtype"], case["shape"]
+    r0, c0, extra_r, extra_c = case["offsets"]
+    ho, wo = h + r0 + extra_r, w + c0 + extra_c
+    z = rng.standard_normal((b, f, ho, wo)).astype(dt)
+    if case["ties"]:
+        z[...] = np.round(z)
+    x = rng.standard_normal((b, c_in, ho, wo)).astype(dt)
+    wt = rng.standard_normal((f, c_in, 3, 3)).astype(dt)
+    mean, gamma, beta, m1, m2 = (rng.standard_normal(f).astype(dt) for _ in range(5))
+    inv = (0.5 + rng.random(f)).astype(dt)
+    k, pre, act = kern(dt), case["pre"], case["act"]
+    u = z[:, :, r0:r0 + h, c0:c0 + w]
+    if pre == "bn":
+        u = (u - mean[None, :, None, None]) * inv[None, :, None, None] * gamma[None, :, None, None]
+    if pre != "none":
+        u = u + beta[None, :, None, None]
+    p, arg = ops.maxpool_forward(ops.act_forward(u, act), case["size"], case["stride"], case["pads"])
+    dp = rng.standard_normal(p.shape).astype(dt)
+    pool = (dp, arg.astype(np.int16), case["size"], case["stride"], case["pads"], (r0, c0, h, w))
+    bn = (z, mean, inv, gamma, m1, m2) if pre == "bn" else None
+    vectors = (mean, inv, gamma, beta) if pre == "bn" else (None, None, None, beta if pre == "bias" else None)
+    band = min(band, ho)
+    owned = (ho // 3, ho, 0, max(1, wo // 2))
+    ws = np.empty((c_in * 9 + f) * band * wo * 3 + 3 * f * c_in * 9, dt)
+    got = []
+    with threads(dt, case["threads"]):
+        for regen in (False, True):
+            da = None if regen else np.full(z.shape, np.nan, dt)
+            s1, s2 = np.zeros(f), (np.zeros(f) if pre == "bn" else None)
+            k.act_grad(da, z, k.pre[pre], k.act[act], s1, s2, *vectors, pool)
+            dw = np.ones(wt.shape, dt)
+            k.conv_backward(x, wt, 1, (1, 1, 1, 1), z if regen else da, ws, band, dw, None, bn, owned,
+                            accumulate=True, regen=(pool, k.pre[pre], k.act[act], z, vectors[3]) if regen else None)
+            got.append((s1, s2, dw))
+    (s1a, s2a, dwa), (s1b, s2b, dwb) = got
+    assert np.array_equal(s1a, s1b) and (s2a is None or np.array_equal(s2a, s2b))
+    tol = 1e-5 if dt == np.float32 else 1e-12
+    np.testing.assert_allclose(dwb, dwa, rtol=tol, atol=tol * (1 + np.abs(dwa).max()))
+
+
 # -- per-channel steps, loss, update ----------------------------------------------------
 
 @FAST
