@@ -17,7 +17,8 @@ from tilec_runtime.build_cache import digest
 
 TEMPLATES_ENV = "TILEC_TEMPLATES"
 MODULE_TEMPLATE = "module.pyx.j2"
-FAMILIES = ("epilogue.pyx.j2", "conv.pyx.j2", "pool.pyx.j2", "update.pyx.j2")  # (the conv backward regenerates gradients with the epilogue's helpers)
+# (the epilogue first: the conv backward makes gradients again with its helpers)
+FAMILIES = ("epilogue.pyx.j2", "conv.pyx.j2", "pool.pyx.j2", "update.pyx.j2")
 DTYPES = ("float32", "float64")
 MODULE_PREFIX = "tilec_kernels_"
 

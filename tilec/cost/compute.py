@@ -30,6 +30,7 @@ from math import prod
 
 from tilec.ir.stats import backward_flops, conv_product_flops, forward_flops
 from tilec_runtime.kernel_set import band_rows
+from tilec_runtime.lower import regenerates
 
 # Kernel kinds of the layers the reference executor runs whole (the tail);
 # the rest are "elementwise" (a region loss too, where the profile has no
@@ -173,9 +174,11 @@ def unit_seconds(profile, program, unit, sizes, input_grad, batch, itemsize, thr
     out["epi_fwd"] = t("epilogue", "forward", epilogue_features(layer, h * w, pooled, batch, itemsize, "forward", h))
     out["epi_bwd"] = t("epilogue", "backward", epilogue_features(layer, h * w, pooled, batch, itemsize, "backward", h))
     out["conv_bwd"] = t("conv", "backward", conv_features(layer, h * w, batch, itemsize, "backward", input_grad, h))
-    if pool is not None and not input_grad and band_rows(layer["in_shape"][0], layer["size"], h, w, batch) <= h:
-        # the network's first conv makes its output's gradient again band by band rather than store it
-        # (tilec_runtime.lower.regenerates): the epilogue backward's pass without its sums
+    op = {"kind": "conv", "pool": pool, "out": [h, w],
+          "band": band_rows(layer["in_shape"][0], layer["size"], h, w, batch)}
+    if regenerates(op, 0, input_grad):  # (only a group's first unit computes no input gradient)
+        # it makes its output's gradient again band by band rather than store it: the epilogue
+        # backward's pass without its sums
         out["conv_bwd"] += REGEN_SHARE * out["epi_bwd"]
     return out
 
