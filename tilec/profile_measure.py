@@ -129,7 +129,8 @@ def _conv_tile(kernels, dtype, c, f, k, hw, b, pool, dx, threads=1):
     program = _stack(c, f, k, hw, pool, dx)
     last = len(program) - 2
     first = 1 if dx else 0
-    groups = ([GroupChoice(0, 0, [0, _size(hw)[0]], [0, _size(hw)[1]], [0])] if dx else [])
+    rows, cols = _size(hw)
+    groups = ([GroupChoice(0, 0, [0, rows], [0, cols], [0])] if dx else [])
     _, h, w = program[last]["out_shape"]
     groups.append(GroupChoice(first, last, [0, h], [0, w], [0]))
     plan = build_plan(program, groups, model="profile", batch=b, dtype=dtype, devices=["d"],
