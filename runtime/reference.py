@@ -55,7 +55,9 @@ def forward_layers(layers, params, buffers, acts, target, train=True, impl=None)
             y = ops.connected_forward(x, params[f"{i}.fc.weight"], params[f"{i}.fc.bias"])
             acts[i] = ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
         elif kind == "route":
-            acts[i] = np.concatenate([acts[j] for j in layer["inputs"]], axis=1)
+            # one input: the same map (no copy; backward hands on its gradient as a view too)
+            srcs = [acts[j] for j in layer["inputs"]]
+            acts[i] = srcs[0] if len(srcs) == 1 else np.concatenate(srcs, axis=1)
         elif kind == "reorg":
             acts[i] = ops.reorg_forward(x, layer["stride"], layer["order"], layer["reverse"])
         elif kind == "softmax":

@@ -289,3 +289,80 @@ def test_tail_flag_forces_the_choice(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compile", "tiny", "--devices", "2", "--tail", "data", "-o", str(tmp_path / "d")]) == 1
     assert "--tail data (data parallelism after the tiled prefix) is not implemented" in capsys.readouterr().err
+
+
+@st.composite
+def identity_route_cases(draw):
+    """A tiled conv, a tail of convs, a route of one earlier map (an
+    identity) and convs on it, a route joining both branches, a cost; the
+    tail's runs cut into groups at random, each on a random device or split
+    by channels where it can be."""
+    b = ProgramBuilder(draw(st.integers(1, 3)), draw(st.integers(4, 9)), draw(st.integers(4, 9)))
+    b.conv(draw(st.integers(2, 5)), 3, 1, "same", bn=True, act="leaky")
+    skip = b.conv(draw(st.integers(2, 6)), 3, 1, "same", bn=draw(st.booleans()), act="leaky")
+    for _ in range(draw(st.integers(1, 2))):
+        main = b.conv(draw(st.integers(2, 6)), draw(st.sampled_from([1, 3])), 1, "same", bn=draw(st.booleans()),
+                      act="leaky")
+    b.route(skip)
+    for _ in range(draw(st.integers(0, 2))):
+        b.conv(draw(st.integers(2, 6)), draw(st.sampled_from([1, 3])), 1, "same", bn=draw(st.booleans()),
+               act="leaky")
+    b.route(b.last, main)
+    b.conv(draw(st.integers(1, 4)), 1, 1, 0)
+    b.cost()
+    program = b.build()
+    n_dev = draw(st.integers(2, 3))
+    _, h, w = program[0]["out_shape"]
+    rows = draw(splits(h, n_dev))
+    choices = [GroupChoice(0, 0, rows, [0, w], draw(st.permutations(range(n_dev)))[:len(rows) - 1])]
+    tail = []
+    for run_first, run_last, ok in runs(program, 1):
+        cuts = sorted(draw(st.sets(st.integers(run_first + 1, run_last), max_size=2))) if ok and run_last > run_first \
+            else []
+        for first, last in zip([run_first, *cuts], [*(c - 1 for c in cuts), run_last]):
+            k = draw(st.integers(1, n_dev)) if ok else 1
+            members = [0] if last == len(program) - 1 else sorted(draw(st.permutations(range(n_dev)))[:k])
+            mode = "channels" if k > 1 and shards.check(program, first, last, k) is None else "one"
+            tail.append(TailChoice(first, last, mode, members if mode == "channels" else members[:1]))
+    return program, choices, tail, n_dev, draw(st.integers(1, 3))
+
+
+def test_a_route_of_one_map_starts_a_run_and_is_that_map():
+    """runs(): the route of one map (layer 4, reading layer 1) starts a
+    splittable run with the conv after it (layers read by two end theirs); the reference's route hands on
+    the very array it reads, and its gradient as a view of the one it gets."""
+    from tilec_runtime import reference
+    b = ProgramBuilder(2, 6, 6)
+    b.conv(3, 3, 1, "same", bn=True, act="leaky")
+    skip = b.conv(4, 3, 1, "same", act="leaky")
+    main = b.conv(5, 3, 1, "same", bn=True, act="leaky")
+    b.conv(5, 1, 1, 0, act="leaky")
+    b.route(skip)
+    b.conv(3, 1, 1, 0, bn=True, act="leaky")
+    b.route(b.last, main)
+    b.conv(2, 1, 1, 0)
+    b.cost()
+    program = b.build()
+    assert runs(program, 1) == [(1, 1, True), (2, 2, True), (3, 3, True), (4, 5, True), (6, 6, False), (7, 7, True),
+                                (8, 8, False)]
+    assert shards.check(program, 4, 5, 2) == "layer 4 (route) needs the whole map"
+    assert shards.check(program, 5, 5, 2) is None
+    acts = {1: np.ones((2, 4, 6, 6))}
+    reference.forward_layers([program[4]], {}, {}, acts, None, train=True)
+    assert acts[4] is acts[1]
+    dy = np.ones((2, 4, 6, 6))
+    _, dout = reference.backward_layers([program[4]], {}, acts, {}, {4: dy})
+    assert np.shares_memory(dout[1], dy)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(identity_route_cases())
+def test_a_route_of_one_map_in_any_tail_group_equals_one_device(case):
+    program, choices, tail, n_dev, batch = case
+    params, buffers, batches = setup(program, batch)
+    plan = plan_of(program, 1, choices, tail, n_dev, batch)
+    planfile.validate(plan)
+    want = one_device(program, params, buffers, batches, 3)
+    assume(converges(want[0]) and well_conditioned(program, params, buffers, batches, 3))
+    losses, p, b, _ = inprocess.train(plan, params, buffers, batches, 3, module("float64"), timeout=30)
+    assert_same((losses, p, b), want, 1e-10, FLOOR)

@@ -357,7 +357,7 @@ def test_memory_of_a_skip_read_wherever_its_reader_runs(reader):
         assert held <= pred.memory[d] <= held + 2 * skip
 
 
-@pytest.mark.parametrize("first, last", [(18, 24), (25, 25), (26, 26), (27, 28), (29, 30)])
+@pytest.mark.parametrize("first, last", [(18, 24), (25, 25), (25, 26), (26, 26), (27, 28), (29, 30)])
 def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last):
     """A tail group on one device (YOLOv2's, batch 2): numpy's own account
     of what the group's step allocates at its peak (tracemalloc), with the

@@ -46,18 +46,30 @@ def readers_of(program):
 def runs(program, prefix):
     """[(first, last, splittable)] covering program[prefix:]. A splittable
     run ends where a layer's output is read by anything but the next layer
-    (a group split by channels hands on its last output only)."""
+    (a group split by channels hands on its last output only); a route of
+    one map starts one."""
     readers = readers_of(program)
     out = []
     for layer in program[prefix:]:
         i = layer["index"]
         ok = layer["kind"] in shards.SPLITTABLE and layer["inputs"] == [i - 1]
+        if is_identity(layer):
+            # a route of one map starts a run: a group of it and the layers after it on one device
+            # holds that map once (no copy, no second group's input buffer for it); spans that hold
+            # it are never split by channels (``shards.check``)
+            out.append((i, i, True))
+            continue
         if out and out[-1][2] == ok and (not ok or readers.get(i - 1, set()) <= {i}):
             first, _, _ = out[-1]
             out[-1] = (first, i, ok)
         else:
             out.append((i, i, ok))
     return out
+
+
+def is_identity(layer):
+    """A route of one map: its output is that map."""
+    return layer["kind"] == "route" and len(layer["inputs"]) == 1
 
 
 def one_device_tail(program, prefix):

@@ -40,6 +40,8 @@ def state_bytes(layers, itemsize):
 def kept_bytes(layer, positions, batch, itemsize):
     """Bytes kept for backward of ``layer``'s output on ``positions`` positions."""
     values = batch * layer["out_shape"][0] * positions
+    if layer["kind"] == "route" and len(layer["inputs"]) == 1:
+        return 0  # its input itself (``tilec_runtime.reference``)
     if layer["kind"] == "conv":
         return values * itemsize * (2 if layer["bn"] else 1)
     if layer["kind"] == "maxpool":
