@@ -26,13 +26,14 @@ import time
 
 from tilec.cost.model import workspace_pool
 
-# attempts, cheapest first, until one finds a plan: (partial paths kept per node by score, per device
-# those that leave it emptiest, weight of memory against seconds). Measured on YOLOv2 (batch 4 on 2-4
-# Pi 3s, batch 8 on 5-6): the narrow beams find a plan in 0.05-1.9 s where they find one; the wide ones
-# cost 2-3x more (batch 8 on 5 Pi 3s needs the memory-first wide one: 2.7 s).
-ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 64.0), (6, 2, 1.0))
+# attempts, cheapest first: (partial paths kept per node by score, per device those that leave it
+# emptiest, weight of memory against seconds). Measured on YOLOv2 (batch 4 on 2-6 Pi 3s, batch 8 on 4-6):
+# the narrow beams take 0.02-3 s, the wide ones 2-3x more. Which finds the fastest plan varies with the
+# candidates: batch 8 on 5 Pi 3s, after a one-map route could join the conv after it, none and 163 s from
+# the narrow ones, 110 s from the wide fast-first one (the memory-first wide one 139-166 s).
+ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 1.0), (6, 2, 64.0))
 # A plan this much slower than the fastest one (memory aside) is taken; a slower one, the next attempts
-# may better while time remains. The first attempt's plan for YOLOv2 at batch 8 on 6 Pi 3s on a 100 Mbit/s
+# may better until the deadline. The first attempt's plan for YOLOv2 at batch 8 on 6 Pi 3s on a 100 Mbit/s
 # link took 297 s a step (all of the tail on single devices), the second's 104 s (the fastest plan 85 s).
 CLOSE = 0.3
 
@@ -77,8 +78,7 @@ class Beam:
         """A path that fits devices of ``memory`` bytes each
         ([(group index, recompute?)]): the fastest found by the attempts, in
         order, until one finds a path within ``CLOSE`` of the fastest plan
-        (memory aside), the next attempt is wider than the one that found
-        the first path, or ``deadline`` (perf_counter) passes; None if none
+        (memory aside) or ``deadline`` (perf_counter) passes; None if none
         is found by then."""
         from tilec.solve.bounds import alone_too_big, fits, free_memory, with_memory
         cands = with_memory(self.cands, memory)
@@ -86,10 +86,10 @@ class Beam:
         if min(free) <= 0 or self.reference is None:
             return None
         dropped, forced = alone_too_big(cands)
-        best, found_at = None, None  # (seconds, path), the width of the attempt that found the first
+        best = None  # (seconds, path)
         for width, roomy, weight in attempts:
-            if best is not None and (best[0] <= (1 + CLOSE) * self.reference or width > found_at):
-                break  # (a wider search costs 2-3x more, and found no faster plan where one was measured)
+            if best is not None and best[0] <= (1 + CLOSE) * self.reference:
+                break
             try:
                 found = self._search(free, dropped, forced, recompute, width, roomy, weight, deadline)
             except _Late:
@@ -97,7 +97,7 @@ class Beam:
             for secs, path in found:  # fastest first; the cost model has the last word
                 if fits(cands, path)[0]:
                     if best is None or secs < best[0]:
-                        best, found_at = (secs, path), found_at or width
+                        best = (secs, path)
                     break
         return None if best is None else best[1]
 
