@@ -23,7 +23,10 @@ before anything reads its payload.
 ``Link`` is one connection in use: a reader thread that validates frames and
 files them in a ``Mailbox``, and a sender thread that writes queued frames
 in order (so a device computes while its sends drain, and two devices
-sending to each other at once cannot deadlock on full socket buffers).
+sending to each other at once cannot deadlock on full socket buffers). A
+small frame sent while nothing is queued is written by the sending thread
+itself, saving a thread hand-off per frame (the peer's reader thread still
+drains it, so that cannot deadlock either).
 An idle link sends a HEARTBEAT a few times per receive timeout, so that
 ``await_frame`` tells a silent peer (stopped, hung, cut off without a FIN)
 from one that is merely waiting for someone else, and names the right one.
@@ -53,6 +56,7 @@ _DCODE = {d: i for i, d in enumerate(DTYPES)}
 BYTES = np.dtype("uint8")
 
 MAX_TEXT = 4096  # error and abort messages
+INLINE_BYTES = 1 << 16  # frames up to this size are written by the thread that sends them (``Link.send``)
 MAC_CHUNK = 1 << 17  # bytes hashed and sent (or received and checked) at a time
 TAG_BYTES = 16  # the MAC of a frame on a Channel
 
@@ -469,6 +473,8 @@ class Link:
         self.heard = time.monotonic()  # when the peer last sent anything
         self.sock.settimeout(None)  # waits are timed in the mailbox
         self.queue = queue.SimpleQueue()
+        # whoever writes a frame holds ``writing``; ``pending`` counts frames queued and not yet written
+        self.writing, self.counting, self.pending = threading.Lock(), threading.Lock(), 0
         self.closing = False
         self.dead = False  # the sender has stopped: nothing queued will leave
         self.reader = threading.Thread(target=self._read, name=f"tilec-read-{peer}", daemon=True)
@@ -477,10 +483,29 @@ class Link:
         self.sender.start()
 
     def send(self, kind, step, tensor, array=None, done=None):
-        """Queue a frame. The array must not change until it is sent:
-        ``done`` (a threading.Event), if given, is set then, or when the
-        frame never will leave (the connection broke: the mailbox's fault
-        says why), so that no sender waits out its timeout for it."""
+        """Send a frame: a small one at once from the calling thread when
+        nothing is queued or being written (no hand-off to the sender
+        thread, which on a device whose cores all compute waits for one),
+        else queued. The array must not change until it is sent: ``done``
+        (a threading.Event), if given, is set then, or when the frame never
+        will leave (the connection broke: the mailbox's fault says why), so
+        that no sender waits out its timeout for it."""
+        if (array is None or np.asarray(array).nbytes <= INLINE_BYTES) and not self.dead \
+                and self.writing.acquire(blocking=False):
+            try:
+                with self.counting:
+                    idle = self.pending == 0
+                if idle:
+                    send_frame(self.sock, kind, step, tensor, array)
+                    if done is not None:
+                        done.set()
+                    return
+            except OSError:
+                pass  # queued: the sender meets the same error and reports it as the link's fault
+            finally:
+                self.writing.release()
+        with self.counting:
+            self.pending += 1
         self.queue.put((kind, step, tensor, array, done))
         if self.dead and done is not None:
             done.set()
@@ -488,14 +513,20 @@ class Link:
     def _write(self):
         while True:
             try:
-                item = self.queue.get(timeout=self.heartbeat)
+                item, queued = self.queue.get(timeout=self.heartbeat), True
             except queue.Empty:
-                item = (Kind.HEARTBEAT, 0, 0, None, None)
+                item, queued = (Kind.HEARTBEAT, 0, 0, None, None), False
             if item is None:
                 return
             *frame, done = item
             try:
-                send_frame(self.sock, *frame)
+                with self.writing:
+                    try:
+                        send_frame(self.sock, *frame)
+                    finally:
+                        if queued:
+                            with self.counting:
+                                self.pending -= 1
             except OSError as exc:
                 if not self.closing:
                     # a peer that closed may have said why first (ERROR, ABORT):

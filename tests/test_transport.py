@@ -387,3 +387,48 @@ def test_chunks_cover_the_array():
 
 def test_struct_layout_is_forty_bytes():
     assert HEADER.size == 40 and struct.calcsize("!4sBBBBII4IQ") == 40
+
+
+def test_a_small_frame_leaves_from_the_sending_thread_and_frames_keep_their_order(monkeypatch):
+    """``Link.send`` writes a frame of up to ``INLINE_BYTES`` itself when
+    nothing is queued or being written (no hand-off to the sender thread,
+    which waits for a core where every core computes); a frame sent while a
+    longer one is being written, and any after it, wait their turn in the
+    queue: the receiver files them in the order sent, each intact."""
+    from tilec_runtime import transport
+    from tilec_runtime.transport import INLINE_BYTES, Link, Mailbox
+    writers = []
+    real = transport.send_frame
+
+    def recording(sock, kind, step, tensor, array=None):
+        writers.append((tensor, threading.current_thread().name))
+        real(sock, kind, step, tensor, array)
+    monkeypatch.setattr(transport, "send_frame", recording)
+    a, b = socket.socketpair()
+    big_n = 4 << 20  # longer than a socket buffer: written while the small ones are sent
+    sizes = {0: 8, 1: big_n, 2: 8, 3: INLINE_BYTES // 8, 4: 8}
+    specs = {t: Spec(np.dtype("float64"), (n,)) for t, n in sizes.items()}
+    inbox = Mailbox()
+    receiver = Link(b, 0, inbox, lambda kind, step, tensor: specs[tensor])
+    sender = Link(a, 1, Mailbox(), spec_table(Spec(np.dtype("float64"), (0,))))
+    try:
+        arrays = {t: np.arange(n, dtype=np.float64) + t for t, n in sizes.items()}
+        dones = {t: threading.Event() for t in sizes}
+        sender.send(Kind.FWD, 1, 0, arrays[0], dones[0])
+        assert dones[0].is_set()  # written before send returned
+        sender.send(Kind.FWD, 1, 1, arrays[1], dones[1])
+        for t in (2, 3, 4):
+            sender.send(Kind.FWD, 1, t, arrays[t], dones[t])
+        order = []
+        for t in sizes:
+            got = inbox.get((0, Kind.FWD, 1, t), 30.0)
+            np.testing.assert_array_equal(got, arrays[t])
+            order.append(t)
+        assert all(d.wait(30.0) for d in dones.values())
+        main = threading.current_thread().name
+        assert writers[0] == (0, main)
+        assert [t for t, _ in writers] == [0, 1, 2, 3, 4]
+        assert dict(writers)[1] != main  # a long frame goes through the sender thread
+    finally:
+        sender.close()
+        receiver.close()
