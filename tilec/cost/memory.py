@@ -20,6 +20,7 @@ Peak = process overhead + state + kept + max workspace.
 """
 from math import prod
 
+from tilec.analysis.tail import is_identity
 from tilec_runtime.program import param_shapes, tensor_shape
 
 STATE_COPIES = 2  # parameters, and momentum buffers that accumulate the gradients
@@ -40,7 +41,7 @@ def state_bytes(layers, itemsize):
 def kept_bytes(layer, positions, batch, itemsize):
     """Bytes kept for backward of ``layer``'s output on ``positions`` positions."""
     values = batch * layer["out_shape"][0] * positions
-    if layer["kind"] == "route" and len(layer["inputs"]) == 1:
+    if is_identity(layer):
         return 0  # its input itself (``tilec_runtime.reference``)
     if layer["kind"] == "conv":
         return values * itemsize * (2 if layer["bn"] else 1)
