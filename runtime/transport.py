@@ -25,8 +25,10 @@ files them in a ``Mailbox``, and a sender thread that writes queued frames
 in order (so a device computes while its sends drain, and two devices
 sending to each other at once cannot deadlock on full socket buffers). A
 small frame sent while nothing is queued is written by the sending thread
-itself, saving a thread hand-off per frame (the peer's reader thread still
-drains it, so that cannot deadlock either).
+itself, saving a thread hand-off per frame; without blocking: what the
+socket does not take at once (a peer that stopped reading), the sender
+thread writes, so no caller ever waits on a peer outside the mailbox's
+timed waits.
 An idle link sends a HEARTBEAT a few times per receive timeout, so that
 ``await_frame`` tells a silent peer (stopped, hung, cut off without a FIN)
 from one that is merely waiting for someone else, and names the right one.
@@ -56,6 +58,7 @@ _DCODE = {d: i for i, d in enumerate(DTYPES)}
 BYTES = np.dtype("uint8")
 
 MAX_TEXT = 4096  # error and abort messages
+REST = ("rest",)  # queued after a frame a caller could not write whole: the sender writes the rest
 INLINE_BYTES = 1 << 16  # frames up to this size are written by the thread that sends them (``Link.send``)
 MAC_CHUNK = 1 << 17  # bytes hashed and sent (or received and checked) at a time
 TAG_BYTES = 16  # the MAC of a frame on a Channel
@@ -174,7 +177,7 @@ class Channel:
             raise ValueError(f"unknown MAC {mac!r}")
         self.sock, self.send_key, self.recv_key, self.mac = sock, bytes(send_key), bytes(recv_key), mac
         self.sent = self.received = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # numbering and writing a frame (``send`` frames under it)
 
     def __getattr__(self, name):  # settimeout, shutdown, close, recv_into, sendall ...
         return getattr(self.sock, name)
@@ -185,17 +188,25 @@ class Channel:
         h.update(head)
         return h
 
+    def framed(self, head, payload):
+        """One frame whole, its tag included, numbered next: the caller writes
+        it before any frame framed after it."""
+        with self._lock:
+            h = self._mac(self.send_key, self.sent, head)
+            self.sent += 1
+        h.update(payload)
+        return head + bytes(payload) + h.digest()[:TAG_BYTES]
+
     def send(self, head, payload):
         """Write one frame and its tag (one writer at a time: the sequence is
         the order on the wire). A long payload is hashed and written chunk by
         chunk, so that the receiver checks one chunk while this hashes the next."""
         with self._lock:
+            if len(payload) <= MAC_CHUNK:
+                self.sock.sendall(self.framed(head, payload))
+                return
             h = self._mac(self.send_key, self.sent, head)
             self.sent += 1
-            if len(payload) <= MAC_CHUNK:
-                h.update(payload)
-                self.sock.sendall(head + bytes(payload) + h.digest()[:TAG_BYTES])
-                return
             self.sock.sendall(head)
             payload = memoryview(payload)
             for start in range(0, len(payload), MAC_CHUNK):
@@ -219,10 +230,21 @@ class Channel:
             raise FrameError(f"{kind_name(head[5])} frame failed authentication (changed, replayed or out of order)")
 
 
-def send_frame(sock, kind, step, tensor, array=None):
+def _contiguous(array):
     array = np.empty(0, BYTES) if array is None else np.asarray(array)
-    if not array.flags.c_contiguous:
-        array = array.copy(order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+    return array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+
+
+def frame_bytes(sock, kind, step, tensor, array=None):
+    """A small frame whole, as ``send_frame`` writes it (on a Channel with
+    its tag, numbered: write it before any frame framed after it)."""
+    array = _contiguous(array)
+    head, payload = header(kind, step, tensor, array), array.tobytes()
+    return sock.framed(head, payload) if isinstance(sock, Channel) else head + payload
+
+
+def send_frame(sock, kind, step, tensor, array=None):
+    array = _contiguous(array)
     head = header(kind, step, tensor, array)
     if isinstance(sock, Channel):
         sock.send(head, memoryview(array).cast("B") if array.nbytes else b"")
@@ -475,6 +497,7 @@ class Link:
         self.queue = queue.SimpleQueue()
         # whoever writes a frame holds ``writing``; ``pending`` counts frames queued and not yet written
         self.writing, self.counting, self.pending = threading.Lock(), threading.Lock(), 0
+        self.rest = None  # (bytes, done) of a frame a caller began and the sender finishes (``_write_now``)
         self.closing = False
         self.dead = False  # the sender has stopped: nothing queued will leave
         self.reader = threading.Thread(target=self._read, name=f"tilec-read-{peer}", daemon=True)
@@ -496,12 +519,8 @@ class Link:
                 with self.counting:
                     idle = self.pending == 0
                 if idle:
-                    send_frame(self.sock, kind, step, tensor, array)
-                    if done is not None:
-                        done.set()
+                    self._write_now(frame_bytes(self.sock, kind, step, tensor, array), done)
                     return
-            except OSError:
-                pass  # queued: the sender meets the same error and reports it as the link's fault
             finally:
                 self.writing.release()
         with self.counting:
@@ -509,6 +528,25 @@ class Link:
         self.queue.put((kind, step, tensor, array, done))
         if self.dead and done is not None:
             done.set()
+
+    def _write_now(self, data, done):
+        """Write a whole frame without blocking (``writing`` held): what the
+        socket does not take now (a peer that stopped reading) the sender
+        thread writes before anything queued, so that no caller ever waits
+        on a peer here; a broken connection is its to report."""
+        raw = self.sock.sock if isinstance(self.sock, Channel) else self.sock
+        try:
+            n = raw.send(data, socket.MSG_DONTWAIT)
+        except OSError:  # full (BlockingIOError), or broken: the sender meets that again and reports it
+            n = 0
+        if n == len(data):
+            if done is not None:
+                done.set()
+            return
+        with self.counting:
+            self.pending += 1
+        self.rest = (memoryview(data)[n:], done)
+        self.queue.put(REST)
 
     def _write(self):
         while True:
@@ -518,15 +556,24 @@ class Link:
                 item, queued = (Kind.HEARTBEAT, 0, 0, None, None), False
             if item is None:
                 return
-            *frame, done = item
+            frame, done = (None, None) if item is REST else (item[:-1], item[-1])
             try:
                 with self.writing:
-                    try:
-                        send_frame(self.sock, *frame)
-                    finally:
-                        if queued:
-                            with self.counting:
-                                self.pending -= 1
+                    if self.rest is not None:  # the end of a frame a caller began: first
+                        raw = self.sock.sock if isinstance(self.sock, Channel) else self.sock
+                        raw.sendall(self.rest[0])
+                        rest_done, self.rest = self.rest[1], None
+                        with self.counting:
+                            self.pending -= 1
+                        if rest_done is not None:
+                            rest_done.set()
+                    if frame is not None:
+                        try:
+                            send_frame(self.sock, *frame)
+                        finally:
+                            if queued:
+                                with self.counting:
+                                    self.pending -= 1
             except OSError as exc:
                 if not self.closing:
                     # a peer that closed may have said why first (ERROR, ABORT):
@@ -543,6 +590,8 @@ class Link:
         the queued ones (``dead`` first, so a frame queued meanwhile is
         released by ``send`` or here)."""
         self.dead = True
+        if self.rest is not None and self.rest[1] is not None:
+            self.rest[1].set()
         while True:
             if done is not None:
                 done.set()
@@ -550,7 +599,7 @@ class Link:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 return
-            done = item[-1] if item is not None else None
+            done = item[-1] if item is not None and item is not REST else None
 
     def _alive(self):
         self.heard = time.monotonic()
