@@ -529,14 +529,18 @@ class Link:
         if self.dead and done is not None:
             done.set()
 
+    @property
+    def raw(self):
+        """The socket itself (a Channel's, whose frames are already tagged here)."""
+        return self.sock.sock if isinstance(self.sock, Channel) else self.sock
+
     def _write_now(self, data, done):
         """Write a whole frame without blocking (``writing`` held): what the
         socket does not take now (a peer that stopped reading) the sender
         thread writes before anything queued, so that no caller ever waits
         on a peer here; a broken connection is its to report."""
-        raw = self.sock.sock if isinstance(self.sock, Channel) else self.sock
         try:
-            n = raw.send(data, socket.MSG_DONTWAIT)
+            n = self.raw.send(data, socket.MSG_DONTWAIT)
         except OSError:  # full (BlockingIOError), or broken: the sender meets that again and reports it
             n = 0
         if n == len(data):
@@ -560,8 +564,7 @@ class Link:
             try:
                 with self.writing:
                     if self.rest is not None:  # the end of a frame a caller began: first
-                        raw = self.sock.sock if isinstance(self.sock, Channel) else self.sock
-                        raw.sendall(self.rest[0])
+                        self.raw.sendall(self.rest[0])
                         rest_done, self.rest = self.rest[1], None
                         with self.counting:
                             self.pending -= 1
