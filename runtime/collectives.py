@@ -97,7 +97,10 @@ class GradientReducer:
     """Sums gradient buckets over their members and applies them, on a
     thread of its own, in the order they are started (every member starts
     a group's buckets in the same order, so the blocking rounds of two
-    buckets never wait on each other).
+    buckets never wait on each other). Other collectives that overlap
+    compute (a channel group's all-reduce of an input gradient while the
+    weight gradient is computed) queue on the same thread (``call``), in
+    schedule order too.
 
     ``apply(bucket)`` runs after a bucket's sums (the optimiser update).
     A failure is kept and raised by the next ``wait``; ``events``, if a
@@ -109,16 +112,41 @@ class GradientReducer:
         self.queue = queue.SimpleQueue()
         self.cond = threading.Condition()
         self.pending = 0
+        self.issued = self.finished = 0  # tickets: the thread runs them in order
         self.error = None
         self.thread = None
 
     def start(self, step, bucket, accumulators):
+        def run():
+            for key, algorithm in sorted(bucket["reduce"].items()):
+                tag = (step, "g", key)
+                if algorithm == "ring":
+                    ring_allreduce(self.comm, tag, accumulators[key], bucket["members"], inplace=True)
+                else:
+                    gather_allreduce(self.comm, tag, accumulators[key], bucket["members"])
+            self.apply(bucket)
+        return self.call(run, f"all-reduce {','.join(bucket['reduce']) or 'local'}")
+
+    def call(self, fn, label):
+        """Run ``fn()`` on the thread after everything queued before it;
+        returns its ticket (``wait_for``)."""
         with self.cond:
             self.pending += 1
+            self.issued += 1
+            ticket = self.issued
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name=f"tilec-grads-{self.comm.rank}", daemon=True)
             self.thread.start()
-        self.queue.put((step, bucket, accumulators))
+        self.queue.put((fn, label))
+        return ticket
+
+    def wait_for(self, ticket, timeout=None):
+        """Until the job of ``ticket`` (and every one before it) is done; raises the first failure."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.finished >= ticket or self.error is not None, timeout):
+                raise TimeoutError("an overlapped all-reduce did not finish")
+            if self.error is not None:
+                raise self.error
 
     def wait(self, timeout=None):
         """Until every started bucket is applied; raises the first failure."""
@@ -139,22 +167,17 @@ class GradientReducer:
             item = self.queue.get()
             if item is None:
                 return
-            step, bucket, acc = item
+            fn, label = item
             t0 = time.perf_counter()
             try:
                 if self.error is None:
-                    for key, algorithm in sorted(bucket["reduce"].items()):
-                        tag = (step, "g", key)
-                        if algorithm == "ring":
-                            ring_allreduce(self.comm, tag, acc[key], bucket["members"], inplace=True)
-                        else:
-                            gather_allreduce(self.comm, tag, acc[key], bucket["members"])
-                    self.apply(bucket)
+                    fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 with self.cond:
                     self.error = self.error or exc
             if self.events is not None:
-                self.events.append((f"all-reduce {','.join(bucket['reduce']) or 'local'}", t0, time.perf_counter()))
+                self.events.append((label, t0, time.perf_counter()))
             with self.cond:
                 self.pending -= 1
+                self.finished += 1
                 self.cond.notify_all()

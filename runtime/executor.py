@@ -181,6 +181,7 @@ class RankExecutor:
         self.stretch = stretch
         self.update = self._apply if stretch is None else functools.partial(stretch.run, self._apply)
         self.reducer = GradientReducer(comm, self.update, [] if trace else None)
+        self.overlapped = {}  # (group, layer, phase) -> the reducer's ticket of an overlapped all-reduce
         self.step_no = 0
 
     # -- set-up ------------------------------------------------------------------
@@ -408,21 +409,38 @@ class RankExecutor:
         self.tails[op["group"]].post_backward(op["layer"], self.params, self.acc)
 
     def _chan_bwd(self, op):
-        self.tails[op["group"]].backward(op["layer"], self.params, self.acc)
+        self.tails[op["group"]].backward(op["layer"], self.params, self.acc, op.get("part", "all"))
 
     def _chan_reduce(self, op):
         """All-reduce a B layer's partial sums (forward), an A layer's partial
-        input gradient (backward) or the group's input gradient (input)."""
+        input gradient (backward) or the group's input gradient (input); with
+        ``overlap``, on the communication thread, while this one goes on to
+        the next ops (the weight gradient) until ``chan_wait``."""
         tail, i, phase = self.tails[op["group"]], op["layer"], op["phase"]
         array = tail.reduced(i, phase)
         members = self.members[op["group"]]
-        ident = shards.reduce_id(i, phase)
-        if use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"]):
-            ring_allreduce(self.comm, (self.step_no, "c", ident), array, members, inplace=True,
-                           labels=("crs", "cag"))
-        else:
-            gather_allreduce(self.comm, (self.step_no, "c", ident), array, members)
+        tag = (self.step_no, "c", shards.reduce_id(i, phase))
+        ring = use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"])
+
+        def run():
+            if ring:
+                ring_allreduce(self.comm, tag, array, members, inplace=True, labels=("crs", "cag"))
+            else:
+                gather_allreduce(self.comm, tag, array, members)
+        if op.get("overlap"):
+            label = f"chan_reduce g{op['group']} L{i} {phase}"
+            self.overlapped[(op["group"], i, phase)] = self.reducer.call(run, label)
+            return
+        run()
         tail.reduced_done(i, phase)
+
+    def _chan_wait(self, op):
+        """The overlapped all-reduce of ``_chan_reduce`` is done: its sum joins the gradients."""
+        g, i, phase = op["group"], op["layer"], op["phase"]
+        t0 = time.perf_counter()
+        self.reducer.wait_for(self.overlapped.pop((g, i, phase)), self.comm.timeout)
+        self.comm.wait_s += time.perf_counter() - t0
+        self.tails[g].reduced_done(i, phase)
 
     def _grad_start(self, op):
         bucket = self.plan["buckets"][op["bucket"]]

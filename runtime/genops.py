@@ -57,16 +57,18 @@ class GeneratedOps:
         k.conv_forward(x, w, stride, tuple(pads), z, ws, band)
         return z
 
-    def conv2d_backward(self, x, w, stride, pads, dy, dw=None):
+    def conv2d_backward(self, x, w, stride, pads, dy, dw=None, input_grad=True, weight_grad=True):
         """(dx, dw); with ``dw`` (an accumulator), the kernel adds the weight
         gradient into it: no weight-sized temporary (YOLOv2's 3x3x1024x1024
-        layers: 38 MB each)."""
+        layers: 38 MB each). Without ``input_grad`` or ``weight_grad``, that
+        one is not computed (None)."""
         k = self._kern(x)
         x, w = _lastdim(x), np.ascontiguousarray(w, dtype=x.dtype)
         dy = np.ascontiguousarray(dy, dtype=x.dtype)
         f, c, ks, _ = w.shape
         band = band_rows(c, ks, dy.shape[2], dy.shape[3], x.shape[0])
-        dx, out = np.zeros(x.shape, x.dtype), np.empty(w.shape, x.dtype) if dw is None else dw
+        dx = np.zeros(x.shape, x.dtype) if input_grad else None
+        out = (np.empty(w.shape, x.dtype) if dw is None else dw) if weight_grad else None
         ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True, 0, f), x.dtype)
         k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, out, dx, accumulate=dw is not None)
         return dx, out

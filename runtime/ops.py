@@ -44,20 +44,26 @@ def conv2d_forward(x, w, stride, pads):
     return np.ascontiguousarray(y.reshape(b, ho, wo, f).transpose(0, 3, 1, 2))
 
 
-def conv2d_backward(x, w, stride, pads, dy, dw=None):
+def conv2d_backward(x, w, stride, pads, dy, dw=None, input_grad=True, weight_grad=True):
     """Gradients (dx, dw) of ``conv2d_forward`` for an output gradient ``dy``
-    (with ``dw``, the weight gradient is added to it)."""
+    (with ``dw``, the weight gradient is added to it); without
+    ``input_grad`` or ``weight_grad``, that one is not computed (None)."""
     pt, pb, pl, pr = pads
     f, c, k, _ = w.shape
     b, _, ho, wo = dy.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if any(pads) else x
-    cols = _windows(xp, k, stride, ho, wo).transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * k * k)
     dy2 = dy.transpose(0, 2, 3, 1).reshape(b * ho * wo, f)
-    grad = (dy2.T @ cols).reshape(w.shape)
-    if dw is None:
-        dw = grad
+    if weight_grad:
+        cols = _windows(xp, k, stride, ho, wo).transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * k * k)
+        grad = (dy2.T @ cols).reshape(w.shape)
+        if dw is None:
+            dw = grad
+        else:
+            dw += grad
     else:
-        dw += grad
+        dw = None
+    if not input_grad:
+        return None, dw
     dcols = (dy2 @ w.reshape(f, c * k * k)).reshape(b, ho, wo, c, k, k)
     dxp = np.zeros(xp.shape, dtype=dy.dtype)
     span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1

@@ -14,8 +14,9 @@ from tilec_runtime.files import atomic_json
 from tilec_runtime.program import tensor_shape, validate as validate_program
 
 FORMAT = "tilec-plan"
-VERSION = 4  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops;
-#             4: reorg reverse, local_avgpool
+VERSION = 5  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops;
+#             4: reorg reverse, local_avgpool; 5: an A layer's backward in parts around an overlapped
+#             all-reduce (chan_bwd part, chan_reduce overlap, chan_wait)
 DTYPES = ("float32", "float64")
 
 
@@ -157,22 +158,25 @@ OPS = {"send": ("msg",), "recv": ("msg",), "input": ("msg",), "conv_fwd": ("grou
        "conv_bwd": ("group", "unit"), "pool_bwd": ("group", "unit"), "tail_fwd": ("group",),
        "tail_bwd": ("group",), "grad_start": ("bucket",), "grad_wait": (), "chan_fwd": ("group", "layer"),
        "chan_reduce": ("group", "layer"), "chan_post": ("group", "layer"), "chan_post_bwd": ("group", "layer"),
-       "chan_bwd": ("group", "layer")}
+       "chan_bwd": ("group", "layer"), "chan_wait": ("group", "layer")}
 # which groups an op works on: tiled, a tail group on one device, one split by channels
 OP_GROUPS = {**{k: "tiled" for k in ("conv_fwd", "epi_fwd", "pool_fwd", "bn_stats", "recompute", "epi_bwd",
                                      "bn_grad", "conv_bwd", "pool_bwd")},
              "tail_fwd": "one", "tail_bwd": "one",
-             **{k: "channels" for k in ("chan_fwd", "chan_reduce", "chan_post", "chan_post_bwd", "chan_bwd")}}
+             **{k: "channels" for k in ("chan_fwd", "chan_reduce", "chan_post", "chan_post_bwd", "chan_bwd",
+                                        "chan_wait")}}
 
 
 CHAN_ROLES = {("chan_reduce", "forward"): "B", ("chan_reduce", "backward"): "A", ("chan_post", None): "B",
-              ("chan_post_bwd", None): "B", ("chan_reduce", "input"): "first"}
+              ("chan_post_bwd", None): "B", ("chan_reduce", "input"): "first", ("chan_wait", "backward"): "A",
+              ("chan_bwd", "input"): "A", ("chan_bwd", "weight"): "A"}
 
 
 def _check_role(program, group, op, where):
     """A channel all-reduce or post-op names a layer of the role it needs."""
     from tilec_runtime import shards
-    phase = op.get("phase") if op["op"] == "chan_reduce" else None
+    phase = op.get("part") if op["op"] == "chan_bwd" else op.get("phase") if op["op"] in ("chan_reduce",
+                                                                                          "chan_wait") else None
     want = CHAN_ROLES.get((op["op"], phase))
     if want is None:
         raise ProgramError(f"{where}: bad phase {phase!r}")
@@ -200,6 +204,7 @@ def _check_schedule(plan):
     for r, ops in enumerate(schedule):
         if not isinstance(ops, list):
             raise ProgramError(f"schedule of device {r} is not a list")
+        overlapped = set()  # (group, layer, phase) of overlapped all-reduces not yet waited for
         for i, op in enumerate(ops):
             where = f"device {r} op {i}"
             kind = op.get("op") if isinstance(op, dict) else None
@@ -224,8 +229,17 @@ def _check_schedule(plan):
                     raise ProgramError(f"{where}: {kind} on a {groups[g].get('mode', groups[g]['kind'])} group")
                 if "layer" in OPS[kind] and not groups[g]["layers"][0] <= op["layer"] <= groups[g]["layers"][1]:
                     raise ProgramError(f"{where}: layer {op['layer']} is not in group {g}")
-                if kind in ("chan_reduce", "chan_post", "chan_post_bwd"):
+                if kind in ("chan_reduce", "chan_post", "chan_post_bwd", "chan_wait") or (
+                        kind == "chan_bwd" and "part" in op):
                     _check_role(program, groups[g], op, where)
+                if kind == "chan_reduce" and op.get("overlap"):
+                    if op["phase"] != "backward":
+                        raise ProgramError(f"{where}: only a backward all-reduce overlaps compute")
+                    overlapped.add((g, op["layer"], op["phase"]))
+                if kind == "chan_wait":
+                    if (g, op["layer"], op["phase"]) not in overlapped:
+                        raise ProgramError(f"{where}: chan_wait for an all-reduce not overlapped before it")
+                    overlapped.discard((g, op["layer"], op["phase"]))
                 if "unit" in OPS[kind] and not 0 <= op["unit"] < n_units[g]:
                     raise ProgramError(f"{where}: group {g} has no unit {op['unit']}")
                 rows = op.get("rows")
@@ -237,6 +251,10 @@ def _check_schedule(plan):
                 b = op["bucket"]
                 if not 0 <= b < len(plan["buckets"]) or r not in plan["buckets"][b]["members"]:
                     raise ProgramError(f"{where}: device {r} is not a member of bucket {b}")
+        if overlapped:
+            g, layer, phase = sorted(overlapped)[0]
+            raise ProgramError(f"device {r}: the overlapped {phase} all-reduce of group {g} layer {layer} "
+                               f"is never waited for (chan_wait)")
     for k in range(len(messages)):
         if sent[k] != 1 or received[k] != 1:
             raise ProgramError(f"message {k} is sent {sent[k]} and received {received[k]} times (once each)")

@@ -99,6 +99,7 @@ class ChannelGroup:
                           for i in range(first, last + 1)}
         self.inputs = {first - 1: np.zeros((batch, *tensor_shape(program, first - 1)), dtype)}
         self.acts, self.cache, self.partial, self.partial_dx = {}, {}, {}, {}
+        self.pending = {}  # an A layer's gradient at its conv or connected output, between its two parts
         self.grads_in, self.grads_out = {}, {}
 
     # -- where things are -----------------------------------------------------------
@@ -179,28 +180,41 @@ class ChannelGroup:
 
     def post_backward(self, i, params, acc):
         """B layer ``i``: the activation's and batch norm's (or bias's) gradient, on all channels."""
-        layer, dy = self.program[i], self.grads_in[i]
-        if layer["kind"] == "conv":
-            dz = self.k.act_backward(self.acts[i], layer["act"], dy)
-            if layer["bn"]:
-                xhat, inv_std = self.cache[i]
-                s1, s2 = self.k.bn_grad_sums(dz, xhat)
-                count = dz.shape[0] * dz.shape[2] * dz.shape[3]
-                acc[f"{i}.bn.weight"] += s2.astype(dz.dtype)
-                acc[f"{i}.bn.bias"] += s1.astype(dz.dtype)
-                dz = self.k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
-            else:
-                acc[f"{i}.conv.bias"] += dz.sum(axis=(0, 2, 3))
-        else:
+        self.partial[i] = self._output_grad(i, self.program[i], params, acc, self.cache.get(i))
+
+    def _output_grad(self, i, layer, params, acc, bn_cache):
+        """The gradient at layer ``i``'s conv or connected output, from the one
+        at its activation's output: the activation's and batch norm's (or
+        bias's) backward, their parameter gradients added to ``acc``
+        (``bn_cache``: the layer's normalised values and 1 / std)."""
+        dy = self.grads_in[i]
+        if layer["kind"] != "conv":
             dz = ops.act_backward(self.acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
             acc[f"{i}.fc.bias"] += dz.sum(axis=0)
-        self.partial[i] = dz
+            return dz
+        dz = self.k.act_backward(self.acts[i], layer["act"], dy)
+        if not layer["bn"]:
+            acc[f"{i}.conv.bias"] += dz.sum(axis=(0, 2, 3))
+            return dz
+        xhat, inv_std = bn_cache
+        s1, s2 = self.k.bn_grad_sums(dz, xhat)
+        count = dz.shape[0] * dz.shape[2] * dz.shape[3]
+        acc[f"{i}.bn.weight"] += s2.astype(dz.dtype)
+        acc[f"{i}.bn.bias"] += s1.astype(dz.dtype)
+        return self.k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
 
-    def backward(self, i, params, acc):
-        """Layer ``i``'s share of backward; an A layer's input gradient is partial (``reduced``)."""
+    def backward(self, i, params, acc, part="all"):
+        """Layer ``i``'s share of backward; an A layer's input gradient is
+        partial (``reduced``). ``part`` "input" then "weight" split an A
+        layer whose input gradient is all-reduced: first that gradient (its
+        all-reduce can then run while the weight gradient is computed), then
+        the weight gradient from the same output gradient."""
         layer = self.program[i]
         j = i - 1
         x = self.acts[j]
+        if part != "all":
+            self._backward_part(i, layer, x, params, acc, part)
+            return
         if self.roles[i] == "B":
             dz = self.partial.pop(i)
             if layer["kind"] == "conv":
@@ -222,3 +236,29 @@ class ChannelGroup:
             self.grads_in[j] = dx if j not in self.grads_in else self.grads_in[j] + dx
         else:
             self.grads_out[j] = np.ascontiguousarray(dx)  # (all-reduced in place when the group reduces its input)
+
+    def _backward_part(self, i, layer, x, params, acc, part):
+        """An A layer's backward in two parts (``backward``): "input" turns
+        its output gradient into the one at the conv or connected output
+        (activation, batch norm: their parameter gradients go to ``acc``)
+        and computes the partial input gradient; "weight" adds the weight
+        gradient from the gradient "input" left (``pending``)."""
+        if not (self.roles[i] == "A" and self.reduce_dx[i]):
+            raise ValueError(f"layer {i}: only an A layer whose input gradient is all-reduced runs in parts")
+        conv = layer["kind"] == "conv"
+        key = f"{i}.conv.weight" if conv else f"{i}.fc.weight"
+        if part == "weight":
+            dz = self.pending.pop(i)
+            if conv:
+                self.k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz, dw=acc[key],
+                                       input_grad=False)
+            else:
+                acc[key] += dz.T @ x.reshape(x.shape[0], -1)
+            return
+        dz = self._output_grad(i, layer, params, acc, self.cache.pop(i, None))
+        if conv:
+            dx, _ = self.k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz, weight_grad=False)
+        else:
+            dx = (dz @ params[key]).reshape(x.shape)
+        self.pending[i] = dz
+        self.partial_dx[i - 1] = np.ascontiguousarray(dx)  # all-reduced before it joins grads_in

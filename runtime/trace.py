@@ -12,7 +12,7 @@ import json
 
 CATEGORY = {"send": "comm", "recv": "comm", "input": "comm", "bn_stats": "collective", "bn_grad": "collective",
             "grad_start": "comm", "grad_wait": "wait", "tail_fwd": "compute", "tail_bwd": "compute",
-            "chan_reduce": "collective"}
+            "chan_reduce": "collective", "chan_wait": "wait"}
 
 
 def op_name(op, messages=None):
@@ -38,6 +38,8 @@ def op_name(op, messages=None):
         parts.append(f"b{op['bucket']}")
     if "rows" in op:
         parts.append(f"rows {op['rows'][0]}:{op['rows'][1]}")
+    if "part" in op:
+        parts.append(op["part"])
     return " ".join(parts)
 
 

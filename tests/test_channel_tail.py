@@ -20,6 +20,7 @@ from tilec.errors import PlanError
 from tilec.plan.build import GroupChoice, build_plan
 from tilec.analysis.tail import TailChoice, runs
 from tilec_runtime import data, inprocess, planfile, shards, weights
+from tilec_runtime.comm import InProcessHub
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.executor import RankExecutor, holdings
 from tilec_runtime.program import ACTIVATIONS, param_shapes
@@ -191,8 +192,13 @@ def test_without_the_all_reduce_the_result_is_wrong(monkeypatch):
     got = inprocess.train(plan, params, buffers, batches, 2, module("float64"), timeout=30)
     assert_same(got[:3], want, 1e-10, FLOOR)
     def skipped(self, op):
+        if not op.get("overlap"):  # (an overlapped one joins at its chan_wait)
+            self.tails[op["group"]].reduced_done(op["layer"], op["phase"])
+
+    def joined(self, op):
         self.tails[op["group"]].reduced_done(op["layer"], op["phase"])
     monkeypatch.setattr(RankExecutor, "_chan_reduce", skipped)
+    monkeypatch.setattr(RankExecutor, "_chan_wait", joined)
     got = inprocess.train(plan, params, buffers, batches, 2, module("float64"), timeout=30)
     assert max(rel_err(got[1][k], want[1][k], FLOOR) for k in want[1]) > 1e-3
 
@@ -238,6 +244,44 @@ def test_plan_validation_checks_channel_ops():
     groups = [dict(g, mode="rows") if g["kind"] == "tail" else g for g in plan["groups"]]
     with pytest.raises(ProgramError, match="bad tail mode 'rows'"):
         planfile.validate(planfile.seal(dict(plan, groups=groups)))
+
+
+def test_an_a_layer_sends_its_input_gradient_off_before_its_weight_gradient():
+    """Backward, an A layer whose input gradient is all-reduced computes that
+    gradient first, starts its all-reduce on the communication thread, and
+    computes its weight gradient while it runs; the schedule says so, the
+    validation holds the all-reduce to a later wait, and a traced step has
+    the all-reduce on the communication thread, not the schedule's."""
+    program = dense_tail()
+    plan = plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1]), TailChoice(7, 7, "one", [0])], 2, 2)
+    roles = shards.roles(program, 1, 6)
+    ops = plan["schedule"][1]
+    for i in (4, 6):  # the A layers after a split layer (layer 1's input gradient goes back to the tiles)
+        assert roles[i] == "A"
+        k = next(n for n, op in enumerate(ops) if op.get("layer") == i and op.get("part") == "input")
+        assert [(op["op"], op.get("part"), op.get("phase"), op.get("overlap")) for op in ops[k:k + 4]] == [
+            ("chan_bwd", "input", None, None), ("chan_reduce", None, "backward", True),
+            ("chan_bwd", "weight", None, None), ("chan_wait", None, "backward", None)]
+    assert not any(op.get("part") for op in ops if op.get("layer") == 1)
+    wait = next(n for n, op in enumerate(ops) if op["op"] == "chan_wait")
+    with pytest.raises(ProgramError, match="never waited for"):
+        planfile.validate(planfile.seal(dict(plan, schedule=[plan["schedule"][0], ops[:wait] + ops[wait + 1:]])))
+    start = wait - 2
+    with pytest.raises(ProgramError, match="chan_wait for an all-reduce not overlapped before it"):
+        planfile.validate(planfile.seal(dict(plan, schedule=[plan["schedule"][0],
+                                                             ops[:start] + [dict(ops[start], overlap=False)]
+                                                             + ops[start + 1:]])))
+    params, buffers, batches = setup(program, 2)
+    hub = InProcessHub(2, 30.0)
+    executors = inprocess.make_executors(plan, [hub.comm(r) for r in range(2)], module("float64"), params, buffers,
+                                         trace=True)
+    inprocess.run_ranks(executors, hub, batches, 0, 1)
+    g = next(n for n, group in enumerate(plan["groups"]) if group["layers"] == [1, 6])
+    for ex in executors:
+        assert [name for name, _, _ in ex.reducer.events if name.startswith("chan_reduce")] == [
+            f"chan_reduce g{g} L6 backward", f"chan_reduce g{g} L4 backward"]
+        assert not any(op["op"] == "chan_reduce" and op.get("phase") == "backward" and not op.get("overlap")
+                       for op, _, _ in ex.events)
 
 
 def small_yolov2_tiny(tmp_path, size=96):

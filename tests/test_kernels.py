@@ -184,6 +184,30 @@ def test_conv_backward_adds_the_input_gradient_and_sets_or_adds_the_weight_gradi
 
 
 @FAST
+@given(conv_case(), st.integers(1, 3))
+def test_conv_backward_without_dw_adds_the_input_gradient_alone(case, images):
+    """``dw`` None (a split layer's input gradient, sent off before its
+    weight gradient): dx as the reference has it, on bands of rows or of
+    ``images`` whole maps (images > 1), on any number of threads; no bn."""
+    rng, x, w, ho, wo, ws = conv_setup(case)
+    dt = case["dtype"]
+    band = case["band"] if images == 1 else images * ho
+    if images > 1:
+        ws = np.empty(module(dt).workspace_size(x.shape[1], w.shape[2], band, ho, wo, True, True, 3, case["f"]), dt)
+    dy = rng.standard_normal((x.shape[0], case["f"], ho, wo)).astype(dt)
+    dx = embedded(rng, x.shape, dt, case["offsets"][::-1])
+    before = dx.copy()
+    with threads(dt, case["threads"]):
+        kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, ws, band, None, dx)
+    want_dx, _ = ops.conv2d_backward(x, w, case["stride"], case["pads"], dy, weight_grad=False)
+    ax, aw, ady = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), np.abs(dy).astype(np.float64)
+    mag_dx, _ = ops.conv2d_backward(ax, aw, case["stride"], case["pads"], ady)
+    check(dx, before + want_dx, dt, mag_dx + np.abs(before))
+    with pytest.raises(ValueError, match="only an input gradient"):
+        kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, ws, band, None, None)
+
+
+@FAST
 @given(conv_case(), st.integers(2, 4))
 def test_several_images_per_gemm_equal_one_image_per_gemm_with_the_batch_norm_finish(case, images):
     """A band of ``images`` whole maps (the threads split the images) against

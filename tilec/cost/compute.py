@@ -129,10 +129,20 @@ def layer_seconds(profile, layer, positions, batch, itemsize, direction, scale=1
 def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale=1.0, threads=1, part="all"):
     """Seconds of a member's share of a layer split by channels
     (``tilec_runtime.shards``): an A or pooling layer on its channels (the
-    layer ``share``); a B layer's ``part`` "partial" sum (its input
+    layer ``share``), an A layer's backward ``part`` "input" (all but the
+    weight gradient) or "weight"; a B layer's ``part`` "partial" sum (its input
     channels, every output), "post" (on every member alike, its bias or
     batch norm and activation on all channels), or "all" of it."""
     positions = layer["out_shape"][1] * layer["out_shape"][2]
+    if role == "A" and part in ("input", "weight"):  # backward in two parts (``tilec_runtime.tailstep``)
+        whole = layer_seconds(profile, share, positions, batch, itemsize, direction, scale, threads)
+        if layer["kind"] == "conv":
+            weight = stage_seconds(profile, "conv", direction,
+                                   conv_features(share, positions, batch, itemsize, direction, False), threads, scale)
+        else:
+            weight = whole / 2  # the two GEMMs of a connected layer's backward, of one size
+        weight = min(weight, whole)
+        return weight if part == "weight" else whole - weight
     if role != "B":
         return layer_seconds(profile, share, positions, batch, itemsize, direction, scale, threads)
     if layer["kind"] == "conv":

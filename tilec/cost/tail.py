@@ -13,7 +13,8 @@ backward, is a *transition* with the same messages the plan builder makes
 
 A group's time is, layer by layer, its slowest member forward and
 backward (a channel group's all-reduces make every layer a barrier), plus
-its all-reduces, its SGD update, and sending rank 0 what a later layer
+its all-reduces (an A layer's backward one overlapping its weight
+gradient: the longer of the two), its SGD update, and sending rank 0 what a later layer
 other than the next reads (route, reorg and the losses run on rank 0).
 Memory per member: ``tilec.cost.memory.tail_member_bytes``.
 """
@@ -189,6 +190,18 @@ class TailPricer:
                                                     dev.compute_scale, dev.threads) for direction in DIRECTIONS)
         return self._layers[key]
 
+    def _weight_part(self, first, last, i, d, member, k):
+        """Seconds of the weight gradient of A layer ``i`` on device ``d``
+        (member ``member`` of ``k``), the part of its backward that overlaps
+        the all-reduce of its input gradient."""
+        key = (first, last, i, d, member, k, "weight")
+        if key not in self._layers:
+            dev, layer = self.devices[d], self.program[i]
+            share = shards.share(self.program, first, last, k, member, i)
+            self._layers[key] = share_seconds(dev.profile, layer, share, "A", self.batch, self.item, "backward",
+                                              dev.compute_scale, dev.threads, "weight")
+        return self._layers[key]
+
     def arc(self, first, last, mode, devices):
         """The :class:`TailArc` of program[first..last] on ``devices``."""
         key = (first, last, mode, tuple(devices))
@@ -204,15 +217,19 @@ class TailPricer:
         roles = shards.roles(program, first, last) if k > 1 else {}
         for i in range(first, last + 1):
             times = [self._layer(first, last, i, d, m, k) for m, d in enumerate(devices)]
-            compute += max(t[0] for t in times) + max(t[1] for t in times)
             for d, t in zip(devices, times):
                 busy[d] += t[0] + t[1]
             if k > 1 and roles[i] == "B":  # the partial sums, forward
                 collective += gradient_allreduce_seconds(b * prod(program[i]["out_shape"]) * item, devices,
                                                          self.devices)
             if k > 1 and roles[i] == "A" and any(roles[j] != "local" for j in range(first, i)):
-                collective += gradient_allreduce_seconds(b * prod(program[i]["in_shape"]) * item, devices,
-                                                         self.devices)
+                # backward: the partial input gradient, then its all-reduce while the weight gradient is computed
+                weights = [self._weight_part(first, last, i, d, m, k) for m, d in enumerate(devices)]
+                reduce = gradient_allreduce_seconds(b * prod(program[i]["in_shape"]) * item, devices, self.devices)
+                compute += max(t[0] for t in times) + max(t[1] - w for t, w in zip(times, weights))
+                collective += max(reduce, max(weights))
+            else:
+                compute += max(t[0] for t in times) + max(t[1] for t in times)
         state, kept, work = {}, {}, {}
         update = 0.0
         for m, d in enumerate(devices):

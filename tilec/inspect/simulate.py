@@ -134,9 +134,11 @@ class OpPricer:
         profile, scale, threads = self.device(rank)
         direction, part = {"chan_fwd": ("forward", "partial"), "chan_post": ("forward", "post"),
                            "chan_post_bwd": ("backward", "post"), "chan_bwd": ("backward", "partial")}[op["op"]]
+        part = op.get("part", part)  # an A layer's backward in parts: "input", "weight"
         secs = share_seconds(profile, self.program[i], share, role, self.batch, self.item, direction, scale, threads,
                              part)
-        return secs, "tail", f"{op['op']} g{op['group']} layer {i}"
+        label = f"{op['op']} g{op['group']} layer {i}" + (f" {op['part']}" if "part" in op else "")
+        return secs, "tail", label
 
     def update(self, rank, keys, shapes):
         profile, scale, threads = self.device(rank)
@@ -188,8 +190,14 @@ def _actions(plan, rank, pricer, shapes):
             for other in members:
                 if other != rank:
                     main.append(("recv", ("c", kind, op["layer"], other, rank), other))
+        elif kind == "chan_reduce" and op.get("overlap"):  # on the communication thread, after what it has
+            ident = ("cr", op["group"], op["layer"], op["phase"])
+            main.append(("post", ident))
+            comm += [("await", ident), *_channel_reduce_actions(plan, op, rank, item), ("done", ident)]
         elif kind == "chan_reduce":
             main += _channel_reduce_actions(plan, op, rank, item)
+        elif kind == "chan_wait":
+            main.append(("join", (("cr", op["group"], op["layer"], op["phase"]),)))
         elif kind == "grad_start":
             bucket = plan["buckets"][op["bucket"]]
             update = pricer.update(rank, bucket["keys"], shapes)

@@ -38,6 +38,11 @@ ops of one rank, in order:
     input gradient (``phase`` backward) where its input comes from inside
     the group, and of the group's input gradient (``phase`` input) where
     its input is the replicated output of a group on the same devices.
+    Such an A layer's backward runs in two parts (``part`` "input" and
+    "weight"), with its all-reduce between them marked ``overlap``: it runs
+    on the communication thread while the weight gradient is computed.
+``chan_wait`` ``group layer phase``
+    the overlapped all-reduce is done; its sum joins the gradients.
 ``grad_start`` ``bucket``
     the bucket's gradients are final on this rank: sum them over its
     members (ring or all-gather) and update those parameters, on the
@@ -200,9 +205,14 @@ def channel_backward(program, g, group):
         i = layer["index"]
         if r[i] == "B":
             ops.append({"op": "chan_post_bwd", "group": g, "layer": i})
-        ops.append({"op": "chan_bwd", "group": g, "layer": i})
         if r[i] == "A" and i > first and any(r[j] != "local" for j in range(first, i)):
-            ops.append({"op": "chan_reduce", "group": g, "layer": i, "phase": "backward"})
+            # the partial input gradient first: its all-reduce runs while the weight gradient is computed
+            ops += [{"op": "chan_bwd", "group": g, "layer": i, "part": "input"},
+                    {"op": "chan_reduce", "group": g, "layer": i, "phase": "backward", "overlap": True},
+                    {"op": "chan_bwd", "group": g, "layer": i, "part": "weight"},
+                    {"op": "chan_wait", "group": g, "layer": i, "phase": "backward"}]
+        else:
+            ops.append({"op": "chan_bwd", "group": g, "layer": i})
     if group.get("reduce_input"):
         ops.append({"op": "chan_reduce", "group": g, "layer": first, "phase": "input"})
     return ops
