@@ -373,7 +373,8 @@ def identity_route_cases(draw):
 
 def test_a_route_of_one_map_starts_a_run_and_is_that_map():
     """runs(): the route of one map (layer 4, reading layer 1) starts a
-    splittable run with the conv after it (layers read by two end theirs); the reference's route hands on
+    splittable run with the conv after it; layers read by a later one too
+    (1 and 2) stay inside theirs (a channel group hands those on as well); the reference's route hands on
     the very array it reads, and its gradient as a view of the one it gets."""
     from tilec_runtime import reference
     b = ProgramBuilder(2, 6, 6)
@@ -387,8 +388,7 @@ def test_a_route_of_one_map_starts_a_run_and_is_that_map():
     b.conv(2, 1, 1, 0)
     b.cost()
     program = b.build()
-    assert runs(program, 1) == [(1, 1, True), (2, 2, True), (3, 3, True), (4, 5, True), (6, 6, False), (7, 7, True),
-                                (8, 8, False)]
+    assert runs(program, 1) == [(1, 3, True), (4, 5, True), (6, 6, False), (7, 7, True), (8, 8, False)]
     assert shards.check(program, 4, 5, 2) == "layer 4 (route) needs the whole map"
     assert shards.check(program, 5, 5, 2) is None
     acts = {1: np.ones((2, 4, 6, 6))}
@@ -397,6 +397,55 @@ def test_a_route_of_one_map_starts_a_run_and_is_that_map():
     dy = np.ones((2, 4, 6, 6))
     _, dout = reference.backward_layers([program[4]], {}, acts, {}, {4: dy})
     assert np.shares_memory(dout[1], dy)
+
+
+def passthrough_program():
+    """YOLOv2's passthrough in small: a tiled conv; then A (layer 1, read by
+    the next layer and by route 5), B, a max-pool, A (layer 4, read by
+    route 8); route 5 of layer 1, a conv, a reorg, route 8 of the reorg and
+    layer 4, a conv and the cost."""
+    b = ProgramBuilder(2, 6, 6)
+    b.conv(3, 3, 1, "same", bn=True, act="leaky")
+    skip = b.conv(4, 3, 1, "same", bn=True, act="leaky")
+    b.conv(6, 1, 1, 0, bn=True, act="leaky")
+    b.maxpool(2, 2)
+    deep = b.conv(5, 3, 1, "same", act="leaky")
+    b.route(skip)
+    b.conv(4, 1, 1, 0, bn=True, act="leaky")
+    b.reorg(2)
+    b.route(b.last, deep)
+    b.conv(3, 1, 1, 0)
+    b.cost()
+    return b.build()
+
+
+@pytest.mark.parametrize("sockets", [False, True])
+def test_a_channel_group_hands_on_the_maps_a_later_route_reads(sockets):
+    """YOLOv2's layer 16 (read by the pool after it and by route 25): a
+    channel group holds it and sends each member's channels of it (an A
+    layer's output) or the whole map (a B layer's, from every member) to
+    where the route runs, and adds the gradients that come back, before its
+    own backward reaches that layer. Equals one device (float64 1e-10), in
+    one process and over sockets."""
+    program = passthrough_program()
+    assert runs(program, 1) == [(1, 4, True), (5, 6, True), (7, 8, False), (9, 9, True), (10, 10, False)]
+    tiled = [GroupChoice(0, 0, [0, 3, 6], [0, 6], [0, 1])]
+    tail = [TailChoice(1, 4, "channels", [0, 1, 2]), TailChoice(5, 6, "one", [1]), TailChoice(7, 8, "one", [2]),
+            TailChoice(9, 9, "channels", [1, 2]), TailChoice(10, 10, "one", [0])]
+    plan = plan_of(program, 1, tiled, tail, 3, 2)
+    planfile.validate(plan)
+    far = {(m["sender"], m["receiver"], m["phase"]) for m in plan["messages"]
+           if m["tensor"] == 1 and m["sender"] != m["receiver"]}
+    # each member's channels of layer 1 to route 5 on device 1, its gradient back
+    assert far == {(0, 1, "forward"), (2, 1, "forward"), (1, 0, "backward"), (1, 2, "backward")}
+    params, buffers, batches = setup(program, 2)
+    want = one_device(program, params, buffers, batches, 3)
+    if sockets:
+        got = train_socketpairs(plan, params, buffers, batches, 3)
+    else:
+        losses, p, b, _ = inprocess.train(plan, params, buffers, batches, 3, module("float64"), timeout=30)
+        got = (losses, p, b)
+    assert_same(got, want, 1e-10, FLOOR)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

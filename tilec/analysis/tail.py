@@ -44,10 +44,12 @@ def readers_of(program):
 
 
 def runs(program, prefix):
-    """[(first, last, splittable)] covering program[prefix:]. A splittable
-    run ends where a layer's output is read by anything but the next layer
-    (a group split by channels hands on its last output only); a route of
-    one map starts one."""
+    """[(first, last, splittable)] covering program[prefix:]; a route of
+    one map starts a splittable one. A layer whose output a later layer
+    reads too (YOLOv2's 16, read by the pool after it and by route 25) stays
+    inside its run: a group split by channels hands on any output it holds
+    (each member its channels, ``flows``), so the pool after it may join it
+    and the next group takes the pooled map, a quarter of the bytes."""
     readers = readers_of(program)
     out = []
     for layer in program[prefix:]:
@@ -59,7 +61,7 @@ def runs(program, prefix):
             # it are never split by channels (``shards.check``)
             out.append((i, i, True))
             continue
-        if out and out[-1][2] == ok and (not ok or readers.get(i - 1, set()) <= {i}):
+        if out and out[-1][2] == ok:
             first, _, _ = out[-1]
             out[-1] = (first, i, ok)
         else:
