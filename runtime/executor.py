@@ -181,7 +181,7 @@ class RankExecutor:
         self.stretch = stretch
         self.update = self._apply if stretch is None else functools.partial(stretch.run, self._apply)
         self.reducer = GradientReducer(comm, self.update, [] if trace else None)
-        self.overlapped = {}  # (group, layer, phase) -> the reducer's ticket of an overlapped all-reduce
+        self.overlapped = {}  # (group, layer, phase, slice) -> the reducer's ticket of an overlapped all-reduce
         self.step_no = 0
 
     # -- set-up ------------------------------------------------------------------
@@ -400,10 +400,10 @@ class RankExecutor:
         self.tails[op["group"]].backward(self.params, self.acc)
 
     def _chan_fwd(self, op):
-        self.tails[op["group"]].forward(op["layer"], self.params, self.buffers)
+        self.tails[op["group"]].forward(op["layer"], self.params, self.buffers, op.get("slice"), op.get("slices", 1))
 
     def _chan_post(self, op):
-        self.tails[op["group"]].post(op["layer"], self.params, self.buffers)
+        self.tails[op["group"]].post(op["layer"], self.params, self.buffers, op.get("slice"), op.get("slices", 1))
 
     def _chan_post_bwd(self, op):
         self.tails[op["group"]].post_backward(op["layer"], self.params, self.acc)
@@ -416,10 +416,10 @@ class RankExecutor:
         input gradient (backward) or the group's input gradient (input); with
         ``overlap``, on the communication thread, while this one goes on to
         the next ops (the weight gradient) until ``chan_wait``."""
-        tail, i, phase = self.tails[op["group"]], op["layer"], op["phase"]
-        array = tail.reduced(i, phase)
+        tail, i, phase, piece = self.tails[op["group"]], op["layer"], op["phase"], op.get("slice")
+        array = tail.reduced(i, phase, piece)
         members = self.members[op["group"]]
-        tag = (self.step_no, "c", shards.reduce_id(i, phase))
+        tag = (self.step_no, "c", shards.reduce_id(i, phase, piece or 0))
         ring = use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"])
 
         def run():
@@ -428,8 +428,8 @@ class RankExecutor:
             else:
                 gather_allreduce(self.comm, tag, array, members)
         if op.get("overlap"):
-            label = f"chan_reduce g{op['group']} L{i} {phase}"
-            self.overlapped[(op["group"], i, phase)] = self.reducer.call(run, label)
+            label = f"chan_reduce g{op['group']} L{i} {phase}" + (f" slice {piece}" if piece is not None else "")
+            self.overlapped[(op["group"], i, phase, piece)] = self.reducer.call(run, label)
             return
         run()
         tail.reduced_done(i, phase)
@@ -438,7 +438,7 @@ class RankExecutor:
         """The overlapped all-reduce of ``_chan_reduce`` is done: its sum joins the gradients."""
         g, i, phase = op["group"], op["layer"], op["phase"]
         t0 = time.perf_counter()
-        self.reducer.wait_for(self.overlapped.pop((g, i, phase)), self.comm.timeout)
+        self.reducer.wait_for(self.overlapped.pop((g, i, phase, op.get("slice"))), self.comm.timeout)
         self.comm.wait_s += time.perf_counter() - t0
         self.tails[g].reduced_done(i, phase)
 

@@ -16,7 +16,7 @@ from tilec_runtime.program import tensor_shape, validate as validate_program
 FORMAT = "tilec-plan"
 VERSION = 5  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops;
 #             4: reorg reverse, local_avgpool; 5: an A layer's backward in parts around an overlapped
-#             all-reduce (chan_bwd part, chan_reduce overlap, chan_wait)
+#             all-reduce (chan_bwd part, chan_reduce overlap, chan_wait); a B layer's sums in slices
 DTYPES = ("float32", "float64")
 
 
@@ -167,16 +167,19 @@ OP_GROUPS = {**{k: "tiled" for k in ("conv_fwd", "epi_fwd", "pool_fwd", "bn_stat
                                         "chan_wait")}}
 
 
-CHAN_ROLES = {("chan_reduce", "forward"): "B", ("chan_reduce", "backward"): "A", ("chan_post", None): "B",
+# the roles a channel op's layer may have (A: after a sliced B, its sums slice by slice, then its post)
+CHAN_ROLES = {("chan_reduce", "forward"): "B", ("chan_reduce", "backward"): "A", ("chan_post", None): "AB",
               ("chan_post_bwd", None): "B", ("chan_reduce", "input"): "first", ("chan_wait", "backward"): "A",
-              ("chan_bwd", "input"): "A", ("chan_bwd", "weight"): "A"}
+              ("chan_bwd", "input"): "A", ("chan_bwd", "weight"): "A", ("chan_fwd", "slice"): "AB",
+              ("chan_wait", "forward"): "B"}
 
 
 def _check_role(program, group, op, where):
     """A channel all-reduce or post-op names a layer of the role it needs."""
     from tilec_runtime import shards
-    phase = op.get("part") if op["op"] == "chan_bwd" else op.get("phase") if op["op"] in ("chan_reduce",
-                                                                                          "chan_wait") else None
+    kind = op["op"]
+    phase = (op.get("part") if kind == "chan_bwd" else "slice" if kind == "chan_fwd"
+             else op.get("phase") if kind in ("chan_reduce", "chan_wait") else None)
     want = CHAN_ROLES.get((op["op"], phase))
     if want is None:
         raise ProgramError(f"{where}: bad phase {phase!r}")
@@ -184,14 +187,32 @@ def _check_role(program, group, op, where):
         if op["layer"] != group["layers"][0] or not group.get("reduce_input"):
             raise ProgramError(f"{where}: the input all-reduce names the first layer of a group that reduces its input")
         return
+    roles = shards.roles(program, *group["layers"])
+    role = roles[op["layer"]]
+    if role not in want:
+        raise ProgramError(f"{where}: {op['op']} needs a layer split as {' or '.join(want)}, "
+                           f"layer {op['layer']} is {role}")
+    if role == "A" and want == "AB" and (op["layer"] == group["layers"][0] or roles[op["layer"] - 1] != "B"):
+        raise ProgramError(f"{where}: {op['op']} of A layer {op['layer']} slice by slice needs a B layer before it")
+
+
+def _check_slice(program, group, op, where):
+    """A slice of a B layer's sums (or of the input channels of the A after
+    it) names one of at most MAX_SLICES, each of some channels."""
+    from tilec_runtime import shards
+    piece, pieces = op.get("slice"), op.get("slices")
+    layer = program[op["layer"]]
     role = shards.roles(program, *group["layers"])[op["layer"]]
-    if role != want:
-        raise ProgramError(f"{where}: {op['op']} needs a layer split as {want}, layer {op['layer']} is {role}")
+    channels = layer["out_shape"][0] if role == "B" else layer["in_shape"][0]
+    if not (isinstance(piece, int) and isinstance(pieces, int) and 0 <= piece < pieces <= shards.MAX_SLICES
+            and pieces <= channels):
+        raise ProgramError(f"{where}: bad slice {piece!r} of {pieces!r}")
 
 
 def _check_schedule(plan):
     """Every op names what exists and concerns its rank; every message is
     sent once by its sender and received once by its receiver."""
+    from tilec_runtime import shards
     from tilec_runtime.lower import outside_tensors, units
     program, groups, messages = plan["program"], plan["groups"], plan["messages"]
     schedule = plan.get("schedule")
@@ -204,7 +225,8 @@ def _check_schedule(plan):
     for r, ops in enumerate(schedule):
         if not isinstance(ops, list):
             raise ProgramError(f"schedule of device {r} is not a list")
-        overlapped = set()  # (group, layer, phase) of overlapped all-reduces not yet waited for
+        overlapped = set()  # (group, layer, phase, slice) of overlapped all-reduces not yet waited for
+        summed = set()  # (group, layer) of A layers that summed slices of their input
         for i, op in enumerate(ops):
             where = f"device {r} op {i}"
             kind = op.get("op") if isinstance(op, dict) else None
@@ -230,16 +252,25 @@ def _check_schedule(plan):
                 if "layer" in OPS[kind] and not groups[g]["layers"][0] <= op["layer"] <= groups[g]["layers"][1]:
                     raise ProgramError(f"{where}: layer {op['layer']} is not in group {g}")
                 if kind in ("chan_reduce", "chan_post", "chan_post_bwd", "chan_wait") or (
-                        kind == "chan_bwd" and "part" in op):
+                        kind == "chan_bwd" and "part" in op) or (kind == "chan_fwd" and "slice" in op):
                     _check_role(program, groups[g], op, where)
+                if "slice" in op and kind != "chan_wait":
+                    _check_slice(program, groups[g], op, where)
+                if kind == "chan_fwd" and "slice" in op:
+                    summed.add((g, op["layer"]))
+                if kind == "chan_post" and shards.roles(program, *groups[g]["layers"])[op["layer"]] == "A" and (
+                        g, op["layer"]) not in summed:
+                    raise ProgramError(f"{where}: chan_post of A layer {op['layer']} before its sums slice by slice")
+                key = (g, op.get("layer"), op.get("phase"), op.get("slice"))
                 if kind == "chan_reduce" and op.get("overlap"):
-                    if op["phase"] != "backward":
-                        raise ProgramError(f"{where}: only a backward all-reduce overlaps compute")
-                    overlapped.add((g, op["layer"], op["phase"]))
+                    if (op["phase"] == "forward") != ("slice" in op) or op["phase"] == "input":
+                        raise ProgramError(f"{where}: only a slice of B's sums or an A layer's input gradient "
+                                           f"is all-reduced while compute goes on")
+                    overlapped.add(key)
                 if kind == "chan_wait":
-                    if (g, op["layer"], op["phase"]) not in overlapped:
+                    if key not in overlapped:
                         raise ProgramError(f"{where}: chan_wait for an all-reduce not overlapped before it")
-                    overlapped.discard((g, op["layer"], op["phase"]))
+                    overlapped.discard(key)
                 if "unit" in OPS[kind] and not 0 <= op["unit"] < n_units[g]:
                     raise ProgramError(f"{where}: group {g} has no unit {op['unit']}")
                 rows = op.get("rows")
@@ -252,7 +283,7 @@ def _check_schedule(plan):
                 if not 0 <= b < len(plan["buckets"]) or r not in plan["buckets"][b]["members"]:
                     raise ProgramError(f"{where}: device {r} is not a member of bucket {b}")
         if overlapped:
-            g, layer, phase = sorted(overlapped)[0]
+            g, layer, phase, _ = min(overlapped, key=str)
             raise ProgramError(f"device {r}: the overlapped {phase} all-reduce of group {g} layer {layer} "
                                f"is never waited for (chan_wait)")
     for k in range(len(messages)):

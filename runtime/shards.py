@@ -79,18 +79,51 @@ def check(program, first, last, k):
 REDUCE_PHASES = ("forward", "backward", "input")
 
 
-def reduce_id(layer, phase):
+MAX_SLICES = 4
+# A B layer's sums are cut into slices of output channels, each all-reduced (on the communication
+# thread) while the next is computed, when a slice still holds this many bytes: below it, the ring's
+# 2 (k - 1) rounds of latency per slice cost more than the overlap saves.
+SLICE_MIN_BYTES = 256 * 1024
+
+
+def forward_slices(layer, batch, itemsize):
+    """How many slices of its output channels B layer ``layer``'s forward
+    sums are all-reduced in (1: all at once, after they are computed)."""
+    channels = layer["out_shape"][0]
+    nbytes = batch * channels * layer["out_shape"][1] * layer["out_shape"][2] * itemsize
+    return max(1, min(MAX_SLICES, channels, nbytes // SLICE_MIN_BYTES))
+
+
+def takes_slices(program, first, last, i, roles_):
+    """The A layer right after B layer ``i`` in the group, which sums B's
+    output slice by slice as each is final (None if there is none)."""
+    return i + 1 if i < last and roles_.get(i + 1) == "A" else None
+
+
+def reduce_id(layer, phase, piece=0):
     """The id of a channel group's all-reduce at ``layer``: a B layer's sums
-    (``phase`` forward), an A layer's partial input gradient (backward), or
-    the group's input gradient (input: the group's input is the replicated
-    output of a group on the same devices, whose every member needs it)."""
-    return 3 * layer + REDUCE_PHASES.index(phase)
+    (``phase`` forward; ``piece``: which slice of them), an A layer's partial
+    input gradient (backward), or the group's input gradient (input: the
+    group's input is the replicated output of a group on the same devices,
+    whose every member needs it)."""
+    return (3 * layer + REDUCE_PHASES.index(phase)) * MAX_SLICES + piece
 
 
-def reduce_shape(program, layer, phase, batch):
-    """Shape of the array that all-reduce sums."""
+def reduce_shape(program, layer, phase, batch, piece=None, pieces=1):
+    """Shape of the array that all-reduce sums (slice ``piece`` of ``pieces``)."""
     layer = program[layer]
-    return (batch, *(layer["out_shape"] if phase == "forward" else layer["in_shape"]))
+    shape = list(layer["out_shape"] if phase == "forward" else layer["in_shape"])
+    if piece is not None:
+        bounds = part_bounds(shape[0], pieces)
+        shape[0] = bounds[piece + 1] - bounds[piece]
+    return (batch, *shape)
+
+
+def op_reduce(program, op, batch):
+    """(id, shape) of the all-reduce of schedule op ``op`` (a ``chan_reduce``)."""
+    piece = op.get("slice")
+    return (reduce_id(op["layer"], op["phase"], piece or 0),
+            reduce_shape(program, op["layer"], op["phase"], batch, piece, op.get("slices", 1)))
 
 
 def input_bounds(layer, held_in):

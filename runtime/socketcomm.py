@@ -89,8 +89,7 @@ def frame_table(plan, rank):
                     table[(d, Kind.BN if kind == "bn_stats" else Kind.BNG, op["layer"])] = spec
         elif kind == "chan_reduce":
             members = members_of(groups[op["group"]])
-            shape = shards.reduce_shape(program, op["layer"], op["phase"], batch)
-            ident = shards.reduce_id(op["layer"], op["phase"])
+            ident, shape = shards.op_reduce(program, op, batch)
             ring = collectives.use_ring(int(np.prod(shape)) * dtype.itemsize, len(members), plan["ring_min_bytes"])
             _allreduce_frames(table, rank, members, dtype, shape, ring, ident,
                               (Kind.CHAN_RS, Kind.CHAN_AG, Kind.CHAN), ident)

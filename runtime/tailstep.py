@@ -100,6 +100,8 @@ class ChannelGroup:
         self.inputs = {first - 1: np.zeros((batch, *tensor_shape(program, first - 1)), dtype)}
         self.acts, self.cache, self.partial, self.partial_dx = {}, {}, {}, {}
         self.pending = {}  # an A layer's gradient at its conv or connected output, between its two parts
+        self.sliced = {}  # a B layer's sums by slices of its output channels, all-reduced one by one
+        self.summed = {}  # an A layer's sums over the slices of its input channels so far
         self.grads_in, self.grads_out = {}, {}
 
     # -- where things are -----------------------------------------------------------
@@ -130,27 +132,59 @@ class ChannelGroup:
 
     # -- forward ------------------------------------------------------------------
 
-    def forward(self, i, params, buffers):
-        """An A or pooling layer on this member's channels; a B layer's partial sum (``partial``)."""
+    def forward(self, i, params, buffers, piece=None, pieces=1):
+        """An A or pooling layer on this member's channels; a B layer's partial
+        sum (``partial``), or slice ``piece`` of ``pieces`` of its output
+        channels (``sliced``: each is all-reduced while the next is
+        computed); an A layer after such a B, its sums over that slice of its
+        input channels, added up (``summed``) until ``post`` finishes it."""
         layer = self.program[i]
         share = self.layer_share(layer)
         x = self.acts[i - 1] if i > self.first else self.inputs[self.first - 1]
         self.acts[i - 1] = x
+        if self.roles[i] == "A" and piece is not None:
+            self._add_slice(i, layer, x, params, piece, pieces)
+            return
         if self.roles[i] != "B":
             _, cache = reference.forward_layers([share], params, buffers, self.acts, None, train=True, impl=self.k)
             self.cache[i] = cache.get(i)
             return
+        w = params[f"{i}.conv.weight" if layer["kind"] == "conv" else f"{i}.fc.weight"]
+        if piece is not None:
+            bounds = shards.part_bounds(w.shape[0], pieces)
+            w = w[bounds[piece]:bounds[piece + 1]]
         if layer["kind"] == "conv":
-            z = self.k.conv2d_forward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer))
+            z = self.k.conv2d_forward(x, w, layer["stride"], pads_of(layer))
         else:
-            z = (x.reshape(x.shape[0], -1) @ params[f"{i}.fc.weight"].T).reshape(x.shape[0], -1, 1, 1)
-        self.partial[i] = np.ascontiguousarray(z)  # all-reduced in place
+            z = (x.reshape(x.shape[0], -1) @ w.T).reshape(x.shape[0], -1, 1, 1)
+        z = np.ascontiguousarray(z)  # all-reduced in place
+        if piece is None:
+            self.partial[i] = z
+        else:
+            self.sliced.setdefault(i, [None] * pieces)[piece] = z
 
-    def reduced(self, i, phase):
+    def _add_slice(self, i, layer, x, params, piece, pieces):
+        """A layer ``i``'s sums over slice ``piece`` of its input channels
+        (the slice of the B before it that is final), added to ``summed``."""
+        bounds = shards.part_bounds(x.shape[1], pieces)
+        c0, c1 = bounds[piece], bounds[piece + 1]
+        if layer["kind"] == "conv":
+            w = np.ascontiguousarray(params[f"{i}.conv.weight"][:, c0:c1])
+            z = self.k.conv2d_forward(x[:, c0:c1], w, layer["stride"], pads_of(layer))
+        else:  # a connected layer reads channel-major features: a channel range is a range of them
+            plane = x.shape[2] * x.shape[3]
+            w = params[f"{i}.fc.weight"][:, c0 * plane:c1 * plane]
+            z = (x.reshape(x.shape[0], -1)[:, c0 * plane:c1 * plane] @ w.T).reshape(x.shape[0], -1, 1, 1)
+        if piece == 0:
+            self.summed[i] = np.array(z, order="C")
+        else:
+            self.summed[i] += z
+
+    def reduced(self, i, phase, piece=None):
         """The array the executor all-reduces in place at layer ``i`` in ``phase``
-        (``tilec_runtime.shards.reduce_id``)."""
+        (``tilec_runtime.shards.reduce_id``; ``piece``: a slice of B's sums)."""
         if phase == "forward":
-            return self.partial[i]
+            return self.partial[i] if piece is None else self.sliced[i][piece]
         return self.partial_dx[i - 1] if phase == "backward" else self.grads_out[self.first - 1]
 
     def reduced_done(self, i, phase):
@@ -159,22 +193,52 @@ class ChannelGroup:
             dx = self.partial_dx.pop(i - 1)
             self.grads_in[i - 1] = dx if i - 1 not in self.grads_in else self.grads_in[i - 1] + dx
 
-    def post(self, i, params, buffers):
-        """B layer ``i``'s bias or batch norm and activation, on the whole (all-reduced) sum."""
-        layer, z = self.program[i], self.partial.pop(i)
-        if layer["kind"] == "conv":
-            if layer["bn"]:
-                n, mean, m2 = self.k.bn_stats(z)
-                ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
-                z, xhat, inv_std = self.k.bn_normalize(z, mean, m2 / n, params[f"{i}.bn.weight"],
-                                                      params[f"{i}.bn.bias"])
-                self.cache[i] = (xhat, inv_std)
-            else:
-                z = z + params[f"{i}.conv.bias"][None, :, None, None]
-            self.acts[i] = self.k.act_forward(z, layer["act"])
+    def post(self, i, params, buffers, piece=None, pieces=1):
+        """B layer ``i``'s bias or batch norm and activation, on the whole
+        (all-reduced) sum, or on slice ``piece`` of ``pieces`` of its
+        channels (the A layer after it then takes that slice); an A layer
+        summed slice by slice (``summed``), its own."""
+        layer = self.program[i]
+        if self.roles[i] == "A":
+            self.acts[i], self.cache[i] = self._finish(i, layer, self.summed.pop(i), params, buffers)
+            return
+        if piece is None:
+            z = np.concatenate(self.sliced.pop(i), axis=1) if i in self.sliced else self.partial.pop(i)
+            self.acts[i], self.cache[i] = self._finish(i, layer, z, params, buffers)
+            return
+        bounds = shards.part_bounds(layer["out_shape"][0], pieces)
+        chans = slice(bounds[piece], bounds[piece + 1])
+        z = self.sliced[i][piece]
+        if piece == 0:  # the whole output (and batch-norm cache), filled slice by slice
+            self.acts[i] = np.empty((z.shape[0], layer["out_shape"][0], *z.shape[2:]), z.dtype)
+            bn = layer["kind"] == "conv" and layer["bn"]
+            self.cache[i] = (np.empty_like(self.acts[i]), np.empty(layer["out_shape"][0], z.dtype)) if bn else None
+        act, cache = self._finish(i, layer, z, params, buffers, chans)
+        self.acts[i][:, chans] = act
+        if cache is not None:
+            self.cache[i][0][:, chans], self.cache[i][1][chans] = cache
+        if piece == pieces - 1:
+            del self.sliced[i]
+
+    def _finish(self, i, layer, z, params, buffers, chans=slice(None)):
+        """(activation, batch-norm cache or None) of layer ``i`` from its sums
+        ``z`` on channels ``chans`` of its parameters: batch norm (this
+        step's statistics; the running ones updated) or bias, then the
+        activation."""
+        if layer["kind"] != "conv":
+            y = z.reshape(z.shape[0], -1) + params[f"{i}.fc.bias"][chans]
+            return ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1), None
+        cache = None
+        if layer["bn"]:
+            n, mean, m2 = self.k.bn_stats(z)
+            ops.bn_update_running(buffers[f"{i}.bn.running_mean"][chans], buffers[f"{i}.bn.running_var"][chans], n,
+                                  mean, m2)
+            z, xhat, inv_std = self.k.bn_normalize(z, mean, m2 / n, params[f"{i}.bn.weight"][chans],
+                                                  params[f"{i}.bn.bias"][chans])
+            cache = (xhat, inv_std)
         else:
-            y = z.reshape(z.shape[0], -1) + params[f"{i}.fc.bias"]
-            self.acts[i] = ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1)
+            z = z + params[f"{i}.conv.bias"][chans][None, :, None, None]
+        return self.k.act_forward(z, layer["act"]), cache
 
     # -- backward -----------------------------------------------------------------
 

@@ -7,6 +7,8 @@ that can be split by channels goes to one random device or is split over a
 random set of them. After several SGD steps with momentum, weights and
 running statistics equal one-device training (float64, 1e-10 relative).
 """
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -108,12 +110,14 @@ def setup(program, batch, seed=5):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(channel_cases(), st.sampled_from([0, 1 << 30]))
-def test_channel_split_tail_equals_one_device(case, ring_min_bytes):
+@given(channel_cases(), st.sampled_from([0, 1 << 30]), st.sampled_from([1, shards.SLICE_MIN_BYTES]))
+def test_channel_split_tail_equals_one_device(case, ring_min_bytes, slice_min_bytes):
+    """(``slice_min_bytes`` 1: every B layer's sums in slices, each all-reduced while the next is computed)"""
     program, prefix, choices, tail, n_dev, batch = case
     assume(any(t.mode == "channels" for t in tail))
     params, buffers, batches = setup(program, batch)
-    plan = plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes)
+    with mock.patch.object(shards, "SLICE_MIN_BYTES", slice_min_bytes):
+        plan = plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes)
     planfile.validate(plan)
     want = one_device(program, params, buffers, batches, 3)
     assume(converges(want[0]) and well_conditioned(program, params, buffers, batches, 3))
@@ -129,7 +133,9 @@ def test_channel_split_tail_over_sockets_equals_one_device(case):
     params, buffers, batches = setup(program, batch)
     want = one_device(program, params, buffers, batches, 3)
     assume(converges(want[0]) and well_conditioned(program, params, buffers, batches, 3))
-    got = train_socketpairs(plan_of(program, prefix, choices, tail, n_dev, batch), params, buffers, batches, 3)
+    with mock.patch.object(shards, "SLICE_MIN_BYTES", 1):  # B's sums in slices: their frames validated too
+        plan = plan_of(program, prefix, choices, tail, n_dev, batch)
+    got = train_socketpairs(plan, params, buffers, batches, 3)
     assert_same(got, want, 1e-10, FLOOR)
 
 
@@ -239,7 +245,13 @@ def test_plan_validation_checks_channel_ops():
     ops = plan["schedule"][1]
     k = next(i for i, op in enumerate(ops) if op["op"] == "chan_post")
     bad = dict(plan, schedule=[plan["schedule"][0], ops[:k] + [dict(ops[k], layer=4)] + ops[k + 1:]])
-    with pytest.raises(ProgramError, match="needs a layer split as B, layer 4 is A"):
+    with pytest.raises(ProgramError, match="chan_post of A layer 4 before its sums slice by slice"):
+        planfile.validate(planfile.seal(bad))
+    bad = dict(plan, schedule=[plan["schedule"][0], ops[:k] + [dict(ops[k], layer=2)] + ops[k + 1:]])
+    with pytest.raises(ProgramError, match="needs a layer split as A or B, layer 2 is local"):
+        planfile.validate(planfile.seal(bad))
+    bad = dict(plan, schedule=[plan["schedule"][0], ops[:k] + [dict(ops[k], layer=1)] + ops[k + 1:]])
+    with pytest.raises(ProgramError, match="A layer 1 slice by slice needs a B layer before it"):
         planfile.validate(planfile.seal(bad))
     groups = [dict(g, mode="rows") if g["kind"] == "tail" else g for g in plan["groups"]]
     with pytest.raises(ProgramError, match="bad tail mode 'rows'"):
@@ -282,6 +294,49 @@ def test_an_a_layer_sends_its_input_gradient_off_before_its_weight_gradient():
             f"chan_reduce g{g} L6 backward", f"chan_reduce g{g} L4 backward"]
         assert not any(op["op"] == "chan_reduce" and op.get("phase") == "backward" and not op.get("overlap")
                        for op, _, _ in ex.events)
+
+
+def test_a_b_layer_sums_slice_by_slice_each_all_reduced_while_the_next_is_computed(monkeypatch):
+    """With slices, a B layer's forward is, per slice of its output channels,
+    its share of those sums and their all-reduce started on the
+    communication thread; then a wait for each and the batch norm and
+    activation on the whole. The trace has the slices' all-reduces on the
+    communication thread; training equals one device (float64 1e-10)."""
+    monkeypatch.setattr(shards, "SLICE_MIN_BYTES", 1)
+    program = dense_tail()
+    plan = plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1, 2]), TailChoice(7, 7, "one", [0])], 3, 2)
+    ops = plan["schedule"][2]
+    layer = 3  # B: 5 output channels, 4 slices
+    assert shards.roles(program, 1, 6)[layer] == "B"
+    forward = ops[:next(n for n, op in enumerate(ops) if op["op"] == "grad_zero")]
+    mine = [(op["op"], op["layer"], op.get("slice"), op.get("overlap")) for op in forward
+            if op.get("layer") in (layer, layer + 1)]
+    assert shards.roles(program, 1, 6)[layer + 1] == "A"
+    # the slices' sums, each all-reduced while the next is computed; then per slice its batch norm and
+    # activation and the next (A) layer's sums over it; then that layer's batch norm and activation
+    assert mine == [("chan_fwd", 3, 0, None), ("chan_reduce", 3, 0, True), ("chan_fwd", 3, 1, None),
+                    ("chan_reduce", 3, 1, True), ("chan_fwd", 3, 2, None), ("chan_reduce", 3, 2, True),
+                    ("chan_fwd", 3, 3, None), ("chan_reduce", 3, 3, True),
+                    *[row for p in range(4) for row in (("chan_wait", 3, p, None), ("chan_post", 3, p, None),
+                                                        ("chan_fwd", 4, p, None))],
+                    ("chan_post", 4, None, None)]
+    k = next(n for n, op in enumerate(ops) if op["op"] == "chan_fwd" and op.get("slice") == 3)
+    with pytest.raises(ProgramError, match="bad slice 3 of 9"):
+        planfile.validate(planfile.seal(dict(plan, schedule=[*plan["schedule"][:2],
+                                                             ops[:k] + [dict(ops[k], slices=9)] + ops[k + 1:]])))
+    params, buffers, batches = setup(program, 2)
+    want = one_device(program, params, buffers, batches, 3)
+    hub = InProcessHub(3, 30.0)
+    executors = inprocess.make_executors(plan, [hub.comm(r) for r in range(3)], module("float64"), params, buffers,
+                                         trace=True)
+    losses = inprocess.run_ranks(executors, hub, batches, 0, 3)
+    p, b, _ = inprocess.gather_state(executors)
+    assert_same((losses, p, b), want, 1e-10, FLOOR)
+    g = next(n for n, group in enumerate(plan["groups"]) if group["layers"] == [1, 6])
+    for ex in executors:
+        names = [name for name, _, _ in ex.reducer.events]
+        assert [f"chan_reduce g{g} L{layer} forward slice {p}" for p in range(4)] * 3 == [
+            n for n in names if n.startswith(f"chan_reduce g{g} L{layer} ")]
 
 
 def small_yolov2_tiny(tmp_path, size=96):

@@ -130,7 +130,8 @@ def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale
     """Seconds of a member's share of a layer split by channels
     (``tilec_runtime.shards``): an A or pooling layer on its channels (the
     layer ``share``), an A layer's backward ``part`` "input" (all but the
-    weight gradient) or "weight"; a B layer's ``part`` "partial" sum (its input
+    weight gradient) or "weight", its forward "partial" (the sums) or
+    "post" (batch norm or bias, activation); a B layer's ``part`` "partial" sum (its input
     channels, every output), "post" (on every member alike, its bias or
     batch norm and activation on all channels), or "all" of it."""
     positions = layer["out_shape"][1] * layer["out_shape"][2]
@@ -143,17 +144,19 @@ def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale
             weight = whole / 2  # the two GEMMs of a connected layer's backward, of one size
         weight = min(weight, whole)
         return weight if part == "weight" else whole - weight
-    if role != "B":
+    if role != "B" and (part == "all" or layer["kind"] not in ("conv", "connected")):
         return layer_seconds(profile, share, positions, batch, itemsize, direction, scale, threads)
+    # B's post is on every output channel (the whole layer's); an A layer's on its own
+    post_layer = layer if role == "B" else share
     if layer["kind"] == "conv":
         partial = stage_seconds(profile, "conv", direction, conv_features(share, positions, batch, itemsize, direction),
                                 threads, scale)
         post = stage_seconds(profile, "epilogue", direction,
-                             epilogue_features(layer, positions, None, batch, itemsize, direction), threads, scale)
+                             epilogue_features(post_layer, positions, None, batch, itemsize, direction), threads, scale)
     else:
         partial = stage_seconds(profile, "connected", direction,
                                 features(dict(share, act="linear"), 1, batch, itemsize, direction), threads, scale)
-        n = batch * prod(layer["out_shape"])  # bias and activation
+        n = batch * prod(post_layer["out_shape"])  # bias and activation
         post = stage_seconds(profile, "elementwise", direction, (3 * n, 3 * n * itemsize), threads, scale)
     return {"partial": partial, "post": post, "all": partial + post}[part]
 

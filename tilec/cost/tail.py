@@ -14,7 +14,8 @@ backward, is a *transition* with the same messages the plan builder makes
 A group's time is, layer by layer, its slowest member forward and
 backward (a channel group's all-reduces make every layer a barrier), plus
 its all-reduces (an A layer's backward one overlapping its weight
-gradient: the longer of the two), its SGD update, and sending rank 0 what a later layer
+gradient: the longer of the two; a B layer's forward one slice by slice,
+each overlapping the next slice's sums), its SGD update, and sending rank 0 what a later layer
 other than the next reads (route, reorg and the losses run on rank 0).
 Memory per member: ``tilec.cost.memory.tail_member_bytes``.
 """
@@ -88,6 +89,22 @@ class TailArc:
 
     def choice(self):
         return TailChoice(self.first, self.last, self.mode, list(self.devices))
+
+
+def pipeline(pieces, partial, reduce, after):
+    """Seconds of sums computed in ``pieces`` slices (``partial`` seconds in
+    all), each all-reduced in ``reduce`` seconds on the communication thread
+    (one at a time, each once its slice is computed), each then followed on
+    the computing thread by ``after`` / ``pieces`` seconds of work on it."""
+    t = comm = 0.0
+    ready = []
+    for _ in range(pieces):
+        t += partial / pieces
+        comm = max(comm, t) + reduce
+        ready.append(comm)
+    for r in ready:
+        t = max(t, r) + after / pieces
+    return t
 
 
 class TailPricer:
@@ -190,16 +207,17 @@ class TailPricer:
                                                     dev.compute_scale, dev.threads) for direction in DIRECTIONS)
         return self._layers[key]
 
-    def _weight_part(self, first, last, i, d, member, k):
-        """Seconds of the weight gradient of A layer ``i`` on device ``d``
-        (member ``member`` of ``k``), the part of its backward that overlaps
-        the all-reduce of its input gradient."""
-        key = (first, last, i, d, member, k, "weight")
+    def _part(self, first, last, i, d, member, k, role, direction, part):
+        """Seconds of ``part`` of layer ``i``'s share on device ``d`` (member
+        ``member`` of ``k``; ``tilec.cost.compute.share_seconds``): an A
+        layer's weight gradient, which overlaps the all-reduce of its input
+        gradient, or a B layer's partial sums, sliced around their all-reduce."""
+        key = (first, last, i, d, member, k, part)
         if key not in self._layers:
             dev, layer = self.devices[d], self.program[i]
             share = shards.share(self.program, first, last, k, member, i)
-            self._layers[key] = share_seconds(dev.profile, layer, share, "A", self.batch, self.item, "backward",
-                                              dev.compute_scale, dev.threads, "weight")
+            self._layers[key] = share_seconds(dev.profile, layer, share, role, self.batch, self.item, direction,
+                                              dev.compute_scale, dev.threads, part)
         return self._layers[key]
 
     def arc(self, first, last, mode, devices):
@@ -215,21 +233,41 @@ class TailPricer:
         busy = dict.fromkeys(devices, 0.0)
         compute = collective = 0.0
         roles = shards.roles(program, first, last) if k > 1 else {}
+        chained = set()  # A layers whose forward is priced with the sliced B before them
         for i in range(first, last + 1):
             times = [self._layer(first, last, i, d, m, k) for m, d in enumerate(devices)]
             for d, t in zip(devices, times):
                 busy[d] += t[0] + t[1]
-            if k > 1 and roles[i] == "B":  # the partial sums, forward
-                collective += gradient_allreduce_seconds(b * prod(program[i]["out_shape"]) * item, devices,
-                                                         self.devices)
+
+            def slowest(j, role, part):
+                return max(self._part(first, last, j, d, m, k, role, "forward", part) for m, d in enumerate(devices))
+            pieces = shards.forward_slices(program[i], b, item) if k > 1 and roles[i] == "B" else 1
+            nbytes = b * prod(program[i]["out_shape"]) * item
+            if i in chained:
+                pass
+            elif k > 1 and roles[i] == "B" and pieces == 1:  # the partial sums, then their all-reduce
+                compute += max(t[0] for t in times)
+                collective += gradient_allreduce_seconds(nbytes, devices, self.devices)
+            elif pieces > 1:  # slice by slice, each summed on the communication thread while the next is computed
+                reduce = gradient_allreduce_seconds(nbytes / pieces, devices, self.devices)
+                a = shards.takes_slices(program, first, last, i, roles)
+                if a is None:
+                    compute += pipeline(pieces, slowest(i, "B", "partial"), reduce, 0.0) + slowest(i, "B", "post")
+                else:  # and the A layer after it sums each slice as soon as it is final
+                    compute += pipeline(pieces, slowest(i, "B", "partial"), reduce,
+                                        slowest(i, "B", "post") + slowest(a, "A", "partial")) + slowest(a, "A", "post")
+                    chained.add(a)
+            else:
+                compute += max(t[0] for t in times)
             if k > 1 and roles[i] == "A" and any(roles[j] != "local" for j in range(first, i)):
                 # backward: the partial input gradient, then its all-reduce while the weight gradient is computed
-                weights = [self._weight_part(first, last, i, d, m, k) for m, d in enumerate(devices)]
+                weights = [self._part(first, last, i, d, m, k, "A", "backward", "weight")
+                           for m, d in enumerate(devices)]
                 reduce = gradient_allreduce_seconds(b * prod(program[i]["in_shape"]) * item, devices, self.devices)
-                compute += max(t[0] for t in times) + max(t[1] - w for t, w in zip(times, weights))
+                compute += max(t[1] - w for t, w in zip(times, weights))
                 collective += max(reduce, max(weights))
             else:
-                compute += max(t[0] for t in times) + max(t[1] for t in times)
+                compute += max(t[1] for t in times)
         state, kept, work = {}, {}, {}
         update = 0.0
         for m, d in enumerate(devices):

@@ -48,7 +48,7 @@ def op_sent_bytes(plan, rank, op, shapes=None):
         return (len(members) - 1) * bn_bytes(kind, plan["program"][op["layer"]]["filters"])
     if kind == "chan_reduce":
         members = members_of(plan["groups"][op["group"]])
-        shape = shards.reduce_shape(plan["program"], op["layer"], op["phase"], plan["batch"])
+        _, shape = shards.op_reduce(plan["program"], op, plan["batch"])
         item = np.dtype(plan["dtype"]).itemsize
         ring = use_ring(int(np.prod(shape)) * item, len(members), plan["ring_min_bytes"])
         return reduce_bytes(shape, members, rank, "ring" if ring else "gather", item)

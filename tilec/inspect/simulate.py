@@ -132,12 +132,20 @@ class OpPricer:
         share = shards.share(self.program, first, last, len(members), members.index(rank), i)
         role = shards.roles(self.program, first, last)[i]
         profile, scale, threads = self.device(rank)
-        direction, part = {"chan_fwd": ("forward", "partial"), "chan_post": ("forward", "post"),
-                           "chan_post_bwd": ("backward", "post"), "chan_bwd": ("backward", "partial")}[op["op"]]
-        part = op.get("part", part)  # an A layer's backward in parts: "input", "weight"
+        kind = op["op"]
+        direction = "backward" if kind in ("chan_bwd", "chan_post_bwd") else "forward"
+        if kind in ("chan_post", "chan_post_bwd"):
+            part = "post"
+        elif kind == "chan_bwd" and "part" in op:  # an A layer's backward in parts: "input", "weight"
+            part = op["part"]
+        else:  # a B layer's sums (or a slice of them, or an A layer's over a slice of its input): no post
+            part = "partial" if role == "B" or "slice" in op else "all"
         secs = share_seconds(profile, self.program[i], share, role, self.batch, self.item, direction, scale, threads,
                              part)
-        label = f"{op['op']} g{op['group']} layer {i}" + (f" {op['part']}" if "part" in op else "")
+        if "slice" in op and kind == "chan_fwd":
+            secs /= op["slices"]
+        label = f"{op['op']} g{op['group']} layer {i}" + (f" {op['part']}" if "part" in op else "") + (
+            f" slice {op['slice']}" if "slice" in op else "")
         return secs, "tail", label
 
     def update(self, rank, keys, shapes):
@@ -191,13 +199,13 @@ def _actions(plan, rank, pricer, shapes):
                 if other != rank:
                     main.append(("recv", ("c", kind, op["layer"], other, rank), other))
         elif kind == "chan_reduce" and op.get("overlap"):  # on the communication thread, after what it has
-            ident = ("cr", op["group"], op["layer"], op["phase"])
+            ident = ("cr", op["group"], op["layer"], op["phase"], op.get("slice"))
             main.append(("post", ident))
             comm += [("await", ident), *_channel_reduce_actions(plan, op, rank, item), ("done", ident)]
         elif kind == "chan_reduce":
             main += _channel_reduce_actions(plan, op, rank, item)
         elif kind == "chan_wait":
-            main.append(("join", (("cr", op["group"], op["layer"], op["phase"]),)))
+            main.append(("join", (("cr", op["group"], op["layer"], op["phase"], op.get("slice")),)))
         elif kind == "grad_start":
             bucket = plan["buckets"][op["bucket"]]
             update = pricer.update(rank, bucket["keys"], shapes)
@@ -227,8 +235,8 @@ def _local_bytes(plan, m):
 def _channel_reduce_actions(plan, op, rank, item):
     """The rounds of a channel group's all-reduce (``RankExecutor._chan_reduce``)."""
     members = members_of(plan["groups"][op["group"]])
-    shape = shards.reduce_shape(plan["program"], op["layer"], op["phase"], plan["batch"])
-    key = ("cr", op["group"], op["layer"], op["phase"])
+    _, shape = shards.op_reduce(plan["program"], op, plan["batch"])
+    key = ("cr", op["group"], op["layer"], op["phase"], op.get("slice"))
     return _allreduce_actions(key, shape, members, rank, item, use_ring(int(np.prod(shape)) * item, len(members),
                                                                         plan["ring_min_bytes"]))
 

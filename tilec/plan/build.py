@@ -220,7 +220,7 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
         "devices": [{"rank": r, "name": name, "threads": t} for r, (name, t) in enumerate(zip(devices, threads))],
         "program": program, "groups": groups, "messages": messages, "buckets": buckets,
         "ring_min_bytes": int(ring_min_bytes),
-        "schedule": build_schedule(program, groups, messages, len(devices), buckets, interior),
+        "schedule": build_schedule(program, groups, messages, len(devices), buckets, interior, batch, itemsize),
     }
     if cluster is not None:
         plan["cluster"] = cluster

@@ -41,7 +41,13 @@ ops of one rank, in order:
     Such an A layer's backward runs in two parts (``part`` "input" and
     "weight"), with its all-reduce between them marked ``overlap``: it runs
     on the communication thread while the weight gradient is computed.
-``chan_wait`` ``group layer phase``
+    A B layer's sums may be cut into ``slices`` of its output channels
+    (``tilec_runtime.shards.forward_slices``): ``chan_fwd`` and an
+    overlapped ``chan_reduce`` per ``slice``, so that each slice is summed
+    while the next is computed; then per slice its ``chan_post`` and the
+    next (A) layer's ``chan_fwd`` over those of its input channels, and that
+    layer's ``chan_post`` (its batch norm and activation) once all are in.
+``chan_wait`` ``group layer phase [slice]``
     the overlapped all-reduce is done; its sum joins the gradients.
 ``grad_start`` ``bucket``
     the bucket's gradients are final on this rank: sum them over its
@@ -181,17 +187,41 @@ def group_backward(program, g, group, rank, outside, recvs, sends, bn_sync, buck
     return ops
 
 
-def channel_forward(program, g, group, sends):
+def channel_forward(program, g, group, sends, batch, itemsize):
     """Forward ops of a member of a channel-split tail group."""
     first, last = group["layers"]
     r = shards.roles(program, first, last)
     ops = []
+    done = set()  # A layers already run slice by slice with the B before them
     for layer in program[first:last + 1]:
         i = layer["index"]
-        ops.append({"op": "chan_fwd", "group": g, "layer": i})
-        if r[i] == "B":
-            ops.append({"op": "chan_reduce", "group": g, "layer": i, "phase": "forward"})
-            ops.append({"op": "chan_post", "group": g, "layer": i})
+        if i in done:
+            continue
+        pieces = shards.forward_slices(layer, batch, itemsize) if r[i] == "B" else 1
+        if r[i] != "B":
+            ops.append({"op": "chan_fwd", "group": g, "layer": i})
+        elif pieces == 1:
+            ops += [{"op": "chan_fwd", "group": g, "layer": i},
+                    {"op": "chan_reduce", "group": g, "layer": i, "phase": "forward"},
+                    {"op": "chan_post", "group": g, "layer": i}]
+        else:  # each slice of the sums is all-reduced while the next is computed
+            for p in range(pieces):
+                ops += [{"op": "chan_fwd", "group": g, "layer": i, "slice": p, "slices": pieces},
+                        {"op": "chan_reduce", "group": g, "layer": i, "phase": "forward", "slice": p,
+                         "slices": pieces, "overlap": True}]
+            a = shards.takes_slices(program, first, last, i, r)
+            for p in range(pieces):
+                ops.append({"op": "chan_wait", "group": g, "layer": i, "phase": "forward", "slice": p})
+                if a is not None:  # the slice's batch norm and activation, and the next layer's sums over it
+                    ops += [{"op": "chan_post", "group": g, "layer": i, "slice": p, "slices": pieces},
+                            {"op": "chan_fwd", "group": g, "layer": a, "slice": p, "slices": pieces}]
+            if a is None:
+                ops.append({"op": "chan_post", "group": g, "layer": i})
+            else:
+                ops += [{"op": "send", "msg": k} for k in sends(i)]
+                ops.append({"op": "chan_post", "group": g, "layer": a})
+                done.add(a)
+                i = a
         ops += [{"op": "send", "msg": k} for k in sends(i)]
     return ops
 
@@ -246,8 +276,9 @@ def make_buckets(program, groups, itemsize, ring_min_bytes=RING_MIN_BYTES):
     return buckets
 
 
-def build_schedule(program, groups, messages, n_devices, buckets, interior=True):
-    """[ops of rank r for r in range(n_devices)] of one training step."""
+def build_schedule(program, groups, messages, n_devices, buckets, interior=True, batch=1, itemsize=4):
+    """[ops of rank r for r in range(n_devices)] of one training step
+    (``batch`` and ``itemsize`` size the slices of a B layer's sums)."""
     outside = outside_tensors({"messages": messages})
     fwd_in, fwd_out, bwd_in, bwd_out = _index(messages, n_devices)
     bucket_ids = {}
@@ -263,7 +294,7 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True)
             if group["kind"] == "tail":
                 ops += [{"op": "recv", "msg": k} for k in recvs]
                 if group.get("mode", "one") == "channels":
-                    ops += channel_forward(program, g, group, lambda t: fwd_out.get((t, r), []))
+                    ops += channel_forward(program, g, group, lambda t: fwd_out.get((t, r), []), batch, itemsize)
                 else:
                     ops.append({"op": "tail_fwd", "group": g})
                     first, last = group["layers"]
