@@ -242,6 +242,9 @@ class RankExecutor:
     def _source(self, m):
         """(array, the region it covers, its first channel) that message ``m`` is cut from on its sender."""
         t, g = m["tensor"], m["group"]
+        if m.get("relay") and m["phase"] == "forward":  # a slice of what it received for its group
+            buf = self.tails[g].inputs[t]
+            return buf, Region.whole(*buf.shape[2:]), 0
         if m["phase"] == "forward":
             if t in self.tail_of:
                 array, base = self.tails[self.tail_of[t]].output(t)
@@ -256,6 +259,9 @@ class RankExecutor:
     def _destination(self, m):
         """(array, region it covers, its first channel, add) where message ``m`` lands on its receiver."""
         t, g = m["tensor"], m["group"]
+        if m.get("relay") and m["phase"] == "backward":  # another member's partial gradient of its slice
+            buf, base = self.tails[g].grad_out(t)
+            return buf, Region.whole(*buf.shape[2:]), base, True
         if m["phase"] == "forward":
             if g in self.tails:
                 buf = self.tails[g].inputs[t]

@@ -16,7 +16,7 @@ from tilec_runtime.program import tensor_shape, validate as validate_program
 FORMAT = "tilec-plan"
 VERSION = 5  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops;
 #             4: reorg reverse, local_avgpool; 5: an A layer's backward in parts around an overlapped
-#             all-reduce (chan_bwd part, chan_reduce overlap, chan_wait); a B layer's sums in slices
+#             all-reduce (chan_bwd part, chan_reduce overlap, chan_wait); a B layer's sums in slices; relay messages
 DTYPES = ("float32", "float64")
 
 
@@ -133,6 +133,13 @@ def _check_messages(plan):
             _range(m["channels"], c, f"{where} channels")
         _range(m.get("rows"), h, f"{where} rows")
         _range(m.get("cols"), w, f"{where} cols")
+        if m.get("relay"):
+            group = groups[m["group"]]
+            members = [tile["device"] for tile in group["tiles"]]
+            if (group.get("mode") != "channels" or t != group["layers"][0] - 1 or m["sender"] == m["receiver"]
+                    or m["sender"] not in members or m["receiver"] not in members):
+                raise ProgramError(f"{where}: a relayed message passes a channel group's input between two of "
+                                   f"its members")
 
 
 def _check_buckets(plan):

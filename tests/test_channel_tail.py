@@ -339,6 +339,43 @@ def test_a_b_layer_sums_slice_by_slice_each_all_reduced_while_the_next_is_comput
             n for n in names if n.startswith(f"chan_reduce g{g} L{layer} ")]
 
 
+@pytest.mark.parametrize("sockets", [False, True])
+def test_a_map_held_by_one_device_reaches_a_channel_group_through_its_members(sockets):
+    """Layer 1 on device 1 alone, then a group split over devices 0-2: device
+    1 sends each member its slice of the map's channels, each member passes
+    its slice on to the others (relay), and backward each member sums its
+    slice's partial gradients and returns that sum: no device sends the
+    whole map twice. Equals one device (float64 1e-10), in one process and
+    over sockets (whose frame tables check the relayed frames)."""
+    program = dense_tail()
+    tail = [TailChoice(1, 1, "one", [1]), TailChoice(2, 6, "channels", [0, 1, 2]), TailChoice(7, 7, "one", [0])]
+    plan = plan_of(program, 1, TILED, tail, 3, 2)
+    planfile.validate(plan)
+    moves = [(m["phase"], m["sender"], m["receiver"], tuple(m["channels"]), bool(m.get("relay")))
+             for m in plan["messages"] if m["tensor"] == 1]
+    slices = {0: (0, 1), 1: (2, 3), 2: (4, 5)}  # 6 channels over 3 members
+    want_moves = {("forward", 1, r, slices[r], False) for r in range(3)}
+    want_moves |= {("forward", r, o, slices[r], True) for r in range(3) for o in range(3) if o != r}
+    want_moves |= {("backward", r, 1, slices[r], False) for r in range(3)}
+    want_moves |= {("backward", o, r, slices[r], True) for r in range(3) for o in range(3) if o != r}
+    assert sorted(moves) == sorted(want_moves)
+    sent_by_holder = sum(m["bytes"] for m in plan["messages"] if m["tensor"] == 1 and m["sender"] == 1
+                         and m["phase"] == "forward")
+    whole = 2 * 6 * 12 * 10 * 8  # the map: batch 2, 6 x 12 x 10, float64
+    assert sent_by_holder == whole * 2 // 3 + 2 * whole // 3  # two slices out, its own slice to two: not 2 maps
+    bad = [dict(m, receiver=m["sender"]) if m.get("relay") else m for m in plan["messages"]]
+    with pytest.raises(ProgramError, match="a relayed message passes a channel group's input between two"):
+        planfile.validate(planfile.seal(dict(plan, messages=bad)))
+    params, buffers, batches = setup(program, 2)
+    want = one_device(program, params, buffers, batches, 3)
+    if sockets:
+        got = train_socketpairs(plan, params, buffers, batches, 3)
+    else:
+        losses, p, b, _ = inprocess.train(plan, params, buffers, batches, 3, module("float64"), timeout=30)
+        got = (losses, p, b)
+    assert_same(got, want, 1e-10, FLOOR)
+
+
 def small_yolov2_tiny(tmp_path, size=96):
     """yolov2-tiny as darknet defines it (its channels, pools and region loss),
     on a smaller input so that float64 training stays quick."""

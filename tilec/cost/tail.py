@@ -27,7 +27,7 @@ import numpy as np
 from tilec.cost.comm import exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import share_seconds, update_seconds
 from tilec.cost.memory import image_bytes, tail_member_bytes
-from tilec.analysis.tail import TailChoice, flows, readers_of
+from tilec.analysis.tail import TailChoice, flows, readers_of, relayed
 from tilec_runtime import shards
 from tilec_runtime.program import tensor_shape
 
@@ -159,23 +159,45 @@ class TailPricer:
                backward_staging)
         if key not in self._moves:
             sources, replicated = self._sources(tensor, held)
-            forward, extra = flows(sources, replicated, list(need.devices))
-            fwd = np.zeros((self.n, self.n))
-            for s, r, nbytes in forward:
-                fwd[s, r] += nbytes
-            np.fill_diagonal(fwd, 0.0)  # a device's own part is a copy
-            secs = exchange_seconds(fwd, self.devices)
-            sent = fwd.sum(axis=1)
-            if tensor >= 0:
-                bwd = fwd.T.copy()
+            if relayed(sources, replicated, list(need.devices)):
+                hops = self._relay_hops(tensor, sources[0], list(need.devices))
+                extra = []
+            else:
+                forward, extra = flows(sources, replicated, list(need.devices))
+                fwd = np.zeros((self.n, self.n))
+                for s, r, nbytes in forward:
+                    fwd[s, r] += nbytes
+                hops = [fwd]
+            for hop in hops:
+                np.fill_diagonal(hop, 0.0)  # a device's own part is a copy
+            secs = sum(exchange_seconds(hop, self.devices) for hop in hops)
+            sent = sum(hop.sum(axis=1) for hop in hops)
+            if tensor >= 0:  # the gradients come back the same ways in reverse
+                back = [hop.T.copy() for hop in reversed(hops)]
                 for s, r, nbytes in extra:
                     if s != r:
-                        bwd[s, r] += nbytes
-                secs += exchange_seconds(bwd, self.devices)
+                        back[-1][s, r] += nbytes
+                secs += sum(exchange_seconds(hop, self.devices) for hop in back)
                 if backward_staging:
-                    sent = sent + bwd.sum(axis=1)
+                    sent = sent + sum(hop.sum(axis=1) for hop in back)
             self._moves[key] = (secs, {d: float(v) for d, v in enumerate(sent) if v > 0})
         return self._moves[key]
+
+    def _relay_hops(self, tensor, source, receivers):
+        """[bytes sender x receiver] of the two rounds of a relayed map
+        (``tilec.analysis.tail.relayed``): each receiver's slice of channels
+        from the holder, then from each receiver to the others."""
+        holder, total = source
+        c = tensor_shape(self.program, tensor)[0]
+        bounds = shards.part_bounds(c, len(receivers))
+        scatter, gather = np.zeros((self.n, self.n)), np.zeros((self.n, self.n))
+        for j, r in enumerate(receivers):
+            part = total * (bounds[j + 1] - bounds[j]) / c
+            scatter[holder, r] += part
+            for other in receivers:
+                if other != r:
+                    gather[r, other] += part
+        return [scatter, gather]
 
     def transition(self, b, held, need):
         """(seconds, staging bytes per device) for a tail group starting at

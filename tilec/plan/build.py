@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilec.analysis.regions import area_of, even_splits, intersect, length
-from tilec.analysis.tail import flows, one_device_tail
+from tilec.analysis.tail import flows, one_device_tail, relayed
 from tilec.analysis.tiles import group_tiles, spatial_prefix
 from tilec.errors import PlanError
 from tilec.plan.schedule import build_schedule, make_buckets
 from tilec.plan.tail import check_choices, holders, tail_group
+from tilec_runtime import shards
 from tilec_runtime.collectives import RING_MIN_BYTES
 from tilec_runtime.planfile import FORMAT, VERSION, seal
 from tilec_runtime.program import tensor_shape
@@ -119,6 +120,24 @@ def _message(group, tensor, sender, receiver, rows, cols, channels, batch, items
     return m
 
 
+def _relay_messages(g, tensor, source, receivers, shape, batch, itemsize):
+    """The forward messages of a map held whole by one device to every
+    member of channel group ``g`` (``tilec.analysis.tail.relayed``): member
+    j's slice of channels from the holder, then from member j to each other
+    member (``relay``: sent from what it received)."""
+    holder, (rows, cols, _) = source
+    bounds = shards.part_bounds(shape[0], len(receivers))
+    out = []
+    for j, r in enumerate(receivers):
+        if bounds[j + 1] == bounds[j]:
+            continue
+        chans = (bounds[j], bounds[j + 1] - 1)
+        out.append(_message(g, tensor, holder, r, rows, cols, shape[0], batch, itemsize, chans))
+        out += [dict(_message(g, tensor, r, other, rows, cols, shape[0], batch, itemsize, chans), relay=True)
+                for other in receivers if other != r]
+    return out
+
+
 def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, prefix=None, predicted=None,
                threads=None, cluster=None, ring_min_bytes=RING_MIN_BYTES, interior=True, tail=None):
     """The sealed plan dict. ``devices``: list of device names (rank order).
@@ -199,6 +218,9 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
                 # the input's gradient (each needs all of it), instead of sending it to one another
                 forward, extra = [(d, d, part) for d, part in sources], []
                 group["reduce_input"] = True
+            elif relayed(sources, replicated, sorted(ch.devices)):
+                messages += _relay_messages(g, tensor, sources[0], sorted(ch.devices), shape, batch, itemsize)
+                forward, extra = [], []
             else:
                 forward, extra = flows(sources, replicated, sorted(ch.devices))
             messages += [_message(g, tensor, s, r, *part[:2], shape[0], batch, itemsize, part[2])

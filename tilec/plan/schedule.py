@@ -9,7 +9,12 @@ ops of one rank, in order:
     a message of the plan's ``messages`` table (sender, receiver, tensor,
     rectangle, phase). A send is posted as soon as its data is final; a
     receive waits for it and copies it into place (forward) or adds it
-    (backward: partial gradients are summed by their owners).
+    (backward: partial gradients are summed by their owners). A ``relay``
+    message passes on a slice of a channel group's input that its sender
+    received from the one device holding the map (to the other members
+    after the sender's own receives; backward, each member's partial
+    gradient of a slice to the member that relayed it, after its backward,
+    before that member returns the slice's sum).
 ``conv_fwd``/``epi_fwd``/``pool_fwd`` ``group unit [rows]``
     one unit of a tile (``tilec_runtime.lower.units``): the convolution
     with its local batch-norm statistics (optionally only some output
@@ -80,9 +85,12 @@ def unit_layers(unit):
 
 
 def _index(messages, n):
-    """Message indices by (group or tensor, rank) and direction."""
+    """Message indices by (group or tensor, rank) and direction (relayed
+    ones apart: ``_relays``)."""
     fwd_in, fwd_out, bwd_in, bwd_out = {}, {}, {}, {}
     for k, m in enumerate(messages):
+        if m.get("relay"):
+            continue
         if m["phase"] == "forward":
             fwd_in.setdefault((m["group"], m["receiver"]), []).append(k)
             fwd_out.setdefault((m["tensor"], m["sender"]), []).append(k)
@@ -90,6 +98,18 @@ def _index(messages, n):
             bwd_in.setdefault((m["tensor"], m["receiver"]), []).append(k)
             bwd_out.setdefault((m["group"], m["sender"]), []).append(k)
     return fwd_in, fwd_out, bwd_in, bwd_out
+
+
+def _relays(messages):
+    """{(group, rank, phase, "send" | "recv"): message indices} of the
+    messages a group's members pass on to one another
+    (``tilec.analysis.tail.relayed``)."""
+    out = {}
+    for k, m in enumerate(messages):
+        if m.get("relay"):
+            out.setdefault((m["group"], m["sender"], m["phase"], "send"), []).append(k)
+            out.setdefault((m["group"], m["receiver"], m["phase"], "recv"), []).append(k)
+    return out
 
 
 def _local_first(ks, messages, rank):
@@ -281,6 +301,10 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True,
     (``batch`` and ``itemsize`` size the slices of a B layer's sums)."""
     outside = outside_tensors({"messages": messages})
     fwd_in, fwd_out, bwd_in, bwd_out = _index(messages, n_devices)
+    relays = _relays(messages)
+
+    def relay(g, r, phase):  # what a member passes on of what it received, then what the others pass it
+        return [{"op": op, "msg": k} for op in ("send", "recv") for k in relays.get((g, r, phase, op), [])]
     bucket_ids = {}
     for b, bucket in enumerate(buckets):
         bucket_ids.setdefault((bucket["group"], bucket["unit"]), []).append(b)
@@ -292,7 +316,7 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True,
                 continue
             recvs = _local_first(fwd_in.get((g, r), []), messages, r)
             if group["kind"] == "tail":
-                ops += [{"op": "recv", "msg": k} for k in recvs]
+                ops += [{"op": "recv", "msg": k} for k in recvs] + relay(g, r, "forward")
                 if group.get("mode", "one") == "channels":
                     ops += channel_forward(program, g, group, lambda t: fwd_out.get((t, r), []), batch, itemsize)
                 else:
@@ -315,7 +339,8 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True,
                 grads_in = [{"op": "recv", "msg": k} for t in range(first, last + 1)
                             for k in _local_first(bwd_in.get((t, r), []), messages, r)]
                 if group.get("mode", "one") == "channels":
-                    ops += grads_in + channel_backward(program, g, group)
+                    # (its input's gradient, summed slice by slice by the members that relayed it, goes back after)
+                    ops += grads_in + channel_backward(program, g, group) + relay(g, r, "backward")
                 else:
                     ops += grads_in + [{"op": "tail_bwd", "group": g}]
                 ops += sends
