@@ -83,6 +83,17 @@ def rank_keys(plan, rank):
 BATCHES_AHEAD = 2  # the data source streams this many steps' batches ahead of the one running
 
 
+def staging_key(k, m, groups):
+    """The staging buffer of message ``k``: forward to a tail group, one per
+    content (a map's region and channels, or a relayed slice), however many
+    devices it goes to; one each otherwise (a gradient each; a tile's halo,
+    whose cells differ from tile to tile)."""
+    if m["phase"] != "forward" or groups[m["group"]]["kind"] != "tail":
+        return ("message", k)
+    return (m["tensor"], m["group"] if m.get("relay") else None, tuple(m["rows"]), tuple(m["cols"]),
+            tuple(m.get("channels") or ()))
+
+
 def input_messages(plan, rank):
     """[(message id, shape)] of the pieces of the image ``rank`` takes in
     (its ``input`` ops, in order)."""
@@ -225,9 +236,11 @@ class RankExecutor:
                 self.tail_of[t] = g
 
     def _messages(self, plan, rank):
-        """Staging buffers of the messages to peers, and when each message to
-        this rank itself is copied."""
-        self.staging, self.sent, self.copy_at_recv = {}, {}, set()
+        """Staging buffers of the messages to peers (one per content:
+        ``staging_key``), and when each message to this rank itself is
+        copied."""
+        self.staging, self.stage_of, self.copy_at_recv = {}, {}, set()
+        self.staged, self.sent = {}, {}  # per buffer: the step its content is of, the sends from it
         for k, m in enumerate(plan["messages"]):
             if rank not in (m["sender"], m["receiver"]):
                 continue
@@ -237,7 +250,9 @@ class RankExecutor:
                                                  t != plan["groups"][self.producer[t]]["layers"][1]):
                     self.copy_at_recv.add(k)
             elif m["sender"] == rank and m["tensor"] >= 0:  # (the image's pieces come from the data source)
-                self.staging[k] = np.empty(message_shape(self.program, m, self.batch), self.dtype)
+                key = self.stage_of[k] = staging_key(k, m, plan["groups"])
+                if key not in self.staging:
+                    self.staging[key] = np.empty(message_shape(self.program, m, self.batch), self.dtype)
 
     def _source(self, m):
         """(array, the region it covers, its first channel) that message ``m`` is cut from on its sender."""
@@ -312,13 +327,15 @@ class RankExecutor:
             if op["msg"] not in self.copy_at_recv:
                 self._local(m)
             return
-        src, region, base = self._source(m)
-        stage = self.staging[op["msg"]]
-        previous = self.sent.get(op["msg"])
-        if previous is not None:
-            previous.wait(self.comm.timeout)  # last step's copy has left
-        np.copyto(stage, self._piece(src, (region, base), m))
-        self.sent[op["msg"]] = self.comm.send(m["receiver"], (self.step_no, "m", op["msg"]), stage)
+        key = self.stage_of[op["msg"]]
+        stage = self.staging[key]
+        if self.staged.get(key) != self.step_no:  # the first message of this content in the step
+            for previous in self.sent.pop(key, ()):
+                previous.wait(self.comm.timeout)  # last step's copies have left
+            src, region, base = self._source(m)
+            np.copyto(stage, self._piece(src, (region, base), m))
+            self.staged[key] = self.step_no
+        self.sent.setdefault(key, []).append(self.comm.send(m["receiver"], (self.step_no, "m", op["msg"]), stage))
 
     def _recv(self, op):
         m = self.plan["messages"][op["msg"]]

@@ -16,6 +16,11 @@ parallelism), in pairs, so that a pair needs one collective:
   on every member, so B's bias and batch-norm parameters are replicated);
 - max- and average-pooling work on whatever a member holds (per channel).
 
+A group may start with a route: every member assembles its whole map from
+the route's inputs, which it receives whole (YOLOv2's route 28 of layers
+27 and 24, before layer 29 split by channels: the members already hold
+layer 24 between them, so nothing goes to one device and back).
+
 The group's input is replicated on every member; its output is
 replicated (it ends after a B) or split by channels (after an A). Backward
 mirrors forward: the partial input gradients of an A are all-reduced (or,
@@ -66,7 +71,7 @@ def check(program, first, last, k):
         # pooling alone would be computed whole by every member, its input gradient returned k times
         return "it has no conv or connected layer to split"
     for layer in program[first:last + 1]:
-        if layer["kind"] not in SPLITTABLE:
+        if layer["kind"] not in SPLITTABLE and not (layer["kind"] == "route" and layer["index"] == first):
             return f"layer {layer['index']} ({layer['kind']}) needs the whole map"
         if layer["index"] > first and layer["inputs"] != [layer["index"] - 1]:
             return f"layer {layer['index']} reads an earlier layer than the one before it"
@@ -167,6 +172,8 @@ def share(program, first, last, k, member, i):
     A layer's output channels, a B layer's input channels, pooling on what
     the member holds). A B layer's output stays whole (a partial sum)."""
     layer = program[i]
+    if layer["kind"] == "route":  # (a group's first layer: every member assembles the whole map)
+        return dict(layer)
     held = layouts(program, first, last, k)
     role = roles(program, first, last)[i]
     c, h, w = layer["in_shape"]

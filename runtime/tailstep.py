@@ -97,7 +97,9 @@ class ChannelGroup:
         # an A layer's input gradient is partial (all-reduced) when a split layer comes before it in the group
         self.reduce_dx = {i: self.roles[i] == "A" and any(self.roles[p] != "local" for p in range(first, i))
                           for i in range(first, last + 1)}
-        self.inputs = {first - 1: np.zeros((batch, *tensor_shape(program, first - 1)), dtype)}
+        # what it reads from before it: the layer before, or a leading route's maps
+        reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
+        self.inputs = {t: np.zeros((batch, *tensor_shape(program, t)), dtype) for t in reads}
         self.acts, self.cache, self.partial, self.partial_dx = {}, {}, {}, {}
         self.pending = {}  # an A layer's gradient at its conv or connected output, between its two parts
         self.sliced = {}  # a B layer's sums by slices of its output channels, all-reduced one by one
@@ -140,8 +142,9 @@ class ChannelGroup:
         input channels, added up (``summed``) until ``post`` finishes it."""
         layer = self.program[i]
         share = self.layer_share(layer)
-        x = self.acts[i - 1] if i > self.first else self.inputs[self.first - 1]
-        self.acts[i - 1] = x
+        if i == self.first:
+            self.acts.update(self.inputs)
+        x = self.acts.get(i - 1)  # (a leading route reads its own inputs)
         if self.roles[i] == "A" and piece is not None:
             self._add_slice(i, layer, x, params, piece, pieces)
             return
@@ -275,7 +278,7 @@ class ChannelGroup:
         the weight gradient from the same output gradient."""
         layer = self.program[i]
         j = i - 1
-        x = self.acts[j]
+        x = self.acts.get(j)  # (a leading route reads its own inputs)
         if part != "all":
             self._backward_part(i, layer, x, params, acc, part)
             return
@@ -293,6 +296,11 @@ class ChannelGroup:
             cache = {i: self.cache.pop(i, None)}
             _, dout = reference.backward_layers([share], params, self.acts, cache, {i: self.grads_in[i]},
                                                 impl=self.k, acc=acc)
+            if layer["kind"] == "route":  # (the group's first layer) its inputs' gradients go back to them
+                for src in layer["inputs"]:
+                    self.grads_out[src] = np.ascontiguousarray(dout[src]) if src in dout else np.zeros_like(
+                        self.acts[src])
+                return
             dx = dout.get(j, np.zeros_like(x))
         if self.reduce_dx[i]:
             self.partial_dx[j] = np.ascontiguousarray(dx)  # a partial sum: all-reduced before it joins grads_in

@@ -19,6 +19,8 @@ from test_socket_training import train_socketpairs
 from test_tiled import FLOOR, OPT, assert_same, converges, one_device, rel_err, splits, well_conditioned
 from tilec.analysis.tiles import spatial_prefix
 from tilec.errors import PlanError
+from tilec.cost.memory import plan_memory
+from tilec.inspect.dot import plan_dot
 from tilec.plan.build import GroupChoice, build_plan
 from tilec.analysis.tail import TailChoice, runs
 from tilec_runtime import data, inprocess, planfile, shards, weights
@@ -136,6 +138,18 @@ def test_channel_split_tail_over_sockets_equals_one_device(case):
     with mock.patch.object(shards, "SLICE_MIN_BYTES", 1):  # B's sums in slices: their frames validated too
         plan = plan_of(program, prefix, choices, tail, n_dev, batch)
     got = train_socketpairs(plan, params, buffers, batches, 3)
+    assert_same(got, want, 1e-10, FLOOR)
+
+
+def assert_trains_as_one_device(program, plan, sockets, batch=2, steps=3):
+    """3 steps of ``plan`` (in process, or over sockets) equal one device (float64 1e-10)."""
+    params, buffers, batches = setup(program, batch)
+    want = one_device(program, params, buffers, batches, steps)
+    if sockets:
+        got = train_socketpairs(plan, params, buffers, batches, steps)
+    else:
+        losses, p, b, _ = inprocess.train(plan, params, buffers, batches, steps, module("float64"), timeout=30)
+        got = (losses, p, b)
     assert_same(got, want, 1e-10, FLOOR)
 
 
@@ -340,6 +354,38 @@ def test_a_b_layer_sums_slice_by_slice_each_all_reduced_while_the_next_is_comput
 
 
 @pytest.mark.parametrize("sockets", [False, True])
+def test_a_channel_group_may_start_with_a_route_that_every_member_assembles(sockets):
+    """YOLOv2's route 28 (of the reorg 27 and layer 24) before layer 29 split
+    by channels, in small: the group of route 8 and conv 9 over devices
+    0-2 takes layer 4 from the members that hold its channels (an
+    all-gather among themselves) and the reorg from device 2 (relayed), each
+    member assembles the route's map, and backward the route's gradient
+    goes back to both. Equals one device (float64 1e-10), in one process and
+    over sockets."""
+    program = passthrough_program()
+    tiled = [GroupChoice(0, 0, [0, 3, 6], [0, 6], [0, 1])]
+    tail = [TailChoice(1, 4, "channels", [0, 1, 2]), TailChoice(5, 6, "one", [1]), TailChoice(7, 7, "one", [2]),
+            TailChoice(8, 9, "channels", [0, 1, 2]), TailChoice(10, 10, "one", [0])]
+    plan = plan_of(program, 1, tiled, tail, 3, 2)
+    planfile.validate(plan)
+    g = next(n for n, group in enumerate(plan["groups"]) if group["layers"] == [8, 9])
+    into = {(m["tensor"], m["sender"], m["receiver"]) for m in plan["messages"]
+            if m["group"] == g and m["phase"] == "forward" and m["sender"] != m["receiver"]}
+    assert {(4, s, r) for s in range(3) for r in range(3) if s != r} <= into  # layer 4: among the members
+    assert {t for t, _, _ in into} == {4, 7}
+    # a member's channels of layer 4 go to both others from one staging buffer, as the memory model counts
+    params, buffers, _ = setup(program, 2)
+    hub = InProcessHub(3, 30.0)
+    executors = inprocess.make_executors(plan, [hub.comm(r) for r in range(3)], module("float64"), params, buffers)
+    for r, ex in enumerate(executors):
+        fours = [k for k, m in enumerate(plan["messages"]) if m["tensor"] == 4 and m["phase"] == "forward"
+                 and m["sender"] == r and m["receiver"] != r]
+        assert len(fours) == 2 and len({ex.stage_of[k] for k in fours}) == 1
+        assert sum(a.nbytes for a in ex.staging.values()) == plan_memory(plan, r)["messages"]
+    assert_trains_as_one_device(program, plan, sockets)
+
+
+@pytest.mark.parametrize("sockets", [False, True])
 def test_a_map_held_by_one_device_reaches_a_channel_group_through_its_members(sockets):
     """Layer 1 on device 1 alone, then a group split over devices 0-2: device
     1 sends each member its slice of the map's channels, each member passes
@@ -363,17 +409,11 @@ def test_a_map_held_by_one_device_reaches_a_channel_group_through_its_members(so
                          and m["phase"] == "forward")
     whole = 2 * 6 * 12 * 10 * 8  # the map: batch 2, 6 x 12 x 10, float64
     assert sent_by_holder == whole * 2 // 3 + 2 * whole // 3  # two slices out, its own slice to two: not 2 maps
+    assert "g2t0 -> g2t1" in plan_dot(plan)  # (the drawing has the relayed slices inside the group)
     bad = [dict(m, receiver=m["sender"]) if m.get("relay") else m for m in plan["messages"]]
     with pytest.raises(ProgramError, match="a relayed message passes a channel group's input between two"):
         planfile.validate(planfile.seal(dict(plan, messages=bad)))
-    params, buffers, batches = setup(program, 2)
-    want = one_device(program, params, buffers, batches, 3)
-    if sockets:
-        got = train_socketpairs(plan, params, buffers, batches, 3)
-    else:
-        losses, p, b, _ = inprocess.train(plan, params, buffers, batches, 3, module("float64"), timeout=30)
-        got = (losses, p, b)
-    assert_same(got, want, 1e-10, FLOOR)
+    assert_trains_as_one_device(program, plan, sockets)
 
 
 def small_yolov2_tiny(tmp_path, size=96):
@@ -480,8 +520,9 @@ def test_a_route_of_one_map_starts_a_run_and_is_that_map():
     b.conv(2, 1, 1, 0)
     b.cost()
     program = b.build()
-    assert runs(program, 1) == [(1, 3, True), (4, 5, True), (6, 6, False), (7, 7, True), (8, 8, False)]
-    assert shards.check(program, 4, 5, 2) == "layer 4 (route) needs the whole map"
+    assert runs(program, 1) == [(1, 3, True), (4, 5, True), (6, 7, True), (8, 8, False)]
+    assert shards.check(program, 3, 5, 2) == "layer 4 (route) needs the whole map"
+    assert shards.check(program, 4, 5, 2) is None  # (a route may lead a group: every member assembles it)
     assert shards.check(program, 5, 5, 2) is None
     acts = {1: np.ones((2, 4, 6, 6))}
     reference.forward_layers([program[4]], {}, {}, acts, None, train=True)
@@ -520,7 +561,7 @@ def test_a_channel_group_hands_on_the_maps_a_later_route_reads(sockets):
     own backward reaches that layer. Equals one device (float64 1e-10), in
     one process and over sockets."""
     program = passthrough_program()
-    assert runs(program, 1) == [(1, 4, True), (5, 6, True), (7, 8, False), (9, 9, True), (10, 10, False)]
+    assert runs(program, 1) == [(1, 4, True), (5, 6, True), (7, 7, False), (8, 9, True), (10, 10, False)]
     tiled = [GroupChoice(0, 0, [0, 3, 6], [0, 6], [0, 1])]
     tail = [TailChoice(1, 4, "channels", [0, 1, 2]), TailChoice(5, 6, "one", [1]), TailChoice(7, 8, "one", [2]),
             TailChoice(9, 9, "channels", [1, 2]), TailChoice(10, 10, "one", [0])]
@@ -530,14 +571,7 @@ def test_a_channel_group_hands_on_the_maps_a_later_route_reads(sockets):
            if m["tensor"] == 1 and m["sender"] != m["receiver"]}
     # each member's channels of layer 1 to route 5 on device 1, its gradient back
     assert far == {(0, 1, "forward"), (2, 1, "forward"), (1, 0, "backward"), (1, 2, "backward")}
-    params, buffers, batches = setup(program, 2)
-    want = one_device(program, params, buffers, batches, 3)
-    if sockets:
-        got = train_socketpairs(plan, params, buffers, batches, 3)
-    else:
-        losses, p, b, _ = inprocess.train(plan, params, buffers, batches, 3, module("float64"), timeout=30)
-        got = (losses, p, b)
-    assert_same(got, want, 1e-10, FLOOR)
+    assert_trains_as_one_device(program, plan, sockets)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

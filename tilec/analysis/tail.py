@@ -44,8 +44,8 @@ def readers_of(program):
 
 
 def runs(program, prefix):
-    """[(first, last, splittable)] covering program[prefix:]; a route of
-    one map starts a splittable one. A layer whose output a later layer
+    """[(first, last, splittable)] covering program[prefix:]; a route
+    starts a splittable one. A layer whose output a later layer
     reads too (YOLOv2's 16, read by the pool after it and by route 25) stays
     inside its run: a group split by channels hands on any output it holds
     (each member its channels, ``flows``), so the pool after it may join it
@@ -55,10 +55,10 @@ def runs(program, prefix):
     for layer in program[prefix:]:
         i = layer["index"]
         ok = layer["kind"] in shards.SPLITTABLE and layer["inputs"] == [i - 1]
-        if is_identity(layer):
-            # a route of one map starts a run: a group of it and the layers after it on one device
-            # holds that map once (no copy, no second group's input buffer for it); spans that hold
-            # it are never split by channels (``shards.check``)
+        if layer["kind"] == "route":
+            # a route starts a run: a group of it and the layers after it on one device holds a route of
+            # one map once (no copy, no second group's input buffer for it); split by channels, every
+            # member assembles the route's map from its inputs (``shards.check``: only as the first layer)
             out.append((i, i, True))
             continue
         if out and out[-1][2] == ok:

@@ -139,7 +139,7 @@ def plan_memory(plan, rank, profile=None):
     import numpy as np
 
     from tilec_runtime.program import members_of
-    from tilec_runtime.executor import holdings, input_messages
+    from tilec_runtime.executor import holdings, input_messages, staging_key
     from tilec_runtime.lower import lower_rank, scratch_bytes
     from tilec_runtime.program import buffer_shapes
     program, batch = plan["program"], plan["batch"]
@@ -158,8 +158,10 @@ def plan_memory(plan, rank, profile=None):
         arenas += tile_own_bytes(spec, batch, item)
         scratch = max(scratch, scratch_bytes(spec, item))
     arenas += scratch
-    messages = sum(m["bytes"] for m in plan["messages"]
-                   if m["sender"] == rank and m["receiver"] != rank and m["tensor"] >= 0)
+    # staging buffers: one per content of the forward messages, one per backward message (``staging_key``)
+    staged = {staging_key(k, m, plan["groups"]): m["bytes"] for k, m in enumerate(plan["messages"])
+              if m["sender"] == rank and m["receiver"] != rank and m["tensor"] >= 0}
+    messages = sum(staged.values())
     # its pieces of the image: this step's and those the launcher streams ahead
     inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item)
     kept, work = 0, 0  # every tail group's activations live through backward; transients do not overlap

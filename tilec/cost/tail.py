@@ -161,17 +161,19 @@ class TailPricer:
             sources, replicated = self._sources(tensor, held)
             if relayed(sources, replicated, list(need.devices)):
                 hops = self._relay_hops(tensor, sources[0], list(need.devices))
+                same = [False, True]  # the holder's slices differ; a member relays one slice to all
                 extra = []
             else:
                 forward, extra = flows(sources, replicated, list(need.devices))
                 fwd = np.zeros((self.n, self.n))
                 for s, r, nbytes in forward:
                     fwd[s, r] += nbytes
-                hops = [fwd]
+                hops, same = [fwd], [True]  # a sender's part (or whole map) goes to each receiver alike
             for hop in hops:
                 np.fill_diagonal(hop, 0.0)  # a device's own part is a copy
             secs = sum(exchange_seconds(hop, self.devices) for hop in hops)
-            sent = sum(hop.sum(axis=1) for hop in hops)
+            # forward, one staging buffer per content (``tilec_runtime.executor.staging_key``)
+            sent = sum(hop.max(axis=1) if alike else hop.sum(axis=1) for hop, alike in zip(hops, same))
             if tensor >= 0:  # the gradients come back the same ways in reverse
                 back = [hop.T.copy() for hop in reversed(hops)]
                 for s, r, nbytes in extra:
@@ -309,9 +311,11 @@ class TailPricer:
                 for d, nbytes in sources[:1] if replicated else sources:
                     if d in kept:
                         kept[d] += nbytes
-        if mode == "one":  # the gradients of what it reads from earlier than the layer before go back
-            far = {j for layer in program[first:last + 1] for j in layer["inputs"] if 0 <= j < first - 1}
-            kept[devices[0]] += sum(b * prod(tensor_shape(self.program, j)) * item for j in far)
+        # the gradients of what it reads from earlier than the layer before go back (staged by each
+        # member: a channel group's leading route returns its inputs' partial gradients from every member)
+        far = {j for layer in program[first:last + 1] for j in layer["inputs"] if 0 <= j < first - 1}
+        for d in devices:
+            kept[d] += sum(b * prod(tensor_shape(self.program, j)) * item for j in far)
         if first == 0:  # every member takes the whole image from the launcher, this step's and those ahead
             for d in devices:
                 kept[d] += image_bytes(b * prod(tensor_shape(self.program, -1)), item)

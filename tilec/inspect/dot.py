@@ -82,7 +82,10 @@ def plan_dot(plan):
     for m in plan["messages"]:
         if m["phase"] != "forward" or m["sender"] == m["receiver"]:
             continue
-        src = "input" if m["tensor"] < 0 else node_of[(layer_group[m["tensor"]], m["sender"])]
+        if m.get("relay"):  # a member passing on its slice of the group's input: an edge inside the group
+            src = node_of[(m["group"], m["sender"])]
+        else:
+            src = "input" if m["tensor"] < 0 else node_of[(layer_group[m["tensor"]], m["sender"])]
         dst = node_of[(m["group"], m["receiver"])]
         edges[(src, dst)] = edges.get((src, dst), 0) + m["bytes"]
     for (src, dst), nbytes in sorted(edges.items()):

@@ -213,7 +213,8 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
             else:
                 held, replicated = holders(program, producer, tensor)
                 sources = [(d, (*whole, chans)) for d, chans in held]
-            if replicated and ch.mode == "channels" and sorted(ch.devices) == [d for d, _ in sources]:
+            if replicated and ch.mode == "channels" and sorted(ch.devices) == [d for d, _ in sources] and (
+                    tensor == ch.first - 1):
                 # whole on every member already: each takes its own copy, and the members all-reduce
                 # the input's gradient (each needs all of it), instead of sending it to one another
                 forward, extra = [(d, d, part) for d, part in sources], []
