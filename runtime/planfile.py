@@ -136,7 +136,9 @@ def _check_messages(plan):
         if m.get("relay"):
             group = groups[m["group"]]
             members = [tile["device"] for tile in group["tiles"]]
-            if (group.get("mode") != "channels" or t != group["layers"][0] - 1 or m["sender"] == m["receiver"]
+            first, last = group["layers"]
+            reads = {j for layer in program[first:last + 1] for j in layer["inputs"] if j < first}
+            if (group.get("mode") != "channels" or t not in reads or m["sender"] == m["receiver"]
                     or m["sender"] not in members or m["receiver"] not in members):
                 raise ProgramError(f"{where}: a relayed message passes a channel group's input between two of "
                                    f"its members")

@@ -353,26 +353,33 @@ def test_a_b_layer_sums_slice_by_slice_each_all_reduced_while_the_next_is_comput
             n for n in names if n.startswith(f"chan_reduce g{g} L{layer} ")]
 
 
-@pytest.mark.parametrize("sockets", [False, True])
-def test_a_channel_group_may_start_with_a_route_that_every_member_assembles(sockets):
+@pytest.mark.parametrize("sockets, layer4", [(False, "channels"), (True, "channels"), (False, "one"),
+                                              (True, "one")])
+def test_a_channel_group_may_start_with_a_route_that_every_member_assembles(sockets, layer4):
     """YOLOv2's route 28 (of the reorg 27 and layer 24) before layer 29 split
     by channels, in small: the group of route 8 and conv 9 over devices
     0-2 takes layer 4 from the members that hold its channels (an
     all-gather among themselves) and the reorg from device 2 (relayed), each
     member assembles the route's map, and backward the route's gradient
-    goes back to both. Equals one device (float64 1e-10), in one process and
-    over sockets."""
+    goes back to both. With layers 1-4 on device 1 alone, layer 4 too is
+    relayed (a route's input other than the layer before it). Equals one
+    device (float64 1e-10), in one process and over sockets."""
     program = passthrough_program()
     tiled = [GroupChoice(0, 0, [0, 3, 6], [0, 6], [0, 1])]
-    tail = [TailChoice(1, 4, "channels", [0, 1, 2]), TailChoice(5, 6, "one", [1]), TailChoice(7, 7, "one", [2]),
-            TailChoice(8, 9, "channels", [0, 1, 2]), TailChoice(10, 10, "one", [0])]
+    tail = [TailChoice(1, 4, layer4, [0, 1, 2] if layer4 == "channels" else [1]), TailChoice(5, 6, "one", [1]),
+            TailChoice(7, 7, "one", [2]), TailChoice(8, 9, "channels", [0, 1, 2]), TailChoice(10, 10, "one", [0])]
     plan = plan_of(program, 1, tiled, tail, 3, 2)
     planfile.validate(plan)
     g = next(n for n, group in enumerate(plan["groups"]) if group["layers"] == [8, 9])
-    into = {(m["tensor"], m["sender"], m["receiver"]) for m in plan["messages"]
+    into = {(m["tensor"], m["sender"], m["receiver"], bool(m.get("relay"))) for m in plan["messages"]
             if m["group"] == g and m["phase"] == "forward" and m["sender"] != m["receiver"]}
-    assert {(4, s, r) for s in range(3) for r in range(3) if s != r} <= into  # layer 4: among the members
-    assert {t for t, _, _ in into} == {4, 7}
+    assert {t for t, _, _, _ in into} == {4, 7}
+    assert {(7, s, r, True) for s in range(3) for r in range(3) if s != r} <= into
+    if layer4 == "one":
+        assert {(4, s, r, True) for s in range(3) for r in range(3) if s != r} <= into
+        assert_trains_as_one_device(program, plan, sockets)
+        return
+    assert {(4, s, r, False) for s in range(3) for r in range(3) if s != r} <= into  # layer 4: among the members
     # a member's channels of layer 4 go to both others from one staging buffer, as the memory model counts
     params, buffers, _ = setup(program, 2)
     hub = InProcessHub(3, 30.0)
