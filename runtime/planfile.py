@@ -37,7 +37,10 @@ def seal(plan):
 
 
 def write_plan(plan, directory):
-    """Write ``directory/plan.json`` atomically; returns the path."""
+    """Write ``directory/plan.json`` atomically, once it passes the checks
+    every device makes of it (``validate``: nothing is written that the
+    runtime would refuse); returns the path."""
+    validate(plan)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "plan.json")
     atomic_json(path, plan, indent=1, sort_keys=True)
