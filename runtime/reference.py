@@ -32,19 +32,9 @@ def forward_layers(layers, params, buffers, acts, target, train=True, impl=None)
         x = acts[layer["inputs"][0]]
         if kind == "conv":
             z = k.conv2d_forward(x, params[f"{i}.conv.weight"], layer["stride"], pads_of(layer))
-            if layer["bn"]:
-                if train:
-                    n, mean, m2 = k.bn_stats(z)
-                    var = m2 / n
-                    ops.bn_update_running(buffers[f"{i}.bn.running_mean"], buffers[f"{i}.bn.running_var"], n, mean, m2)
-                else:
-                    mean = buffers[f"{i}.bn.running_mean"].astype(np.float64)
-                    var = buffers[f"{i}.bn.running_var"].astype(np.float64)
-                z, xhat, inv_std = k.bn_normalize(z, mean, var, params[f"{i}.bn.weight"], params[f"{i}.bn.bias"])
-                cache[i] = (xhat, inv_std)
-            else:
-                z = z + params[f"{i}.conv.bias"][None, :, None, None]
-            acts[i] = k.act_forward(z, layer["act"])
+            acts[i], bn = conv_epilogue(layer, z, params, buffers, train, k)
+            if bn is not None:
+                cache[i] = bn
         elif kind == "maxpool":
             acts[i], cache[i] = k.maxpool_forward(x, layer["size"], layer["stride"], pads_of(layer))
         elif kind == "avgpool":
@@ -96,6 +86,43 @@ def backward(program, params, images, state, impl=None):
     return backward_layers(program, params, acts, cache, impl=impl)[0]
 
 
+def conv_epilogue(layer, z, params, buffers, train=True, impl=None, chans=slice(None)):
+    """(activation, batch-norm cache (normalised values, 1 / std) or None) of
+    conv ``layer`` from its sums ``z``, on channels ``chans`` of its
+    parameters: batch norm (training: this batch's statistics, the running
+    ones updated; else the running ones) or bias, then the activation."""
+    k, i = impl or ops, layer["index"]
+    if not layer["bn"]:
+        return k.act_forward(z + params[f"{i}.conv.bias"][chans][None, :, None, None], layer["act"]), None
+    running_mean, running_var = buffers[f"{i}.bn.running_mean"][chans], buffers[f"{i}.bn.running_var"][chans]
+    if train:
+        n, mean, m2 = k.bn_stats(z)
+        var = m2 / n
+        ops.bn_update_running(running_mean, running_var, n, mean, m2)
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    z, xhat, inv_std = k.bn_normalize(z, mean, var, params[f"{i}.bn.weight"][chans], params[f"{i}.bn.bias"][chans])
+    return k.act_forward(z, layer["act"]), (xhat, inv_std)
+
+
+def conv_output_grad(layer, y, dy, bn_cache, params, put, impl=None):
+    """The gradient at conv ``layer``'s sums from ``dy`` at its activation's
+    output ``y``: the activation's and batch norm's (``bn_cache`` from
+    ``conv_epilogue``) or bias's backward; their parameter gradients go to
+    ``put(key, gradient)``."""
+    k, i = impl or ops, layer["index"]
+    dz = k.act_backward(y, layer["act"], dy)
+    if not layer["bn"]:
+        put(f"{i}.conv.bias", dz.sum(axis=(0, 2, 3)))
+        return dz
+    xhat, inv_std = bn_cache
+    s1, s2 = k.bn_grad_sums(dz, xhat)
+    count = dz.shape[0] * dz.shape[2] * dz.shape[3]
+    put(f"{i}.bn.weight", s2.astype(dz.dtype))
+    put(f"{i}.bn.bias", s1.astype(dz.dtype))
+    return k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
+
+
 def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None):
     """Backward through ``layers`` from the loss (if among them) and the
     output gradients in ``dout``. Returns (grads, dout) where ``dout`` now
@@ -130,16 +157,7 @@ def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None)
             continue  # feeds nothing that reaches the loss
         dy = dout.pop(i)
         if kind == "conv":
-            dz = k.act_backward(acts[i], layer["act"], dy)
-            if layer["bn"]:
-                xhat, inv_std = cache[i]
-                s1, s2 = k.bn_grad_sums(dz, xhat)
-                count = dz.shape[0] * dz.shape[2] * dz.shape[3]
-                put(f"{i}.bn.weight", s2.astype(dz.dtype))
-                put(f"{i}.bn.bias", s1.astype(dz.dtype))
-                dz = k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
-            else:
-                put(f"{i}.conv.bias", dz.sum(axis=(0, 2, 3)))
+            dz = conv_output_grad(layer, acts[i], dy, cache.get(i), params, put, k)
             key = f"{i}.conv.weight"
             into = None if acc is None else acc[key]  # (the kernel adds the weight gradient to it)
             dx, dw = k.conv2d_backward(x, params[key], layer["stride"], pads_of(layer), dz, dw=into)

@@ -99,10 +99,19 @@ def forward_slices(layer, batch, itemsize):
     return max(1, min(MAX_SLICES, channels, nbytes // SLICE_MIN_BYTES))
 
 
-def takes_slices(program, first, last, i, roles_):
-    """The A layer right after B layer ``i`` in the group, which sums B's
-    output slice by slice as each is final (None if there is none)."""
+def takes_slices(roles_, last, i):
+    """The A layer right after B layer ``i`` of a group ending at ``last``
+    (``roles_``: its ``roles``), which sums B's output slice by slice as
+    each is final (None if there is none)."""
     return i + 1 if i < last and roles_.get(i + 1) == "A" else None
+
+
+def reduces_input_grad(roles_, first, i):
+    """Whether layer ``i`` of a group starting at ``first`` is an A layer
+    whose input gradient is partial and all-reduced by the members: a split
+    layer comes before it in the group (the first A's goes back to the
+    group's input, where its producer sums it)."""
+    return roles_[i] == "A" and any(roles_[j] != "local" for j in range(first, i))
 
 
 def reduce_id(layer, phase, piece=0):

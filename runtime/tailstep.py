@@ -95,8 +95,7 @@ class ChannelGroup:
         # fixed by the plan: worked out once, not at every step
         self.shares = {i: shards.share(program, first, last, k, member, i) for i in range(first, last + 1)}
         # an A layer's input gradient is partial (all-reduced) when a split layer comes before it in the group
-        self.reduce_dx = {i: self.roles[i] == "A" and any(self.roles[p] != "local" for p in range(first, i))
-                          for i in range(first, last + 1)}
+        self.reduce_dx = {i: shards.reduces_input_grad(self.roles, first, i) for i in range(first, last + 1)}
         # what it reads from before it: the layer before, or a leading route's maps
         reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
         self.inputs = {t: np.zeros((batch, *tensor_shape(program, t)), dtype) for t in reads}
@@ -225,23 +224,12 @@ class ChannelGroup:
 
     def _finish(self, i, layer, z, params, buffers, chans=slice(None)):
         """(activation, batch-norm cache or None) of layer ``i`` from its sums
-        ``z`` on channels ``chans`` of its parameters: batch norm (this
-        step's statistics; the running ones updated) or bias, then the
-        activation."""
-        if layer["kind"] != "conv":
-            y = z.reshape(z.shape[0], -1) + params[f"{i}.fc.bias"][chans]
-            return ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1), None
-        cache = None
-        if layer["bn"]:
-            n, mean, m2 = self.k.bn_stats(z)
-            ops.bn_update_running(buffers[f"{i}.bn.running_mean"][chans], buffers[f"{i}.bn.running_var"][chans], n,
-                                  mean, m2)
-            z, xhat, inv_std = self.k.bn_normalize(z, mean, m2 / n, params[f"{i}.bn.weight"][chans],
-                                                  params[f"{i}.bn.bias"][chans])
-            cache = (xhat, inv_std)
-        else:
-            z = z + params[f"{i}.conv.bias"][chans][None, :, None, None]
-        return self.k.act_forward(z, layer["act"]), cache
+        ``z`` on channels ``chans`` of its parameters (a conv's:
+        ``reference.conv_epilogue``; a connected layer's bias and activation)."""
+        if layer["kind"] == "conv":
+            return reference.conv_epilogue(layer, z, params, buffers, True, self.k, chans)
+        y = z.reshape(z.shape[0], -1) + params[f"{i}.fc.bias"][chans]
+        return ops.act_forward(y, layer["act"]).reshape(y.shape[0], -1, 1, 1), None
 
     # -- backward -----------------------------------------------------------------
 
@@ -251,24 +239,17 @@ class ChannelGroup:
 
     def _output_grad(self, i, layer, params, acc, bn_cache):
         """The gradient at layer ``i``'s conv or connected output, from the one
-        at its activation's output: the activation's and batch norm's (or
-        bias's) backward, their parameter gradients added to ``acc``
-        (``bn_cache``: the layer's normalised values and 1 / std)."""
+        at its activation's output (``reference.conv_output_grad``; a
+        connected layer's activation and bias), parameter gradients added to
+        ``acc`` (``bn_cache``: the layer's normalised values and 1 / std)."""
         dy = self.grads_in[i]
-        if layer["kind"] != "conv":
-            dz = ops.act_backward(self.acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
-            acc[f"{i}.fc.bias"] += dz.sum(axis=0)
-            return dz
-        dz = self.k.act_backward(self.acts[i], layer["act"], dy)
-        if not layer["bn"]:
-            acc[f"{i}.conv.bias"] += dz.sum(axis=(0, 2, 3))
-            return dz
-        xhat, inv_std = bn_cache
-        s1, s2 = self.k.bn_grad_sums(dz, xhat)
-        count = dz.shape[0] * dz.shape[2] * dz.shape[3]
-        acc[f"{i}.bn.weight"] += s2.astype(dz.dtype)
-        acc[f"{i}.bn.bias"] += s1.astype(dz.dtype)
-        return self.k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
+        if layer["kind"] == "conv":
+            def add(key, grad):
+                acc[key] += grad
+            return reference.conv_output_grad(layer, self.acts[i], dy, bn_cache, params, add, self.k)
+        dz = ops.act_backward(self.acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
+        acc[f"{i}.fc.bias"] += dz.sum(axis=0)
+        return dz
 
     def backward(self, i, params, acc, part="all"):
         """Layer ``i``'s share of backward; an A layer's input gradient is
@@ -315,7 +296,7 @@ class ChannelGroup:
         (activation, batch norm: their parameter gradients go to ``acc``)
         and computes the partial input gradient; "weight" adds the weight
         gradient from the gradient "input" left (``pending``)."""
-        if not (self.roles[i] == "A" and self.reduce_dx[i]):
+        if not self.reduce_dx[i]:
             raise ValueError(f"layer {i}: only an A layer whose input gradient is all-reduced runs in parts")
         conv = layer["kind"] == "conv"
         key = f"{i}.conv.weight" if conv else f"{i}.fc.weight"

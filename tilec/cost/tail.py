@@ -219,7 +219,15 @@ class TailPricer:
     def _layer(self, first, last, i, d, member, k):
         """(forward, backward) seconds of layer ``i`` on device ``d``, member
         ``member`` of ``k`` (k = 1: the whole layer)."""
-        key = (first if k > 1 else None, last if k > 1 else None, i, d, member, k)
+        return tuple(self._part(first, last, i, d, member, k, direction) for direction in DIRECTIONS)
+
+    def _part(self, first, last, i, d, member, k, direction, part="all"):
+        """Seconds of ``part`` of layer ``i``'s share in ``direction`` on
+        device ``d``, member ``member`` of ``k`` (k = 1: the whole layer;
+        ``tilec.cost.compute.share_seconds``): all of it, an A layer's weight
+        gradient (which overlaps the all-reduce of its input gradient), or
+        the sums and the post of a B layer's slices or an A layer's after it."""
+        key = (first if k > 1 else None, last if k > 1 else None, i, d, member, k, direction, part)
         if key not in self._layers:
             dev, layer = self.devices[d], self.program[i]
             if k == 1:
@@ -227,22 +235,34 @@ class TailPricer:
             else:
                 share = shards.share(self.program, first, last, k, member, i)
                 role = shards.roles(self.program, first, last)[i]
-            self._layers[key] = tuple(share_seconds(dev.profile, layer, share, role, self.batch, self.item, direction,
-                                                    dev.compute_scale, dev.threads) for direction in DIRECTIONS)
-        return self._layers[key]
-
-    def _part(self, first, last, i, d, member, k, role, direction, part):
-        """Seconds of ``part`` of layer ``i``'s share on device ``d`` (member
-        ``member`` of ``k``; ``tilec.cost.compute.share_seconds``): an A
-        layer's weight gradient, which overlaps the all-reduce of its input
-        gradient, or a B layer's partial sums, sliced around their all-reduce."""
-        key = (first, last, i, d, member, k, part)
-        if key not in self._layers:
-            dev, layer = self.devices[d], self.program[i]
-            share = shards.share(self.program, first, last, k, member, i)
             self._layers[key] = share_seconds(dev.profile, layer, share, role, self.batch, self.item, direction,
                                               dev.compute_scale, dev.threads, part)
         return self._layers[key]
+
+    def _forward(self, first, last, i, devices, roles, times):
+        """(compute seconds, all-reduce seconds, the A layer priced with it or
+        None) of layer ``i``'s forward in a group over ``devices`` (``times``:
+        each member's (forward, backward) of it): a B layer's sums and then
+        their all-reduce, or slice by slice, each summed on the communication
+        thread while the next is computed, and the A layer after it summing
+        each slice as soon as it is final."""
+        k, b, item = len(devices), self.batch, self.item
+        fwd = max(t[0] for t in times)
+        if k == 1 or roles[i] != "B":
+            return fwd, 0.0, None
+        nbytes = b * prod(self.program[i]["out_shape"]) * item
+        pieces = shards.forward_slices(self.program[i], b, item)
+        if pieces == 1:
+            return fwd, gradient_allreduce_seconds(nbytes, devices, self.devices), None
+
+        def slowest(j, part):
+            return max(self._part(first, last, j, d, m, k, "forward", part) for m, d in enumerate(devices))
+        reduce = gradient_allreduce_seconds(nbytes / pieces, devices, self.devices)
+        a = shards.takes_slices(roles, last, i)
+        if a is None:
+            return pipeline(pieces, slowest(i, "partial"), reduce, 0.0) + slowest(i, "post"), 0.0, None
+        return (pipeline(pieces, slowest(i, "partial"), reduce, slowest(i, "post") + slowest(a, "partial"))
+                + slowest(a, "post"), 0.0, a)
 
     def arc(self, first, last, mode, devices):
         """The :class:`TailArc` of program[first..last] on ``devices``."""
@@ -262,31 +282,13 @@ class TailPricer:
             times = [self._layer(first, last, i, d, m, k) for m, d in enumerate(devices)]
             for d, t in zip(devices, times):
                 busy[d] += t[0] + t[1]
-
-            def slowest(j, role, part):
-                return max(self._part(first, last, j, d, m, k, role, "forward", part) for m, d in enumerate(devices))
-            pieces = shards.forward_slices(program[i], b, item) if k > 1 and roles[i] == "B" else 1
-            nbytes = b * prod(program[i]["out_shape"]) * item
-            if i in chained:
-                pass
-            elif k > 1 and roles[i] == "B" and pieces == 1:  # the partial sums, then their all-reduce
-                compute += max(t[0] for t in times)
-                collective += gradient_allreduce_seconds(nbytes, devices, self.devices)
-            elif pieces > 1:  # slice by slice, each summed on the communication thread while the next is computed
-                reduce = gradient_allreduce_seconds(nbytes / pieces, devices, self.devices)
-                a = shards.takes_slices(program, first, last, i, roles)
-                if a is None:
-                    compute += pipeline(pieces, slowest(i, "B", "partial"), reduce, 0.0) + slowest(i, "B", "post")
-                else:  # and the A layer after it sums each slice as soon as it is final
-                    compute += pipeline(pieces, slowest(i, "B", "partial"), reduce,
-                                        slowest(i, "B", "post") + slowest(a, "A", "partial")) + slowest(a, "A", "post")
-                    chained.add(a)
-            else:
-                compute += max(t[0] for t in times)
-            if k > 1 and roles[i] == "A" and any(roles[j] != "local" for j in range(first, i)):
+            if i not in chained:
+                seconds, reduce, a = self._forward(first, last, i, devices, roles, times)
+                compute, collective = compute + seconds, collective + reduce
+                chained.add(a)  # (None when no A layer comes with it)
+            if k > 1 and shards.reduces_input_grad(roles, first, i):
                 # backward: the partial input gradient, then its all-reduce while the weight gradient is computed
-                weights = [self._part(first, last, i, d, m, k, "A", "backward", "weight")
-                           for m, d in enumerate(devices)]
+                weights = [self._part(first, last, i, d, m, k, "backward", "weight") for m, d in enumerate(devices)]
                 reduce = gradient_allreduce_seconds(b * prod(program[i]["in_shape"]) * item, devices, self.devices)
                 compute += max(t[1] - w for t, w in zip(times, weights))
                 collective += max(reduce, max(weights))

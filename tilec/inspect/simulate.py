@@ -199,13 +199,13 @@ def _actions(plan, rank, pricer, shapes):
                 if other != rank:
                     main.append(("recv", ("c", kind, op["layer"], other, rank), other))
         elif kind == "chan_reduce" and op.get("overlap"):  # on the communication thread, after what it has
-            ident = ("cr", op["group"], op["layer"], op["phase"], op.get("slice"))
-            main.append(("post", ident))
-            comm += [("await", ident), *_channel_reduce_actions(plan, op, rank, item), ("done", ident)]
+            main.append(("post", _reduce_key(op)))
+            comm += [("await", _reduce_key(op)), *_channel_reduce_actions(plan, op, rank, item),
+                     ("done", _reduce_key(op))]
         elif kind == "chan_reduce":
             main += _channel_reduce_actions(plan, op, rank, item)
         elif kind == "chan_wait":
-            main.append(("join", (("cr", op["group"], op["layer"], op["phase"], op.get("slice")),)))
+            main.append(("join", (_reduce_key(op),)))
         elif kind == "grad_start":
             bucket = plan["buckets"][op["bucket"]]
             update = pricer.update(rank, bucket["keys"], shapes)
@@ -232,13 +232,17 @@ def _local_bytes(plan, m):
     return int(np.prod(message_shape(plan["program"], m, plan["batch"]))) * np.dtype(plan["dtype"]).itemsize
 
 
+def _reduce_key(op):
+    """The key of a channel group's all-reduce (its ``chan_reduce`` and ``chan_wait``)."""
+    return ("cr", op["group"], op["layer"], op["phase"], op.get("slice"))
+
+
 def _channel_reduce_actions(plan, op, rank, item):
     """The rounds of a channel group's all-reduce (``RankExecutor._chan_reduce``)."""
     members = members_of(plan["groups"][op["group"]])
     _, shape = shards.op_reduce(plan["program"], op, plan["batch"])
-    key = ("cr", op["group"], op["layer"], op["phase"], op.get("slice"))
-    return _allreduce_actions(key, shape, members, rank, item, use_ring(int(np.prod(shape)) * item, len(members),
-                                                                        plan["ring_min_bytes"]))
+    ring = use_ring(int(np.prod(shape)) * item, len(members), plan["ring_min_bytes"])
+    return _allreduce_actions(_reduce_key(op), shape, members, rank, item, ring)
 
 
 def _allreduce_actions(key, shape, members, rank, item, ring):

@@ -212,12 +212,9 @@ def channel_forward(program, g, group, sends, batch, itemsize):
     first, last = group["layers"]
     r = shards.roles(program, first, last)
     ops = []
-    done = set()  # A layers already run slice by slice with the B before them
-    for layer in program[first:last + 1]:
-        i = layer["index"]
-        if i in done:
-            continue
-        pieces = shards.forward_slices(layer, batch, itemsize) if r[i] == "B" else 1
+    i = first
+    while i <= last:
+        pieces = shards.forward_slices(program[i], batch, itemsize) if r[i] == "B" else 1
         if r[i] != "B":
             ops.append({"op": "chan_fwd", "group": g, "layer": i})
         elif pieces == 1:
@@ -229,7 +226,7 @@ def channel_forward(program, g, group, sends, batch, itemsize):
                 ops += [{"op": "chan_fwd", "group": g, "layer": i, "slice": p, "slices": pieces},
                         {"op": "chan_reduce", "group": g, "layer": i, "phase": "forward", "slice": p,
                          "slices": pieces, "overlap": True}]
-            a = shards.takes_slices(program, first, last, i, r)
+            a = shards.takes_slices(r, last, i)
             for p in range(pieces):
                 ops.append({"op": "chan_wait", "group": g, "layer": i, "phase": "forward", "slice": p})
                 if a is not None:  # the slice's batch norm and activation, and the next layer's sums over it
@@ -237,12 +234,12 @@ def channel_forward(program, g, group, sends, batch, itemsize):
                             {"op": "chan_fwd", "group": g, "layer": a, "slice": p, "slices": pieces}]
             if a is None:
                 ops.append({"op": "chan_post", "group": g, "layer": i})
-            else:
+            else:  # the A layer ran with it: its post, and both layers' sends
                 ops += [{"op": "send", "msg": k} for k in sends(i)]
                 ops.append({"op": "chan_post", "group": g, "layer": a})
-                done.add(a)
                 i = a
         ops += [{"op": "send", "msg": k} for k in sends(i)]
+        i += 1
     return ops
 
 
@@ -255,7 +252,7 @@ def channel_backward(program, g, group):
         i = layer["index"]
         if r[i] == "B":
             ops.append({"op": "chan_post_bwd", "group": g, "layer": i})
-        if r[i] == "A" and i > first and any(r[j] != "local" for j in range(first, i)):
+        if shards.reduces_input_grad(r, first, i):
             # the partial input gradient first: its all-reduce runs while the weight gradient is computed
             ops += [{"op": "chan_bwd", "group": g, "layer": i, "part": "input"},
                     {"op": "chan_reduce", "group": g, "layer": i, "phase": "backward", "overlap": True},
