@@ -7,6 +7,8 @@ First fit, largest first: not optimal (that is NP-hard in general) but the
 chain structure of a group leaves little to gain, and the result is checked
 by ``check``.
 """
+from bisect import insort
+
 ALIGN = 16  # elements: 64 bytes for float32, so that every buffer starts on a cache line
 
 
@@ -31,12 +33,13 @@ def plan_offsets(buffers):
                 continue  # not alive at the same time
             if offset + size <= o:
                 break
-            offset = max(offset, e)
+            if e > offset:
+                offset = e
         offsets[name] = offset
         end = offset + round_up(size)
-        top = max(top, end)
-        placed.append((offset, end, first, last))
-        placed.sort()
+        if end > top:
+            top = end
+        insort(placed, (offset, end, first, last))
     return offsets, top
 
 

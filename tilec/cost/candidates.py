@@ -100,6 +100,7 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
     where the tiled prefix may end (default: from the first weight-heavy
     layer to the end of the prefix).
     """
+    from tilec.cost.parallel import price_groups
     from tilec.cost.tail import holdings
     cands = Candidates(model, list(layouts))
     prefix, program, n = model.prefix, model.program, model.n
@@ -111,8 +112,11 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
             rects = model.layout_rects(lay, b - 1)
             if rects is not None:
                 cands.nodes[(b, li)] = (rects, lay.devices)
+    jobs, job_layout = [], []
     for first in range(prefix):
         for last in range(first, prefix if max_span is None else min(prefix, first + max_span)):
+            if last + 1 not in cuts and last + 1 == prefix:
+                continue  # the prefix cannot end here
             _, h, w = program[last]["out_shape"]
             for li, lay in enumerate(layouts):
                 if first > 0 and (first, li) not in cands.nodes:
@@ -120,15 +124,13 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
                 splits = lay.splits(h, w)
                 if splits is None:
                     continue
-                try:
-                    g = model.group(first, last, splits[0], splits[1], lay.devices, layout=lay)
-                except ValueError:
-                    continue  # split lines the region analysis rejects
-                if g.last + 1 not in cuts and g.last + 1 == prefix:
-                    continue  # the prefix cannot end here
-                cands.groups.append(g)
-                cands.group_layout.append(li)
-                cands.group_out.append(li)
+                jobs.append((first, last, splits[0], splits[1], lay.devices, lay))
+                job_layout.append(li)
+    for g, li in zip(price_groups(model, jobs), job_layout):
+        if g is not None:  # (None: split lines the region analysis rejects)
+            cands.groups.append(g)
+            cands.group_layout.append(li)
+            cands.group_out.append(li)
     arrivals = {(g.last + 1, li) for g, li in zip(cands.groups, cands.group_layout)}
     for b, li in sorted(arrivals):
         if b >= prefix:

@@ -121,7 +121,7 @@ class CostModel:
                                   if j < self.prefix and j != layer["index"] - 1})
         self.outside = set(self.tail_reads) | ({self.prefix - 1} if self.prefix else set())
         self._tail_pricer = None
-        self._groups, self._axes, self._memory, self._units = {}, {}, {}, {}
+        self._groups, self._axes, self._memory, self._units, self._sync = {}, {}, {}, {}, {}
 
     # -- units of a tile, priced as the schedule runs them ----------------------
 
@@ -193,6 +193,11 @@ class CostModel:
                             g.kept_recompute[d] += nbytes
         return g
 
+    def adopt(self, g):
+        """Cache group ``g``, priced by a copy of this model in another process
+        (:mod:`tilec.cost.parallel`), as :meth:`group` would have."""
+        self._groups.setdefault((g.first, g.last, tuple(g.row_splits), tuple(g.col_splits), tuple(g.devices)), g)
+
     def layout_rects(self, layout, tensor):
         """(tiles, 4) rects of ``layout`` on the output map of layer ``tensor``, or None if it does not fit."""
         _, h, w = self.program[tensor]["out_shape"]
@@ -212,15 +217,17 @@ class CostModel:
             self._axes[key] = axis_regions(windows, list(splits))
         return self._axes[key]
 
-    def _tile_memory(self, first, last, sizes, in_size, d, recompute):
-        """(bytes a tile keeps all step, bytes of the device's scratch it needs):
-        the runtime's own memory plan (``tilec_runtime.lower.tile_memory``)."""
+    def _tile_memory(self, first, last, sizes, in_size, d):
+        """{recompute: (bytes a tile keeps all step, bytes of the device's
+        scratch it needs)}: the runtime's own memory plan
+        (``tilec_runtime.lower.tile_memory``)."""
         threads = self.devices[d].threads
-        key = (first, last, tuple(sorted(sizes.items())), in_size, threads, recompute)
+        key = (first, last, tuple(sorted(sizes.items())), in_size, threads)
         if key not in self._memory:
-            m = tile_memory(self.program, first, last, self.outside, sizes, in_size, self.batch, threads, recompute)
             item = self.itemsize
-            self._memory[key] = (tile_own_bytes(m, self.batch, item), scratch_bytes(m, item))
+            self._memory[key] = {rec: (tile_own_bytes(m, self.batch, item), scratch_bytes(m, item))
+                                 for rec, m in tile_memory(self.program, first, last, self.outside, sizes, in_size,
+                                                           self.batch, threads).items()}
         return self._memory[key]
 
     def _price(self, first, last, row_splits, col_splits, devices):
@@ -233,7 +240,7 @@ class CostModel:
         members = sorted(set(devices))
         busy = dict.fromkeys(members, 0.0)
         busy_rec = dict.fromkeys(members, 0.0)
-        fwd_s = bwd_s = bn_s = grad_s = 0.0
+        fwd_s = bwd_s = 0.0
         kept, kept_rec, ws, ws_rec = {}, {}, {}, {}
         # per tile: its units' op times (the schedule's stages), and the runtime's memory plan of it
         tile_units = []
@@ -242,8 +249,9 @@ class CostModel:
                      for k, layer in enumerate(program[first:last + 1])}
             tile_units.append(self.unit_times(first, last, d, sizes))
             in_size = (length(row_in[i]), length(col_in[j]))
-            kept[d], ws[d] = self._tile_memory(first, last, sizes, in_size, d, False)
-            kept_rec[d], ws_rec[d] = self._tile_memory(first, last, sizes, in_size, d, True)
+            memory = self._tile_memory(first, last, sizes, in_size, d)
+            kept[d], ws[d] = memory[False]
+            kept_rec[d], ws_rec[d] = memory[True]
         # a split group synchronises every batch-norm layer: each unit takes its slowest tile
         for u in range(len(tile_units[0])):
             f = [sum(t for op, t in tu[u].items() if op in FORWARD_OPS) for tu in tile_units]
@@ -253,20 +261,7 @@ class CostModel:
             for d, tf, tb in zip(devices, f, bw):
                 busy[d] += tf + tb
                 busy_rec[d] += tf
-        if len(members) > 1:
-            for layer in program[first:last + 1]:
-                if layer["kind"] == "conv" and layer["bn"]:
-                    c = layer["filters"]
-                    bn_s += allgather_seconds(bn_bytes("bn_stats", c), members, self.devices)
-                    bn_s += allgather_seconds(bn_bytes("bn_grad", c), members, self.devices)
-                for key, shape in param_shapes(layer).items():
-                    if ".bn." not in key:
-                        grad_s += gradient_allreduce_seconds(int(np.prod(shape)) * item, members, self.devices)
-        layers = program[first:last + 1]
-        state = state_bytes(layers, item)
-        n_params = param_count(layers)
-        upd = max(update_seconds(self.devices[d].profile, n_params, item, self.devices[d].compute_scale,
-                                 self.devices[d].threads) for d in members)
+        bn_s, grad_s, upd, state = self._collectives(first, last, tuple(members))
         tail_send, stage = self._tail_sends(first, last, rows, cols, cells, devices)
         for d, nbytes in stage.items():
             if d in kept:
@@ -282,6 +277,29 @@ class CostModel:
             out_rects=_rects((rows[i][-1].region, cols[j][-1].region) for i, j in cells),
             parts={"forward": fwd_s, "backward": bwd_s, "batchnorm": bn_s, "gradients": grad_s, "update": upd,
                    "to_tail": tail_send})
+
+    def _collectives(self, first, last, members):
+        """(batch-norm seconds, weight-gradient seconds, update seconds, state
+        bytes) of program[first..last] on ``members``: the same for every
+        layout over the same devices (cached)."""
+        key = (first, last, members)
+        if key not in self._sync:
+            item, bn_s, grad_s = self.itemsize, 0.0, 0.0
+            if len(members) > 1:
+                for layer in self.program[first:last + 1]:
+                    if layer["kind"] == "conv" and layer["bn"]:
+                        c = layer["filters"]
+                        bn_s += allgather_seconds(bn_bytes("bn_stats", c), members, self.devices)
+                        bn_s += allgather_seconds(bn_bytes("bn_grad", c), members, self.devices)
+                    for k, shape in param_shapes(layer).items():
+                        if ".bn." not in k:
+                            grad_s += gradient_allreduce_seconds(int(np.prod(shape)) * item, members, self.devices)
+            layers = self.program[first:last + 1]
+            n_params = param_count(layers)
+            upd = max(update_seconds(self.devices[d].profile, n_params, item, self.devices[d].compute_scale,
+                                     self.devices[d].threads) for d in members)
+            self._sync[key] = (bn_s, grad_s, upd, state_bytes(layers, item))
+        return self._sync[key]
 
     def _tail_sends(self, first, last, rows, cols, cells, devices):
         """(seconds, staging bytes per device) to send the owned cells of the
@@ -310,10 +328,8 @@ class CostModel:
         input map of layer ``b`` from tiles ``src`` to regions ``dst`` (forward)."""
         unit = self.program[b]["in_shape"][0] * self.batch * self.itemsize
         areas = overlap_areas(src_rects, dst_rects) * unit
-        m = np.zeros((self.n, self.n))
-        src, dst = np.asarray(src_devices), np.asarray(dst_devices)
-        np.add.at(m, (np.repeat(src[:, None], len(dst), 1), np.repeat(dst[None, :], len(src), 0)), areas)
-        return m
+        pairs = np.add.outer(np.asarray(src_devices) * self.n, np.asarray(dst_devices))
+        return np.bincount(pairs.ravel(), weights=areas.ravel(), minlength=self.n * self.n).reshape(self.n, self.n)
 
     def redistribute(self, b, src_rects, src_devices, dst_rects, dst_devices):
         """(seconds, {device: staging bytes}) of :meth:`redistribute_bytes`,
