@@ -22,6 +22,7 @@ the bound valid). With all ``lam = 0`` it is the plain fastest plan.
   keeps all its arcs, so CP-SAT on the rest still finds it and its bound
   still holds for the full problem.
 """
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -196,7 +197,7 @@ def fits(cands, path):
     return all(m <= d.memory_bytes for m, d in zip(pred.memory, cands.model.devices)), pred
 
 
-def feasible_plan(cands, steps=40, keep_bounds=True):
+def feasible_plan(cands, steps=40, keep_bounds=True, deadline=None):
     """(upper bound seconds or None, its path or None,
     [(lams, prices, constant, dist)], the path that overflows least).
 
@@ -207,6 +208,7 @@ def feasible_plan(cands, steps=40, keep_bounds=True):
     included, fits; then ``REFINE`` more steps oscillate around the boundary
     for faster plans that fit and tighter bounds. The prices without
     workspace at each step are valid Lagrangian bounds, kept for :func:`prune`.
+    ``deadline`` (perf_counter): no step starts after it.
     """
     n = cands.model.n
     tried = []
@@ -224,6 +226,8 @@ def feasible_plan(cands, steps=40, keep_bounds=True):
     closest = (_overflow(cands, pred), dist["path"])
     refine = REFINE
     for _ in range(steps):  # about 20 steps take the multipliers through 3 orders of magnitude
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         over = [m > d.memory_bytes for m, d in zip(pred.memory, cands.model.devices)]
         lams = [(lam * GROW or start) if o else lam * SHRINK for lam, o in zip(lams, over)]
         dist = distances(cands, _prices(cands, lams, workspace=True)[0])

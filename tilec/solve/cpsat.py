@@ -241,7 +241,9 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
     # then the multipliers (bounds for pruning and the gap, sometimes a faster plan) take fewer steps
     found = beam_fit(cands, recompute, deadline=t0 + BEAM_SHARE * time_limit,
                      reference=bounds.lower_bound(cands, tried))  # (at zero multipliers: the fastest plan)
-    upper, path, tried, closest = bounds.feasible_plan(cands, steps=LAGRANGE_STEPS[found is not None])
+    # (with the beam's plan in hand, the multipliers only bound it or better it: within the time limit)
+    upper, path, tried, closest = bounds.feasible_plan(cands, steps=LAGRANGE_STEPS[found is not None],
+                                                       deadline=t0 + time_limit if found is not None else None)
     source = "lagrangian"
     if found is not None:
         found_s = bounds.path_seconds(cands, found)
