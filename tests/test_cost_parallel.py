@@ -108,3 +108,20 @@ def test_the_worker_count_comes_from_the_environment(monkeypatch):
         parallel.workers()
     monkeypatch.delenv(parallel.WORKERS_ENV)
     assert 1 <= parallel.workers() <= parallel.MAX_WORKERS
+
+
+def test_a_child_that_hangs_is_stopped_and_its_share_priced(monkeypatch):
+    import time as _time
+
+    def hanging(model, jobs, conn):
+        _time.sleep(60)
+    monkeypatch.setattr(parallel, "_child", hanging)
+    monkeypatch.setattr(parallel, "CHILD_GRACE_S", 0.5)
+    serial, cl = _model()
+    forked, _ = _model()
+    jobs = _jobs(serial, cl)
+    t0 = _time.perf_counter()
+    many = parallel.price_groups(forked, jobs, n_workers=2, min_jobs=0)
+    assert _time.perf_counter() - t0 < 30
+    one = parallel.price_groups(serial, jobs, n_workers=1)
+    assert all(_same(a, b) for a, b in zip(one, many))

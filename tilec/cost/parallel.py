@@ -14,9 +14,11 @@ Where ``fork`` is missing (Windows) or a child fails, the parent prices
 the rest itself.
 """
 import os
+import time
 
 MIN_JOBS = 400  # fewer: forking and pickling cost more than they save
 MAX_WORKERS = 4
+CHILD_GRACE_S = 20.0  # a child's share may take this long (or 4x the parent's) before the parent prices it
 WORKERS_ENV = "TILEC_COST_WORKERS"  # processes that price groups (default: this machine's cores, at most 4)
 
 
@@ -75,14 +77,21 @@ def price_groups(model, jobs, n_workers=None, min_jobs=None):
         send.close()
         children.append((w, proc, recv))
     out = [None] * len(jobs)
+    t0 = time.perf_counter()
     for k in shares[0]:
         out[k] = _price(model, jobs[k])
+    # a child that forked into a stuck lock (another thread held it) must not hang the compile
+    deadline = time.perf_counter() + max(CHILD_GRACE_S, 4 * (time.perf_counter() - t0))
     for w, proc, recv in children:
+        status, priced = "failed", None
         try:
-            status, priced = recv.recv()
+            if recv.poll(max(0.0, deadline - time.perf_counter())):
+                status, priced = recv.recv()
         except (EOFError, OSError):
-            status, priced = "failed", None
+            pass
         recv.close()
+        if status != "ok" and proc.is_alive():
+            proc.kill()
         proc.join()
         if status != "ok":
             priced = [_price(model, jobs[k]) for k in shares[w]]
