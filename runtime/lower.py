@@ -220,13 +220,19 @@ def _buffers(spec, recompute=False):
 def scratch_buffers(floats, ints, n, recompute):
     """Names of the buffers that live only during the tile's own backward
     and so go to the device's scratch (backward phases of groups never
-    overlap on a device): the gradients inside the group (its output's
-    gradient receives messages before its backward starts, so it stays),
-    or, for a group that recomputes, everything it recomputes. ``floats``,
-    ``ints``: the tile's buffers (``_buffers``), ``n`` its units."""
+    overlap on a device): the gradients inside the group and of its input
+    (its output's gradient receives messages before its backward starts,
+    so it stays), or, for a group that recomputes, everything it
+    recomputes. The input's gradient is only read by the group's last ops,
+    the sends that return it (``tilec.plan.schedule.group_backward``): each
+    copies it out, to a staging buffer or straight into the producer's
+    gradient on the same device, before the next group's backward (its
+    recompute first) writes the scratch again. ``floats``, ``ints``: the
+    tile's buffers (``_buffers``), ``n`` its units."""
     if recompute:
-        return set(floats) - {f"d{n - 1}", "din"}, set(ints)
-    return {f"d{j}" for j in range(n - 1)} | {f"da{j}" for j in range(n) if f"da{j}" in floats}, set()
+        return set(floats) - {f"d{n - 1}"}, set(ints)
+    inside = {f"d{j}" for j in range(n - 1)} | {f"da{j}" for j in range(n) if f"da{j}" in floats}
+    return inside | ({"din"} & set(floats)), set()
 
 
 def _pack(buffers, names, start=0, check=True):
