@@ -346,7 +346,9 @@ class RankExecutor:
         self._land(m, self.comm.recv(m["sender"], (self.step_no, "m", op["msg"])))
 
     def _input(self, op):
-        piece = self.inputs.get(op["msg"])
+        # taken out: once it has landed in the tile's input, the device no longer holds the frame
+        # (``tilec.cost.memory.image_bytes``)
+        piece = self.inputs.pop(op["msg"], None)
         if piece is None:
             raise ProgramError(f"rank {self.rank} was given no input piece {op['msg']} for step {self.step_no}")
         self._land(self.plan["messages"][op["msg"]], piece)

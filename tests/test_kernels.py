@@ -815,6 +815,29 @@ def test_a_training_step_allocates_no_arrays_after_the_first(dtype):
     assert generated() == 0
 
 
+def test_the_image_pieces_are_let_go_once_they_have_landed():
+    """A device streamed its pieces of the image (``inputs``) holds none of
+    them after their input ops (the memory model counts only the batches
+    streamed ahead), and trains as when cut from the whole batch."""
+    import weakref
+    from tilec_runtime.executor import input_messages, input_piece
+    program = yolo_like()
+    params, buffers = weights.init_params(program, 0, "float64")
+    images, target = data.generated_batches(program, 2, 0, "float64").get(0)
+    plan = build_plan(program, [GroupChoice(0, 2, [0, 10], [0, 10], [0]),
+                                GroupChoice(3, 5, [0, 5], [0, 5], [0])],
+                      model="t", batch=2, dtype="float64", devices=["d0"], optimizer=OPT)
+    whole, streamed = one_rank(plan, params, buffers), one_rank(plan, params, buffers)
+    inputs = {k: np.array(input_piece(images, plan["messages"][k])) for k, _ in input_messages(plan, 0)}
+    assert inputs
+    refs = [weakref.ref(a) for a in inputs.values()]
+    got = streamed.step(target=target, inputs=inputs)
+    assert inputs == {} and all(r() is None for r in refs)
+    assert got == whole.step(images, target)
+    for key in whole.params:
+        np.testing.assert_array_equal(streamed.params[key], whole.params[key])
+
+
 def test_band_rows_cover_the_map_and_bound_the_workspace():
     for c, k, ho, wo in [(3, 3, 416, 416), (512, 3, 13, 13), (1, 1, 1, 1), (64, 1, 7, 3000)]:
         rows = band_rows(c, k, ho, wo)

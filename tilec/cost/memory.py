@@ -90,10 +90,13 @@ def tile_own_bytes(spec, batch, itemsize):
 
 
 def image_bytes(values, itemsize):
-    """Bytes of ``values`` image values held for this step and for each the
-    launcher streams ahead."""
+    """Bytes of ``values`` image values held as frames from the data source
+    besides the tile's input region (counted with the tile): the batches it
+    streams ahead. This step's frame is let go as soon as it has landed
+    (``tilec_runtime.executor``, the input op); the next one waits, and the
+    one after is sent once this step is over."""
     from tilec_runtime.executor import BATCHES_AHEAD
-    return (BATCHES_AHEAD + 1) * values * itemsize
+    return BATCHES_AHEAD * values * itemsize
 
 
 def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
