@@ -286,6 +286,37 @@ def test_beam_search_fits_yolov2_at_batch_4_on_two_pi3s():
     assert fits(model, sol.prediction)
 
 
+def test_yolov2_at_batch_8_fits_three_pi3s():
+    """YOLOv2 at batch 8 on three 750 MB Pi 3s: none of the narrow beams
+    finds a plan that fits, a wide memory-first one does; compiled, every
+    device's peak as the runtime's own memory plan has it (``tilec
+    simulate --json``) is within its 750 MB."""
+    from tilec.cost.memory import plan_peaks
+    from tilec.solve import beam as beam_mod
+    cl = cluster(3)
+    cands, model, _ = candidates("yolov2", cl, 8)
+    assert beam_mod.beam_fit(cands, wide=()) is None
+    path = beam_mod.beam_fit(cands)
+    assert path is not None and fits(model, peak(model, path, cands))
+    plan = compile_plan(load_model("yolov2"), cluster=cl, batch=8, dtype="float32", time_limit=10)
+    assert all(p <= d.memory_bytes for p, d in zip(plan_peaks(plan, cl), cl.devices))
+
+
+def test_wide_beams_run_only_where_the_narrow_ones_found_nothing(monkeypatch):
+    from tilec.solve import beam as beam_mod
+    cands, _, _ = candidates("tiny", cluster(2), 4, 3, cuts=(3,))
+    ran = []
+
+    def fit(self, memory, recompute=True, deadline=None, attempts=beam_mod.ATTEMPTS):
+        ran.append(attempts)
+        return None if attempts == beam_mod.ATTEMPTS else ((0, False),)
+    monkeypatch.setattr(beam_mod.Beam, "fit", fit)
+    assert beam_mod.beam_fit(cands) == ((0, False),) and ran == [beam_mod.ATTEMPTS, beam_mod.WIDE_ATTEMPTS]
+    ran.clear()
+    monkeypatch.setattr(beam_mod.Beam, "fit", lambda self, *a, **k: ran.append(1) or ((1, True),))
+    assert beam_mod.beam_fit(cands) == ((1, True),) and ran == [1]
+
+
 @pytest.mark.parametrize("found, calls, want", [
     # the first plan 3x the fastest: the next narrow attempt's, close to it, is taken
     ([3.0, 1.2, 1.1, 1.0], 2, 1),

@@ -32,6 +32,11 @@ from tilec.cost.model import workspace_pool
 # candidates: batch 8 on 5 Pi 3s, after a one-map route could join the conv after it, none and 163 s from
 # the narrow ones, 110 s from the wide fast-first one (the memory-first wide one 139-166 s).
 ATTEMPTS = ((3, 1, 1.0), (3, 1, 16.0), (6, 2, 1.0), (6, 2, 64.0))
+# Tried only when those find no plan at all: wider memory-first beams (more partial paths per node, and
+# more per device that leave it emptiest). YOLOv2 at batch 8 on 3 Pi 3s: none of the four above finds a
+# plan that fits 750 MB, (12, 2, 64) one of 296 s a step in 0.5 s, (12, 3, 64) 321 s in 0.7 s; wider ones
+# (16-48 wide) none or no better. The search is not monotone in its width.
+WIDE_ATTEMPTS = ((12, 2, 64.0), (12, 3, 64.0))
 # A plan this much slower than the fastest one (memory aside) is taken; a slower one, the next attempts
 # may better until the deadline. The first attempt's plan for YOLOv2 at batch 8 on 6 Pi 3s on a 100 Mbit/s
 # link took 297 s a step (all of the tail on single devices), the second's 104 s (the fastest plan 85 s).
@@ -180,9 +185,14 @@ class Beam:
                                p.path + ((gi, rec),))
 
 
-def beam_fit(cands, recompute=True, deadline=None, attempts=ATTEMPTS, reference=None):
-    """A path that fits ``cands``' devices, or None (:meth:`Beam.fit`)."""
-    return Beam(cands, reference).fit([d.memory_bytes for d in cands.model.devices], recompute, deadline, attempts)
+def beam_fit(cands, recompute=True, deadline=None, attempts=ATTEMPTS, reference=None, wide=WIDE_ATTEMPTS):
+    """A path that fits ``cands``' devices, or None (:meth:`Beam.fit`):
+    ``attempts``, then, if they found none, ``wide``."""
+    beam, memory = Beam(cands, reference), [d.memory_bytes for d in cands.model.devices]
+    found = beam.fit(memory, recompute, deadline, attempts)
+    if found is None and wide and (deadline is None or time.perf_counter() < deadline):
+        found = beam.fit(memory, recompute, deadline, wide)
+    return found
 
 
 def leanest(cands, start_extra, deadline, recompute=True, attempts=((3, 1, 64.0),)):
