@@ -62,24 +62,41 @@ def test_forked_pricing_equals_one_process(workers):
             assert forked.group(*job[:5], layout=job[5]) is g
 
 
+def test_the_tail_groups_priced_by_a_child_equal_one_process():
+    from tilec.cost.candidates import tail_options
+    serial, cl = _model()
+    forked, _ = _model()
+    jobs = _jobs(serial, cl)
+    tails = list(tail_options(serial.program, 1, 3, serial.tail_pricer.members))
+    assert len(tails) > 5
+    one = parallel.price_candidates(serial, jobs, tails, n_workers=1)
+    many = parallel.price_candidates(forked, jobs, tails, n_workers=2, min_jobs=0)
+    assert all(_same(a, b) for a, b in zip(one[0], many[0]))
+    assert one[1] == many[1]
+    for t, arc in zip(tails, many[1]):
+        assert forked.tail_pricer.arc(*t) is arc  # cached in the parent
+
+
 def test_a_failed_child_leaves_its_share_to_the_parent(monkeypatch):
-    def failing(model, jobs, conn):
+    def failing(model, jobs, tails, conn):
         conn.send(("failed", "RuntimeError('boom')"))
         conn.close()
     monkeypatch.setattr(parallel, "_child", failing)
     serial, cl = _model()
     forked, _ = _model()
     jobs = _jobs(serial, cl)
-    one = parallel.price_groups(serial, jobs, n_workers=1)
-    many = parallel.price_groups(forked, jobs, n_workers=2, min_jobs=0)
-    assert all(_same(a, b) for a, b in zip(one, many))
+    from tilec.cost.candidates import tail_options
+    tails = list(tail_options(serial.program, 1, 3, serial.tail_pricer.members))
+    one = parallel.price_candidates(serial, jobs, tails, n_workers=1)
+    many = parallel.price_candidates(forked, jobs, tails, n_workers=2, min_jobs=0)
+    assert all(_same(a, b) for a, b in zip(one[0], many[0])) and one[1] == many[1]
 
 
 def test_shares_cover_every_job_once_and_keep_spans_whole():
     model, cl = _model()
     jobs = _jobs(model, cl)
-    for n in (1, 2, 3, 5):
-        shares = parallel._shares(jobs, n)
+    for n, tail in ((1, 0.0), (2, 0.0), (3, 50.0), (5, 1e9)):
+        shares = parallel._shares(jobs, n, tail)
         assert sorted(k for s in shares for k in s) == list(range(len(jobs)))
         owner = {}
         for w, s in enumerate(shares):
@@ -113,7 +130,7 @@ def test_the_worker_count_comes_from_the_environment(monkeypatch):
 def test_a_child_that_hangs_is_stopped_and_its_share_priced(monkeypatch):
     import time as _time
 
-    def hanging(model, jobs, conn):
+    def hanging(model, jobs, tails, conn):
         _time.sleep(60)
     monkeypatch.setattr(parallel, "_child", hanging)
     monkeypatch.setattr(parallel, "CHILD_GRACE_S", 0.5)

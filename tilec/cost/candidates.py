@@ -100,7 +100,7 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
     where the tiled prefix may end (default: from the first weight-heavy
     layer to the end of the prefix).
     """
-    from tilec.cost.parallel import price_groups
+    from tilec.cost.parallel import price_candidates
     from tilec.cost.tail import holdings
     cands = Candidates(model, list(layouts))
     prefix, program, n = model.prefix, model.program, model.n
@@ -126,7 +126,11 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
                     continue
                 jobs.append((first, last, splits[0], splits[1], lay.devices, lay))
                 job_layout.append(li)
-    for g, li in zip(price_groups(model, jobs), job_layout):
+    pricer = model.tail_pricer
+    lo = min(cuts)
+    tails = list(tail_options(program, lo, n, pricer.members, tail))
+    priced, arcs = price_candidates(model, jobs, tails)
+    for g, li in zip(priced, job_layout):
         if g is not None:  # (None: split lines the region analysis rejects)
             cands.groups.append(g)
             cands.group_layout.append(li)
@@ -146,15 +150,12 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
             cands.transitions.append((b, li, lj, secs))
             cands.transition_bytes.append(stage)
 
-    # the tail: groups after the cut, and the moves into and between them
-    pricer = model.tail_pricer
+    # the tail: groups after the cut (priced above), and the moves into and between them
     held = holdings(n, pricer.order)
     base = len(cands.layouts)
     cands.layouts += held
     index = {h: base + i for i, h in enumerate(held)}
-    lo = min(cuts)
-    for first, last, mode, devices in tail_options(program, lo, n, pricer.members, tail):
-        arc = pricer.arc(first, last, mode, devices)
+    for arc in arcs:
         cands.groups.append(arc)
         cands.group_layout.append(index[arc.layout_in])
         cands.group_out.append(index[arc.layout_out])

@@ -264,6 +264,11 @@ class TailPricer:
         return (pipeline(pieces, slowest(i, "partial"), reduce, slowest(i, "post") + slowest(a, "partial"))
                 + slowest(a, "post"), 0.0, a)
 
+    def adopt(self, arc):
+        """Cache ``arc``, priced by a copy of this pricer in another process
+        (:mod:`tilec.cost.parallel`), as :meth:`arc` would have."""
+        self._arcs.setdefault((arc.first, arc.last, arc.mode, tuple(arc.devices)), arc)
+
     def arc(self, first, last, mode, devices):
         """The :class:`TailArc` of program[first..last] on ``devices``."""
         key = (first, last, mode, tuple(devices))
