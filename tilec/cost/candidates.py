@@ -104,7 +104,6 @@ def enumerate_candidates(model, layouts, max_span=MAX_SPAN, tail="auto", cuts=No
     from tilec.cost.tail import holdings
     cands = Candidates(model, list(layouts))
     prefix, program, n = model.prefix, model.program, model.n
-    end = len(program)
     cuts = tuple(sorted(cuts)) if cuts is not None else tuple(range(max(1, weight_heavy_from(program, prefix)),
                                                                      prefix + 1)) if prefix else (0,)
     for b in range(1, prefix + 1):

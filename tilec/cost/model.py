@@ -231,7 +231,7 @@ class CostModel:
         return self._memory[key]
 
     def _price(self, first, last, row_splits, col_splits, devices):
-        program, b, item = self.program, self.batch, self.itemsize
+        program = self.program
         rows, row_in = self._axis(first, last, row_splits, 1)
         cols, col_in = self._axis(first, last, col_splits, 2)
         cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]  # tiles, row-major

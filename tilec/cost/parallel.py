@@ -3,14 +3,14 @@
 The cost stage prices thousands of tiled groups (YOLOv2 at batch 8 on 6
 devices: 4,920, over half of `tilec compile`'s time on one core), each a
 pure function of the program, the cluster, its span and its layout. Forked
-children price interleaved shares of them (a group's price grows with its
-span, and the jobs come span by span) and hand the priced groups back,
-pickled, through a pipe; the parent prices its own share meanwhile and
-puts every child's group into the model's cache, so the candidates are the
-same values in the same order as priced on one core. The tail groups
-(:class:`tilec.cost.tail.TailArc`) go to the last child with a lighter
-share of the tiled ones. The pipe carries only
-what the parent's own children computed, never anything from a network.
+children price shares of them, whole spans each (the model caches a span's
+tiles, so a span priced in two processes would be priced twice), and hand
+the priced groups back, pickled, through a pipe; the parent prices its own
+share meanwhile and puts every child's group into the model's cache, so
+the candidates are the same values in the same order as priced on one
+core. The tail groups (:class:`tilec.cost.tail.TailArc`) go to the last
+child with a lighter share of the tiled ones. The pipe carries only what
+the parent's own children computed, never anything from a network.
 
 Where ``fork`` is missing (Windows) or a child fails, the parent prices
 the rest itself.
