@@ -111,7 +111,6 @@ class GradientReducer:
         self.comm, self.apply, self.events = comm, apply, events
         self.queue = queue.SimpleQueue()
         self.cond = threading.Condition()
-        self.pending = 0
         self.issued = self.finished = 0  # tickets: the thread runs them in order
         self.error = None
         self.thread = None
@@ -131,7 +130,6 @@ class GradientReducer:
         """Run ``fn()`` on the thread after everything queued before it;
         returns its ticket (``wait_for``)."""
         with self.cond:
-            self.pending += 1
             self.issued += 1
             ticket = self.issued
         if self.thread is None:
@@ -144,17 +142,13 @@ class GradientReducer:
         """Until the job of ``ticket`` (and every one before it) is done; raises the first failure."""
         with self.cond:
             if not self.cond.wait_for(lambda: self.finished >= ticket or self.error is not None, timeout):
-                raise TimeoutError("an overlapped all-reduce did not finish")
+                raise TimeoutError("an all-reduce on the communication thread did not finish")
             if self.error is not None:
                 raise self.error
 
     def wait(self, timeout=None):
-        """Until every started bucket is applied; raises the first failure."""
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.pending == 0 or self.error is not None, timeout):
-                raise TimeoutError("gradient all-reduce did not finish")
-            if self.error is not None:
-                raise self.error
+        """Until every job started so far is done; raises the first failure."""
+        self.wait_for(self.issued, timeout)  # (only the stepping thread issues tickets)
 
     def close(self):
         if self.thread is not None:
@@ -178,6 +172,5 @@ class GradientReducer:
             if self.events is not None:
                 self.events.append((label, t0, time.perf_counter()))
             with self.cond:
-                self.pending -= 1
                 self.finished += 1
                 self.cond.notify_all()

@@ -38,7 +38,7 @@ import numpy as np
 
 from tilec_runtime import ops, shards
 from tilec_runtime.blas_threads import limit_blas_threads
-from tilec_runtime.collectives import GradientReducer, gather_allreduce, ring_allreduce, use_ring
+from tilec_runtime.collectives import GradientReducer, gather_allreduce, ring_allreduce
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.fused import TileStep
 from tilec_runtime.geometry import Region
@@ -156,7 +156,7 @@ class RankExecutor:
     def __init__(self, plan, rank, comm, module, params, buffers, momentum=None, threads=None, trace=False,
                  stretch=None):
         self.plan, self.rank, self.comm = plan, rank, comm
-        program = self.program = plan["program"]
+        self.program = plan["program"]
         self.batch = plan["batch"]
         dt = self.dtype = np.dtype(plan["dtype"])
         self.threads = threads or plan["devices"][rank]["threads"]
@@ -443,9 +443,8 @@ class RankExecutor:
         the next ops (the weight gradient) until ``chan_wait``."""
         tail, i, phase, piece = self.tails[op["group"]], op["layer"], op["phase"], op.get("slice")
         array = tail.reduced(i, phase, piece)
-        members = self.members[op["group"]]
-        tag = (self.step_no, "c", shards.reduce_id(i, phase, piece or 0))
-        ring = use_ring(array.nbytes, len(members), self.plan["ring_min_bytes"])
+        ident, _, members, ring = shards.op_reduce(self.plan, op)
+        tag = (self.step_no, "c", ident)
 
         def run():
             if ring:

@@ -138,7 +138,12 @@ def tile_memory(program, first, last, outside, sizes, in_size, batch, threads):
     spec = {"batch": batch, "threads": threads, "input": [program[first]["in_shape"][0], *in_size],
             "input_grad": first > 0, "ops": ops,
             "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside)}
-    return {recompute: _memory_sizes(spec, recompute) for recompute in (False, True)}
+    out = {}
+    for recompute in (False, True):
+        plan = dict(spec)
+        _plan_memory(plan, recompute, check=False)
+        out[recompute] = {k: plan[k] for k in ("arena", "arg_arena", "scratch", "scratch_args", "workspace", "input")}
+    return out
 
 
 def out_channels(op):
@@ -243,41 +248,21 @@ def _pack(buffers, names, start=0, check=True):
     return {k: [start + offsets[k], buffers[k][0]] for k in sorted(names)}, start + total
 
 
-def _lifetimes(spec, recompute, regen=True):
-    """(float buffers, int16 buffers, the float and int16 names that go to
-    the device's scratch, the im2col workspace) of a spec (``_buffers``,
-    ``scratch_buffers``), marking the convs that regenerate their gradient."""
+def _plan_memory(spec, recompute=False, check=True, regen=True):
+    """Buffer offsets: the tile's own float and int16 arenas (what lives
+    across the step), and its share of the device's scratch: the im2col
+    workspace, then the backward-only buffers (``scratch_buffers``)."""
     for j, op in enumerate(spec["ops"]):
         if regen and regenerates(op, j, spec["input_grad"]):
             op["regen"] = True
     floats, ints = _buffers(spec, recompute)
     spill, spill_args = scratch_buffers(floats, ints, len(spec["ops"]), recompute)
-    ws = memplan.round_up(max((workspace(op, spec["threads"], j > 0 or spec["input_grad"])
-                               for j, op in enumerate(spec["ops"])), default=0))
-    return floats, ints, spill, spill_args, ws
-
-
-def _plan_memory(spec, recompute=False, check=True, regen=True):
-    """Buffer offsets: the tile's own float and int16 arenas (what lives
-    across the step), and its share of the device's scratch: the im2col
-    workspace, then the backward-only buffers (``scratch_buffers``)."""
-    floats, ints, spill, spill_args, spec["workspace"] = _lifetimes(spec, recompute, regen)
     spec["buffers"], spec["arena"] = _pack(floats, set(floats) - spill, check=check)
     spec["arg_buffers"], spec["arg_arena"] = _pack(ints, set(ints) - spill_args, check=check)
+    spec["workspace"] = memplan.round_up(max((workspace(op, spec["threads"], j > 0 or spec["input_grad"])
+                                              for j, op in enumerate(spec["ops"])), default=0))
     spec["scratch_buffers"], spec["scratch"] = _pack(floats, spill, spec["workspace"], check)
     spec["scratch_arg_buffers"], spec["scratch_args"] = _pack(ints, spill_args, check=check)
-
-
-def _memory_sizes(spec, recompute):
-    """The sizes ``_plan_memory`` gives a spec, without the offsets (the
-    planner prices thousands of tiles and needs no more)."""
-    floats, ints, spill, spill_args, ws = _lifetimes(spec, recompute)
-
-    def top(buffers, names):
-        return memplan.plan_offsets({k: buffers[k] for k in names})[1]
-    return {"arena": top(floats, set(floats) - spill), "arg_arena": top(ints, set(ints) - spill_args),
-            "workspace": ws, "scratch": ws + top(floats, spill), "scratch_args": top(ints, spill_args),
-            "input": spec["input"]}
 
 
 def scratch_bytes(spec, itemsize):

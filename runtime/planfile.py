@@ -192,7 +192,7 @@ def _check_role(program, group, op, where):
     kind = op["op"]
     phase = (op.get("part") if kind == "chan_bwd" else "slice" if kind == "chan_fwd"
              else op.get("phase") if kind in ("chan_reduce", "chan_wait") else None)
-    want = CHAN_ROLES.get((op["op"], phase))
+    want = CHAN_ROLES.get((kind, phase))
     if want is None:
         raise ProgramError(f"{where}: bad phase {phase!r}")
     if want == "first":  # the group's input gradient, named by its first layer

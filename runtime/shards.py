@@ -30,9 +30,12 @@ is whole on the member that holds those weights: nothing else is reduced.
 Everything here is plain integer arithmetic on the program, so the planner
 (messages, memory, costs) and every device (which slices it holds) agree.
 """
+import numpy as np
+
 # members' channels are cut into nearly equal parts by the same rule as a ring's chunks (the planner
 # calls it by this name)
-from tilec_runtime.collectives import chunk_bounds as part_bounds
+from tilec_runtime.collectives import chunk_bounds as part_bounds, use_ring
+from tilec_runtime.program import members_of
 
 SPLITTABLE = ("conv", "connected", "maxpool", "avgpool", "local_avgpool")
 WEIGHTED = ("conv", "connected")
@@ -133,11 +136,16 @@ def reduce_shape(program, layer, phase, batch, piece=None, pieces=1):
     return (batch, *shape)
 
 
-def op_reduce(program, op, batch):
-    """(id, shape) of the all-reduce of schedule op ``op`` (a ``chan_reduce``)."""
+def op_reduce(plan, op):
+    """(id, shape, members, ring?) of the all-reduce of schedule op ``op``
+    (a ``chan_reduce``) of ``plan``: what the executor runs, the frame
+    table expects, the simulator and the traffic count price."""
     piece = op.get("slice")
-    return (reduce_id(op["layer"], op["phase"], piece or 0),
-            reduce_shape(program, op["layer"], op["phase"], batch, piece, op.get("slices", 1)))
+    shape = reduce_shape(plan["program"], op["layer"], op["phase"], plan["batch"], piece, op.get("slices", 1))
+    members = members_of(plan["groups"][op["group"]])
+    nbytes = int(np.prod(shape)) * np.dtype(plan["dtype"]).itemsize
+    return (reduce_id(op["layer"], op["phase"], piece or 0), shape, members,
+            use_ring(nbytes, len(members), plan["ring_min_bytes"]))
 
 
 def input_bounds(layer, held_in):

@@ -88,9 +88,7 @@ def frame_table(plan, rank):
                 if d != rank:
                     table[(d, Kind.BN if kind == "bn_stats" else Kind.BNG, op["layer"])] = spec
         elif kind == "chan_reduce":
-            members = members_of(groups[op["group"]])
-            ident, shape = shards.op_reduce(program, op, batch)
-            ring = collectives.use_ring(int(np.prod(shape)) * dtype.itemsize, len(members), plan["ring_min_bytes"])
+            ident, shape, members, ring = shards.op_reduce(plan, op)
             _allreduce_frames(table, rank, members, dtype, shape, ring, ident,
                               (Kind.CHAN_RS, Kind.CHAN_AG, Kind.CHAN), ident)
         elif kind == "grad_start":

@@ -52,8 +52,8 @@ def test_forked_pricing_equals_one_process(workers):
     forked, _ = _model()
     jobs = _jobs(serial, cl)
     assert len(jobs) > 20
-    one = parallel.price_groups(serial, jobs, n_workers=1)
-    many = parallel.price_groups(forked, [j[:5] + (j[5],) for j in jobs], n_workers=workers, min_jobs=0)
+    one = parallel.price_candidates(serial, jobs, n_workers=1)[0]
+    many = parallel.price_candidates(forked, jobs, n_workers=workers, min_jobs=0)[0]
     assert sum(g is not None for g in one) > 20
     assert all(_same(a, b) for a, b in zip(one, many))
     # the children's groups are in the parent's cache: asking again returns the same object
@@ -138,7 +138,7 @@ def test_a_child_that_hangs_is_stopped_and_its_share_priced(monkeypatch):
     forked, _ = _model()
     jobs = _jobs(serial, cl)
     t0 = _time.perf_counter()
-    many = parallel.price_groups(forked, jobs, n_workers=2, min_jobs=0)
+    many = parallel.price_candidates(forked, jobs, n_workers=2, min_jobs=0)[0]
     assert _time.perf_counter() - t0 < 30
-    one = parallel.price_groups(serial, jobs, n_workers=1)
+    one = parallel.price_candidates(serial, jobs, n_workers=1)[0]
     assert all(_same(a, b) for a, b in zip(one, many))

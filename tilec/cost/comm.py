@@ -21,7 +21,7 @@ def _links(devices):
     """The links of ``devices`` as arrays (an exchange is priced tens of
     thousands of times per compile, always for the same few lists)."""
     hit = _LINKS.get(id(devices))
-    if hit is None or hit[0] is not devices or len(hit[1]) != len(devices):
+    if hit is None or hit[0] is not devices:
         if len(_LINKS) > 64:
             _LINKS.clear()
         n = len(devices)

@@ -68,18 +68,14 @@ def _child(model, jobs, tails, conn):
         conn.close()
 
 
-def price_groups(model, jobs, n_workers=None, min_jobs=None):
-    """[Group, or None where the split lines are rejected] of each job
-    ``(first, last, row_splits, col_splits, devices, layout)``, in order,
-    as ``model.group`` prices them (and cached there)."""
-    return price_candidates(model, jobs, (), n_workers, min_jobs)[0]
-
-
 def price_candidates(model, jobs, tails=(), n_workers=None, min_jobs=None):
-    """(the groups of ``price_groups``, the :class:`tilec.cost.tail.TailArc`
-    of each of ``tails`` ``(first, last, mode, devices)``, as
-    ``model.tail_pricer.arc`` prices them and cached there). The last child
-    prices the tail groups besides its share of the tiled ones."""
+    """([Group, or None where the split lines are rejected] of each job
+    ``(first, last, row_splits, col_splits, devices, layout)``, as
+    ``model.group`` prices them; the :class:`tilec.cost.tail.TailArc` of
+    each of ``tails`` ``(first, last, mode, devices)``, as
+    ``model.tail_pricer.arc`` prices them), in order, and cached in the
+    model. The last child prices the tail groups besides its share of the
+    tiled ones."""
     tails = list(tails)
     n = workers() if n_workers is None else max(1, n_workers)
     if n == 1 or len(jobs) < (MIN_JOBS if min_jobs is None else min_jobs) or not hasattr(os, "fork"):

@@ -11,7 +11,7 @@ model all count with these functions.
 import numpy as np
 
 from tilec_runtime import shards
-from tilec_runtime.collectives import ring_chunks, use_ring
+from tilec_runtime.collectives import ring_chunks
 from tilec_runtime.program import members_of, param_shapes
 
 
@@ -47,11 +47,8 @@ def op_sent_bytes(plan, rank, op, shapes=None):
         members = members_of(plan["groups"][op["group"]])
         return (len(members) - 1) * bn_bytes(kind, plan["program"][op["layer"]]["filters"])
     if kind == "chan_reduce":
-        members = members_of(plan["groups"][op["group"]])
-        _, shape = shards.op_reduce(plan["program"], op, plan["batch"])
-        item = np.dtype(plan["dtype"]).itemsize
-        ring = use_ring(int(np.prod(shape)) * item, len(members), plan["ring_min_bytes"])
-        return reduce_bytes(shape, members, rank, "ring" if ring else "gather", item)
+        _, shape, members, ring = shards.op_reduce(plan, op)
+        return reduce_bytes(shape, members, rank, "ring" if ring else "gather", np.dtype(plan["dtype"]).itemsize)
     if kind == "grad_start":
         bucket = plan["buckets"][op["bucket"]]
         shapes = shapes or param_shape_table(plan["program"])

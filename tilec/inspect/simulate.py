@@ -37,7 +37,7 @@ from tilec.cost.memory import param_count
 from tilec.cost.traffic import bn_bytes, param_shape_table
 from tilec.errors import TilecError
 from tilec_runtime import shards
-from tilec_runtime.collectives import ring_chunks, use_ring
+from tilec_runtime.collectives import ring_chunks
 from tilec_runtime.geometry import Region
 from tilec_runtime.lower import outside_tensors, units
 from tilec_runtime.program import members_of, message_shape
@@ -239,9 +239,7 @@ def _reduce_key(op):
 
 def _channel_reduce_actions(plan, op, rank, item):
     """The rounds of a channel group's all-reduce (``RankExecutor._chan_reduce``)."""
-    members = members_of(plan["groups"][op["group"]])
-    _, shape = shards.op_reduce(plan["program"], op, plan["batch"])
-    ring = use_ring(int(np.prod(shape)) * item, len(members), plan["ring_min_bytes"])
+    _, shape, members, ring = shards.op_reduce(plan, op)
     return _allreduce_actions(_reduce_key(op), shape, members, rank, item, ring)
 
 
