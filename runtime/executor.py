@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from tilec_runtime import ops, shards
+from tilec_runtime import ops, pages, shards
 from tilec_runtime.blas_threads import limit_blas_threads
 from tilec_runtime.collectives import GradientReducer, gather_allreduce, ring_allreduce
 from tilec_runtime.errors import ProgramError
@@ -186,6 +186,8 @@ class RankExecutor:
         self.members = [members_of(group) for group in plan["groups"]]
         self._tiles(plan, rank, threads=self.threads)
         self._tail(plan, rank)
+        if any(op["op"] == "tail_free" for op in self.ops):
+            pages.return_freed_arrays()  # (what the tail lets go of must reach the system)
         self._messages(plan, rank)
         self.events = [] if trace else None
         # an emulated slower device (``stretch``) slows its compute ops and its updates, nothing else
@@ -203,7 +205,8 @@ class RankExecutor:
         # what a tile needs only during its own backward, and every im2col workspace, share one scratch:
         # a device runs one group's backward at a time
         need = max((scratch_bytes(s, self.dtype.itemsize) for s in specs.values()), default=0)
-        self.scratch = np.zeros(need, np.uint8)
+        self.scratch_pages = pages.Scratch(need)  # (given back while the tail runs: ``scratch_release``)
+        self.scratch = self.scratch_pages.array
         self.tiles, self.regions, self.producer = {}, {}, {}
         for g, spec in specs.items():
             group = plan["groups"][g]
@@ -347,7 +350,7 @@ class RankExecutor:
 
     def _input(self, op):
         # taken out: once it has landed in the tile's input, the device no longer holds the frame
-        # (``tilec.cost.memory.image_bytes``)
+        # (``tilec_runtime.footprint.image_bytes``)
         piece = self.inputs.pop(op["msg"], None)
         if piece is None:
             raise ProgramError(f"rank {self.rank} was given no input piece {op['msg']} for step {self.step_no}")
@@ -423,6 +426,12 @@ class RankExecutor:
 
     def _tail_bwd(self, op):
         self.tails[op["group"]].backward(self.params, self.acc)
+
+    def _tail_free(self, op):
+        self.tails[op["group"]].free()
+
+    def _scratch_release(self, op):
+        self.scratch_pages.release()
 
     def _chan_fwd(self, op):
         self.tails[op["group"]].forward(op["layer"], self.params, self.buffers, op.get("slice"), op.get("slices", 1))

@@ -14,9 +14,10 @@ from tilec_runtime.files import atomic_json
 from tilec_runtime.program import tensor_shape, validate as validate_program
 
 FORMAT = "tilec-plan"
-VERSION = 5  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops;
+VERSION = 6  # 2: the per-rank schedule, gradient buckets, device threads, the cluster; 3: input ops;
 #             4: reorg reverse, local_avgpool; 5: an A layer's backward in parts around an overlapped
-#             all-reduce (chan_bwd part, chan_reduce overlap, chan_wait); a B layer's sums in slices; relay messages
+#             all-reduce (chan_bwd part, chan_reduce overlap, chan_wait); a B layer's sums in slices; relay messages;
+#             6: scratch_release and tail_free (the scratch's pages given back while the tail runs)
 DTYPES = ("float32", "float64")
 
 
@@ -170,11 +171,12 @@ OPS = {"send": ("msg",), "recv": ("msg",), "input": ("msg",), "conv_fwd": ("grou
        "conv_bwd": ("group", "unit"), "pool_bwd": ("group", "unit"), "tail_fwd": ("group",),
        "tail_bwd": ("group",), "grad_start": ("bucket",), "grad_wait": (), "chan_fwd": ("group", "layer"),
        "chan_reduce": ("group", "layer"), "chan_post": ("group", "layer"), "chan_post_bwd": ("group", "layer"),
-       "chan_bwd": ("group", "layer"), "chan_wait": ("group", "layer")}
+       "chan_bwd": ("group", "layer"), "chan_wait": ("group", "layer"), "scratch_release": (),
+       "tail_free": ("group",)}
 # which groups an op works on: tiled, a tail group on one device, one split by channels
 OP_GROUPS = {**{k: "tiled" for k in ("conv_fwd", "epi_fwd", "pool_fwd", "bn_stats", "recompute", "epi_bwd",
                                      "bn_grad", "conv_bwd", "pool_bwd")},
-             "tail_fwd": "one", "tail_bwd": "one",
+             "tail_fwd": "one", "tail_bwd": "one", "tail_free": ("one", "channels"),
              **{k: "channels" for k in ("chan_fwd", "chan_reduce", "chan_post", "chan_post_bwd", "chan_bwd",
                                         "chan_wait")}}
 
@@ -259,7 +261,7 @@ def _check_schedule(plan):
                 g = op["group"]
                 if not 0 <= g < len(groups) or all(t["device"] != r for t in groups[g]["tiles"]):
                     raise ProgramError(f"{where}: device {r} has no tile in group {g}")
-                if groups[g].get("mode", groups[g]["kind"]) != OP_GROUPS[kind]:
+                if groups[g].get("mode", groups[g]["kind"]) not in _kinds(OP_GROUPS[kind]):
                     raise ProgramError(f"{where}: {kind} on a {groups[g].get('mode', groups[g]['kind'])} group")
                 if "layer" in OPS[kind] and not groups[g]["layers"][0] <= op["layer"] <= groups[g]["layers"][1]:
                     raise ProgramError(f"{where}: layer {op['layer']} is not in group {g}")
@@ -301,6 +303,10 @@ def _check_schedule(plan):
     for k in range(len(messages)):
         if sent[k] != 1 or received[k] != 1:
             raise ProgramError(f"message {k} is sent {sent[k]} and received {received[k]} times (once each)")
+
+
+def _kinds(kinds):
+    return (kinds,) if isinstance(kinds, str) else kinds
 
 
 def read_plan(path):

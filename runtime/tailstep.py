@@ -23,6 +23,23 @@ from tilec_runtime import ops, reference, shards
 from tilec_runtime.program import pads_of, tensor_shape
 
 
+def own(array):
+    """``array``, or a copy of it where it is a view of a larger array: a
+    gradient a group returns outlives the step's other arrays (``free``),
+    and a route's slice of its gradient would keep all of it."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return array if root.nbytes <= array.nbytes else np.array(array, order="C")
+
+
+def native_cost(program, first, last):
+    """Whether program[first..last] is a sum-of-squares cost straight on the
+    tiled prefix, which runs allocation-free on the kernels' ``sse``."""
+    only = program[first]
+    return first == last and first > 0 and only["kind"] == "cost" and only["inputs"] == [first - 1]
+
+
 class WholeGroup:
     """program[first..last] on one device."""
 
@@ -32,10 +49,7 @@ class WholeGroup:
         self.batch, self.dtype, self.k = batch, dtype, impl
         reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
         self.inputs = {t: np.zeros((batch, *tensor_shape(program, t)), dtype) for t in reads}
-        only = self.layers[0] if len(self.layers) == 1 else None
-        # a sum-of-squares cost straight on the tiled prefix: allocation-free
-        self.native = native_kernels if (only is not None and only["kind"] == "cost"
-                                         and only["inputs"] == [first - 1] and first > 0) else None
+        self.native = native_kernels if native_cost(program, first, last) else None
         self.acts, self.cache, self.loss = {}, None, None
         self.grads_in, self.grads_out, self.no_grad = {}, {}, {}
         if self.native is not None:
@@ -55,6 +69,14 @@ class WholeGroup:
     def start_backward(self):
         for g in self.grads_in.values():
             g.fill(0)
+
+    def free(self):
+        """Let go of this step's activations and of the gradients of its
+        outputs (``tail_free``, after its backward); its inputs and their
+        gradients stay, the sends of the latter may copy them later."""
+        if self.native is None:
+            self.acts, self.cache, self.grads_in = {}, None, {}
+            self.grads_out = {t: own(g) for t, g in self.grads_out.items()}
 
     def forward(self, params, buffers, target):
         if self.native is not None:
@@ -130,6 +152,12 @@ class ChannelGroup:
     def start_backward(self):
         for g in self.grads_in.values():
             g.fill(0)
+
+    def free(self):
+        """Let go of this step's activations, caches and the gradients of its
+        outputs (``tail_free``, after its backward); its inputs and their
+        gradients stay, the sends of the latter may copy them later."""
+        self.acts, self.cache, self.grads_in = {}, {}, {}
 
     # -- forward ------------------------------------------------------------------
 
@@ -279,7 +307,7 @@ class ChannelGroup:
                                                 impl=self.k, acc=acc)
             if layer["kind"] == "route":  # (the group's first layer) its inputs' gradients go back to them
                 for src in layer["inputs"]:
-                    self.grads_out[src] = np.ascontiguousarray(dout[src]) if src in dout else np.zeros_like(
+                    self.grads_out[src] = own(dout[src]) if src in dout else np.zeros_like(
                         self.acts[src])
                 return
             dx = dout.get(j, np.zeros_like(x))
@@ -288,7 +316,7 @@ class ChannelGroup:
         elif j >= self.first:
             self.grads_in[j] = dx if j not in self.grads_in else self.grads_in[j] + dx
         else:
-            self.grads_out[j] = np.ascontiguousarray(dx)  # (all-reduced in place when the group reduces its input)
+            self.grads_out[j] = own(dx)  # (all-reduced in place when the group reduces its input)
 
     def _backward_part(self, i, layer, x, params, acc, part):
         """An A layer's backward in two parts (``backward``): "input" turns

@@ -100,10 +100,14 @@ def channel_cases(draw, max_devices=4):
     return program, prefix, choices, tail, n_dev, draw(st.integers(1, 3))
 
 
-def plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes=0):
+def plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes=0, release_min_bytes=None):
     return build_plan(program, choices, model="random", batch=batch, dtype="float64",
                       devices=[f"d{i}" for i in range(n_dev)], optimizer=OPT, prefix=prefix, tail=tail,
-                      ring_min_bytes=ring_min_bytes)
+                      ring_min_bytes=ring_min_bytes, release_min_bytes=release_min_bytes)
+
+
+def releasing_ranks(plan):
+    return {r for r, ops in enumerate(plan["schedule"]) if any(op["op"] == "scratch_release" for op in ops)}
 
 
 def setup(program, batch, seed=5):
@@ -112,14 +116,21 @@ def setup(program, batch, seed=5):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(channel_cases(), st.sampled_from([0, 1 << 30]), st.sampled_from([1, shards.SLICE_MIN_BYTES]))
-def test_channel_split_tail_equals_one_device(case, ring_min_bytes, slice_min_bytes):
-    """(``slice_min_bytes`` 1: every B layer's sums in slices, each all-reduced while the next is computed)"""
+@given(channel_cases(), st.sampled_from([0, 1 << 30]), st.sampled_from([1, shards.SLICE_MIN_BYTES]),
+       st.sampled_from([None, 0]))
+def test_channel_split_tail_equals_one_device(case, ring_min_bytes, slice_min_bytes, release_min_bytes):
+    """(``slice_min_bytes`` 1: every B layer's sums in slices, each all-reduced while the next is computed;
+    ``release_min_bytes`` 0: every device with tiles and a tail gives its scratch back while the tail runs,
+    and its tail groups let go of their activations after their backward)"""
     program, prefix, choices, tail, n_dev, batch = case
     assume(any(t.mode == "channels" for t in tail))
     params, buffers, batches = setup(program, batch)
     with mock.patch.object(shards, "SLICE_MIN_BYTES", slice_min_bytes):
-        plan = plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes)
+        plan = plan_of(program, prefix, choices, tail, n_dev, batch, ring_min_bytes, release_min_bytes)
+    if release_min_bytes == 0:
+        tiled = {t["device"] for g in plan["groups"] if g["kind"] == "tiled" for t in g["tiles"]}
+        in_tail = {t["device"] for g in plan["groups"] if g["kind"] == "tail" for t in g["tiles"]}
+        assert releasing_ranks(plan) <= tiled & in_tail
     planfile.validate(plan)
     want = one_device(program, params, buffers, batches, 3)
     assume(converges(want[0]) and well_conditioned(program, params, buffers, batches, 3))
@@ -136,7 +147,7 @@ def test_channel_split_tail_over_sockets_equals_one_device(case):
     want = one_device(program, params, buffers, batches, 3)
     assume(converges(want[0]) and well_conditioned(program, params, buffers, batches, 3))
     with mock.patch.object(shards, "SLICE_MIN_BYTES", 1):  # B's sums in slices: their frames validated too
-        plan = plan_of(program, prefix, choices, tail, n_dev, batch)
+        plan = plan_of(program, prefix, choices, tail, n_dev, batch, release_min_bytes=0)
     got = train_socketpairs(plan, params, buffers, batches, 3)
     assert_same(got, want, 1e-10, FLOOR)
 
@@ -445,8 +456,9 @@ def test_yolov2_tiny_with_its_13x13_layers_split_by_channels_equals_one_device(t
     tail = [TailChoice(8, 11, "channels", [0, 1, 2]), TailChoice(12, 14, "channels", [0, 1, 2]),
             TailChoice(15, 15, "one", [0])]
     plan = build_plan(program, choices, model="yolov2-tiny", batch=2, dtype="float64", devices=["a", "b", "c"],
-                      optimizer=OPT, prefix=8, tail=tail)
+                      optimizer=OPT, prefix=8, tail=tail, release_min_bytes=0)
     assert plan["groups"][2].get("reduce_input")  # 11 is a pool after a B layer: replicated on all three
+    assert releasing_ranks(plan) == {0, 1, 2}  # (each gives its scratch back while the tail runs)
     params, buffers, batches = setup(program, 2)
     got = inprocess.train(plan, params, buffers, batches, 2, module("float64"), timeout=60)
     assert_same(got[:3], one_device(program, params, buffers, batches, 2), 1e-10, FLOOR)

@@ -17,7 +17,8 @@ from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allred
 from tilec.compile import compile_plan
 from tilec.cost.compute import features, layer_seconds, unit_seconds, update_seconds
 from tilec.cost.layouts import even_layout, layouts
-from tilec.cost.memory import STATE_COPIES, param_count, plan_memory, state_bytes
+from tilec.cost.memory import plan_memory
+from tilec_runtime.footprint import STATE_COPIES, param_count, state_bytes
 from tilec.cost.model import CostModel
 from tilec.frontend.models import load_model
 from tilec.cost.traffic import bytes_sent
@@ -357,16 +358,62 @@ def test_memory_of_a_skip_read_wherever_its_reader_runs(reader):
         assert held <= pred.memory[d] <= held + 2 * skip
 
 
+def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
+    """Where the tiles' scratch and the tail's activations are both large, a
+    device gives the scratch back while the tail runs: the plan says so
+    (``scratch_release``), its memory holds the larger of the two, and the
+    cost model (CP-SAT's and the beam's count) saves exactly as much.
+    YOLOv2 at batch 2 on 2 Pi 3s, against the same plan with the threshold
+    out of reach."""
+    from tilec.analysis.tail import TailChoice
+    from tilec_runtime import footprint as memory
+    from tilec.solve.beam import _transient
+    model, program = model_for("yolov2", 2, batch=2)
+    tiled = [model.group(0, 7, [0, 38, 76], [0, 76], (0, 1)), model.group(8, 17, [0, 10, 19], [0, 19], (0, 1))]
+    tail = [TailChoice(18, 24, "channels", [0, 1]), TailChoice(25, 27, "one", [1]),
+            TailChoice(28, 30, "channels", [0, 1]), TailChoice(31, 31, "one", [0])]
+    choices = [GroupChoice(g.first, g.last, list(g.row_splits), list(g.col_splits), list(g.devices)) for g in tiled]
+    path = [(g, False) for g in tiled] + [(arc, False) for arc in model.tail_arcs(tail)]
+
+    def both():
+        plan = build_plan(program, choices, model="yolov2", batch=2, dtype="float32", devices=["a", "b"], prefix=18,
+                          optimizer={"lr": 0.1, "momentum": 0.9, "decay": 0.0}, threads=model.cluster.threads,
+                          tail=tail)
+        return plan, model.evaluate(path)
+    monkeypatch.setattr(memory, "RELEASE_MIN_BYTES", 1 << 40)
+    apart, apart_pred = both()
+    monkeypatch.setattr(memory, "RELEASE_MIN_BYTES", 1 << 20)
+    released, released_pred = both()
+    for d in range(2):
+        assert [op["op"] for op in apart["schedule"][d]].count("scratch_release") == 0
+        ops = [op["op"] for op in released["schedule"][d]]
+        # once, before its first tail group; each of its tail groups lets go after its backward
+        assert ops.count("scratch_release") == 1 and ops.index("scratch_release") < ops.index("grad_zero")
+        assert ops.count("tail_free") == sum(d in t.devices for t in tail)
+        scratch, (_, tail_part) = memory.tile_bytes(released, d)[1], memory.tail_bytes(released, d)
+        assert min(scratch, tail_part) > 16 << 20
+        was, now = plan_memory(apart, d), plan_memory(released, d)
+        assert was["transient"] == scratch + tail_part and now["transient"] == max(scratch, tail_part)
+        assert {k: v for k, v in was.items() if k != "transient"} == {k: v for k, v in now.items() if k != "transient"}
+        saved = was["transient"] - now["transient"]
+        assert apart_pred.memory[d] - released_pred.memory[d] == saved
+        # the beam counts it as the model does
+        work = {"tiles": [scratch] * 2, "tail": [0, 0], "phase": [tail_part] * 2}
+        assert _transient(work, d) == now["transient"]
+
+
 @pytest.mark.parametrize("first, last", [(18, 24), (25, 25), (25, 26), (26, 26), (27, 28), (29, 30)])
 def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last):
     """A tail group on one device (YOLOv2's, batch 2): numpy's own account
     of what the group's step allocates at its peak (tracemalloc), with the
-    inputs it holds, is within the model's kept and workspace bytes, and
-    not far below (where the model once said half, and elsewhere twice)."""
+    inputs it holds, is within the model's kept, phase and workspace bytes,
+    and not far below (where the model once said half, and elsewhere
+    twice); once it lets go of its activations, it holds no more than the
+    model's kept bytes."""
     import tracemalloc
 
     from built import module
-    from tilec.cost.memory import tail_member_bytes
+    from tilec_runtime.footprint import tail_member_bytes
     from tilec_runtime.genops import GeneratedOps
     from tilec_runtime.kernel_set import Kernels
     from tilec_runtime.tailstep import WholeGroup
@@ -386,9 +433,13 @@ def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last):
         group.grad_in(last)[0][...] = 1e-3
         group.backward(params, acc)
         peak = tracemalloc.get_traced_memory()[1]
+        group.free()  # (``tail_free``) what stays is the gradient of its inputs
+        after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    held = peak + sum(x.nbytes for x in group.inputs.values())
+    inputs = sum(x.nbytes for x in group.inputs.values())
+    held = peak + inputs
     model = tail_member_bytes(program, first, last, "one", 1, 0, batch, 4)
-    need = model["kept"] + model["workspace"]
+    need = model["kept"] + model["phase"] + model["workspace"]
     assert held <= 1.05 * need and need <= 1.5 * held
+    assert after + inputs <= 1.05 * model["kept"]

@@ -9,7 +9,7 @@ from tilec.cli import main
 from tilec.cluster import uniform_cluster
 from tilec.compile import compile_plan
 from tilec.cost.compute import layer_seconds, update_seconds
-from tilec.cost.memory import param_count
+from tilec_runtime.footprint import param_count
 from tilec.frontend.models import load_model
 from tilec.cost.traffic import bytes_sent
 from tilec.inspect.simulate import SimulationError, simulate, timeline_png

@@ -59,7 +59,7 @@ def weight_heavy_from(program, prefix):
     """The first layer of the tiled prefix that holds more weights than it
     outputs values per image, from where splitting by channels may pay
     (``prefix`` if none)."""
-    from tilec.cost.memory import param_count
+    from tilec_runtime.footprint import param_count
     for layer in program[:prefix]:
         if layer["index"] > 0 and param_count([layer]) >= prod(layer["out_shape"]):
             return layer["index"]

@@ -22,7 +22,7 @@ exact direct exchange instead. A group that computes a layer the tail reads
 is charged for sending its owned cells to rank 0.
 
 Step = sum of group times and entries + the tail's compute on rank 0 (a
-constant). Per-device memory: see :mod:`tilec.cost.memory`.
+constant). Per-device memory: see :mod:`tilec.cost.memory` and :mod:`tilec_runtime.footprint`.
 """
 from dataclasses import dataclass, field
 
@@ -33,7 +33,7 @@ from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import layer_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
-from tilec.cost.memory import image_bytes, param_count, state_bytes, tile_own_bytes
+from tilec_runtime.footprint import image_bytes, param_count, releases, state_bytes, tile_own_bytes, transient
 from tilec_runtime.lower import scratch_bytes, tile_memory, units
 from tilec_runtime.program import param_shapes
 
@@ -70,6 +70,10 @@ class Group:
     @property
     def members(self):
         return sorted(self.devices)
+
+    @property
+    def phase(self):  # (a tail group's bytes held only while the tail runs: a tile has none)
+        return {}
 
 
 @dataclass
@@ -363,7 +367,7 @@ class CostModel:
             choices = list(choices) + [(arc, False) for arc in self.tail_arcs(one_device_tail(self.program, end))]
         n = self.n
         busy = [0.0] * n
-        state, kept, ws, tail_ws = [0] * n, [0] * n, [0] * n, [0] * n
+        state, kept, ws, tail_ws, phase = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
         group_s, tail = [], []
         prev = None
         for g, rec in choices:
@@ -380,11 +384,15 @@ class CostModel:
                 busy[d] += g.busy[d] + (g.busy_recompute[d] if rec else 0.0)
                 state[d] += g.state[d]
                 kept[d] += (g.kept_recompute if rec else g.kept)[d]
+                phase[d] += g.phase.get(d, 0)
                 pool = {"tiles": ws, "tail": tail_ws}[workspace_pool(g)]
                 pool[d] = max(pool[d], (g.workspace_recompute if rec else g.workspace)[d])
             prev = g
-        breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k, "workspace": w + tw}
-                     for dev, s, k, w, tw in zip(self.devices, state, kept, ws, tail_ws)]
+        # the tiles' scratch and what the tail holds while it runs: one at a time where the device gives the
+        # scratch back (``tilec.plan.build.releasing``), else both
+        breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k,
+                      "workspace": transient(w, p + tw, releases(w, p + tw))}
+                     for dev, s, k, w, p, tw in zip(self.devices, state, kept, ws, phase, tail_ws)]
         memory = [sum(p.values()) for p in breakdown]
         tail_s = sum(t["seconds"] for t in tail)
         return Prediction(sum(group_s) + tail_s, busy, memory, breakdown, group_s, tail_s, tail)

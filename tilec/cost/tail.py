@@ -17,16 +17,16 @@ its all-reduces (an A layer's backward one overlapping its weight
 gradient: the longer of the two; a B layer's forward one slice by slice,
 each overlapping the next slice's sums), its SGD update, and sending rank 0 what a later layer
 other than the next reads (route, reorg and the losses run on rank 0).
-Memory per member: ``tilec.cost.memory.tail_member_bytes``.
+Memory per member: ``tilec_runtime.footprint.tail_member_bytes``.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 import numpy as np
 
 from tilec.cost.comm import exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import share_seconds, update_seconds
-from tilec.cost.memory import image_bytes, tail_member_bytes
+from tilec_runtime.footprint import image_bytes, tail_member_bytes
 from tilec.analysis.tail import TailChoice, flows, readers_of, relayed
 from tilec_runtime import shards
 from tilec_runtime.program import tensor_shape
@@ -64,12 +64,13 @@ class TailArc:
     devices: tuple  # members, sorted
     seconds: float
     state: dict
-    kept: dict
+    kept: dict  # held all step
     workspace: dict
     busy: dict
     layout_in: Holding
     layout_out: Holding
     recompute_seconds: float = 0.0
+    phase: dict = field(default_factory=dict)  # held from its forward to the end of its backward (``tail_member_bytes``)
 
     @property
     def members(self):
@@ -299,11 +300,11 @@ class TailPricer:
                 collective += max(reduce, max(weights))
             else:
                 compute += max(t[1] for t in times)
-        state, kept, work = {}, {}, {}
+        state, kept, phase, work = {}, {}, {}, {}
         update = 0.0
         for m, d in enumerate(devices):
             part = tail_member_bytes(program, first, last, mode, k, m, b, item)
-            state[d], kept[d], work[d] = part["state"], part["kept"], part["workspace"]
+            state[d], kept[d], phase[d], work[d] = part["state"], part["kept"], part["phase"], part["workspace"]
             dev = self.devices[d]
             update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
         # what a later layer other than the next reads (a route) goes to where it runs, priced here as if
@@ -329,4 +330,4 @@ class TailPricer:
         need = Holding("one" if mode == "one" else "whole", devices)
         seconds = compute + collective + update + to_rank0
         return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,
-                       self.holding_of(first, last, mode, devices, last))
+                       self.holding_of(first, last, mode, devices, last), phase=phase)

@@ -33,7 +33,7 @@ import numpy as np
 
 from tilec.cost.compute import (copy_seconds, layer_seconds, share_seconds, unit_seconds, update_seconds,
                                 zero_seconds)
-from tilec.cost.memory import param_count
+from tilec_runtime.footprint import param_count
 from tilec.cost.traffic import bn_bytes, param_shape_table
 from tilec.errors import TilecError
 from tilec_runtime import shards
@@ -220,6 +220,8 @@ def _actions(plan, rank, pricer, shapes):
             comm.append(("done", op["bucket"]))
         elif kind == "grad_wait":
             main.append(("join", tuple(posted)))
+        elif kind in ("scratch_release", "tail_free"):
+            continue  # (the pages' next touch is not priced: 0.1% of such a step, ``tilec_runtime.pages``)
         elif kind == "grad_zero":  # the accumulators start at momentum * v: a pass over them
             keys = [k for b in plan["buckets"] if rank in b["members"] for k in b["keys"]]
             main.append(("compute", pricer.zero(rank, keys, shapes), "backward", "grad_zero"))

@@ -48,6 +48,22 @@ class GroupChoice:
     recompute: bool = False
 
 
+def releasing(plan, min_bytes=None):
+    """Ranks that give their tiles' scratch back while their tail groups run
+    (``scratch_release``, ``tail_free``): where the scratch and the tail's
+    activations and temporaries are each at least ``min_bytes``."""
+    from tilec_runtime.footprint import RELEASE_MIN_BYTES, tail_bytes, tile_bytes
+    least = RELEASE_MIN_BYTES if min_bytes is None else min_bytes
+    out = set()
+    for r in range(len(plan["devices"])):
+        phase = tail_bytes(plan, r)[1]
+        if phase >= least and phase > 0:
+            scratch = tile_bytes(plan, r)[1]
+            if min(scratch, phase) >= least and scratch > 0:
+                out.add(r)
+    return out
+
+
 def parse_groups(spec, prefix):
     """Group boundaries over a spatial prefix of ``prefix`` layers.
 
@@ -139,7 +155,8 @@ def _relay_messages(g, tensor, source, receivers, shape, batch, itemsize):
 
 
 def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, prefix=None, predicted=None,
-               threads=None, cluster=None, ring_min_bytes=RING_MIN_BYTES, interior=True, tail=None):
+               threads=None, cluster=None, ring_min_bytes=RING_MIN_BYTES, interior=True, tail=None,
+               release_min_bytes=None):
     """The sealed plan dict. ``devices``: list of device names (rank order).
 
     ``prefix``: tile only the first ``prefix`` layers of the spatial prefix
@@ -151,7 +168,9 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
     smallest gradient summed with a ring (smaller ones are all-gathered);
     ``interior``: let a tile compute its interior while its halo arrives;
     ``tail``: the groups after the prefix (:class:`tilec.plan.tail.TailChoice`;
-    default: all of it on rank 0).
+    default: all of it on rank 0); ``release_min_bytes``: a device gives its
+    tiles' scratch back while its tail groups run where that saves this
+    much (default ``tilec_runtime.footprint.RELEASE_MIN_BYTES``).
     """
     prefix = spatial_prefix(program) if prefix is None else min(prefix, spatial_prefix(program))
     itemsize = np.dtype(dtype).itemsize
@@ -243,8 +262,9 @@ def build_plan(program, choices, *, model, batch, dtype, devices, optimizer, pre
         "devices": [{"rank": r, "name": name, "threads": t} for r, (name, t) in enumerate(zip(devices, threads))],
         "program": program, "groups": groups, "messages": messages, "buckets": buckets,
         "ring_min_bytes": int(ring_min_bytes),
-        "schedule": build_schedule(program, groups, messages, len(devices), buckets, interior, batch, itemsize),
     }
+    plan["schedule"] = build_schedule(program, groups, messages, len(devices), buckets, interior, batch, itemsize,
+                                      release=releasing(plan, release_min_bytes))
     if cluster is not None:
         plan["cluster"] = cluster
     if predicted is not None:

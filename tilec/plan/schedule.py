@@ -54,6 +54,13 @@ ops of one rank, in order:
     layer's ``chan_post`` (its batch norm and activation) once all are in.
 ``chan_wait`` ``group layer phase [slice]``
     the overlapped all-reduce is done; its sum joins the gradients.
+``scratch_release``
+    the tiles' scratch gives its pages back (``tilec_runtime.pages``):
+    before the rank's first tail group, where its tail holds enough to pay
+    for touching the pages again (``tilec.plan.build.releasing``).
+``tail_free`` ``group``
+    after a tail group's backward, on such a rank: it lets go of its
+    activations, so that the tiles' backward finds the memory free.
 ``grad_start`` ``bucket``
     the bucket's gradients are final on this rank: sum them over its
     members (ring or all-gather) and update those parameters, on the
@@ -293,9 +300,13 @@ def make_buckets(program, groups, itemsize, ring_min_bytes=RING_MIN_BYTES):
     return buckets
 
 
-def build_schedule(program, groups, messages, n_devices, buckets, interior=True, batch=1, itemsize=4):
+def build_schedule(program, groups, messages, n_devices, buckets, interior=True, batch=1, itemsize=4, release=()):
     """[ops of rank r for r in range(n_devices)] of one training step
-    (``batch`` and ``itemsize`` size the slices of a B layer's sums)."""
+    (``batch`` and ``itemsize`` size the slices of a B layer's sums).
+    ``release``: ranks that give their tiles' scratch back before their
+    first tail group's forward and let go of each tail group's activations
+    after its backward (the tiles' forward is over by then, and their
+    backward not begun)."""
     outside = outside_tensors({"messages": messages})
     fwd_in, fwd_out, bwd_in, bwd_out = _index(messages, n_devices)
     relays = _relays(messages)
@@ -313,6 +324,8 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True,
                 continue
             recvs = _local_first(fwd_in.get((g, r), []), messages, r)
             if group["kind"] == "tail":
+                if r in release and not any(op["op"] == "scratch_release" for op in ops):
+                    ops.append({"op": "scratch_release"})
                 ops += [{"op": "recv", "msg": k} for k in recvs] + relay(g, r, "forward")
                 if group.get("mode", "one") == "channels":
                     ops += channel_forward(program, g, group, lambda t: fwd_out.get((t, r), []), batch, itemsize)
@@ -342,6 +355,8 @@ def build_schedule(program, groups, messages, n_devices, buckets, interior=True,
                     ops += grads_in + [{"op": "tail_bwd", "group": g}]
                 ops += sends
                 ops += [{"op": "grad_start", "bucket": b} for b in bucket_ids.get((g, None), [])]
+                if r in release:
+                    ops.append({"op": "tail_free", "group": g})
                 continue
             first, last = group["layers"]
             us = units(program, first, last, outside)

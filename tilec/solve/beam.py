@@ -5,7 +5,7 @@ multiplier per device; where devices are alike it trades the same groups
 back and forth between them and may find no plan that fits, and CP-SAT
 minimising the overflow then takes seconds on a small machine (measured:
 YOLOv2 at batch 4 on 2-3 Pi 3s, no plan within the default 3 s, most
-runs). Memory only grows along a path (bytes add up, workspaces are
+runs). Memory grows along a path (bytes add up, workspaces are
 maxima), so a partial path that already overflows a device can be dropped
 at once; beam search walks the candidates' DAG boundary by boundary,
 keeping at each node the few partial paths with the best score ``seconds /
@@ -18,12 +18,18 @@ time is up; the fastest complete path found is a plan CP-SAT then improves
 (its upper bound and its hint).
 
 Memory is counted as CP-SAT's model counts it (process, state and kept
-bytes, staging buffers of transitions, each workspace pool's maximum), and
-the path found is checked with the cost model's own prediction.
+bytes, staging buffers of transitions, the tiles' scratch and the tail's
+activations and temporaries, one at a time where the device gives the
+scratch back during the tail), and the path found is checked with the
+cost model's own prediction. (With that, memory is not quite monotone
+along a path: a tail large enough for the scratch to be given back may
+need less than a smaller one. A path dropped for that is rare and costs
+only the beam's breadth.)
 """
 import heapq
 import time
 
+from tilec_runtime.footprint import releases, transient
 from tilec.cost.model import workspace_pool
 
 # attempts, cheapest first: (partial paths kept per node by score, per device those that leave it
@@ -49,7 +55,8 @@ class _Late(Exception):
 
 class _Partial:
     """A path so far: its seconds, each workspace pool's maximum per device
-    (``work``) and its bytes per device, those maxima included (``total``)."""
+    and the tail groups' bytes held while the tail runs (``work``), and its
+    bytes per device, those included (``total``)."""
     __slots__ = ("secs", "work", "total", "path")
 
     def __init__(self, secs, work, total, path):
@@ -171,6 +178,10 @@ class Beam:
         g, members = self.cands.groups[gi], self.members[gi]
         pool = workspace_pool(g)
         cur = p.work.get(pool) or [0] * self.n
+        phase = p.work.get("phase") or [0] * self.n
+        new_phase = list(phase)
+        for d, nbytes in g.phase.items():
+            new_phase[d] += nbytes
         for rec in ((True,) if gi in forced else (False, True) if recompute else (False,)):
             kept = g.kept_recompute if rec else g.kept
             if rec and all(kept[d] >= g.kept[d] for d in members):
@@ -179,10 +190,20 @@ class Beam:
             total, new = list(p.total), list(cur)
             for d in members:
                 new[d] = max(cur[d], ws.get(d, 0))
-                total[d] += g.state[d] + kept[d] + new[d] - cur[d]
+            work = {**p.work, pool: new, "phase": new_phase}
+            for d in members:
+                total[d] += g.state[d] + kept[d] + _transient(work, d) - _transient(p.work, d)
             if all(total[d] <= free[d] for d in members):
-                yield _Partial(p.secs + self.cands.group_seconds(gi, rec), {**p.work, pool: new}, total,
-                               p.path + ((gi, rec),))
+                yield _Partial(p.secs + self.cands.group_seconds(gi, rec), work, total, p.path + ((gi, rec),))
+
+
+def _transient(work, d):
+    """Device ``d``'s bytes of the tiles' scratch and of what the tail holds
+    while it runs (``tilec_runtime.footprint.transient``), from a partial path's
+    maxima and sums (``_Partial.work``)."""
+    w = work["tiles"][d] if "tiles" in work else 0
+    t = (work["tail"][d] if "tail" in work else 0) + (work["phase"][d] if "phase" in work else 0)
+    return transient(w, t, releases(w, t))
 
 
 def beam_fit(cands, recompute=True, deadline=None, attempts=ATTEMPTS, reference=None, wide=WIDE_ATTEMPTS):

@@ -46,8 +46,8 @@ def _arrays(cands):
             for d in g.members:
                 mem[0, gi, d] = g.state[d] + g.kept[d]
                 mem[1, gi, d] = g.state[d] + g.kept_recompute[d]
-                mem[2, gi, d] = mem[0, gi, d] + g.workspace[d]
-                mem[3, gi, d] = mem[1, gi, d] + g.workspace_recompute[d]
+                mem[2, gi, d] = mem[0, gi, d] + g.workspace[d] + g.phase.get(d, 0)
+                mem[3, gi, d] = mem[1, gi, d] + g.workspace_recompute[d] + g.phase.get(d, 0)
         secs = np.array([[cands.group_seconds(gi), cands.group_seconds(gi, True)] for gi in range(count)])
         arr = cands._bound_arrays = (secs.reshape(count, 2), mem / cap)
     return arr
@@ -280,7 +280,7 @@ def alone_too_big(cands):
     dropped, forced = set(), set()
     for gi, g in enumerate(cands.groups):
         def fits_alone(kept, ws):
-            return all(g.state[d] + kept[d] + ws[d] <= free[d] for d in g.members)
+            return all(g.state[d] + kept[d] + g.phase.get(d, 0) + ws[d] <= free[d] for d in g.members)
         if not fits_alone(g.kept, g.workspace):
             if fits_alone(g.kept_recompute, g.workspace_recompute):
                 forced.add(gi)

@@ -25,11 +25,18 @@ Constraints:
   into a layout equal the groups that leave from it; one group ends at the
   program's last layer;
 - memory: per device, overhead + images (rank 0) + sum of the chosen
-  groups' state and kept bytes (less what recomputing saves) + its works
-  is at most its memory; ``work[d][pool]`` is at least the workspace of
-  the group of that pool covering each layer (exactly one group covers
-  each layer, so one linear constraint per layer and device gives the
-  maximum).
+  groups' state and kept bytes (less what recomputing saves) + the tiles'
+  scratch and what the tail holds while it runs (its groups' activations,
+  ``phase``, and its largest temporary) is at most its memory;
+  ``work[d][pool]`` is at least the workspace of the group of that pool
+  covering each layer (exactly one group covers each layer, so one linear
+  constraint per layer and device gives the maximum). Where the scratch
+  and the tail's part are each at least ``RELEASE_MIN_BYTES`` (a boolean
+  per device), the device gives the scratch back during the tail and holds
+  the larger of them, else both (``tilec_runtime.footprint.transient``);
+  the boolean asks for a chosen tile group with that much workspace and
+  for that much of the tail's activations alone (its temporaries aside),
+  so the count is never below the cost model's.
 
 Objective: the sum of the chosen groups' and transitions' seconds, in
 microseconds.
@@ -42,6 +49,7 @@ import time
 
 from ortools.sat.python import cp_model
 
+from tilec_runtime.footprint import RELEASE_MIN_BYTES
 from tilec.cost.model import workspace_pool
 from tilec.solve import solution_from_path
 
@@ -112,11 +120,12 @@ class PlanModel:
         for d, dev in enumerate(devices):
             const = dev.profile.process_overhead_bytes
             cap = dev.memory_bytes // KIB
-            work = {}
+            work, ws_cap = {}, 0
             for pool in pools:
                 ws_max = max([0] + [max(g.workspace.get(d, 0), g.workspace_recompute.get(d, 0)) for g in groups
                                     if workspace_pool(g) == pool])
                 work[pool] = model.new_int_var(0, _kib(ws_max), f"work_{d}_{pool}")
+                ws_cap += ws_max
             self.work.append(work)
             terms = []
             for gi, g in enumerate(groups):
@@ -127,7 +136,28 @@ class PlanModel:
                     terms.append(-(_kib(g.state[d] + g.kept[d]) - _kib(g.state[d] + g.kept_recompute[d])) * self.rec[gi])
             # the staging buffers of the messages a transition moves
             terms += [_kib(stage[d]) * self.move[t] for t, stage in enumerate(cands.transition_bytes) if d in stage]
-            model.add(sum(terms) + sum(work.values()) + _kib(const) <= cap + self.slack)
+            # what its tail groups hold while the tail runs, with their temporaries
+            phase = sum(_kib(g.phase[d]) * self.use[gi] for gi, g in enumerate(groups) if g.phase.get(d))
+            tail = phase + work.get("tail", 0)
+            scratch = work.get("tiles", 0)
+            if isinstance(scratch, int) or isinstance(tail, int):
+                both = scratch + tail
+            else:  # one at a time where each is large enough for the scratch to be given back
+                both = model.new_int_var(0, _kib(ws_cap) + _kib(sum(g.phase.get(d, 0) for g in groups)),
+                                         f"transient_{d}")
+                apart = model.new_bool_var(f"release_{d}")
+                model.add(both >= scratch + tail).only_enforce_if(~apart)
+                model.add(both >= scratch).only_enforce_if(apart)
+                model.add(both >= tail).only_enforce_if(apart)
+                # (on what the chosen groups hold, not on the maxima, which the solver may set higher:
+                # a tile group whose workspace is that large, the tail's activations alone)
+                large = [self.use[gi] for gi, g in enumerate(groups) if not g.is_tail
+                         and g.workspace.get(d, 0) >= RELEASE_MIN_BYTES]
+                large += [self.rec[gi] for gi, g in enumerate(groups) if not g.is_tail and gi in self.rec
+                          and g.workspace.get(d, 0) < RELEASE_MIN_BYTES <= g.workspace_recompute.get(d, 0)]
+                model.add(sum(large) >= 1).only_enforce_if(apart)
+                model.add(phase >= _kib(RELEASE_MIN_BYTES)).only_enforce_if(apart)
+            model.add(sum(terms) + both + _kib(const) <= cap + self.slack)
             # one pass over the groups (not layers x groups: seconds on large
             # candidate sets), emitted per layer as before so the model is the same
             cover = {}  # layer -> pool -> terms, in group order

@@ -99,7 +99,7 @@ def explain_infeasible(cands, time_limit=10.0, workers=0, recompute=True, fallba
         f"no plan fits the devices' memory: even the plan that needs least, device {dev.name!r} (rank {worst}) "
         f"needs {_mb(pred.memory[worst])} but has {_mb(dev.memory_bytes)}; it holds "
         f"{'; '.join(held) or 'nothing but the process'} (process {_mb(parts['overhead'])}, workspace "
-        f"{_mb(parts['workspace'])}). The smallest memory that would work: {smallest}"
+        f"and the tail's activations {_mb(parts['workspace'])}). The smallest memory that would work: {smallest}"
         f"{'' if proven else ' (or less: the search stopped at the time limit)'}.")
     err.device, err.needed_bytes, err.smallest_bytes = dev.name, pred.memory[worst], needs
     return err
