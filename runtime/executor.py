@@ -33,6 +33,7 @@ spends the start of a step sending the image and none waits for it.
 """
 import functools
 import time
+from math import prod
 
 import numpy as np
 
@@ -84,14 +85,37 @@ BATCHES_AHEAD = 2  # the data source streams this many steps' batches ahead of t
 
 
 def staging_key(k, m, groups):
-    """The staging buffer of message ``k``: forward to a tail group, one per
-    content (a map's region and channels, or a relayed slice), however many
-    devices it goes to; one each otherwise (a gradient each; a tile's halo,
-    whose cells differ from tile to tile)."""
-    if m["phase"] != "forward" or groups[m["group"]]["kind"] != "tail":
+    """The staging buffer of message ``k``: one per content (a map's region
+    and channels, or a relayed slice), however many devices it goes to,
+    forward to a tail group and backward (a replicated map's gradient goes
+    whole to each of its holders; a tile's input gradient differs from owner
+    to owner anyway); one each for a tile's halo, whose cells differ from
+    tile to tile."""
+    if m["phase"] == "forward" and groups[m["group"]]["kind"] != "tail":
         return ("message", k)
-    return (m["tensor"], m["group"] if m.get("relay") else None, tuple(m["rows"]), tuple(m["cols"]),
+    group = m["group"] if m.get("relay") or m["phase"] == "backward" else None
+    return (m["phase"], m["tensor"], group, bool(m.get("relay")), tuple(m["rows"]), tuple(m["cols"]),
             tuple(m.get("channels") or ()))
+
+
+def staging_layout(plan, rank):
+    """({staging key: (phase, byte offset, shape)}, arena bytes) of the
+    staging buffers of the messages ``rank`` sends to peers: the forward
+    ones packed from the start of one arena, the backward ones from the
+    start too, since a phase's sends have left before the other phase's
+    buffers are written (``RankExecutor._staging_for``). Each starts on a
+    64-byte line."""
+    item = np.dtype(plan["dtype"]).itemsize
+    ends, out = {"forward": 0, "backward": 0}, {}
+    for k, m in enumerate(plan["messages"]):
+        if m["sender"] != rank or m["receiver"] == rank or m["tensor"] < 0:
+            continue
+        key = staging_key(k, m, plan["groups"])
+        if key not in out:
+            shape = message_shape(plan["program"], m, plan["batch"])
+            out[key] = (m["phase"], ends[m["phase"]], shape)
+            ends[m["phase"]] += -(-prod(shape) * item // 64) * 64
+    return out, max(ends.values())
 
 
 def input_messages(plan, rank):
@@ -240,10 +264,17 @@ class RankExecutor:
 
     def _messages(self, plan, rank):
         """Staging buffers of the messages to peers (one per content:
-        ``staging_key``), and when each message to this rank itself is
+        ``staging_key``; forward and backward ones share one arena,
+        ``staging_layout``), and when each message to this rank itself is
         copied."""
-        self.staging, self.stage_of, self.copy_at_recv = {}, {}, set()
+        layout, total = staging_layout(plan, rank)
+        self.staging_arena = np.empty(total, np.uint8)
+        self.staging = {key: self.staging_arena[at:at + prod(shape) * self.dtype.itemsize].view(self.dtype)
+                        .reshape(shape) for key, (_, at, shape) in layout.items()}
+        self.stage_phase = {key: phase for key, (phase, _, _) in layout.items()}
+        self.stage_of, self.copy_at_recv = {}, set()
         self.staged, self.sent = {}, {}  # per buffer: the step its content is of, the sends from it
+        self.staging_phase = None  # (step, phase) whose staging buffers are in use
         for k, m in enumerate(plan["messages"]):
             if rank not in (m["sender"], m["receiver"]):
                 continue
@@ -253,9 +284,7 @@ class RankExecutor:
                                                  t != plan["groups"][self.producer[t]]["layers"][1]):
                     self.copy_at_recv.add(k)
             elif m["sender"] == rank and m["tensor"] >= 0:  # (the image's pieces come from the data source)
-                key = self.stage_of[k] = staging_key(k, m, plan["groups"])
-                if key not in self.staging:
-                    self.staging[key] = np.empty(message_shape(self.program, m, self.batch), self.dtype)
+                self.stage_of[k] = staging_key(k, m, plan["groups"])
 
     def _source(self, m):
         """(array, the region it covers, its first channel) that message ``m`` is cut from on its sender."""
@@ -333,12 +362,24 @@ class RankExecutor:
         key = self.stage_of[op["msg"]]
         stage = self.staging[key]
         if self.staged.get(key) != self.step_no:  # the first message of this content in the step
+            if self.staging_phase != (self.step_no, m["phase"]):
+                self._staging_for(m["phase"])
             for previous in self.sent.pop(key, ()):
                 previous.wait(self.comm.timeout)  # last step's copies have left
             src, region, base = self._source(m)
             np.copyto(stage, self._piece(src, (region, base), m))
             self.staged[key] = self.step_no
         self.sent.setdefault(key, []).append(self.comm.send(m["receiver"], (self.step_no, "m", op["msg"]), stage))
+
+    def _staging_for(self, phase):
+        """The other phase's messages have left (their buffers share the
+        arena with this phase's: ``staging_layout``). They are long gone by
+        then as a rule: the last forward send precedes the step's backward,
+        the last backward one the next step's forward."""
+        for key in [k for k in self.sent if self.stage_phase[k] != phase]:
+            for previous in self.sent.pop(key):
+                previous.wait(self.comm.timeout)
+        self.staging_phase = (self.step_no, phase)
 
     def _recv(self, op):
         m = self.plan["messages"][op["msg"]]

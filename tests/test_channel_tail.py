@@ -399,7 +399,12 @@ def test_a_channel_group_may_start_with_a_route_that_every_member_assembles(sock
         fours = [k for k, m in enumerate(plan["messages"]) if m["tensor"] == 4 and m["phase"] == "forward"
                  and m["sender"] == r and m["receiver"] != r]
         assert len(fours) == 2 and len({ex.stage_of[k] for k in fours}) == 1
-        assert sum(a.nbytes for a in ex.staging.values()) == plan_memory(plan, r)["messages"]
+        assert ex.staging_arena.nbytes == plan_memory(plan, r)["messages"]
+        # the forward buffers and the backward ones share the arena's bytes
+        for phase in ("forward", "backward"):
+            views = sorted((a.ctypes.data, a.nbytes) for key, a in ex.staging.items() if ex.stage_phase[key] == phase)
+            assert all(a + n <= b for (a, n), (b, _) in zip(views, views[1:]))  # (disjoint within a phase)
+            assert not views or views[0][0] == ex.staging_arena.ctypes.data
     assert_trains_as_one_device(program, plan, sockets)
 
 

@@ -33,7 +33,9 @@ def plan_memory(plan, rank, profile=None):
     holds, not an estimate. Parts: ``overhead`` (the process, from the
     profile), ``state`` (parameters, accumulators, running statistics),
     ``arenas`` (every tile's arena, argmax arena and input region),
-    ``messages`` (staging buffers of the messages to peers), ``inputs`` (its
+    ``messages`` (staging buffers of the messages to peers: the forward and
+    the backward ones share their bytes; the cost model counts both, so
+    the planner's count may be higher by the smaller), ``inputs`` (its
     pieces of the image, of this step and those streamed ahead), ``tail``
     (the tail groups' inputs and their gradients, ``tail_member_bytes``),
     ``transient`` (the scratch all tiles share: workspaces, what lives only
@@ -43,7 +45,7 @@ def plan_memory(plan, rank, profile=None):
     ``scratch_release``, else both)."""
     import numpy as np
 
-    from tilec_runtime.executor import holdings, input_messages, staging_key
+    from tilec_runtime.executor import holdings, input_messages, staging_layout
     from tilec_runtime.program import buffer_shapes
     program = plan["program"]
     item = np.dtype(plan["dtype"]).itemsize
@@ -56,10 +58,9 @@ def plan_memory(plan, rank, profile=None):
     state = item * (STATE_COPIES * sum(size(shapes[k], p) for k, p in params.items())
                     + sum(size(bshapes[k], p) for k, p in buffers.items()))
     arenas, scratch = tile_bytes(plan, rank)
-    # staging buffers: one per content of the forward messages, one per backward message (``staging_key``)
-    staged = {staging_key(k, m, plan["groups"]): m["bytes"] for k, m in enumerate(plan["messages"])
-              if m["sender"] == rank and m["receiver"] != rank and m["tensor"] >= 0}
-    messages = sum(staged.values())
+    # staging buffers: one per content of the messages it sends, but a tile's halo one each (``staging_key``),
+    # the forward ones and the backward ones in the same bytes (``staging_layout``)
+    messages = staging_layout(plan, rank)[1]
     # its pieces of the image: this step's and those the launcher streams ahead
     inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item)
     kept, phase = tail_bytes(plan, rank)

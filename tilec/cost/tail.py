@@ -163,13 +163,16 @@ class TailPricer:
             if relayed(sources, replicated, list(need.devices)):
                 hops = self._relay_hops(tensor, sources[0], list(need.devices))
                 same = [False, True]  # the holder's slices differ; a member relays one slice to all
-                extra = []
+                extra, back_same = [], [False, False]  # backward, each hop's gradients differ
             else:
                 forward, extra = flows(sources, replicated, list(need.devices))
                 fwd = np.zeros((self.n, self.n))
                 for s, r, nbytes in forward:
                     fwd[s, r] += nbytes
                 hops, same = [fwd], [True]  # a sender's part (or whole map) goes to each receiver alike
+                # backward, a receiver returns the parts it took (they differ), or a replicated map's whole
+                # gradient to each holder alike (``tilec_runtime.executor.staging_key``)
+                back_same = [replicated]
             for hop in hops:
                 np.fill_diagonal(hop, 0.0)  # a device's own part is a copy
             secs = sum(exchange_seconds(hop, self.devices) for hop in hops)
@@ -182,7 +185,8 @@ class TailPricer:
                         back[-1][s, r] += nbytes
                 secs += sum(exchange_seconds(hop, self.devices) for hop in back)
                 if backward_staging:
-                    sent = sent + sum(hop.sum(axis=1) for hop in back)
+                    sent = sent + sum(hop.max(axis=1) if alike else hop.sum(axis=1)
+                                      for hop, alike in zip(back, reversed(back_same)))
             self._moves[key] = (secs, {d: float(v) for d, v in enumerate(sent) if v > 0})
         return self._moves[key]
 
