@@ -210,8 +210,6 @@ class RankExecutor:
         self.members = [members_of(group) for group in plan["groups"]]
         self._tiles(plan, rank, threads=self.threads)
         self._tail(plan, rank)
-        if any(op["op"] == "tail_free" for op in self.ops):
-            pages.return_freed_arrays()  # (what the tail lets go of must reach the system)
         self._messages(plan, rank)
         self.events = [] if trace else None
         # an emulated slower device (``stretch``) slows its compute ops and its updates, nothing else

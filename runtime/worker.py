@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from tilec_runtime import planfile
+from tilec_runtime import pages, planfile
 from tilec_runtime.auth import AuthError, handshake, load_key
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import target_shape
@@ -140,32 +140,6 @@ def state_spec(plan, index, piece):
 
 
 # -- memory ---------------------------------------------------------------------------
-
-
-# glibc's malloc raises its mmap threshold (up to 32 MiB) whenever a large block is freed, so a step's
-# numpy temporaries (the tail's) then come from the heap, which keeps what it fragments: measured on
-# YOLOv2 at 608, batch 1, 2 workers, each worker's peak grew by 27 and 13 MB after the first step. A fixed
-# threshold keeps blocks of 4 MiB and more in mmap, returned when freed (measured there: the same step time;
-# with 1 MiB steps were 5-10% slower, paying page faults for mid-size arrays each step).
-MMAP_THRESHOLD = 4 << 20
-M_MMAP_THRESHOLD = -3  # mallopt's parameters (malloc.h)
-M_TRIM_THRESHOLD = -1
-# Fixing the mmap threshold also fixes the trim threshold at its default (128 KiB): every freed block at
-# the top of the heap went back to the system, and the next step's temporaries of a few MB page-faulted
-# afresh. Measured: a 128-of-256-filter 3x3 conv on 26x26 (im2col workspace 3.1 MB) took 4.1 ms instead
-# of 2.5. The heap may keep this much free at its top (less than a 4 MiB block times the few alive at once).
-TRIM_THRESHOLD = 32 << 20
-
-
-def fix_mmap_threshold():
-    """Stop glibc's malloc from keeping freed temporaries (see ``MMAP_THRESHOLD``); elsewhere a no-op."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
 
 
 def reset_peak():
@@ -570,7 +544,7 @@ def run(args):
     key = load_key(args.key_file)
     if args.parent is not None:
         die_with_parent()
-    fix_mmap_threshold()
+    pages.fix_mmap_threshold()
     # A frame's reader and sender threads need the GIL for a moment: by default a thread running Python
     # may keep it 5 ms, which a barrier (a batch-norm all-gather, a halo) waits out every time.
     sys.setswitchinterval(SWITCH_INTERVAL)

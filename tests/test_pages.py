@@ -37,13 +37,13 @@ FREED = textwrap.dedent("""
     import numpy as np
     from tilec_runtime import pages
     if sys.argv[1] == "fixed":
-        assert pages.return_freed_arrays()
+        assert pages.fix_mmap_threshold()
     def resident():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096
     base, held = resident(), []
     for step in range(3):  # as a tail's steps: arrays of a few MB, and small ones that stay between them
-        big = [np.ones(2 << 17) for _ in range(40)]
+        big = [np.ones(6 << 17) for _ in range(14)]  # 6 MB each: above the fixed threshold
         held += [np.ones(1000) for _ in range(40)]
         del big
     print((resident() - base) // (1 << 20))
@@ -52,13 +52,14 @@ FREED = textwrap.dedent("""
 
 @linux
 def test_freed_arrays_reach_the_system_once_the_threshold_is_fixed():
-    """Without it glibc serves arrays of the tail's size from its heap after
-    the first is freed, and keeps them (the control run shows it)."""
+    """Without it glibc serves arrays of a tail's size from its heap after
+    the first is freed, and keeps them (the control run shows it); a worker
+    fixes it at its start."""
     def left(mode):
         out = subprocess.run([sys.executable, "-c", FREED, mode], capture_output=True, text=True, check=True)
         return int(out.stdout)
     assert left("fixed") < 8
-    assert left("default") >= 64  # (control: 80 MB of freed arrays stay in the heap)
+    assert left("default") >= 64  # (control: 84 MB of freed arrays stay in the heap)
 
 
 def test_a_released_scratch_is_a_byte_array_of_its_size():
