@@ -24,13 +24,14 @@ from tilec_runtime.program import pads_of, tensor_shape
 
 
 def own(array):
-    """``array``, or a copy of it where it is a view of a larger array: a
-    gradient a group returns outlives the step's other arrays (``free``),
-    and a route's slice of its gradient would keep all of it."""
+    """``array`` where it is contiguous and all of its memory, else a copy:
+    a gradient a group returns outlives the step's other arrays (``free``),
+    and a route's slice of its gradient would keep all of it (and some are
+    all-reduced in place)."""
     root = array
     while isinstance(root.base, np.ndarray):
         root = root.base
-    return array if root.nbytes <= array.nbytes else np.array(array, order="C")
+    return array if root.nbytes <= array.nbytes and array.flags.c_contiguous else np.array(array, order="C")
 
 
 def native_cost(program, first, last):
