@@ -51,15 +51,15 @@ class GroupChoice:
 def releasing(plan, min_bytes=None):
     """Ranks that give their tiles' scratch back while their tail groups run
     (``scratch_release``, ``tail_free``): where the scratch and the tail's
-    activations and temporaries are each at least ``min_bytes``."""
-    from tilec_runtime.footprint import RELEASE_MIN_BYTES, tail_bytes, tile_bytes
-    least = RELEASE_MIN_BYTES if min_bytes is None else min_bytes
+    activations and temporaries are each at least ``min_bytes`` (default:
+    ``tilec_runtime.footprint.releases``)."""
+    from tilec_runtime.footprint import releases, tail_bytes, tile_bytes
     out = set()
     for r in range(len(plan["devices"])):
         phase = tail_bytes(plan, r)[1]
-        if phase >= least and phase > 0:
+        if phase:  # (the tiles are lowered only where a tail holds something)
             scratch = tile_bytes(plan, r)[1]
-            if min(scratch, phase) >= least and scratch > 0:
+            if scratch and (releases(scratch, phase) if min_bytes is None else min(scratch, phase) >= min_bytes):
                 out.add(r)
     return out
 
