@@ -393,6 +393,9 @@ def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
     apart, apart_pred = both()
     monkeypatch.setattr(memory, "RELEASE_MIN_BYTES", 1 << 20)
     released, released_pred = both()
+    from tilec.inspect.plan_report import plan_summary
+    assert "scratch given back while the tail runs" in plan_summary(released)
+    assert "scratch given back" not in plan_summary(apart)
     for d in range(2):
         assert [op["op"] for op in apart["schedule"][d]].count("scratch_release") == 0
         ops = [op["op"] for op in released["schedule"][d]]

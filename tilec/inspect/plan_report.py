@@ -56,6 +56,11 @@ def plan_summary(plan, baseline=None):
         ratio = f"{mem[d] / baseline:.2f}x" if baseline else "-"
         lines.append(f"  {dev['name']:<10}{mem[d] / 1e6:>16.2f}{ratio:>13}{(msgs[d] + coll[d]) / 1e6:>14.2f}"
                      f"{msgs[d] / 1e6:>9.2f}{coll[d] / 1e6:>15.2f}")
+    released = [dev["name"] for dev, ops in zip(plan["devices"], plan["schedule"])
+                if any(op["op"] == "scratch_release" for op in ops)]
+    if released:
+        lines.append(f"  scratch given back while the tail runs (its peak: the larger of the two): "
+                     f"{', '.join(released)}")
     return "\n".join(lines)
 
 
