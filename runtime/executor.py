@@ -468,6 +468,7 @@ class RankExecutor:
 
     def _tail_free(self, op):
         self.tails[op["group"]].free()
+        pages.trim()
 
     def _scratch_release(self, op):
         self.scratch_pages.release()

@@ -47,6 +47,15 @@ def transient(scratch, tail, released):
     return max(scratch, tail) if released else scratch + tail
 
 
+def tiles_and_tail(scratch, tail):
+    """A device's bytes of its tiles' scratch and its tail's activations and
+    temporaries at the step's peak, ``tail`` = ``tail_peak``'s (held to the
+    end, freed as they go): the larger where it gives the scratch back
+    (``releases``, which comes with ``tail_free``), else both."""
+    held, freed = tail
+    return transient(scratch, freed, True) if releases(scratch, freed) else transient(scratch, held, False)
+
+
 def param_count(layers):
     return sum(prod(s) for layer in layers for s in param_shapes(layer).values())
 
@@ -120,14 +129,15 @@ def image_bytes(values, itemsize):
 
 
 def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
-    """{"state", "kept", "phase", "workspace"} bytes of one member of a tail
+    """{"state", "kept", "phase", "grads", "workspace"} bytes of one member of a tail
     group over program[first..last] (``tilec_runtime.tailstep``): on one
     device (``mode`` "one"), the whole layers; split by channels over ``k``
     devices, the member's shares (``tilec_runtime.shards.share``). Kept (all
     step): its inputs and their gradients; phase (from its forward to the
     end of its backward, let go of by ``tail_free``): every output it holds
     and the normalised values of batch norm, and (split) the gradient buffer
-    of each output; workspace: the largest kernel transient, and (split) a B
+    of each output (``grads``, a part of ``phase``: they come to be in its
+    backward); workspace: the largest kernel transient, and (split) a B
     layer's partial sum. A sum-of-squares cost on the tiled prefix
     (``tilec_runtime.tailstep.native_cost``) holds what it holds all step."""
     from tilec_runtime import shards
@@ -149,7 +159,8 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
         kept, phase = kept + phase, 0
     work = max((workspace_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions)), default=0)
     return {"state": state_bytes(shares, itemsize), "kept": int(kept), "phase": int(phase),
-            "workspace": int(work + partial * itemsize), "params": param_count(shares)}
+            "grads": int(grads * itemsize if phase else 0), "workspace": int(work + partial * itemsize),
+            "params": param_count(shares)}
 
 
 def tile_bytes(plan, rank):
@@ -167,18 +178,36 @@ def tile_bytes(plan, rank):
 
 
 def tail_bytes(plan, rank):
-    """(bytes ``rank``'s tail groups hold all step, bytes they hold while the
-    tail runs: every group's activations, they live through the tail's
-    backward, and the largest kernel transient)."""
+    """(bytes ``rank``'s tail groups hold all step, bytes they hold at most
+    while the tail runs, that where each lets go of its activations after
+    its backward): ``tail_peak`` of its tail groups in order."""
     import numpy as np
 
     from tilec_runtime.program import members_of
     item = np.dtype(plan["dtype"]).itemsize
-    kept, phase, work = 0, 0, 0
+    kept, parts = 0, []
     for group in plan["groups"]:
         members = members_of(group)
         if group["kind"] == "tail" and rank in members:
             part = tail_member_bytes(plan["program"], *group["layers"], group["mode"], len(members),
                                      members.index(rank), plan["batch"], item)
-            kept, phase, work = kept + part["kept"], phase + part["phase"], max(work, part["workspace"])
-    return kept, phase + work
+            kept += part["kept"]
+            parts.append((part["phase"], part["grads"], part["workspace"]))
+    return (kept, *tail_peak(parts))
+
+
+def tail_peak(parts):
+    """(all of them, freed as they go) for a device's tail groups ``parts``,
+    [(phase, grads, workspace)] in the chain's order: what they hold at
+    once while the tail runs. Kept to the end of the step, every group's
+    activations and output gradients at once, and the largest temporary;
+    let go of after each group's backward (``tail_free``), at most, over
+    the groups g, the activations of g and the groups before it (the later
+    ones are gone by g's backward) with g's output gradients and its
+    temporaries."""
+    acts = freed = phase = work = 0
+    for p, g, w in parts:
+        freed = max(freed, acts + p + w)
+        acts += p - g
+        phase, work = phase + p, max(work, w)
+    return phase + work, freed

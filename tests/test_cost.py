@@ -367,6 +367,16 @@ def test_memory_of_a_skip_read_wherever_its_reader_runs(reader):
         assert held <= pred.memory[d] <= held + 2 * skip
 
 
+def test_what_a_tail_holds_at_once_kept_or_freed_as_it_goes():
+    """``tail_peak`` of three groups (phase, of it output gradients, temporaries), MB: kept to the end,
+    all phases and the largest temporary; let go after each backward, the most over the groups of the
+    activations up to it, its gradients and its temporaries."""
+    from tilec_runtime.footprint import tail_peak
+    parts = [(10, 4, 3), (20, 5, 2), (6, 0, 9)]
+    assert tail_peak(parts) == (36 + 9, max(10 + 3, 6 + 20 + 2, 6 + 15 + 6 + 9))
+    assert tail_peak([]) == (0, 0)
+
+
 def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
     """Where the tiles' scratch and the tail's activations are both large, a
     device gives the scratch back while the tail runs: the plan says so
@@ -402,15 +412,16 @@ def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
         # once, before its first tail group; each of its tail groups lets go after its backward
         assert ops.count("scratch_release") == 1 and ops.index("scratch_release") < ops.index("grad_zero")
         assert ops.count("tail_free") == sum(d in t.devices for t in tail)
-        scratch, (_, tail_part) = memory.tile_bytes(released, d)[1], memory.tail_bytes(released, d)
-        assert min(scratch, tail_part) > 16 << 20
+        scratch, (_, held, freed) = memory.tile_bytes(released, d)[1], memory.tail_bytes(released, d)
+        # (letting go after each group's backward, the tail holds less at once than all of it)
+        assert min(scratch, freed) > 16 << 20 and freed < held
         was, now = plan_memory(apart, d), plan_memory(released, d)
-        assert was["transient"] == scratch + tail_part and now["transient"] == max(scratch, tail_part)
+        assert was["transient"] == scratch + held and now["transient"] == max(scratch, freed)
         assert {k: v for k, v in was.items() if k != "transient"} == {k: v for k, v in now.items() if k != "transient"}
         saved = was["transient"] - now["transient"]
         assert apart_pred.memory[d] - released_pred.memory[d] == saved
         # the beam counts it as the model does
-        work = {"tiles": [scratch] * 2, "tail": [0, 0], "phase": [tail_part] * 2}
+        work = {"tiles": [scratch] * 2, "tail": [0, 0], "phase": [held] * 2, "freed": [freed] * 2}
         assert _transient(work, d) == now["transient"]
 
 

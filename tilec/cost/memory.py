@@ -42,7 +42,8 @@ def plan_memory(plan, rank, profile=None):
     during a tile's backward, what a recomputing group recomputes; and the
     tail groups' activations and temporaries: the larger of the two where
     the schedule gives the scratch back while the tail runs,
-    ``scratch_release``, else both)."""
+    ``scratch_release``, and lets go of each tail group's after its
+    backward, ``tail_free``; else both, ``tilec_runtime.footprint.tail_peak``)."""
     import numpy as np
 
     from tilec_runtime.executor import holdings, input_messages, staging_layout
@@ -63,11 +64,12 @@ def plan_memory(plan, rank, profile=None):
     messages = staging_layout(plan, rank)[1]
     # its pieces of the image: this step's and those the launcher streams ahead
     inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item)
-    kept, phase = tail_bytes(plan, rank)
+    kept, held, freed = tail_bytes(plan, rank)
     released = any(op["op"] == "scratch_release" for op in plan["schedule"][rank])
     overhead = profile.process_overhead_bytes if profile is not None else 0
     return {"overhead": int(overhead), "state": int(state), "arenas": int(arenas), "messages": int(messages),
-            "inputs": int(inputs), "tail": int(kept), "transient": int(transient(scratch, phase, released))}
+            "inputs": int(inputs), "tail": int(kept),
+            "transient": int(transient(scratch, freed if released else held, released))}
 
 
 def plan_peaks(plan, cluster):

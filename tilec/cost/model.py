@@ -33,7 +33,7 @@ from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import layer_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
-from tilec_runtime.footprint import image_bytes, param_count, releases, state_bytes, tile_own_bytes, transient
+from tilec_runtime.footprint import image_bytes, param_count, state_bytes, tail_peak, tile_own_bytes, tiles_and_tail
 from tilec_runtime.lower import scratch_bytes, tile_memory, units
 from tilec_runtime.program import param_shapes
 
@@ -73,6 +73,10 @@ class Group:
 
     @property
     def phase(self):  # (a tail group's bytes held only while the tail runs: a tile has none)
+        return {}
+
+    @property
+    def grads(self):
         return {}
 
 
@@ -367,7 +371,8 @@ class CostModel:
             choices = list(choices) + [(arc, False) for arc in self.tail_arcs(one_device_tail(self.program, end))]
         n = self.n
         busy = [0.0] * n
-        state, kept, ws, tail_ws, phase = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
+        state, kept, ws = [0] * n, [0] * n, [0] * n
+        parts = [[] for _ in range(n)]  # per device, its tail groups' (phase, grads, workspace) in order
         group_s, tail = [], []
         prev = None
         for g, rec in choices:
@@ -384,15 +389,16 @@ class CostModel:
                 busy[d] += g.busy[d] + (g.busy_recompute[d] if rec else 0.0)
                 state[d] += g.state[d]
                 kept[d] += (g.kept_recompute if rec else g.kept)[d]
-                phase[d] += g.phase.get(d, 0)
-                pool = {"tiles": ws, "tail": tail_ws}[workspace_pool(g)]
-                pool[d] = max(pool[d], (g.workspace_recompute if rec else g.workspace)[d])
+                if g.is_tail:
+                    parts[d].append((g.phase.get(d, 0), g.grads.get(d, 0), g.workspace[d]))
+                else:
+                    ws[d] = max(ws[d], (g.workspace_recompute if rec else g.workspace)[d])
             prev = g
         # the tiles' scratch and what the tail holds while it runs: one at a time where the device gives the
         # scratch back (``tilec.plan.build.releasing``), else both
         breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k,
-                      "workspace": transient(w, p + tw, releases(w, p + tw))}
-                     for dev, s, k, w, p, tw in zip(self.devices, state, kept, ws, phase, tail_ws)]
+                      "workspace": tiles_and_tail(w, tail_peak(p))}
+                     for dev, s, k, w, p in zip(self.devices, state, kept, ws, parts)]
         memory = [sum(p.values()) for p in breakdown]
         tail_s = sum(t["seconds"] for t in tail)
         return Prediction(sum(group_s) + tail_s, busy, memory, breakdown, group_s, tail_s, tail)

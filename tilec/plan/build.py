@@ -56,7 +56,7 @@ def releasing(plan, min_bytes=None):
     from tilec_runtime.footprint import releases, tail_bytes, tile_bytes
     out = set()
     for r in range(len(plan["devices"])):
-        phase = tail_bytes(plan, r)[1]
+        phase = tail_bytes(plan, r)[2]  # (freed as it goes: ``tail_free`` comes with the release)
         if phase:  # (the tiles are lowered only where a tail holds something)
             scratch = tile_bytes(plan, r)[1]
             if scratch and (releases(scratch, phase) if min_bytes is None else min(scratch, phase) >= min_bytes):

@@ -29,7 +29,7 @@ only the beam's breadth.)
 import heapq
 import time
 
-from tilec_runtime.footprint import releases, transient
+from tilec_runtime.footprint import tiles_and_tail
 from tilec.cost.model import workspace_pool
 
 # attempts, cheapest first: (partial paths kept per node by score, per device those that leave it
@@ -178,10 +178,13 @@ class Beam:
         g, members = self.cands.groups[gi], self.members[gi]
         pool = workspace_pool(g)
         cur = p.work.get(pool) or [0] * self.n
-        phase = p.work.get("phase") or [0] * self.n
-        new_phase = list(phase)
-        for d, nbytes in g.phase.items():
-            new_phase[d] += nbytes
+        tail = None
+        if g.is_tail:  # what the tail holds at once (``tilec_runtime.footprint.tail_peak``), as it grows
+            tail = {key: list(p.work.get(key) or [0] * self.n) for key in ("phase", "acts", "freed")}
+            for d, nbytes in g.phase.items():
+                tail["freed"][d] = max(tail["freed"][d], tail["acts"][d] + nbytes + g.workspace[d])
+                tail["acts"][d] += nbytes - g.grads.get(d, 0)
+                tail["phase"][d] += nbytes
         for rec in ((True,) if gi in forced else (False, True) if recompute else (False,)):
             kept = g.kept_recompute if rec else g.kept
             if rec and all(kept[d] >= g.kept[d] for d in members):
@@ -190,7 +193,7 @@ class Beam:
             total, new = list(p.total), list(cur)
             for d in members:
                 new[d] = max(cur[d], ws.get(d, 0))
-            work = {**p.work, pool: new, "phase": new_phase}
+            work = {**p.work, pool: new, **(tail or {})}
             for d in members:
                 total[d] += g.state[d] + kept[d] + _transient(work, d) - _transient(p.work, d)
             if all(total[d] <= free[d] for d in members):
@@ -199,11 +202,11 @@ class Beam:
 
 def _transient(work, d):
     """Device ``d``'s bytes of the tiles' scratch and of what the tail holds
-    while it runs (``tilec_runtime.footprint.transient``), from a partial path's
-    maxima and sums (``_Partial.work``)."""
-    w = work["tiles"][d] if "tiles" in work else 0
-    t = (work["tail"][d] if "tail" in work else 0) + (work["phase"][d] if "phase" in work else 0)
-    return transient(w, t, releases(w, t))
+    while it runs (``tilec_runtime.footprint.tiles_and_tail``), from a
+    partial path's maxima and sums (``_Partial.work``)."""
+    def at(key):
+        return work[key][d] if key in work else 0
+    return tiles_and_tail(at("tiles"), (at("tail") + at("phase"), at("freed")))
 
 
 def beam_fit(cands, recompute=True, deadline=None, attempts=ATTEMPTS, reference=None, wide=WIDE_ATTEMPTS):

@@ -36,7 +36,9 @@ Constraints:
   the larger of them, else both (``tilec_runtime.footprint.transient``);
   the boolean asks for a chosen tile group with that much workspace and
   for that much of the tail's activations alone (its temporaries aside),
-  so the count is never below the cost model's.
+  so the count is never below the cost model's. The tail's part is then
+  what its groups hold at once as each lets go after its backward
+  (``_freed``), else all of it.
 
 Objective: the sum of the chosen groups' and transitions' seconds, in
 microseconds.
@@ -148,7 +150,7 @@ class PlanModel:
                 apart = model.new_bool_var(f"release_{d}")
                 model.add(both >= scratch + tail).only_enforce_if(~apart)
                 model.add(both >= scratch).only_enforce_if(apart)
-                model.add(both >= tail).only_enforce_if(apart)
+                model.add(both >= self._freed(d, ws_cap)).only_enforce_if(apart)
                 # (on what the chosen groups hold, not on the maxima, which the solver may set higher:
                 # a tile group whose workspace is that large, the tail's activations alone)
                 large = [self.use[gi] for gi, g in enumerate(groups) if not g.is_tail
@@ -156,7 +158,9 @@ class PlanModel:
                 large += [self.rec[gi] for gi, g in enumerate(groups) if not g.is_tail and gi in self.rec
                           and g.workspace.get(d, 0) < RELEASE_MIN_BYTES <= g.workspace_recompute.get(d, 0)]
                 model.add(sum(large) >= 1).only_enforce_if(apart)
-                model.add(phase >= _kib(RELEASE_MIN_BYTES)).only_enforce_if(apart)
+                acts = sum(_kib(g.phase[d] - g.grads.get(d, 0)) * self.use[gi] for gi, g in enumerate(groups)
+                           if g.phase.get(d))  # (what the tail holds at once is at least all of its activations)
+                model.add(acts >= _kib(RELEASE_MIN_BYTES)).only_enforce_if(apart)
             model.add(sum(terms) + both + _kib(const) <= cap + self.slack)
             # one pass over the groups (not layers x groups: seconds on large
             # candidate sets), emitted per layer as before so the model is the same
@@ -185,6 +189,27 @@ class PlanModel:
             model.minimize(self.slack)
         else:
             model.minimize(self.time_expr)
+
+    def _freed(self, d, cap):
+        """A variable at least what device ``d``'s tail groups hold at once
+        when each lets go after its backward
+        (``tilec_runtime.footprint.tail_peak``): for each tail group, the
+        activations of the chosen groups that end before it, its own phase
+        and temporaries. (A group not chosen adds nothing, and what ends
+        before it is no more than what the last chosen group sees.)"""
+        model, groups = self.model, self.cands.groups
+        tails = [(gi, g) for gi, g in enumerate(groups) if g.is_tail and d in g.workspace]
+        total = sum(_kib(g.phase.get(d, 0)) for _, g in tails) + _kib(cap)
+        freed = model.new_int_var(0, total, f"freed_{d}")
+        before = {}
+        for b in sorted({g.first for _, g in tails}):
+            terms = [_kib(g.phase[d] - g.grads.get(d, 0)) * self.use[gi] for gi, g in tails
+                     if g.last < b and g.phase.get(d)]
+            before[b] = model.new_int_var(0, total, f"acts_{d}_{b}")
+            model.add(before[b] == sum(terms))
+        for gi, g in tails:
+            model.add(freed >= before[g.first] + _kib(g.phase.get(d, 0) + g.workspace[d]) * self.use[gi])
+        return freed
 
     @property
     def booleans(self):
