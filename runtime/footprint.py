@@ -33,11 +33,12 @@ ARGMAX_BYTES = 2  # int16 max-pool indices
 RELEASE_MIN_BYTES = 32 << 20
 
 
-def releases(scratch, tail):
+def releases(scratch, tail, least=None):
     """Whether a device whose tiles share ``scratch`` bytes and whose tail
     groups hold ``tail`` bytes of activations and temporaries gives the
-    scratch back while the tail runs."""
-    return min(scratch, tail) >= RELEASE_MIN_BYTES
+    scratch back while the tail runs: both at least ``least`` (default
+    ``RELEASE_MIN_BYTES``), and something to give."""
+    return min(scratch, tail) >= (RELEASE_MIN_BYTES if least is None else least) and min(scratch, tail) > 0
 
 
 def transient(scratch, tail, released):
@@ -177,10 +178,9 @@ def tile_bytes(plan, rank):
     return own, scratch
 
 
-def tail_bytes(plan, rank):
-    """(bytes ``rank``'s tail groups hold all step, bytes they hold at most
-    while the tail runs, that where each lets go of its activations after
-    its backward): ``tail_peak`` of its tail groups in order."""
+def tail_parts(plan, rank):
+    """(bytes ``rank``'s tail groups hold all step, [(phase, grads,
+    workspace)] of each, in order: what ``tail_peak`` reads)."""
     import numpy as np
 
     from tilec_runtime.program import members_of
@@ -193,6 +193,14 @@ def tail_bytes(plan, rank):
                                      members.index(rank), plan["batch"], item)
             kept += part["kept"]
             parts.append((part["phase"], part["grads"], part["workspace"]))
+    return kept, parts
+
+
+def tail_bytes(plan, rank):
+    """(bytes ``rank``'s tail groups hold all step, bytes they hold at most
+    while the tail runs, that where each lets go of its activations after
+    its backward): ``tail_peak`` of its tail groups in order."""
+    kept, parts = tail_parts(plan, rank)
     return (kept, *tail_peak(parts))
 
 

@@ -174,11 +174,11 @@ OPS = {"send": ("msg",), "recv": ("msg",), "input": ("msg",), "conv_fwd": ("grou
        "chan_bwd": ("group", "layer"), "chan_wait": ("group", "layer"), "scratch_release": (),
        "tail_free": ("group",)}
 # which groups an op works on: tiled, a tail group on one device, one split by channels
-OP_GROUPS = {**{k: "tiled" for k in ("conv_fwd", "epi_fwd", "pool_fwd", "bn_stats", "recompute", "epi_bwd",
-                                     "bn_grad", "conv_bwd", "pool_bwd")},
-             "tail_fwd": "one", "tail_bwd": "one", "tail_free": ("one", "channels"),
-             **{k: "channels" for k in ("chan_fwd", "chan_reduce", "chan_post", "chan_post_bwd", "chan_bwd",
-                                        "chan_wait")}}
+OP_GROUPS = {**{k: ("tiled",) for k in ("conv_fwd", "epi_fwd", "pool_fwd", "bn_stats", "recompute", "epi_bwd",
+                                        "bn_grad", "conv_bwd", "pool_bwd")},
+             "tail_fwd": ("one",), "tail_bwd": ("one",), "tail_free": ("one", "channels"),
+             **{k: ("channels",) for k in ("chan_fwd", "chan_reduce", "chan_post", "chan_post_bwd", "chan_bwd",
+                                           "chan_wait")}}
 
 
 # the roles a channel op's layer may have (A: after a sliced B, its sums slice by slice, then its post)
@@ -261,7 +261,7 @@ def _check_schedule(plan):
                 g = op["group"]
                 if not 0 <= g < len(groups) or all(t["device"] != r for t in groups[g]["tiles"]):
                     raise ProgramError(f"{where}: device {r} has no tile in group {g}")
-                if groups[g].get("mode", groups[g]["kind"]) not in _kinds(OP_GROUPS[kind]):
+                if groups[g].get("mode", groups[g]["kind"]) not in OP_GROUPS[kind]:
                     raise ProgramError(f"{where}: {kind} on a {groups[g].get('mode', groups[g]['kind'])} group")
                 if "layer" in OPS[kind] and not groups[g]["layers"][0] <= op["layer"] <= groups[g]["layers"][1]:
                     raise ProgramError(f"{where}: layer {op['layer']} is not in group {g}")
@@ -303,10 +303,6 @@ def _check_schedule(plan):
     for k in range(len(messages)):
         if sent[k] != 1 or received[k] != 1:
             raise ProgramError(f"message {k} is sent {sent[k]} and received {received[k]} times (once each)")
-
-
-def _kinds(kinds):
-    return (kinds,) if isinstance(kinds, str) else kinds
 
 
 def read_plan(path):

@@ -421,7 +421,7 @@ def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
         saved = was["transient"] - now["transient"]
         assert apart_pred.memory[d] - released_pred.memory[d] == saved
         # the beam counts it as the model does
-        work = {"tiles": [scratch] * 2, "tail": [0, 0], "phase": [held] * 2, "freed": [freed] * 2}
+        work = {"tiles": [scratch] * 2, "parts": [memory.tail_parts(released, r)[1] for r in range(2)]}
         assert _transient(work, d) == now["transient"]
 
 

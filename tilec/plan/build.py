@@ -57,10 +57,9 @@ def releasing(plan, min_bytes=None):
     out = set()
     for r in range(len(plan["devices"])):
         phase = tail_bytes(plan, r)[2]  # (freed as it goes: ``tail_free`` comes with the release)
-        if phase:  # (the tiles are lowered only where a tail holds something)
-            scratch = tile_bytes(plan, r)[1]
-            if scratch and (releases(scratch, phase) if min_bytes is None else min(scratch, phase) >= min_bytes):
-                out.add(r)
+        # (the tiles are lowered only where the tail alone passes)
+        if releases(phase, phase, min_bytes) and releases(tile_bytes(plan, r)[1], phase, min_bytes):
+            out.add(r)
     return out
 
 

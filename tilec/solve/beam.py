@@ -29,8 +29,7 @@ only the beam's breadth.)
 import heapq
 import time
 
-from tilec_runtime.footprint import tiles_and_tail
-from tilec.cost.model import workspace_pool
+from tilec_runtime.footprint import tail_peak, tiles_and_tail
 
 # attempts, cheapest first: (partial paths kept per node by score, per device those that leave it
 # emptiest, weight of memory against seconds). Measured on YOLOv2 (batch 4 on 2-6 Pi 3s, batch 8 on 4-6):
@@ -54,9 +53,9 @@ class _Late(Exception):
 
 
 class _Partial:
-    """A path so far: its seconds, each workspace pool's maximum per device
-    and the tail groups' bytes held while the tail runs (``work``), and its
-    bytes per device, those included (``total``)."""
+    """A path so far: its seconds, per device the tiles' largest scratch and
+    its tail groups' (phase, grads, workspace) (``work``), and its bytes per
+    device, those included (``total``)."""
     __slots__ = ("secs", "work", "total", "path")
 
     def __init__(self, secs, work, total, path):
@@ -176,24 +175,23 @@ class Beam:
         """Partial ``p`` followed by group ``gi``, kept and recomputed, where
         it still fits."""
         g, members = self.cands.groups[gi], self.members[gi]
-        pool = workspace_pool(g)
-        cur = p.work.get(pool) or [0] * self.n
-        tail = None
-        if g.is_tail:  # what the tail holds at once (``tilec_runtime.footprint.tail_peak``), as it grows
-            tail = {key: list(p.work.get(key) or [0] * self.n) for key in ("phase", "acts", "freed")}
-            for d, nbytes in g.phase.items():
-                tail["freed"][d] = max(tail["freed"][d], tail["acts"][d] + nbytes + g.workspace[d])
-                tail["acts"][d] += nbytes - g.grads.get(d, 0)
-                tail["phase"][d] += nbytes
+        if g.is_tail:  # each device's tail groups so far, as ``tilec_runtime.footprint.tail_peak`` reads them
+            parts = list(p.work.get("parts") or [()] * self.n)
+            for d in members:
+                parts[d] += ((g.phase.get(d, 0), g.grads.get(d, 0), g.workspace[d]),)
+        scratch = p.work.get("tiles") or [0] * self.n
         for rec in ((True,) if gi in forced else (False, True) if recompute else (False,)):
             kept = g.kept_recompute if rec else g.kept
             if rec and all(kept[d] >= g.kept[d] for d in members):
                 continue  # recomputing saves nothing here
-            ws = g.workspace_recompute if rec else g.workspace
-            total, new = list(p.total), list(cur)
-            for d in members:
-                new[d] = max(cur[d], ws.get(d, 0))
-            work = {**p.work, pool: new, **(tail or {})}
+            if g.is_tail:
+                work = {**p.work, "parts": parts}
+            else:
+                ws, new = g.workspace_recompute if rec else g.workspace, list(scratch)
+                for d in members:
+                    new[d] = max(scratch[d], ws.get(d, 0))
+                work = {**p.work, "tiles": new}
+            total = list(p.total)
             for d in members:
                 total[d] += g.state[d] + kept[d] + _transient(work, d) - _transient(p.work, d)
             if all(total[d] <= free[d] for d in members):
@@ -203,10 +201,9 @@ class Beam:
 def _transient(work, d):
     """Device ``d``'s bytes of the tiles' scratch and of what the tail holds
     while it runs (``tilec_runtime.footprint.tiles_and_tail``), from a
-    partial path's maxima and sums (``_Partial.work``)."""
-    def at(key):
-        return work[key][d] if key in work else 0
-    return tiles_and_tail(at("tiles"), (at("tail") + at("phase"), at("freed")))
+    partial path's scratch maximum and tail groups (``_Partial.work``)."""
+    return tiles_and_tail(work["tiles"][d] if "tiles" in work else 0,
+                          tail_peak(work["parts"][d] if "parts" in work else ()))
 
 
 def beam_fit(cands, recompute=True, deadline=None, attempts=ATTEMPTS, reference=None, wide=WIDE_ATTEMPTS):
