@@ -11,9 +11,9 @@ builder read these sizes; none counts a second time.
 - a tile's own arena, argmax arena and input region, all step;
 - the scratch the tiles share, for what lives only within one kernel call
   or one tile's backward;
-- a tail group's inputs and their gradients, all step; its activations,
-  their gradients and its kernels' temporaries from its forward to the end
-  of its backward (*phase*).
+- the gradients of a tail group's inputs, all step; its inputs,
+  activations, their gradients and its kernels' temporaries from its
+  forward to the end of its backward (*phase*).
 
 Where the scratch and the tail's part are both large (``releases``), the
 device gives the scratch's pages back while its tail runs and the tail
@@ -134,9 +134,9 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
     group over program[first..last] (``tilec_runtime.tailstep``): on one
     device (``mode`` "one"), the whole layers; split by channels over ``k``
     devices, the member's shares (``tilec_runtime.shards.share``). Kept (all
-    step): its inputs and their gradients; phase (from its forward to the
-    end of its backward, let go of by ``tail_free``): every output it holds
-    and the normalised values of batch norm, and (split) the gradient buffer
+    step): the gradients of its inputs; phase (from its forward to the end
+    of its backward, let go of by ``tail_free``): its inputs, every output
+    it holds and the normalised values of batch norm, and (split) the gradient buffer
     of each output (``grads``, a part of ``phase``: they come to be in its
     backward); workspace: the largest kernel transient, and (split) a B
     layer's partial sum. A sum-of-squares cost on the tiled prefix
@@ -154,8 +154,8 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
         partial = max((batch * prod(layer["out_shape"]) for layer in layers if roles[layer["index"]] == "B"),
                       default=0)
     positions = [s["out_shape"][1] * s["out_shape"][2] for s in shares]
-    kept = 2 * inputs * itemsize
-    phase = grads * itemsize + sum(kept_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions))
+    kept = inputs * itemsize
+    phase = (inputs + grads) * itemsize + sum(kept_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions))
     if native_cost(program, first, last):
         kept, phase = kept + phase, 0
     work = max((workspace_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions)), default=0)

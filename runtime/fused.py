@@ -93,7 +93,13 @@ class TileStep:
 
     def _conv_unit(self, u, op, b, dt, j):
         f, i = op["filters"], op["layer"]
-        u.z = self._view(f"z{j}", (b, f, *op["out"]))
+        u.bands = op.get("stream")
+        if u.bands:  # its output a band at a time (``tilec_runtime.lower.streams``): flat buffers, cut per band
+            u.z = None
+            u.zflat = self._flat(f"z{j}")
+            u.bandflat, u.bandargs = self._flat(f"band{j}"), self._flat(f"bandarg{j}")
+        else:
+            u.z = self._view(f"z{j}", (b, f, *op["out"]))
         u.pre, u.act = self.k.pre[op["pre"]], self.k.act[op["act"]]
         u.pads, u.owned = tuple(op["pads"]), tuple(op["owned"])
         u.w = f"{i}.conv.weight"
@@ -116,13 +122,87 @@ class TileStep:
 
     def _view(self, name, shape):
         """A buffer's view: in the tile's own arenas or in the device's scratch."""
+        return self._flat(name).reshape(shape)
+
+    def _flat(self, name):
         spec = self.spec
         for where, array in (("buffers", self.arena), ("scratch_buffers", self.scratch),
                              ("arg_buffers", self.arg_arena), ("scratch_arg_buffers", self.scratch_args)):
             if name in spec[where]:
                 off, size = spec[where][name]
-                return array[off:off + size].reshape(shape)
+                return array[off:off + size]
         raise KeyError(name)
+
+    # -- a streamed conv: its output a band of rows at a time ---------------------
+
+    def _band_conv(self, u, params, z0, z1, stats=None):
+        """Output rows [z0, z1) of streamed unit ``u`` into its band buffer
+        (returned, (B, F, z1 - z0, wo)); with ``stats`` = (r0, r1), the
+        batch-norm statistics of its owned cells in rows [r0, r1) merged
+        into the unit's. The band's own conv: its input rows and the
+        padding of the map's borders it reaches."""
+        s = u.spec
+        b, f, wo = self.spec["batch"], s["filters"], s["out"][1]
+        xb, pads = self._band_input(u, z0, z1)
+        z = u.zflat[:b * f * (z1 - z0) * wo].reshape(b, f, z1 - z0, wo)
+        if stats is None:
+            self.k.conv_forward(xb, params[u.w], s["stride"], pads, z, self.ws, s["band"])
+            return z
+        or0, or1, oc0, oc1 = u.owned
+        a, e = max(or0, stats[0], z0) - z0, min(or1, stats[1], z1) - z0
+        owned = (a, max(a, e), oc0, oc1)
+        self.k.conv_forward(xb, params[u.w], s["stride"], pads, z, self.ws, s["band"], owned, u.n, u.mean, u.m2)
+        return z
+
+    @staticmethod
+    def _band_rows(u, z0, z1):
+        """(the input rows output rows [z0, z1) of ``u`` read, their pads)."""
+        k, st = u.spec["size"], u.spec["stride"]
+        h = u.src.shape[2]
+        lo, hi = z0 * st - u.pads[0], (z1 - 1) * st - u.pads[0] + k
+        return slice(max(lo, 0), min(hi, h)), (max(0, -lo), max(0, hi - h), u.pads[2], u.pads[3])
+
+    def _band_input(self, u, z0, z1):
+        rows, pads = self._band_rows(u, z0, z1)
+        return u.src[:, :, rows], pads
+
+    def _band_pool(self, u, z0, z1, p0, p1):
+        """(rows of the band's output the pool reads (r0, c0, h, w), its pads)
+        for pool rows [p0, p1) of a band of output rows [z0, z1)."""
+        p = u.spec["pool"]
+        r0, c0, h, w = p["src"]
+        size, st = p["size"], p["stride"]
+        lo, hi = p0 * st - p["pads"][0], (p1 - 1) * st - p["pads"][0] + size
+        top, bottom = max(0, -lo), max(0, hi - h)
+        lo, hi = max(lo, 0), min(hi, h)
+        return (r0 + lo - z0, c0, hi - lo, w), (top, bottom, p["pads"][2], p["pads"][3])
+
+    def _band_pool_grad(self, u, z0, z1, p0, p1):
+        """The fused pool's gradient and argmax of pool rows [p0, p1), copied
+        contiguous (the kernels read whole images), as ``act_grad`` takes it."""
+        b, f, pw = self.spec["batch"], u.spec["filters"], u.spec["pool"]["out"][1]
+        n = b * f * (p1 - p0) * pw
+        dp = u.bandflat[:n].reshape(b, f, p1 - p0, pw)
+        arg = u.bandargs[:n].reshape(b, f, p1 - p0, pw)
+        np.copyto(dp, u.d[:, :, p0:p1])
+        np.copyto(arg, u.arg[:, :, p0:p1])
+        window, pads = self._band_pool(u, z0, z1, p0, p1)
+        return dp, arg, u.spec["pool"]["size"], u.spec["pool"]["stride"], pads, window
+
+    def _stream_forward(self, u, params):
+        """The normalised, activated and pooled output, band by band."""
+        gamma = params[u.gamma] if u.gamma is not None else None
+        b, f, pw = self.spec["batch"], u.spec["filters"], u.spec["pool"]["out"][1]
+        for z0, z1, p0, p1 in u.bands:
+            z = self._band_conv(u, params, z0, z1)
+            (r0, c0, h, w), pads = self._band_pool(u, z0, z1, p0, p1)
+            n = b * f * (p1 - p0) * pw
+            y = u.bandflat[:n].reshape(b, f, p1 - p0, pw)
+            arg = u.bandargs[:n].reshape(b, f, p1 - p0, pw)
+            self.k.pool_forward(z[:, :, r0:r0 + h, c0:c0 + w], u.spec["pool"]["size"], u.spec["pool"]["stride"],
+                                pads, y, arg, u.pre, u.act, u.mean_t, u.inv_t, gamma, params[u.beta])
+            u.out[:, :, p0:p1] = y
+            u.arg[:, :, p0:p1] = arg
 
     def output_of(self, layer):
         """The forward output of ``layer`` (a layer some unit hands on)."""
@@ -138,6 +218,8 @@ class TileStep:
         """The convolution of unit ``j`` (only output ``rows``, half-open, if
         given), merging this tile's batch-norm statistics of them."""
         u, s = self.units[j], self.units[j].spec
+        if u.n is None and u.bands:
+            return  # (no statistics to take: its epilogue makes each band)
         if u.n is None:
             self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"], rows=rows)
             return
@@ -146,6 +228,14 @@ class TileStep:
             u.mean.fill(0.0)
             u.m2.fill(0.0)
             u.open = True
+        if u.bands:  # the statistics alone, band by band (at least a GEMM band of rows each)
+            ra, rb = rows if rows is not None else (0, s["out"][0])
+            for z0, z1, _, _ in u.bands:
+                a, e = max(z0, ra), min(z1, rb)
+                if a < e:
+                    c1 = min(s["out"][0], max(e, a + s["band"]))
+                    self._band_conv(u, params, min(a, c1 - s["band"]) if c1 - a < s["band"] else a, c1, (a, e))
+            return
         self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"], u.owned, u.n, u.mean,
                             u.m2, rows=rows)
 
@@ -167,6 +257,9 @@ class TileStep:
         self._epilogue(u, params)
 
     def _epilogue(self, u, params):
+        if u.bands:
+            self._stream_forward(u, params)
+            return
         gamma = params[u.gamma] if u.gamma is not None else None
         beta = params[u.beta]
         if u.spec["pool"]:
@@ -188,7 +281,8 @@ class TileStep:
                 self.pool_fwd(j)
                 continue
             s = u.spec
-            self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"])
+            if not u.bands:  # (a streamed conv makes its bands in its epilogue)
+                self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"])
             self._epilogue(u, params)
 
     # -- backward stages -------------------------------------------------------
@@ -199,12 +293,25 @@ class TileStep:
         u = self.units[j]
         g, pool = (u.da, u.pool_grad) if u.spec["pool"] else (u.d, None)
         u.s1.fill(0.0)
+        if u.bands:
+            self._stream_sums(u, params)
+            return
         if u.gamma is not None:
             u.s2.fill(0.0)
             self.k.act_grad(g, u.z, u.pre, u.act, u.s1, u.s2, u.mean_t, u.inv_t, params[u.gamma], params[u.beta],
                             pool)
         else:
             self.k.act_grad(g, u.z, u.pre, u.act, u.s1, None, None, None, None, params[u.beta], pool)
+
+    def _stream_sums(self, u, params):
+        bn = u.gamma is not None
+        if bn:
+            u.s2.fill(0.0)
+        for z0, z1, p0, p1 in u.bands:
+            z = self._band_conv(u, params, z0, z1)
+            self.k.act_grad(None, z, u.pre, u.act, u.s1, u.s2 if bn else None, u.mean_t if bn else None,
+                            u.inv_t if bn else None, params[u.gamma] if bn else None, params[u.beta],
+                            self._band_pool_grad(u, z0, z1, p0, p1))
 
     def sums(self, j):
         """(sum dy, sum dy*xhat) of unit ``j`` (this tile's until combined in place)."""
@@ -228,6 +335,20 @@ class TileStep:
             self.k.add_sums(u.s1, acc[u.beta])
         if u.dst is not None:
             u.dst.fill(0)
+        if u.bands:  # each band made again: its gradient, its batch norm's, its weight and input gradients' share
+            for z0, z1, p0, p1 in u.bands:
+                z = self._band_conv(u, params, z0, z1)
+                or0, or1, oc0, oc1 = u.owned
+                a, e = max(or0, z0) - z0, min(or1, z1) - z0
+                pool = self._band_pool_grad(u, z0, z1, p0, p1)
+                rows, pads = self._band_rows(u, z0, z1)
+                dx = u.dx[:, :, rows] if u.dx is not None else None  # (rows two bands read: added by both)
+                bnb = (z, *bn[1:]) if bn is not None else None
+                self.k.conv_backward(u.src[:, :, rows], params[u.w], s["stride"], pads, z, self.ws, s["band"],
+                                     acc[u.w], dx, bnb,
+                                     (a, max(a, e), oc0, oc1), accumulate=True,
+                                     regen=(pool, u.pre, u.act, z, params[u.beta]))
+            return
         self.k.conv_backward(u.src, params[u.w], s["stride"], u.pads, g, self.ws, s["band"], acc[u.w], u.dx, bn,
                              u.owned, accumulate=True, regen=regen)
 

@@ -130,7 +130,8 @@ def tile_memory(program, first, last, outside, sizes, in_size, batch, threads):
             op = {"kind": "conv", "layer": conv, "channels": c, "filters": layer["filters"], "size": k,
                   "out": [ho, wo], "band": band_rows(c, k, ho, wo, batch), "pool": None}
             if pool is not None:
-                op["pool"] = {"layer": pool, "out": list(sizes[pool])}
+                op["pool"] = {"layer": pool, "out": list(sizes[pool]), "size": program[pool]["size"],
+                              "stride": program[pool]["stride"], "pads": [0, 0, 0, 0]}
         else:
             op = {"kind": "maxpool", "layer": pool, "channels": program[pool]["in_shape"][0],
                   "out": list(sizes[pool])}
@@ -156,15 +157,69 @@ def out_shape(op):
     return [out_channels(op), *last["out"]]
 
 
-def regenerates(op, j, input_grad):
+def regenerates(op, j, input_grad, recompute=False):
     """Whether conv op ``j`` of a tile makes its output's gradient again
     band by band in its backward (``conv_backward``'s ``regen``) instead of
-    storing it whole: a conv with a fused max-pool whose input needs no
-    gradient (the network's first layer), on bands of rows. Its gradient
-    would be the largest buffer of the step (YOLOv2's layer 0 at 608 x 608:
-    32 channels, 47 MB an image)."""
-    return (op["kind"] == "conv" and bool(op["pool"]) and j == 0 and not input_grad
-            and op["band"] <= op["out"][0])
+    storing it whole: a conv with a fused max-pool, on bands of rows, where
+    its input needs no gradient (the network's first layer) or its group
+    recomputes (a plan short of memory). That gradient is as large as the
+    conv's output before the pool, among the largest buffers of the step
+    (YOLOv2's layer 0 at 608 x 608: 32 channels, 47 MB an image); making
+    each band again costs elementwise work beside its GEMMs (twice on
+    several threads where there is an input gradient: its pass makes the
+    bands again), which a group that keeps its activations does not pay."""
+    return (op["kind"] == "conv" and bool(op["pool"]) and op["band"] <= op["out"][0]
+            and (recompute or (j == 0 and not input_grad)))
+
+
+# Elements of a streamed conv's output band (``stream_bands``): 4 MB of float32, a few GEMM bands
+STREAM_ELEMENTS = 1 << 20
+
+
+# A streamed conv (``streams``) computes its output three times more: where it reads few channels (of 3 x 3,
+# up to 32: YOLOv2's layers 0 and 2), the bytes it saves cost the fewest flops.
+STREAM_MAX_READS = 32 * 9
+STREAM_PASSES = 3  # its output computed this many times more than where it is held: see ``streams``
+
+
+def streams(op, j, input_grad, recompute):
+    """Whether conv op ``j`` of a tile never holds its whole output: in a
+    group that recomputes, a conv with a fused max-pool whose windows do not
+    overlap, its gradient made again (``regenerates``) and at most
+    ``STREAM_MAX_READS`` values read per output. Its output before the pool
+    is the largest buffer of a plan short of memory (YOLOv2's layer 0 at
+    batch 8 on two devices: 189 MB a tile, layer 2 95 MB); streamed, it is
+    computed a band of rows at a time, three times more than once: its
+    batch-norm statistics, then the normalised and pooled output; in
+    backward its gradient sums, then its weight and input gradients, each
+    from the band made again (``tilec_runtime.fused``)."""
+    pool = op.get("pool")
+    return (recompute and regenerates(op, j, input_grad, recompute) and pool["size"] <= pool["stride"]
+            and op["channels"] * op["size"] ** 2 <= STREAM_MAX_READS
+            and len(stream_bands(op, op.get("batch", 1))) > 1)
+
+
+def stream_bands(op, batch):
+    """[[z0, z1, p0, p1]]: the bands of a streamed conv op, its output rows
+    [z0, z1) and its pool's output rows [p0, p1) read from them; together
+    they cover both maps, each band at least the conv's GEMM band and about
+    ``STREAM_ELEMENTS`` of output."""
+    pool = op["pool"]
+    ho, wo = op["out"]
+    s, pho = pool["stride"], pool["out"][0]
+    r0 = pool["src"][0] if "src" in pool else 0
+    target = max(op["band"], -(-STREAM_ELEMENTS // max(1, batch * op["filters"] * wo)))
+    per = max(1, -(-target // s))  # pool rows a band
+    bands = []
+    for p0 in range(0, pho, per):
+        p1 = min(pho, p0 + per)
+        z0 = 0 if p0 == 0 else r0 + p0 * s - pool["pads"][0]
+        z1 = ho if p1 == pho else r0 + p1 * s - pool["pads"][0]
+        bands.append([z0, z1, p0, p1])
+    if len(bands) > 1 and bands[-1][1] - bands[-1][0] < op["band"]:
+        last = bands.pop()
+        bands[-1][1], bands[-1][3] = last[1], last[3]
+    return bands
 
 
 def workspace(op, threads, dx):
@@ -208,8 +263,13 @@ def _buffers(spec, recompute=False):
         floats[f"out{j}"] = (size, j, end if kept and recompute else own)
         floats[f"d{j}"] = (size, bwd[j + 1] if j + 1 < n else n, bwd[j])
         if op["kind"] == "conv":
-            zsize = b * op["filters"] * op["out"][0] * op["out"][1]
+            zrows = max(z1 - z0 for z0, z1, _, _ in op["stream"]) if op.get("stream") else op["out"][0]
+            zsize = b * op["filters"] * zrows * op["out"][1]
             floats[f"z{j}"] = (zsize, j, bwd[j])
+            if op.get("stream"):  # a band of the pool's output and of its gradient; of its argmax
+                prows = max(p1 - p0 for _, _, p0, p1 in op["stream"])
+                floats[f"band{j}"] = ints[f"bandarg{j}"] = (b * op["filters"] * prows * op["pool"]["out"][1],
+                                                           j, bwd[j])
             if op["pool"]:
                 if not op.get("regen"):
                     floats[f"da{j}"] = (zsize, bwd[j], bwd[j])
@@ -253,8 +313,10 @@ def _plan_memory(spec, recompute=False, check=True, regen=True):
     across the step), and its share of the device's scratch: the im2col
     workspace, then the backward-only buffers (``scratch_buffers``)."""
     for j, op in enumerate(spec["ops"]):
-        if regen and regenerates(op, j, spec["input_grad"]):
+        if regen and regenerates(op, j, spec["input_grad"], recompute):
             op["regen"] = True
+            if streams(dict(op, batch=spec["batch"]), j, spec["input_grad"], recompute):
+                op["stream"] = stream_bands(op, spec["batch"])
     floats, ints = _buffers(spec, recompute)
     spill, spill_args = scratch_buffers(floats, ints, len(spec["ops"]), recompute)
     spec["buffers"], spec["arena"] = _pack(floats, set(floats) - spill, check=check)

@@ -34,6 +34,29 @@ def own(array):
     return array if root.nbytes <= array.nbytes and array.flags.c_contiguous else np.array(array, order="C")
 
 
+class Inputs(dict):
+    """The maps a tail group reads from before it, {tensor: array}, each
+    allocated (zeroed) when first asked for: where the device gives memory
+    back during its tail, ``free`` lets go of them after the group's
+    backward and the next step's forward messages land in new ones."""
+
+    def __init__(self, program, reads, batch, dtype):
+        super().__init__()
+        self.reads = reads
+        self.shapes = {t: (batch, *tensor_shape(program, t)) for t in reads}
+        self.dtype = dtype
+        for t in reads:
+            self[t]
+
+    def __missing__(self, t):
+        array = self[t] = np.zeros(self.shapes[t], self.dtype)
+        return array
+
+    def all(self):
+        """{tensor: array} of every map read, allocated where let go of."""
+        return {t: self[t] for t in self.reads}
+
+
 def native_cost(program, first, last):
     """Whether program[first..last] is a sum-of-squares cost straight on the
     tiled prefix, which runs allocation-free on the kernels' ``sse``."""
@@ -49,7 +72,7 @@ class WholeGroup:
         self.layers = program[first:last + 1]
         self.batch, self.dtype, self.k = batch, dtype, impl
         reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
-        self.inputs = {t: np.zeros((batch, *tensor_shape(program, t)), dtype) for t in reads}
+        self.inputs = Inputs(program, reads, batch, dtype)
         self.native = native_kernels if native_cost(program, first, last) else None
         self.acts, self.cache, self.loss = {}, None, None
         self.grads_in, self.grads_out, self.no_grad = {}, {}, {}
@@ -72,12 +95,13 @@ class WholeGroup:
             g.fill(0)
 
     def free(self):
-        """Let go of this step's activations and of the gradients of its
-        outputs (``tail_free``, after its backward); its inputs and their
-        gradients stay, the sends of the latter may copy them later."""
+        """Let go of this step's activations, of its inputs and of the
+        gradients of its outputs (``tail_free``, after its backward); the
+        gradients of its inputs stay, the sends of them may copy them later."""
         if self.native is None:
             self.acts, self.cache, self.grads_in = {}, None, {}
             self.grads_out = {t: own(g) for t, g in self.grads_out.items()}
+            self.inputs.clear()
 
     def forward(self, params, buffers, target):
         if self.native is not None:
@@ -86,7 +110,7 @@ class WholeGroup:
             self.loss = self.native.sse(x.reshape(-1), t.reshape(-1), self.grads_out[self.first - 1].reshape(-1),
                                         self.batch)
             return self.loss
-        self.acts = dict(self.inputs)
+        self.acts = self.inputs.all()
         self.loss, self.cache = reference.forward_layers(self.layers, params, buffers, self.acts, target,
                                                          train=True, impl=self.k)
         return self.loss
@@ -96,7 +120,7 @@ class WholeGroup:
             return  # sse wrote the gradient with the loss
         _, dout = reference.backward_layers(self.layers, params, self.acts, self.cache, self.grads_in,
                                             impl=self.k, acc=acc)
-        for t in self.inputs:
+        for t in self.inputs.reads:
             if t >= 0:
                 if t not in dout and t not in self.no_grad:
                     # an input the loss does not reach returns zeros: read only, so one array serves every step
@@ -121,7 +145,7 @@ class ChannelGroup:
         self.reduce_dx = {i: shards.reduces_input_grad(self.roles, first, i) for i in range(first, last + 1)}
         # what it reads from before it: the layer before, or a leading route's maps
         reads = sorted({j for layer in self.layers for j in layer["inputs"] if j < first})
-        self.inputs = {t: np.zeros((batch, *tensor_shape(program, t)), dtype) for t in reads}
+        self.inputs = Inputs(program, reads, batch, dtype)
         self.acts, self.cache, self.partial, self.partial_dx = {}, {}, {}, {}
         self.pending = {}  # an A layer's gradient at its conv or connected output, between its two parts
         self.sliced = {}  # a B layer's sums by slices of its output channels, all-reduced one by one
@@ -155,10 +179,11 @@ class ChannelGroup:
             g.fill(0)
 
     def free(self):
-        """Let go of this step's activations, caches and the gradients of its
-        outputs (``tail_free``, after its backward); its inputs and their
-        gradients stay, the sends of the latter may copy them later."""
+        """Let go of this step's activations, caches, inputs and the gradients
+        of its outputs (``tail_free``, after its backward); the gradients of
+        its inputs stay, the sends of them may copy them later."""
         self.acts, self.cache, self.grads_in = {}, {}, {}
+        self.inputs.clear()
 
     # -- forward ------------------------------------------------------------------
 
@@ -171,7 +196,7 @@ class ChannelGroup:
         layer = self.program[i]
         share = self.layer_share(layer)
         if i == self.first:
-            self.acts.update(self.inputs)
+            self.acts.update(self.inputs.all())
         x = self.acts.get(i - 1)  # (a leading route reads its own inputs)
         if self.roles[i] == "A" and piece is not None:
             self._add_slice(i, layer, x, params, piece, pieces)

@@ -232,7 +232,8 @@ def test_exchange_bytes_and_memory_match_the_plan(spans, grids):
 
 def test_recompute_keeps_only_the_input_and_costs_a_forward():
     """A recomputing group keeps its input (and its output's gradient); what
-    it recomputes lives in the device's scratch, packed with the rest. (On
+    it recomputes lives in the device's scratch, packed with the rest, and
+    costs its forward again and the gradients it makes again. (On
     its own the group may then need more in all: kept, its first conv's
     gradient is made again band by band and never stored, while recomputed
     it fitted in the space of what was dead by then anyway; recomputing
@@ -245,7 +246,9 @@ def test_recompute_keeps_only_the_input_and_costs_a_forward():
             assert g.workspace_recompute[d] > g.workspace[d]
         keep = model.evaluate([(g, False)])
         rec = model.evaluate([(g, True)])
-        assert rec.step_s - keep.step_s == pytest.approx(g.parts["forward"])
+        assert rec.step_s - keep.step_s == pytest.approx(g.recompute_seconds)
+        # the forward again, and its pooled convs (layer 2 on) make their gradients again band by band
+        assert g.recompute_seconds > g.parts["forward"] * 1.01
     # a longer group saves more than its recomputing scratch costs
     assert all(g.kept_recompute[d] + g.workspace_recompute[d] <= g.kept[d] + g.workspace[d] for d in (0, 1))
     assert max(rec.memory) <= max(keep.memory)
@@ -432,7 +435,7 @@ def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last):
     inputs it holds, is within the model's kept, phase and workspace bytes,
     and not far below (where the model once said half, and elsewhere
     twice); once it lets go of its activations, it holds no more than the
-    model's kept bytes."""
+    model's kept bytes (the gradients of its inputs: the inputs go too)."""
     import tracemalloc
 
     from built import module
@@ -449,6 +452,7 @@ def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last):
     for x in group.inputs.values():
         x[...] = rng.standard_normal(x.shape)
     acc = {k: np.zeros_like(v) for k, v in params.items() if first <= int(k.split(".")[0]) <= last}
+    inputs = sum(x.nbytes for x in group.inputs.values())  # (allocated before tracemalloc starts)
     tracemalloc.start()
     try:
         group.forward(params, buffers, None)
@@ -456,13 +460,13 @@ def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last):
         group.grad_in(last)[0][...] = 1e-3
         group.backward(params, acc)
         peak = tracemalloc.get_traced_memory()[1]
-        group.free()  # (``tail_free``) what stays is the gradient of its inputs
+        group.free()  # (``tail_free``) what stays is the gradient of its inputs; the inputs go too
         after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    inputs = sum(x.nbytes for x in group.inputs.values())
+    assert not group.inputs
     held = peak + inputs
     model = tail_member_bytes(program, first, last, "one", 1, 0, batch, 4)
     need = model["kept"] + model["phase"] + model["workspace"]
     assert held <= 1.05 * need and need <= 1.5 * held
-    assert after + inputs <= 1.05 * model["kept"]
+    assert after <= 1.05 * model["kept"]

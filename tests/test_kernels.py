@@ -431,16 +431,18 @@ def test_pool_gradient_routed_inside_the_activation_gradient(case):
 
 
 @FAST
-@given(pool_case(), st.integers(1, 40), st.integers(1, 3))
-@example(GRAD_POOLS[0], 7, 2)
-@example(YOLO_POOLS[4], 40, 3)
-def test_a_conv_backward_that_makes_its_gradient_again_equals_one_given_it(case, band, c_in):
-    """A network's first conv with a fused pool (no input gradient) stores
-    no gradient at its output: act_grad makes only the sums (da None, the
-    same sums), and conv_backward makes each band's gradient again from the
-    pool's gradient and z (``regen``): the same batch-norm finish and weight
-    gradient as from the stored gradient, on bands of any height and any
-    threads, for a pool reading a window of the conv output."""
+@given(pool_case(), st.integers(1, 40), st.integers(1, 3), st.booleans())
+@example(GRAD_POOLS[0], 7, 2, False)
+@example(YOLO_POOLS[4], 40, 3, False)
+@example(YOLO_POOLS[4], 5, 3, True)
+def test_a_conv_backward_that_makes_its_gradient_again_equals_one_given_it(case, band, c_in, input_grad):
+    """A conv with a fused pool stores no gradient at its output: act_grad
+    makes only the sums (da None, the same sums), and conv_backward makes
+    each band's gradient again from the pool's gradient and z (``regen``):
+    the same batch-norm finish, weight gradient and input gradient (on
+    several threads its pass makes the bands again) as from the stored
+    gradient, on bands of any height and any threads, for a pool reading a
+    window of the conv output."""
     rng = np.random.default_rng(case["seed"])
     dt, (b, f, h, w) = case["dtype"], case["shape"]
     r0, c0, extra_r, extra_c = case["offsets"]
@@ -473,13 +475,17 @@ def test_a_conv_backward_that_makes_its_gradient_again_equals_one_given_it(case,
             s1, s2 = np.zeros(f), (np.zeros(f) if pre == "bn" else None)
             k.act_grad(da, z, k.pre[pre], k.act[act], s1, s2, *vectors, pool)
             dw = np.ones(wt.shape, dt)
-            k.conv_backward(x, wt, 1, (1, 1, 1, 1), z if regen else da, ws, band, dw, None, bn, owned,
+            dx = np.ones(x.shape, dt) if input_grad else None
+            k.conv_backward(x, wt, 1, (1, 1, 1, 1), z if regen else da, ws, band, dw, dx, bn, owned,
                             accumulate=True, regen=(pool, k.pre[pre], k.act[act], z, vectors[3]) if regen else None)
-            got.append((s1, s2, dw))
-    (s1a, s2a, dwa), (s1b, s2b, dwb) = got
+            got.append((s1, s2, dw, dx))
+    (s1a, s2a, dwa, dxa), (s1b, s2b, dwb, dxb) = got
     assert np.array_equal(s1a, s1b) and (s2a is None or np.array_equal(s2a, s2b))
     tol = 1e-5 if dt == np.float32 else 1e-12
     np.testing.assert_allclose(dwb, dwa, rtol=tol, atol=tol * (1 + np.abs(dwa).max()))
+    if input_grad:
+        assert not np.array_equal(dxa, np.ones(x.shape, dt))
+        np.testing.assert_allclose(dxb, dxa, rtol=tol, atol=tol * (1 + np.abs(dxa).max()))
 
 
 # -- per-channel steps, loss, update ----------------------------------------------------

@@ -274,14 +274,17 @@ def test_beam_search_fits_yolov2_at_batch_4_on_two_pi3s():
     """Where the multipliers of the Lagrangian search trade the same groups
     between two alike devices (YOLOv2, batch 4, two 750 MB Pi 3s: it found
     none in most runs, and a plan 18% slower when it did), beam search finds
-    a plan that fits, and the solver returns one within its time limit."""
+    a plan that fits, no slower than the Lagrangian one by more than a few
+    per cent (since recomputing groups stream their first convs, memory is
+    less tight there and the Lagrangian search finds one too), and the
+    solver returns one within its time limit."""
     from tilec.solve.beam import beam_fit
     from tilec.solve.bounds import feasible_plan
     cands, model, _ = candidates("yolov2", cluster(2), 4)
     path = beam_fit(cands)
     assert path is not None and fits(model, peak(model, path, cands))
     upper, _, _, _ = feasible_plan(cands)
-    assert upper is None or peak(model, path, cands).step_s < upper
+    assert upper is None or peak(model, path, cands).step_s < 1.05 * upper
     sol = solve(cands, time_limit=3)
     assert fits(model, sol.prediction)
 

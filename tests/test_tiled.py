@@ -304,3 +304,56 @@ def test_a_failed_device_stops_the_others():
     devices[2]._conv_fwd = broken.__get__(devices[2])
     with pytest.raises(RuntimeError, match="device 2 broke"):
         inprocess.run_ranks(devices, hub, data.generated_batches(program, 2, 1, "float64"), 0, 1)
+
+
+def pooled_stack(bn=True, h=81, w=256):
+    """A pooled first layer (2 x 2 windows, an odd map: the last window
+    padded), then a pooled conv reading its output with a gradient; wide
+    enough for GEMM bands of a few rows (``kernel_set.band_rows``)."""
+    b = ProgramBuilder(2, h, w)
+    b.conv(4, 3, 1, "same", bn=bn, act="leaky")
+    b.maxpool(2, 2)
+    b.conv(3, 3, 1, 1, bn=True, act="relu")
+    b.maxpool(2, 2)
+    b.conv(2, 1, 1, 0, bn=False)
+    b.cost()
+    return b.build()
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_streamed_convs_train_the_same(monkeypatch, bn):
+    """A recomputing group's pooled convs, streamed a band of rows at a time
+    (their outputs never whole: ``lower.streams``; the second with an input
+    gradient, its bands' rows overlapping), train as one device does, on
+    uneven tiles; a streamed conv's buffer holds one band, not its map."""
+    monkeypatch.setattr(lower, "STREAM_ELEMENTS", 1)  # bands of a GEMM band: many of them on a small map
+    program = pooled_stack(bn)
+    choices = [GroupChoice(0, 3, [0, 8, 21], [0, 64], [2, 0], True), GroupChoice(4, 4, [0, 21], [0, 29, 64], [1, 2])]
+    got, want = run_case(program, choices, 3, 2, dtype="float64")
+    assert_same(got, want, 1e-10, FLOOR)
+    plan = build_plan(program, [GroupChoice(c.first, c.last, c.row_splits, c.col_splits, c.devices, c.recompute)
+                                for c in choices], model="random", batch=2, dtype="float64",
+                      devices=["d0", "d1", "d2"], optimizer=OPT)
+    for rank in (0, 2):
+        spec = lower.lower_rank(plan, rank)[0]
+        for j, op in enumerate(spec["ops"][:2]):
+            assert len(op["stream"]) >= 2 and op["regen"] and f"da{j}" not in spec["scratch_buffers"]
+            band = max(z1 - z0 for z0, z1, _, _ in op["stream"])
+            assert spec["scratch_buffers"][f"z{j}"][1] == 2 * op["filters"] * band * op["out"][1] < \
+                2 * op["filters"] * op["out"][0] * op["out"][1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiled_cases(max_devices=4))
+def test_tiled_recomputed_and_streamed_float64_equals_one_device(case):
+    """Random stacks with every group recomputing, on GEMM bands of one row:
+    every pooled conv makes its gradient again band by band, and those whose
+    pool's windows do not overlap are streamed in bands of a pool row."""
+    from tilec_runtime import kernel_set
+    program, choices, n_dev, batch, _ = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lower, "STREAM_ELEMENTS", 1)
+        mp.setattr(kernel_set, "BAND_POSITIONS", 1)
+        got, want = run_case(program, choices, n_dev, batch, [True] * len(choices), dtype="float64")
+    assume(converges(want[0]) and well_conditioned_case(case))
+    assert_same(got, want, 1e-10, FLOOR)

@@ -30,7 +30,7 @@ from math import prod
 
 from tilec.ir.stats import backward_flops, conv_product_flops, forward_flops
 from tilec_runtime.kernel_set import band_rows
-from tilec_runtime.lower import regenerates
+from tilec_runtime.lower import STREAM_PASSES, regenerates, streams
 
 # Kernel kinds of the layers the reference executor runs whole (the tail);
 # the rest are "elementwise" (a region loss too, where the profile has no
@@ -164,6 +164,8 @@ def share_seconds(profile, layer, share, role, batch, itemsize, direction, scale
 # What making a conv output's gradient again costs, of the epilogue backward that made it first with its sums
 # (tiny416 at batch 4, layer 0, traced on x86: conv backward 23.1 -> 31.2 ms, the epilogue backward 16.0 ms).
 REGEN_SHARE = 0.5
+# A unit's entry of what it costs more where its group recomputes, besides its forward again (not an op)
+RECOMPUTE_EXTRA = "recompute_extra"
 
 
 def unit_seconds(profile, program, unit, sizes, input_grad, batch, itemsize, threads=1, scale=1.0):
@@ -187,12 +189,21 @@ def unit_seconds(profile, program, unit, sizes, input_grad, batch, itemsize, thr
     out["epi_fwd"] = t("epilogue", "forward", epilogue_features(layer, h * w, pooled, batch, itemsize, "forward", h))
     out["epi_bwd"] = t("epilogue", "backward", epilogue_features(layer, h * w, pooled, batch, itemsize, "backward", h))
     out["conv_bwd"] = t("conv", "backward", conv_features(layer, h * w, batch, itemsize, "backward", input_grad, h))
-    op = {"kind": "conv", "pool": pool, "out": [h, w],
+    op = {"kind": "conv", "pool": pool, "out": [h, w], "channels": layer["in_shape"][0], "size": layer["size"],
+          "filters": layer["filters"], "batch": batch,
           "band": band_rows(layer["in_shape"][0], layer["size"], h, w, batch)}
+    # where it makes its output's gradient again band by band rather than store it: the epilogue
+    # backward's pass without its sums (on several threads with an input gradient, twice)
+    regen = REGEN_SHARE * out["epi_bwd"] * (2 if input_grad and threads > 1 else 1)
+    out[RECOMPUTE_EXTRA] = 0.0
     if regenerates(op, 0, input_grad):  # (only a group's first unit computes no input gradient)
-        # it makes its output's gradient again band by band rather than store it: the epilogue
-        # backward's pass without its sums
-        out["conv_bwd"] += REGEN_SHARE * out["epi_bwd"]
+        out["conv_bwd"] += regen
+    elif regenerates(op, 0, input_grad, recompute=True):
+        out[RECOMPUTE_EXTRA] = regen  # only where its group recomputes
+    if pool is not None and streams(dict(op, pool={**program[pool], "pads": [0, 0, 0, 0], "out": list(sizes[pool])}),
+                                    0, input_grad, True):
+        # a streamed conv, where its group recomputes: its output three times more (``streams``)
+        out[RECOMPUTE_EXTRA] += STREAM_PASSES * out["conv_fwd"]
     return out
 
 

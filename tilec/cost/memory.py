@@ -37,7 +37,7 @@ def plan_memory(plan, rank, profile=None):
     the backward ones share their bytes; the cost model counts both, so
     the planner's count may be higher by the smaller), ``inputs`` (its
     pieces of the image, of this step and those streamed ahead), ``tail``
-    (the tail groups' inputs and their gradients, ``tail_member_bytes``),
+    (the gradients of the tail groups' inputs, ``tail_member_bytes``),
     ``transient`` (the scratch all tiles share: workspaces, what lives only
     during a tile's backward, what a recomputing group recomputes; and the
     tail groups' activations and temporaries: the larger of the two where

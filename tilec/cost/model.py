@@ -31,7 +31,7 @@ import numpy as np
 from tilec.analysis.regions import axis_regions, length, window_of
 from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
-from tilec.cost.compute import layer_seconds, unit_seconds, update_seconds
+from tilec.cost.compute import RECOMPUTE_EXTRA, layer_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
 from tilec_runtime.footprint import image_bytes, param_count, state_bytes, tail_peak, tile_own_bytes, tiles_and_tail
 from tilec_runtime.lower import scratch_bytes, tile_memory, units
@@ -248,7 +248,7 @@ class CostModel:
         members = sorted(set(devices))
         busy = dict.fromkeys(members, 0.0)
         busy_rec = dict.fromkeys(members, 0.0)
-        fwd_s = bwd_s = 0.0
+        fwd_s = bwd_s = rec_s = 0.0
         kept, kept_rec, ws, ws_rec = {}, {}, {}, {}
         # per tile: its units' op times (the schedule's stages), and the runtime's memory plan of it
         tile_units = []
@@ -263,12 +263,15 @@ class CostModel:
         # a split group synchronises every batch-norm layer: each unit takes its slowest tile
         for u in range(len(tile_units[0])):
             f = [sum(t for op, t in tu[u].items() if op in FORWARD_OPS) for tu in tile_units]
-            bw = [sum(t for op, t in tu[u].items() if op not in FORWARD_OPS) for tu in tile_units]
+            bw = [sum(t for op, t in tu[u].items() if op not in FORWARD_OPS and op != RECOMPUTE_EXTRA)
+                  for tu in tile_units]
+            extra = [tu[u].get(RECOMPUTE_EXTRA, 0.0) for tu in tile_units]
             fwd_s += max(f)
             bwd_s += max(bw)
-            for d, tf, tb in zip(devices, f, bw):
+            rec_s += max(a + b for a, b in zip(f, extra))
+            for d, tf, tb, te in zip(devices, f, bw, extra):
                 busy[d] += tf + tb
-                busy_rec[d] += tf
+                busy_rec[d] += tf + te
         bn_s, grad_s, upd, state = self._collectives(first, last, tuple(members))
         tail_send, stage = self._tail_sends(first, last, rows, cols, cells, devices)
         for d, nbytes in stage.items():
@@ -277,7 +280,7 @@ class CostModel:
                 kept_rec[d] += nbytes
         seconds = fwd_s + bwd_s + bn_s + grad_s + upd + tail_send
         return Group(
-            first, last, row_splits, col_splits, devices, seconds, fwd_s,
+            first, last, row_splits, col_splits, devices, seconds, rec_s,
             state={d: state for d in members},
             kept=kept, kept_recompute=kept_rec, workspace=ws, workspace_recompute=ws_rec,
             busy=busy, busy_recompute=busy_rec,

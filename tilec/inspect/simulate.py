@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tilec.cost.compute import (copy_seconds, layer_seconds, share_seconds, unit_seconds, update_seconds,
-                                zero_seconds)
+from tilec.cost.compute import (RECOMPUTE_EXTRA, copy_seconds, layer_seconds, share_seconds, unit_seconds,
+                                update_seconds, zero_seconds)
 from tilec_runtime.footprint import param_count
 from tilec.cost.traffic import bn_bytes, param_shape_table
 from tilec.errors import TilecError
@@ -113,7 +113,7 @@ class OpPricer:
             return self.channel_op(rank, op)
         if kind == "recompute":
             secs = sum(sec for unit in self.tile_units(op["group"], rank) for name, sec in unit.items()
-                       if name in FORWARD)
+                       if name in FORWARD or name == RECOMPUTE_EXTRA)
             return secs, "forward", f"group {op['group']} recompute"
         secs = self.tile_units(op["group"], rank)[op["unit"]][kind]
         if kind == "conv_fwd" and "rows" in op:
