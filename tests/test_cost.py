@@ -375,9 +375,15 @@ def test_what_a_tail_holds_at_once_kept_or_freed_as_it_goes():
     all phases and the largest temporary; let go after each backward, the most over the groups of the
     activations up to it, its gradients and its temporaries."""
     from tilec_runtime.footprint import tail_peak
+    from tilec_runtime.footprint import tail_early, tiles_and_tail
     parts = [(10, 4, 3), (20, 5, 2), (6, 0, 9)]
     assert tail_peak(parts) == (36 + 9, max(10 + 3, 6 + 20 + 2, 6 + 15 + 6 + 9))
     assert tail_peak([]) == (0, 0)
+    # inputs from the tiles (a fourth entry) land beside the scratch before it goes: 40 + 7 against 36
+    early = [(10, 4, 3, 7), (20, 5, 2, 0), (6, 0, 9, 0)]
+    assert tail_peak(early) == tail_peak(parts) and tail_early(early) == 7
+    assert tiles_and_tail(40 << 20, tail_peak([(p << 20, g << 20, w << 20) for p, g, w in parts]), 7 << 20) \
+        == max(47, 36) << 20
 
 
 def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
@@ -415,11 +421,14 @@ def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
         # once, before its first tail group; each of its tail groups lets go after its backward
         assert ops.count("scratch_release") == 1 and ops.index("scratch_release") < ops.index("grad_zero")
         assert ops.count("tail_free") == sum(d in t.devices for t in tail)
-        scratch, (_, held, freed) = memory.tile_bytes(released, d)[1], memory.tail_bytes(released, d)
+        scratch, (_, held, freed, early) = memory.tile_bytes(released, d)[1], memory.tail_bytes(released, d)
         # (letting go after each group's backward, the tail holds less at once than all of it)
         assert min(scratch, freed) > 16 << 20 and freed < held
+        # the first tail group's input, layer 17's output, lands from the tiles before the scratch goes, and
+        # on rank 1 the route 25's, layer 16's
+        assert early == 2 * 512 * 19 * 19 * 4 + (2 * 512 * 38 * 38 * 4 if d == 1 else 0)
         was, now = plan_memory(apart, d), plan_memory(released, d)
-        assert was["transient"] == scratch + held and now["transient"] == max(scratch, freed)
+        assert was["transient"] == scratch + held and now["transient"] == max(scratch + early, freed)
         assert {k: v for k, v in was.items() if k != "transient"} == {k: v for k, v in now.items() if k != "transient"}
         saved = was["transient"] - now["transient"]
         assert apart_pred.memory[d] - released_pred.memory[d] == saved

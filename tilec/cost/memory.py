@@ -64,12 +64,12 @@ def plan_memory(plan, rank, profile=None):
     messages = staging_layout(plan, rank)[1]
     # its pieces of the image: this step's and those the launcher streams ahead
     inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item)
-    kept, held, freed = tail_bytes(plan, rank)
+    kept, held, freed, early = tail_bytes(plan, rank)
     released = any(op["op"] == "scratch_release" for op in plan["schedule"][rank])
     overhead = profile.process_overhead_bytes if profile is not None else 0
     return {"overhead": int(overhead), "state": int(state), "arenas": int(arenas), "messages": int(messages),
             "inputs": int(inputs), "tail": int(kept),
-            "transient": int(transient(scratch, freed if released else held, released))}
+            "transient": int(transient(scratch, freed if released else held, released, early))}
 
 
 def plan_peaks(plan, cluster):

@@ -33,7 +33,8 @@ from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
 from tilec.cost.compute import RECOMPUTE_EXTRA, layer_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
-from tilec_runtime.footprint import image_bytes, param_count, state_bytes, tail_peak, tile_own_bytes, tiles_and_tail
+from tilec_runtime.footprint import (early_bytes, image_bytes, param_count, state_bytes, tail_early, tail_peak,
+                                     tile_own_bytes, tiles_and_tail)
 from tilec_runtime.lower import scratch_bytes, tile_memory, units
 from tilec_runtime.program import param_shapes
 
@@ -378,6 +379,7 @@ class CostModel:
         parts = [[] for _ in range(n)]  # per device, its tail groups' (phase, grads, workspace) in order
         group_s, tail = [], []
         prev = None
+        cut = next((g.first for g, _ in choices if g.is_tail), len(self.program))  # where the tiles end
         for g, rec in choices:
             if g.is_tail:
                 entry, stage = self.tail_transition(prev, g)
@@ -393,14 +395,15 @@ class CostModel:
                 state[d] += g.state[d]
                 kept[d] += (g.kept_recompute if rec else g.kept)[d]
                 if g.is_tail:
-                    parts[d].append((g.phase.get(d, 0), g.grads.get(d, 0), g.workspace[d]))
+                    parts[d].append((g.phase.get(d, 0), g.grads.get(d, 0), g.workspace[d],
+                                     early_bytes(g.reads.get(d, {}), cut)))
                 else:
                     ws[d] = max(ws[d], (g.workspace_recompute if rec else g.workspace)[d])
             prev = g
         # the tiles' scratch and what the tail holds while it runs: one at a time where the device gives the
         # scratch back (``tilec.plan.build.releasing``), else both
         breakdown = [{"overhead": dev.profile.process_overhead_bytes, "state": s, "kept": k,
-                      "workspace": tiles_and_tail(w, tail_peak(p))}
+                      "workspace": tiles_and_tail(w, tail_peak(p), tail_early(p))}
                      for dev, s, k, w, p in zip(self.devices, state, kept, ws, parts)]
         memory = [sum(p.values()) for p in breakdown]
         tail_s = sum(t["seconds"] for t in tail)

@@ -72,6 +72,7 @@ class TailArc:
     recompute_seconds: float = 0.0
     phase: dict = field(default_factory=dict)  # held from its forward to the end of its backward (``tail_member_bytes``)
     grads: dict = field(default_factory=dict)  # the part of ``phase`` that its backward makes (output gradients)
+    reads: dict = field(default_factory=dict)  # device -> {tensor: bytes} of its inputs (part of ``phase``)
 
     @property
     def members(self):
@@ -305,12 +306,12 @@ class TailPricer:
                 collective += max(reduce, max(weights))
             else:
                 compute += max(t[1] for t in times)
-        state, kept, phase, grads, work = {}, {}, {}, {}, {}
+        state, kept, phase, grads, work, reads = {}, {}, {}, {}, {}, {}
         update = 0.0
         for m, d in enumerate(devices):
             part = tail_member_bytes(program, first, last, mode, k, m, b, item)
             state[d], kept[d], phase[d], work[d] = part["state"], part["kept"], part["phase"], part["workspace"]
-            grads[d] = part["grads"]
+            grads[d], reads[d] = part["grads"], part["reads"]
             dev = self.devices[d]
             update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
         # what a later layer other than the next reads (a route) goes to where it runs, priced here as if
@@ -336,4 +337,4 @@ class TailPricer:
         need = Holding("one" if mode == "one" else "whole", devices)
         seconds = compute + collective + update + to_rank0
         return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,
-                       self.holding_of(first, last, mode, devices, last), phase=phase, grads=grads)
+                       self.holding_of(first, last, mode, devices, last), phase=phase, grads=grads, reads=reads)

@@ -29,7 +29,7 @@ only the beam's breadth.)
 import heapq
 import time
 
-from tilec_runtime.footprint import tail_peak, tiles_and_tail
+from tilec_runtime.footprint import early_bytes, tail_early, tail_peak, tiles_and_tail
 
 # attempts, cheapest first: (partial paths kept per node by score, per device those that leave it
 # emptiest, weight of memory against seconds). Measured on YOLOv2 (batch 4 on 2-6 Pi 3s, batch 8 on 4-6):
@@ -177,15 +177,17 @@ class Beam:
         g, members = self.cands.groups[gi], self.members[gi]
         if g.is_tail:  # each device's tail groups so far, as ``tilec_runtime.footprint.tail_peak`` reads them
             parts = list(p.work.get("parts") or [()] * self.n)
+            cut = p.work.get("cut", g.first)  # where the tiles end: the first tail group's first layer
             for d in members:
-                parts[d] += ((g.phase.get(d, 0), g.grads.get(d, 0), g.workspace[d]),)
+                parts[d] += ((g.phase.get(d, 0), g.grads.get(d, 0), g.workspace[d],
+                              early_bytes(g.reads.get(d, {}), cut)),)
         scratch = p.work.get("tiles") or [0] * self.n
         for rec in ((True,) if gi in forced else (False, True) if recompute else (False,)):
             kept = g.kept_recompute if rec else g.kept
             if rec and all(kept[d] >= g.kept[d] for d in members):
                 continue  # recomputing saves nothing here
             if g.is_tail:
-                work = {**p.work, "parts": parts}
+                work = {**p.work, "parts": parts, "cut": cut}
             else:
                 ws, new = g.workspace_recompute if rec else g.workspace, list(scratch)
                 for d in members:
@@ -202,8 +204,8 @@ def _transient(work, d):
     """Device ``d``'s bytes of the tiles' scratch and of what the tail holds
     while it runs (``tilec_runtime.footprint.tiles_and_tail``), from a
     partial path's scratch maximum and tail groups (``_Partial.work``)."""
-    return tiles_and_tail(work["tiles"][d] if "tiles" in work else 0,
-                          tail_peak(work["parts"][d] if "parts" in work else ()))
+    parts = work["parts"][d] if "parts" in work else ()
+    return tiles_and_tail(work["tiles"][d] if "tiles" in work else 0, tail_peak(parts), tail_early(parts))
 
 
 def beam_fit(cands, recompute=True, deadline=None, attempts=ATTEMPTS, reference=None, wide=WIDE_ATTEMPTS):

@@ -36,7 +36,13 @@ Constraints:
   the larger of them, else both (``tilec_runtime.footprint.transient``);
   the boolean asks for a chosen tile group with that much workspace and
   for that much of the tail's activations alone (its temporaries aside),
-  so the count is never below the cost model's. The tail's part is then
+  so the count is never below the cost model's but for one part: the
+  tail's inputs that the tiles hand on before the scratch is given back
+  (``tilec_runtime.footprint.early_bytes``) depend on where the tiles end,
+  which no group knows alone; a term for them cost seconds of the time
+  limit on YOLOv2's candidates, so the plan's own count, which has them,
+  is checked after (``tilec.compile``: a plan that does not fit is asked
+  for again with that much less memory). The tail's part is then
   what its groups hold at once as each lets go after its backward
   (``_freed``), else all of it.
 
