@@ -228,13 +228,13 @@ class TileStep:
             u.mean.fill(0.0)
             u.m2.fill(0.0)
             u.open = True
-        if u.bands:  # the statistics alone, band by band (at least a GEMM band of rows each)
+        if u.bands:  # the statistics alone, band by band (each conv at least a GEMM band of rows, counting ``rows``)
             ra, rb = rows if rows is not None else (0, s["out"][0])
             for z0, z1, _, _ in u.bands:
                 a, e = max(z0, ra), min(z1, rb)
                 if a < e:
                     c1 = min(s["out"][0], max(e, a + s["band"]))
-                    self._band_conv(u, params, min(a, c1 - s["band"]) if c1 - a < s["band"] else a, c1, (a, e))
+                    self._band_conv(u, params, min(a, c1 - s["band"]), c1, (a, e))
             return
         self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"], u.owned, u.n, u.mean,
                             u.m2, rows=rows)
