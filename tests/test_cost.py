@@ -415,6 +415,7 @@ def test_a_device_holds_its_scratch_or_its_tail_not_both(monkeypatch):
     from tilec.inspect.plan_report import plan_summary
     assert "scratch given back while the tail runs" in plan_summary(released)
     assert "scratch given back" not in plan_summary(apart)
+    assert "streamed" not in plan_summary(released)  # (nothing recomputes here)
     for d in range(2):
         assert [op["op"] for op in apart["schedule"][d]].count("scratch_release") == 0
         ops = [op["op"] for op in released["schedule"][d]]

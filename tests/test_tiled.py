@@ -334,6 +334,9 @@ def test_streamed_convs_train_the_same(monkeypatch, bn):
     plan = build_plan(program, [GroupChoice(c.first, c.last, c.row_splits, c.col_splits, c.devices, c.recompute)
                                 for c in choices], model="random", batch=2, dtype="float64",
                       devices=["d0", "d1", "d2"], optimizer=OPT)
+    from tilec.inspect.plan_report import plan_summary
+    assert "streamed convs (their output a band of rows at a time): layers 0, 2" in plan_summary(plan)
+    assert "group 0: layers 0-3" in plan_summary(plan) and "recomputed" in plan_summary(plan)
     for rank in (0, 2):
         spec = lower.lower_rank(plan, rank)[0]
         for j, op in enumerate(spec["ops"][:2]):

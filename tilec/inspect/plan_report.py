@@ -44,7 +44,8 @@ def plan_summary(plan, baseline=None):
         if group["kind"] == "tiled":
             grid = f"{len(group['row_splits']) - 1}x{len(group['col_splits']) - 1}"
             lines.append(f"  group {g}: layers {first}-{last}  grid {grid}  rows {group['row_splits']}  "
-                         f"cols {group['col_splits']}  devices {[t['device'] for t in group['tiles']]}")
+                         f"cols {group['col_splits']}  devices {[t['device'] for t in group['tiles']]}"
+                         f"{'  recomputed' if group.get('recompute') else ''}")
         elif group["mode"] == "channels":
             lines.append(f"  group {g}: layers {first}-{last}  split by channels over devices "
                          f"{members_of(group)}")
@@ -56,12 +57,24 @@ def plan_summary(plan, baseline=None):
         ratio = f"{mem[d] / baseline:.2f}x" if baseline else "-"
         lines.append(f"  {dev['name']:<10}{mem[d] / 1e6:>16.2f}{ratio:>13}{(msgs[d] + coll[d]) / 1e6:>14.2f}"
                      f"{msgs[d] / 1e6:>9.2f}{coll[d] / 1e6:>15.2f}")
+    streamed = streamed_layers(plan)
+    if streamed:
+        lines.append(f"  streamed convs (their output a band of rows at a time): layers "
+                     f"{', '.join(map(str, streamed))}")
     released = [dev["name"] for dev, ops in zip(plan["devices"], plan["schedule"])
                 if any(op["op"] == "scratch_release" for op in ops)]
     if released:
         lines.append(f"  scratch given back while the tail runs (its peak: the larger of the two): "
                      f"{', '.join(released)}")
     return "\n".join(lines)
+
+
+def streamed_layers(plan):
+    """Conv layers some tile computes a band of rows at a time
+    (``tilec_runtime.lower.streams``), from every rank's lowered tiles."""
+    from tilec_runtime.lower import lower_rank
+    return sorted({op["layer"] for r in range(len(plan["devices"])) for spec in lower_rank(plan, r).values()
+                   for op in spec["ops"] if op.get("stream")})
 
 
 def _rect(rows, cols):
