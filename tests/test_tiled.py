@@ -137,16 +137,18 @@ def well_conditioned_case(case, steps=3, seed=7):
     return well_conditioned(program, params, buffers, data.generated_batches(program, batch, seed, "float64"), steps)
 
 
-def run_case(program, choices, n_dev, batch, recompute=(), *, dtype, steps=3, seed=7):
+def run_case(program, choices, n_dev, batch, recompute=(), *, dtype, steps=3, seed=7, threads=None):
     """Train with the plan and on one device; ``recompute[g]`` makes group g
-    keep only its input and recompute its activations in backward."""
+    keep only its input and recompute its activations in backward
+    (``threads``: each device's kernel threads)."""
     params, buffers = weights.init_params(program, seed, dtype)
     batches = data.generated_batches(program, batch, seed, dtype)
     choices = [GroupChoice(c.first, c.last, c.row_splits, c.col_splits, c.devices, bool(flag))
                for c, flag in zip(choices, list(recompute) + [False] * len(choices))]
     plan = build_plan(program, choices, model="random", batch=batch, dtype=dtype,
                       devices=[f"d{i}" for i in range(n_dev)], optimizer=OPT)
-    losses, p, b, _ = inprocess.train(plan, params, buffers, batches, steps, module(dtype), timeout=30)
+    losses, p, b, _ = inprocess.train(plan, params, buffers, batches, steps, module(dtype), timeout=30,
+                                      threads=threads)
     return (losses, p, b), one_device(program, params, buffers, batches, steps)
 
 
@@ -320,16 +322,17 @@ def pooled_stack(bn=True, h=81, w=256):
     return b.build()
 
 
-@pytest.mark.parametrize("bn", [True, False])
-def test_streamed_convs_train_the_same(monkeypatch, bn):
+@pytest.mark.parametrize("bn, threads", [(True, 1), (False, 1), (True, 2)])
+def test_streamed_convs_train_the_same(monkeypatch, bn, threads):
     """A recomputing group's pooled convs, streamed a band of rows at a time
     (their outputs never whole: ``lower.streams``; the second with an input
     gradient, its bands' rows overlapping), train as one device does, on
-    uneven tiles; a streamed conv's buffer holds one band, not its map."""
+    uneven tiles, on one thread and on two; a streamed conv's buffer holds
+    one band, not its map."""
     monkeypatch.setattr(lower, "STREAM_ELEMENTS", 1)  # bands of a GEMM band: many of them on a small map
     program = pooled_stack(bn)
     choices = [GroupChoice(0, 3, [0, 8, 21], [0, 64], [2, 0], True), GroupChoice(4, 4, [0, 21], [0, 29, 64], [1, 2])]
-    got, want = run_case(program, choices, 3, 2, dtype="float64")
+    got, want = run_case(program, choices, 3, 2, dtype="float64", threads=threads)
     assert_same(got, want, 1e-10, FLOOR)
     plan = build_plan(program, [GroupChoice(c.first, c.last, c.row_splits, c.col_splits, c.devices, c.recompute)
                                 for c in choices], model="random", batch=2, dtype="float64",
