@@ -114,11 +114,17 @@ class _InProcessComm(Comm):
         return Sent(done)
 
     def _recv(self, src, tag):
-        box = self.hub._boxes[self.rank][(src, tag)]
         with self.hub._cond:
+            # the mailbox made under the lock too: made by two threads at once (a collection
+            # inside defaultdict's insert can let another thread run), one of the two deques would
+            # be dropped with what was sent to it (the likely cause of a test's hang, seen once)
+            boxes = self.hub._boxes[self.rank]
+            box = boxes[(src, tag)]
             ok = self.hub._cond.wait_for(lambda: box or self.hub.failed is not None, timeout=self.timeout)
             if box:
                 array, done = box.popleft()
+                if not box:  # (every step's tags are new: emptied ones would pile up)
+                    del boxes[(src, tag)]
                 copy = array.copy()
                 done.set()
                 return copy

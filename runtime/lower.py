@@ -139,11 +139,20 @@ def tile_memory(program, first, last, outside, sizes, in_size, batch, threads):
     spec = {"batch": batch, "threads": threads, "input": [program[first]["in_shape"][0], *in_size],
             "input_grad": first > 0, "ops": ops,
             "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside)}
+    # a streamed conv's bands start where its pool's windows do: the top tile's (the pool's top
+    # padding) or another's (none); both priced, the larger kept
+    tops = sorted({0, *(program[op["pool"]["layer"]]["padding"] // 2 for op in ops
+                        if op["kind"] == "conv" and op["pool"])})
     out = {}
     for recompute in (False, True):
-        plan = dict(spec)
-        _plan_memory(plan, recompute, check=False)
-        out[recompute] = {k: plan[k] for k in ("arena", "arg_arena", "scratch", "scratch_args", "workspace", "input")}
+        sizes_at = []
+        for top in tops:
+            plan = {**spec, "ops": [dict(op, pool=dict(op["pool"], pads=[top, 0, 0, 0]))
+                                    if op["kind"] == "conv" and op["pool"] else dict(op) for op in ops]}
+            _plan_memory(plan, recompute, check=False)
+            sizes_at.append(plan)
+        out[recompute] = {k: max(plan[k] for plan in sizes_at)
+                          for k in ("arena", "arg_arena", "scratch", "scratch_args", "workspace", "input")}
     return out
 
 
@@ -216,7 +225,12 @@ def stream_bands(op, batch):
         p1 = min(pho, p0 + per)
         z0 = 0 if p0 == 0 else r0 + p0 * s - pool["pads"][0]
         z1 = ho if p1 == pho else r0 + p1 * s - pool["pads"][0]
-        bands.append([z0, z1, p0, p1])
+        if bands and bands[-1][1] - bands[-1][0] < op["band"]:
+            # a band shorter than the GEMM band (the first, where the pool pads the top) runs on
+            # whole images in the kernels, which cannot make its gradient again: joined to the next
+            bands[-1][1], bands[-1][3] = z1, p1
+        else:
+            bands.append([z0, z1, p0, p1])
     if len(bands) > 1 and bands[-1][1] - bands[-1][0] < op["band"]:
         last = bands.pop()
         bands[-1][1], bands[-1][3] = last[1], last[3]

@@ -465,8 +465,8 @@ class Mailbox:
     def get(self, key, timeout):
         """The next array filed under ``key``; raises ``Lost`` on a fault and
         TimeoutError after ``timeout`` seconds."""
-        box = self.boxes[key]
         with self.cond:
+            box = self.boxes[key]  # (made under the lock: see ``comm._InProcessComm._recv``)
             if not self.cond.wait_for(lambda: box or self.fault is not None or self._stopped(key), timeout=timeout):
                 raise TimeoutError(key)
             if box:

@@ -308,13 +308,15 @@ def test_a_failed_device_stops_the_others():
         inprocess.run_ranks(devices, hub, data.generated_batches(program, 2, 1, "float64"), 0, 1)
 
 
-def pooled_stack(bn=True, h=81, w=256):
-    """A pooled first layer (2 x 2 windows, an odd map: the last window
-    padded), then a pooled conv reading its output with a gradient; wide
-    enough for GEMM bands of a few rows (``kernel_set.band_rows``)."""
+def pooled_stack(bn=True, h=81, w=256, pool=2):
+    """A pooled first layer (``pool`` x ``pool`` windows, stride ``pool``:
+    2 on an odd map, the last window padded; 3, darknet's padding also
+    before the first row), then a pooled conv reading its output with a
+    gradient; wide enough for GEMM bands of a few rows
+    (``kernel_set.band_rows``)."""
     b = ProgramBuilder(2, h, w)
     b.conv(4, 3, 1, "same", bn=bn, act="leaky")
-    b.maxpool(2, 2)
+    b.maxpool(pool, pool)
     b.conv(3, 3, 1, 1, bn=True, act="relu")
     b.maxpool(2, 2)
     b.conv(2, 1, 1, 0, bn=False)
@@ -322,20 +324,34 @@ def pooled_stack(bn=True, h=81, w=256):
     return b.build()
 
 
-@pytest.mark.parametrize("bn, threads", [(True, 1), (False, 1), (True, 2)])
-def test_streamed_convs_train_the_same(monkeypatch, bn, threads):
+@pytest.mark.parametrize("bn, threads, pool", [(True, 1, 2), (False, 1, 2), (True, 2, 2), (True, 1, 3), (False, 2, 3)])
+def test_streamed_convs_train_the_same(monkeypatch, bn, threads, pool):
     """A recomputing group's pooled convs, streamed a band of rows at a time
     (their outputs never whole: ``lower.streams``; the second with an input
     gradient, its bands' rows overlapping), train as one device does, on
-    uneven tiles, on one thread and on two; a streamed conv's buffer holds
-    one band, not its map."""
+    uneven tiles, on one thread and on two, with the first pool padding its
+    top or not (a first band shorter than a GEMM band is joined to the
+    next: the kernels make gradients again on bands of rows only); a
+    streamed conv's buffer holds one band, not its map."""
     monkeypatch.setattr(lower, "STREAM_ELEMENTS", 1)  # bands of a GEMM band: many of them on a small map
-    program = pooled_stack(bn)
-    choices = [GroupChoice(0, 3, [0, 8, 21], [0, 64], [2, 0], True), GroupChoice(4, 4, [0, 21], [0, 29, 64], [1, 2])]
-    got, want = run_case(program, choices, 3, 2, dtype="float64", threads=threads)
+    bands = []
+    band_conv = fused.TileStep._band_conv
+
+    def spy(self, u, params, z0, z1, stats=None):
+        bands.append((z1 - z0, u.spec["band"]))
+        return band_conv(self, u, params, z0, z1, stats)
+    monkeypatch.setattr(fused.TileStep, "_band_conv", spy)
+    # 3 x 3 windows: a first band of a pool row (two conv rows, the padding one) is short of a GEMM band
+    program = pooled_stack(bn, pool=pool, **({} if pool == 2 else {"h": 120, "w": 340}))
+    h3, w3 = program[3]["out_shape"][1:]
+    h4, w4 = program[4]["out_shape"][1:]
+    choices = [GroupChoice(0, 3, [0, h3 * 2 // 5, h3], [0, w3], [2, 0], True),
+               GroupChoice(4, 4, [0, h4], [0, w4 * 4 // 9, w4], [1, 2])]
+    got, want = run_case(program, choices, 3, 2, [True, False], dtype="float64", threads=threads)
     assert_same(got, want, 1e-10, FLOOR)
-    plan = build_plan(program, [GroupChoice(c.first, c.last, c.row_splits, c.col_splits, c.devices, c.recompute)
-                                for c in choices], model="random", batch=2, dtype="float64",
+    # streamed: bands, each at least a GEMM band of rows
+    assert len(bands) > 20 and all(rows >= gemm for rows, gemm in bands)
+    plan = build_plan(program, choices, model="random", batch=2, dtype="float64",
                       devices=["d0", "d1", "d2"], optimizer=OPT)
     from tilec.inspect.plan_report import plan_summary
     assert "streamed convs (their output a band of rows at a time): layers 0, 2" in plan_summary(plan)
@@ -344,9 +360,37 @@ def test_streamed_convs_train_the_same(monkeypatch, bn, threads):
         spec = lower.lower_rank(plan, rank)[0]
         for j, op in enumerate(spec["ops"][:2]):
             assert len(op["stream"]) >= 2 and op["regen"] and f"da{j}" not in spec["scratch_buffers"]
+            assert all(z1 - z0 >= op["band"] for z0, z1, _, _ in op["stream"])
             band = max(z1 - z0 for z0, z1, _, _ in op["stream"])
             assert spec["scratch_buffers"][f"z{j}"][1] == 2 * op["filters"] * band * op["out"][1] < \
                 2 * op["filters"] * op["out"][0] * op["out"][1]
+
+
+@pytest.mark.parametrize("pool", [2, 3])
+def test_planner_memory_of_streamed_tiles_covers_the_lowered(monkeypatch, pool):
+    """The planner's memory of a recomputing tile (``lower.tile_memory``,
+    from sizes alone) is at least what ``lower_tile`` plans from the tile's
+    geometry, for the top tile, whose pool pads its first rows (its
+    streamed bands start a row earlier), and for the others; without that
+    padding, exactly that."""
+    monkeypatch.setattr(lower, "STREAM_ELEMENTS", 1)
+    program = pooled_stack(True, pool=pool, **({} if pool == 2 else {"h": 120, "w": 340}))
+    h3, w3 = program[3]["out_shape"][1:]
+    plan = build_plan(program, [GroupChoice(0, 3, [0, h3 * 2 // 5, h3], [0, w3], [0, 1], True),
+                                GroupChoice(4, 4, [0, program[4]["out_shape"][1]], [0, program[4]["out_shape"][2]], [0])],
+                      model="random", batch=2, dtype="float64", devices=["d0", "d1"], optimizer=OPT)
+    outside = lower.outside_tensors(plan)
+    for rank in (0, 1):
+        tile = next(t for t in plan["groups"][0]["tiles"] if t["device"] == rank)
+        spec = lower.lower_rank(plan, rank)[0]
+        assert any(op.get("stream") for op in spec["ops"])
+        sizes = {tl["layer"]: tuple(r[1] - r[0] + 1 for r in tl["region"]) for tl in tile["layers"]}
+        in_size = tuple(r[1] - r[0] + 1 for r in tile["input"])
+        planned = lower.tile_memory(program, 0, 3, outside, sizes, in_size, 2, 1)[True]
+        for key in ("arena", "arg_arena", "scratch", "scratch_args", "workspace"):
+            assert planned[key] >= spec[key], (rank, key)
+            if pool == 2:  # no padding before the first row: the same bands, the same plan
+                assert planned[key] == spec[key], (rank, key)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
