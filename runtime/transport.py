@@ -621,6 +621,9 @@ class Link:
                     return
                 elif self.on_frame is None or not self.on_frame(self, frame):
                     self.mailbox.put((self.peer, frame.kind, frame.step, frame.tensor), frame.array)
+                # not held while the next read blocks: the frame's array would outlive its use by the
+                # step, to the next frame on this link (a batch of images: the next step's)
+                del frame
         except ConnectionClosed as exc:
             if not (self.closing or self.peer in self.mailbox.left):
                 self.mailbox.fail(self.peer, str(exc))
