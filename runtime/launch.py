@@ -303,15 +303,20 @@ def pin_cores(procs):
     worker computes on, and every message, so every batch-norm barrier,
     waits for it (measured, tiny416 at batch 1 on two single-core workers:
     steps 8-10% shorter pinned, waits 17% of a step down to 8-12%). The
-    threads a worker starts later inherit its cores. Where the system has
-    no affinity call, or refuses it, nothing changes."""
+    threads a worker starts later inherit its cores. More workers than
+    cores are left to the scheduler (pinned, two sharing a core would run at
+    half speed while another ran alone, and every step would wait for
+    them); so is everything where the system has no affinity call, or
+    refuses it."""
     if len(procs) < 2 or not hasattr(os, "sched_setaffinity"):
         return
     cores = sorted(os.sched_getaffinity(0))
-    share = max(1, len(cores) // len(procs))
+    share = len(cores) // len(procs)
+    if share < 1:
+        return
     for r, proc in enumerate(procs):
         try:
-            os.sched_setaffinity(proc.pid, {cores[(r * share + i) % len(cores)] for i in range(share)})
+            os.sched_setaffinity(proc.pid, set(cores[r * share:(r + 1) * share]))
         except OSError:
             return
 
