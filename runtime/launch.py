@@ -291,9 +291,17 @@ def _json(array, who):
 # -- the local backend ---------------------------------------------------------------
 
 
+def usable_cores():
+    """The cores this process may run on (a container or ``taskset`` may
+    allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def local_threads(n):
-    """Kernel threads of each of ``n`` local workers: this machine's cores shared out."""
-    return max(1, (os.cpu_count() or 1) // n)
+    """Kernel threads of each of ``n`` local workers: this machine's usable cores shared out."""
+    return max(1, len(usable_cores()) // n)
 
 
 def pin_cores(procs):
@@ -310,7 +318,7 @@ def pin_cores(procs):
     refuses it."""
     if len(procs) < 2 or not hasattr(os, "sched_setaffinity"):
         return
-    cores = sorted(os.sched_getaffinity(0))
+    cores = usable_cores()
     share = len(cores) // len(procs)
     if share < 1:
         return

@@ -301,7 +301,8 @@ def make_backend(plan, kind, params, buffers, momentum, out, *, threads=None, ti
     if kind == "inprocess":
         from tilec.codegen import build_modules
         (module, _, _), = build_modules([(plan["dtype"],)], progress=lambda msg: out.write(msg + "\n"))
-        threads = threads or max(1, (os.cpu_count() or 1) // n)
+        from tilec_runtime.launch import local_threads
+        threads = threads or local_threads(n)
         out.write(f"training on {n} device(s) as threads of this process, {threads} kernel thread(s) each\n")
         return backends.ThreadsBackend(plan, module, params, buffers, momentum, threads, timeout, trace)
     kernel_source = _kernel_source(plan["dtype"], out)
