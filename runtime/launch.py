@@ -322,11 +322,15 @@ def pin_cores(procs):
     share = len(cores) // len(procs)
     if share < 1:
         return
-    for r, proc in enumerate(procs):
-        try:
+    try:
+        for r, proc in enumerate(procs):
             os.sched_setaffinity(proc.pid, set(cores[r * share:(r + 1) * share]))
-        except OSError:
-            return
+    except OSError:  # all or none: one left free would compute on the others' cores
+        for proc in procs:
+            try:
+                os.sched_setaffinity(proc.pid, set(cores))
+            except OSError:
+                pass
 
 
 class LocalWorkers:

@@ -139,16 +139,19 @@ def tile_memory(program, first, last, outside, sizes, in_size, batch, threads):
     spec = {"batch": batch, "threads": threads, "input": [program[first]["in_shape"][0], *in_size],
             "input_grad": first > 0, "ops": ops,
             "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside)}
-    # a streamed conv's bands start where its pool's windows do: the top tile's (the pool's top
-    # padding) or another's (none); both priced, the larger kept
-    tops = sorted({0, *(program[op["pool"]["layer"]]["padding"] // 2 for op in ops
-                        if op["kind"] == "conv" and op["pool"])})
+    # a streamed conv's bands start where its pool's windows do: on the top tile each pool pads its
+    # top (by its own padding), on the others none; both layouts priced, the larger kept
+    def padded(op, top):
+        if op["kind"] != "conv" or not op["pool"]:
+            return dict(op)
+        pad = program[op["pool"]["layer"]]["padding"] // 2 if top else 0
+        return dict(op, pool=dict(op["pool"], pads=[pad, 0, 0, 0]))
+    tops = (False, True) if any(padded(op, True) != padded(op, False) for op in ops) else (False,)
     out = {}
     for recompute in (False, True):
         sizes_at = []
         for top in tops:
-            plan = {**spec, "ops": [dict(op, pool=dict(op["pool"], pads=[top, 0, 0, 0]))
-                                    if op["kind"] == "conv" and op["pool"] else dict(op) for op in ops]}
+            plan = {**spec, "ops": [padded(op, top) for op in ops]}
             _plan_memory(plan, recompute, check=False)
             sizes_at.append(plan)
         out[recompute] = {k: max(plan[k] for plan in sizes_at)

@@ -236,6 +236,7 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one(tmp_path, monkeypa
         checkpoint.load(tmp_path, other)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this system")
 @pytest.mark.parametrize("n", [2, 3])
 def test_local_workers_get_their_own_share_of_the_cores(tmp_path, n):
     """Local workers stand for devices: each on its own cores
