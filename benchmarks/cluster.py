@@ -30,7 +30,10 @@ processes hits them alike; tables give the median over all measured steps
 (the first step of every job is a warm-up and is dropped) and the minimum.
 The machine's usable parallelism (two single-threaded matmul loops side by
 side / one alone; 2.00 = two free cores) is measured in the same run: read
-the 2-vs-1 speedups against it. Next to each run, the simulator's
+the 2-vs-1 speedups against it; so is that of two loops streaming through
+memory, which two workers on one machine share where two devices would
+not (the memory-bound layers: a 3-channel conv's output, the epilogues,
+the pools). Next to each run, the simulator's
 prediction for its plan (``tilec simulate``) and its error.
 
     python benchmarks/cluster.py [--rounds 3] [--steps 5] [--only tiny416,...] [--json cluster.json]
@@ -64,10 +67,24 @@ while time.perf_counter() - t0 < {seconds}:
 print(n / (time.perf_counter() - t0))
 """
 
+# streaming, as the memory-bound layers are (a 3-channel conv's output, the epilogues, the pools): two
+# workers on one machine share its memory bandwidth, which two devices do not
+BANDWIDTH = """
+import time, numpy as np
+a, b = np.ones(16 << 20, np.float32), np.ones(16 << 20, np.float32)
+c = np.empty_like(a)
+t0, n = time.perf_counter(), 0
+while time.perf_counter() - t0 < {seconds}:
+    np.add(a, b, out=c)
+    n += 1
+print(n / (time.perf_counter() - t0))
+"""
 
-def parallel_capacity(seconds=2.0):
-    """Throughput of two single-threaded processes side by side / one alone."""
-    code = CAPACITY.format(seconds=seconds)
+
+def parallel_capacity(seconds=2.0, code=CAPACITY):
+    """Throughput of two single-threaded processes side by side / one alone
+    (``code``: a matmul in cache, or ``BANDWIDTH``'s stream through memory)."""
+    code = code.format(seconds=seconds)
     env = dict(os.environ, **ONE_THREAD)
     solo = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout)
     pair = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
@@ -258,13 +275,15 @@ def main():
             runs.setdefault("tiny416 b8 torch DDP 2x4", []).append(got)
             print(f"round {rnd + 1}: torch DDP: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
     capacity_after = parallel_capacity()
+    bandwidth = statistics.median(parallel_capacity(1.0, BANDWIDTH) for _ in range(3))  # (a noisy figure)
     merged = {name: merge(r) for name, r in runs.items()}
     sims = {name: predicted(plan) for name, plan in plans.items()}
 
     print(f"float32, one BLAS thread per process, {args.kernels} kernels; {args.rounds} rounds x "
           f"{args.steps - 1} measured steps")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; usable parallelism "
-          f"{capacity_before:.2f} before, {capacity_after:.2f} after (2.00 = two free cores)")
+          f"{capacity_before:.2f} before, {capacity_after:.2f} after (2.00 = two free cores); for streaming "
+          f"through memory {bandwidth:.2f} (what memory-bound layers of two workers here can gain)")
     print()
     print(f"| {'run':<26} | {'median s':>8} | {'min s':>8} | {'speedup':>8} | {'peak MB/proc':>12} | {'memory':>7} | "
           f"{'wait':>5} | simulated s (err) |")
@@ -277,7 +296,8 @@ def main():
         print("\n(speedup and memory are relative to the same model and batch on 1 dev t1; the DDP row's to "
               "tilec 2 dev t1 at batch 8: >1x speedup = DDP faster, <1x memory = DDP lighter)")
     result = {"dtype": "float32", "kernels": args.kernels, "rounds": args.rounds, "steps": args.steps,
-              "parallel_capacity": [capacity_before, capacity_after], "cpu_count": os.cpu_count(),
+              "parallel_capacity": [capacity_before, capacity_after], "memory_parallelism": bandwidth,
+              "cpu_count": os.cpu_count(),
               "runs": merged, "simulated_s": sims, "plans": {k: v["hash"] for k, v in plans.items()},
               "tails": {k: [(g["layers"], g["mode"], len(g["tiles"])) for g in v["groups"] if g["kind"] == "tail"]
                         for k, v in plans.items()}}
