@@ -140,18 +140,18 @@ def tile_memory(program, first, last, outside, sizes, in_size, batch, threads):
             "input_grad": first > 0, "ops": ops,
             "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside)}
     # a streamed conv's bands start where its pool's windows do: on the top tile each pool pads its
-    # top (by its own padding), on the others none; both layouts priced, the larger kept
-    def padded(op, top):
-        if op["kind"] != "conv" or not op["pool"]:
-            return dict(op)
-        pad = program[op["pool"]["layer"]]["padding"] // 2 if top else 0
-        return dict(op, pool=dict(op["pool"], pads=[pad, 0, 0, 0]))
-    tops = (False, True) if any(padded(op, True) != padded(op, False) for op in ops) else (False,)
+    # top (by its own padding), on the others none (as ``ops`` has it); both layouts priced, the larger kept
+    tops = {j: program[op["pool"]["layer"]]["padding"] // 2 for j, op in enumerate(ops)
+            if op["kind"] == "conv" and op["pool"]}
+    layouts = [ops]
+    if any(tops.values()):
+        layouts.append([dict(op, pool=dict(op["pool"], pads=[tops[j], 0, 0, 0])) if j in tops else op
+                        for j, op in enumerate(ops)])
     out = {}
     for recompute in (False, True):
         sizes_at = []
-        for top in tops:
-            plan = {**spec, "ops": [padded(op, top) for op in ops]}
+        for layout in layouts:
+            plan = {**spec, "ops": [dict(op) for op in layout]}  # (its memory plan marks the ops)
             _plan_memory(plan, recompute, check=False)
             sizes_at.append(plan)
         out[recompute] = {k: max(plan[k] for plan in sizes_at)

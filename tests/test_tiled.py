@@ -308,17 +308,17 @@ def test_a_failed_device_stops_the_others():
         inprocess.run_ranks(devices, hub, data.generated_batches(program, 2, 1, "float64"), 0, 1)
 
 
-def pooled_stack(bn=True, h=81, w=256, pool=2):
-    """A pooled first layer (``pool`` x ``pool`` windows, stride ``pool``:
-    2 on an odd map, the last window padded; 3, darknet's padding also
-    before the first row), then a pooled conv reading its output with a
-    gradient; wide enough for GEMM bands of a few rows
+def pooled_stack(bn=True, h=81, w=256, pools=(2, 2)):
+    """A pooled first layer, then a pooled conv reading its output with a
+    gradient (``pools``: the two pools' windows, stride the same: 2 on an
+    odd map, the last window padded; 3, darknet's padding also before the
+    first row); wide enough for GEMM bands of a few rows
     (``kernel_set.band_rows``)."""
     b = ProgramBuilder(2, h, w)
     b.conv(4, 3, 1, "same", bn=bn, act="leaky")
-    b.maxpool(pool, pool)
+    b.maxpool(pools[0], pools[0])
     b.conv(3, 3, 1, 1, bn=True, act="relu")
-    b.maxpool(2, 2)
+    b.maxpool(pools[1], pools[1])
     b.conv(2, 1, 1, 0, bn=False)
     b.cost()
     return b.build()
@@ -342,7 +342,7 @@ def test_streamed_convs_train_the_same(monkeypatch, bn, threads, pool):
         return band_conv(self, u, params, z0, z1, stats)
     monkeypatch.setattr(fused.TileStep, "_band_conv", spy)
     # 3 x 3 windows: a first band of a pool row (two conv rows, the padding one) is short of a GEMM band
-    program = pooled_stack(bn, pool=pool, **({} if pool == 2 else {"h": 120, "w": 340}))
+    program = pooled_stack(bn, pools=(pool, 2), **({} if pool == 2 else {"h": 120, "w": 340}))
     h3, w3 = program[3]["out_shape"][1:]
     h4, w4 = program[4]["out_shape"][1:]
     choices = [GroupChoice(0, 3, [0, h3 * 2 // 5, h3], [0, w3], [2, 0], True),
@@ -376,14 +376,7 @@ def test_planner_memory_of_streamed_tiles_covers_the_lowered(monkeypatch, pools,
     others; without that padding, exactly that. (The maps are ones where
     pricing without the padding, or with one pool's for both, fell short.)"""
     monkeypatch.setattr(lower, "STREAM_ELEMENTS", 1)
-    b = ProgramBuilder(2, h, w)
-    b.conv(4, 3, 1, "same", bn=True, act="leaky")
-    b.maxpool(pools[0], pools[0])
-    b.conv(3, 3, 1, 1, bn=True, act="relu")
-    b.maxpool(pools[1], pools[1])
-    b.conv(2, 1, 1, 0, bn=False)
-    b.cost()
-    program = b.build()
+    program = pooled_stack(True, h, w, pools)
     h3, w3 = program[3]["out_shape"][1:]
     plan = build_plan(program, [GroupChoice(0, 3, [0, h3 * 2 // 5, h3], [0, w3], [0, 1], True),
                                 GroupChoice(4, 4, [0, program[4]["out_shape"][1]], [0, program[4]["out_shape"][2]], [0])],
