@@ -36,6 +36,22 @@ def band_rows(c, k, ho, wo, batch=1):
     return max(1, min(ho, rows))
 
 
+# Filters a thread takes at least where a conv's threads split its filters
+# (``filter_split``): fewer and each thread's GEMM is too short to run at
+# speed. The generated module is rendered with this value.
+FILTER_SPLIT_MIN = 16
+
+
+def filter_split(rows, wo, band, filters, threads):
+    """Whether a conv's ``threads`` split its filters (forward, weight
+    gradient) and input channels (input gradient) rather than its output
+    rows: a band of its ``rows`` x ``wo`` map has fewer positions than it
+    has filters (the generated kernels' ``filter_split``, which says why;
+    the planner's workspace sizes follow it: one band, no private weight
+    gradients)."""
+    return threads > 1 and filters >= min(band, rows) * wo and filters >= FILTER_SPLIT_MIN * threads
+
+
 class Kernels:
     """The functions of a generated module for one dtype, by short name."""
 

@@ -16,7 +16,7 @@ rank's to predict memory: one memory plan, computed in one place.
 """
 from tilec_runtime import memplan
 from tilec_runtime.errors import ProgramError
-from tilec_runtime.kernel_set import band_rows
+from tilec_runtime.kernel_set import band_rows, filter_split
 
 
 def units(program, first, last, outside):
@@ -245,13 +245,17 @@ def workspace(op, threads, dx):
     kernels' ``workspace_size``): an im2col band per thread, and backward a
     private weight gradient for every thread but the first; a band of
     several images also holds their GEMM output; an op that regenerates its
-    gradient, that gradient's band per thread."""
+    gradient, that gradient's band per thread; one band alone where the
+    threads split the filters (``kernel_set.filter_split``, not with a
+    regenerated gradient)."""
     if op["kind"] != "conv":
         return 0
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
     need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
+    if not op.get("regen") and filter_split(ho, wo, band, f, threads):
+        need = ckk * min(band, ho) * wo
     if band > ho:
         need = max(need, (ckk + f) * band * wo * threads + (threads - 1) * f * ckk)
     return need

@@ -36,8 +36,8 @@ from tilec_runtime.comm import InProcessHub
 from tilec_runtime.executor import RankExecutor
 from tilec_runtime.fused import TileStep
 from tilec_runtime.genops import GeneratedOps
-from tilec_runtime.kernel_set import Kernels, band_rows
-from tilec_runtime.lower import lower_rank
+from tilec_runtime.kernel_set import FILTER_SPLIT_MIN, Kernels, band_rows, filter_split
+from tilec_runtime.lower import lower_rank, workspace
 from tilec_runtime.optim import SGD
 from tilec_runtime.program import param_shapes
 
@@ -205,6 +205,90 @@ def test_conv_backward_without_dw_adds_the_input_gradient_alone(case, images):
     check(dx, before + want_dx, dt, mag_dx + np.abs(before))
     with pytest.raises(ValueError, match="only an input gradient"):
         kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, ws, band, None, None)
+
+
+@st.composite
+def filter_split_case(draw):
+    """A conv whose threads split its filters: a band (of one or all of a
+    small map's rows) of fewer positions than filters, 2 or 3 threads."""
+    k = draw(st.sampled_from((1, 3)))
+    pads = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
+    h = draw(st.integers(max(1, k - pads[0] - pads[1]), 8))
+    w = draw(st.integers(max(1, k - pads[2] - pads[3]), 8))
+    stride = draw(st.integers(1, 2))
+    ho = ops.out_size(h, k, stride, pads[0], pads[1])
+    wo = ops.out_size(w, k, stride, pads[2], pads[3])
+    nt = draw(st.integers(2, 3))
+    band = draw(st.integers(1, ho))
+    least = max(FILTER_SPLIT_MIN * nt, band * wo)
+    return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 5)), h, w),
+                f=draw(st.integers(least, least + 8)), k=k, stride=stride, pads=pads, band=band,
+                offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)), seed=draw(SEEDS), threads=nt)
+
+
+@FAST
+@given(filter_split_case(), st.data())
+def test_threads_that_split_the_filters_compute_what_one_thread_does(case, data_):
+    """Forward (in two calls of some rows each) with its statistics, and
+    backward with the batch-norm finish on an owned rectangle, with and
+    without the weight or the input gradient, the weight gradient set or
+    added to: on threads that split the filters (and the input channels),
+    as the reference has it and as one thread does, in a workspace of one
+    band (no private weight gradients)."""
+    rng, x, w, ho, wo, _ = conv_setup(case)
+    dt, f, nb, nt = case["dtype"], case["f"], x.shape[0], case["threads"]
+    assert module(dt).splits_filters(ho, wo, case["band"], f, nt)
+    size = module(dt).workspace_size(x.shape[1], case["k"], case["band"], ho, wo, True, True, nt, f)
+    assert size == x.shape[1] * case["k"] ** 2 * case["band"] * wo
+    ws = np.empty(size, dt)
+    owned = (ho // 3, ho, 0, max(1, wo // 2))
+    cut = data_.draw(st.integers(0, ho))
+    z = rng.standard_normal((nb, f, ho, wo)).astype(dt)
+    dz = rng.standard_normal((nb, f, ho, wo)).astype(dt)
+    mean, inv, gamma, m1, m2 = (rng.standard_normal(f).astype(dt) for _ in range(5))
+    with_dw, with_dx = data_.draw(st.sampled_from([(True, True), (True, False), (False, True)]))
+    accumulate = data_.draw(st.booleans())
+    got = {}
+    for threads_ in (1, nt):
+        out, n, mu, var = np.empty((nb, f, ho, wo), dt), np.zeros(1), np.zeros(f), np.zeros(f)
+        d, dw, dx = dz.copy(), np.ones(w.shape, dt), np.zeros(x.shape, dt)
+        with threads(dt, threads_):
+            for rows in ((cut, ho), (0, cut)):
+                kern(dt).conv_forward(x, w, case["stride"], case["pads"], out, ws, case["band"], owned, n, mu, var,
+                                      rows=rows)
+            kern(dt).conv_backward(x, w, case["stride"], case["pads"], d, ws, case["band"],
+                                   dw if with_dw else None, dx if with_dx else None,
+                                   (z, mean, inv, gamma, m1, m2) if with_dw else None, owned, accumulate=accumulate)
+        got[threads_] = (out, n, mu, var, d, dw, dx)
+    check(got[nt][0], ops.conv2d_forward(x, w, case["stride"], case["pads"]), dt, abs_conv(x, w, case["stride"],
+                                                                                          case["pads"]))
+    tol = 1e-4 if dt == np.float32 else 1e-11
+    for one, several in zip(got[1], got[nt]):
+        np.testing.assert_allclose(several, one, rtol=tol, atol=tol * (1 + np.abs(one).max()))
+    if not with_dw:  # the input gradient alone, of dz as it is
+        want_dx, _ = ops.conv2d_backward(x, w, case["stride"], case["pads"], dz, weight_grad=False)
+        mag_dx, _ = ops.conv2d_backward(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64),
+                                        case["stride"], case["pads"], np.abs(dz).astype(np.float64))
+        check(got[nt][6], want_dx, dt, mag_dx)
+
+
+def test_the_planner_sizes_a_conv_workspace_as_the_kernels_do():
+    """``lower.workspace`` (the planner's arena) against the module's
+    ``workspace_size`` and ``splits_filters`` (what the kernels check and
+    do), over maps, filters, bands and threads either side of the rule."""
+    kernels = module(np.float32)
+    for c, k, ho, wo, f in [(256, 3, 13, 13, 512), (128, 3, 26, 26, 256), (4, 3, 3, 3, 32), (16, 1, 1, 1, 48),
+                            (1024, 3, 13, 13, 1024), (8, 3, 5, 5, 24), (512, 3, 26, 26, 512)]:
+        for threads_ in (1, 2, 3, 4):
+            for band in (max(1, ho // 2), ho):
+                op = {"kind": "conv", "channels": c, "size": k, "filters": f, "out": [ho, wo], "band": band}
+                assert bool(kernels.splits_filters(ho, wo, band, f, threads_)) == filter_split(ho, wo, band, f,
+                                                                                                 threads_)
+                assert workspace(op, threads_, True) == kernels.workspace_size(c, k, band, ho, wo, True, True,
+                                                                               threads_, f)
+    assert filter_split(13, 13, 13, 512, 2) and not filter_split(26, 26, 26, 256, 2)
+    assert filter_split(13, 13, 8, 1024, 4) and filter_split(13, 13, 6, 512, 2)  # bands of 104 and 78 positions
+    assert not filter_split(13, 13, 13, 512, 1) and not filter_split(3, 3, 3, 16, 2)
 
 
 @FAST

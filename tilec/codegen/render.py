@@ -14,6 +14,7 @@ import jinja2
 
 from tilec.codegen.errors import CodegenError
 from tilec_runtime.build_cache import digest
+from tilec_runtime.kernel_set import FILTER_SPLIT_MIN
 
 TEMPLATES_ENV = "TILEC_TEMPLATES"
 MODULE_TEMPLATE = "module.pyx.j2"
@@ -52,7 +53,7 @@ def render_module(dtypes=DTYPES, families=FAMILIES):
         raise CodegenError(f"no kernels for dtype(s) {unknown or dtypes}; supported: {', '.join(DTYPES)}")
     try:
         source = environment().get_template(MODULE_TEMPLATE).render(
-            dtypes=list(dtypes), families=list(families),
+            dtypes=list(dtypes), families=list(families), filter_split_min=FILTER_SPLIT_MIN,
             source_note="templates: " + ", ".join((MODULE_TEMPLATE,) + tuple(families)))
     except jinja2.TemplateError as exc:
         where = f"{exc.filename}:{exc.lineno}: " if getattr(exc, "lineno", None) else ""
