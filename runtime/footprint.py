@@ -94,10 +94,13 @@ def kept_bytes(layer, positions, batch, itemsize):
     return values * itemsize
 
 
-def workspace_bytes(layer, positions, batch, itemsize):
+def workspace_bytes(layer, positions, batch, itemsize, threads=1):
     """The largest transient of one forward or backward call of a tail layer
     (``tilec_runtime.tailstep``) on ``positions`` output positions (a square
-    of them): a conv's im2col band on one thread (the kernels' own sizes),
+    of them): a conv's workspace on the device's ``threads`` kernel threads
+    (the kernels' own sizes: an im2col band per thread and a private weight
+    gradient per thread but the first, or one band where they split the
+    filters),
     the gradients of its output before and after batch norm and of its
     input (its weight gradient goes straight into the accumulator); a
     connected layer's weight gradient too; a route's nothing (its output,
@@ -116,7 +119,7 @@ def workspace_bytes(layer, positions, batch, itemsize):
         ho = max(1, -(-positions // wo))
         op = {"kind": "conv", "channels": c, "filters": f, "size": k, "out": [ho, wo],
               "band": band_rows(c, k, ho, wo, batch)}
-        return itemsize * (workspace(op, 1, True) + m * (2 * f + c * layer["stride"] ** 2))
+        return itemsize * (workspace(op, threads, True) + m * (2 * f + c * layer["stride"] ** 2))
     if kind == "maxpool":
         return itemsize * m * layer["in_shape"][0] * 2
     if kind == "route":
@@ -143,11 +146,12 @@ def image_bytes(values, itemsize):
     return BATCHES_AHEAD * values * itemsize
 
 
-def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
+def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize, threads=1):
     """{"state", "kept", "phase", "grads", "workspace"} bytes of one member of a tail
     group over program[first..last] (``tilec_runtime.tailstep``): on one
     device (``mode`` "one"), the whole layers; split by channels over ``k``
-    devices, the member's shares (``tilec_runtime.shards.share``). Kept (all
+    devices, the member's shares (``tilec_runtime.shards.share``); its
+    kernels on ``threads`` threads (the device's). Kept (all
     step): the gradients of its inputs; phase (from its forward to the end
     of its backward, let go of by ``tail_free``): its inputs, every output
     it holds and the normalised values of batch norm, and (split) the gradient buffer
@@ -172,7 +176,7 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize):
     phase = (inputs + grads) * itemsize + sum(kept_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions))
     if native_cost(program, first, last):
         kept, phase = kept + phase, 0
-    work = max((workspace_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions)), default=0)
+    work = max((workspace_bytes(s, p, batch, itemsize, threads) for s, p in zip(shares, positions)), default=0)
     return {"state": state_bytes(shares, itemsize), "kept": int(kept), "phase": int(phase),
             "grads": int(grads * itemsize if phase else 0), "workspace": int(work + partial * itemsize),
             "params": param_count(shares),
@@ -207,7 +211,7 @@ def tail_parts(plan, rank):
         members = members_of(group)
         if rank in members:
             part = tail_member_bytes(plan["program"], *group["layers"], group["mode"], len(members),
-                                     members.index(rank), plan["batch"], item)
+                                     members.index(rank), plan["batch"], item, plan["devices"][rank]["threads"])
             kept += part["kept"]
             parts.append((part["phase"], part["grads"], part["workspace"], early_bytes(part["reads"], prefix)))
     return kept, parts

@@ -276,15 +276,16 @@ def test_beam_search_fits_yolov2_at_batch_4_on_two_pi3s():
     none in most runs, and a plan 18% slower when it did), beam search finds
     a plan that fits, no slower than the Lagrangian one by more than a few
     per cent (since recomputing groups stream their first convs, memory is
-    less tight there and the Lagrangian search finds one too), and the
-    solver returns one within its time limit."""
+    less tight there and the Lagrangian search finds one too; 5.2% since
+    the tail's workspace is that of the Pi's 4 kernel threads, 3% before),
+    and the solver returns one within its time limit."""
     from tilec.solve.beam import beam_fit
     from tilec.solve.bounds import feasible_plan
     cands, model, _ = candidates("yolov2", cluster(2), 4)
     path = beam_fit(cands)
     assert path is not None and fits(model, peak(model, path, cands))
     upper, _, _, _ = feasible_plan(cands)
-    assert upper is None or peak(model, path, cands).step_s < 1.05 * upper
+    assert upper is None or peak(model, path, cands).step_s < 1.08 * upper
     sol = solve(cands, time_limit=3)
     assert fits(model, sol.prediction)
 

@@ -309,10 +309,10 @@ class TailPricer:
         state, kept, phase, grads, work, reads = {}, {}, {}, {}, {}, {}
         update = 0.0
         for m, d in enumerate(devices):
-            part = tail_member_bytes(program, first, last, mode, k, m, b, item)
+            dev = self.devices[d]
+            part = tail_member_bytes(program, first, last, mode, k, m, b, item, dev.threads)
             state[d], kept[d], phase[d], work[d] = part["state"], part["kept"], part["phase"], part["workspace"]
             grads[d], reads[d] = part["grads"], part["reads"]
-            dev = self.devices[d]
             update = max(update, update_seconds(dev.profile, part["params"], item, dev.compute_scale, dev.threads))
         # what a later layer other than the next reads (a route) goes to where it runs, priced here as if
         # to rank 0; its senders' staging counted as if to another device, since the chain does not know
