@@ -234,7 +234,8 @@ def test_threads_that_split_the_filters_compute_what_one_thread_does(case, data_
     without the weight or the input gradient, the weight gradient set or
     added to: on threads that split the filters (and the input channels),
     as the reference has it and as one thread does, in a workspace of one
-    band (no private weight gradients)."""
+    band (no private weight gradients); and by rows, the split turned off
+    (``allow_filter_split``), as one thread does too."""
     rng, x, w, ho, wo, _ = conv_setup(case)
     dt, f, nb, nt = case["dtype"], case["f"], x.shape[0], case["threads"]
     assert module(dt).splits_filters(ho, wo, case["band"], f, nt)
@@ -249,27 +250,39 @@ def test_threads_that_split_the_filters_compute_what_one_thread_does(case, data_
     with_dw, with_dx = data_.draw(st.sampled_from([(True, True), (True, False), (False, True)]))
     accumulate = data_.draw(st.booleans())
     got = {}
-    for threads_ in (1, nt):
+    for threads_, split in ((1, True), (nt, True), (nt, False)):  # (False: by rows, as the split turned off has it)
         out, n, mu, var = np.empty((nb, f, ho, wo), dt), np.zeros(1), np.zeros(f), np.zeros(f)
         d, dw, dx = dz.copy(), np.ones(w.shape, dt), np.zeros(x.shape, dt)
-        with threads(dt, threads_):
-            for rows in ((cut, ho), (0, cut)):
-                kern(dt).conv_forward(x, w, case["stride"], case["pads"], out, ws, case["band"], owned, n, mu, var,
-                                      rows=rows)
-            kern(dt).conv_backward(x, w, case["stride"], case["pads"], d, ws, case["band"],
-                                   dw if with_dw else None, dx if with_dx else None,
-                                   (z, mean, inv, gamma, m1, m2) if with_dw else None, owned, accumulate=accumulate)
-        got[threads_] = (out, n, mu, var, d, dw, dx)
-    check(got[nt][0], ops.conv2d_forward(x, w, case["stride"], case["pads"]), dt, abs_conv(x, w, case["stride"],
-                                                                                          case["pads"]))
+        module(dt).allow_filter_split(split)
+        try:
+            assert bool(module(dt).splits_filters(ho, wo, case["band"], f, nt)) == split
+            use = ws
+            if not split:  # by rows: a band per thread and a private weight gradient per thread but the first
+                use = np.empty(module(dt).workspace_size(x.shape[1], case["k"], case["band"], ho, wo, True, True, nt,
+                                                         f), dt)
+                assert use.size >= size
+            with threads(dt, threads_):
+                for rows in ((cut, ho), (0, cut)):
+                    kern(dt).conv_forward(x, w, case["stride"], case["pads"], out, use, case["band"], owned, n, mu,
+                                          var, rows=rows)
+                kern(dt).conv_backward(x, w, case["stride"], case["pads"], d, use, case["band"],
+                                       dw if with_dw else None, dx if with_dx else None,
+                                       (z, mean, inv, gamma, m1, m2) if with_dw else None, owned,
+                                       accumulate=accumulate)
+        finally:
+            module(dt).allow_filter_split(True)
+        got[threads_, split] = (out, n, mu, var, d, dw, dx)
+    check(got[nt, True][0], ops.conv2d_forward(x, w, case["stride"], case["pads"]), dt,
+          abs_conv(x, w, case["stride"], case["pads"]))
     tol = 1e-4 if dt == np.float32 else 1e-11
-    for one, several in zip(got[1], got[nt]):
-        np.testing.assert_allclose(several, one, rtol=tol, atol=tol * (1 + np.abs(one).max()))
+    for key in ((nt, True), (nt, False)):
+        for one, several in zip(got[1, True], got[key]):
+            np.testing.assert_allclose(several, one, rtol=tol, atol=tol * (1 + np.abs(one).max()))
     if not with_dw:  # the input gradient alone, of dz as it is
         want_dx, _ = ops.conv2d_backward(x, w, case["stride"], case["pads"], dz, weight_grad=False)
         mag_dx, _ = ops.conv2d_backward(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64),
                                         case["stride"], case["pads"], np.abs(dz).astype(np.float64))
-        check(got[nt][6], want_dx, dt, mag_dx)
+        check(got[nt, True][6], want_dx, dt, mag_dx)
 
 
 def test_the_planner_sizes_a_conv_workspace_as_the_kernels_do():
