@@ -19,7 +19,6 @@ Unset OpenBLAS's kernel overrides for this command only:
 """
 import argparse
 import json
-import statistics
 import sys
 
 import numpy as np
@@ -66,7 +65,7 @@ def main():
     args = ap.parse_args()
 
     import threadpoolctl
-    from kernels import _timed, blas_info, openblas_overrides
+    from kernels import blas_info, conv_layers, openblas_overrides, round_robin
     from tilec.codegen import build_modules
     from tilec.profile_calibrate import reference_stack
     from tilec_runtime.kernel_set import Kernels
@@ -82,25 +81,14 @@ def main():
     program = reference_stack(args.size).to_program()
     rng = np.random.default_rng(0)
     rows = []
-    for layer in program:
-        if layer["kind"] != "conv":
-            continue
-        c, (f, ho, wo) = layer["in_shape"][0], layer["out_shape"]
-        x = rng.standard_normal((args.batch, *layer["in_shape"])).astype(args.dtype)
-        w = (rng.standard_normal((f, c, layer["size"], layer["size"])) * 0.1).astype(args.dtype)
-        dy = rng.standard_normal((args.batch, f, ho, wo)).astype(args.dtype)
+    for layer, x, w, dy in conv_layers(program, rng, args.batch, args.dtype):
+        f, ho, wo = layer["out_shape"]
         calls = {}
         calls["one image"], _ = conv_call(module, kernels, layer, x, w, dy, 1)
         calls["several"], band = conv_call(module, kernels, layer, x, w, dy, args.batch)
         if not args.no_torch:
             calls["torch"] = torch_call(layer, x, w, dy)
-        for fn in calls.values():
-            fn()
-        times = {who: [] for who in calls}
-        for _ in range(args.rounds):
-            for who, fn in calls.items():
-                times[who].append(_timed(fn))
-        med = {who: statistics.median(t) for who, t in times.items()}
+        times, med = round_robin(calls, args.rounds)
         row = {"layer": layer["index"], "in": layer["in_shape"], "filters": f, "size": layer["size"],
                "out": [ho, wo], "images_per_gemm": max(1, band // ho), "median_s": med, "times_s": times,
                "several_over_one": med["one image"] / med["several"]}

@@ -19,7 +19,6 @@ Unset OpenBLAS's kernel overrides for this command only:
 """
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 
@@ -62,7 +61,7 @@ def main():
     args = ap.parse_args()
 
     import threadpoolctl
-    from kernels import _timed, blas_info, load_graph, openblas_overrides
+    from kernels import blas_info, conv_layers, load_graph, openblas_overrides, round_robin
     from tilec.codegen import build_modules
     from tilec_runtime.kernel_set import Kernels
 
@@ -75,26 +74,15 @@ def main():
     folder = tempfile.mkdtemp()
     for model in args.models.split(","):
         program = load_graph(model, folder).to_program()
-        for layer in program:
-            if layer["kind"] != "conv":
-                continue
-            c, (f, ho, wo) = layer["in_shape"][0], layer["out_shape"]
-            x = rng.standard_normal((args.batch, *layer["in_shape"])).astype(args.dtype)
-            w = (rng.standard_normal((f, c, layer["size"], layer["size"])) * 0.1).astype(args.dtype)
-            dy = rng.standard_normal((args.batch, f, ho, wo)).astype(args.dtype)
+        for layer, x, w, dy in conv_layers(program, rng, args.batch, args.dtype):
+            f, ho, wo = layer["out_shape"]
             calls = {}
             calls["1 thread"], band = conv_call(module, kernels, layer, x, w, dy, 1, True)
             calls["chosen"], _ = conv_call(module, kernels, layer, x, w, dy, args.threads, True)
             split = bool(module.splits_filters(ho, wo, band, f, args.threads))
             if split:
                 calls["by rows"], _ = conv_call(module, kernels, layer, x, w, dy, args.threads, False)
-            for fn in calls.values():
-                fn()
-            times = {who: [] for who in calls}
-            for _ in range(args.rounds):
-                for who, fn in calls.items():
-                    times[who].append(_timed(fn))
-            med = {who: statistics.median(t) for who, t in times.items()}
+            times, med = round_robin(calls, args.rounds)
             rows.append({"model": model, "layer": layer["index"], "in": layer["in_shape"], "filters": f,
                          "size": layer["size"], "out": [ho, wo], "band_rows": band,
                          "split": "filters" if split else "rows", "median_s": med, "times_s": times,

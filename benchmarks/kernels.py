@@ -203,6 +203,31 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
+def conv_layers(program, rng, batch, dtype):
+    """(layer, input, weights, output gradient) of each conv layer of
+    ``program`` on ``batch`` images, the tensors random."""
+    for layer in program:
+        if layer["kind"] != "conv":
+            continue
+        c, (f, ho, wo), k = layer["in_shape"][0], layer["out_shape"], layer["size"]
+        x = rng.standard_normal((batch, *layer["in_shape"])).astype(dtype)
+        w = (rng.standard_normal((f, c, k, k)) * 0.1).astype(dtype)
+        yield layer, x, w, rng.standard_normal((batch, f, ho, wo)).astype(dtype)
+
+
+def round_robin(calls, rounds):
+    """({name: [seconds per round]}, {name: median}) of ``calls`` ({name:
+    function}), after one warm-up call each, run one call each per round so
+    that machine noise hits all of them alike."""
+    for fn in calls.values():
+        fn()
+    times = {who: [] for who in calls}
+    for _ in range(rounds):
+        for who, fn in calls.items():
+            times[who].append(_timed(fn))
+    return times, {who: statistics.median(t) for who, t in times.items()}
+
+
 def profile_generated(trainer, images, target, steps=3):
     """Seconds per step by (kernel function, first argument's shape), and the rest."""
     acc = collections.defaultdict(float)
