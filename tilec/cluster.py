@@ -52,6 +52,9 @@ class Device:
     host: str = None
     port: int = None
     threads: int = 1  # kernel threads
+    # a local worker: a process on the machine its profile measured, beside the launcher and the other
+    # local workers (``uniform_cluster(shared=True)``)
+    shared: bool = False
 
     @property
     def usable_bytes(self):
@@ -61,7 +64,8 @@ class Device:
     def to_json(self):
         return {"name": self.name, "profile": self.profile.raw, "compute_scale": self.compute_scale,
                 "memory_mb": self.memory_bytes / 1e6, "bandwidth_mbps": self.bandwidth_bps * 8 / 1e6,
-                "latency_ms": self.latency_s * 1e3, "threads": self.threads, "host": self.host, "port": self.port}
+                "latency_ms": self.latency_s * 1e3, "threads": self.threads, "host": self.host, "port": self.port,
+                "shared": self.shared}
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def cluster_from_json(data, where="plan cluster"):
             profile = profile_from_dict(d["profile"], f"{where}: device {i} profile")
             devices.append(Device(d["name"], profile, float(d["compute_scale"]), int(d["memory_mb"] * 1e6),
                                   float(d["bandwidth_mbps"]) * 1e6 / 8, float(d["latency_ms"]) * 1e-3,
-                                  d.get("host"), d.get("port"), int(d["threads"])))
+                                  d.get("host"), d.get("port"), int(d["threads"]), bool(d.get("shared", False))))
         return Cluster(tuple(devices), str(data.get("source", where)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ClusterError(f"{where}: malformed ({exc!r})") from None
@@ -116,7 +120,7 @@ def uniform_cluster(profile, n, names=None, threads=None, shared=False):
         busy = len(names) * threads
         scale = threads * profile.speedup("conv", busy) / busy / profile.speedup("conv", threads)
     devices = tuple(Device(name, profile, scale, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s,
-                           threads=threads) for name in names)
+                           threads=threads, shared=shared) for name in names)
     return Cluster(devices, f"{len(devices)} x {profile.name}")
 
 
