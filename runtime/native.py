@@ -10,6 +10,7 @@ Python, numpy and platform, the compiler and its flags; they are loaded
 with importlib under a name derived from the source's hash, so two
 different kernel modules can live in one process.
 """
+import contextlib
 import importlib.util
 import os
 import platform
@@ -20,6 +21,7 @@ import sys
 import sysconfig
 import threading
 import time
+import types
 
 import numpy as np
 
@@ -172,6 +174,36 @@ def build(c_source, module, include_dirs=(), on_compile=None):
     return BuildResult(target, module, True, time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def _blas_alone():
+    """While a kernel module loads: ``scipy.linalg`` as a bare package, so
+    that importing its ``cython_blas`` (the kernels' BLAS) runs none of
+    ``scipy.linalg``'s own initialisation, its LAPACK and BLAS wrappers and
+    the rest: 27 MB of a process's memory here, against 1 MB for
+    ``cython_blas`` alone, and every worker would hold them. A process that
+    has ``scipy.linalg`` keeps it; one that imports it later gets all of it
+    then (``cython_blas`` among it by import, ``from scipy.linalg import
+    cython_blas``, not as an attribute of the package)."""
+    if "scipy.linalg" in sys.modules:
+        yield
+        return
+    try:
+        spec = importlib.util.find_spec("scipy.linalg")
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        yield  # (the import fails as it would have, and says why)
+        return
+    bare = types.ModuleType("scipy.linalg")
+    bare.__path__ = list(spec.submodule_search_locations)
+    sys.modules["scipy.linalg"] = bare
+    try:
+        yield
+    finally:
+        if sys.modules.get("scipy.linalg") is bare:
+            del sys.modules["scipy.linalg"]
+
+
 def load(path, module):
     """Import a built module from its file (once per process)."""
     with _load_lock:
@@ -182,7 +214,8 @@ def load(path, module):
                 raise KernelBuildError(f"{path}: not a loadable module")
             mod = importlib.util.module_from_spec(spec)
             try:
-                spec.loader.exec_module(mod)
+                with _blas_alone():
+                    spec.loader.exec_module(mod)
             except ImportError as exc:
                 raise KernelBuildError(f"loading kernel module {path} failed: {exc} "
                                        f"(the kernels need scipy for BLAS: pip install scipy)") from exc

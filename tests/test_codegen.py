@@ -166,6 +166,34 @@ def test_a_second_compile_compiles_nothing():
     assert not again.generated and not again.built
 
 
+def test_kernels_load_scipys_blas_without_the_rest_of_scipy_linalg():
+    """A fresh process that loads the kernels holds scipy.linalg.cython_blas
+    (their BLAS) and not scipy.linalg (its LAPACK wrappers and the rest:
+    27 MB a worker); the kernels compute, and scipy.linalg imports whole
+    afterwards all the same, the same cython_blas in it (by import: the
+    package imported then has no attribute of it)."""
+    import subprocess
+    import sys
+    child = """
+import sys
+import numpy as np
+from tilec.codegen import build_modules
+(mod, _, _), = build_modules([("float32",)])
+assert "scipy.linalg.cython_blas" in sys.modules and "scipy.linalg" not in sys.modules, sorted(
+    m for m in sys.modules if m.startswith("scipy.linalg"))
+a, b, c = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), np.zeros((2, 4), np.float32)
+mod.gemm_f32(0, 0, a, b, c)
+assert (c == 3).all()
+import scipy.linalg
+from scipy.linalg import cython_blas
+assert cython_blas is sys.modules["scipy.linalg.cython_blas"]
+assert np.allclose(scipy.linalg.solve(np.eye(2) * 2, np.ones(2)), 0.5)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 TINY = """
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
