@@ -183,7 +183,9 @@ def _blas_alone():
     ``cython_blas`` alone, and every worker would hold them. A process that
     has ``scipy.linalg`` keeps it; one that imports it later gets all of it
     then (``cython_blas`` among it by import, ``from scipy.linalg import
-    cython_blas``, not as an attribute of the package)."""
+    cython_blas``, not as an attribute of the package), and a thread that
+    imports it during the load gets a module that hands on the whole one's
+    names."""
     if "scipy.linalg" in sys.modules:
         yield
         return
@@ -196,6 +198,16 @@ def _blas_alone():
         return
     bare = types.ModuleType("scipy.linalg")
     bare.__path__ = list(spec.submodule_search_locations)
+
+    def whole(name):
+        # another thread that imports scipy.linalg meanwhile gets this module: it hands on the real one's
+        # attributes, importing it then (the import system reads only __path__ and dunders it has)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if sys.modules.get("scipy.linalg") is bare:
+            del sys.modules["scipy.linalg"]
+        return getattr(importlib.import_module("scipy.linalg"), name)
+    bare.__getattr__ = whole
     sys.modules["scipy.linalg"] = bare
     try:
         yield

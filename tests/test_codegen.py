@@ -171,7 +171,8 @@ def test_kernels_load_scipys_blas_without_the_rest_of_scipy_linalg():
     (their BLAS) and not scipy.linalg (its LAPACK wrappers and the rest:
     27 MB a worker); the kernels compute, and scipy.linalg imports whole
     afterwards all the same, the same cython_blas in it (by import: the
-    package imported then has no attribute of it)."""
+    package imported then has no attribute of it); imported while kernels
+    load (another thread), it hands on the whole package's names."""
     import subprocess
     import sys
     child = """
@@ -184,6 +185,11 @@ assert "scipy.linalg.cython_blas" in sys.modules and "scipy.linalg" not in sys.m
 a, b, c = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), np.zeros((2, 4), np.float32)
 mod.gemm_f32(0, 0, a, b, c)
 assert (c == 3).all()
+from tilec_runtime import native
+with native._blas_alone():  # another thread importing scipy.linalg while kernels load gets all of it
+    import scipy.linalg as during
+    from scipy.linalg import solve
+    assert np.allclose(during.solve(np.eye(2) * 2, np.ones(2)), 0.5) and solve is during.solve
 import scipy.linalg
 from scipy.linalg import cython_blas
 assert cython_blas is sys.modules["scipy.linalg.cython_blas"]
