@@ -182,7 +182,7 @@ def launcher_seconds(plan, cluster):
         return 0.0
     if sum(d["threads"] for d in plan["devices"]) < devices[0].profile.cores:
         return 0.0
-    nbytes = sum(plan["messages"][op["msg"]]["bytes"] or _local_bytes(plan, plan["messages"][op["msg"]])
+    nbytes = sum(_message_bytes(plan, plan["messages"][op["msg"]])
                  for ops in plan["schedule"] for op in ops if op["op"] == "input")
     return nbytes / devices[0].bandwidth_bps
 
@@ -204,7 +204,7 @@ def _actions(plan, rank, pricer, shapes, launcher=0.0):
             m = messages[op["msg"]]
             if m["sender"] == m["receiver"]:
                 if kind == "send":
-                    main.append(("compute", pricer.copy(rank, m["bytes"] or _local_bytes(plan, m)), "update",
+                    main.append(("compute", pricer.copy(rank, _message_bytes(plan, m)), "update",
                                  f"copy message {op['msg']}"))
             elif kind == "send":
                 main.append(("compute", pricer.copy(rank, m["bytes"]), "update", f"stage message {op['msg']}"))
@@ -213,7 +213,7 @@ def _actions(plan, rank, pricer, shapes, launcher=0.0):
                 main.append(("recv", ("m", op["msg"]), m["sender"]))
         elif kind == "input":  # its piece of the image, streamed ahead by the data source: landed
             m = messages[op["msg"]]
-            main.append(("compute", pricer.copy(rank, m["bytes"] or _local_bytes(plan, m)), "update",
+            main.append(("compute", pricer.copy(rank, _message_bytes(plan, m)), "update",
                          f"input message {op['msg']}"))
         elif kind in ("bn_stats", "bn_grad"):
             members = members_of(plan["groups"][op["group"]])
@@ -256,8 +256,10 @@ def _actions(plan, rank, pricer, shapes, launcher=0.0):
     return main, comm
 
 
-def _local_bytes(plan, m):
-    return int(np.prod(message_shape(plan["program"], m, plan["batch"]))) * np.dtype(plan["dtype"]).itemsize
+def _message_bytes(plan, m):
+    """Bytes of message ``m``: what the plan says it sends, or, for a message
+    to its own sender (which sends nothing), what it copies."""
+    return m["bytes"] or int(np.prod(message_shape(plan["program"], m, plan["batch"]))) * np.dtype(plan["dtype"]).itemsize
 
 
 def _reduce_key(op):
