@@ -22,8 +22,10 @@ import numpy as np
 
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import PeerLost
+from tilec_runtime.data import BatchSource
 from tilec_runtime.errors import RuntimeFault
 from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece, place
+from tilec_runtime.imagefile import write_images
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
 from tilec_runtime.worker import (BUILD_TIMEOUT, FIRST_PIECE, LISTENING, MAX_METRICS_BYTES,
@@ -37,7 +39,7 @@ class JobFailed(PeerLost):
 
 def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_source, first_step=0, momentum=None,
             timeout=120.0, state_every=0, on_step=None, on_metrics=None, on_state=None, connect_timeout=30.0,
-            threads=None, trace=False, lr=None):
+            threads=None, trace=False, lr=None, data_dir=None):
     """Train ``steps`` steps from ``first_step`` on workers at ``addresses``
     (rank order). Returns (losses, params, buffers, momentum).
 
@@ -46,7 +48,9 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
     they are cached) and runs. ``threads``: the kernel threads of every
     worker (default: the plan's per device). ``trace``: every record of
     ``on_metrics`` carries its step's ops (``tilec_runtime.trace``).
-    ``lr``: [[step, learning rate]] changes of a schedule.
+    ``lr``: [[step, learning rate]] changes of a schedule. ``data_dir``: a
+    directory on the workers' machine (local workers) where the launcher
+    leaves the images for them to read (``local_data``).
 
     ``on_step(step, loss, seconds)`` after each step, ``on_metrics(records)``
     with every device's record of the step, ``on_state(done, params,
@@ -55,7 +59,7 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
     job = Job(plan, addresses, key, timeout)
     try:
         job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernel_source, threads,
-                  trace, lr)
+                  trace, lr, local_data(batches, data_dir))
         losses = []
         for step, records, state in job.steps(batches):
             losses.append(records[0]["loss"])
@@ -69,6 +73,15 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
     except BaseException as exc:
         job.abort(str(exc) if isinstance(exc, RuntimeFault) else f"the launcher stopped: {type(exc).__name__}")
         raise
+
+
+def local_data(batches, directory):
+    """The job's ``data`` where the workers can read the images from
+    ``directory`` (local workers) and ``batches`` is a fixed data set (a
+    ``data.BatchSource``; one made step by step, augmented, is sent), else None."""
+    if directory is None or not isinstance(batches, BatchSource):
+        return None
+    return write_images(batches, directory)
 
 
 class Job:
@@ -92,6 +105,7 @@ class Job:
         self.stop_requested = False
         self.stop_at = None  # steps the job ends after, once a stop is sent
         self.final_state = (None, None, None)
+        self.data = None
 
     def who(self, rank):
         return f"device {rank} ({self.names[rank]})"
@@ -99,8 +113,11 @@ class Job:
     # -- set-up -------------------------------------------------------------------
 
     def start(self, params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernel_source,
-              threads, trace, lr=None):
+              threads, trace, lr=None, data=None):
+        """``data``: where the workers read their pieces of the images
+        themselves (``imagefile.write_images``); None: they are sent."""
         plan = self.plan
+        self.data = data
         self.step = first_step
         self.first, self.last = first_step, first_step + steps
         self.reports = state_steps(first_step, self.last, state_every)
@@ -123,7 +140,7 @@ class Job:
                     "job": job_id, "rank": r, "peers": [list(a) for a in self.addresses],
                     "first_step": first_step, "steps": steps, "timeout": self.timeout, "state_every": state_every,
                     "momentum": send_momentum, "kernel_source": kernel_source, "threads": threads, "trace": bool(trace),
-                    "lr": [[int(a), float(b)] for a, b in (lr or [])], "plan": plan}))
+                    "lr": [[int(a), float(b)] for a, b in (lr or [])], "data": data, "plan": plan}))
                 held = self.held[r]
                 for index in holdings(plan, r, send_momentum):
                     section, key, shape = self.table[index]
@@ -217,6 +234,11 @@ class Job:
             if step < last and step == sent and self.stop_at is None:
                 images, target = batches.get(step)
                 self.links[0].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(target, target_dtype))
+                if self.data is not None:  # the workers read the images: the others' go
+                    for r in range(1, self.n):
+                        self.links[r].send(Kind.BATCH, step, TARGET)
+                    sent += 1
+                    return
                 for r, messages in enumerate(image_pieces):
                     for j, m in enumerate(messages):
                         piece = np.ascontiguousarray(input_piece(images, m), dtype)
@@ -357,6 +379,8 @@ class LocalWorkers:
         self.stop()
 
     def start(self):
+        self._data = tempfile.TemporaryDirectory(prefix="tilec-data-")
+        self.data_dir = self._data.name  # the images the workers read (``local_data``)
         if self.log_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tilec-workers-")
             self.log_dir = self._tmp.name
@@ -415,6 +439,8 @@ class LocalWorkers:
                 proc.wait()
             if proc.stdout:
                 proc.stdout.close()
+        if getattr(self, "_data", None) is not None:
+            self._data.cleanup()
         self.returncodes = [p.returncode for p in self.procs]
         return self.returncodes
 
@@ -424,4 +450,4 @@ def train_local(plan, params, buffers, batches, *, steps, kernel_source, key=Non
     key = key or secrets.token_hex(32)
     with LocalWorkers(len(plan["devices"]), key, log_dir=log_dir) as workers:
         return run_job(plan, workers.addresses, key.encode(), params, buffers, batches, steps=steps,
-                       kernel_source=kernel_source, **kwargs)
+                       kernel_source=kernel_source, data_dir=workers.data_dir, **kwargs)

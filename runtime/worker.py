@@ -43,6 +43,7 @@ from tilec_runtime.data import target_shape
 from tilec_runtime.emulate import add_emulate_argument
 from tilec_runtime.errors import Diverged, ProgramError, RuntimeFault, check_loss
 from tilec_runtime.executor import BATCHES_AHEAD, RankExecutor, input_messages
+from tilec_runtime.imagefile import ImagePieces
 from tilec_runtime.executor import holdings as holdings_of
 from tilec_runtime.program import buffer_shapes, param_shapes
 from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
@@ -120,11 +121,16 @@ TARGET = 0  # BATCH frames: the labels/targets (to rank 0, which computes the lo
 FIRST_PIECE = 1
 
 
-def batch_specs(plan, rank):
+def batch_specs(plan, rank, local=False):
     """{tensor: Spec} of the BATCH frames ``rank`` takes each step: the
-    labels/targets (rank 0) and its pieces of the image (``input_messages``)."""
+    labels/targets (rank 0) and its pieces of the image (``input_messages``);
+    where it reads its pieces itself (``local``, ``tilec_runtime.imagefile``),
+    the targets, or for any other rank an empty frame (the step's go)."""
     program, dtype, batch = plan["program"], np.dtype(plan["dtype"]), plan["batch"]
-    specs = {FIRST_PIECE + j: Spec(dtype, shape) for j, (_, shape) in enumerate(input_messages(plan, rank))}
+    if local:
+        specs = {TARGET: EMPTY}
+    else:
+        specs = {FIRST_PIECE + j: Spec(dtype, shape) for j, (_, shape) in enumerate(input_messages(plan, rank))}
     if rank == 0:
         target = (Spec(np.dtype("int64"), (batch,)) if program[-1]["kind"] == "softmax"
                   else Spec(dtype, (batch, *target_shape(program))))
@@ -198,6 +204,11 @@ def parse_job(job):
                 isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], (int, float))
                 and p[1] > 0 for p in schedule)):
             raise JobError("job field 'lr' must be [[step, learning rate], ...]")
+        data = job.get("data")
+        if data is not None and not (isinstance(data, dict) and isinstance(data.get("images"), str)
+                                     and all(isinstance(data.get(k), int) and data[k] >= 1
+                                             for k in ("count", "batch"))):
+            raise JobError("job field 'data' must be {images: a path, count: images, batch: images a step}")
         return plan
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise JobError(f"malformed job ({exc!r})") from None
@@ -236,6 +247,7 @@ class Job:
         self.hash = self.plan["hash"]
         self.accepted = queue.Queue()
         self.comm = None
+        self.images = None  # the image file the pieces are read from (``imagefile``), or None: sent
         self.current = job["first_step"]  # the step in progress (0-based)
         self.stop_after = None  # a STOP from the launcher: end after this many steps
         self.reported = owned(self.plan, self.rank, has_momentum(self.plan))
@@ -247,6 +259,8 @@ class Job:
         try:
             momentum = bool(job.get("momentum")) and has_momentum(plan)
             state = receive_state(self.conn, plan, holdings(plan, rank, momentum), rank)
+            if job.get("data") is not None:
+                self.images = ImagePieces(job["data"], plan, input_messages(plan, rank))
             module = self._build_kernels()
             job.pop("kernel_source", None)  # built: the source may go
             send_frame(self.conn, Kind.READY, 0, 0)
@@ -321,6 +335,9 @@ class Job:
                 except OSError:
                     pass
             return message
+        finally:
+            if self.images is not None:
+                self.images.close()
 
     def _build_kernels(self):
         """The generated kernels the launcher sent (as C), built here into
@@ -364,11 +381,13 @@ class Job:
             if array is None:
                 return None
             out[tensor] = array
+        if self.images is not None:
+            return (out[TARGET] if self.rank == 0 else None), self.images.read(step)
         return out.get(TARGET), {k: out[FIRST_PIECE + j] for j, k in enumerate(self.piece_ids)}
 
     def _launcher_expect(self):
         """What the launcher may send during training: batches, and STOP."""
-        specs = self.batch_specs = batch_specs(self.plan, self.rank)
+        specs = self.batch_specs = batch_specs(self.plan, self.rank, self.images is not None)
         self.piece_ids = [k for k, _ in input_messages(self.plan, self.rank)]  # BATCH frame FIRST_PIECE + j: piece j
         seen = set()
 

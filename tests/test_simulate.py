@@ -2,7 +2,6 @@
 own accounting; waits and links behave; a broken schedule is caught."""
 import dataclasses
 import json
-import math
 
 import pytest
 
@@ -75,31 +74,17 @@ def test_latency_and_bandwidth_slow_the_step_down_and_waits_appear():
     assert any(e.kind == "wait" for e in slow.events)
 
 
-def test_local_workers_that_take_every_core_pay_for_the_launchers_images():
-    """Two local workers of all of a Pi's cores (``shared``) share them with
-    the launcher: rank 0 pays every input piece's bytes at the link's speed
-    before its first op, and the step grows by up to that; with a core to
-    spare, or on devices of their own, nothing."""
-    from tilec.inspect.simulate import launcher_seconds
-    choices = [GroupChoice(0, 6, [0, 2, 4], [0, 4], [0, 1])]
-    plan = tiny_plan(choices, 2, batch=4)
-    plan["devices"] = [dict(d, threads=2) for d in plan["devices"]]  # the Pi's 4 cores between them
-    from tilec_runtime.program import message_shape
-    inputs = [plan["messages"][op["msg"]] for ops in plan["schedule"] for op in ops if op["op"] == "input"]
-    pieces = sum(4 * math.prod(message_shape(plan["program"], m, 4)) for m in inputs)  # (rank 0's own is local)
-    assert len(inputs) == 2 and pieces > 4 * 4 * math.prod(plan["program"][0]["in_shape"])  # (halo rows twice)
+def test_local_workers_carry_shared_in_the_plans_cluster():
+    """Whether devices are local workers sharing one machine (``shared``,
+    which prices their compute at the machine's all-cores-busy speed) goes
+    with the plan: ``tilec simulate`` reads the cluster back from it."""
+    from tilec.cluster import cluster_from_json
     apart, shared = uniform_cluster(RPI3, 2, threads=2), uniform_cluster(RPI3, 2, threads=2, shared=True)
-    assert launcher_seconds(plan, apart) == 0.0
-    assert launcher_seconds(plan, shared) == pytest.approx(pieces / RPI3.bandwidth_bps)
     assert shared.devices[0].to_json()["shared"] and not apart.devices[0].to_json()["shared"]
-    res, base = simulate(plan, shared), simulate(plan, dataclasses.replace(shared, devices=tuple(
-        dataclasses.replace(d, shared=False) for d in shared.devices)))
-    first = [e for e in res.events if e.device == 0 and e.thread == 0][0]
-    assert "launcher" in first.label and first.end - first.start == pytest.approx(pieces / RPI3.bandwidth_bps)
-    # (rank 1 waits for it at the first barrier: the step grows by up to that, less what rank 0 waited anyway)
-    assert base.step_s + 0.5 * pieces / RPI3.bandwidth_bps < res.step_s <= base.step_s + pieces / RPI3.bandwidth_bps
-    spare = dict(plan, devices=[dict(d, threads=1) for d in plan["devices"]])  # 2 of the Pi's 4 cores
-    assert launcher_seconds(spare, shared) == 0.0
+    for cluster in (apart, shared):
+        back = cluster_from_json(json.loads(json.dumps(cluster.to_json())))
+        assert [d.shared for d in back.devices] == [d.shared for d in cluster.devices]
+        assert [d.compute_scale for d in back.devices] == [d.compute_scale for d in cluster.devices]
 
 
 def test_simulator_and_cost_model_agree_on_optimised_plans():

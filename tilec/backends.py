@@ -181,8 +181,10 @@ class WorkersBackend:
     ``tilec_runtime.launch.LocalWorkers``), over TCP."""
 
     def __init__(self, plan, addresses, key, kernel_source, params, buffers, momentum=None, threads=None,
-                 timeout=120.0, trace=False):
+                 timeout=120.0, trace=False, data_dir=None):
+        """``data_dir``: on the workers' machine (local workers), where they read the images (``launch.local_data``)."""
         self.plan, self.addresses, self.key, self.kernel_source = plan, addresses, key, kernel_source
+        self.data_dir = data_dir
         self.params, self.buffers, self.momentum = params, buffers, momentum
         self.threads, self.timeout, self.trace = threads, timeout, trace
         self.job = None
@@ -207,7 +209,7 @@ class WorkersBackend:
             job.request_stop()
         try:
             job.start(self.params, self.buffers, self.momentum, first, last - first, state_every, 30.0, self.kernel_source,
-                      self.threads, self.trace, changes)
+                      self.threads, self.trace, changes, launch.local_data(batches, self.data_dir))
             for step, records, state in job.steps(batches):
                 yield StepResult(step, records[0]["loss"], records[0]["step_s"], records, state)
         except BaseException as exc:

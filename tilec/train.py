@@ -311,7 +311,7 @@ def make_backend(plan, kind, params, buffers, momentum, out, *, threads=None, ti
         threads = threads or local_threads(n)
         out.write(f"training on {n} local worker processes, {threads} kernel thread(s) each\n")
         return backends.WorkersBackend(plan, workers.addresses, workers.key.encode(), kernel_source, params, buffers,
-                                       momentum, threads, timeout, trace)
+                                       momentum, threads, timeout, trace, data_dir=workers.data_dir)
     out.write(f"training on the {n} devices of {where}\n")
     return backends.WorkersBackend(plan, addresses, key, kernel_source, params, buffers, momentum, threads, timeout,
                                    trace)

@@ -11,7 +11,8 @@ communication thread, as the runtime does (``tilec_runtime.executor``):
   receiver's incoming link fairly with the other connections sending at
   once (full duplex, each device on a switch port), and arrives one
   latency after its last byte; a message to the device itself is a memory
-  copy;
+  copy, and so is an ``input`` (local workers read their pieces of the
+  images from a file the launcher wrote, ``tilec_runtime.imagefile``);
 - a receive blocks until its message has arrived (that wait is idle time);
 - the batch-norm all-gathers send every member's contribution to every
   other member and wait for theirs; a channel group's all-reduces (the
@@ -22,9 +23,6 @@ communication thread, as the runtime does (``tilec_runtime.executor``):
   ring or all-gather rounds (the same bytes as the runtime's, from
   :mod:`tilec.cost.traffic`) and then its update; ``grad_wait`` waits for
   all of them;
-- local workers whose threads take all of their machine's cores share them
-  with the launcher, which sends every step's images: rank 0 pays that
-  (``launcher_seconds``) before its first op.
 
 The result: the step time, every device's busy and idle seconds and bytes
 sent, and the events of a timeline (a Gantt chart, or a Chrome trace in the
@@ -166,36 +164,13 @@ class OpPricer:
         return copy_seconds(profile, nbytes, scale)
 
 
-def launcher_seconds(plan, cluster):
-    """What a step's images cost the devices' cores where the launcher runs
-    among them: local workers (``Device.shared``) whose kernel threads take
-    all of the machine's cores. The launcher frames, authenticates and
-    writes every input piece, and the workers' readers take and check
-    them, at the speed the profile measured for this machine's link
-    through tilec's own transport (measured, tiny416 at batch 1 on two
-    single-core workers: the launcher on either core, the other worker
-    waited 3.7-5.3 ms at the step's first barrier for 2.1 MB of images;
-    2.1 MB / 0.35-0.59 GB/s is 3.6-6.0 ms). 0 elsewhere: the launcher on a
-    machine of its own, or beside a spare core, takes no device's time."""
-    devices = cluster.devices
-    if not devices or not all(d.shared for d in devices):
-        return 0.0
-    if sum(d["threads"] for d in plan["devices"]) < devices[0].profile.cores:
-        return 0.0
-    nbytes = sum(_message_bytes(plan, plan["messages"][op["msg"]])
-                 for ops in plan["schedule"] for op in ops if op["op"] == "input")
-    return nbytes / devices[0].bandwidth_bps
-
-
-def _actions(plan, rank, pricer, shapes, launcher=0.0):
+def _actions(plan, rank, pricer, shapes):
     """(main thread actions, communication thread actions) of ``rank``.
 
     Actions: ("compute", seconds, kind, label), ("send", key, dst, bytes),
     ("recv", key, src), ("post", bucket) / ("await", bucket) between the
     threads, ("done", bucket) / ("join", buckets) for ``grad_wait``."""
     main, comm = [], []
-    if launcher > 0:
-        main.append(("compute", launcher, "update", "the launcher's images (it shares this machine's cores)"))
     messages, item = plan["messages"], np.dtype(plan["dtype"]).itemsize
     posted = []
     for i, op in enumerate(plan["schedule"][rank]):
@@ -353,9 +328,8 @@ def simulate(plan, cluster, keep_events=True):
         raise SimulationError(f"the plan has {n} devices, the cluster {len(cluster.devices)}")
     pricer, shapes = OpPricer(plan, cluster), param_shape_table(plan["program"])
     actors = []  # (rank, thread, actions)
-    launcher = launcher_seconds(plan, cluster)
     for r in range(n):
-        main, comm = _actions(plan, r, pricer, shapes, launcher if r == 0 else 0.0)
+        main, comm = _actions(plan, r, pricer, shapes)
         actors += [(r, 0, main), (r, 1, comm)]
     pos, now = [0] * len(actors), [0.0] * len(actors)
     busy, sent = [0.0] * n, [0] * n
