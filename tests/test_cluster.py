@@ -127,6 +127,42 @@ def test_local_workers_share_the_machine_as_its_threads_do():
     assert uniform_cluster(prof, 3, threads=1).devices[0].compute_scale == 1.0  # separate machines
 
 
+def test_local_workers_are_priced_as_measured_beside_each_other():
+    """Where ``tilec profile`` measured local workers side by side (each
+    kind's ``beside_others`` factor), workers that take every core are
+    priced kind by kind by it, not by conv's thread speed-up; the plan's
+    cluster reads that back; one core's baseline and workers with cores
+    to spare are priced as before."""
+    import copy
+    from tilec.cluster import cluster_from_json
+    from tilec.cost.compute import layer_seconds
+    base = load_profile("rpi4")
+    raw = copy.deepcopy(base.raw)
+    raw["kernels"]["conv"]["forward"]["beside_others"] = 1.5
+    raw["kernels"]["epilogue"]["backward"]["beside_others"] = 2.0
+    prof = profile_from_dict(raw, "measured")
+    assert prof.measured_beside_others and not base.measured_beside_others
+    for n, threads in ((2, 2), (4, 1)):  # every one of the 4 cores busy
+        dev = uniform_cluster(prof, n, threads=threads, shared=True).devices[0]
+        assert dev.compute_scale == 1.0
+        assert dev.profile.cost("conv", "forward").in_step == pytest.approx(1.5 * prof.cost("conv", "forward").in_step)
+        assert dev.profile.cost("epilogue", "backward").in_step == pytest.approx(
+            2.0 * prof.cost("epilogue", "backward").in_step)
+        for kind, direction in (("conv", "backward"), ("epilogue", "forward"), ("maxpool", "forward")):
+            assert dev.profile.cost(kind, direction) == prof.cost(kind, direction)
+        assert dev.profile.alone().costs == prof.costs
+    cluster = uniform_cluster(prof, 2, threads=2, shared=True)
+    back = cluster_from_json(json.loads(json.dumps(cluster.to_json())))
+    assert [d.profile.costs for d in back.devices] == [d.profile.costs for d in cluster.devices]
+    layer = {"kind": "conv", "in_shape": [16, 52, 52], "out_shape": [32, 52, 52], "filters": 32, "size": 3,
+             "stride": 1, "pad": 1, "bn": True, "act": "leaky"}
+    alone = layer_seconds(prof, layer, 52 * 52, 1, 4, "forward", threads=2)
+    assert layer_seconds(cluster.devices[0].profile, layer, 52 * 52, 1, 4, "forward", threads=2) > 1.3 * alone
+    spare = uniform_cluster(prof, 2, threads=1, shared=True).devices[0]  # 2 of 4 cores: as before
+    assert spare.profile is prof and spare.compute_scale < 1.0
+    assert uniform_cluster(prof, 2, threads=2).devices[0].profile is prof  # separate machines
+
+
 def test_a_stale_cached_profile_is_measured_again(monkeypatch, tmp_path, capsys):
     """A profile cached by an older tilec (another version) is not an error:
     this machine is measured again, and the new profile cached."""

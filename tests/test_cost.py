@@ -108,6 +108,15 @@ def test_quick_profile_of_this_machine_is_a_valid_profile():
             cost = prof.cost(kind, direction)
             assert cost.in_step == data["kernels"][kind][direction]["in_step"] > 0 and cost.dispatch_s >= 0
     assert "in_step" in data["sources"]
+    # and local workers side by side (tilec.profile_calibrate.beside_others): what prices them
+    if prof.cores >= 2:
+        for kind in ("conv", "epilogue"):
+            for direction in ("forward", "backward"):
+                assert 0.5 <= data["kernels"][kind][direction]["beside_others"] <= 8.0
+        assert prof.measured_beside_others and "two local workers" in data["sources"]["beside_others"]
+        view = uniform_cluster(prof, 2, threads=prof.cores // 2, shared=True).devices[0].profile
+        assert view.cost("epilogue", "backward").in_step == pytest.approx(
+            prof.cost("epilogue", "backward").in_step * data["kernels"]["epilogue"]["backward"]["beside_others"])
     # a detector's region loss, timed on its own: priced by it, not as an element-wise pass
     region = load_model("detector-small").to_program()[-1]
     assert prof.cost("region", "forward") != prof.cost("elementwise", "forward")

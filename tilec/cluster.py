@@ -112,13 +112,19 @@ def uniform_cluster(profile, n, names=None, threads=None, shared=False):
     that the profile's thread speed-ups measured with all of their threads
     busy (two processes share caches and memory bandwidth as two threads
     do), not at its speed alone: ``compute_scale`` is that ratio for conv,
-    the bulk of a step."""
+    the bulk of a step. Where their threads take every core and the
+    profile measured local workers side by side (``tilec profile``: each
+    kernel kind's in-step factor beside the others), each is priced by
+    that instead (``Profile.beside_others``), kind by kind."""
     names = list(names) if names else [f"dev{r}" for r in range(n)]
     threads = threads or profile.cores
     scale = 1.0
     if shared and len(names) > 1:
         busy = len(names) * threads
-        scale = threads * profile.speedup("conv", busy) / busy / profile.speedup("conv", threads)
+        if busy >= profile.cores and profile.measured_beside_others:
+            profile = profile.beside_others()
+        else:
+            scale = threads * profile.speedup("conv", busy) / busy / profile.speedup("conv", threads)
     devices = tuple(Device(name, profile, scale, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s,
                            threads=threads, shared=shared) for name in names)
     return Cluster(devices, f"{len(devices)} x {profile.name}")

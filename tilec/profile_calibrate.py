@@ -105,3 +105,55 @@ def in_step_costs(profile_data, module, dtype="float32", size=416, steps=5):
             out.setdefault(kind, {})[direction] = {"in_step": round(float(np.clip(measured / priced, *LIMITS)), 3),
                                                    "dispatch_us": round(dispatch * 1e6, 2)}
     return out, time.perf_counter() - t0
+
+
+def beside_others(profile_data, dtype="float32", size=416, steps=6, workers=2):
+    """({kind: {direction: factor}}, seconds it took): how much slower each
+    kernel kind runs in local workers computing side by side than the
+    profile prices it alone (its in-step factors applied), measured on
+    ``workers`` local worker processes that take every core between them
+    training the reference stack, traced ({} where there are fewer cores
+    than workers). Processes share caches and memory bandwidth: on this
+    project's 2-core machine two workers' epilogues, which stream through
+    memory, ran 1.5-2.2x their price alone, their convolutions 1.1-1.3x."""
+    from tilec.cluster import uniform_cluster
+    from tilec.codegen import generate
+    from tilec.compile import compile_plan
+    from tilec.inspect.simulate import OpPricer
+    from tilec.profiles import profile_from_dict
+    from tilec_runtime import data, launch, weights
+    t0 = time.perf_counter()
+    profile = profile_from_dict(profile_data, "<being measured>")
+    if profile.cores < workers:
+        return {}, 0.0
+    threads = profile.cores // workers
+    cluster = uniform_cluster(profile, workers, threads=threads)  # priced as if each were alone
+    plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
+    program = plan["program"]
+    params, buffers = weights.init_params(program, 0, dtype)
+    batches = data.generated_batches(program, 1, 0, dtype)
+    source = generate((dtype,))
+    records = []
+    # (a learning rate of next to nothing: every step computes the numbers of the first)
+    launch.train_local(plan, params, buffers, batches, steps=steps, kernel_source={"module": source.module,
+                       "source": source.text}, threads=threads, trace=True, lr=[[0, 1e-30]],
+                       on_metrics=records.append, timeout=300)
+    pricer = OpPricer(plan, cluster)
+    sums = {}
+    for rank in range(workers):
+        ops = plan["schedule"][rank]
+        per = {}
+        for step in records[1:]:  # (the first touches the arenas)
+            timed = [e for e in step[rank]["trace"] if e[4] == 0]  # the schedule's thread: its ops in order
+            for i, (op, event) in enumerate(zip(ops, timed)):
+                if op["op"] in OP_KIND:
+                    per.setdefault(i, []).append(event[3] * 1e-6)
+        for i, times in per.items():
+            key = OP_KIND[ops[i]["op"]]
+            measured, priced = sums.get(key, (0.0, 0.0))
+            sums[key] = (measured + statistics.median(times), priced + pricer.op(rank, ops[i])[0])
+    out = {}
+    for (kind, direction), (measured, priced) in sums.items():
+        if priced > 0:
+            out.setdefault(kind, {})[direction] = round(float(np.clip(measured / priced, *LIMITS)), 3)
+    return out, time.perf_counter() - t0

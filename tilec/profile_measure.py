@@ -46,7 +46,7 @@ import numpy as np
 
 from tilec.cost.compute import conv_features, epilogue_features, features, pool_features
 from tilec.errors import TilecError
-from tilec.profile_calibrate import SMALL, in_step_costs
+from tilec.profile_calibrate import SMALL, beside_others, in_step_costs
 from tilec.profiles import FORMAT, KERNEL_KINDS, VERSION
 from tilec_runtime.files import atomic_json
 
@@ -313,7 +313,7 @@ def _usable_memory_mb():
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6)
 
 
-CALIBRATION = 3  # how in-step factors (tilec.profile_calibrate) and row costs are measured: a change measures again
+CALIBRATION = 4  # how in-step factors (tilec.profile_calibrate) and row costs are measured: a change measures again
 
 
 def fingerprint(dtype="float32"):
@@ -399,6 +399,16 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         f"one-device training steps of tiny416's layers ({steps} each, the runtime's executor, traced; "
         f"{calibration_s:.1f} s): dispatch_us, each kind's measured less fitted time per op at {SMALL}x{SMALL}; "
         f"in_step, the rest over the fitted at {size}x{size}; kinds these steps do not run keep none")
+    if peer is None:  # the machine local workers share: how they slow each other down
+        beside, beside_s = beside_others(data, dtype, size=size, steps=steps)
+        for kind, per in beside.items():
+            for direction, factor in per.items():
+                fitted[kind][direction]["beside_others"] = factor
+        data["sources"]["beside_others"] = (
+            f"training steps of tiny416's layers at {size}x{size} on two local workers side by side, each of "
+            f"half the cores ({steps} steps, traced; {beside_s:.1f} s): each kind's measured time over its "
+            f"price alone; what prices local workers that take every core" if beside else
+            "not measured: fewer than two cores")
     return data
 
 

@@ -413,11 +413,11 @@ class CostModel:
         """One core of ``device`` running the whole step (or only ``layers``,
         a slice of the program) on whole maps, no communication: the paper's
         baseline."""
-        dev = self.devices[device]
+        profile = self.devices[device].profile.alone()
         b, item = self.batch, self.itemsize
         layers = self.program if layers is None else layers
-        total = sum(layer_seconds(dev.profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
-        return total + update_seconds(dev.profile, param_count(layers), item)
+        total = sum(layer_seconds(profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
+        return total + update_seconds(profile, param_count(layers), item)
 
 
 def workspace_pool(group):

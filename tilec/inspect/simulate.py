@@ -399,12 +399,12 @@ def simulate(plan, cluster, keep_events=True):
 def one_core_seconds(plan, cluster):
     """The whole step on one core of the first device's board (the paper's
     baseline): every layer on whole maps, one thread, no communication."""
-    dev = cluster.devices[0]
+    profile = cluster.devices[0].profile.alone()  # (a local worker's is priced beside the others)
     program, batch = plan["program"], plan["batch"]
     item = np.dtype(plan["dtype"]).itemsize
-    total = sum(layer_seconds(dev.profile, layer, layer["out_shape"][1] * layer["out_shape"][2], batch, item, d)
+    total = sum(layer_seconds(profile, layer, layer["out_shape"][1] * layer["out_shape"][2], batch, item, d)
                 for layer in program for d in ("forward", "backward"))
-    return total + update_seconds(dev.profile, param_count(program), item)
+    return total + update_seconds(profile, param_count(program), item)
 
 
 KIND_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "tail": "#55a868", "update": "#8172b3",

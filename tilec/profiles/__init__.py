@@ -41,6 +41,7 @@ reservations). ``tilec profile`` measures all of it on the device.
 Shipped profiles live beside this module (``*.json``, package data);
 :func:`load_profile` takes a shipped name or a path.
 """
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -104,6 +105,28 @@ class Profile:
 
     def cost(self, kind, direction):
         return self.costs[self.priced_as(kind, direction)][direction]
+
+    @property
+    def measured_beside_others(self):
+        """Whether ``tilec profile`` measured how local workers slow each
+        other's kernels down (``kernels.KIND.DIRECTION.beside_others``)."""
+        kernels = self.raw.get("kernels", {}) if isinstance(self.raw, dict) else {}
+        return any(isinstance(k, dict) and "beside_others" in k
+                   for per in kernels.values() if isinstance(per, dict) for k in per.values())
+
+    def beside_others(self):
+        """This profile as it prices a local worker whose kernels run while
+        the others' do, on the cores of the machine it measured: each
+        kind's in-step factor times the one measured so
+        (``tilec.profile_calibrate.beside_others``). Its ``raw`` says so,
+        and a plan's cluster reads it back the same; ``alone`` undoes it."""
+        return profile_from_dict(dict(self.raw, beside_others=True), self.source)
+
+    def alone(self):
+        """The profile of one process alone on the machine (undoes ``beside_others``)."""
+        if not self.raw.get("beside_others"):
+            return self
+        return profile_from_dict({k: v for k, v in self.raw.items() if k != "beside_others"}, self.source)
 
     def speedup(self, kind, threads):
         """How much faster ``threads`` threads run a kernel of ``kind`` than one
@@ -173,6 +196,10 @@ def profile_from_dict(data, source="<dict>"):
                 _number(k, "in_step", where, default=1.0),
                 _number(k, "dispatch_us", where, strict=False, default=0.0) * 1e-6,
                 _number(k, "ns_per_row", where, strict=False, default=0.0) * 1e-9)
+            if data.get("beside_others"):  # a local worker's view (``Profile.beside_others``)
+                cost = costs[kind][direction]
+                costs[kind][direction] = dataclasses.replace(
+                    cost, in_step=cost.in_step * _number(k, "beside_others", where, default=1.0))
     threads = data.get("threads", {})
     if not isinstance(threads, dict):
         raise ProfileError(f"{source}: field 'threads' must map kernel kinds to speed-ups")
