@@ -136,14 +136,16 @@ def tile_own_bytes(spec, batch, itemsize):
     return itemsize * (spec["arena"] + batch * prod(spec["input"])) + ARGMAX_BYTES * spec["arg_arena"]
 
 
-def image_bytes(values, itemsize):
+def image_bytes(values, itemsize, local=False):
     """Bytes of ``values`` image values held as frames from the data source
     besides the tile's input region (counted with the tile): the batches it
     streams ahead. This step's frame is let go as soon as it has landed
     (``tilec_runtime.executor``, the input op); the next one waits, and the
-    one after is sent once this step is over."""
+    one after is sent once this step is over. A local worker (``local``)
+    reads this step's pieces from the launcher's file when the step starts
+    (``tilec_runtime.imagefile``) and holds none ahead."""
     from tilec_runtime.executor import BATCHES_AHEAD
-    return BATCHES_AHEAD * values * itemsize
+    return 0 if local else BATCHES_AHEAD * values * itemsize
 
 
 def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize, threads=1):

@@ -9,6 +9,13 @@ them. The launcher still sends each step's labels or targets to rank 0, and
 every other rank an empty BATCH frame: the step's go, so that a STOP still
 ends every worker after the same step.
 
+A fixed data set (a ``data.BatchSource``) is written whole, once
+(``FixedImages``); batches made step by step (augmented) go into a ring of
+``RING`` batches (``ImageRing``), each written before its step's go and not
+again before every worker has finished that step (the launcher is
+``BATCHES_AHEAD`` steps ahead at most: it writes step s + 2 once every
+worker has reported step s, while they may read s + 1).
+
 The file is the launcher's own, in a directory only this job uses; a worker
 checks its header against the plan (shape, dtype, size) before it allocates
 anything, and reads no pickle.
@@ -20,20 +27,64 @@ import numpy as np
 from tilec_runtime.errors import DataError
 from tilec_runtime.geometry import Region
 
+from tilec_runtime.executor import BATCHES_AHEAD
+
 IMAGES = "images.npy"
+RING = BATCHES_AHEAD + 1  # batches a ring holds: the one being read, and those written ahead
 
 
-def write_images(source, directory):
-    """Write ``source``'s images (a ``data.BatchSource``) to ``directory``;
-    returns the job's ``data`` entry."""
-    path = os.path.join(directory, IMAGES)
-    images = np.ascontiguousarray(source.images)
-    np.save(path, images, allow_pickle=False)
-    return {"images": path, "count": int(images.shape[0]), "batch": int(source.batch)}
+class FixedImages:
+    """A fixed data set's images, written once: ``spec`` is the job's ``data``."""
+
+    def __init__(self, source, directory):
+        path = os.path.join(directory, IMAGES)
+        images = np.ascontiguousarray(source.images)
+        np.save(path, images, allow_pickle=False)
+        self.spec = {"images": path, "count": int(images.shape[0]), "batch": int(source.batch)}
+
+    def put(self, step, images):
+        """(Nothing: the workers find step ``step``'s images among all of them.)"""
+
+    def close(self):
+        pass
 
 
-def batch_items(step, batch, count):
-    """The data set's items of training step ``step`` (``data.BatchSource.get``)."""
+class ImageRing:
+    """Batches made step by step: step s's images in slot s % ``RING``."""
+
+    def __init__(self, directory, shape, dtype, batch):
+        self.path = os.path.join(directory, IMAGES)
+        self.dtype = np.dtype(dtype)
+        self.bytes = batch * int(np.prod(shape)) * self.dtype.itemsize
+        count = RING * batch
+        with open(self.path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                     "fortran_order": False, "shape": (count, *shape)})
+            self.offset = f.tell()
+            f.truncate(self.offset + RING * self.bytes)
+        self.fd = os.open(self.path, os.O_WRONLY)
+        self.spec = {"images": self.path, "count": count, "batch": batch, "ring": RING}
+
+    def put(self, step, images):
+        data = np.ascontiguousarray(images, self.dtype)
+        if data.nbytes != self.bytes:
+            raise ValueError(f"a batch of images of shape {images.shape}, the ring takes {self.bytes} bytes")
+        view, at = memoryview(data).cast("B"), self.offset + (step % RING) * self.bytes
+        while len(view):
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def batch_items(step, batch, count, ring=False):
+    """The data set's items of training step ``step`` (``data.BatchSource.get``),
+    or its slot's of a ring."""
+    if ring:
+        return (step % (count // batch)) * batch + np.arange(batch)
     return (np.arange(batch) + step * batch) % count
 
 
@@ -48,11 +99,16 @@ def _header(f, path):
 
 class ImagePieces:
     """Rank ``rank``'s pieces of a step's images (``{message id: array}``,
-    as the launcher would send them) read from the file of ``write_images``."""
+    as the launcher would send them) read from the file of ``FixedImages``
+    or ``ImageRing``."""
 
     def __init__(self, spec, plan, pieces):
         """``pieces``: [(message id, shape)] of the rank's input messages (``executor.input_messages``)."""
         path, self.count, self.batch = spec["images"], int(spec["count"]), int(spec["batch"])
+        self.ring = bool(spec.get("ring"))
+        if self.ring and self.count != int(spec["ring"]) * self.batch:
+            raise DataError(f"{path}: a ring of {spec['ring']} batches of {self.batch} holds "
+                            f"{int(spec['ring']) * self.batch} images, not {self.count}")
         dtype = np.dtype(plan["dtype"])
         c, h, w = plan["program"][0]["in_shape"]
         if self.batch != plan["batch"] or self.count < 1:
@@ -86,7 +142,7 @@ class ImagePieces:
         self.rows = np.empty((c, widest, w), dtype) if widest else None
 
     def read(self, step):
-        items = batch_items(step, self.batch, self.count)
+        items = batch_items(step, self.batch, self.count, self.ring)
         c, h, w = self.shape
         row = w * self.dtype.itemsize
         out = {}

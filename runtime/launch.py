@@ -25,7 +25,7 @@ from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import BatchSource
 from tilec_runtime.errors import RuntimeFault
 from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece, place
-from tilec_runtime.imagefile import write_images
+from tilec_runtime.imagefile import FixedImages, ImageRing
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
 from tilec_runtime.worker import (BUILD_TIMEOUT, FIRST_PIECE, LISTENING, MAX_METRICS_BYTES,
@@ -59,7 +59,7 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
     job = Job(plan, addresses, key, timeout)
     try:
         job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernel_source, threads,
-                  trace, lr, local_data(batches, data_dir))
+                  trace, lr, local_data(plan, batches, data_dir))
         losses = []
         for step, records, state in job.steps(batches):
             losses.append(records[0]["loss"])
@@ -75,13 +75,15 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
         raise
 
 
-def local_data(batches, directory):
-    """The job's ``data`` where the workers can read the images from
-    ``directory`` (local workers) and ``batches`` is a fixed data set (a
-    ``data.BatchSource``; one made step by step, augmented, is sent), else None."""
-    if directory is None or not isinstance(batches, BatchSource):
+def local_data(plan, batches, directory):
+    """Where the workers read the images from ``directory`` (local
+    workers: ``imagefile``): a fixed data set (a ``data.BatchSource``)
+    written whole, batches made step by step into a ring; None: sent."""
+    if directory is None:
         return None
-    return write_images(batches, directory)
+    if isinstance(batches, BatchSource):
+        return FixedImages(batches, directory)
+    return ImageRing(directory, plan["program"][0]["in_shape"], plan["dtype"], plan["batch"])
 
 
 class Job:
@@ -115,7 +117,7 @@ class Job:
     def start(self, params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernel_source,
               threads, trace, lr=None, data=None):
         """``data``: where the workers read their pieces of the images
-        themselves (``imagefile.write_images``); None: they are sent."""
+        themselves (``local_data``); None: they are sent."""
         plan = self.plan
         self.data = data
         self.step = first_step
@@ -140,7 +142,7 @@ class Job:
                     "job": job_id, "rank": r, "peers": [list(a) for a in self.addresses],
                     "first_step": first_step, "steps": steps, "timeout": self.timeout, "state_every": state_every,
                     "momentum": send_momentum, "kernel_source": kernel_source, "threads": threads, "trace": bool(trace),
-                    "lr": [[int(a), float(b)] for a, b in (lr or [])], "data": data, "plan": plan}))
+                    "lr": [[int(a), float(b)] for a, b in (lr or [])], "data": data and data.spec, "plan": plan}))
                 held = self.held[r]
                 for index in holdings(plan, r, send_momentum):
                     section, key, shape = self.table[index]
@@ -233,6 +235,8 @@ class Job:
             nonlocal sent
             if step < last and step == sent and self.stop_at is None:
                 images, target = batches.get(step)
+                if self.data is not None:
+                    self.data.put(step, images)  # (before its go: the workers read it then)
                 self.links[0].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(target, target_dtype))
                 if self.data is not None:  # the workers read the images: the others' go
                     for r in range(1, self.n):
@@ -268,6 +272,8 @@ class Job:
             link.send(Kind.BYE, 0, 0)
             link.close()
         self.final_state = state if state is not None else (None, None, None)
+        if self.data is not None:
+            self.data.close()
 
     def _send_stop(self, at):
         """Every worker ends after ``at`` steps (the batches sent so far) and reports its state there."""
@@ -287,6 +293,8 @@ class Job:
 
     def abort(self, message):
         """Tell every worker to stop (a cluster's workers then serve again)."""
+        if self.data is not None:
+            self.data.close()
         for r, sock in enumerate(self.socks):
             link = self.links.get(r)
             try:

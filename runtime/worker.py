@@ -207,8 +207,10 @@ def parse_job(job):
         data = job.get("data")
         if data is not None and not (isinstance(data, dict) and isinstance(data.get("images"), str)
                                      and all(isinstance(data.get(k), int) and data[k] >= 1
-                                             for k in ("count", "batch"))):
-            raise JobError("job field 'data' must be {images: a path, count: images, batch: images a step}")
+                                             for k in ("count", "batch"))
+                                     and (data.get("ring") is None or isinstance(data["ring"], int) and data["ring"] >= 1)):
+            raise JobError("job field 'data' must be {images: a path, count: images, batch: images a step"
+                           "[, ring: batches]}")
         return plan
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise JobError(f"malformed job ({exc!r})") from None

@@ -16,7 +16,7 @@ from tilec_runtime.auth import new_key
 from tilec_runtime.data import BatchSource
 from tilec_runtime.errors import DataError
 from tilec_runtime.executor import input_piece
-from tilec_runtime.imagefile import ImagePieces, write_images
+from tilec_runtime.imagefile import RING, FixedImages, ImagePieces, ImageRing
 
 
 def fake_plan(c, h, w, batch, dtype, rects):
@@ -37,30 +37,53 @@ def cases(draw):
         rects, draw(st.integers(0, 20))
 
 
+class Augmented:
+    """Batches made step by step (as the demo's augmented ones are): not a ``BatchSource``."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def get(self, step):
+        images, target = self.source.get(step)
+        return images * (1.0 + step), target
+
+
 @settings(max_examples=60, deadline=None)
-@given(cases())
-def test_pieces_read_from_the_file_equal_the_pieces_sent(tmp_path_factory, case):
+@given(cases(), st.booleans())
+def test_pieces_read_from_the_file_equal_the_pieces_sent(tmp_path_factory, case, ring):
+    """From a fixed data set's file, or from a ring the launcher writes
+    step by step ahead of the workers (``RING`` steps at most in it)."""
     c, h, w, count, batch, dtype, rects, step = case
     rng = np.random.default_rng(count * 31 + step)
     source = BatchSource(rng.standard_normal((count, c, h, w)).astype(dtype), np.zeros(count), batch)
-    spec = write_images(source, tmp_path_factory.mktemp("img"))
+    if ring:
+        source = Augmented(source)
+        files = ImageRing(tmp_path_factory.mktemp("img"), (c, h, w), dtype, batch)
+        steps = range(step, step + RING)
+    else:
+        files = FixedImages(source, tmp_path_factory.mktemp("img"))
+        steps = range(step, step + 2)
     plan, pieces = fake_plan(c, h, w, batch, dtype, rects)
-    reader = ImagePieces(spec, plan, pieces)
+    reader = ImagePieces(files.spec, plan, pieces)
     try:
-        got = reader.read(step)
+        for s in steps:
+            files.put(s, source.get(s)[0])
+        for s in steps:
+            got = reader.read(s)
+            images, _ = source.get(s)
+            assert sorted(got) == list(range(len(rects)))
+            for k, m in enumerate(plan["messages"]):
+                want = input_piece(images, m)
+                assert got[k].shape == want.shape and got[k].dtype == want.dtype
+                assert np.array_equal(got[k], want)
     finally:
         reader.close()
-    images, _ = source.get(step)
-    assert sorted(got) == list(range(len(rects)))
-    for k, m in enumerate(plan["messages"]):
-        want = input_piece(images, m)
-        assert got[k].shape == want.shape and got[k].dtype == want.dtype
-        assert np.array_equal(got[k], want)
+        files.close()
 
 
 def test_a_file_that_does_not_match_the_plan_is_refused(tmp_path):
     source = BatchSource(np.zeros((3, 2, 5, 6), np.float32), np.zeros(3), 2)
-    spec = write_images(source, tmp_path)
+    spec = FixedImages(source, tmp_path).spec
     plan, pieces = fake_plan(2, 5, 6, 2, "float32", [(0, 4, 0, 5)])
     ImagePieces(spec, plan, pieces).close()
     with pytest.raises(DataError, match=r"float32 \(3, 2, 5, 6\), the job needs float64"):
@@ -84,18 +107,20 @@ def test_workers_that_read_the_images_train_as_workers_sent_them(tmp_path):
     program = small_program()
     params, buffers, batches = setup(program, batch=2)
     plan = make_plan(program, 4)
-    runs = []
-    for data_dir in (None, tmp_path / "data"):
-        if data_dir is not None:
-            data_dir.mkdir()
-        key = new_key()
-        with launch.LocalWorkers(4, key) as workers:
-            runs.append(launch.run_job(plan, workers.addresses, key.encode(), params, buffers, batches, steps=3,
-                                       timeout=30, kernel_source=kernel_source("float64"), data_dir=data_dir))
-    (sent_losses, sent_p, sent_b, _), (read_losses, read_p, read_b, _) = runs
-    assert read_losses == sent_losses
-    assert all(np.array_equal(read_p[k], sent_p[k]) for k in sent_p)
-    assert all(np.array_equal(read_b[k], sent_b[k]) for k in sent_b)
+    for source in (batches, Augmented(batches)):  # a fixed data set (written once), and a ring
+        runs = []
+        for data_dir in (None, tmp_path / f"data{len(runs)}{id(source)}"):
+            if data_dir is not None:
+                data_dir.mkdir()
+            key = new_key()
+            with launch.LocalWorkers(4, key) as workers:
+                runs.append(launch.run_job(plan, workers.addresses, key.encode(), params, buffers, source,
+                                           steps=5, timeout=30, kernel_source=kernel_source("float64"),
+                                           data_dir=data_dir))
+        (sent_losses, sent_p, sent_b, _), (read_losses, read_p, read_b, _) = runs
+        assert read_losses == sent_losses
+        assert all(np.array_equal(read_p[k], sent_p[k]) for k in sent_p)
+        assert all(np.array_equal(read_b[k], sent_b[k]) for k in sent_b)
     # what the workers read is the file: one of other images is refused there
     other = tmp_path / "other"
     other.mkdir()
@@ -106,4 +131,26 @@ def test_workers_that_read_the_images_train_as_workers_sent_them(tmp_path):
         with pytest.raises(launch.JobFailed, match=r"refused the job: .*images\.npy: float64 \(4, 2, 12, 12\), "
                                                    r"the job needs float64 \(4, 3, 12, 12\)"):
             job.start(params, buffers, None, 0, 1, 0, 30.0, kernel_source("float64"), None, False,
-                      data=write_images(wrong, other))
+                      data=FixedImages(wrong, other))
+
+
+def test_local_workers_are_planned_holding_no_images_ahead():
+    """Devices apart hold the pieces the launcher streams ahead
+    (``BATCHES_AHEAD`` of them); local workers, which read theirs from the
+    launcher's file as each step starts, none."""
+    from math import prod
+
+    from tilec.cluster import uniform_cluster
+    from tilec.compile import compile_plan
+    from tilec.cost.memory import plan_memory
+    from tilec.frontend.models import load_model
+    from tilec.profiles import load_profile
+    from tilec_runtime.executor import BATCHES_AHEAD, input_messages
+    prof = load_profile("rpi4")
+    for shared in (False, True):
+        plan = compile_plan(load_model("tiny"), cluster=uniform_cluster(prof, 2, threads=2, shared=shared), batch=2,
+                            dtype="float32")
+        pieces = [sum(prod(shape) for _, shape in input_messages(plan, r)) for r in range(2)]
+        assert sum(pieces) > 0
+        for r in range(2):
+            assert plan_memory(plan, r)["inputs"] == (0 if shared else BATCHES_AHEAD * 4 * pieces[r])

@@ -36,7 +36,7 @@ def plan_memory(plan, rank, profile=None):
     ``messages`` (staging buffers of the messages to peers: the forward and
     the backward ones share their bytes; the cost model counts both, so
     the planner's count may be higher by the smaller), ``inputs`` (its
-    pieces of the image, of this step and those streamed ahead), ``tail``
+    pieces of the image streamed ahead; none for a local worker), ``tail``
     (the gradients of the tail groups' inputs, ``tail_member_bytes``),
     ``transient`` (the scratch all tiles share: workspaces, what lives only
     during a tile's backward, what a recomputing group recomputes; and the
@@ -62,8 +62,9 @@ def plan_memory(plan, rank, profile=None):
     # staging buffers: one per content of the messages it sends, but a tile's halo one each (``staging_key``),
     # the forward ones and the backward ones in the same bytes (``staging_layout``)
     messages = staging_layout(plan, rank)[1]
-    # its pieces of the image: this step's and those the launcher streams ahead
-    inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item)
+    # its pieces of the image the launcher streams ahead (a local worker reads them: none)
+    local = bool(((plan.get("cluster") or {}).get("devices") or [{}] * (rank + 1))[rank].get("shared"))
+    inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item, local)
     kept, held, freed, early = tail_bytes(plan, rank)
     released = any(op["op"] == "scratch_release" for op in plan["schedule"][rank])
     overhead = profile.process_overhead_bytes if profile is not None else 0

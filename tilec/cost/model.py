@@ -185,10 +185,11 @@ class CostModel:
             g = self._groups[key] = self._price(first, last, list(row_splits), list(col_splits), tuple(devices))
             g.layout = layout
             if first == 0:
-                # each tile's piece of the image, this step's and those the launcher streams ahead
+                # each tile's pieces of the image the launcher streams ahead (none where it reads them)
                 channels = self.program[0]["in_shape"][0]
                 for (r0, r1, c0, c1), d in zip(g.input_rects.tolist(), g.devices):
-                    piece = image_bytes(self.batch * channels * (r1 - r0 + 1) * (c1 - c0 + 1), self.itemsize)
+                    piece = image_bytes(self.batch * channels * (r1 - r0 + 1) * (c1 - c0 + 1), self.itemsize,
+                                        self.devices[d].shared)
                     g.kept[d] += piece
                     g.kept_recompute[d] += piece
             elif layout is not None:

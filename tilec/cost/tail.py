@@ -333,7 +333,7 @@ class TailPricer:
             kept[d] += sum(b * prod(tensor_shape(self.program, j)) * item for j in far)
         if first == 0:  # every member takes the whole image from the launcher, this step's and those ahead
             for d in devices:
-                kept[d] += image_bytes(b * prod(tensor_shape(self.program, -1)), item)
+                kept[d] += image_bytes(b * prod(tensor_shape(self.program, -1)), item, self.devices[d].shared)
         need = Holding("one" if mode == "one" else "whole", devices)
         seconds = compute + collective + update + to_rank0
         return TailArc(first, last, mode, devices, seconds, state, kept, work, busy, need,
