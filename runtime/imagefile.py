@@ -25,9 +25,8 @@ import os
 import numpy as np
 
 from tilec_runtime.errors import DataError
-from tilec_runtime.geometry import Region
-
 from tilec_runtime.executor import BATCHES_AHEAD
+from tilec_runtime.geometry import Region
 
 IMAGES = "images.npy"
 RING = BATCHES_AHEAD + 1  # batches a ring holds: the one being read, and those written ahead
@@ -43,7 +42,8 @@ class FixedImages:
         self.spec = {"images": path, "count": int(images.shape[0]), "batch": int(source.batch)}
 
     def put(self, step, images):
-        """(Nothing: the workers find step ``step``'s images among all of them.)"""
+        """(Nothing: the workers find step ``step``'s images among all of them:
+        the launcher takes only its targets, ``data.BatchSource.target_of``.)"""
 
     def close(self):
         pass

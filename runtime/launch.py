@@ -234,7 +234,10 @@ class Job:
         def send_batch(step):
             nonlocal sent
             if step < last and step == sent and self.stop_at is None:
-                images, target = batches.get(step)
+                if isinstance(self.data, FixedImages):  # (the workers have every image)
+                    images, target = None, batches.target_of(step)
+                else:
+                    images, target = batches.get(step)
                 if self.data is not None:
                     self.data.put(step, images)  # (before its go: the workers read it then)
                 self.links[0].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(target, target_dtype))

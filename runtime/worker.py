@@ -205,10 +205,9 @@ def parse_job(job):
                 and p[1] > 0 for p in schedule)):
             raise JobError("job field 'lr' must be [[step, learning rate], ...]")
         data = job.get("data")
+        counts = ("count", "batch", "ring") if data and "ring" in data else ("count", "batch")
         if data is not None and not (isinstance(data, dict) and isinstance(data.get("images"), str)
-                                     and all(isinstance(data.get(k), int) and data[k] >= 1
-                                             for k in ("count", "batch"))
-                                     and (data.get("ring") is None or isinstance(data["ring"], int) and data["ring"] >= 1)):
+                                     and all(isinstance(data.get(k), int) and data[k] >= 1 for k in counts)):
             raise JobError("job field 'data' must be {images: a path, count: images, batch: images a step"
                            "[, ring: batches]}")
         return plan
