@@ -71,9 +71,9 @@ def main():
     kernels = Kernels(module, args.dtype)
     rng = np.random.default_rng(0)
     rows = []
-    folder = tempfile.mkdtemp()
-    for model in args.models.split(","):
-        program = load_graph(model, folder).to_program()
+    with tempfile.TemporaryDirectory() as folder:  # (the .cfg of a model's first N layers)
+        programs = {model: load_graph(model, folder).to_program() for model in args.models.split(",")}
+    for model, program in programs.items():
         for layer, x, w, dy in conv_layers(program, rng, args.batch, args.dtype):
             f, ho, wo = layer["out_shape"]
             calls = {}

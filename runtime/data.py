@@ -36,17 +36,11 @@ class BatchSource:
     def __len__(self):
         return self.images.shape[0]
 
-    def _items(self, step):
-        return (np.arange(self.batch) + step * self.batch) % len(self)
-
     def get(self, step):
         """The images and labels/targets of training step ``step`` (0-based)."""
-        idx = self._items(step)
+        n = len(self)
+        idx = (np.arange(self.batch) + step * self.batch) % n
         return self.images[idx], self.target[idx]
-
-    def target_of(self, step):
-        """The labels/targets of step ``step`` alone (its images read elsewhere: ``imagefile``)."""
-        return self.target[self._items(step)]
 
 
 def load_batches(path, program, batch, dtype="float32"):

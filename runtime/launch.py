@@ -22,10 +22,9 @@ import numpy as np
 
 from tilec_runtime.auth import handshake
 from tilec_runtime.comm import PeerLost
-from tilec_runtime.data import BatchSource
 from tilec_runtime.errors import RuntimeFault
 from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece, place
-from tilec_runtime.imagefile import FixedImages, ImageRing
+from tilec_runtime.imagefile import ImageRing
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
 from tilec_runtime.worker import (BUILD_TIMEOUT, FIRST_PIECE, LISTENING, MAX_METRICS_BYTES,
@@ -59,7 +58,7 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
     job = Job(plan, addresses, key, timeout)
     try:
         job.start(params, buffers, momentum, first_step, steps, state_every, connect_timeout, kernel_source, threads,
-                  trace, lr, local_data(plan, batches, data_dir))
+                  trace, lr, local_data(plan, data_dir))
         losses = []
         for step, records, state in job.steps(batches):
             losses.append(records[0]["loss"])
@@ -75,14 +74,11 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
         raise
 
 
-def local_data(plan, batches, directory):
-    """Where the workers read the images from ``directory`` (local
-    workers: ``imagefile``): a fixed data set (a ``data.BatchSource``)
-    written whole, batches made step by step into a ring; None: sent."""
+def local_data(plan, directory):
+    """Where the workers read each step's images from ``directory`` (local
+    workers: ``imagefile.ImageRing``); None: they are sent."""
     if directory is None:
         return None
-    if isinstance(batches, BatchSource):
-        return FixedImages(batches, directory)
     return ImageRing(directory, plan["program"][0]["in_shape"], plan["dtype"], plan["batch"])
 
 
@@ -234,19 +230,15 @@ class Job:
         def send_batch(step):
             nonlocal sent
             if step < last and step == sent and self.stop_at is None:
-                if isinstance(self.data, FixedImages):  # (the workers have every image)
-                    images, target = None, batches.target_of(step)
-                else:
-                    images, target = batches.get(step)
+                images, target = batches.get(step)
                 if self.data is not None:
                     self.data.put(step, images)  # (before its go: the workers read it then)
                 self.links[0].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(target, target_dtype))
-                if self.data is not None:  # the workers read the images: the others' go
-                    for r in range(1, self.n):
-                        self.links[r].send(Kind.BATCH, step, TARGET)
-                    sent += 1
-                    return
                 for r, messages in enumerate(image_pieces):
+                    if self.data is not None:  # the workers read the images: the others' go
+                        if r > 0:
+                            self.links[r].send(Kind.BATCH, step, TARGET)
+                        continue
                     for j, m in enumerate(messages):
                         piece = np.ascontiguousarray(input_piece(images, m), dtype)
                         self.links[r].send(Kind.BATCH, step, FIRST_PIECE + j, piece)
@@ -381,6 +373,7 @@ class LocalWorkers:
         self.extra_env = env or {}
         self.procs, self.addresses, self.logs = [], [], []
         self.returncodes = None
+        self._data = self.data_dir = None  # the images the workers read (``local_data``)
 
     def __enter__(self):
         self.start()
@@ -391,7 +384,7 @@ class LocalWorkers:
 
     def start(self):
         self._data = tempfile.TemporaryDirectory(prefix="tilec-data-")
-        self.data_dir = self._data.name  # the images the workers read (``local_data``)
+        self.data_dir = self._data.name
         if self.log_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tilec-workers-")
             self.log_dir = self._tmp.name
@@ -450,7 +443,7 @@ class LocalWorkers:
                 proc.wait()
             if proc.stdout:
                 proc.stdout.close()
-        if getattr(self, "_data", None) is not None:
+        if self._data is not None:
             self._data.cleanup()
         self.returncodes = [p.returncode for p in self.procs]
         return self.returncodes

@@ -253,9 +253,10 @@ def workspace(op, threads, dx):
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
-    need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
     if not op.get("regen") and filter_split(ho, wo, band, f, threads):
         need = ckk * min(band, ho) * wo
+    else:
+        need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
     if band > ho:
         need = max(need, (ckk + f) * band * wo * threads + (threads - 1) * f * ckk)
     return need

@@ -43,8 +43,8 @@ from tilec_runtime.data import target_shape
 from tilec_runtime.emulate import add_emulate_argument
 from tilec_runtime.errors import Diverged, ProgramError, RuntimeFault, check_loss
 from tilec_runtime.executor import BATCHES_AHEAD, RankExecutor, input_messages
-from tilec_runtime.imagefile import ImagePieces
 from tilec_runtime.executor import holdings as holdings_of
+from tilec_runtime.imagefile import ImagePieces
 from tilec_runtime.program import buffer_shapes, param_shapes
 from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
 from tilec_runtime.trace import step_events
@@ -205,11 +205,8 @@ def parse_job(job):
                 and p[1] > 0 for p in schedule)):
             raise JobError("job field 'lr' must be [[step, learning rate], ...]")
         data = job.get("data")
-        counts = ("count", "batch", "ring") if data and "ring" in data else ("count", "batch")
-        if data is not None and not (isinstance(data, dict) and isinstance(data.get("images"), str)
-                                     and all(isinstance(data.get(k), int) and data[k] >= 1 for k in counts)):
-            raise JobError("job field 'data' must be {images: a path, count: images, batch: images a step"
-                           "[, ring: batches]}")
+        if data is not None and not (isinstance(data, dict) and isinstance(data.get("images"), str)):
+            raise JobError("job field 'data' must be {images: a path}")
         return plan
     except (KeyError, TypeError, IndexError, ValueError) as exc:
         raise JobError(f"malformed job ({exc!r})") from None

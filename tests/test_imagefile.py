@@ -1,8 +1,10 @@
 """Local workers read their pieces of the images from a file the launcher
-wrote (``tilec_runtime.imagefile``): the pieces equal the ones it would
+writes (``tilec_runtime.imagefile``): the pieces equal the ones it would
 send, for any rectangle, batch and step (wrapping round the data set);
 a file that does not match the plan is refused before anything is
 allocated; and training that way ends bit for bit where sending them does."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,8 +17,8 @@ from tilec_runtime import launch
 from tilec_runtime.auth import new_key
 from tilec_runtime.data import BatchSource
 from tilec_runtime.errors import DataError
-from tilec_runtime.executor import input_piece
-from tilec_runtime.imagefile import RING, FixedImages, ImagePieces, ImageRing
+from tilec_runtime.executor import BATCHES_AHEAD, input_piece
+from tilec_runtime.imagefile import ImagePieces, ImageRing
 
 
 def fake_plan(c, h, w, batch, dtype, rects):
@@ -50,24 +52,22 @@ class Augmented:
 
 @settings(max_examples=60, deadline=None)
 @given(cases(), st.booleans())
-def test_pieces_read_from_the_file_equal_the_pieces_sent(tmp_path_factory, case, ring):
-    """From a fixed data set's file, or from a ring the launcher writes
-    step by step ahead of the workers (``RING`` steps at most in it)."""
+def test_pieces_read_from_the_file_equal_the_pieces_sent(tmp_path_factory, case, augmented):
+    """Of a fixed data set or of batches made step by step, each step's
+    images written to the ring ahead of the workers (``BATCHES_AHEAD``
+    steps at most in it)."""
     c, h, w, count, batch, dtype, rects, step = case
     rng = np.random.default_rng(count * 31 + step)
     source = BatchSource(rng.standard_normal((count, c, h, w)).astype(dtype), np.zeros(count), batch)
-    if ring:
+    if augmented:
         source = Augmented(source)
-        files = ImageRing(tmp_path_factory.mktemp("img"), (c, h, w), dtype, batch)
-        steps = range(step, step + RING)
-    else:
-        files = FixedImages(source, tmp_path_factory.mktemp("img"))
-        steps = range(step, step + 2)
+    ring = ImageRing(tmp_path_factory.mktemp("img"), (c, h, w), dtype, batch)
+    steps = range(step, step + BATCHES_AHEAD)
     plan, pieces = fake_plan(c, h, w, batch, dtype, rects)
-    reader = ImagePieces(files.spec, plan, pieces)
+    reader = ImagePieces(ring.spec, plan, pieces)
     try:
         for s in steps:
-            files.put(s, source.get(s)[0])
+            ring.put(s, source.get(s)[0])
         for s in steps:
             got = reader.read(s)
             images, _ = source.get(s)
@@ -78,25 +78,38 @@ def test_pieces_read_from_the_file_equal_the_pieces_sent(tmp_path_factory, case,
                 assert np.array_equal(got[k], want)
     finally:
         reader.close()
-        files.close()
+        ring.close()
+
+
+def open_files():
+    return len(os.listdir("/proc/self/fd"))
 
 
 def test_a_file_that_does_not_match_the_plan_is_refused(tmp_path):
-    source = BatchSource(np.zeros((3, 2, 5, 6), np.float32), np.zeros(3), 2)
-    spec = FixedImages(source, tmp_path).spec
+    """Refused with its path, and nothing left open."""
+    ring = ImageRing(tmp_path, (2, 5, 6), "float32", 2)
+    ring.close()
+    spec = ring.spec
     plan, pieces = fake_plan(2, 5, 6, 2, "float32", [(0, 4, 0, 5)])
     ImagePieces(spec, plan, pieces).close()
-    with pytest.raises(DataError, match=r"float32 \(3, 2, 5, 6\), the job needs float64"):
+    held = open_files()
+    with pytest.raises(DataError, match=r"float32 \(4, 2, 5, 6\), the job needs float64"):
         ImagePieces(spec, dict(plan, dtype="float64"), pieces)
-    with pytest.raises(DataError, match="the plan's batch is 4"):
-        ImagePieces(spec, dict(plan, batch=4), pieces)
+    with pytest.raises(DataError, match=r"the job needs float32 \(8, 2, 5, 6\)"):  # another batch
+        ImagePieces(spec, dict(plan, batch=4), [(0, (4, 2, 5, 6))])
     bad, _ = fake_plan(2, 5, 6, 2, "float32", [(0, 5, 0, 5)])  # a row past the image
     with pytest.raises(DataError, match="does not lie in the 5 x 6 image"):
         ImagePieces(spec, bad, [(0, (2, 2, 6, 6))])
+    with pytest.raises(DataError, match="nothere.npy: cannot read images"):
+        ImagePieces({"images": str(tmp_path / "nothere.npy")}, plan, pieces)
+    (tmp_path / "text.npy").write_text("not an array")
+    with pytest.raises(DataError, match="text.npy: cannot read images"):
+        ImagePieces({"images": str(tmp_path / "text.npy")}, plan, pieces)
     with open(spec["images"], "r+b") as f:  # cut short: the header says more than is there
         f.truncate(f.seek(0, 2) - 4)
     with pytest.raises(DataError, match="is not .* whole"):
         ImagePieces(spec, plan, pieces)
+    assert open_files() == held
 
 
 def test_workers_that_read_the_images_train_as_workers_sent_them(tmp_path):
@@ -107,7 +120,7 @@ def test_workers_that_read_the_images_train_as_workers_sent_them(tmp_path):
     program = small_program()
     params, buffers, batches = setup(program, batch=2)
     plan = make_plan(program, 4)
-    for source in (batches, Augmented(batches)):  # a fixed data set (written once), and a ring
+    for source in (batches, Augmented(batches)):  # a fixed data set, and batches made step by step
         runs = []
         for data_dir in (None, tmp_path / f"data{len(runs)}{id(source)}"):
             if data_dir is not None:
@@ -124,14 +137,14 @@ def test_workers_that_read_the_images_train_as_workers_sent_them(tmp_path):
     # what the workers read is the file: one of other images is refused there
     other = tmp_path / "other"
     other.mkdir()
-    wrong = BatchSource(np.zeros((4, 2, 12, 12)), np.zeros(4), 2)  # 2 channels, the model takes 3
+    wrong = ImageRing(other, (2, 12, 12), "float64", 2)  # 2 channels, the model takes 3
     key = new_key()
     with launch.LocalWorkers(4, key) as workers:
         job = launch.Job(plan, workers.addresses, key.encode(), 30.0)
         with pytest.raises(launch.JobFailed, match=r"refused the job: .*images\.npy: float64 \(4, 2, 12, 12\), "
                                                    r"the job needs float64 \(4, 3, 12, 12\)"):
             job.start(params, buffers, None, 0, 1, 0, 30.0, kernel_source("float64"), None, False,
-                      data=FixedImages(wrong, other))
+                      data=wrong)
 
 
 def test_local_workers_are_planned_holding_no_images_ahead():

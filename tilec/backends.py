@@ -210,7 +210,7 @@ class WorkersBackend:
         try:
             job.start(self.params, self.buffers, self.momentum, first, last - first, state_every, 30.0, self.kernel_source,
                       self.threads, self.trace, changes,
-                      launch.local_data(self.plan, batches, self.data_dir))
+                      launch.local_data(self.plan, self.data_dir))
             for step, records, state in job.steps(batches):
                 yield StepResult(step, records[0]["loss"], records[0]["step_s"], records, state)
         except BaseException as exc:

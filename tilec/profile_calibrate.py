@@ -66,21 +66,32 @@ def measured_ops(plan, module, steps):
     return {i: statistics.median(v) for i, v in per.items()}
 
 
+def _pairs(plan, cluster, measured):
+    """{(kind, direction): [(measured s, priced s)]} of the plan's kernel ops;
+    ``measured``: {rank: {op index: median seconds}}. A conv's forward in
+    row pieces is left out (its price is a share of the whole call's)."""
+    from tilec.inspect.simulate import OpPricer
+    pricer = OpPricer(plan, cluster)
+    out = {}
+    for rank, times in measured.items():
+        for i, op in enumerate(plan["schedule"][rank]):
+            key = OP_KIND.get(op["op"])
+            if key is not None and i in times and "rows" not in op:
+                out.setdefault(key, []).append((times[i], pricer.op(rank, op)[0]))
+    return out
+
+
+def _factor(measured, priced):
+    return round(float(np.clip(measured / priced, *LIMITS)), 3)
+
+
 def _priced_and_measured(profile, module, dtype, size, steps):
     """{(kind, direction): [(measured s, priced s)]} of the stack's ops at ``size`` on one device."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import compile_plan
-    from tilec.inspect.simulate import OpPricer
     cluster = uniform_cluster(profile, 1, threads=1)
     plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
-    measured = measured_ops(plan, module, steps)
-    pricer = OpPricer(plan, cluster)
-    out = {}
-    for i, op in enumerate(plan["schedule"][0]):
-        key = OP_KIND.get(op["op"])
-        if key is not None and i in measured and "rows" not in op:
-            out.setdefault(key, []).append((measured[i], pricer.op(0, op)[0]))
-    return out
+    return _pairs(plan, cluster, {0: measured_ops(plan, module, steps)})
 
 
 def in_step_costs(profile_data, module, dtype="float32", size=416, steps=5):
@@ -102,24 +113,24 @@ def in_step_costs(profile_data, module, dtype="float32", size=416, steps=5):
         priced = sum(p for _, p in pairs)
         if priced > 0:
             kind, direction = key
-            out.setdefault(kind, {})[direction] = {"in_step": round(float(np.clip(measured / priced, *LIMITS)), 3),
+            out.setdefault(kind, {})[direction] = {"in_step": _factor(measured, priced),
                                                    "dispatch_us": round(dispatch * 1e6, 2)}
     return out, time.perf_counter() - t0
 
 
-def beside_others(profile_data, dtype="float32", size=416, steps=6, workers=2):
+def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=6, workers=2):
     """({kind: {direction: factor}}, seconds it took): how much slower each
     kernel kind runs in local workers computing side by side than the
-    profile prices it alone (its in-step factors applied), measured on
-    ``workers`` local worker processes that take every core between them
-    training the reference stack, traced ({} where there are fewer cores
-    than workers). Processes share caches and memory bandwidth: on this
-    project's 2-core machine two workers' epilogues, which stream through
-    memory, ran 1.5-2.2x their price alone, their convolutions 1.1-1.3x."""
+    profile prices it alone, the executor's dispatch aside (the factor
+    multiplies ``in_step``), measured on ``workers`` local worker processes
+    of the generated kernels ``kernel_source`` ({"module", "source"}) that
+    take every core between them training the reference stack, traced ({}
+    where there are fewer cores than workers). Processes share caches and
+    memory bandwidth: on this project's 2-core machine two workers'
+    epilogues, which stream through memory, ran 1.5-2.2x their price alone,
+    their convolutions 1.1-1.3x."""
     from tilec.cluster import uniform_cluster
-    from tilec.codegen import generate
     from tilec.compile import compile_plan
-    from tilec.inspect.simulate import OpPricer
     from tilec.profiles import profile_from_dict
     from tilec_runtime import data, launch, weights
     t0 = time.perf_counter()
@@ -131,29 +142,23 @@ def beside_others(profile_data, dtype="float32", size=416, steps=6, workers=2):
     plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
     program = plan["program"]
     params, buffers = weights.init_params(program, 0, dtype)
-    batches = data.generated_batches(program, 1, 0, dtype)
-    source = generate((dtype,))
     records = []
     # (a learning rate of next to nothing: every step computes the numbers of the first)
-    launch.train_local(plan, params, buffers, batches, steps=steps, kernel_source={"module": source.module,
-                       "source": source.text}, threads=threads, trace=True, lr=[[0, 1e-30]],
+    launch.train_local(plan, params, buffers, data.generated_batches(program, 1, 0, dtype), steps=steps,
+                       kernel_source=kernel_source, threads=threads, trace=True, lr=[[0, 1e-30]],
                        on_metrics=records.append, timeout=300)
-    pricer = OpPricer(plan, cluster)
-    sums = {}
+    measured = {}
     for rank in range(workers):
-        ops = plan["schedule"][rank]
         per = {}
         for step in records[1:]:  # (the first touches the arenas)
             timed = [e for e in step[rank]["trace"] if e[4] == 0]  # the schedule's thread: its ops in order
-            for i, (op, event) in enumerate(zip(ops, timed)):
-                if op["op"] in OP_KIND:
-                    per.setdefault(i, []).append(event[3] * 1e-6)
-        for i, times in per.items():
-            key = OP_KIND[ops[i]["op"]]
-            measured, priced = sums.get(key, (0.0, 0.0))
-            sums[key] = (measured + statistics.median(times), priced + pricer.op(rank, ops[i])[0])
+            for i, event in enumerate(timed):
+                per.setdefault(i, []).append(event[3] * 1e-6)
+        measured[rank] = {i: statistics.median(v) for i, v in per.items()}
     out = {}
-    for (kind, direction), (measured, priced) in sums.items():
+    for (kind, direction), pairs in _pairs(plan, cluster, measured).items():
+        dispatch = profile.cost(kind, direction).dispatch_s
+        priced = sum(p - dispatch for _, p in pairs)
         if priced > 0:
-            out.setdefault(kind, {})[direction] = round(float(np.clip(measured / priced, *LIMITS)), 3)
+            out.setdefault(kind, {})[direction] = _factor(sum(max(m - dispatch, 0.0) for m, _ in pairs), priced)
     return out, time.perf_counter() - t0

@@ -94,9 +94,10 @@ def _time(fn, min_time, reps=3):
 
 
 def _module(dtype):
+    """(the built kernels of ``dtype``, their generated source)."""
     from tilec.codegen import build_modules
     (module, source, _), = build_modules([(dtype,)], progress=lambda msg: print(msg, flush=True))
-    return module, source.module
+    return module, source
 
 
 def _size(hw):
@@ -342,7 +343,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
     quick 1): a machine busy with something else for a moment is caught."""
     from tilec_runtime.kernel_set import Kernels
     from tilec_runtime.blas_threads import limit_blas_threads
-    module, module_name = _module(dtype)
+    module, source = _module(dtype)
     kernels = Kernels(module, dtype)
     limit_blas_threads(1)
     kernels.set_threads(1)
@@ -378,7 +379,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         "sources": {
             "kernels": f"measured by `tilec profile{' --quick' if quick else ''}` on {host} ({platform.machine()}, "
                        f"{platform.python_version()}, numpy {np.__version__}) at {when}: {len(samples)} timed calls "
-                       f"of the generated kernels ({module_name}, {dtype}, one thread), best of {rounds} round(s), "
+                       f"of the generated kernels ({source.module}, {dtype}, one thread), best of {rounds} round(s), "
                        f"fitted per kind and direction",
             "fit_worst_relative_error": errors,
             "noise_median_over_best": noise,
@@ -400,7 +401,8 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         f"{calibration_s:.1f} s): dispatch_us, each kind's measured less fitted time per op at {SMALL}x{SMALL}; "
         f"in_step, the rest over the fitted at {size}x{size}; kinds these steps do not run keep none")
     if peer is None:  # the machine local workers share: how they slow each other down
-        beside, beside_s = beside_others(data, dtype, size=size, steps=steps)
+        beside, beside_s = beside_others(data, {"module": source.module, "source": source.text}, dtype, size=size,
+                                         steps=steps)
         for kind, per in beside.items():
             for direction, factor in per.items():
                 fitted[kind][direction]["beside_others"] = factor

@@ -29,6 +29,7 @@ width, as the tail runs layers).
 from math import prod
 
 from tilec.ir.stats import backward_flops, conv_product_flops, forward_flops
+from tilec_runtime.footprint import param_count
 from tilec_runtime.kernel_set import band_rows
 from tilec_runtime.lower import STREAM_PASSES, regenerates, streams
 
@@ -221,6 +222,17 @@ def zero_seconds(profile, n_params, itemsize, scale=1.0, threads=1):
 def copy_seconds(profile, nbytes, scale=1.0):
     """A memory copy of ``nbytes`` (a message to the device itself, a staging copy)."""
     return stage_seconds(profile, "elementwise", "forward", (0, 2 * nbytes), 1, scale)
+
+
+def one_core_seconds(profile, layers, batch, itemsize):
+    """``layers`` on one core of a machine ``profile`` measured, alone (the
+    paper's baseline): every layer on whole maps, no communication, and the
+    update. A local worker's profile (``Profile.beside_others``) prices it
+    as the machine alone does."""
+    profile = profile.alone()
+    total = sum(layer_seconds(profile, layer, layer["out_shape"][1] * layer["out_shape"][2], batch, itemsize, d)
+                for layer in layers for d in ("forward", "backward"))
+    return total + update_seconds(profile, param_count(layers), itemsize)
 
 
 def reference_rate(profile, threads=1):

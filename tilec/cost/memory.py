@@ -63,8 +63,9 @@ def plan_memory(plan, rank, profile=None):
     # the forward ones and the backward ones in the same bytes (``staging_layout``)
     messages = staging_layout(plan, rank)[1]
     # its pieces of the image the launcher streams ahead (a local worker reads them: none)
-    local = bool(((plan.get("cluster") or {}).get("devices") or [{}] * (rank + 1))[rank].get("shared"))
-    inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item, local)
+    devices = (plan.get("cluster") or {}).get("devices")  # (a plan made without a cluster: as if sent)
+    inputs = image_bytes(sum(prod(shape) for _, shape in input_messages(plan, rank)), item,
+                         bool(devices and devices[rank].get("shared")))
     kept, held, freed, early = tail_bytes(plan, rank)
     released = any(op["op"] == "scratch_release" for op in plan["schedule"][rank])
     overhead = profile.process_overhead_bytes if profile is not None else 0

@@ -31,7 +31,7 @@ import numpy as np
 from tilec.analysis.regions import axis_regions, length, window_of
 from tilec.analysis.tiles import spatial_prefix
 from tilec.cost.comm import allgather_seconds, exchange_seconds, gradient_allreduce_seconds
-from tilec.cost.compute import RECOMPUTE_EXTRA, layer_seconds, unit_seconds, update_seconds
+from tilec.cost.compute import RECOMPUTE_EXTRA, one_core_seconds, unit_seconds, update_seconds
 from tilec.cost.traffic import bn_bytes
 from tilec_runtime.footprint import (early_bytes, image_bytes, param_count, state_bytes, tail_early, tail_peak,
                                      tile_own_bytes, tiles_and_tail)
@@ -39,8 +39,6 @@ from tilec_runtime.lower import scratch_bytes, tile_memory, units
 from tilec_runtime.program import param_shapes
 
 FORWARD_OPS = ("conv_fwd", "epi_fwd", "pool_fwd")
-
-DIRECTIONS = ("forward", "backward")
 
 
 @dataclass
@@ -414,11 +412,8 @@ class CostModel:
         """One core of ``device`` running the whole step (or only ``layers``,
         a slice of the program) on whole maps, no communication: the paper's
         baseline."""
-        profile = self.devices[device].profile.alone()
-        b, item = self.batch, self.itemsize
-        layers = self.program if layers is None else layers
-        total = sum(layer_seconds(profile, l, _positions(l), b, item, d) for l in layers for d in DIRECTIONS)
-        return total + update_seconds(profile, param_count(layers), item)
+        return one_core_seconds(self.devices[device].profile, self.program if layers is None else layers,
+                                self.batch, self.itemsize)
 
 
 def workspace_pool(group):
@@ -435,10 +430,6 @@ def staging(m, backward=True):
     np.fill_diagonal(m, 0.0)
     out = m.sum(axis=1) + (m.sum(axis=0) if backward else 0.0)
     return {d: float(v) for d, v in enumerate(out) if v > 0}
-
-
-def _positions(layer):
-    return layer["out_shape"][1] * layer["out_shape"][2]
 
 
 def _area(region):

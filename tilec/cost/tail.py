@@ -331,7 +331,7 @@ class TailPricer:
         far = {j for layer in program[first:last + 1] for j in layer["inputs"] if 0 <= j < first - 1}
         for d in devices:
             kept[d] += sum(b * prod(tensor_shape(self.program, j)) * item for j in far)
-        if first == 0:  # every member takes the whole image from the launcher, this step's and those ahead
+        if first == 0:  # every member takes the whole image: those the launcher streams ahead (none if local)
             for d in devices:
                 kept[d] += image_bytes(b * prod(tensor_shape(self.program, -1)), item, self.devices[d].shared)
         need = Holding("one" if mode == "one" else "whole", devices)

@@ -22,7 +22,7 @@ communication thread, as the runtime does (``tilec_runtime.executor``):
 - ``grad_start`` hands a bucket to the communication thread, which runs its
   ring or all-gather rounds (the same bytes as the runtime's, from
   :mod:`tilec.cost.traffic`) and then its update; ``grad_wait`` waits for
-  all of them;
+  all of them.
 
 The result: the step time, every device's busy and idle seconds and bytes
 sent, and the events of a timeline (a Gantt chart, or a Chrome trace in the
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tilec.cost import compute
 from tilec.cost.compute import (RECOMPUTE_EXTRA, copy_seconds, layer_seconds, share_seconds, unit_seconds,
                                 update_seconds, zero_seconds)
-from tilec_runtime.footprint import param_count
 from tilec.cost.traffic import bn_bytes, param_shape_table
 from tilec.errors import TilecError
 from tilec_runtime import shards
@@ -399,12 +399,8 @@ def simulate(plan, cluster, keep_events=True):
 def one_core_seconds(plan, cluster):
     """The whole step on one core of the first device's board (the paper's
     baseline): every layer on whole maps, one thread, no communication."""
-    profile = cluster.devices[0].profile.alone()  # (a local worker's is priced beside the others)
-    program, batch = plan["program"], plan["batch"]
-    item = np.dtype(plan["dtype"]).itemsize
-    total = sum(layer_seconds(profile, layer, layer["out_shape"][1] * layer["out_shape"][2], batch, item, d)
-                for layer in program for d in ("forward", "backward"))
-    return total + update_seconds(profile, param_count(program), item)
+    return compute.one_core_seconds(cluster.devices[0].profile, plan["program"], plan["batch"],
+                                    np.dtype(plan["dtype"]).itemsize)
 
 
 KIND_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "tail": "#55a868", "update": "#8172b3",
