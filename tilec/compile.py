@@ -18,6 +18,9 @@ from tilec.analysis.tail import one_device_tail
 
 DEFAULT_HALO_LIMIT = 0.15
 DEFAULT_TIME_LIMIT = 3.0
+# Plans within the cost model's error of the fastest can hold half again as much memory; of those at most
+# this much slower (predicted), the optimiser takes the one of least memory (tilec.solve.cpsat.least_memory).
+DEFAULT_TIME_SLACK = 0.01
 FIT_ATTEMPTS = 3  # solves, each leaving the room a plan's message buffers took
 
 
@@ -60,17 +63,18 @@ TAILS = ("auto", "one", "channels", "data")
 
 def compile_plan(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
                  cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True,
-                 tail="auto"):
+                 tail="auto", time_slack=DEFAULT_TIME_SLACK):
     """A sealed plan for ``graph`` on ``devices`` (a count or a list of names)
     or on ``cluster`` (a :class:`tilec.cluster.Cluster` or a YAML path)."""
     return plan_with_solution(graph, devices=devices, batch=batch, dtype=dtype, grid=grid, groups=groups,
                               optimizer=optimizer, cluster=cluster, tiled_prefix=tiled_prefix,
-                              time_limit=time_limit, workers=workers, recompute=recompute, tail=tail)[0]
+                              time_limit=time_limit, workers=workers, recompute=recompute, tail=tail,
+                              time_slack=time_slack)[0]
 
 
 def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
                        cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True,
-                       tail="auto"):
+                       tail="auto", time_slack=DEFAULT_TIME_SLACK):
     """(plan, Solution or None, CostModel or None): the plan and how it was chosen.
 
     The optimiser runs unless ``grid`` or ``groups`` (other than "auto") is
@@ -78,7 +82,9 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
     attached only if a ``cluster`` is. ``tiled_prefix``: tile exactly that
     many layers (default: the optimiser chooses where the tiled prefix
     ends); ``tail``: which tail groups the optimiser may choose (``TAILS``:
-    any, one device each, split by channels wherever a layer can be).
+    any, one device each, split by channels wherever a layer can be);
+    ``time_slack``: of the plans at most that fraction slower than the
+    fastest (predicted), the optimiser takes the one of least memory.
     """
     import numpy as np
     if tail not in TAILS:
@@ -92,6 +98,8 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
             raise PlanError("at least one device is needed")
     if isinstance(devices, int) and devices < 1:
         raise PlanError("at least one device is needed")
+    if not 0 <= time_slack < 1:
+        raise PlanError(f"--time-slack must be a fraction in [0, 1), got {time_slack}")
     if tiled_prefix is not None and tiled_prefix < 0:
         raise PlanError(f"--tile-layers must be >= 0, got {tiled_prefix}")
     with debug.stage("ir") as st:
@@ -113,7 +121,7 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
         from tilec.cost.candidates import enumerate_candidates
         from tilec.cost.layouts import layouts
         from tilec.cost.model import CostModel
-        from tilec.solve.cpsat import solve
+        from tilec.solve.cpsat import MEMORY_SHARE, least_memory, solve
         with debug.stage("cost") as st:
             model = CostModel(program, clus, batch, itemsize, prefix=prefix)
             cands = enumerate_candidates(model, layouts(clus), tail=tail,
@@ -126,8 +134,11 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
         limits = [d.memory_bytes for d in clus.devices]
         for attempt in range(FIT_ATTEMPTS):
             with debug.stage("solver") as st:
-                solution = solve(with_memory(cands, limits), time_limit=time_limit, workers=workers,
-                                 recompute=recompute, log=debug.level() >= 2)
+                fitted = with_memory(cands, limits)
+                solution = solve(fitted, time_limit=time_limit, workers=workers, recompute=recompute,
+                                 log=debug.level() >= 2)
+                solution = least_memory(fitted, solution, time_slack, time_limit=MEMORY_SHARE * time_limit,
+                                        workers=workers, recompute=recompute)
                 stats = solution.stats()
                 st.detail = (f"{stats['solver']}: {stats['status']}, predicted step {stats['objective_s']:.4f} s, "
                              f"gap {100 * stats['gap']:.2f}%")
@@ -221,4 +232,8 @@ def prediction_report(plan, solution=None):
         lines.append(f"  solver: {st['solver']}  status {st['status']}  objective {st['objective_s']:.4f} s  "
                      f"bound {st['bound_s']:.4f} s  gap {100 * st['gap']:.2f}%  {st['booleans']} booleans  "
                      f"{st['wall_s']:.2f} s")
+        if "fastest_s" in st:
+            lines.append(f"  (the fastest plan: {st['fastest_s']:.4f} s, {st['fastest_bytes'] / 1e6:.1f} MB on its fullest "
+                         f"device; this one holds less for at most --time-slack more time; --time-slack 0 takes "
+                         f"the fastest)")
     return "\n".join(lines)

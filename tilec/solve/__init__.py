@@ -26,6 +26,9 @@ class Solution:
     bound_s: float
     wall_s: float
     booleans: int = 0
+    # where a plan of less memory was taken instead of the fastest: the fastest's predicted step and peak
+    fastest_s: float = None
+    fastest_bytes: int = None
 
     @property
     def gap(self):
@@ -34,7 +37,9 @@ class Solution:
     def stats(self):
         return {"solver": self.solver, "status": self.status, "objective_s": round(float(self.objective_s), 6),
                 "bound_s": round(float(self.bound_s), 6), "gap": round(float(self.gap), 6),
-                "wall_s": round(float(self.wall_s), 3), "booleans": int(self.booleans)}
+                "wall_s": round(float(self.wall_s), 3), "booleans": int(self.booleans),
+                **({} if self.fastest_s is None else {"fastest_s": round(float(self.fastest_s), 6),
+                                                      "fastest_bytes": int(self.fastest_bytes)})}
 
 
 def solution_from_path(cands, path, **info):

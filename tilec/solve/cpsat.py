@@ -125,6 +125,7 @@ class PlanModel:
         # two workspaces per device: the tiles' shared scratch, and the tail groups' temporaries
         pools = sorted({workspace_pool(g) for g in groups})
         self.work = []
+        self.memory = []  # per device: its peak in KiB, as the constraint counts it
         for d, dev in enumerate(devices):
             const = dev.profile.process_overhead_bytes
             cap = dev.memory_bytes // KIB
@@ -167,7 +168,8 @@ class PlanModel:
                 acts = sum(_kib(g.phase[d] - g.grads.get(d, 0)) * self.use[gi] for gi, g in enumerate(groups)
                            if g.phase.get(d))  # (what the tail holds at once is at least all of its activations)
                 model.add(acts >= _kib(RELEASE_MIN_BYTES)).only_enforce_if(apart)
-            model.add(sum(terms) + both + _kib(const) <= cap + self.slack)
+            self.memory.append(sum(terms) + both + _kib(const))
+            model.add(self.memory[-1] <= cap + self.slack)
             # one pass over the groups (not layers x groups: seconds on large
             # candidate sets), emitted per layer as before so the model is the same
             cover = {}  # layer -> pool -> terms, in group order
@@ -365,6 +367,76 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
     return solution_from_path(reduced, pm.path(solver), solver="cp-sat", status=solver.status_name(status),
                               objective_s=solver.objective_value / US, bound_s=min(lower,
                               solver.objective_value / US), wall_s=wall, booleans=pm.booleans)
+
+
+SHARE = 1_000_000  # a device's peak in millionths of its memory
+MEMORY_SHARE = 0.5  # of the time limit, for the least-memory pass after the fastest plan
+MIN_SAVING = 0.01  # of the fastest plan's fullest device: less is not worth any time
+
+
+def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute=True):
+    """Among the plans at most ``slack`` (a fraction) slower than
+    ``solution``, predicted, the one whose fullest device uses the least of
+    its memory, and the fastest of those: a :class:`Solution` (``solution``
+    itself where none uses ``MIN_SAVING`` less).
+
+    Why: plans within the cost model's error of the fastest differ by up to
+    1.5x in memory (tiny416 at batch 8 on two workers: 256 or 365 MB for
+    the same predicted step within 1%), and which of them is fastest moved
+    with each new profile. Two CP-SAT passes over the arcs that some plan
+    within the bound can use (:func:`tilec.solve.bounds.prune` on the
+    bound without memory): the least share, then the least time at that
+    share; the plan is taken only if the cost model agrees (its count of
+    memory has what the model's constraint leaves out).
+    """
+    from tilec.solve import bounds
+    fastest_s = solution.prediction.step_s  # (objective_s may be CP-SAT's sum of rounded microseconds)
+    if slack <= 0 or fastest_s <= 0:
+        return solution
+    t0 = time.perf_counter()
+    if not recompute:
+        cands = _without_recompute(cands)
+    limit = fastest_s * (1 + slack)
+    _, _, tried, _ = bounds.feasible_plan(cands, steps=0)
+    reduced, _ = bounds.prune(cands, limit, tried, slack=0.0)
+    index = {id(g): k for k, g in enumerate(reduced.groups)}
+    if not all(id(g) in index for g, _ in solution.choices):
+        return solution  # (cannot happen: the fastest plan's arcs are within its own time)
+    pm = PlanModel(reduced, recompute=recompute)
+    model = pm.model
+    model.add(pm.time_expr <= _us(limit))
+    share = model.new_int_var(0, SHARE, "share")
+    for mem, dev in zip(pm.memory, reduced.model.devices):
+        model.add(share * max(1, dev.memory_bytes // KIB) >= mem * SHARE)
+    pm.hint([(index[id(g)], rec) for g, rec in solution.choices])
+    model.minimize(share)
+    solver, status = pm.solve(time_limit / 2, workers)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return solution
+    first = pm.path(solver)
+    model.clear_hints()
+    pm.hint(first)
+    model.add(share <= solver.value(share))
+    model.minimize(pm.time_expr)
+    solver, status = pm.solve(max(0.1, time_limit - (time.perf_counter() - t0)), workers)
+    path = pm.path(solver) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else first
+    found = solution_from_path(reduced, path, solver=f"{solution.solver}, then least memory within "
+                               f"{100 * slack:g}%", status=solution.status, objective_s=0.0,
+                               bound_s=solution.bound_s, wall_s=solution.wall_s + time.perf_counter() - t0,
+                               booleans=pm.booleans)
+    found.objective_s = found.prediction.step_s
+    devices = cands.model.devices
+    if (found.objective_s > limit * (1 + 1e-9)
+            or any(m > d.memory_bytes for m, d in zip(found.prediction.memory, devices))
+            or fullest(found.prediction, devices) > fullest(solution.prediction, devices) * (1 - MIN_SAVING)):
+        return solution
+    found.fastest_s, found.fastest_bytes = fastest_s, max(solution.prediction.memory)
+    return found
+
+
+def fullest(prediction, devices):
+    """The largest share of its memory a device's predicted peak takes."""
+    return max(m / max(1, d.memory_bytes) for m, d in zip(prediction.memory, devices))
 
 
 def _first_fit(cands, closest, dropped, forced, time_limit, workers, recompute):

@@ -6,7 +6,8 @@
   programming); it also seeds CP-SAT with a first solution.
 - :func:`exhaustive`: every path with every keep-or-recompute choice,
   memory checked at the end with :meth:`CostModel.evaluate`; exponential,
-  for small instances in tests.
+  for small instances in tests; :func:`least_memory_exhaustive` the same
+  for the least-memory plan within a time (``cpsat.least_memory``).
 """
 import time
 
@@ -65,12 +66,10 @@ def fits(cands, prediction):
     return all(m <= d.memory_bytes for m, d in zip(prediction.memory, cands.model.devices))
 
 
-def exhaustive(cands, recompute=True, limit=2_000_000):
-    """The fastest path whose every device fits its memory, by trying all paths."""
-    t0 = time.perf_counter()
+def _paths(cands, recompute, limit):
+    """Every path with every keep-or-recompute choice, with its prediction."""
     starts, moves = _arcs(cands)
     end, model = cands.end, cands.model
-    best = [float("inf"), None]
     visited = [0]
 
     def walk(b, li, path):
@@ -82,16 +81,36 @@ def exhaustive(cands, recompute=True, limit=2_000_000):
                     raise RuntimeError(f"exhaustive search passed {limit} paths: the instance is too big")
                 step = path + [(gi, rec)]
                 if g.last + 1 == end:
-                    pred = model.evaluate([(cands.groups[i], r) for i, r in step])
-                    if pred.step_s < best[0] and fits(cands, pred):
-                        best[:] = [pred.step_s, step]
+                    yield step, model.evaluate([(cands.groups[i], r) for i, r in step])
                     continue
                 for lj, _ in moves.get((g.last + 1, cands.group_out[gi]), []):
-                    walk(g.last + 1, lj, step)
+                    yield from walk(g.last + 1, lj, step)
 
     for li in range(len(cands.layouts)):
-        walk(0, li, [])
+        yield from walk(0, li, [])
+
+
+def exhaustive(cands, recompute=True, limit=2_000_000):
+    """The fastest path whose every device fits its memory, by trying all paths."""
+    t0 = time.perf_counter()
+    best = [float("inf"), None]
+    for step, pred in _paths(cands, recompute, limit):
+        if pred.step_s < best[0] and fits(cands, pred):
+            best[:] = [pred.step_s, step]
     if best[1] is None:
         raise InfeasibleError("no plan fits the devices' memory (exhaustive search)")
     return solution_from_path(cands, best[1], solver="exhaustive", status="OPTIMAL", objective_s=best[0],
                               bound_s=best[0], wall_s=time.perf_counter() - t0)
+
+
+def least_memory_exhaustive(cands, within_s, recompute=True, limit=2_000_000):
+    """(share, seconds, path): of the paths that fit and take at most
+    ``within_s``, the least share of its memory the fullest device's peak
+    takes, and the fastest path at that share (None if none)."""
+    best = None
+    for step, pred in _paths(cands, recompute, limit):
+        if pred.step_s <= within_s and fits(cands, pred):
+            share = max(m / d.memory_bytes for m, d in zip(pred.memory, cands.model.devices))
+            if best is None or (share, pred.step_s) < best[:2]:
+                best = (share, pred.step_s, step)
+    return best
