@@ -94,7 +94,7 @@ def kept_bytes(layer, positions, batch, itemsize):
     return values * itemsize
 
 
-def workspace_bytes(layer, positions, batch, itemsize, threads=1):
+def workspace_bytes(layer, positions, batch, itemsize, threads=1, inplace=False):
     """The largest transient of one forward or backward call of a tail layer
     (``tilec_runtime.tailstep``) on ``positions`` output positions (a square
     of them): a conv's workspace on the device's ``threads`` kernel threads
@@ -108,7 +108,12 @@ def workspace_bytes(layer, positions, batch, itemsize, threads=1):
     reorg's one reordered copy. (Measured with tracemalloc on YOLOv2's tail
     groups on one device at batch 8, with what they keep: layers 18-24 3%
     under, 25 and 27-28 exact, 29-30 and 26 11% and 39% over; before, 29-30
-    36% under and the route 2.3x over.)"""
+    36% under and the route 2.3x over.) ``inplace``: a conv's output
+    gradient is made in the buffer it arrives in (a channel-split member's,
+    ``tailstep.ChannelGroup``): the largest transient is then its
+    forward's (its sums with the workspace, then beside their normalised
+    copy), the copy its batch-norm sums take, or its backward's input
+    gradient with the workspace."""
     from tilec_runtime.kernel_set import band_rows
     from tilec_runtime.lower import workspace
     kind = layer["kind"]
@@ -119,7 +124,10 @@ def workspace_bytes(layer, positions, batch, itemsize, threads=1):
         ho = max(1, -(-positions // wo))
         op = {"kind": "conv", "channels": c, "filters": f, "size": k, "out": [ho, wo],
               "band": band_rows(c, k, ho, wo, batch)}
-        return itemsize * (workspace(op, threads, True) + m * (2 * f + c * layer["stride"] ** 2))
+        ws, dx = workspace(op, threads, True), m * c * layer["stride"] ** 2
+        if inplace:
+            return itemsize * max(ws + m * f, 2 * m * f, ws + dx)
+        return itemsize * (ws + m * 2 * f + dx)
     if kind == "maxpool":
         return itemsize * m * layer["in_shape"][0] * 2
     if kind == "route":
@@ -178,7 +186,8 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize, th
     phase = (inputs + grads) * itemsize + sum(kept_bytes(s, p, batch, itemsize) for s, p in zip(shares, positions))
     if native_cost(program, first, last):
         kept, phase = kept + phase, 0
-    work = max((workspace_bytes(s, p, batch, itemsize, threads) for s, p in zip(shares, positions)), default=0)
+    work = max((workspace_bytes(s, p, batch, itemsize, threads, inplace=mode != "one")
+                for s, p in zip(shares, positions)), default=0)
     return {"state": state_bytes(shares, itemsize), "kept": int(kept), "phase": int(phase),
             "grads": int(grads * itemsize if phase else 0), "workspace": int(work + partial * itemsize),
             "params": param_count(shares),

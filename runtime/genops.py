@@ -102,11 +102,11 @@ class GeneratedOps:
         k.bn_act(_lastdim(z), y, k.pre["none"], k.act[kind])
         return y
 
-    def act_backward(self, y, kind, dy):
+    def act_backward(self, y, kind, dy, inplace=False):
         if kind == "linear":
             return dy
         k = self._kern(dy)
-        da = np.array(dy, order="C")
+        da = dy if inplace and dy.flags.c_contiguous else np.array(dy, order="C")
         k.act_grad(da, np.ascontiguousarray(y), k.pre["none"], k.act[kind], np.zeros(dy.shape[1]))
         return da
 
@@ -142,10 +142,10 @@ class GeneratedOps:
                    np.zeros(c, dt), np.ones(c, dt), np.ones(c, dt), np.zeros(c, dt))
         return s1, s2
 
-    def bn_backward(self, dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat, owned=None):
+    def bn_backward(self, dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat, owned=None, inplace=False):
         k, dt = self._kern(dy), dy.dtype
         c = dy.shape[1]
-        dz = np.array(dy, order="C")
+        dz = dy if inplace and dy.flags.c_contiguous else np.array(dy, order="C")
         # the kernel scales by gamma * inv; with inv 1 pass gamma * inv_std as gamma,
         # computed as ops does, so that the scale rounds the same
         k.bn_backward(dz, np.ascontiguousarray(xhat), np.zeros(c, dt), np.ones(c, dt), (gamma * inv_std).astype(dt),

@@ -110,15 +110,23 @@ def act_forward(z, kind):
     raise ValueError(f"unknown activation {kind!r}")
 
 
-def act_backward(y, kind, dy):
-    """Gradient through an activation, from its *output* ``y`` (y > 0 iff z > 0)."""
+def act_backward(y, kind, dy, inplace=False):
+    """Gradient through an activation, from its *output* ``y`` (y > 0 iff z > 0);
+    ``inplace``: into ``dy`` itself (the same numbers)."""
+    if kind not in ("linear", "leaky", "relu"):
+        raise ValueError(f"unknown activation {kind!r}")
     if kind == "linear":
         return dy
-    if kind == "leaky":
-        return np.where(y > 0, dy, dy * dy.dtype.type(LEAKY_SLOPE))
-    if kind == "relu":
+    if not inplace:
+        if kind == "leaky":
+            return np.where(y > 0, dy, dy * dy.dtype.type(LEAKY_SLOPE))
         return np.where(y > 0, dy, 0).astype(dy.dtype, copy=False)
-    raise ValueError(f"unknown activation {kind!r}")
+    off = ~(y > 0)
+    if kind == "leaky":
+        np.multiply(dy, dy.dtype.type(LEAKY_SLOPE), out=dy, where=off)
+    else:
+        dy[off] = 0
+    return dy
 
 
 # -- batch norm -------------------------------------------------------------
@@ -180,12 +188,13 @@ def bn_grad_sums(dy, xhat):
     return dy64.sum(axis=(0, 2, 3)), np.einsum("bchw,bchw->c", dy64, xhat.astype(np.float64, copy=False))
 
 
-def bn_backward(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat, owned=None):
+def bn_backward(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat, owned=None, inplace=False):
     """dx = gamma/sigma * (dy - mean(dy) - xhat*mean(dy*xhat)).
 
     The mean terms are applied only on ``owned`` (a (row-slice, col-slice)
     pair of the region, or None for all of it): summing partial gradients
     across devices then applies them exactly once per position.
+    ``inplace``: into ``dy`` itself (the same numbers).
     """
     dt = dy.dtype
     scale = (gamma * inv_std)[None, :, None, None]
@@ -194,7 +203,7 @@ def bn_backward(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat, owned=None):
     # one order of operations for whole maps and tiles alike, so that one
     # tile covering the map gives bit-identical numbers
     rs, cs = owned if owned is not None else (slice(None), slice(None))
-    dx = dy.copy()
+    dx = dy if inplace else dy.copy()
     dx[:, :, rs, cs] -= m1 + xhat[:, :, rs, cs] * m2
     dx *= scale
     return dx

@@ -105,13 +105,14 @@ def conv_epilogue(layer, z, params, buffers, train=True, impl=None, chans=slice(
     return k.act_forward(z, layer["act"]), (xhat, inv_std)
 
 
-def conv_output_grad(layer, y, dy, bn_cache, params, put, impl=None):
+def conv_output_grad(layer, y, dy, bn_cache, params, put, impl=None, inplace=False):
     """The gradient at conv ``layer``'s sums from ``dy`` at its activation's
     output ``y``: the activation's and batch norm's (``bn_cache`` from
     ``conv_epilogue``) or bias's backward; their parameter gradients go to
-    ``put(key, gradient)``."""
+    ``put(key, gradient)``. ``inplace``: made in ``dy``'s own memory, which
+    the caller no longer needs (no temporaries as large as the output)."""
     k, i = impl or ops, layer["index"]
-    dz = k.act_backward(y, layer["act"], dy)
+    dz = k.act_backward(y, layer["act"], dy, inplace=inplace)
     if not layer["bn"]:
         put(f"{i}.conv.bias", dz.sum(axis=(0, 2, 3)))
         return dz
@@ -120,7 +121,8 @@ def conv_output_grad(layer, y, dy, bn_cache, params, put, impl=None):
     count = dz.shape[0] * dz.shape[2] * dz.shape[3]
     put(f"{i}.bn.weight", s2.astype(dz.dtype))
     put(f"{i}.bn.bias", s1.astype(dz.dtype))
-    return k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count)
+    return k.bn_backward(dz, xhat, params[f"{i}.bn.weight"], inv_std, s1 / count, s2 / count,
+                         inplace=inplace)
 
 
 def backward_layers(layers, params, acts, cache, dout=None, impl=None, acc=None):

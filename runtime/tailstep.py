@@ -295,12 +295,15 @@ class ChannelGroup:
         """The gradient at layer ``i``'s conv or connected output, from the one
         at its activation's output (``reference.conv_output_grad``; a
         connected layer's activation and bias), parameter gradients added to
-        ``acc`` (``bn_cache``: the layer's normalised values and 1 / std)."""
+        ``acc`` (``bn_cache``: the layer's normalised values and 1 / std). A
+        conv's is made in the buffer of the gradient at its output, which
+        nothing reads after: two temporaries as large as the member's share
+        of the output fewer at the step's peak (``footprint.workspace_bytes``)."""
         dy = self.grads_in[i]
         if layer["kind"] == "conv":
             def add(key, grad):
                 acc[key] += grad
-            return reference.conv_output_grad(layer, self.acts[i], dy, bn_cache, params, add, self.k)
+            return reference.conv_output_grad(layer, self.acts[i], dy, bn_cache, params, add, self.k, inplace=True)
         dz = ops.act_backward(self.acts[i].reshape(dy.shape[0], -1), layer["act"], dy.reshape(dy.shape[0], -1))
         acc[f"{i}.fc.bias"] += dz.sum(axis=0)
         return dz

@@ -495,3 +495,87 @@ def test_tail_memory_model_covers_what_a_whole_group_allocates(first, last, thre
     need = model["kept"] + model["phase"] + model["workspace"]
     assert held <= 1.05 * need and need <= 1.5 * held
     assert after <= 1.05 * model["kept"]
+
+
+@pytest.mark.parametrize("bn, act", [(True, "leaky"), (False, "relu"), (True, "linear")])
+def test_tail_memory_model_covers_what_a_channel_member_allocates(bn, act):
+    """A member of a tail group split by channels over two devices, run op
+    by op as its plan's schedule has them (its all-reduces left out: they
+    work in place): numpy's account of its peak (tracemalloc) is within the
+    model's kept, phase and workspace bytes and not far below; its convs'
+    output gradients are made in place (``ChannelGroup._output_grad``), which
+    the model counts, and a member that made them apart would hold more."""
+    import tracemalloc
+    from unittest import mock
+
+    from built import module
+    from programs import ProgramBuilder
+    from tilec.analysis.tail import TailChoice
+    from tilec_runtime import reference
+    from tilec_runtime.footprint import tail_member_bytes
+    from tilec_runtime.executor import holdings
+    from tilec_runtime.genops import GeneratedOps
+    from tilec_runtime.tailstep import ChannelGroup
+    from tilec_runtime.weights import init_params
+    b = ProgramBuilder(4, 24, 24)
+    b.conv(8, 3, bn=True, act="leaky")
+    for filters, size in ((48, 3), (48, 3), (16, 1)):
+        b.conv(filters, size, bn=bn, act=act)
+    b.cost()
+    program, batch = b.build(), 4
+    first, last = 1, 3
+    plan = build_plan(program, [GroupChoice(0, 0, [0, 12, 24], [0, 24], [0, 1])], model="chan", batch=batch,
+                      dtype="float32", devices=["a", "b"], optimizer={"lr": 1e-3, "momentum": 0.9, "decay": 0},
+                      prefix=first, tail=[TailChoice(first, last, "channels", [0, 1]), TailChoice(4, 4, "one", [0])])
+    g = next(j for j, grp in enumerate(plan["groups"]) if grp["layers"] == [first, last])
+    whole, whole_buffers = init_params(program, 0, "float32")
+    held = {}
+
+    def run(member, conv_output_grad=reference.conv_output_grad):
+        # the member's own slices of the parameters, as its executor holds them (``holdings``)
+        cuts = holdings(plan, member)
+        params, buffers = ({k: v if cuts[n].get(k) is None else np.ascontiguousarray(
+            np.take(v, range(cuts[n][k][1], cuts[n][k][2]), axis=cuts[n][k][0])) for k, v in src.items() if k in cuts[n]}
+            for n, src in enumerate((whole, whole_buffers)))
+        acc = {k: np.zeros_like(v) for k, v in params.items() if first <= int(k.split(".")[0]) <= last}
+        group = ChannelGroup(program, first, last, batch, np.float32, GeneratedOps(module("float32")), member, 2)
+        rng = np.random.default_rng(member)
+        for x in group.inputs.values():
+            x[...] = rng.standard_normal(x.shape)
+        inputs = sum(x.nbytes for x in group.inputs.values())  # (allocated before tracemalloc starts)
+        with mock.patch.object(reference, "conv_output_grad", conv_output_grad):
+            tracemalloc.start()
+            try:
+                backward = False
+                for op in plan["schedule"][member]:
+                    if op.get("group") != g:
+                        continue
+                    i, kind = op.get("layer"), op["op"]
+                    if not backward and kind in ("chan_post_bwd", "chan_bwd"):  # (the loss's gradient arrives)
+                        backward = True
+                        group.start_backward()
+                        group.grad_in(last)[0][...] = 1e-3
+                    if kind == "chan_fwd":
+                        group.forward(i, params, buffers, op.get("slice"), op.get("slices", 1))
+                    elif kind == "chan_post":
+                        group.post(i, params, buffers, op.get("slice"), op.get("slices", 1))
+                    elif kind == "chan_post_bwd":
+                        group.post_backward(i, params, acc)
+                    elif kind == "chan_bwd":
+                        group.backward(i, params, acc, op.get("part", "all"))
+                    elif kind == "chan_reduce" and not op.get("overlap") or kind == "chan_wait":
+                        group.reduced_done(i, op["phase"])
+                assert backward
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        return peak + inputs
+
+    for member in (0, 1):
+        held[member] = run(member)
+        model = tail_member_bytes(program, first, last, "channels", 2, member, batch, 4)
+        need = model["kept"] + model["phase"] + model["workspace"]
+        assert held[member] <= 1.05 * need and need <= 1.5 * held[member]
+    # made apart (``inplace`` ignored), a member holds more
+    original = reference.conv_output_grad
+    assert run(0, lambda *args, inplace=False, **kwargs: original(*args, **kwargs)) > held[0]

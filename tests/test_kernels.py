@@ -683,6 +683,14 @@ def test_generated_ops_is_a_drop_in_for_ops(case, act, data_):
     owned = (slice(0, max(1, ho // 2)), slice(wo // 3, wo))
     check(g.bn_backward(dy, xhat, gamma, inv, m1, m2b, owned), ops.bn_backward(dy, xhat, gamma, inv, m1, m2b, owned),
           dt, np.abs(gamma * inv)[None, :, None, None] * (np.abs(dy) + 1))
+    # in place (a channel-split tail's members): the same numbers as each makes apart, in dy's own memory
+    for impl in (g, ops):
+        apart = impl.bn_backward(impl.act_backward(y, act, dy), xhat, gamma, inv, m1, m2b, owned)
+        mine = dy.copy()
+        got = impl.bn_backward(impl.act_backward(y, act, mine, inplace=True), xhat, gamma, inv, m1, m2b, owned,
+                               inplace=True)
+        assert got is mine
+        np.testing.assert_array_equal(got, apart)
     got_dx, got_dw = g.conv2d_backward(x, w, stride, pads, dy)
     want_dx, want_dw = ops.conv2d_backward(x, w, stride, pads, dy)
     mag_dx, mag_dw = ops.conv2d_backward(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), stride, pads,
