@@ -150,8 +150,8 @@ def image_bytes(values, itemsize, local=False):
     streams ahead. This step's frame is let go as soon as it has landed
     (``tilec_runtime.executor``, the input op); the next one waits, and the
     one after is sent once this step is over. A local worker (``local``)
-    reads this step's pieces from the launcher's file when the step starts
-    (``tilec_runtime.imagefile``) and holds none ahead."""
+    reads this step's pieces from the launcher's file into its tiles' input
+    regions before the step (``tilec_runtime.imagefile``) and holds none."""
     from tilec_runtime.executor import BATCHES_AHEAD
     return 0 if local else BATCHES_AHEAD * values * itemsize
 

@@ -5,7 +5,9 @@ every step's pieces of the images over loopback (the launcher framing and
 authenticating them, each worker's reader taking and checking them, all on
 the cores the workers compute on), the launcher writes each step's images
 into an ``.npy`` file and each worker reads the rows of its pieces straight
-into them. The launcher still sends each step's labels or targets to rank
+into its tiles' input regions before the step (``RankExecutor.input_views``:
+it never holds a piece beside them; a piece narrower than the image goes
+through a buffer of whole rows). The launcher still sends each step's labels or targets to rank
 0, and every other rank an empty BATCH frame: the step's go, so that a STOP
 still ends every worker after the same step.
 
@@ -25,7 +27,7 @@ import os
 import numpy as np
 
 from tilec_runtime.errors import DataError
-from tilec_runtime.executor import BATCHES_AHEAD
+from tilec_runtime.executor import BATCHES_AHEAD, LANDED
 from tilec_runtime.geometry import Region
 
 IMAGES = "images.npy"
@@ -111,24 +113,41 @@ class ImagePieces:
         widest = max((r.height for _, r in self.pieces if r.width != w), default=0)
         self.rows = np.empty((c, widest, w), self.dtype) if widest else None
 
-    def read(self, step):
+    def read(self, step, into=None):
+        """{message id: piece} of ``step``; ``into``: {message id: the view
+        a piece lands in} (``RankExecutor.input_views``), written there
+        directly, given as ``executor.LANDED``."""
         c, h, w = self.shape
         row = w * self.dtype.itemsize
         first = (step % BATCHES_AHEAD) * self.batch  # the step's slot of the ring
         out = {}
         for k, region in self.pieces:
             r0, r1, c0, c1 = region.rows[0], region.rows[1] + 1, region.cols[0], region.cols[1] + 1
-            piece = np.empty((self.batch, c, r1 - r0, c1 - c0), self.dtype)
+            shape = (self.batch, c, r1 - r0, c1 - c0)
+            piece = into.get(k) if into else None
+            if piece is not None and piece.shape != shape:
+                raise ValueError(f"input {k}: a view of {piece.shape} for a piece of {shape}")
+            out[k] = LANDED if piece is not None else None
+            piece = np.empty(shape, self.dtype) if piece is None else piece
             for b in range(self.batch):
-                into = piece[b] if c1 - c0 == w else self.rows[:, :r1 - r0]
+                # rows straight into the piece where they are whole rows of it, else through a buffer
+                direct = c1 - c0 == w and all(piece[b, ch].flags.c_contiguous for ch in range(c))
+                rows = piece[b] if direct else self._rows(r1 - r0)
                 for ch in range(c):
-                    view = memoryview(into[ch]).cast("B")
+                    view = memoryview(rows[ch]).cast("B")
                     if os.preadv(self.fd, [view], self.offset + (((first + b) * c + ch) * h + r0) * row) != len(view):
                         raise DataError("the image file is shorter than its header says")
-                if c1 - c0 != w:
-                    piece[b] = into[:, :, c0:c1]
-            out[k] = piece
+                if not direct:
+                    piece[b] = rows[:, :, c0:c1]
+            if out[k] is None:
+                out[k] = piece
         return out
+
+    def _rows(self, n):
+        """A buffer of ``n`` full-width rows of one image's channels."""
+        if self.rows is None or self.rows.shape[1] < n:
+            self.rows = np.empty((self.shape[0], n, self.shape[2]), self.dtype)
+        return self.rows[:, :n]
 
     def close(self):
         if self.fd is not None:

@@ -246,6 +246,7 @@ class Job:
         self.accepted = queue.Queue()
         self.comm = None
         self.images = None  # the image file the pieces are read from (``imagefile``), or None: sent
+        self.landing = None  # where they are read to (``RankExecutor.input_views``)
         self.current = job["first_step"]  # the step in progress (0-based)
         self.stop_after = None  # a STOP from the launcher: end after this many steps
         self.reported = owned(self.plan, self.rank, has_momentum(self.plan))
@@ -380,7 +381,9 @@ class Job:
                 return None
             out[tensor] = array
         if self.images is not None:
-            return (out[TARGET] if self.rank == 0 else None), self.images.read(step)
+            if self.landing is None:
+                self.landing = self.executor.input_views()
+            return (out[TARGET] if self.rank == 0 else None), self.images.read(step, self.landing)
         return out.get(TARGET), {k: out[FIRST_PIECE + j] for j, k in enumerate(self.piece_ids)}
 
     def _launcher_expect(self):

@@ -17,7 +17,7 @@ from tilec_runtime import launch
 from tilec_runtime.auth import new_key
 from tilec_runtime.data import BatchSource
 from tilec_runtime.errors import DataError
-from tilec_runtime.executor import BATCHES_AHEAD, input_piece
+from tilec_runtime.executor import BATCHES_AHEAD, LANDED, input_piece
 from tilec_runtime.imagefile import ImagePieces, ImageRing
 
 
@@ -72,10 +72,19 @@ def test_pieces_read_from_the_file_equal_the_pieces_sent(tmp_path_factory, case,
             got = reader.read(s)
             images, _ = source.get(s)
             assert sorted(got) == list(range(len(rects)))
+            # and into views of larger buffers, as a tile's input region is: rows and columns around them
+            cols = {k: slice(None) if k % 2 == 0 else slice(1, -1) for k, _ in pieces}  # (whole rows, or not)
+            frames = {k: np.full((batch, c, p[2] + 2, p[3] + 2 * (k % 2)), np.nan, dtype) for k, p in pieces}
+            into = {k: f[:, :, 1:-1, cols[k]] for k, f in frames.items()}
+            landed = reader.read(s, into)
             for k, m in enumerate(plan["messages"]):
                 want = input_piece(images, m)
                 assert got[k].shape == want.shape and got[k].dtype == want.dtype
                 assert np.array_equal(got[k], want)
+                assert landed[k] is LANDED and np.array_equal(into[k], want)
+                rest = frames[k].copy()
+                rest[:, :, 1:-1, cols[k]] = np.nan
+                assert np.isnan(rest).all()  # nothing written around it
     finally:
         reader.close()
         ring.close()
@@ -114,20 +123,21 @@ def test_a_file_that_does_not_match_the_plan_is_refused(tmp_path):
 
 def test_workers_that_read_the_images_train_as_workers_sent_them(tmp_path):
     """Four local workers, each image split 2 x 2 (pieces narrower than the
-    image): reading the file and being sent the pieces end bit for bit
-    alike; a file that does not match stops the job with the worker's
-    one line naming it."""
+    image, read through a buffer), and two, split by rows (whole rows, read
+    straight into the tiles' input regions): reading the file and being
+    sent the pieces end bit for bit alike; a file that does not match stops
+    the job with the worker's one line naming it."""
     program = small_program()
     params, buffers, batches = setup(program, batch=2)
     plan = make_plan(program, 4)
-    for source in (batches, Augmented(batches)):  # a fixed data set, and batches made step by step
+    for n, source in ((4, batches), (4, Augmented(batches)), (2, batches)):  # (batches made step by step too)
         runs = []
-        for data_dir in (None, tmp_path / f"data{len(runs)}{id(source)}"):
+        for data_dir in (None, tmp_path / f"data{len(runs)}{id(source)}{n}"):
             if data_dir is not None:
                 data_dir.mkdir()
             key = new_key()
-            with launch.LocalWorkers(4, key) as workers:
-                runs.append(launch.run_job(plan, workers.addresses, key.encode(), params, buffers, source,
+            with launch.LocalWorkers(n, key) as workers:
+                runs.append(launch.run_job(make_plan(program, n), workers.addresses, key.encode(), params, buffers, source,
                                            steps=5, timeout=30, kernel_source=kernel_source("float64"),
                                            data_dir=data_dir))
         (sent_losses, sent_p, sent_b, _), (read_losses, read_p, read_b, _) = runs
