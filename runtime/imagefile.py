@@ -7,9 +7,9 @@ the cores the workers compute on), the launcher writes each step's images
 into an ``.npy`` file and each worker reads the rows of its pieces straight
 into its tiles' input regions before the step (``RankExecutor.input_views``:
 it never holds a piece beside them; a piece narrower than the image goes
-through a buffer of whole rows). The launcher still sends each step's labels or targets to rank
-0, and every other rank an empty BATCH frame: the step's go, so that a STOP
-still ends every worker after the same step.
+through a buffer of whole rows). The launcher still sends each step's
+labels or targets to rank 0, and every other rank an empty BATCH frame: the
+step's go, so that a STOP still ends every worker after the same step.
 
 The file is a ring of ``BATCHES_AHEAD`` batches (``ImageRing``): step s's
 images in slot s % ``BATCHES_AHEAD``, written before its go. The launcher
@@ -124,11 +124,10 @@ class ImagePieces:
         for k, region in self.pieces:
             r0, r1, c0, c1 = region.rows[0], region.rows[1] + 1, region.cols[0], region.cols[1] + 1
             shape = (self.batch, c, r1 - r0, c1 - c0)
-            piece = into.get(k) if into else None
-            if piece is not None and piece.shape != shape:
-                raise ValueError(f"input {k}: a view of {piece.shape} for a piece of {shape}")
-            out[k] = LANDED if piece is not None else None
-            piece = np.empty(shape, self.dtype) if piece is None else piece
+            dest = into.get(k) if into else None
+            if dest is not None and dest.shape != shape:
+                raise ValueError(f"input {k}: a view of {dest.shape} for a piece of {shape}")
+            piece = np.empty(shape, self.dtype) if dest is None else dest
             for b in range(self.batch):
                 # rows straight into the piece where they are whole rows of it, else through a buffer
                 direct = c1 - c0 == w and all(piece[b, ch].flags.c_contiguous for ch in range(c))
@@ -139,8 +138,7 @@ class ImagePieces:
                         raise DataError("the image file is shorter than its header says")
                 if not direct:
                     piece[b] = rows[:, :, c0:c1]
-            if out[k] is None:
-                out[k] = piece
+            out[k] = piece if dest is None else LANDED
         return out
 
     def _rows(self, n):

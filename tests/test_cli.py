@@ -110,7 +110,7 @@ def test_plan_for_another_model_is_refused(tmp_path):
 
 def test_compile_takes_the_leaner_plan_within_the_time_slack(tmp_path):
     """yolov2-tiny at batch 8 on one Pi 3: by default a plan of less memory
-    than the fastest, within 1% of its time, with the fastest's figures in
+    than the fastest, within 3% of its time, with the fastest's figures in
     the report; ``--time-slack 0`` takes the fastest; a slack that is no
     fraction is one line."""
     (tmp_path / "c.yaml").write_text("devices:\n  - {name: p0, profile: rpi3b}\n")
@@ -121,9 +121,9 @@ def test_compile_takes_the_leaner_plan_within_the_time_slack(tmp_path):
         assert main(args + ([] if slack is None else ["--time-slack", slack])) == 0
         plans[slack] = (json.loads((out / "plan.json").read_text())["predicted"], (out / "report.txt").read_text())
     (lean, lean_report), (fast, fast_report) = plans[None], plans["0"]
-    assert "the fastest plan: " in lean_report and "least memory within 1%" in lean_report
+    assert "the fastest plan: " in lean_report and "least memory within 3%" in lean_report
     assert "the fastest plan: " not in fast_report
-    assert fast["step_s"] < lean["step_s"] <= fast["step_s"] * 1.01 + 1e-6
+    assert fast["step_s"] < lean["step_s"] <= fast["step_s"] * 1.03 + 1e-6
     assert lean["per_device"][0]["memory_bytes"] < 0.99 * fast["per_device"][0]["memory_bytes"]
     rc, _, err = run_cli("compile", "tiny", "--time-slack", "1.5", "-o", str(tmp_path / "never"))
     assert rc == 1 and err.count("\n") == 1 and "--time-slack must be a fraction" in err

@@ -132,10 +132,10 @@ def test_cpsat_matches_the_exhaustive_optimum_over_tail_choices(squeeze):
 @pytest.mark.parametrize("slack", [0.01, 0.2])
 @pytest.mark.parametrize("squeeze", [None, 0.97])
 def test_least_memory_within_the_slack_matches_the_exhaustive_one(n, prefix, batch, slack, squeeze):
-    """Of the plans at most ``slack`` slower than the fastest, the one of
-    least memory (the fullest device's share), as exhaustive search finds
-    it; never more memory than the fastest plan, never slower than the
-    slack allows; with memory binding or not."""
+    """Of the plans at most ``slack`` slower than the fastest and no fuller
+    on any device, the one of least memory (the fullest device's share), as
+    exhaustive search finds it; never slower than the slack allows; with
+    memory binding or not."""
     cands, model, _ = candidates("tiny", cluster(n), batch, prefix, cuts=(prefix,))
     cands = rank0_tail(cands)
     if squeeze is not None:
@@ -144,9 +144,10 @@ def test_least_memory_within_the_slack_matches_the_exhaustive_one(n, prefix, bat
         cands = rank0_tail(cands)
     fastest = solve(cands)
     lean = least_memory(cands, fastest, slack, time_limit=10)
-    share, _, _ = least_memory_exhaustive(cands, fastest.objective_s * (1 + slack))
+    share, _, _ = least_memory_exhaustive(cands, fastest.prediction.step_s * (1 + slack), fastest.prediction.memory)
     devices = model.devices
     assert fits(model, lean.prediction)
+    assert all(m <= held for m, held in zip(lean.prediction.memory, fastest.prediction.memory))
     assert lean.prediction.step_s <= fastest.prediction.step_s * (1 + slack) * (1 + 1e-9)
     # (CP-SAT counts memory in KiB rounded up, one per term: a few KiB of a device's memory)
     tol = 64 * 1024 / devices[0].memory_bytes

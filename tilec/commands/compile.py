@@ -10,7 +10,7 @@ def add_parser(sub, common):
                    help="solver time limit in seconds (default 3)")
     p.add_argument("--time-slack", type=float, default=None, metavar="F", dest="time_slack",
                    help="of the plans at most this fraction slower than the fastest (predicted), take the one "
-                        "of least memory (default 0.01; 0 for the fastest)")
+                        "of least memory (default 0.03; 0 for the fastest)")
     p.add_argument("--workers", type=int, default=0, help="CP-SAT portfolio workers (default 8, even on fewer cores)")
     p.add_argument("--no-recompute", action="store_true", dest="no_recompute",
                    help="never recompute activations in backward")

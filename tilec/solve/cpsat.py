@@ -376,9 +376,12 @@ MIN_SAVING = 0.01  # of the fastest plan's fullest device: less is not worth any
 
 def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute=True):
     """Among the plans at most ``slack`` (a fraction) slower than
-    ``solution``, predicted, the one whose fullest device uses the least of
-    its memory, and the fastest of those: a :class:`Solution` (``solution``
-    itself where none uses ``MIN_SAVING`` less).
+    ``solution``, predicted, that put no more memory on any device than it
+    does, the one whose fullest device uses the least of its memory, and
+    the fastest of those: a :class:`Solution` (``solution`` itself where
+    none uses ``MIN_SAVING`` less). (Without that bound a Pi 3 beside a
+    Pi 4 would be emptied into the Pi 4, which has room to spare: less of
+    the fullest device's share for more memory in all and an idle device.)
 
     Why: plans within the cost model's error of the fastest differ by up to
     1.5x in memory (tiny416 at batch 8 on two workers: 256 or 365 MB for
@@ -406,8 +409,9 @@ def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute
     model = pm.model
     model.add(pm.time_expr <= _us(limit))
     share = model.new_int_var(0, SHARE, "share")
-    for mem, dev in zip(pm.memory, reduced.model.devices):
+    for mem, dev, held in zip(pm.memory, reduced.model.devices, solution.prediction.memory):
         model.add(share * max(1, dev.memory_bytes // KIB) >= mem * SHARE)
+        model.add(mem <= _kib(held))
     pm.hint([(index[id(g)], rec) for g, rec in solution.choices])
     model.minimize(share)
     solver, status = pm.solve(time_limit / 2, workers)
@@ -427,7 +431,7 @@ def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute
     found.objective_s = found.prediction.step_s
     devices = cands.model.devices
     if (found.objective_s > limit * (1 + 1e-9)
-            or any(m > d.memory_bytes for m, d in zip(found.prediction.memory, devices))
+            or any(m > held for m, held in zip(found.prediction.memory, solution.prediction.memory))
             or fullest(found.prediction, devices) > fullest(solution.prediction, devices) * (1 - MIN_SAVING)):
         return solution
     found.fastest_s, found.fastest_bytes = fastest_s, max(solution.prediction.memory)

@@ -103,13 +103,14 @@ def exhaustive(cands, recompute=True, limit=2_000_000):
                               bound_s=best[0], wall_s=time.perf_counter() - t0)
 
 
-def least_memory_exhaustive(cands, within_s, recompute=True, limit=2_000_000):
-    """(share, seconds, path): of the paths that fit and take at most
-    ``within_s``, the least share of its memory the fullest device's peak
-    takes, and the fastest path at that share (None if none)."""
+def least_memory_exhaustive(cands, within_s, caps, recompute=True, limit=2_000_000):
+    """(share, seconds, path): of the paths that take at most ``within_s``
+    and put at most ``caps[d]`` bytes on each device d, the least share of
+    its memory the fullest device's peak takes, and the fastest path at that
+    share (None if none)."""
     best = None
     for step, pred in _paths(cands, recompute, limit):
-        if pred.step_s <= within_s and fits(cands, pred):
+        if pred.step_s <= within_s and all(m <= cap for m, cap in zip(pred.memory, caps)):
             share = max(m / d.memory_bytes for m, d in zip(pred.memory, cands.model.devices))
             if best is None or (share, pred.step_s) < best[:2]:
                 best = (share, pred.step_s, step)
