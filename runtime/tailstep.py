@@ -333,7 +333,7 @@ class ChannelGroup:
             share = self.layer_share(layer)
             cache = {i: self.cache.pop(i, None)}
             _, dout = reference.backward_layers([share], params, self.acts, cache, {i: self.grads_in[i]},
-                                                impl=self.k, acc=acc)
+                                                impl=self.k, acc=acc, inplace=True)  # (as _output_grad)
             if layer["kind"] == "route":  # (the group's first layer) its inputs' gradients go back to them
                 for src in layer["inputs"]:
                     self.grads_out[src] = own(dout[src]) if src in dout else np.zeros_like(

@@ -172,6 +172,11 @@ def test_least_memory_takes_a_leaner_plan_and_none_without_slack():
     assert fastest.prediction.step_s < lean.objective_s <= fastest.prediction.step_s * 1.01 * (1 + 1e-9)
     assert max(lean.prediction.memory) < 0.95 * max(fastest.prediction.memory)
     assert "least memory within 1%" in lean.solver
+    # without recompute too (``solve`` then works on copies of the candidates, which the pass must recognise)
+    fastest = solve(cands, recompute=False)
+    lean = least_memory(cands, fastest, 0.03, recompute=False)
+    assert lean is not fastest and not any(rec for _, rec in lean.choices)
+    assert max(lean.prediction.memory) < 0.95 * max(fastest.prediction.memory)
 
 
 def test_shortest_path_cpsat_and_lagrangian_dp_agree_without_memory_limits():

@@ -402,17 +402,24 @@ def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute
     limit = fastest_s * (1 + slack)
     _, _, tried, _ = bounds.feasible_plan(cands, steps=0)
     reduced, _ = bounds.prune(cands, limit, tried, slack=0.0)
-    index = {id(g): k for k, g in enumerate(reduced.groups)}
-    if not all(id(g) in index for g, _ in solution.choices):
+    # (by what a group is, not by the object: without recompute ``solve`` made its own copies)
+    index = {_identity(g): k for k, g in enumerate(reduced.groups)}
+    if not all(_identity(g) in index for g, _ in solution.choices):
         return solution  # (cannot happen: the fastest plan's arcs are within its own time)
+    fastest = [(index[_identity(g)], rec) for g, rec in solution.choices]
+    # the bound per device is the fastest plan's own count in this model (which counts more than the cost
+    # model where it cannot know where the tiles end, ``PlanModel``): else that plan would not be one of them
+    held = _path_memory(reduced, fastest, recompute, time_limit / 4, workers)
+    if held is None:
+        return solution
     pm = PlanModel(reduced, recompute=recompute)
     model = pm.model
     model.add(pm.time_expr <= _us(limit))
     share = model.new_int_var(0, SHARE, "share")
-    for mem, dev, held in zip(pm.memory, reduced.model.devices, solution.prediction.memory):
+    for mem, dev, cap in zip(pm.memory, reduced.model.devices, held):
         model.add(share * max(1, dev.memory_bytes // KIB) >= mem * SHARE)
-        model.add(mem <= _kib(held))
-    pm.hint([(index[id(g)], rec) for g, rec in solution.choices])
+        model.add(mem <= cap)
+    pm.hint(fastest)
     model.minimize(share)
     solver, status = pm.solve(time_limit / 2, workers)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -434,8 +441,31 @@ def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute
             or any(m > held for m, held in zip(found.prediction.memory, solution.prediction.memory))
             or fullest(found.prediction, devices) > fullest(solution.prediction, devices) * (1 - MIN_SAVING)):
         return solution
-    found.fastest_s, found.fastest_bytes = fastest_s, max(solution.prediction.memory)
+    found.fastest_s = fastest_s
+    found.fastest_bytes = max(zip(solution.prediction.memory, devices), key=lambda md: md[0] / max(1, md[1].memory_bytes))[0]
     return found
+
+
+def _identity(group):
+    """What tells a candidate group from the others: its layers, its split or mode, its devices."""
+    return (group.first, group.last, group.is_tail, getattr(group, "mode", None), tuple(group.devices),
+            tuple(getattr(group, "row_splits", ())), tuple(getattr(group, "col_splits", ())))
+
+
+def _path_memory(cands, path, recompute, time_limit, workers):
+    """Per device, the KiB ``PlanModel`` counts for ``path`` (None if not found in time)."""
+    pm = PlanModel(cands, recompute=recompute)
+    chosen = dict(path)
+    for gi, var in enumerate(pm.use):
+        pm.model.add(var == int(gi in chosen))
+    for gi, var in pm.rec.items():
+        pm.model.add(var == int(bool(chosen.get(gi, False))))
+    pm.hint(path)
+    pm.model.minimize(sum(pm.memory))  # (each device's terms are its own: the sum is least where each is)
+    solver, status = pm.solve(max(0.1, time_limit), workers)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return [solver.value(m) for m in pm.memory]
 
 
 def fullest(prediction, devices):
