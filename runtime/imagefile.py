@@ -109,9 +109,7 @@ class ImagePieces:
                 raise DataError(f"{path}: cannot read images: {exc or type(exc).__name__}") from None
             raise
         self.batch = batch
-        # full-width rows of one image's channels, where a piece is narrower than the image
-        widest = max((r.height for _, r in self.pieces if r.width != w), default=0)
-        self.rows = np.empty((c, widest, w), self.dtype) if widest else None
+        self.rows = None  # full-width rows of one image's channels, where a piece is narrower (``_rows``)
 
     def read(self, step, into=None):
         """{message id: piece} of ``step``; ``into``: {message id: the view
@@ -128,9 +126,10 @@ class ImagePieces:
             if dest is not None and dest.shape != shape:
                 raise ValueError(f"input {k}: a view of {dest.shape} for a piece of {shape}")
             piece = np.empty(shape, self.dtype) if dest is None else dest
+            # rows straight into the piece where they are whole rows of it (every image's and channel's
+            # rows one run of memory), else through a buffer
+            direct = c1 - c0 == w and piece.strides[2:] == (row, self.dtype.itemsize)
             for b in range(self.batch):
-                # rows straight into the piece where they are whole rows of it, else through a buffer
-                direct = c1 - c0 == w and all(piece[b, ch].flags.c_contiguous for ch in range(c))
                 rows = piece[b] if direct else self._rows(r1 - r0)
                 for ch in range(c):
                     view = memoryview(rows[ch]).cast("B")

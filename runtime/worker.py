@@ -246,7 +246,7 @@ class Job:
         self.accepted = queue.Queue()
         self.comm = None
         self.images = None  # the image file the pieces are read from (``imagefile``), or None: sent
-        self.landing = None  # where they are read to (``RankExecutor.input_views``)
+        self.landing = None  # where they are read to (``RankExecutor.input_views``, once it exists)
         self.current = job["first_step"]  # the step in progress (0-based)
         self.stop_after = None  # a STOP from the launcher: end after this many steps
         self.reported = owned(self.plan, self.rank, has_momentum(self.plan))
@@ -275,6 +275,8 @@ class Job:
                                                threads=job.get("threads"), trace=bool(job.get("trace")),
                                                stretch=self.server.stretch)
             del state
+            if self.images is not None:
+                self.landing = dev.input_views()
             last = step + job["steps"]
             reports = state_steps(step, last, job["state_every"])
             launcher = comm.links[LAUNCHER]
@@ -381,8 +383,6 @@ class Job:
                 return None
             out[tensor] = array
         if self.images is not None:
-            if self.landing is None:
-                self.landing = self.executor.input_views()
             return (out[TARGET] if self.rank == 0 else None), self.images.read(step, self.landing)
         return out.get(TARGET), {k: out[FIRST_PIECE + j] for j, k in enumerate(self.piece_ids)}
 
