@@ -48,6 +48,10 @@ def test_profile_errors_name_the_file_and_field(tmp_path):
         profile_from_dict(dict(good, version=99), "x.json")
     with pytest.raises(ProfileError, match="unknown profile 'rpi9'"):
         load_profile("rpi9")
+    assert load_profile("rpi3b").jitter == 0.0 and profile_from_dict(dict(good, jitter=0.1), "x.json").jitter == 0.1
+    for jitter, message in ((1.5, "'jitter' must be below 1"), (-0.1, "'jitter' must be a number >= 0")):
+        with pytest.raises(ProfileError, match=message):
+            profile_from_dict(dict(good, jitter=jitter), "x.json")
     path = tmp_path / "broken.json"
     path.write_text("{not json")
     with pytest.raises(ProfileError, match="broken.json: not valid JSON"):

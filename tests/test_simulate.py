@@ -74,6 +74,85 @@ def test_latency_and_bandwidth_slow_the_step_down_and_waits_appear():
     assert any(e.kind == "wait" for e in slow.events)
 
 
+def with_jitter(cl, jitter):
+    return dataclasses.replace(cl, devices=tuple(
+        dataclasses.replace(d, profile=dataclasses.replace(d.profile, jitter=jitter)) for d in cl.devices))
+
+
+def test_jitter_prices_the_waits_at_barriers_between_devices():
+    """Devices whose calls vary wait for each other at every barrier (a
+    batch-norm all-gather, a halo): two devices' expected step is longer
+    than at the prices, the more the more they vary, never by more than if
+    every op were a barrier (the later of two draws is sqrt(2) * 0.564 of
+    the spread over the mean), and the same every time (seeded); one device
+    waits for nobody, and keeps its priced step; busy seconds and the
+    timeline stay those at the prices."""
+    two = tiny_plan([GroupChoice(0, 6, [0, 2, 4], [0, 4], [0, 1])], 2, batch=8)
+    base = uniform_cluster(RPI3, 2)
+    priced = simulate(two, base)
+    assert priced.priced_s == priced.step_s
+    steps = {}
+    for jitter in (0.05, 0.1, 0.2):
+        res = simulate(two, with_jitter(base, jitter))
+        assert res.priced_s == pytest.approx(priced.step_s) and res.busy_s == pytest.approx(priced.busy_s)
+        assert [e.end for e in res.events] == pytest.approx([e.end for e in priced.events])
+        assert res.step_s == simulate(two, with_jitter(base, jitter)).step_s
+        steps[jitter] = res.step_s - priced.step_s
+        assert 0 < steps[jitter] < 0.8 * jitter * max(priced.busy_s), jitter
+        assert all(i == pytest.approx(res.step_s - b) for b, i in zip(res.busy_s, res.idle_s))
+    assert steps[0.05] < steps[0.1] < steps[0.2]
+    assert simulate(two, with_jitter(base, 0.2), samples=0).step_s == priced.step_s
+    one = tiny_plan([GroupChoice(0, 6, [0, 4], [0, 4], [0])], 1, batch=8)
+    assert simulate(one, with_jitter(uniform_cluster(RPI3, 1), 0.2)).step_s == simulate(one, uniform_cluster(
+        RPI3, 1)).step_s
+
+
+def test_jittered_ops_keep_their_price_on_average():
+    """The draws around each op's price have mean 1 and the profile's spread
+    (lognormal: never negative); only compute ops are drawn."""
+    import numpy as np
+    from tilec.inspect.simulate import _jittered
+    actions = [("compute", 2.0, "forward", "op")] * 20000 + [("recv", "key")]
+    (rank, thread, drawn), = _jittered([(0, 0, actions)], [0.15],
+                                       [np.random.default_rng(1).standard_normal(len(actions))])
+    factors = np.array([a[1] / 2.0 for a in drawn[:-1]])
+    assert (rank, thread, drawn[-1]) == (0, 0, ("recv", "key"))
+    assert factors.min() > 0 and factors.mean() == pytest.approx(1.0, abs=0.005)
+    assert factors.std() == pytest.approx(0.15, rel=0.05)
+
+
+def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
+    """``tilec profile``'s jitter from two workers' traced steps: the spread
+    of each kernel call's time step to step, whatever one rank's tile costs
+    more than the other's every step, pooled over the kernel calls long
+    enough to time (neither sends nor a conv's forward in row pieces)."""
+    import numpy as np
+    from tilec.profile_calibrate import JITTER_MIN_S, step_jitter
+    ops = [{"op": "conv_fwd", "group": 0, "unit": 0}, {"op": "epi_fwd", "group": 0, "unit": 0},
+           {"op": "send", "msg": 3}, {"op": "conv_fwd", "group": 1, "unit": 0, "rows": [0, 4]},
+           {"op": "conv_bwd", "group": 0, "unit": 0}, {"op": "epi_bwd", "group": 0, "unit": 0}]
+    plan = {"schedule": [ops, ops]}
+    rng = np.random.default_rng(0)
+    price = {0: 5e-3, 1: 1e-3, 2: 3e-3, 3: 4e-3, 4: 9e-3, 5: JITTER_MIN_S / 2}
+
+    def series(spread, slower, steps=400, noisy=(0, 1, 4)):
+        out = {}
+        for rank in (0, 1):
+            out[rank] = {i: list(p * (slower if rank else 1.0) * (
+                1 + (spread if i in noisy else 0.0) * rng.standard_normal(steps))) for i, p in price.items()}
+            # what is left out varies wildly: the send, the conv in row pieces, the call too short to time
+            for i, (low, high) in ((2, (0.2, 5.0)), (3, (0.2, 5.0)), (5, (0.5, 1.5))):
+                out[rank][i] = list(price[i] * rng.uniform(low, high, steps))
+        return out
+
+    for spread in (0.05, 0.12):
+        assert step_jitter(plan, series(spread, 1.0)) == pytest.approx(spread, rel=0.12)
+        assert step_jitter(plan, series(spread, 1.3)) == pytest.approx(spread, rel=0.12)  # rank 1's tile is larger
+    assert step_jitter(plan, series(0.0, 1.3)) == pytest.approx(0.0, abs=1e-9)
+    assert step_jitter(plan, {0: series(0.1, 1.0)[0]}) is None
+    assert step_jitter(plan, series(0.1, 1.0, steps=2)) is None
+
+
 def test_local_workers_carry_shared_in_the_plans_cluster():
     """Whether devices are local workers sharing one machine (``shared``,
     which prices their compute at the machine's all-cores-busy speed) goes

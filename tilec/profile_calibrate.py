@@ -119,16 +119,18 @@ def in_step_costs(profile_data, module, dtype="float32", size=416, steps=5):
 
 
 def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=6, workers=2):
-    """({kind: {direction: factor}}, seconds it took): how much slower each
-    kernel kind runs in local workers computing side by side than the
-    profile prices it alone, the executor's dispatch aside (the factor
-    multiplies ``in_step``), measured on ``workers`` local worker processes
-    of the generated kernels ``kernel_source`` ({"module", "source"}) that
-    take every core between them training the reference stack, traced ({}
-    where there are fewer cores than workers). Processes share caches and
-    memory bandwidth: on this project's 2-core machine two workers'
-    epilogues, which stream through memory, ran 1.5-2.2x their price alone,
-    their convolutions 1.1-1.3x."""
+    """({kind: {direction: factor}}, jitter, seconds it took): how much
+    slower each kernel kind runs in local workers computing side by side
+    than the profile prices it alone, the executor's dispatch aside (the
+    factor multiplies ``in_step``), measured on ``workers`` local worker
+    processes of the generated kernels ``kernel_source`` ({"module",
+    "source"}) that take every core between them training the reference
+    stack, traced ({}, None where there are fewer cores than workers).
+    Processes share caches and memory bandwidth: on this project's 2-core
+    machine two workers' epilogues, which stream through memory, ran
+    1.5-2.2x their price alone, their convolutions 1.1-1.3x. ``jitter``:
+    the spread of a kernel call's time from step to step, from the same
+    traces (``step_jitter``)."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import compile_plan
     from tilec.profiles import profile_from_dict
@@ -136,7 +138,7 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
     t0 = time.perf_counter()
     profile = profile_from_dict(profile_data, "<being measured>")
     if profile.cores < workers:
-        return {}, 0.0
+        return {}, None, 0.0
     threads = profile.cores // workers
     cluster = uniform_cluster(profile, workers, threads=threads)  # priced as if each were alone
     plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
@@ -147,18 +149,59 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
     launch.train_local(plan, params, buffers, data.generated_batches(program, 1, 0, dtype), steps=steps,
                        kernel_source=kernel_source, threads=threads, trace=True, lr=[[0, 1e-30]],
                        on_metrics=records.append, timeout=300)
-    measured = {}
+    series = {}  # rank -> {op index: [seconds, step by step]}
     for rank in range(workers):
-        per = {}
+        per = series[rank] = {}
         for step in records[1:]:  # (the first touches the arenas)
             timed = [e for e in step[rank]["trace"] if e[4] == 0]  # the schedule's thread: its ops in order
             for i, event in enumerate(timed):
                 per.setdefault(i, []).append(event[3] * 1e-6)
-        measured[rank] = {i: statistics.median(v) for i, v in per.items()}
+    measured = {rank: {i: statistics.median(v) for i, v in per.items()} for rank, per in series.items()}
     out = {}
     for (kind, direction), pairs in _pairs(plan, cluster, measured).items():
         dispatch = profile.cost(kind, direction).dispatch_s
         priced = sum(p - dispatch for _, p in pairs)
         if priced > 0:
             out.setdefault(kind, {})[direction] = _factor(sum(max(m - dispatch, 0.0) for m, _ in pairs), priced)
-    return out, time.perf_counter() - t0
+    return out, step_jitter(plan, series), time.perf_counter() - t0
+
+
+# kernel calls shorter than this are left out of the jitter: the executor's dispatch and the clock's
+# resolution, not the kernel, make their spread
+JITTER_MIN_S = 5e-4
+
+
+def step_jitter(plan, series):
+    """The spread of a kernel call's time (its standard deviation over its
+    mean) from step to step on devices computing side by side, from
+    ``series`` ({rank: {schedule op index: [seconds per step]}}) of ranks 0
+    and 1 of ``plan``: for each kernel op both ranks run (the same group
+    and unit: the same work, up to the split), the relative difference of
+    their times step by step, less its mean over the steps (what differs
+    between their tiles, not from one step to the next), pooled over the
+    ops weighted by their time. Two devices whose calls vary by s apart
+    differ by s * sqrt(2): what a barrier between them makes the faster
+    wait. None without two ranks or three steps of a common op."""
+    if len(series) < 2:
+        return None
+    keyed = []
+    for rank in (0, 1):
+        ops = {}
+        for i, times in series[rank].items():
+            op = plan["schedule"][rank][i] if i < len(plan["schedule"][rank]) else None
+            if op is not None and op["op"] in OP_KIND and "rows" not in op:
+                ops[(op["op"], op["group"], op.get("unit"))] = times
+        keyed.append(ops)
+    weighted = weights = 0.0
+    for key in keyed[0].keys() & keyed[1].keys():
+        a, b = keyed[0][key], keyed[1][key]
+        n = min(len(a), len(b))
+        mean = (sum(a[:n]) + sum(b[:n])) / (2 * n) if n else 0.0
+        if n < 3 or mean < JITTER_MIN_S:
+            continue
+        diffs = [2 * (x - y) / (x + y) for x, y in zip(a[:n], b[:n])]
+        weighted += mean * statistics.variance(diffs)
+        weights += mean
+    if weights == 0:
+        return None
+    return round(float(np.sqrt(weighted / weights / 2)), 4)

@@ -401,8 +401,8 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         f"{calibration_s:.1f} s): dispatch_us, each kind's measured less fitted time per op at {SMALL}x{SMALL}; "
         f"in_step, the rest over the fitted at {size}x{size}; kinds these steps do not run keep none")
     if peer is None:  # the machine local workers share: how they slow each other down
-        beside, beside_s = beside_others(data, {"module": source.module, "source": source.text}, dtype, size=size,
-                                         steps=steps)
+        beside, jitter, beside_s = beside_others(data, {"module": source.module, "source": source.text}, dtype,
+                                                 size=size, steps=steps)
         for kind, per in beside.items():
             for direction, factor in per.items():
                 fitted[kind][direction]["beside_others"] = factor
@@ -411,6 +411,12 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
             f"half the cores ({steps} steps, traced; {beside_s:.1f} s): each kind's measured time over its "
             f"price alone; what prices local workers that take every core" if beside else
             "not measured: fewer than two cores")
+        if jitter is not None:
+            data["jitter"] = jitter
+            data["sources"]["jitter"] = (
+                "the same steps: the two workers' times of each kernel call step by step, their relative "
+                "difference less its mean over the steps, pooled over the calls weighted by their time, over "
+                "sqrt(2); what the simulator draws every call's time around its price with")
     return data
 
 

@@ -33,6 +33,9 @@ def run(args):
     print("threads: " + ", ".join(f"{k} {'/'.join(f'{v:.2f}' for v in t)}" for k, t in data["threads"].items()))
     print(f"link: {data['link']['bandwidth_mbps']:.1f} Mbit/s, {data['link']['latency_ms']:.3f} ms "
           f"({data['sources']['link']})")
+    if "jitter" in data:
+        print(f"jitter: a kernel call's time varies by {data['jitter']:.1%} from step to step on two workers side "
+              f"by side (what the faster waits for at every barrier)")
     worst = data["sources"]["fit_worst_relative_error"]
     noise = data["sources"]["noise_median_over_best"]
     print("fit, worst relative error per kernel: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in worst.items()))

@@ -10,8 +10,9 @@ def add_parser(sub, common):
                    help="cluster file (YAML); default: the devices and profiles the plan was compiled for")
     p.add_argument("--timeline", metavar="FILE.png", help="draw a Gantt chart of the step")
     p.add_argument("--trace", metavar="FILE.json", help="write the predicted step as a Chrome trace (ui.perfetto.dev)")
-    p.add_argument("--json", action="store_true", help="print the prediction as JSON: step seconds, one core's "
-                   "seconds, and per device its busy seconds, bytes sent and peak memory")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON: step seconds (and at "
+                   "every op's price, without jitter), one core's seconds, and per device its busy seconds, bytes "
+                   "sent and peak memory")
 
 
 def prediction(plan, cluster, result):
@@ -27,6 +28,7 @@ def prediction(plan, cluster, result):
                         "peak_bytes": sum(memory.values()), "memory": memory,
                         "memory_limit_bytes": dev.memory_bytes, "fits": sum(memory.values()) <= dev.memory_bytes})
     return {"model": plan["model"], "batch": plan["batch"], "dtype": plan["dtype"], "step_s": round(result.step_s, 6),
+            "priced_step_s": round(result.priced_s, 6),
             "one_core_s": round(one_core, 6), "speedup_over_one_core": round(one_core / result.step_s, 3),
             "devices": devices}
 
@@ -52,6 +54,10 @@ def run(args):
     else:
         print(f"simulated step: {result.step_s:.3f} s  ({plan['model']}, batch {plan['batch']}, {len(names)} "
               f"device(s), {cluster.source})")
+        if result.step_s != result.priced_s:
+            spread = ", ".join(sorted({f"{d.profile.jitter:.0%}" for d in cluster.devices}))
+            print(f"  of which {result.step_s - result.priced_s:.3f} s the devices wait for each other's jitter "
+                  f"(a kernel call's time varies by {spread}; every op at its price: {result.priced_s:.3f} s)")
         if plan.get("predicted"):
             print(f"cost model's prediction in the plan: {plan['predicted']['step_s']:.3f} s")
         print(f"speedup over one core of {cluster.devices[0].profile.name} ({data['one_core_s']:.3f} s): "

@@ -11,7 +11,7 @@ A profile is a JSON file (format ``tilec-profile``, version 2)::
                  "epilogue": {...}, "maxpool": {...}, "connected": {...},
                  "elementwise": {...}},
      "threads": {"conv": [1.0, 1.8, 2.5, 3.0], "epilogue": [1.0, 1.5, ...], ...},
-     "sustained": 0.9,
+     "sustained": 0.9, "jitter": 0.1,
      "sources": {"...": "where each number comes from"}}
 
 The time of one kernel call on one thread (one stage of one tile, as the
@@ -36,7 +36,12 @@ in the shipped Pi profiles).
 cores); ``cores`` threads is the whole board. ``sustained`` scales every
 kernel for sustained load (thermal throttling), once, for all of them.
 ``memory_mb`` is what a training process may use (RAM less the OS and GPU
-reservations). ``tilec profile`` measures all of it on the device.
+reservations). ``jitter`` (optional, 0 if absent) is how much a kernel
+call's time varies from one call to the next (its standard deviation over
+its mean) where devices compute side by side: at every barrier of a step
+(a batch-norm all-gather, a halo) the faster device waits for the slower,
+which the simulator prices (``tilec.inspect.simulate``). ``tilec profile``
+measures all of it on the device.
 
 Shipped profiles live beside this module (``*.json``, package data);
 :func:`load_profile` takes a shipped name or a path.
@@ -95,6 +100,7 @@ class Profile:
     costs: dict  # kind -> direction -> KernelCost (the JSON's "kernels")
     threads: dict = field(default_factory=dict)  # kind -> [speed-up on 1, 2, ... threads]
     sustained: float = 1.0
+    jitter: float = 0.0  # a kernel call's time: standard deviation over mean, call to call
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -214,6 +220,9 @@ def profile_from_dict(data, source="<dict>"):
     sustained = data.get("sustained", 1.0)
     if not (isinstance(sustained, (int, float)) and 0 < sustained <= 1):
         raise ProfileError(f"{source}: field 'sustained' must be in (0, 1], got {sustained!r}")
+    jitter = _number(data, "jitter", source, strict=False, default=0.0)
+    if jitter >= 1:
+        raise ProfileError(f"{source}: field 'jitter' must be below 1 (a spread over the mean), got {jitter!r}")
     return Profile(
         name=str(data.get("name", Path(str(source)).stem)),
         cores=_number(data, "cores", source, integer=True),
@@ -221,7 +230,8 @@ def profile_from_dict(data, source="<dict>"):
         process_overhead_bytes=int(_number(data, "process_overhead_mb", source, strict=False) * 1e6),
         bandwidth_bps=_number(link, "bandwidth_mbps", f"{source}: link") * 1e6 / 8,
         latency_s=_number(link, "latency_ms", f"{source}: link", strict=False) * 1e-3,
-        costs=costs, threads=speedups, sustained=float(sustained), source=str(source), raw=data)
+        costs=costs, threads=speedups, sustained=float(sustained), jitter=float(jitter), source=str(source),
+        raw=data)
 
 
 def load_profile(name_or_path):
