@@ -81,12 +81,13 @@ def with_jitter(cl, jitter):
 
 def test_jitter_prices_the_waits_at_barriers_between_devices():
     """Devices whose calls vary wait for each other at every barrier (a
-    batch-norm all-gather, a halo): two devices' expected step is longer
-    than at the prices, the more the more they vary, never by more than if
-    every op were a barrier (the later of two draws is sqrt(2) * 0.564 of
-    the spread over the mean), and the same every time (seeded); one device
-    waits for nobody, and keeps its priced step; busy seconds and the
-    timeline stay those at the prices."""
+    batch-norm all-gather, a halo): on a plan whose two devices compute in
+    step between barriers, the expected step is longer than at the prices,
+    the more the more they vary, and the same every time (seeded); one
+    device waits for nobody, and keeps its priced step; busy seconds and
+    the timeline stay those at the prices; on a plan whose links bind
+    (where the order of messages that start together moves the step either
+    way) the prices' step stays the replay without jitter."""
     two = tiny_plan([GroupChoice(0, 6, [0, 2, 4], [0, 4], [0, 1])], 2, batch=8)
     base = uniform_cluster(RPI3, 2)
     priced = simulate(two, base)
@@ -98,10 +99,16 @@ def test_jitter_prices_the_waits_at_barriers_between_devices():
         assert [e.end for e in res.events] == pytest.approx([e.end for e in priced.events])
         assert res.step_s == simulate(two, with_jitter(base, jitter)).step_s
         steps[jitter] = res.step_s - priced.step_s
-        assert 0 < steps[jitter] < 0.8 * jitter * max(priced.busy_s), jitter
+        assert steps[jitter] > 0, jitter
         assert all(i == pytest.approx(res.step_s - b) for b, i in zip(res.busy_s, res.idle_s))
     assert steps[0.05] < steps[0.1] < steps[0.2]
     assert simulate(two, with_jitter(base, 0.2), samples=0).step_s == priced.step_s
+    four = tiny_plan([GroupChoice(0, 2, [0, 8, 16], [0, 16], [0, 1]), GroupChoice(3, 6, [0, 2, 4], [0, 2, 4],
+                                                                                [0, 1, 2, 3])], 4)
+    bound = simulate(four, uniform_cluster(RPI3, 4))
+    jittered = simulate(four, with_jitter(uniform_cluster(RPI3, 4), 0.12))
+    assert jittered.priced_s == bound.step_s and jittered.busy_s == bound.busy_s
+    assert jittered.step_s == simulate(four, with_jitter(uniform_cluster(RPI3, 4), 0.12)).step_s > 0
     one = tiny_plan([GroupChoice(0, 6, [0, 4], [0, 4], [0])], 1, batch=8)
     assert simulate(one, with_jitter(uniform_cluster(RPI3, 1), 0.2)).step_s == simulate(one, uniform_cluster(
         RPI3, 1)).step_s
@@ -118,14 +125,15 @@ def test_jittered_ops_keep_their_price_on_average():
     factors = np.array([a[1] / 2.0 for a in drawn[:-1]])
     assert (rank, thread, drawn[-1]) == (0, 0, ("recv", "key"))
     assert factors.min() > 0 and factors.mean() == pytest.approx(1.0, abs=0.005)
-    assert factors.std() == pytest.approx(0.15, rel=0.05)
+    assert factors.std() == pytest.approx(0.15, rel=0.02)
 
 
 def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
     """``tilec profile``'s jitter from two workers' traced steps: the spread
     of each kernel call's time step to step, whatever one rank's tile costs
-    more than the other's every step, pooled over the kernel calls long
-    enough to time (neither sends nor a conv's forward in row pieces)."""
+    more than the other's every step (twice as much here), pooled over the
+    kernel calls long enough to time (neither sends nor a conv's forward in
+    row pieces)."""
     import numpy as np
     from tilec.profile_calibrate import JITTER_MIN_S, step_jitter
     ops = [{"op": "conv_fwd", "group": 0, "unit": 0}, {"op": "epi_fwd", "group": 0, "unit": 0},
@@ -136,18 +144,20 @@ def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
     price = {0: 5e-3, 1: 1e-3, 2: 3e-3, 3: 4e-3, 4: 9e-3, 5: JITTER_MIN_S / 2}
 
     def series(spread, slower, steps=400, noisy=(0, 1, 4)):
+        sigma = np.sqrt(np.log1p(spread ** 2))  # a lognormal of that spread, as the simulator draws
         out = {}
         for rank in (0, 1):
-            out[rank] = {i: list(p * (slower if rank else 1.0) * (
-                1 + (spread if i in noisy else 0.0) * rng.standard_normal(steps))) for i, p in price.items()}
+            out[rank] = {i: list(p * (slower if rank else 1.0) * (np.exp(
+                sigma * rng.standard_normal(steps) - sigma ** 2 / 2) if i in noisy else np.ones(steps)))
+                for i, p in price.items()}
             # what is left out varies wildly: the send, the conv in row pieces, the call too short to time
             for i, (low, high) in ((2, (0.2, 5.0)), (3, (0.2, 5.0)), (5, (0.5, 1.5))):
                 out[rank][i] = list(price[i] * rng.uniform(low, high, steps))
         return out
 
     for spread in (0.05, 0.12):
-        assert step_jitter(plan, series(spread, 1.0)) == pytest.approx(spread, rel=0.12)
-        assert step_jitter(plan, series(spread, 1.3)) == pytest.approx(spread, rel=0.12)  # rank 1's tile is larger
+        assert step_jitter(plan, series(spread, 1.0)) == pytest.approx(spread, rel=0.08)
+        assert step_jitter(plan, series(spread, 2.0)) == pytest.approx(spread, rel=0.08)  # rank 1's tile is larger
     assert step_jitter(plan, series(0.0, 1.3)) == pytest.approx(0.0, abs=1e-9)
     assert step_jitter(plan, {0: series(0.1, 1.0)[0]}) is None
     assert step_jitter(plan, series(0.1, 1.0, steps=2)) is None

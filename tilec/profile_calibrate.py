@@ -176,32 +176,37 @@ def step_jitter(plan, series):
     mean) from step to step on devices computing side by side, from
     ``series`` ({rank: {schedule op index: [seconds per step]}}) of ranks 0
     and 1 of ``plan``: for each kernel op both ranks run (the same group
-    and unit: the same work, up to the split), the relative difference of
-    their times step by step, less its mean over the steps (what differs
-    between their tiles, not from one step to the next), pooled over the
-    ops weighted by their time. Two devices whose calls vary by s apart
-    differ by s * sqrt(2): what a barrier between them makes the faster
-    wait. None without two ranks or three steps of a common op."""
+    and unit: the same work, up to the split), the log of the ratio of
+    their times step by step; its variance over the steps (about its mean:
+    what one tile costs more than the other every step is not jitter, nor,
+    in a ratio's log, how much more) pooled over the ops weighted by their
+    time is twice the spread's square (lognormal: what the simulator
+    draws). Two devices whose calls vary by s apart differ by about
+    s * sqrt(2): what a barrier between them makes the faster wait. None
+    without two ranks or three steps of a common op."""
     if len(series) < 2:
         return None
     keyed = []
     for rank in (0, 1):
-        ops = {}
-        for i, times in series[rank].items():
+        ops, seen = {}, {}
+        for i, times in sorted(series[rank].items()):
             op = plan["schedule"][rank][i] if i < len(plan["schedule"][rank]) else None
             if op is not None and op["op"] in OP_KIND and "rows" not in op:
-                ops[(op["op"], op["group"], op.get("unit"))] = times
+                key = (op["op"], op["group"], op.get("unit"))
+                seen[key] = seen.get(key, -1) + 1  # (a second call of the same op, its own)
+                ops[key + (seen[key],)] = times
         keyed.append(ops)
     weighted = weights = 0.0
     for key in keyed[0].keys() & keyed[1].keys():
         a, b = keyed[0][key], keyed[1][key]
         n = min(len(a), len(b))
         mean = (sum(a[:n]) + sum(b[:n])) / (2 * n) if n else 0.0
-        if n < 3 or mean < JITTER_MIN_S:
+        if n < 3 or mean < JITTER_MIN_S or min(a[:n] + b[:n]) <= 0:
             continue
-        diffs = [2 * (x - y) / (x + y) for x, y in zip(a[:n], b[:n])]
-        weighted += mean * statistics.variance(diffs)
+        logs = [float(np.log(x / y)) for x, y in zip(a[:n], b[:n])]
+        weighted += mean * statistics.variance(logs)
         weights += mean
     if weights == 0:
         return None
-    return round(float(np.sqrt(weighted / weights / 2)), 4)
+    sigma2 = weighted / weights / 2  # of the log of one call's time
+    return round(float(np.sqrt(np.expm1(sigma2))), 4)  # that lognormal's standard deviation over its mean

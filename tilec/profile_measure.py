@@ -414,9 +414,10 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         if jitter is not None:
             data["jitter"] = jitter
             data["sources"]["jitter"] = (
-                "the same steps: the two workers' times of each kernel call step by step, their relative "
-                "difference less its mean over the steps, pooled over the calls weighted by their time, over "
-                "sqrt(2); what the simulator draws every call's time around its price with")
+                "the same steps: the log of the ratio of the two workers' times of each kernel call, its "
+                "variance over the steps pooled over the calls weighted by their time, over 2 (one worker's; "
+                "their difference is sqrt(2) times one's), as a lognormal's spread; what the simulator draws "
+                "every call's time around its price with")
     return data
 
 

@@ -56,8 +56,8 @@ def run(args):
               f"device(s), {cluster.source})")
         if result.step_s != result.priced_s:
             spread = ", ".join(sorted({f"{d.profile.jitter:.0%}" for d in cluster.devices}))
-            print(f"  of which {result.step_s - result.priced_s:.3f} s the devices wait for each other's jitter "
-                  f"(a kernel call's time varies by {spread}; every op at its price: {result.priced_s:.3f} s)")
+            print(f"  the mean of steps whose kernel calls vary by {spread} (the profile's jitter: the devices "
+                  f"wait for each other at every barrier); every op at its price: {result.priced_s:.3f} s")
         if plan.get("predicted"):
             print(f"cost model's prediction in the plan: {plan['predicted']['step_s']:.3f} s")
         print(f"speedup over one core of {cluster.devices[0].profile.name} ({data['one_core_s']:.3f} s): "

@@ -30,10 +30,16 @@ a call runs faster or slower from one step to the next (a profile's
 between devices (a batch-norm all-gather, a halo, an all-reduce) the faster
 waits for the slower. Where the devices' profiles give a jitter and there
 are several devices, the step time is the mean over ``JITTER_SAMPLES``
-replays whose compute ops each take their price times a draw of mean 1 and
-that spread (independent per op, in antithetic pairs, seeded: the same
-plan gives the same prediction); busy seconds and the timeline are those
-of the replay at the prices themselves.
+replays whose compute ops (the kernels, and the copies and updates beside
+them, at the spread measured on the kernels) each take their price times a
+lognormal draw of mean 1 and that spread (independent per op, in
+antithetic pairs, seeded: the same plan gives the same prediction); busy
+seconds and the timeline are those of the replay at the prices themselves
+(``priced_s``). What the mean adds to that is mostly the waits at
+barriers; where several messages would start on one link at the same
+instant at the prices (the replay then takes them in device order), the
+order the draws give them moves it too, either way (on plans whose links
+bind, the mean can come out shorter than the step at the prices).
 
 The result: the step time, every device's busy and idle seconds and bytes
 sent, and the events of a timeline (a Gantt chart, or a Chrome trace in the
@@ -341,7 +347,8 @@ def simulate(plan, cluster, keep_events=True, samples=JITTER_SAMPLES):
     """A :class:`SimResult` of one training step of ``plan`` on ``cluster``
     (``tilec.cluster.plan_cluster``: the cluster the plan carries); with
     several devices of some jitter, its step the mean of ``samples``
-    replays of jittered ops (the module's docstring)."""
+    replays of jittered ops, in pairs (an odd count rounded down; 0: none;
+    the module's docstring)."""
     n = len(plan["devices"])
     if len(cluster.devices) != n:
         raise SimulationError(f"the plan has {n} devices, the cluster {len(cluster.devices)}")
@@ -353,9 +360,9 @@ def simulate(plan, cluster, keep_events=True, samples=JITTER_SAMPLES):
     result = _replay(actors, n, cluster, keep_events)
     result.priced_s = result.step_s
     spread = [d.profile.jitter for d in cluster.devices]
-    if n > 1 and samples and any(spread):
+    if n > 1 and samples >= 2 and any(spread):
         rng, steps = np.random.default_rng(0), []
-        for _ in range(max(1, samples // 2)):
+        for _ in range(samples // 2):
             # antithetic pairs: a draw and its mirror, whose ops' sums cancel to first order, so that what
             # the mean keeps is the waits (a mean of independent draws was off by as much as it measured)
             normals = [rng.standard_normal(len(actions)) for _, _, actions in actors]
@@ -485,7 +492,7 @@ def timeline_png(result, names, path, title=""):
     ax.set_yticks(range(n))
     ax.set_yticklabels(list(reversed(names)))
     ax.set_xlabel("seconds")
-    ax.set_xlim(0, max(result.step_s, 1e-9))
+    ax.set_xlim(0, max(result.priced_s or result.step_s, 1e-9))  # (the events are the replay at the prices)
     ax.set_title(title or f"simulated step: {result.step_s:.3f} s")
     ax.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLOURS.items()], loc="upper center",
               bbox_to_anchor=(0.5, -0.22), ncol=len(KIND_COLOURS), frameon=False)

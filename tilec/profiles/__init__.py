@@ -37,7 +37,7 @@ cores); ``cores`` threads is the whole board. ``sustained`` scales every
 kernel for sustained load (thermal throttling), once, for all of them.
 ``memory_mb`` is what a training process may use (RAM less the OS and GPU
 reservations). ``jitter`` (optional, 0 if absent) is how much a kernel
-call's time varies from one call to the next (its standard deviation over
+call's time varies from one step to the next (its standard deviation over
 its mean) where devices compute side by side: at every barrier of a step
 (a batch-norm all-gather, a halo) the faster device waits for the slower,
 which the simulator prices (``tilec.inspect.simulate``). ``tilec profile``
@@ -100,7 +100,7 @@ class Profile:
     costs: dict  # kind -> direction -> KernelCost (the JSON's "kernels")
     threads: dict = field(default_factory=dict)  # kind -> [speed-up on 1, 2, ... threads]
     sustained: float = 1.0
-    jitter: float = 0.0  # a kernel call's time: standard deviation over mean, call to call
+    jitter: float = 0.0  # a kernel call's time: standard deviation over mean, step to step
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
