@@ -442,7 +442,7 @@ def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute
             or fullest(found.prediction, devices) > fullest(solution.prediction, devices) * (1 - MIN_SAVING)):
         return solution
     found.fastest_s = fastest_s
-    found.fastest_bytes = max(zip(solution.prediction.memory, devices), key=lambda md: md[0] / max(1, md[1].memory_bytes))[0]
+    found.fastest_bytes = solution.prediction.memory[_fullest_device(solution.prediction, devices)]
     return found
 
 
@@ -468,9 +468,15 @@ def _path_memory(cands, path, recompute, time_limit, workers):
     return [solver.value(m) for m in pm.memory]
 
 
+def _fullest_device(prediction, devices):
+    """The device whose predicted peak takes the largest share of its memory."""
+    return max(range(len(devices)), key=lambda d: prediction.memory[d] / max(1, devices[d].memory_bytes))
+
+
 def fullest(prediction, devices):
     """The largest share of its memory a device's predicted peak takes."""
-    return max(m / max(1, d.memory_bytes) for m, d in zip(prediction.memory, devices))
+    d = _fullest_device(prediction, devices)
+    return prediction.memory[d] / max(1, devices[d].memory_bytes)
 
 
 def _first_fit(cands, closest, dropped, forced, time_limit, workers, recompute):
