@@ -18,6 +18,13 @@ kernel threads each:
 - ``1 dev t1`` / ``1 dev t2``: one device, one or two kernel threads;
 - ``2 dev t1``: two devices of one thread each (on this 2-core machine, two
   single-core devices);
+- ``1 dev t1 x2``: two ``1 dev t1`` jobs at once, each (and its worker)
+  on a core of its own, as the two workers of ``2 dev t1`` are: what this
+  machine leaves of two cores to this very work when both run it, the
+  memory and the caches shared and the neighbours as they are. Two workers
+  that split the job can gain about ``2 x`` (one alone / side by side) here,
+  the *ceiling* the table gives beside ``2 dev t1`` (not a strict bound: a
+  half-sized tile fits the caches better than the whole map);
 - ``torch DDP 2x4``: nn.Conv2d/BatchNorm2d/LeakyReLU/MaxPool2d under
   DistributedDataParallel (gloo, 2 processes, ``torch.set_num_threads(1)``),
   global batch 8, against ``2 dev t1`` at batch 8.
@@ -104,17 +111,54 @@ def tilec_plan(graph, devices, batch, threads):
     return compile_plan(graph, cluster=cluster, batch=batch, dtype="float32")
 
 
-def tilec_job(graph, plan, batch, steps, kernel_source, threads):
+def tilec_job(graph, plan, batch, steps, kernel_source, threads, lr=None):
     """One job of ``plan`` on local workers of ``threads`` kernel threads
-    each; returns the per-step records."""
+    each (``lr``: [(from step, learning rate)], as ``run_job`` takes it);
+    returns the per-step records."""
     from tilec_runtime import data, launch, weights
     program = graph.to_program()
     params, buffers = weights.init_params(program, 0, "float32")
     batches = data.generated_batches(program, batch, 0, "float32")
     records = []
     launch.train_local(plan, params, buffers, batches, steps=steps, threads=threads, on_metrics=records.append,
-                       kernel_source=kernel_source, timeout=600)
+                       kernel_source=kernel_source, timeout=600, lr=lr)
     return records[1:]
+
+
+def side_by_side_job(model, plan, batch, steps, kernels):
+    """Two one-device jobs of ``plan`` at once, each in a process of its
+    own pinned to a core of its own (its worker inherits it); the steps of
+    both but each job's first and last two, which the other may not overlap."""
+    from tilec_runtime.launch import usable_cores
+    cores = usable_cores()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(plan, f)
+    try:
+        outs = two_of_this_script([["--solo-plan", f.name, "--solo-model", model, "--batch", str(batch),
+                                    "--steps", str(steps + 4), "--kernels", kernels, "--core", str(cores[r % len(cores)])]
+                                   for r in range(2)], dict(os.environ, **ONE_THREAD))
+    finally:
+        os.unlink(f.name)
+    return {"step_s": [s for o in outs for s in o["step_s"][2:-2]], "peak_bytes": [o["peak_bytes"] for o in outs]}
+
+
+def solo_job(args):
+    """One of ``side_by_side_job``'s jobs (run by this script itself)."""
+    from kernels import load_graph
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.core})
+    with open(args.solo_plan) as f:
+        plan = json.load(f)
+    kernel_source = None
+    if args.kernels == "generated":
+        from tilec.codegen import generate
+        source = generate(("float32",))
+        kernel_source = {"module": source.module, "source": source.text}
+    graph = load_graph(args.solo_model, tempfile.mkdtemp(prefix="tilec-cluster-bench-"))
+    # four steps more than the others' jobs, which the model's own rate does not survive on the generated
+    # batch (the loss overflows by step 7): a smaller one, the same work
+    records = tilec_job(graph, plan, args.batch, args.steps, kernel_source, 1, lr=[(0, 1e-7)])
+    print(json.dumps({"step_s": [r[0]["step_s"] for r in records], "peak_bytes": max(r[0]["peak_bytes"] for r in records)}))
 
 
 def summarise_tilec(records):
@@ -181,16 +225,22 @@ def ddp_rank(args):
     print(json.dumps({"step_s": times[1:], "peak_bytes": max(peaks[1:])}))
 
 
-def ddp_job(batch, steps, port):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **ONE_THREAD)
-    procs = [subprocess.Popen([sys.executable, __file__, "--ddp-rank", str(r), "--batch", str(batch), "--steps",
-                               str(steps)], stdout=subprocess.PIPE, text=True, env=env)
-             for r in range(2)]
+def two_of_this_script(arguments, env):
+    """Run this script twice at once with each of the two ``arguments``;
+    the JSON each prints last."""
+    procs = [subprocess.Popen([sys.executable, __file__, *a], stdout=subprocess.PIPE, text=True, env=env)
+             for a in arguments]
     try:
-        outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
+        return [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
     finally:
         for p in procs:
             p.kill()
+
+
+def ddp_job(batch, steps, port):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **ONE_THREAD)
+    outs = two_of_this_script([["--ddp-rank", str(r), "--batch", str(batch), "--steps", str(steps)]
+                               for r in range(2)], env)
     return {"step_s": [max(a, b) for a, b in zip(outs[0]["step_s"], outs[1]["step_s"])],
             "peak_bytes": [o["peak_bytes"] for o in outs]}
 
@@ -219,8 +269,20 @@ def merge(runs):
 RUNS = [(f"{model} b{batch} {label}", model, batch, devices, threads)
         for model, batches in (("tiny416", (1, 4, 8)), ("yolov2-tiny-12", (1, 4)), ("yolov2-tiny", (1,)))
         for batch in batches
-        for label, devices, threads in (("1 dev t1", 1, 1), ("1 dev t2", 1, 2), ("2 dev t1", 2, 1))
-        if not (label == "1 dev t2" and (model != "tiny416" or batch == 8))]
+        for label, devices, threads in (("1 dev t1", 1, 1), ("1 dev t2", 1, 2), ("1 dev t1 x2", 1, 1),
+                                        ("2 dev t1", 2, 1))
+        if not (label == "1 dev t2" and (model != "tiny416" or batch == 8))
+        and not (label == "1 dev t1 x2" and (model == "yolov2-tiny" or batch == 8))]
+SIDE_BY_SIDE = "1 dev t1 x2"
+
+
+def ceiling(merged, model, batch):
+    """About the most two workers that split ``model`` at ``batch`` can gain
+    here: 2 x (one job alone / two at once); None where not measured."""
+    solo, pair = merged.get(f"{model} b{batch} 1 dev t1"), merged.get(f"{model} b{batch} {SIDE_BY_SIDE}")
+    if solo is None or pair is None:
+        return None
+    return 2 * statistics.median(solo["step_s"]) / statistics.median(pair["step_s"])
 
 
 def row(name, r, base=None, prediction=None):
@@ -244,9 +306,14 @@ def main():
                     help="what the workers run (as `tilec train --kernels`; default generated)")
     ap.add_argument("--ddp-rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--solo-plan", help=argparse.SUPPRESS)
+    ap.add_argument("--solo-model", help=argparse.SUPPRESS)
+    ap.add_argument("--core", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ddp_rank is not None:
         return ddp_rank(args)
+    if args.solo_plan is not None:
+        return solo_job(args)
 
     from kernels import load_graph
     os.environ.update(ONE_THREAD)  # this process too (it runs nothing heavy, but be fair)
@@ -262,11 +329,18 @@ def main():
     # compiled once, before the rounds: the solver's answer may differ between
     # calls, and every round and the simulation should see the same plan
     plans = {name: tilec_plan(graphs[model], devices, batch, threads)
-             for name, model, batch, devices, threads in runs_wanted}
+             for name, model, batch, devices, threads in runs_wanted if not name.endswith(SIDE_BY_SIDE)}
+    plans.update({name: plans[f"{model} b{batch} 1 dev t1"]  # the very job of 1 dev t1, twice
+                  for name, model, batch, _, _ in runs_wanted if name.endswith(SIDE_BY_SIDE)})
     capacity_before = parallel_capacity()
     runs = {}
     for rnd in range(args.rounds):
         for name, model, batch, devices, threads in runs_wanted:
+            if name.endswith(SIDE_BY_SIDE):
+                got = side_by_side_job(model, plans[name], batch, args.steps, args.kernels)
+                runs.setdefault(name, []).append(got)
+                print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
+                continue
             records = tilec_job(graphs[model], plans[name], batch, args.steps, kernel_source, threads)
             runs.setdefault(name, []).append(summarise_tilec(records))
             print(f"round {rnd + 1}: {name}: {[round(r[0]['step_s'], 3) for r in records]}", file=sys.stderr)
@@ -277,7 +351,7 @@ def main():
     capacity_after = parallel_capacity()
     bandwidth = statistics.median(parallel_capacity(1.0, BANDWIDTH) for _ in range(3))  # (a noisy figure)
     merged = {name: merge(r) for name, r in runs.items()}
-    sims = {name: predicted(plan) for name, plan in plans.items()}
+    sims = {name: None if name.endswith(SIDE_BY_SIDE) else predicted(plan) for name, plan in plans.items()}
 
     print(f"float32, one BLAS thread per process, {args.kernels} kernels; {args.rounds} rounds x "
           f"{args.steps - 1} measured steps")
@@ -295,10 +369,22 @@ def main():
         print(row("tiny416 b8 torch DDP 2x4", merged["tiny416 b8 torch DDP 2x4"], merged["tiny416 b8 2 dev t1"]))
         print("\n(speedup and memory are relative to the same model and batch on 1 dev t1; the DDP row's to "
               "tilec 2 dev t1 at batch 8: >1x speedup = DDP faster, <1x memory = DDP lighter)")
+    ceilings = {}
+    for name, model, batch, devices, threads in runs_wanted:
+        top = ceiling(merged, model, batch)
+        if devices == 2 and top is not None:
+            got = statistics.median(merged[f"{model} b{batch} 1 dev t1"]["step_s"]) / statistics.median(
+                merged[name]["step_s"])
+            ceilings[name] = {"ceiling": top, "speedup": got}
+    if ceilings:
+        print("\ntwo one-device jobs at once (1 dev t1 x2) against one alone: about the most two workers here can "
+              "gain on that work")
+        for name, c in ceilings.items():
+            print(f"  {name}: {c['speedup']:.2f}x of a ceiling of {c['ceiling']:.2f}x ({c['speedup'] / c['ceiling']:.0%})")
     result = {"dtype": "float32", "kernels": args.kernels, "rounds": args.rounds, "steps": args.steps,
               "parallel_capacity": [capacity_before, capacity_after], "memory_parallelism": bandwidth,
               "cpu_count": os.cpu_count(),
-              "runs": merged, "simulated_s": sims, "plans": {k: v["hash"] for k, v in plans.items()},
+              "runs": merged, "simulated_s": sims, "ceilings": ceilings, "plans": {k: v["hash"] for k, v in plans.items()},
               "tails": {k: [(g["layers"], g["mode"], len(g["tiles"])) for g in v["groups"] if g["kind"] == "tail"]
                         for k, v in plans.items()}}
     with open(args.json, "w") as f:
