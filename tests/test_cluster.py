@@ -49,6 +49,10 @@ def test_profile_errors_name_the_file_and_field(tmp_path):
     with pytest.raises(ProfileError, match="unknown profile 'rpi9'"):
         load_profile("rpi9")
     assert load_profile("rpi3b").jitter == 0.0 and profile_from_dict(dict(good, jitter=0.1), "x.json").jitter == 0.1
+    assert profile_from_dict(dict(good, jitter=0.1, jitter_call_ms=8), "x.json").jitter_call_s == pytest.approx(8e-3)
+    assert profile_from_dict(dict(good, jitter=0.1), "x.json").jitter_call_s == 0.0
+    with pytest.raises(ProfileError, match="'jitter_call_ms' must be a number > 0"):
+        profile_from_dict(dict(good, jitter=0.1, jitter_call_ms=0), "x.json")
     for jitter, message in ((1.5, "'jitter' must be below 1"), (-0.1, "'jitter' must be a number >= 0")):
         with pytest.raises(ProfileError, match=message):
             profile_from_dict(dict(good, jitter=jitter), "x.json")

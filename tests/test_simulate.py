@@ -74,9 +74,10 @@ def test_latency_and_bandwidth_slow_the_step_down_and_waits_appear():
     assert any(e.kind == "wait" for e in slow.events)
 
 
-def with_jitter(cl, jitter):
+def with_jitter(cl, jitter, call_s=0.0):
     return dataclasses.replace(cl, devices=tuple(
-        dataclasses.replace(d, profile=dataclasses.replace(d.profile, jitter=jitter)) for d in cl.devices))
+        dataclasses.replace(d, profile=dataclasses.replace(d.profile, jitter=jitter, jitter_call_s=call_s))
+        for d in cl.devices))
 
 
 def test_jitter_prices_the_waits_at_barriers_between_devices():
@@ -103,6 +104,13 @@ def test_jitter_prices_the_waits_at_barriers_between_devices():
         assert all(i == pytest.approx(res.step_s - b) for b, i in zip(res.busy_s, res.idle_s))
     assert steps[0.05] < steps[0.1] < steps[0.2]
     assert simulate(two, with_jitter(base, 0.2), samples=0).step_s == priced.step_s
+    # measured on calls far shorter than this plan's ops, the spread shrinks on them, and the waits with it;
+    # on far longer ones it grows (to twice at most)
+    ops = sorted(e.end - e.start for e in priced.events if e.kind in ("forward", "backward"))
+    typical = ops[len(ops) // 2]
+    shorter, same, longer = (simulate(two, with_jitter(base, 0.1, call_s=typical * k)).step_s - priced.step_s
+                             for k in (1 / 256, 1, 256))
+    assert 0 < shorter < steps[0.05] * 1.5 and shorter < same < longer and steps[0.1] < longer <= steps[0.2] * 1.05
     four = tiny_plan([GroupChoice(0, 2, [0, 8, 16], [0, 16], [0, 1]), GroupChoice(3, 6, [0, 2, 4], [0, 2, 4],
                                                                                 [0, 1, 2, 3])], 4)
     bound = simulate(four, uniform_cluster(RPI3, 4))
@@ -120,12 +128,32 @@ def test_jittered_ops_keep_their_price_on_average():
     import numpy as np
     from tilec.inspect.simulate import _jittered
     actions = [("compute", 2.0, "forward", "op")] * 20000 + [("recv", "key")]
-    (rank, thread, drawn), = _jittered([(0, 0, actions)], [0.15],
+    (rank, thread, drawn), = _jittered([(0, 0, actions)], [(0.15, 0.0)],
                                        [np.random.default_rng(1).standard_normal(len(actions))])
     factors = np.array([a[1] / 2.0 for a in drawn[:-1]])
     assert (rank, thread, drawn[-1]) == (0, 0, ("recv", "key"))
     assert factors.min() > 0 and factors.mean() == pytest.approx(1.0, abs=0.005)
     assert factors.std() == pytest.approx(0.15, rel=0.02)
+    # measured on calls 16 times shorter than these: half the spread (16 ** -0.25)
+    (_, _, drawn), = _jittered([(0, 0, actions)], [(0.15, 2.0 / 16)],
+                               [np.random.default_rng(1).standard_normal(len(actions))])
+    factors = np.array([a[1] / 2.0 for a in drawn[:-1]])
+    assert factors.mean() == pytest.approx(1.0, abs=0.003) and factors.std() == pytest.approx(0.075, rel=0.02)
+
+
+def test_an_ops_spread_follows_its_length():
+    """A call k times longer than those the jitter was measured on varies
+    k ** -0.25 as much (at most twice the measured spread, for the
+    shortest); without the measured calls' length, every op takes the
+    spread as it is."""
+    from tilec.inspect.simulate import JITTER_EXPONENT, JITTER_SCALE_MAX, op_spread
+    assert JITTER_EXPONENT == 0.25 and JITTER_SCALE_MAX == 2.0
+    assert op_spread(0.12, 8e-3, 8e-3) == pytest.approx(0.12)
+    assert op_spread(0.12, 8e-3, 8e-3 * 16) == pytest.approx(0.06)
+    assert op_spread(0.12, 8e-3, 8e-3 / 16) == pytest.approx(0.24)
+    assert op_spread(0.12, 8e-3, 8e-3 / 1000) == pytest.approx(0.24)
+    assert op_spread(0.12, 0.0, 5.0) == op_spread(0.12, 0.0, 1e-6) == 0.12
+    assert op_spread(0.0, 8e-3, 1e-3) == 0.0
 
 
 def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
@@ -135,7 +163,7 @@ def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
     kernel calls long enough to time (neither sends nor a conv's forward in
     row pieces)."""
     import numpy as np
-    from tilec.profile_calibrate import JITTER_MIN_S, step_jitter
+    from tilec.profile_calibrate import JITTER_MIN_S, jitter_call_seconds, step_jitter
     ops = [{"op": "conv_fwd", "group": 0, "unit": 0}, {"op": "epi_fwd", "group": 0, "unit": 0},
            {"op": "send", "msg": 3}, {"op": "conv_fwd", "group": 1, "unit": 0, "rows": [0, 4]},
            {"op": "conv_bwd", "group": 0, "unit": 0}, {"op": "epi_bwd", "group": 0, "unit": 0}]
@@ -161,6 +189,11 @@ def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
     assert step_jitter(plan, series(0.0, 1.3)) == pytest.approx(0.0, abs=1e-9)
     assert step_jitter(plan, {0: series(0.1, 1.0)[0]}) is None
     assert step_jitter(plan, series(0.1, 1.0, steps=2)) is None
+    # the length of call it holds for: of the calls it pooled (0, 1 and 4), weighted by their time as it is
+    weighted = sum(price[i] ** 2 for i in (0, 1, 4)) / sum(price[i] for i in (0, 1, 4))
+    assert jitter_call_seconds(plan, series(0.1, 1.0)) == pytest.approx(weighted, rel=0.02)
+    assert jitter_call_seconds(plan, series(0.1, 2.0)) == pytest.approx(1.5 * weighted, rel=0.02)
+    assert jitter_call_seconds(plan, series(0.1, 1.0, steps=2)) is None
 
 
 def test_local_workers_carry_shared_in_the_plans_cluster():

@@ -129,8 +129,9 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
     Processes share caches and memory bandwidth: on this project's 2-core
     machine two workers' epilogues, which stream through memory, ran
     1.5-2.2x their price alone, their convolutions 1.1-1.3x. ``jitter``:
-    the spread of a kernel call's time from step to step, from the same
-    traces (``step_jitter``)."""
+    (the spread of a kernel call's time from step to step, from the same
+    traces, ``step_jitter``; the calls' length it holds for,
+    ``jitter_call_seconds``), (None, None) where not measured."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import compile_plan
     from tilec.profiles import profile_from_dict
@@ -138,7 +139,7 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
     t0 = time.perf_counter()
     profile = profile_from_dict(profile_data, "<being measured>")
     if profile.cores < workers:
-        return {}, None, 0.0
+        return {}, (None, None), 0.0
     threads = profile.cores // workers
     cluster = uniform_cluster(profile, workers, threads=threads)  # priced as if each were alone
     plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
@@ -163,7 +164,7 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
         priced = sum(p - dispatch for _, p in pairs)
         if priced > 0:
             out.setdefault(kind, {})[direction] = _factor(sum(max(m - dispatch, 0.0) for m, _ in pairs), priced)
-    return out, step_jitter(plan, series), time.perf_counter() - t0
+    return out, (step_jitter(plan, series), jitter_call_seconds(plan, series)), time.perf_counter() - t0
 
 
 # kernel calls shorter than this are left out of the jitter: the executor's dispatch and the clock's
@@ -184,8 +185,30 @@ def step_jitter(plan, series):
     draws). Two devices whose calls vary by s apart differ by about
     s * sqrt(2): what a barrier between them makes the faster wait. None
     without two ranks or three steps of a common op."""
-    if len(series) < 2:
+    terms = _jitter_terms(plan, series)
+    if not terms:
         return None
+    sigma2 = sum(m * v for m, v in terms) / sum(m for m, _ in terms) / 2  # of the log of one call's time
+    return round(float(np.sqrt(np.expm1(sigma2))), 4)  # that lognormal's standard deviation over its mean
+
+
+def jitter_call_seconds(plan, series):
+    """How long the calls ``step_jitter`` measured its spread on take, as it
+    weighs them (by their time): the length the spread holds for (the
+    simulator scales it to every op's, ``tilec.inspect.simulate``). None
+    where ``step_jitter`` is."""
+    terms = _jitter_terms(plan, series)
+    if not terms:
+        return None
+    return round(sum(m * m for m, _ in terms) / sum(m for m, _ in terms), 6)
+
+
+def _jitter_terms(plan, series):
+    """[(a kernel op's mean seconds, the variance over the steps of the log
+    of its two ranks' ratio)] of every kernel op both ranks run
+    (``step_jitter``); [] without two ranks or three steps of a common op."""
+    if len(series) < 2:
+        return []
     keyed = []
     for rank in (0, 1):
         ops, seen = {}, {}
@@ -196,7 +219,7 @@ def step_jitter(plan, series):
                 seen[key] = seen.get(key, -1) + 1  # (a second call of the same op, its own)
                 ops[key + (seen[key],)] = times
         keyed.append(ops)
-    weighted = weights = 0.0
+    terms = []
     for key in keyed[0].keys() & keyed[1].keys():
         a, b = keyed[0][key], keyed[1][key]
         n = min(len(a), len(b))
@@ -204,9 +227,5 @@ def step_jitter(plan, series):
         if n < 3 or mean < JITTER_MIN_S or min(a[:n] + b[:n]) <= 0:
             continue
         logs = [float(np.log(x / y)) for x, y in zip(a[:n], b[:n])]
-        weighted += mean * statistics.variance(logs)
-        weights += mean
-    if weights == 0:
-        return None
-    sigma2 = weighted / weights / 2  # of the log of one call's time
-    return round(float(np.sqrt(np.expm1(sigma2))), 4)  # that lognormal's standard deviation over its mean
+        terms.append((mean, statistics.variance(logs)))
+    return terms

@@ -35,7 +35,7 @@ def run(args):
           f"({data['sources']['link']})")
     if "jitter" in data:
         print(f"jitter: a kernel call's time varies by {data['jitter']:.1%} from step to step on two workers side "
-              f"by side (what the faster waits for at every barrier)")
+              f"by side (calls of {data.get('jitter_call_ms', 0):.1f} ms; what the faster waits for at every barrier)")
     worst = data["sources"]["fit_worst_relative_error"]
     noise = data["sources"]["noise_median_over_best"]
     print("fit, worst relative error per kernel: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in worst.items()))

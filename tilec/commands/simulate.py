@@ -55,7 +55,9 @@ def run(args):
         print(f"simulated step: {result.step_s:.3f} s  ({plan['model']}, batch {plan['batch']}, {len(names)} "
               f"device(s), {cluster.source})")
         if result.step_s != result.priced_s:
-            spread = ", ".join(sorted({f"{d.profile.jitter:.0%}" for d in cluster.devices}))
+            spread = ", ".join(sorted({f"{d.profile.jitter:.0%}" + (f" on calls of {d.profile.jitter_call_s * 1e3:.0f} "
+                                                                     f"ms, longer ones less" if d.profile.jitter_call_s
+                                                                     else "") for d in cluster.devices}))
             print(f"  the mean of steps whose kernel calls vary by {spread} (the profile's jitter: the devices "
                   f"wait for each other at every barrier); every op at its price: {result.priced_s:.3f} s")
         if plan.get("predicted"):

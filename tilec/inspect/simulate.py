@@ -33,7 +33,10 @@ are several devices, the step time is the mean over ``JITTER_SAMPLES``
 replays whose compute ops (the kernels, and the copies and updates beside
 them, at the spread measured on the kernels) each take their price times a
 lognormal draw of mean 1 and that spread (independent per op, in
-antithetic pairs, seeded: the same plan gives the same prediction); busy
+antithetic pairs, seeded: the same plan gives the same prediction), scaled
+to the op's length where the profile says how long the calls it was
+measured on take (``jitter_call_ms``): times (that length / the op's) **
+``JITTER_EXPONENT``, at most ``JITTER_SCALE_MAX`` times; busy
 seconds and the timeline are those of the replay at the prices themselves
 (``priced_s``). What the mean adds to that is mostly the waits at
 barriers; where several messages would start on one link at the same
@@ -78,6 +81,14 @@ class Event:
 # replays whose mean prices the waits of jitter: tiny416 at batch 1 on two local workers whose calls vary by
 # 12%, 4 ms of waits a step, the mean of 32 moves by 0.24% of the step from one seed to another
 JITTER_SAMPLES = 32
+
+
+# A call k times longer varies about k ** -0.25 as much: traced here (tiny416, two local workers, 25 steps),
+# the log-log slope of the spread over the call's length was -0.15 to -0.23 within a step's kernels (0.5 to
+# 50 ms) and -0.28 between batch 1 and 4 (14.2% on calls of 8 ms, 10.0% on 28 ms), not the -0.5 of noise
+# independent from one instant to the next: the machine stays slow or fast for a while.
+JITTER_EXPONENT = 0.25
+JITTER_SCALE_MAX = 2.0  # (a call 16 times shorter than the measured ones: the dispatch's spread, not the kernel's)
 
 
 @dataclass
@@ -359,8 +370,8 @@ def simulate(plan, cluster, keep_events=True, samples=JITTER_SAMPLES):
         actors += [(r, 0, main), (r, 1, comm)]
     result = _replay(actors, n, cluster, keep_events)
     result.priced_s = result.step_s
-    spread = [d.profile.jitter for d in cluster.devices]
-    if n > 1 and samples >= 2 and any(spread):
+    spread = [(d.profile.jitter, d.profile.jitter_call_s) for d in cluster.devices]
+    if n > 1 and samples >= 2 and any(s for s, _ in spread):
         rng, steps = np.random.default_rng(0), []
         for _ in range(samples // 2):
             # antithetic pairs: a draw and its mirror, whose ops' sums cancel to first order, so that what
@@ -374,16 +385,27 @@ def simulate(plan, cluster, keep_events=True, samples=JITTER_SAMPLES):
     return result
 
 
+def op_spread(jitter, call_s, seconds):
+    """The spread of an op of ``seconds`` on a device whose calls of
+    ``call_s`` vary by ``jitter`` (``call_s`` 0: ``jitter`` at every length)."""
+    if not call_s or seconds <= 0:
+        return jitter
+    return jitter * min(JITTER_SCALE_MAX, (call_s / seconds) ** JITTER_EXPONENT)
+
+
 def _jittered(actors, spread, normals):
     """``actors`` with every compute op's seconds times a lognormal draw of
-    mean 1 and standard deviation ``spread[rank]`` (never negative), from
-    ``normals`` (standard normal, one per action of each actor)."""
+    mean 1 and standard deviation ``op_spread(*spread[rank], seconds)``
+    (never negative), from ``normals`` (standard normal, one per action of
+    each actor)."""
     out = []
     for (rank, thread, actions), z in zip(actors, normals):
-        sigma = float(np.sqrt(np.log1p(spread[rank] ** 2)))
-        draws = iter(np.exp(sigma * z - sigma ** 2 / 2))
-        out.append((rank, thread, [(a[0], a[1] * next(draws), *a[2:]) if a[0] == "compute" else a
-                                   for a in actions]))
+        jitter, call_s = spread[rank]
+        sigma = np.sqrt(np.log1p(np.array([op_spread(jitter, call_s, a[1]) if a[0] == "compute" else 0.0
+                                           for a in actions]) ** 2))
+        draws = np.exp(sigma * z - sigma ** 2 / 2)
+        out.append((rank, thread, [(a[0], a[1] * float(d), *a[2:]) if a[0] == "compute" else a
+                                   for a, d in zip(actions, draws)]))
     return out
 
 

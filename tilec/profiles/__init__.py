@@ -11,7 +11,7 @@ A profile is a JSON file (format ``tilec-profile``, version 2)::
                  "epilogue": {...}, "maxpool": {...}, "connected": {...},
                  "elementwise": {...}},
      "threads": {"conv": [1.0, 1.8, 2.5, 3.0], "epilogue": [1.0, 1.5, ...], ...},
-     "sustained": 0.9, "jitter": 0.1,
+     "sustained": 0.9, "jitter": 0.1, "jitter_call_ms": 8,
      "sources": {"...": "where each number comes from"}}
 
 The time of one kernel call on one thread (one stage of one tile, as the
@@ -40,8 +40,11 @@ reservations). ``jitter`` (optional, 0 if absent) is how much a kernel
 call's time varies from one step to the next (its standard deviation over
 its mean) where devices compute side by side: at every barrier of a step
 (a batch-norm all-gather, a halo) the faster device waits for the slower,
-which the simulator prices (``tilec.inspect.simulate``). ``tilec profile``
-measures all of it on the device.
+which the simulator prices (``tilec.inspect.simulate``); ``jitter_call_ms``
+(optional) is how long the calls it was measured on take: a longer call
+varies less (its ups and downs average out), and the simulator scales the
+spread to each op's length from there (without it, every op takes the
+spread as it is). ``tilec profile`` measures all of it on the device.
 
 Shipped profiles live beside this module (``*.json``, package data);
 :func:`load_profile` takes a shipped name or a path.
@@ -101,6 +104,7 @@ class Profile:
     threads: dict = field(default_factory=dict)  # kind -> [speed-up on 1, 2, ... threads]
     sustained: float = 1.0
     jitter: float = 0.0  # a kernel call's time: standard deviation over mean, step to step
+    jitter_call_s: float = 0.0  # the length of call ``jitter`` holds for (0: every length)
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -223,6 +227,7 @@ def profile_from_dict(data, source="<dict>"):
     jitter = _number(data, "jitter", source, strict=False, default=0.0)
     if jitter >= 1:
         raise ProfileError(f"{source}: field 'jitter' must be below 1 (a spread over the mean), got {jitter!r}")
+    jitter_call = _number(data, "jitter_call_ms", source, default=0.0)
     return Profile(
         name=str(data.get("name", Path(str(source)).stem)),
         cores=_number(data, "cores", source, integer=True),
@@ -230,7 +235,8 @@ def profile_from_dict(data, source="<dict>"):
         process_overhead_bytes=int(_number(data, "process_overhead_mb", source, strict=False) * 1e6),
         bandwidth_bps=_number(link, "bandwidth_mbps", f"{source}: link") * 1e6 / 8,
         latency_s=_number(link, "latency_ms", f"{source}: link", strict=False) * 1e-3,
-        costs=costs, threads=speedups, sustained=float(sustained), jitter=float(jitter), source=str(source),
+        costs=costs, threads=speedups, sustained=float(sustained), jitter=float(jitter),
+        jitter_call_s=float(jitter_call) * 1e-3, source=str(source),
         raw=data)
 
 
