@@ -19,7 +19,8 @@ kernel threads each:
 - ``2 dev t1``: two devices of one thread each (on this 2-core machine, two
   single-core devices);
 - ``1 dev t1 x2``: two ``1 dev t1`` jobs at once, each (and its worker)
-  on a core of its own, as the two workers of ``2 dev t1`` are: what this
+  on the cores each of the two workers of ``2 dev t1`` gets, started
+  together, the steps both ran at once: what this
   machine leaves of two cores to this very work when both run it, the
   memory and the caches shared and the neighbours as they are. Two workers
   that split the job can gain about ``2 x`` (one alone / side by side) here,
@@ -111,42 +112,61 @@ def tilec_plan(graph, devices, batch, threads):
     return compile_plan(graph, cluster=cluster, batch=batch, dtype="float32")
 
 
-def tilec_job(graph, plan, batch, steps, kernel_source, threads, lr=None):
+def tilec_job(graph, plan, batch, steps, kernel_source, threads, lr=None, ends=None):
     """One job of ``plan`` on local workers of ``threads`` kernel threads
     each (``lr``: [(from step, learning rate)], as ``run_job`` takes it);
-    returns the per-step records."""
+    returns the per-step records (``ends``, a list: also when each ended,
+    ``time.time()``)."""
     from tilec_runtime import data, launch, weights
     program = graph.to_program()
     params, buffers = weights.init_params(program, 0, "float32")
     batches = data.generated_batches(program, batch, 0, "float32")
-    records = []
-    launch.train_local(plan, params, buffers, batches, steps=steps, threads=threads, on_metrics=records.append,
+    records, stamps = [], []
+
+    def record(r):
+        records.append(r)
+        stamps.append(time.time())
+    launch.train_local(plan, params, buffers, batches, steps=steps, threads=threads, on_metrics=record,
                        kernel_source=kernel_source, timeout=600, lr=lr)
+    if ends is not None:
+        ends.extend(stamps[1:])
     return records[1:]
 
 
 def side_by_side_job(model, plan, batch, steps, kernels):
     """Two one-device jobs of ``plan`` at once, each in a process of its
-    own pinned to a core of its own (its worker inherits it); the steps of
-    both but each job's first and last two, which the other may not overlap."""
+    own on the cores ``launch.pin_cores`` gives each of two workers (its
+    worker inherits them; so does its launcher, which two workers' does
+    not, a few ms a step), started together once both are set up; the
+    steps that ran while the other job was running its own."""
     from tilec_runtime.launch import usable_cores
     cores = usable_cores()
+    share = max(1, len(cores) // 2)
+    sets = [cores[r * share:(r + 1) * share] or cores for r in range(2)]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(plan, f)
     try:
         outs = two_of_this_script([["--solo-plan", f.name, "--solo-model", model, "--batch", str(batch),
-                                    "--steps", str(steps + 4), "--kernels", kernels, "--core", str(cores[r % len(cores)])]
-                                   for r in range(2)], dict(os.environ, **ONE_THREAD))
+                                    "--steps", str(steps + 4), "--kernels", kernels,
+                                    "--cores", ",".join(map(str, sets[r]))] for r in range(2)],
+                                  dict(os.environ, **ONE_THREAD), together=True)
     finally:
         os.unlink(f.name)
-    return {"step_s": [s for o in outs for s in o["step_s"][2:-2]], "peak_bytes": [o["peak_bytes"] for o in outs]}
+    first = max(end - step for o in outs for end, step in o["steps"][:1])
+    last = min(o["steps"][-1][0] for o in outs)
+    both = [[step for end, step in o["steps"] if end - step >= first and end <= last] for o in outs]
+    if min(map(len, both)) < 2:
+        raise SystemExit(f"{model} at batch {batch}: the two jobs side by side overlapped by "
+                         f"{min(map(len, both))} step(s): run more --steps")
+    return {"step_s": both[0] + both[1], "peak_bytes": [o["peak_bytes"] for o in outs]}
 
 
 def solo_job(args):
-    """One of ``side_by_side_job``'s jobs (run by this script itself)."""
+    """One of ``side_by_side_job``'s jobs (run by this script itself): set
+    up, says so, waits for a line on stdin, trains."""
     from kernels import load_graph
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {args.core})
+        os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
     with open(args.solo_plan) as f:
         plan = json.load(f)
     kernel_source = None
@@ -154,11 +174,17 @@ def solo_job(args):
         from tilec.codegen import generate
         source = generate(("float32",))
         kernel_source = {"module": source.module, "source": source.text}
-    graph = load_graph(args.solo_model, tempfile.mkdtemp(prefix="tilec-cluster-bench-"))
-    # four steps more than the others' jobs, which the model's own rate does not survive on the generated
-    # batch (the loss overflows by step 7): a smaller one, the same work
-    records = tilec_job(graph, plan, args.batch, args.steps, kernel_source, 1, lr=[(0, 1e-7)])
-    print(json.dumps({"step_s": [r[0]["step_s"] for r in records], "peak_bytes": max(r[0]["peak_bytes"] for r in records)}))
+    with tempfile.TemporaryDirectory(prefix="tilec-cluster-bench-") as folder:
+        graph = load_graph(args.solo_model, folder)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    # four steps more than the others' jobs, of which those the other job did not overlap are left out; at a
+    # rate smaller than the model's, which does not survive the generated batch (the loss overflows by step 7):
+    # the same work
+    ends = []
+    records = tilec_job(graph, plan, args.batch, args.steps, kernel_source, 1, lr=[(0, 1e-7)], ends=ends)
+    print(json.dumps({"steps": [[end, r[0]["step_s"]] for end, r in zip(ends, records)],
+                      "peak_bytes": max(r[0]["peak_bytes"] for r in records)}))
 
 
 def summarise_tilec(records):
@@ -225,12 +251,20 @@ def ddp_rank(args):
     print(json.dumps({"step_s": times[1:], "peak_bytes": max(peaks[1:])}))
 
 
-def two_of_this_script(arguments, env):
+def two_of_this_script(arguments, env, together=False):
     """Run this script twice at once with each of the two ``arguments``;
-    the JSON each prints last."""
-    procs = [subprocess.Popen([sys.executable, __file__, *a], stdout=subprocess.PIPE, text=True, env=env)
+    the JSON each prints last. ``together``: each prints a line once it is
+    set up, then waits for one on stdin, which both get when both are."""
+    procs = [subprocess.Popen([sys.executable, __file__, *a], stdout=subprocess.PIPE, text=True, env=env,
+                              stdin=subprocess.PIPE if together else subprocess.DEVNULL)
              for a in arguments]
     try:
+        if together:
+            for p in procs:
+                p.stdout.readline()
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
         return [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
     finally:
         for p in procs:
@@ -308,7 +342,7 @@ def main():
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--solo-plan", help=argparse.SUPPRESS)
     ap.add_argument("--solo-model", help=argparse.SUPPRESS)
-    ap.add_argument("--core", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cores", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ddp_rank is not None:
         return ddp_rank(args)

@@ -134,6 +134,15 @@ def test_jittered_ops_keep_their_price_on_average():
     assert (rank, thread, drawn[-1]) == (0, 0, ("recv", "key"))
     assert factors.min() > 0 and factors.mean() == pytest.approx(1.0, abs=0.005)
     assert factors.std() == pytest.approx(0.15, rel=0.02)
+    # the compute ops take the normals in their order, whatever lies between them
+    z = np.random.default_rng(2).standard_normal(5)
+    mixed = [("compute", 1.0, "forward", "a"), ("send", "k1"), ("compute", 2.0, "forward", "b"), ("recv", "k2"),
+             ("compute", 3.0, "backward", "c")]
+    (_, _, drawn), = _jittered([(0, 0, mixed)], [(0.15, 0.0)], [z])
+    sigma = np.sqrt(np.log1p(0.15 ** 2))
+    assert [a[1] for a in drawn if a[0] == "compute"] == pytest.approx(
+        [t * np.exp(sigma * z[k] - sigma ** 2 / 2) for k, t in enumerate((1.0, 2.0, 3.0))], rel=1e-12)
+    assert [a for a in drawn if a[0] != "compute"] == [("send", "k1"), ("recv", "k2")]
     # measured on calls 16 times shorter than these: half the spread (16 ** -0.25)
     (_, _, drawn), = _jittered([(0, 0, actions)], [(0.15, 2.0 / 16)],
                                [np.random.default_rng(1).standard_normal(len(actions))])
@@ -189,8 +198,10 @@ def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
     assert step_jitter(plan, series(0.0, 1.3)) == pytest.approx(0.0, abs=1e-9)
     assert step_jitter(plan, {0: series(0.1, 1.0)[0]}) is None
     assert step_jitter(plan, series(0.1, 1.0, steps=2)) is None
-    # the length of call it holds for: of the calls it pooled (0, 1 and 4), weighted by their time as it is
-    weighted = sum(price[i] ** 2 for i in (0, 1, 4)) / sum(price[i] for i in (0, 1, 4))
+    # the length of call it holds for: the one whose spread, falling as a call's length to the -1/4, is the
+    # pool's of the calls it pooled (0, 1 and 4; each weighted by its time)
+    weighted = (sum(price[i] for i in (0, 1, 4)) / sum(price[i] ** 0.5 for i in (0, 1, 4))) ** 2
+    assert price[1] < weighted < sum(price[i] ** 2 for i in (0, 1, 4)) / sum(price[i] for i in (0, 1, 4))
     assert jitter_call_seconds(plan, series(0.1, 1.0)) == pytest.approx(weighted, rel=0.02)
     assert jitter_call_seconds(plan, series(0.1, 2.0)) == pytest.approx(1.5 * weighted, rel=0.02)
     assert jitter_call_seconds(plan, series(0.1, 1.0, steps=2)) is None

@@ -129,9 +129,10 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
     Processes share caches and memory bandwidth: on this project's 2-core
     machine two workers' epilogues, which stream through memory, ran
     1.5-2.2x their price alone, their convolutions 1.1-1.3x. ``jitter``:
-    (the spread of a kernel call's time from step to step, from the same
-    traces, ``step_jitter``; the calls' length it holds for,
-    ``jitter_call_seconds``), (None, None) where not measured."""
+    a pair, the spread of a kernel call's time from step to step, from the
+    same traces (``step_jitter``), and the length of call it holds for
+    (``jitter_call_seconds``); ({}, (None, None), 0.0) where there are fewer
+    cores than workers."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import compile_plan
     from tilec.profiles import profile_from_dict
@@ -193,14 +194,19 @@ def step_jitter(plan, series):
 
 
 def jitter_call_seconds(plan, series):
-    """How long the calls ``step_jitter`` measured its spread on take, as it
-    weighs them (by their time): the length the spread holds for (the
-    simulator scales it to every op's, ``tilec.inspect.simulate``). None
-    where ``step_jitter`` is."""
+    """The length of call the spread ``step_jitter`` pools holds for: where
+    a call's variance falls as its length to the -2 ``JITTER_EXPONENT``
+    (what the simulator scales the spread to every op's length by,
+    ``tilec.inspect.simulate``), the pool of calls of lengths m weighted by
+    m has the variance of one call of (sum m / sum m^(1 - 2e))^(1 / 2e):
+    with e = 1/4, (sum m / sum sqrt(m))^2, shorter than the calls' mean
+    unless they are all alike. None where ``step_jitter`` is."""
+    from tilec.inspect.simulate import JITTER_EXPONENT
     terms = _jitter_terms(plan, series)
     if not terms:
         return None
-    return round(sum(m * m for m, _ in terms) / sum(m for m, _ in terms), 6)
+    e2 = 2 * JITTER_EXPONENT
+    return round((sum(m for m, _ in terms) / sum(m ** (1 - e2) for m, _ in terms)) ** (1 / e2), 6)
 
 
 def _jitter_terms(plan, series):

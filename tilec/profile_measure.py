@@ -401,8 +401,8 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         f"{calibration_s:.1f} s): dispatch_us, each kind's measured less fitted time per op at {SMALL}x{SMALL}; "
         f"in_step, the rest over the fitted at {size}x{size}; kinds these steps do not run keep none")
     if peer is None:  # the machine local workers share: how they slow each other down
-        beside, (jitter, jitter_call), beside_s = beside_others(data, {"module": source.module, "source": source.text}, dtype,
-                                                 size=size, steps=steps)
+        beside, (jitter, jitter_call), beside_s = beside_others(
+            data, {"module": source.module, "source": source.text}, dtype, size=size, steps=steps)
         for kind, per in beside.items():
             for direction, factor in per.items():
                 fitted[kind][direction]["beside_others"] = factor
@@ -418,8 +418,9 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
                 "the same steps: the log of the ratio of the two workers' times of each kernel call, its "
                 "variance over the steps pooled over the calls weighted by their time, over 2 (one worker's; "
                 "their difference is sqrt(2) times one's), as a lognormal's spread; what the simulator draws "
-                "every call's time around its price with; jitter_call_ms: how long those calls take, weighted "
-                "the same way (the spread holds for calls that long: the simulator scales it to each op's)")
+                "every call's time around its price with; jitter_call_ms: the length of call that spread holds for "
+                "(the pool's, where a call's spread falls as its length to the -1/4: the simulator scales it to "
+                "each op's from there)")
     return data
 
 

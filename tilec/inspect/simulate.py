@@ -401,11 +401,12 @@ def _jittered(actors, spread, normals):
     out = []
     for (rank, thread, actions), z in zip(actors, normals):
         jitter, call_s = spread[rank]
-        sigma = np.sqrt(np.log1p(np.array([op_spread(jitter, call_s, a[1]) if a[0] == "compute" else 0.0
-                                           for a in actions]) ** 2))
-        draws = np.exp(sigma * z - sigma ** 2 / 2)
-        out.append((rank, thread, [(a[0], a[1] * float(d), *a[2:]) if a[0] == "compute" else a
-                                   for a, d in zip(actions, draws)]))
+        compute = [a[1] for a in actions if a[0] == "compute"]
+        # the compute ops take the normals in their order, whatever lies between them (as ever: the same draws)
+        sigma = np.sqrt(np.log1p(np.array([op_spread(jitter, call_s, t) for t in compute]) ** 2))
+        draws = iter(np.exp(sigma * z[:len(compute)] - sigma ** 2 / 2))
+        out.append((rank, thread, [(a[0], a[1] * next(draws), *a[2:]) if a[0] == "compute" else a
+                                   for a in actions]))
     return out
 
 

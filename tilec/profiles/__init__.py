@@ -104,7 +104,7 @@ class Profile:
     threads: dict = field(default_factory=dict)  # kind -> [speed-up on 1, 2, ... threads]
     sustained: float = 1.0
     jitter: float = 0.0  # a kernel call's time: standard deviation over mean, step to step
-    jitter_call_s: float = 0.0  # the length of call ``jitter`` holds for (0: every length)
+    jitter_call_s: float = 0.0  # the length of call ``jitter`` holds for (0: not measured, every length alike)
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
