@@ -139,16 +139,14 @@ def side_by_side_job(model, plan, batch, steps, kernels):
     worker inherits them; so does its launcher, which two workers' does
     not, a few ms a step), started together once both are set up; the
     steps that ran while the other job was running its own."""
-    from tilec_runtime.launch import usable_cores
-    cores = usable_cores()
-    share = max(1, len(cores) // 2)
-    sets = [cores[r * share:(r + 1) * share] or cores for r in range(2)]
+    from tilec_runtime.launch import core_shares
+    shares = core_shares(2) or [[], []]  # (none: left to the scheduler, as two workers are)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(plan, f)
     try:
         outs = two_of_this_script([["--solo-plan", f.name, "--solo-model", model, "--batch", str(batch),
                                     "--steps", str(steps + 4), "--kernels", kernels,
-                                    "--cores", ",".join(map(str, sets[r]))] for r in range(2)],
+                                    "--cores", ",".join(map(str, shares[r]))] for r in range(2)],
                                   dict(os.environ, **ONE_THREAD), together=True)
     finally:
         os.unlink(f.name)
@@ -165,7 +163,7 @@ def solo_job(args):
     """One of ``side_by_side_job``'s jobs (run by this script itself): set
     up, says so, waits for a line on stdin, trains."""
     from kernels import load_graph
-    if hasattr(os, "sched_setaffinity"):
+    if args.cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
     with open(args.solo_plan) as f:
         plan = json.load(f)
@@ -405,11 +403,10 @@ def main():
               "tilec 2 dev t1 at batch 8: >1x speedup = DDP faster, <1x memory = DDP lighter)")
     ceilings = {}
     for name, model, batch, devices, threads in runs_wanted:
-        top = ceiling(merged, model, batch)
-        if devices == 2 and top is not None:
-            got = statistics.median(merged[f"{model} b{batch} 1 dev t1"]["step_s"]) / statistics.median(
-                merged[name]["step_s"])
-            ceilings[name] = {"ceiling": top, "speedup": got}
+        top = ceiling(merged, model, batch) if devices == 2 else None
+        if top is not None:
+            solo = statistics.median(merged[f"{model} b{batch} 1 dev t1"]["step_s"])
+            ceilings[name] = {"ceiling": top, "speedup": solo / statistics.median(merged[name]["step_s"])}
     if ceilings:
         print("\ntwo one-device jobs at once (1 dev t1 x2) against one alone: about the most two workers here can "
               "gain on that work")

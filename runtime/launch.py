@@ -329,6 +329,17 @@ def local_threads(n):
     return max(1, len(usable_cores()) // n)
 
 
+def core_shares(n):
+    """The cores each of ``n`` local workers is pinned to (``pin_cores``):
+    this machine's usable cores in ``n`` equal runs; None where they are
+    left to the scheduler (fewer than two workers, or more than cores)."""
+    cores = usable_cores()
+    share = len(cores) // n
+    if n < 2 or share < 1:
+        return None
+    return [cores[r * share:(r + 1) * share] for r in range(n)]
+
+
 def pin_cores(procs):
     """Each of several local workers on its own share of this machine's
     cores (``local_threads``), as a device has its own: left to the
@@ -341,19 +352,16 @@ def pin_cores(procs):
     half speed while another ran alone, and every step would wait for
     them); so is everything where the system has no affinity call, or
     refuses it."""
-    if len(procs) < 2 or not hasattr(os, "sched_setaffinity"):
-        return
-    cores = usable_cores()
-    share = len(cores) // len(procs)
-    if share < 1:
+    shares = core_shares(len(procs)) if hasattr(os, "sched_setaffinity") else None
+    if shares is None:
         return
     try:
-        for r, proc in enumerate(procs):
-            os.sched_setaffinity(proc.pid, set(cores[r * share:(r + 1) * share]))
+        for proc, cores in zip(procs, shares):
+            os.sched_setaffinity(proc.pid, set(cores))
     except OSError:  # all or none: one left free would compute on the others' cores
         for proc in procs:
             try:
-                os.sched_setaffinity(proc.pid, set(cores))
+                os.sched_setaffinity(proc.pid, set(usable_cores()))
             except OSError:
                 pass
 

@@ -165,7 +165,8 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
         priced = sum(p - dispatch for _, p in pairs)
         if priced > 0:
             out.setdefault(kind, {})[direction] = _factor(sum(max(m - dispatch, 0.0) for m, _ in pairs), priced)
-    return out, (step_jitter(plan, series), jitter_call_seconds(plan, series)), time.perf_counter() - t0
+    terms = _jitter_terms(plan, series)
+    return out, (_spread(terms), _call_seconds(terms)), time.perf_counter() - t0
 
 
 # kernel calls shorter than this are left out of the jitter: the executor's dispatch and the clock's
@@ -186,7 +187,10 @@ def step_jitter(plan, series):
     draws). Two devices whose calls vary by s apart differ by about
     s * sqrt(2): what a barrier between them makes the faster wait. None
     without two ranks or three steps of a common op."""
-    terms = _jitter_terms(plan, series)
+    return _spread(_jitter_terms(plan, series))
+
+
+def _spread(terms):
     if not terms:
         return None
     sigma2 = sum(m * v for m, v in terms) / sum(m for m, _ in terms) / 2  # of the log of one call's time
@@ -201,8 +205,11 @@ def jitter_call_seconds(plan, series):
     m has the variance of one call of (sum m / sum m^(1 - 2e))^(1 / 2e):
     with e = 1/4, (sum m / sum sqrt(m))^2, shorter than the calls' mean
     unless they are all alike. None where ``step_jitter`` is."""
+    return _call_seconds(_jitter_terms(plan, series))
+
+
+def _call_seconds(terms):
     from tilec.inspect.simulate import JITTER_EXPONENT
-    terms = _jitter_terms(plan, series)
     if not terms:
         return None
     e2 = 2 * JITTER_EXPONENT

@@ -15,6 +15,13 @@ def add_parser(sub, common):
                    "sent and peak memory")
 
 
+def _spread(profile):
+    """A profile's jitter in words."""
+    if not profile.jitter_call_s:
+        return f"{profile.jitter:.0%}"
+    return f"{profile.jitter:.0%} on calls of {profile.jitter_call_s * 1e3:.0f} ms, longer ones less"
+
+
 def prediction(plan, cluster, result):
     """The JSON of ``tilec simulate --json``."""
     from tilec.cost.memory import plan_memory
@@ -55,9 +62,7 @@ def run(args):
         print(f"simulated step: {result.step_s:.3f} s  ({plan['model']}, batch {plan['batch']}, {len(names)} "
               f"device(s), {cluster.source})")
         if result.step_s != result.priced_s:
-            spread = ", ".join(sorted({f"{d.profile.jitter:.0%}" + (f" on calls of {d.profile.jitter_call_s * 1e3:.0f} "
-                                                                     f"ms, longer ones less" if d.profile.jitter_call_s
-                                                                     else "") for d in cluster.devices}))
+            spread = ", ".join(sorted({_spread(d.profile) for d in cluster.devices}))
             print(f"  the mean of steps whose kernel calls vary by {spread} (the profile's jitter: the devices "
                   f"wait for each other at every barrier); every op at its price: {result.priced_s:.3f} s")
         if plan.get("predicted"):
