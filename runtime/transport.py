@@ -38,6 +38,7 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 import queue
 import socket
 import struct
@@ -115,7 +116,7 @@ class Spec(NamedTuple):
 
     @property
     def max_bytes(self):
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def kind_name(kind):
@@ -217,15 +218,23 @@ class Channel:
 
     def receive(self, head, payload, alive=None):
         """Fill ``payload`` (a writable byte view) and check the frame's tag;
-        FrameError if the frame is not the next one this peer sent."""
+        FrameError if the frame is not the next one this peer sent. A short
+        payload comes with its tag in one read (a device waits for most of
+        its frames, batch-norm statistics above all, and every read on the
+        way is time both wait)."""
         h = self._mac(self.recv_key, self.received, bytes(head))
         self.received += 1
-        for start in range(0, len(payload), MAC_CHUNK):
-            piece = payload[start:start + MAC_CHUNK]
-            recv_exact(self.sock, piece, alive)
-            h.update(piece)
         tag = bytearray(TAG_BYTES)
-        recv_exact(self.sock, memoryview(tag), alive)
+        n = len(payload)
+        if n <= MAC_CHUNK:
+            recv_parts(self.sock, [payload, memoryview(tag)], alive)
+            h.update(payload)
+        else:
+            for start in range(0, n, MAC_CHUNK):
+                piece = payload[start:start + MAC_CHUNK]
+                recv_exact(self.sock, piece, alive)
+                h.update(piece)
+            recv_exact(self.sock, memoryview(tag), alive)
         if not hmac.compare_digest(bytes(tag), h.digest()[:TAG_BYTES]):
             raise FrameError(f"{kind_name(head[5])} frame failed authentication (changed, replayed or out of order)")
 
@@ -268,6 +277,22 @@ def recv_exact(sock, view, alive=None):
             alive()
 
 
+def recv_parts(sock, views, alive=None):
+    """Fill the byte memoryviews ``views`` in order from ``sock``, in one
+    read where the bytes are there (``recvmsg_into``)."""
+    views = [v for v in views if len(v)]
+    while views:
+        k = sock.recvmsg_into(views)[0]
+        if k == 0:
+            raise ConnectionClosed("connection closed in the middle of a frame")
+        if alive is not None:
+            alive()
+        while views and k >= len(views[0]):
+            k -= len(views.pop(0))
+        if views:
+            views[0] = views[0][k:]
+
+
 def read_header(sock, buf, alive=None):
     """(kind, step, tensor, dtype, shape, length) from a header read into ``buf``."""
     recv_exact(sock, memoryview(buf), alive)
@@ -293,7 +318,7 @@ def check(spec, kind, dtype, shape, length):
             raise FrameError(f"{name} frame has shape {shape}, expected at most ({spec.shape[0]},)")
     elif shape != tuple(spec.shape):
         raise FrameError(f"{name} frame has shape {shape}, expected {tuple(spec.shape)}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if length != nbytes:
         raise FrameError(f"{name} frame claims {length} payload bytes for shape {shape} {dtype} ({nbytes})")
 

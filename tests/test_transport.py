@@ -21,8 +21,8 @@ from tilec_runtime import collectives, comm, inprocess, weights
 from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import generated_batches
 from tilec_runtime.socketcomm import SocketComm, frame_table, socketpair_mesh
-from tilec_runtime.transport import (HEADER, MAGIC, VERSION, ConnectionClosed, FrameError, Kind, Spec, header,
-                                     read_frame, send_frame)
+from tilec_runtime.transport import (HEADER, MAGIC, TAG_BYTES, VERSION, Channel, ConnectionClosed, FrameError, Kind,
+                                     Spec, frame_bytes, header, read_frame, send_frame)
 
 OPT = {"lr": 0.01, "momentum": 0.9, "decay": 5e-4}
 
@@ -118,6 +118,46 @@ def test_truncated_frames_raise_connection_closed(cut):
         a.close()
         with pytest.raises(ConnectionClosed):
             read_frame(b, spec_table(Spec(np.dtype("float64"), (4,))))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from([0, 1, 33, 5000]), pieces=st.lists(st.integers(1, 97), min_size=1, max_size=12))
+def test_authenticated_frames_arrive_whole_however_the_bytes_are_cut(n, pieces):
+    """A frame's payload and tag are read together where they are there:
+    bytes that come in pieces of any size (a slow link) still make the
+    frame, and a frame cut inside its tag is a closed connection."""
+    a, b = socket.socketpair()
+    with a, b:
+        tx, rx = Channel(a, b"k" * 32, b"j" * 32), Channel(b, b"j" * 32, b"k" * 32)
+        array = np.arange(n, dtype=np.float64)
+        data = frame_bytes(tx, Kind.BN, 2, 5, array) + frame_bytes(tx, Kind.BN, 2, 6, np.array([7.0]))
+        cuts, at = [], 0
+        for k in pieces * (1 + len(data) // max(1, sum(pieces))):
+            cuts.append(data[at:at + k])
+            at += k
+        cuts.append(data[at:])
+
+        def dribble():
+            for piece in cuts:
+                a.sendall(piece)
+                time.sleep(0)
+        writer = threading.Thread(target=dribble)
+        writer.start()
+        first = read_frame(rx, spec_table(Spec(np.dtype("float64"), (n,))))
+        second = read_frame(rx, spec_table(Spec(np.dtype("float64"), (1,))))
+        writer.join()
+    assert first.tensor == 5 and np.array_equal(first.array, array)
+    assert second.tensor == 6 and second.array.tolist() == [7.0]
+
+
+def test_a_frame_cut_inside_its_tag_is_a_closed_connection():
+    a, b = socket.socketpair()
+    with b:
+        tx, rx = Channel(a, b"k" * 32, b"j" * 32), Channel(b, b"j" * 32, b"k" * 32)
+        a.sendall(frame_bytes(tx, Kind.BN, 1, 0, np.zeros(4))[:-TAG_BYTES // 2])
+        a.close()
+        with pytest.raises(ConnectionClosed):
+            read_frame(rx, spec_table(Spec(np.dtype("float64"), (4,))))
 
 
 def test_header_rejects_too_many_dimensions():
