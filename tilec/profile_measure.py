@@ -392,6 +392,9 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
     }
     # the fitted costs, as they stand, price the calibration steps
     size, steps = (208, 4) if quick else (416, 6)
+    # the jitter is a variance over steps: over 5 (of 6, the first left out) it came out anywhere from 0.10
+    # to 0.22 in windows of one trace here (tiny416, batch 1, two workers); over 15, 0.12-0.16
+    beside_steps = steps if quick else 16
     in_step, calibration_s = in_step_costs(data, module, dtype, size=size, steps=steps)
     for kind, per in in_step.items():
         for direction, extra in per.items():
@@ -402,13 +405,13 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         f"in_step, the rest over the fitted at {size}x{size}; kinds these steps do not run keep none")
     if peer is None:  # the machine local workers share: how they slow each other down
         beside, (jitter, jitter_call), beside_s = beside_others(
-            data, {"module": source.module, "source": source.text}, dtype, size=size, steps=steps)
+            data, {"module": source.module, "source": source.text}, dtype, size=size, steps=beside_steps)
         for kind, per in beside.items():
             for direction, factor in per.items():
                 fitted[kind][direction]["beside_others"] = factor
         data["sources"]["beside_others"] = (
             f"training steps of tiny416's layers at {size}x{size} on two local workers side by side, each of "
-            f"half the cores ({steps} steps, traced; {beside_s:.1f} s): each kind's measured time over its "
+            f"half the cores ({beside_steps} steps, traced; {beside_s:.1f} s): each kind's measured time over its "
             f"price alone; what prices local workers that take every core" if beside else
             "not measured: fewer than two cores")
         if jitter is not None:
