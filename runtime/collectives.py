@@ -104,7 +104,8 @@ class GradientReducer:
 
     ``apply(bucket)`` runs after a bucket's sums (the optimiser update).
     A failure is kept and raised by the next ``wait``; ``events``, if a
-    list, receives (name, start, end) of each bucket for traces.
+    list, receives (name, start, end, thread CPU clock at start, at end) of
+    each bucket for traces.
     """
 
     def __init__(self, comm, apply, events=None):
@@ -162,7 +163,7 @@ class GradientReducer:
             if item is None:
                 return
             fn, label = item
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 if self.error is None:
                     fn()
@@ -170,7 +171,8 @@ class GradientReducer:
                 with self.cond:
                     self.error = self.error or exc
             if self.events is not None:
-                self.events.append((label, t0, time.perf_counter()))
+                c1 = time.thread_time()
+                self.events.append((label, t0, time.perf_counter(), c0, c1))
             with self.cond:
                 self.finished += 1
                 self.cond.notify_all()

@@ -175,8 +175,9 @@ class RankExecutor:
     statistics (``rank_keys``), updated in place; ``momentum``: torch's
     momentum buffers to start from (default zero); ``module``: the built
     kernel module of the plan's dtype; ``threads``: kernel threads (default
-    the plan's for this device). ``trace``: record every op's start and end
-    (``events``) for ``tilec train --trace``. ``stretch``: a
+    the plan's for this device). ``trace``: record every op's start and end,
+    and this thread's CPU clock at both (``events``), for ``tilec train
+    --trace``. ``stretch``: a
     :class:`tilec_runtime.emulate.Stretch` that slows compute (an emulated
     slower device), or None.
     """
@@ -349,9 +350,10 @@ class RankExecutor:
             if events is None:
                 run(op)
             else:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 run(op)
-                events.append((op, t0, time.perf_counter()))
+                c1 = time.thread_time()
+                events.append((op, t0, time.perf_counter(), c0, c1))
         self.inputs = self.target = None
         return self.loss
 

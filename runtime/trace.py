@@ -6,7 +6,10 @@ gradient buckets on the communication thread), and ``tilec simulate
 --trace`` the predicted ones, in the same format: a JSON object with
 ``traceEvents``, which Perfetto (ui.perfetto.dev) and chrome://tracing open.
 One process per device, thread 0 its schedule, thread 1 its gradient
-all-reduces.
+all-reduces. A measured op also carries its thread's CPU time (``tts`` and
+``tdur``, the format's thread clock, which Perfetto shows as "Thread
+duration"): an op whose CPU time falls short of its length waited, or the
+device's other threads took its core meanwhile.
 """
 import json
 
@@ -48,11 +51,16 @@ def category(op):
 
 
 def step_events(ops_timed, reducer_events, messages, t0):
-    """[[name, category, start us, duration us, thread]] of one step, times from ``t0``."""
-    out = [[op_name(op, messages), category(op), round((a - t0) * 1e6, 1), round((b - a) * 1e6, 1), 0]
-           for op, a, b in ops_timed]
-    out += [[name, "collective", round((a - t0) * 1e6, 1), round((b - a) * 1e6, 1), 1]
-            for name, a, b in reducer_events]
+    """[[name, category, start us, duration us, thread, thread clock at the
+    start us, thread clock duration us]] of one step, times from ``t0``;
+    the thread clock is the CPU time of the thread that ran the op (where
+    it is shorter than the duration, the thread waited, or the device's
+    other threads had its core)."""
+    def item(name, cat, a, b, c0, c1, thread):
+        return [name, cat, round((a - t0) * 1e6, 1), round((b - a) * 1e6, 1), thread, round(c0 * 1e6, 1),
+                round((c1 - c0) * 1e6, 1)]
+    out = [item(op_name(op, messages), category(op), a, b, c0, c1, 0) for op, a, b, c0, c1 in ops_timed]
+    out += [item(name, "collective", a, b, c0, c1, 1) for name, a, b, c0, c1 in reducer_events]
     return out
 
 
@@ -65,9 +73,12 @@ def chrome_trace(steps, names):
         events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": "schedule"}})
         events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "all-reduce"}})
     for step, rank, start, items in steps:
-        for name, cat, ts, dur, tid in items:
-            events.append({"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": tid,
-                           "ts": round(start * 1e6 + ts, 1), "dur": dur, "args": {"step": step}})
+        for name, cat, ts, dur, tid, *clock in items:
+            event = {"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": tid,
+                     "ts": round(start * 1e6 + ts, 1), "dur": dur, "args": {"step": step}}
+            if clock:  # measured (a prediction has none): the thread's CPU time in the op
+                event["tts"], event["tdur"] = clock
+            events.append(event)
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

@@ -315,10 +315,10 @@ def test_an_a_layer_sends_its_input_gradient_off_before_its_weight_gradient():
     inprocess.run_ranks(executors, hub, batches, 0, 1)
     g = next(n for n, group in enumerate(plan["groups"]) if group["layers"] == [1, 6])
     for ex in executors:
-        assert [name for name, _, _ in ex.reducer.events if name.startswith("chan_reduce")] == [
+        assert [name for name, *_ in ex.reducer.events if name.startswith("chan_reduce")] == [
             f"chan_reduce g{g} L6 backward", f"chan_reduce g{g} L4 backward"]
         assert not any(op["op"] == "chan_reduce" and op.get("phase") == "backward" and not op.get("overlap")
-                       for op, _, _ in ex.events)
+                       for op, *_ in ex.events)
 
 
 def test_a_b_layer_sums_slice_by_slice_each_all_reduced_while_the_next_is_computed(monkeypatch):
@@ -359,7 +359,7 @@ def test_a_b_layer_sums_slice_by_slice_each_all_reduced_while_the_next_is_comput
     assert_same((losses, p, b), want, 1e-10, FLOOR)
     g = next(n for n, group in enumerate(plan["groups"]) if group["layers"] == [1, 6])
     for ex in executors:
-        names = [name for name, _, _ in ex.reducer.events]
+        names = [name for name, *_ in ex.reducer.events]
         assert [f"chan_reduce g{g} L{layer} forward slice {p}" for p in range(4)] * 3 == [
             n for n in names if n.startswith(f"chan_reduce g{g} L{layer} ")]
 

@@ -24,6 +24,8 @@ def test_the_trace_holds_every_scheduled_op_of_every_rank(tmp_path, capsys):
     assert {step for _, step in schedule} == {0, 1, 2}  # (steps counted from 0, as in the metrics)
     for (rank, step), names in schedule.items():
         assert names == [op_name(op, plan["messages"]) for op in plan["schedule"][rank]], (rank, step)
+    # each op's thread clock: its thread's CPU time in it, never longer than the op (0.1 us rounding aside)
+    assert all(0 <= e["tdur"] <= e["dur"] * 1.01 + 20 and e["tts"] >= 0 for e in events)
     # the gradient buckets that are all-reduced run on each rank's communication thread
     reduced = [b for b, bucket in enumerate(plan["buckets"]) if bucket["reduce"]]
     assert reduced and all(any(e["tid"] == 1 and e["pid"] == r for e in events) for r in (0, 1))

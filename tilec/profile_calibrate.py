@@ -59,7 +59,7 @@ def measured_ops(plan, module, steps):
             ex.step(images=images, target=target)
             if step == 0:
                 continue  # first touches of the arenas
-            for i, (_, a, b) in enumerate(ex.events):
+            for i, (_, a, b, *_) in enumerate(ex.events):
                 per.setdefault(i, []).append(b - a)
     finally:
         ex.close()
