@@ -218,23 +218,19 @@ class Channel:
 
     def receive(self, head, payload, alive=None):
         """Fill ``payload`` (a writable byte view) and check the frame's tag;
-        FrameError if the frame is not the next one this peer sent. A short
-        payload comes with its tag in one read (a device waits for most of
-        its frames, batch-norm statistics above all, and every read on the
-        way is time both wait)."""
+        FrameError if the frame is not the next one this peer sent. The
+        payload's last piece (a short payload: all of it) comes with the
+        tag in one read (a device waits for most of its frames, batch-norm
+        statistics above all, and every read on the way is time both wait)."""
         h = self._mac(self.recv_key, self.received, bytes(head))
         self.received += 1
         tag = bytearray(TAG_BYTES)
-        n = len(payload)
-        if n <= MAC_CHUNK:
-            recv_parts(self.sock, [payload, memoryview(tag)], alive)
-            h.update(payload)
-        else:
-            for start in range(0, n, MAC_CHUNK):
-                piece = payload[start:start + MAC_CHUNK]
-                recv_exact(self.sock, piece, alive)
-                h.update(piece)
-            recv_exact(self.sock, memoryview(tag), alive)
+        pieces = [payload[start:start + MAC_CHUNK] for start in range(0, len(payload), MAC_CHUNK)] or [payload]
+        for piece in pieces[:-1]:
+            recv_exact(self.sock, piece, alive=alive)
+            h.update(piece)
+        recv_exact(self.sock, pieces[-1], memoryview(tag), alive=alive)  # (the last piece with the tag)
+        h.update(pieces[-1])
         if not hmac.compare_digest(bytes(tag), h.digest()[:TAG_BYTES]):
             raise FrameError(f"{kind_name(head[5])} frame failed authentication (changed, replayed or out of order)")
 
@@ -264,27 +260,17 @@ def send_frame(sock, kind, step, tensor, array=None):
         sock.sendall(memoryview(array).cast("B"))
 
 
-def recv_exact(sock, view, alive=None):
-    """Fill ``view`` (a writable byte memoryview) from ``sock``; ``alive()``
-    after every chunk (a long frame on a slow link is a sign of life)."""
-    got, n = 0, len(view)
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionClosed("connection closed" + (f" after {got} of {n} bytes" if got else ""))
-        got += k
-        if alive is not None:
-            alive()
-
-
-def recv_parts(sock, views, alive=None):
-    """Fill the byte memoryviews ``views`` in order from ``sock``, in one
-    read where the bytes are there (``recvmsg_into``)."""
+def recv_exact(sock, *views, alive=None):
+    """Fill the writable byte memoryviews ``views`` in order from ``sock``,
+    in one read where the bytes are there (``recvmsg_into``); ``alive()``
+    after every read (a long frame on a slow link is a sign of life)."""
     views = [v for v in views if len(v)]
+    n, got = sum(len(v) for v in views), 0
     while views:
         k = sock.recvmsg_into(views)[0]
         if k == 0:
-            raise ConnectionClosed("connection closed in the middle of a frame")
+            raise ConnectionClosed("connection closed" + (f" after {got} of {n} bytes" if got else ""))
+        got += k
         if alive is not None:
             alive()
         while views and k >= len(views[0]):
@@ -295,7 +281,7 @@ def recv_parts(sock, views, alive=None):
 
 def read_header(sock, buf, alive=None):
     """(kind, step, tensor, dtype, shape, length) from a header read into ``buf``."""
-    recv_exact(sock, memoryview(buf), alive)
+    recv_exact(sock, memoryview(buf), alive=alive)
     magic, version, kind, dcode, ndim, step, tensor, *dims, length = HEADER.unpack(buf)
     if magic != MAGIC:
         raise FrameError(f"not a tilec frame (magic {magic!r})")
@@ -335,7 +321,7 @@ def read_frame(sock, expect, buf=None, alive=None):
     if isinstance(sock, Channel):
         sock.receive(buf, view, alive)
     elif length:
-        recv_exact(sock, view, alive)
+        recv_exact(sock, view, alive=alive)
     return Frame(kind, step, tensor, array)
 
 

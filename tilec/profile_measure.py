@@ -393,7 +393,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
     # the fitted costs, as they stand, price the calibration steps
     size, steps = (208, 4) if quick else (416, 6)
     # the jitter is a variance over steps: over 5 (of 6, the first left out) it came out anywhere from 0.10
-    # to 0.22 in windows of one trace here (tiny416, batch 1, two workers); over 15, 0.12-0.16
+    # to 0.22 in windows of one trace here (tiny416, batch 1, two workers); over 12, 0.12-0.16
     beside_steps = steps if quick else 16
     in_step, calibration_s = in_step_costs(data, module, dtype, size=size, steps=steps)
     for kind, per in in_step.items():
