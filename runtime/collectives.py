@@ -163,7 +163,8 @@ class GradientReducer:
             if item is None:
                 return
             fn, label = item
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0 = time.perf_counter()
+            c0 = time.thread_time() if self.events is not None else None  # (a clock read a bucket only when traced)
             try:
                 if self.error is None:
                     fn()
