@@ -14,14 +14,13 @@ wait and surfaces as ``PeerLost`` with a one-line message that names the
 device and the step.
 """
 import queue
-import threading
 import time
 
 import numpy as np
 
 from tilec_runtime import collectives, shards
 from tilec_runtime.auth import handshake
-from tilec_runtime.comm import Comm, PeerLost, Sent
+from tilec_runtime.comm import SENT, Comm, PeerLost, Sent
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.program import members_of, message_shape, param_shapes
 from tilec_runtime.transport import (FrameError, Kind, Link, Lost, Mailbox, Silent, Spec, as_bytes,
@@ -178,9 +177,8 @@ class SocketComm(Comm):
         if dest == self.rank:
             self.mailbox.put((dest, kind, step, tensor), array.copy())
             return None
-        done = threading.Event()
-        self.links[dest].send(kind, step, tensor, array, done)
-        return Sent(done)
+        left = self.links[dest].send(kind, step, tensor, array)
+        return SENT if left is None else Sent(left)
 
     def _recv(self, src, tag):
         kind, step, tensor = self.encode(tag)
