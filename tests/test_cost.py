@@ -129,6 +129,22 @@ def test_quick_profile_of_this_machine_is_a_valid_profile():
         "forward")
 
 
+def test_contention_is_side_by_side_over_alone_timed_beside_it():
+    """A machine that runs slower in a minute slows the steps alone and side
+    by side alike (they come in alternate rounds): its slowness is no
+    contention. What two workers lose to each other is."""
+    from tilec.profile_calibrate import contention
+    priced = [(None, 0.010), (None, 0.030)]
+    slow_minute = 1.7  # every call 1.7x its price, alone or not
+    alone = [(slow_minute * p, p) for _, p in priced]
+    assert contention([(slow_minute * p, p) for _, p in priced], alone, 0.0) == 1.0
+    assert contention([(slow_minute * 1.25 * p, p) for _, p in priced], alone, 0.0) == 1.25
+    # the dispatch is left out of both; nothing priced or measured: no factor
+    assert contention([(0.0125 + 0.001, 0.011)], [(0.010 + 0.001, 0.011)], 0.001) == 1.25
+    assert contention([(0.01, 0.01)], [], 0.0) is None
+    assert contention([(0.0, 0.01)], [(0.01, 0.01)], 0.0) is None
+
+
 def test_link_test_on_loopback():
     port = start_loopback_server()
     link = measure_link("127.0.0.1", port, pings=5, payload=1 << 20)

@@ -41,15 +41,22 @@ def reference_stack(size):
     return parse_cfg(re.sub(r"(?m)^(height|width)\s*=\s*\d+", rf"\g<1>={size}", text), path="tiny416")
 
 
-def measured_ops(plan, module, steps):
+def measured_ops(plan, module, steps, threads=1):
     """{op index: median seconds} of the schedule's ops on one device over ``steps`` steps (the first dropped)."""
+    return {i: statistics.median(v) for i, v in op_series(plan, module, steps, threads).items()}
+
+
+def op_series(plan, module, steps, threads=1):
+    """{op index: [seconds, step by step]} of the schedule's ops on one device
+    (in this process, on ``threads`` kernel threads) over ``steps`` steps, the
+    first (which touches the arenas) left out."""
     from tilec_runtime import data, weights
     from tilec_runtime.comm import InProcessHub
     from tilec_runtime.inprocess import make_executors
     program = plan["program"]
     params, buffers = weights.init_params(program, 0, plan["dtype"])
     batches = data.generated_batches(program, plan["batch"], 0, plan["dtype"])
-    ex, = make_executors(plan, [InProcessHub(1).comm(0)], module, params, buffers, threads=1, trace=True)
+    ex, = make_executors(plan, [InProcessHub(1).comm(0)], module, params, buffers, threads=threads, trace=True)
     ex.lr = 0.0  # the numbers stay those of the first step: no drift into denormals or overflow
     per = {}
     try:
@@ -63,7 +70,7 @@ def measured_ops(plan, module, steps):
                 per.setdefault(i, []).append(b - a)
     finally:
         ex.close()
-    return {i: statistics.median(v) for i, v in per.items()}
+    return per
 
 
 def _pairs(plan, cluster, measured):
@@ -118,21 +125,33 @@ def in_step_costs(profile_data, module, dtype="float32", size=416, steps=5):
     return out, time.perf_counter() - t0
 
 
-def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=6, workers=2):
+def beside_others(profile_data, kernel_source, module, dtype="float32", size=416, steps=6, workers=2, rounds=2):
     """({kind: {direction: factor}}, jitter, seconds it took): how much
     slower each kernel kind runs in local workers computing side by side
-    than the profile prices it alone, the executor's dispatch aside (the
-    factor multiplies ``in_step``), measured on ``workers`` local worker
-    processes of the generated kernels ``kernel_source`` ({"module",
-    "source"}) that take every core between them training the reference
-    stack, traced ({}, None where there are fewer cores than workers).
-    Processes share caches and memory bandwidth: on this project's 2-core
-    machine two workers' epilogues, which stream through memory, ran
-    1.5-2.2x their price alone, their convolutions 1.1-1.3x. ``jitter``:
-    a pair, the spread of a kernel call's time from step to step, from the
-    same traces (``step_jitter``), and the length of call it holds for
-    (``jitter_call_seconds``); ({}, (None, None), 0.0) where there are fewer
-    cores than workers."""
+    than on one device alone, the executor's dispatch aside (the factor
+    multiplies ``in_step``), measured on ``workers`` local worker processes
+    of the generated kernels ``kernel_source`` ({"module", "source"}) that
+    take every core between them training the reference stack, traced
+    ({}, None where there are fewer cores than workers). Processes share
+    caches and memory bandwidth: on this project's 2-core machine two
+    workers' epilogues, which stream through memory, ran 1.5-2.2x their
+    price alone, their convolutions 1.1-1.3x.
+
+    The side-by-side steps (``steps`` in all) come in ``rounds``, each after
+    as many steps of the stack on one device alone (``module``, in this
+    process, on as many threads as a worker has), and each kind's factor is
+    its time side by side over its price, over the same alone: a machine
+    shared with others whose speed drifts (this project's swung by a third
+    within minutes) drifts both alike, where against the fitted price alone,
+    timed a minute before, a slow minute counted as contention (two
+    workers' convolutions at 1.6-1.7x in a profile taken while another
+    tenant held a core, and the simulator priced two workers at 1.1x one
+    device where they ran 1.4-1.6x).
+
+    ``jitter``: a pair, the spread of a kernel call's time from step to
+    step, from the same traces (``step_jitter``), and the length of call it
+    holds for (``jitter_call_seconds``); ({}, (None, None), 0.0) where there
+    are fewer cores than workers."""
     from tilec.cluster import uniform_cluster
     from tilec.compile import compile_plan
     from tilec.profiles import profile_from_dict
@@ -144,29 +163,47 @@ def beside_others(profile_data, kernel_source, dtype="float32", size=416, steps=
     threads = profile.cores // workers
     cluster = uniform_cluster(profile, workers, threads=threads)  # priced as if each were alone
     plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
+    one = uniform_cluster(profile, 1, threads=threads)
+    alone_plan = compile_plan(reference_stack(size), cluster=one, batch=1, dtype=dtype)
     program = plan["program"]
     params, buffers = weights.init_params(program, 0, dtype)
-    records = []
-    # (a learning rate of next to nothing: every step computes the numbers of the first)
-    launch.train_local(plan, params, buffers, data.generated_batches(program, 1, 0, dtype), steps=steps,
-                       kernel_source=kernel_source, threads=threads, trace=True, lr=[[0, 1e-30]],
-                       on_metrics=records.append, timeout=300)
-    series = {}  # rank -> {op index: [seconds, step by step]}
-    for rank in range(workers):
-        per = series[rank] = {}
-        for step in records[1:]:  # (the first touches the arenas)
-            timed = [e for e in step[rank]["trace"] if e[4] == 0]  # the schedule's thread: its ops in order
-            for i, event in enumerate(timed):
-                per.setdefault(i, []).append(event[3] * 1e-6)
+    series = {rank: {} for rank in range(workers)}  # rank -> {op index: [seconds, step by step]}
+    alone = {}  # op index -> [seconds, step by step] on one device
+    per_round = max(3, -(-steps // rounds))
+    for _ in range(rounds):
+        for i, v in op_series(alone_plan, module, per_round + 1, threads).items():
+            alone.setdefault(i, []).extend(v)
+        records = []
+        # (a learning rate of next to nothing: every step computes the numbers of the first)
+        launch.train_local(plan, params, buffers, data.generated_batches(program, 1, 0, dtype), steps=per_round + 1,
+                           kernel_source=kernel_source, threads=threads, trace=True, lr=[[0, 1e-30]],
+                           on_metrics=records.append, timeout=300)
+        for rank in range(workers):
+            for step in records[1:]:  # (the first touches the arenas)
+                timed = [e for e in step[rank]["trace"] if e[4] == 0]  # the schedule's thread: its ops in order
+                for i, event in enumerate(timed):
+                    series[rank].setdefault(i, []).append(event[3] * 1e-6)
     measured = {rank: {i: statistics.median(v) for i, v in per.items()} for rank, per in series.items()}
+    by_itself = _pairs(alone_plan, one, {0: {i: statistics.median(v) for i, v in alone.items()}})
     out = {}
-    for (kind, direction), pairs in _pairs(plan, cluster, measured).items():
-        dispatch = profile.cost(kind, direction).dispatch_s
-        priced = sum(p - dispatch for _, p in pairs)
-        if priced > 0:
-            out.setdefault(kind, {})[direction] = _factor(sum(max(m - dispatch, 0.0) for m, _ in pairs), priced)
+    for key, pairs in _pairs(plan, cluster, measured).items():
+        factor = contention(pairs, by_itself.get(key, []), profile.cost(*key).dispatch_s)
+        if factor is not None:
+            out.setdefault(key[0], {})[key[1]] = factor
     terms = _jitter_terms(plan, series)
     return out, (_spread(terms), _call_seconds(terms)), time.perf_counter() - t0
+
+
+def contention(beside, alone, dispatch):
+    """The factor of one kernel kind side by side: ``beside`` and ``alone``
+    [(measured s, priced s)] of its ops, each kind's measured time over its
+    price (``dispatch`` aside) side by side over the same alone; None where
+    either has nothing to price or measure."""
+    sums = [(sum(max(m - dispatch, 0.0) for m, _ in ps), sum(p - dispatch for _, p in ps)) for ps in (beside, alone)]
+    if min(x for pair in sums for x in pair) <= 0:
+        return None
+    (bm, bp), (am, ap) = sums
+    return _factor(bm / bp, am / ap)
 
 
 # kernel calls shorter than this are left out of the jitter: the executor's dispatch and the clock's

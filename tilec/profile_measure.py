@@ -405,14 +405,15 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
         f"in_step, the rest over the fitted at {size}x{size}; kinds these steps do not run keep none")
     if peer is None:  # the machine local workers share: how they slow each other down
         beside, (jitter, jitter_call), beside_s = beside_others(
-            data, {"module": source.module, "source": source.text}, dtype, size=size, steps=beside_steps)
+            data, {"module": source.module, "source": source.text}, module, dtype, size=size, steps=beside_steps)
         for kind, per in beside.items():
             for direction, factor in per.items():
                 fitted[kind][direction]["beside_others"] = factor
         data["sources"]["beside_others"] = (
             f"training steps of tiny416's layers at {size}x{size} on two local workers side by side, each of "
-            f"half the cores ({beside_steps} steps, traced; {beside_s:.1f} s): each kind's measured time over its "
-            f"price alone; what prices local workers that take every core" if beside else
+            f"half the cores ({beside_steps} steps in 2 rounds, traced; {beside_s:.1f} s): each kind's measured "
+            f"time over its price, over the same on one device alone in steps before each round; what prices "
+            f"local workers that take every core" if beside else
             "not measured: fewer than two cores")
         if jitter is not None:
             data["jitter"] = jitter
