@@ -20,7 +20,7 @@ import numpy as np
 
 from tilec_runtime import collectives, shards
 from tilec_runtime.auth import handshake
-from tilec_runtime.comm import SENT, Comm, PeerLost, Sent
+from tilec_runtime.comm import Comm, PeerLost, Sent
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.program import members_of, message_shape, param_shapes
 from tilec_runtime.transport import (FrameError, Kind, Link, Lost, Mailbox, Silent, Spec, as_bytes,
@@ -178,7 +178,7 @@ class SocketComm(Comm):
             self.mailbox.put((dest, kind, step, tensor), array.copy())
             return None
         left = self.links[dest].send(kind, step, tensor, array)
-        return SENT if left is None else Sent(left)
+        return None if left is None else Sent(left)  # (None: gone already, ``Comm.send``'s SENT)
 
     def _recv(self, src, tag):
         kind, step, tensor = self.encode(tag)

@@ -184,9 +184,9 @@ class Channel:
     def __init__(self, sock, send_key, recv_key, mac="blake2b"):
         if mac not in MACS:
             raise ValueError(f"unknown MAC {mac!r}")
-        self.sock, self.send_key, self.recv_key, self.mac = sock, bytes(send_key), bytes(recv_key), mac
+        self.sock, self.mac = sock, mac
         # keyed once: each frame's MAC starts from a copy (keying costs a compression per frame)
-        self._send_mac, self._recv_mac = new_mac(mac, self.send_key), new_mac(mac, self.recv_key)
+        self._send_mac, self._recv_mac = new_mac(mac, bytes(send_key)), new_mac(mac, bytes(recv_key))
         self.sent = self.received = 0
         self._lock = threading.RLock()  # numbering and writing a frame (``send`` frames under it)
         self._ahead = bytearray(READ_AHEAD)

@@ -30,6 +30,7 @@ OP_KIND = {"conv_fwd": ("conv", "forward"), "conv_bwd": ("conv", "backward"),
            "pool_fwd": ("maxpool", "forward"), "pool_bwd": ("maxpool", "backward")}
 # a factor outside this is a broken measurement (a machine busy for a moment), not a cache effect
 LIMITS = (0.5, 8.0)
+BESIDE_ROUNDS = 2  # rounds of steps alone, then side by side, that ``beside_others`` alternates
 SMALL = 64  # the stack's image size where its kernels cost little beside the executor's dispatch
 
 
@@ -41,9 +42,13 @@ def reference_stack(size):
     return parse_cfg(re.sub(r"(?m)^(height|width)\s*=\s*\d+", rf"\g<1>={size}", text), path="tiny416")
 
 
-def measured_ops(plan, module, steps, threads=1):
+def measured_ops(plan, module, steps):
     """{op index: median seconds} of the schedule's ops on one device over ``steps`` steps (the first dropped)."""
-    return {i: statistics.median(v) for i, v in op_series(plan, module, steps, threads).items()}
+    return _medians(op_series(plan, module, steps))
+
+
+def _medians(series):
+    return {i: statistics.median(v) for i, v in series.items()}
 
 
 def op_series(plan, module, steps, threads=1):
@@ -125,7 +130,8 @@ def in_step_costs(profile_data, module, dtype="float32", size=416, steps=5):
     return out, time.perf_counter() - t0
 
 
-def beside_others(profile_data, kernel_source, module, dtype="float32", size=416, steps=6, workers=2, rounds=2):
+def beside_others(profile_data, kernel_source, module, dtype="float32", size=416, steps=6, workers=2,
+                  rounds=BESIDE_ROUNDS):
     """({kind: {direction: factor}}, jitter, seconds it took): how much
     slower each kernel kind runs in local workers computing side by side
     than on one device alone, the executor's dispatch aside (the factor
@@ -162,9 +168,10 @@ def beside_others(profile_data, kernel_source, module, dtype="float32", size=416
         return {}, (None, None), 0.0
     threads = profile.cores // workers
     cluster = uniform_cluster(profile, workers, threads=threads)  # priced as if each were alone
-    plan = compile_plan(reference_stack(size), cluster=cluster, batch=1, dtype=dtype)
+    stack = reference_stack(size)
+    plan = compile_plan(stack, cluster=cluster, batch=1, dtype=dtype)
     one = uniform_cluster(profile, 1, threads=threads)
-    alone_plan = compile_plan(reference_stack(size), cluster=one, batch=1, dtype=dtype)
+    alone_plan = compile_plan(stack, cluster=one, batch=1, dtype=dtype)
     program = plan["program"]
     params, buffers = weights.init_params(program, 0, dtype)
     series = {rank: {} for rank in range(workers)}  # rank -> {op index: [seconds, step by step]}
@@ -183,8 +190,8 @@ def beside_others(profile_data, kernel_source, module, dtype="float32", size=416
                 timed = [e for e in step[rank]["trace"] if e[4] == 0]  # the schedule's thread: its ops in order
                 for i, event in enumerate(timed):
                     series[rank].setdefault(i, []).append(event[3] * 1e-6)
-    measured = {rank: {i: statistics.median(v) for i, v in per.items()} for rank, per in series.items()}
-    by_itself = _pairs(alone_plan, one, {0: {i: statistics.median(v) for i, v in alone.items()}})
+    measured = {rank: _medians(per) for rank, per in series.items()}
+    by_itself = _pairs(alone_plan, one, {0: _medians(alone)})
     out = {}
     for key, pairs in _pairs(plan, cluster, measured).items():
         factor = contention(pairs, by_itself.get(key, []), profile.cost(*key).dispatch_s)

@@ -46,7 +46,7 @@ import numpy as np
 
 from tilec.cost.compute import conv_features, epilogue_features, features, pool_features
 from tilec.errors import TilecError
-from tilec.profile_calibrate import SMALL, beside_others, in_step_costs
+from tilec.profile_calibrate import BESIDE_ROUNDS, SMALL, beside_others, in_step_costs
 from tilec.profiles import FORMAT, KERNEL_KINDS, VERSION
 from tilec_runtime.files import atomic_json
 
@@ -411,7 +411,7 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
                 fitted[kind][direction]["beside_others"] = factor
         data["sources"]["beside_others"] = (
             f"training steps of tiny416's layers at {size}x{size} on two local workers side by side, each of "
-            f"half the cores ({beside_steps} steps in 2 rounds, traced; {beside_s:.1f} s): each kind's measured "
+            f"half the cores ({beside_steps} steps in {BESIDE_ROUNDS} rounds, traced; {beside_s:.1f} s): each kind's measured "
             f"time over its price, over the same on one device alone in steps before each round; what prices "
             f"local workers that take every core" if beside else
             "not measured: fewer than two cores")
