@@ -16,6 +16,10 @@ as many copies of this machine's profile (``tilec profile``) with that many
 kernel threads each:
 
 - ``1 dev t1`` / ``1 dev t2``: one device, one or two kernel threads;
+- ``1 dev t1 train`` / ``1 dev t2 train``: the same plan as one user runs one
+  device, ``tilec train MODEL --plan DIR --threads N`` (one process, the
+  rank a thread of it: no worker, no launcher beside it), its step times
+  from ``--metrics``;
 - ``2 dev t1``: two devices of one thread each (on this 2-core machine, two
   single-core devices);
 - ``1 dev t1 x2``: two ``1 dev t1`` jobs at once, each (and its worker)
@@ -185,6 +189,29 @@ def solo_job(args):
                       "peak_bytes": max(r[0]["peak_bytes"] for r in records)}))
 
 
+def train_job(model, plan, batch, steps, threads):
+    """``tilec train`` of ``plan`` on one device in one process, as a user runs
+    it; the step seconds of its metrics, the first step (a warm-up) dropped."""
+    with tempfile.TemporaryDirectory(prefix="tilec-cluster-bench-") as folder:
+        with open(os.path.join(folder, "plan.json"), "w") as f:
+            json.dump(plan, f)
+        metrics = os.path.join(folder, "metrics.jsonl")
+        from kernels import load_graph
+        from tilec.frontend.models import bundled_names
+        if model not in bundled_names():
+            load_graph(model, folder)  # (writes FOLDER/MODEL.cfg)
+        subprocess.run([sys.executable, "-m", "tilec.cli", "train",
+                        model if model in bundled_names() else os.path.join(folder, f"{model}.cfg"),
+                        "--plan", folder, "--batch", str(batch), "--threads", str(threads), "--steps", str(steps),
+                        "--metrics", metrics],
+                       env=dict(os.environ, **ONE_THREAD), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=600)
+        with open(metrics) as f:
+            lines = [json.loads(line) for line in f]
+    # no peak: the one process holds the planner too, so its peak is not the device's
+    return {"step_s": [r["step_s"] for r in lines if "device" not in r and r["step"] >= 1], "peak_bytes": []}
+
+
 def summarise_tilec(records):
     """Step seconds (rank 0's view), per-worker peaks, waits (the largest share of a step a rank waited)."""
     n = len(records[0])
@@ -301,11 +328,19 @@ def merge(runs):
 RUNS = [(f"{model} b{batch} {label}", model, batch, devices, threads)
         for model, batches in (("tiny416", (1, 4, 8)), ("yolov2-tiny-12", (1, 4)), ("yolov2-tiny", (1,)))
         for batch in batches
-        for label, devices, threads in (("1 dev t1", 1, 1), ("1 dev t2", 1, 2), ("1 dev t1 x2", 1, 1),
-                                        ("2 dev t1", 2, 1))
-        if not (label == "1 dev t2" and (model != "tiny416" or batch == 8))
+        for label, devices, threads in (("1 dev t1", 1, 1), ("1 dev t2", 1, 2), ("1 dev t1 train", 1, 1),
+                                        ("1 dev t2 train", 1, 2), ("1 dev t1 x2", 1, 1), ("2 dev t1", 2, 1))
+        if not (label.startswith(("1 dev t2", "1 dev t1 train")) and (model != "tiny416" or batch == 8))
         and not (label == "1 dev t1 x2" and (model == "yolov2-tiny" or batch == 8))]
 SIDE_BY_SIDE = "1 dev t1 x2"
+IN_PROCESS = " train"
+
+
+def baseline(name, model, batch):
+    """The run ``name``'s speed-up and memory are measured against: one
+    device on one thread, run the same way (None: it is that run)."""
+    base = f"{model} b{batch} 1 dev t1" + (IN_PROCESS if name.endswith(IN_PROCESS) else "")
+    return None if name == base else base
 
 
 def ceiling(merged, model, batch):
@@ -320,7 +355,7 @@ def ceiling(merged, model, batch):
 def row(name, r, base=None, prediction=None):
     med, best = statistics.median(r["step_s"]), min(r["step_s"])
     speed = f"{statistics.median(base['step_s']) / med:5.2f}x" if base else "     -"
-    mem = f"{max(r['peak_bytes']) / max(base['peak_bytes']):5.2f}x" if base else "     -"
+    mem = f"{max(r['peak_bytes']) / max(base['peak_bytes']):5.2f}x" if base and r["peak_bytes"] else "     -"
     wait = f"{statistics.median(r['wait_share']):4.0%}" if "wait_share" in r else "   -"
     sim = "      -         " if prediction is None else f"{prediction:6.3f} ({prediction / med - 1:+4.0%})"
     return (f"| {name:<26} | {med:8.3f} | {best:8.3f} | {speed:>8} | "
@@ -361,15 +396,23 @@ def main():
     # compiled once, before the rounds: the solver's answer may differ between
     # calls, and every round and the simulation should see the same plan
     plans = {name: tilec_plan(graphs[model], devices, batch, threads)
-             for name, model, batch, devices, threads in runs_wanted if not name.endswith(SIDE_BY_SIDE)}
+             for name, model, batch, devices, threads in runs_wanted
+             if not name.endswith((SIDE_BY_SIDE, IN_PROCESS))}
     plans.update({name: plans[f"{model} b{batch} 1 dev t1"]  # the very job of 1 dev t1, twice
                   for name, model, batch, _, _ in runs_wanted if name.endswith(SIDE_BY_SIDE)})
+    plans.update({name: plans[name[:-len(IN_PROCESS)]]  # the very plan the worker ran
+                  for name, _, _, _, _ in runs_wanted if name.endswith(IN_PROCESS)})
     capacity_before = parallel_capacity()
     runs = {}
     for rnd in range(args.rounds):
         for name, model, batch, devices, threads in runs_wanted:
             if name.endswith(SIDE_BY_SIDE):
                 got = side_by_side_job(model, plans[name], batch, args.steps, args.kernels)
+                runs.setdefault(name, []).append(got)
+                print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
+                continue
+            if name.endswith(IN_PROCESS):
+                got = train_job(model, plans[name], batch, args.steps, threads)
                 runs.setdefault(name, []).append(got)
                 print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
                 continue
@@ -383,7 +426,7 @@ def main():
     capacity_after = parallel_capacity()
     bandwidth = statistics.median(parallel_capacity(1.0, BANDWIDTH) for _ in range(3))  # (a noisy figure)
     merged = {name: merge(r) for name, r in runs.items()}
-    sims = {name: None if name.endswith(SIDE_BY_SIDE) else predicted(plan) for name, plan in plans.items()}
+    sims = {name: None if name.endswith((SIDE_BY_SIDE, IN_PROCESS)) else predicted(plan) for name, plan in plans.items()}
 
     print(f"float32, one BLAS thread per process, {args.kernels} kernels; {args.rounds} rounds x "
           f"{args.steps - 1} measured steps")
@@ -395,8 +438,8 @@ def main():
           f"{'wait':>5} | simulated s (err) |")
     print(f"|{'-' * 28}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 9}|{'-' * 7}|{'-' * 19}|")
     for name, model, batch, devices, threads in runs_wanted:
-        base = merged.get(f"{model} b{batch} 1 dev t1")
-        print(row(name, merged[name], None if name.endswith("1 dev t1") else base, sims[name]))
+        base = baseline(name, model, batch)
+        print(row(name, merged[name], base and merged.get(base), sims[name]))
     if "tiny416 b8 torch DDP 2x4" in merged:
         print(row("tiny416 b8 torch DDP 2x4", merged["tiny416 b8 torch DDP 2x4"], merged["tiny416 b8 2 dev t1"]))
         print("\n(speedup and memory are relative to the same model and batch on 1 dev t1; the DDP row's to "
