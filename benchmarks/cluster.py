@@ -352,6 +352,18 @@ def ceiling(merged, model, batch):
     return 2 * statistics.median(solo["step_s"]) / statistics.median(pair["step_s"])
 
 
+def round_speedups(runs, runs_wanted):
+    """{run: [speed-up of each round]} of every run with a baseline
+    (``baseline``): the baseline's median step in that round over the run's."""
+    out = {}
+    for name, model, batch, _, _ in runs_wanted:
+        base = baseline(name, model, batch)
+        if base in runs and name in runs and not name.endswith(SIDE_BY_SIDE):
+            out[name] = [statistics.median(b["step_s"]) / statistics.median(r["step_s"])
+                         for b, r in zip(runs[base], runs[name])]
+    return out
+
+
 def row(name, r, base=None, prediction=None):
     med, best = statistics.median(r["step_s"]), min(r["step_s"])
     speed = f"{statistics.median(base['step_s']) / med:5.2f}x" if base else "     -"
@@ -455,7 +467,14 @@ def main():
               "gain on that work")
         for name, c in ceilings.items():
             print(f"  {name}: {c['speedup']:.2f}x of a ceiling of {c['ceiling']:.2f}x ({c['speedup'] / c['ceiling']:.0%})")
+    by_round = round_speedups(runs, runs_wanted)
+    if by_round:
+        print("\nspeed-up round by round (each round's median step of the one-thread run over the run's own; "
+              "how far the machine's moments move them)")
+        for name, ratios in by_round.items():
+            print(f"  {name}: {' '.join(f'{r:.2f}' for r in ratios)}  (median {statistics.median(ratios):.2f}x)")
     result = {"dtype": "float32", "kernels": args.kernels, "rounds": args.rounds, "steps": args.steps,
+              "round_speedups": by_round,
               "parallel_capacity": [capacity_before, capacity_after], "memory_parallelism": bandwidth,
               "cpu_count": os.cpu_count(),
               "runs": merged, "simulated_s": sims, "ceilings": ceilings, "plans": {k: v["hash"] for k, v in plans.items()},
