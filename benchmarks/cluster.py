@@ -45,7 +45,8 @@ side / one alone; 2.00 = two free cores) is measured in the same run: read
 the 2-vs-1 speedups against it; so is that of two loops streaming through
 memory, which two workers on one machine share where two devices would
 not (the memory-bound layers: a 3-channel conv's output, the epilogues,
-the pools). Next to each run, the simulator's
+the pools); both are measured again (for a second each) at every round's
+start, and printed beside that round's speed-ups. Next to each run, the simulator's
 prediction for its plan (``tilec simulate``) and its error.
 
     python benchmarks/cluster.py [--rounds 3] [--steps 5] [--only tiny416,...] [--json cluster.json]
@@ -416,7 +417,10 @@ def main():
                   for name, _, _, _, _ in runs_wanted if name.endswith(IN_PROCESS)})
     capacity_before = parallel_capacity()
     runs = {}
+    round_capacity = []
     for rnd in range(args.rounds):
+        # the machine's moment, beside this round's speed-ups: two matmuls in cache, two streams through memory
+        round_capacity.append((parallel_capacity(1.0), parallel_capacity(1.0, BANDWIDTH)))
         for name, model, batch, devices, threads in runs_wanted:
             if name.endswith(SIDE_BY_SIDE):
                 got = side_by_side_job(model, plans[name], batch, args.steps, args.kernels)
@@ -471,10 +475,12 @@ def main():
     if by_round:
         print("\nspeed-up round by round (each round's median step of the one-thread run over the run's own; "
               "how far the machine's moments move them)")
+        print(f"  (usable parallelism at each round's start, in cache / through memory: "
+              f"{' '.join(f'{a:.2f}/{b:.2f}' for a, b in round_capacity)})")
         for name, ratios in by_round.items():
             print(f"  {name}: {' '.join(f'{r:.2f}' for r in ratios)}  (median {statistics.median(ratios):.2f}x)")
     result = {"dtype": "float32", "kernels": args.kernels, "rounds": args.rounds, "steps": args.steps,
-              "round_speedups": by_round,
+              "round_speedups": by_round, "round_capacity": round_capacity,
               "parallel_capacity": [capacity_before, capacity_after], "memory_parallelism": bandwidth,
               "cpu_count": os.cpu_count(),
               "runs": merged, "simulated_s": sims, "ceilings": ceilings, "plans": {k: v["hash"] for k, v in plans.items()},
