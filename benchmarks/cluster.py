@@ -46,8 +46,8 @@ the 2-vs-1 speedups against it; so is that of two loops streaming through
 memory, which two workers on one machine share where two devices would
 not (the memory-bound layers: a 3-channel conv's output, the epilogues,
 the pools); both are measured again (for a second each) at every round's
-start, and printed beside that round's speed-ups. Next to each run, the simulator's
-prediction for its plan (``tilec simulate``) and its error.
+start, and printed beside that round's speed-ups. Next to each run, the
+simulator's prediction for its plan (``tilec simulate``) and its error.
 
     python benchmarks/cluster.py [--rounds 3] [--steps 5] [--only tiny416,...] [--json cluster.json]
         [--kernels generated|reference] [--no-torch]
@@ -442,7 +442,8 @@ def main():
     capacity_after = parallel_capacity()
     bandwidth = statistics.median(parallel_capacity(1.0, BANDWIDTH) for _ in range(3))  # (a noisy figure)
     merged = {name: merge(r) for name, r in runs.items()}
-    sims = {name: None if name.endswith((SIDE_BY_SIDE, IN_PROCESS)) else predicted(plan) for name, plan in plans.items()}
+    sims = {name: None if name.endswith((SIDE_BY_SIDE, IN_PROCESS)) else predicted(plan)
+            for name, plan in plans.items()}
 
     print(f"float32, one BLAS thread per process, {args.kernels} kernels; {args.rounds} rounds x "
           f"{args.steps - 1} measured steps")
