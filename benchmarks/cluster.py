@@ -191,20 +191,15 @@ def solo_job(args):
 
 
 def train_job(model, plan, batch, steps, threads):
-    """``tilec train`` of ``plan`` on one device in one process, as a user runs
-    it; the step seconds of its metrics, the first step (a warm-up) dropped."""
+    """``tilec train MODEL`` (a bundled name or a .cfg path) of ``plan`` on
+    one device in one process, as a user runs it; the step seconds of its
+    metrics, the first step (a warm-up) dropped."""
+    from tilec_runtime.planfile import write_plan
     with tempfile.TemporaryDirectory(prefix="tilec-cluster-bench-") as folder:
-        with open(os.path.join(folder, "plan.json"), "w") as f:
-            json.dump(plan, f)
+        write_plan(plan, folder)
         metrics = os.path.join(folder, "metrics.jsonl")
-        from kernels import load_graph
-        from tilec.frontend.models import bundled_names
-        if model not in bundled_names():
-            load_graph(model, folder)  # (writes FOLDER/MODEL.cfg)
-        subprocess.run([sys.executable, "-m", "tilec.cli", "train",
-                        model if model in bundled_names() else os.path.join(folder, f"{model}.cfg"),
-                        "--plan", folder, "--batch", str(batch), "--threads", str(threads), "--steps", str(steps),
-                        "--metrics", metrics],
+        subprocess.run([sys.executable, "-m", "tilec.cli", "train", model, "--plan", folder, "--batch", str(batch),
+                        "--threads", str(threads), "--steps", str(steps), "--metrics", metrics],
                        env=dict(os.environ, **ONE_THREAD), check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=600)
         with open(metrics) as f:
@@ -396,6 +391,7 @@ def main():
         return solo_job(args)
 
     from kernels import load_graph
+    from tilec.frontend.models import bundled_names
     os.environ.update(ONE_THREAD)  # this process too (it runs nothing heavy, but be fair)
     folder = tempfile.mkdtemp(prefix="tilec-cluster-bench-")
     kernel_source = None
@@ -406,6 +402,9 @@ def main():
     only = set(args.only.split(",")) if args.only else None
     runs_wanted = [r for r in RUNS if only is None or r[1] in only]
     graphs = {model: load_graph(model, folder) for _, model, _, _, _ in runs_wanted}
+    # what `tilec train` reads: a bundled model's name, or the .cfg load_graph wrote for a prefix of one
+    cli_models = {model: model if model in bundled_names() else os.path.join(folder, f"{model}.cfg")
+                  for model in graphs}
     # compiled once, before the rounds: the solver's answer may differ between
     # calls, and every round and the simulation should see the same plan
     plans = {name: tilec_plan(graphs[model], devices, batch, threads)
@@ -424,17 +423,12 @@ def main():
         for name, model, batch, devices, threads in runs_wanted:
             if name.endswith(SIDE_BY_SIDE):
                 got = side_by_side_job(model, plans[name], batch, args.steps, args.kernels)
-                runs.setdefault(name, []).append(got)
-                print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
-                continue
-            if name.endswith(IN_PROCESS):
-                got = train_job(model, plans[name], batch, args.steps, threads)
-                runs.setdefault(name, []).append(got)
-                print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
-                continue
-            records = tilec_job(graphs[model], plans[name], batch, args.steps, kernel_source, threads)
-            runs.setdefault(name, []).append(summarise_tilec(records))
-            print(f"round {rnd + 1}: {name}: {[round(r[0]['step_s'], 3) for r in records]}", file=sys.stderr)
+            elif name.endswith(IN_PROCESS):
+                got = train_job(cli_models[model], plans[name], batch, args.steps, threads)
+            else:
+                got = summarise_tilec(tilec_job(graphs[model], plans[name], batch, args.steps, kernel_source, threads))
+            runs.setdefault(name, []).append(got)
+            print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
         if not args.no_torch and (only is None or "tiny416" in only):
             got = ddp_job(8, args.steps, 29500 + rnd)
             runs.setdefault("tiny416 b8 torch DDP 2x4", []).append(got)
