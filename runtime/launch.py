@@ -155,9 +155,11 @@ class Job:
         for r, sock in enumerate(self.socks):
             with self.blame(r, " at the start"):
                 send_frame(sock, Kind.GO, 0, 0)
+        # workers on this machine (they read their images here: ``data``) compute on its cores, where
+        # the launcher's threads run only when one is idle (``transport.yield_cores``)
         for r, sock in enumerate(self.socks):
             self.links[r] = Link(sock, r, self.mailbox, self._expect(r), on_frame=self._relay,
-                                 heartbeat=heartbeat_interval(self.timeout))
+                                 heartbeat=heartbeat_interval(self.timeout), background=data is not None)
 
     @contextlib.contextmanager
     def blame(self, rank, when):

@@ -3,6 +3,7 @@ plan before a byte of payload is allocated, fuzzed and truncated input
 only ever raises FrameError / ConnectionClosed, the frame table covers
 exactly the messages the executor sends, and the ring all-reduce is exact
 and bit-identical on every member."""
+import os
 import socket
 import struct
 import threading
@@ -557,3 +558,29 @@ def test_a_received_array_is_freed_once_its_taker_lets_go():
     finally:
         sender.close()
         receiver.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="the system has no idle scheduling policy")
+def test_a_background_link_runs_its_threads_only_on_idle_cores():
+    """A launcher beside its local workers: its links' reader and sender
+    threads take the idle policy (``yield_cores``), a worker's stay as they
+    were; frames flow alike both ways."""
+    from tilec_runtime.transport import Link, Mailbox
+    a, b = socket.socketpair()
+    spec = Spec(np.dtype("float64"), (100,))
+    inboxes = (Mailbox(), Mailbox())
+    back = Link(a, 1, inboxes[0], lambda kind, step, tensor: spec, background=True)
+    fore = Link(b, 0, inboxes[1], lambda kind, step, tensor: spec)
+    try:
+        back.send(Kind.FWD, 1, 0, np.arange(100.0))
+        fore.send(Kind.FWD, 1, 0, np.arange(100.0) + 1)
+        np.testing.assert_array_equal(inboxes[1].get((0, Kind.FWD, 1, 0), 30.0), np.arange(100.0))
+        np.testing.assert_array_equal(inboxes[0].get((1, Kind.FWD, 1, 0), 30.0), np.arange(100.0) + 1)
+        policies = {link: [os.sched_getscheduler(t.native_id) for t in (link.reader, link.sender)]
+                    for link in (back, fore)}
+        assert policies[back] == [os.SCHED_IDLE] * 2
+        assert os.SCHED_IDLE not in policies[fore]
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # (the caller's thread is left as it was)
+    finally:
+        back.close()
+        fore.close()
