@@ -101,6 +101,9 @@ def test_quick_profile_of_this_machine_is_a_valid_profile():
     assert prof.cores >= 1 and prof.memory_bytes > 0
     assert all(prof.speedup(kind, 1) == 1.0 and len(prof.threads[kind]) in (1, prof.cores) for kind in prof.threads)
     assert "loopback" in data["sources"]["link"]
+    # what a message's framing, MAC and copies cost each end (taken from the kernels where they take every core)
+    assert prof.message_cpu_s == pytest.approx(data["link"]["cpu_us_per_message"] * 1e-6) and prof.message_cpu_s > 0
+    assert 0 < prof.message_cpu_s_per_byte < 1e-7 and "halved" in data["sources"]["link.cpu"]
     assert layer_seconds(prof, conv(64, 64), 256, 1, 4, "forward") > 0
     # corrected by traced training steps (tilec.profile_calibrate): the kinds a tiled step runs
     for kind in ("conv", "epilogue"):

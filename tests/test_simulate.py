@@ -218,6 +218,57 @@ def test_local_workers_carry_shared_in_the_plans_cluster():
         back = cluster_from_json(json.loads(json.dumps(cluster.to_json())))
         assert [d.shared for d in back.devices] == [d.shared for d in cluster.devices]
         assert [d.compute_scale for d in back.devices] == [d.compute_scale for d in cluster.devices]
+        assert [d.cores_taken for d in back.devices] == [d.cores_taken for d in cluster.devices]
+    # whether their kernel threads take every core: then a message's CPU is the kernels'
+    assert shared.devices[0].cores_taken and not uniform_cluster(RPI3, 2, threads=1, shared=True).devices[0].cores_taken
+    assert apart.devices[0].cores_taken is False and uniform_cluster(RPI3, 2).devices[0].cores_taken
+
+
+def with_message_cpu(cl, per_message, per_byte, cores_taken=True):
+    return dataclasses.replace(cl, devices=tuple(
+        dataclasses.replace(d, cores_taken=cores_taken, profile=dataclasses.replace(
+            d.profile, message_cpu_s=per_message, message_cpu_s_per_byte=per_byte)) for d in cl.devices))
+
+
+def test_messages_take_cpu_from_the_kernels_only_where_they_take_every_core():
+    """Each message sent or received costs its end ``per_message + bytes *
+    per_byte`` of CPU where the kernel threads take every core: the busy
+    seconds grow by exactly that over all messages, the step with them; the
+    communication thread's share is taken from the main thread too."""
+    plan = tiny_plan([GroupChoice(0, 6, [0, 2, 4], [0, 4], [0, 1])], 2, batch=2)
+    base = with_jitter(uniform_cluster(RPI3, 2), 0.0)
+    free = simulate(plan, with_message_cpu(base, 1e-4, 1e-8, cores_taken=False))
+    assert free.step_s == simulate(plan, base).step_s and not any(e.kind == "transport" for e in free.events)
+    taken = simulate(plan, with_message_cpu(base, 1e-4, 1e-8))
+    for rank in range(2):
+        sends = [e for e in taken.events if e.device == rank and e.kind == "transport" and e.label.startswith("send")]
+        recvs = [e for e in taken.events if e.device == rank and e.kind == "transport"
+                 and e.label.startswith("receive")]
+        assert len(sends) == len(recvs) > 0  # two devices: every message one way has its twin the other way
+        expected = len(sends + recvs) * 1e-4 + 2 * taken.sent_bytes[rank] * 1e-8
+        assert taken.busy_s[rank] - free.busy_s[rank] == pytest.approx(expected, rel=1e-9)
+        # the gradient buckets' messages (the communication thread's) are taken from the main thread's next
+        # compute op, those after its last none (it waits for them on a free core)
+        comm = sum(e.end - e.start for e in sends + recvs if e.thread == 1)
+        stolen = sum(e.end - e.start for e in taken.events if e.device == rank and e.thread == 0
+                     and e.label == "the communication thread's messages")
+        assert 0 < stolen <= comm + 1e-12
+    assert taken.step_s > free.step_s
+
+
+def test_the_cost_model_charges_a_messages_cpu_at_each_end():
+    from tilec.cost.comm import allgather_seconds, exchange_seconds, ring_seconds
+    base = with_link(uniform_cluster(RPI3, 3), bandwidth=1e9, latency=1e-4)
+    taken = with_message_cpu(base, 2e-5, 3e-9)
+    m = [[0, 1000, 0], [4000, 0, 2000], [0, 0, 0]]
+    # device 1 sends two messages of 6000 bytes and receives one of 1000: the busiest end
+    assert exchange_seconds(m, taken.devices) == pytest.approx(
+        exchange_seconds(m, base.devices) + 3 * 2e-5 + 7000 * 3e-9)
+    members = [0, 1, 2]
+    assert allgather_seconds(900, members, taken.devices) == pytest.approx(
+        allgather_seconds(900, members, base.devices) + 2 * 2 * (2e-5 + 900 * 3e-9))
+    assert ring_seconds(900, members, taken.devices) == pytest.approx(
+        ring_seconds(900, members, base.devices) + 4 * 2 * (2e-5 + 300 * 3e-9))
 
 
 def test_simulator_and_cost_model_agree_on_optimised_plans():

@@ -55,6 +55,18 @@ class Device:
     # a local worker: a process on the machine its profile measured, beside the launcher and the other
     # local workers (``uniform_cluster(shared=True)``)
     shared: bool = False
+    # its kernel threads (with the other local workers', where shared) take every core of the board: the
+    # transport's threads then run on a core the kernels need, and a message's CPU is theirs
+    cores_taken: bool = False
+
+    @property
+    def message_cpu(self):
+        """(seconds per message, per byte) that sending or receiving a message
+        takes from this device's kernels: its profile's where its kernel
+        threads take every core, else none (the transport runs on a free one)."""
+        if not self.cores_taken:
+            return 0.0, 0.0
+        return self.profile.message_cpu_s, self.profile.message_cpu_s_per_byte
 
     @property
     def usable_bytes(self):
@@ -65,7 +77,7 @@ class Device:
         return {"name": self.name, "profile": self.profile.raw, "compute_scale": self.compute_scale,
                 "memory_mb": self.memory_bytes / 1e6, "bandwidth_mbps": self.bandwidth_bps * 8 / 1e6,
                 "latency_ms": self.latency_s * 1e3, "threads": self.threads, "host": self.host, "port": self.port,
-                "shared": self.shared}
+                "shared": self.shared, "cores_taken": self.cores_taken}
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,8 @@ def cluster_from_json(data, where="plan cluster"):
             profile = profile_from_dict(d["profile"], f"{where}: device {i} profile")
             devices.append(Device(d["name"], profile, float(d["compute_scale"]), int(d["memory_mb"] * 1e6),
                                   float(d["bandwidth_mbps"]) * 1e6 / 8, float(d["latency_ms"]) * 1e-3,
-                                  d.get("host"), d.get("port"), int(d["threads"]), bool(d.get("shared", False))))
+                                  d.get("host"), d.get("port"), int(d["threads"]), bool(d.get("shared", False)),
+                                  bool(d.get("cores_taken", False))))
         return Cluster(tuple(devices), str(data.get("source", where)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ClusterError(f"{where}: malformed ({exc!r})") from None
@@ -119,14 +132,14 @@ def uniform_cluster(profile, n, names=None, threads=None, shared=False):
     names = list(names) if names else [f"dev{r}" for r in range(n)]
     threads = threads or profile.cores
     scale = 1.0
+    busy = len(names) * threads if shared else threads
     if shared and len(names) > 1:
-        busy = len(names) * threads
         if busy >= profile.cores and profile.measured_beside_others:
             profile = profile.beside_others()
         else:
             scale = threads * profile.speedup("conv", busy) / busy / profile.speedup("conv", threads)
     devices = tuple(Device(name, profile, scale, profile.memory_bytes, profile.bandwidth_bps, profile.latency_s,
-                           threads=threads, shared=shared) for name in names)
+                           threads=threads, shared=shared, cores_taken=busy >= profile.cores) for name in names)
     return Cluster(devices, f"{len(devices)} x {profile.name}")
 
 
@@ -198,7 +211,8 @@ def cluster_from_dict(data, source="<cluster>", base=None):
         if memory <= profile.process_overhead_bytes:
             raise ClusterError(f"{where}: memory_mb {memory / 1e6:g} does not even hold the process "
                                f"({profile.process_overhead_bytes / 1e6:g} MB)")
-        devices.append(Device(name, profile, float(scale), int(memory), float(bw), float(lat), host, port, threads))
+        devices.append(Device(name, profile, float(scale), int(memory), float(bw), float(lat), host, port, threads,
+                              cores_taken=threads >= profile.cores))
     return Cluster(tuple(devices), str(source))
 
 

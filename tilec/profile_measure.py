@@ -314,7 +314,7 @@ def _usable_memory_mb():
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6)
 
 
-CALIBRATION = 4  # how in-step factors (tilec.profile_calibrate) and row costs are measured: a change measures again
+CALIBRATION = 5  # what a profile measures and how (in-step factors, row costs, a message's CPU): a change measures again
 
 
 def fingerprint(dtype="float32"):
@@ -366,12 +366,15 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
     else:
         link = measure_link(*peer)
         link_source = f"measured to {peer[0]}:{peer[1]} with the tilec link test"
+    link.update(measure_message_cpu())
     host = platform.node() or "this machine"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     data = {
         "format": FORMAT, "version": VERSION, "name": name or f"local-{host}",
         "cores": cores, "memory_mb": _usable_memory_mb(), "process_overhead_mb": 60,
-        "link": {"bandwidth_mbps": round(link["bandwidth_mbps"], 3), "latency_ms": round(link["latency_ms"], 4)},
+        "link": {"bandwidth_mbps": round(link["bandwidth_mbps"], 3), "latency_ms": round(link["latency_ms"], 4),
+                 "cpu_us_per_message": round(link["cpu_us_per_message"], 2),
+                 "cpu_ns_per_byte": round(link["cpu_ns_per_byte"], 4)},
         "kernels": fitted,
         "threads": {kind: speedups.get(kind, [1.0]) for kind in KERNEL_KINDS},
         "sustained": 1.0,
@@ -388,6 +391,9 @@ def measure_profile(quick=False, peer=None, dtype="float32", name=None, rounds=N
             "sustained": "not measured: a short run; a board that throttles under sustained load needs its own",
             "memory_mb": "MemAvailable at measurement time",
             "link": link_source,
+            "link.cpu": "the CPU time (user and system, both ends in one process) of frames of two sizes through "
+                        "tilec's own transport on a loopback socket pair, cores idle, halved and fitted to a cost "
+                        "per message and per byte",
         },
     }
     # the fitted costs, as they stand, price the calibration steps
@@ -580,6 +586,48 @@ def parse_peer(text):
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise LinkError(f"--peer: expected HOST:PORT, got {text!r}")
     return host, int(port)
+
+
+def measure_message_cpu(sizes=(16 << 10, 1 << 20), megabytes=48):
+    """{"cpu_us_per_message", "cpu_ns_per_byte"}: the CPU one end of a frame
+    spends on it (``tilec_runtime.transport``: framing, MAC, copies, system
+    calls; the sender's or the reader's side alike), from the process's CPU
+    time (user and system) over frames of two ``sizes`` sent between the two
+    ends of a loopback socket pair in this process, halved. Where a device's
+    kernel threads take every core, that is what a message takes from them."""
+    from tilec_runtime.auth import choose_mac, mac_speeds
+    from tilec_runtime.transport import Channel, Kind, Link, Mailbox, Spec
+    speeds = mac_speeds()
+    mac = choose_mac(speeds, speeds)
+    a, b = socket.socketpair()
+    arrays = [np.zeros(size // 4, np.float32) for size in sizes]
+
+    def expect(kind, step, tensor):
+        return Spec(np.dtype(np.float32), arrays[tensor].shape)
+    keys = (os.urandom(32), os.urandom(32))
+    inbox = Mailbox()
+    links = (Link(Channel(a, keys[0], keys[1], mac), 1, Mailbox(), expect),
+             Link(Channel(b, keys[1], keys[0], mac), 0, inbox, expect))
+    per_frame, step = [], 0
+    try:
+        for tensor, array in enumerate(arrays):
+            count = max(8, (megabytes << 20) // array.nbytes)
+            best = None
+            for _ in range(3):  # (the least of three: this process alone, as the devices' cores are)
+                c0 = time.process_time()
+                for _ in range(count):
+                    links[0].send(Kind.FWD, step, tensor, array)
+                    inbox.get((0, Kind.FWD, step, tensor), 30)
+                    step += 1
+                spent = (time.process_time() - c0) / count / 2
+                best = spent if best is None else min(best, spent)
+            per_frame.append(best)
+    finally:
+        for link in links:
+            link.close(1.0)
+    (small, big), (t_small, t_big) = sizes, per_frame
+    per_byte = max(0.0, (t_big - t_small) / (big - small))
+    return {"cpu_us_per_message": max(0.0, t_small - per_byte * small) * 1e6, "cpu_ns_per_byte": per_byte * 1e9}
 
 
 def measure_link(host, port, pings=20, payload=16 << 20, timeout=30.0):

@@ -33,6 +33,9 @@ def run(args):
     print("threads: " + ", ".join(f"{k} {'/'.join(f'{v:.2f}' for v in t)}" for k, t in data["threads"].items()))
     print(f"link: {data['link']['bandwidth_mbps']:.1f} Mbit/s, {data['link']['latency_ms']:.3f} ms "
           f"({data['sources']['link']})")
+    if "cpu_us_per_message" in data["link"]:
+        print(f"messages: {data['link']['cpu_us_per_message']:.0f} us + {data['link']['cpu_ns_per_byte']:.2f} ns a byte "
+              f"of CPU at each end (what they take from the kernels where those take every core)")
     if "jitter" in data:
         print(f"jitter: a kernel call's time varies by {data['jitter']:.1%} from step to step on two workers side "
               f"by side (calls of {data.get('jitter_call_ms', 0):.1f} ms; what the faster waits for at every barrier)")

@@ -22,7 +22,12 @@ communication thread, as the runtime does (``tilec_runtime.executor``):
 - ``grad_start`` hands a bucket to the communication thread, which runs its
   ring or all-gather rounds (the same bytes as the runtime's, from
   :mod:`tilec.cost.traffic`) and then its update; ``grad_wait`` waits for
-  all of them.
+  all of them;
+- where a device's kernel threads take every core (``Device.message_cpu``),
+  each message it sends or receives takes its CPU time (framing, MAC,
+  copies) on the thread that sends or receives it, before the send and
+  after the receive; the communication thread's is taken from the main
+  thread's next compute op too (one core runs both).
 
 Devices that compute side by side do not take a kernel's price every time:
 a call runs faster or slower from one step to the next (a profile's
@@ -73,7 +78,7 @@ class Event:
     device: int
     start: float
     end: float
-    kind: str  # forward | backward | tail | update | wait | send | collective
+    kind: str  # forward | backward | tail | update | wait | send | transport
     label: str
     thread: int = 0  # 0: the schedule, 1: the communication thread
 
@@ -417,6 +422,21 @@ def _replay(actors, n, cluster, keep_events):
     arrived, posted, done = {}, {}, {}
     links = _Links(cluster.devices, arrived)
     events = []
+    sizes = {}  # key -> bytes of a message under way
+    owed = [0.0] * n  # the communication thread's transport CPU the main thread has yet to give up
+    cpu = [d.message_cpu for d in cluster.devices]
+
+    def transport(a, rank, thread, nbytes, label):
+        per_message, per_byte = cpu[rank]
+        secs = per_message + nbytes * per_byte
+        if secs <= 0:
+            return
+        if keep_events:
+            events.append(Event(rank, now[a], now[a] + secs, "transport", label, thread))
+        now[a] += secs
+        busy[rank] += secs
+        if thread:
+            owed[rank] += secs
 
     def ready_at(a):
         """When actor ``a`` can run its next action, or None if it is blocked."""
@@ -457,18 +477,27 @@ def _replay(actors, n, cluster, keep_events):
         now[a] = start
         if kind == "compute":
             _, secs, what, label = act
+            if thread == 0 and owed[rank]:
+                if keep_events:
+                    events.append(Event(rank, now[a], now[a] + owed[rank], "transport",
+                                        "the communication thread's messages", thread))
+                now[a] += owed[rank]
+                owed[rank] = 0.0
             if keep_events and secs > 0:
                 events.append(Event(rank, now[a], now[a] + secs, what, label, thread))
             now[a] += secs
             busy[rank] += secs
         elif kind == "recv":
             arrived.pop(act[1])
+            transport(a, rank, thread, sizes.pop(act[1]), f"receive ({act[1]})")
         elif kind == "post":
             posted[(rank, act[1])] = now[a]
         elif kind == "done":
             done[(rank, act[1])] = now[a]
         elif kind == "send":
             _, key, dst, nbytes = act
+            transport(a, rank, thread, nbytes, f"send {nbytes} B to {dst}")
+            sizes[key] = nbytes
             begin, end = links.send(rank, dst, nbytes, now[a], key)
             sent[rank] += nbytes
             if keep_events:
@@ -485,7 +514,7 @@ def one_core_seconds(plan, cluster):
 
 
 KIND_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "tail": "#55a868", "update": "#8172b3",
-                "wait": "#dddddd", "send": "#c44e52"}
+                "wait": "#dddddd", "send": "#c44e52", "transport": "#937860"}
 
 
 def trace_steps(result, names):

@@ -4,7 +4,8 @@ A profile is a JSON file (format ``tilec-profile``, version 2)::
 
     {"format": "tilec-profile", "version": 2, "name": "rpi3b",
      "cores": 4, "memory_mb": 750, "process_overhead_mb": 60,
-     "link": {"bandwidth_mbps": 94, "latency_ms": 0.25},
+     "link": {"bandwidth_mbps": 94, "latency_ms": 0.25,
+              "cpu_us_per_message": 60, "cpu_ns_per_byte": 12},
      "kernels": {"conv": {"forward": {"overhead_us": 400, "s_per_gflop": 0.25,
                                       "s_per_gb": 2.4, "ns_per_row": 20},
                           "backward": {...}},
@@ -44,7 +45,12 @@ which the simulator prices (``tilec.inspect.simulate``); ``jitter_call_ms``
 (optional) is how long the calls it was measured on take: a longer call
 varies less (its ups and downs average out), and the simulator scales the
 spread to each op's length from there (without it, every op takes the
-spread as it is). ``tilec profile`` measures all of it on the device.
+spread as it is). ``link.cpu_us_per_message`` and ``link.cpu_ns_per_byte``
+(optional, 0 if absent) are the CPU one end of a message spends on it,
+sending or receiving (the frame, its MAC, the copies, the system calls):
+where a device's kernel threads take every core, that time is the
+kernels' (:mod:`tilec.cost.comm`). ``tilec profile`` measures all of it on
+the device.
 
 Shipped profiles live beside this module (``*.json``, package data);
 :func:`load_profile` takes a shipped name or a path.
@@ -105,6 +111,8 @@ class Profile:
     sustained: float = 1.0
     jitter: float = 0.0  # a kernel call's time: standard deviation over mean, step to step
     jitter_call_s: float = 0.0  # the length of call ``jitter`` holds for (0: not measured, every length alike)
+    message_cpu_s: float = 0.0  # CPU seconds one end spends on a message, sending or receiving, and per byte
+    message_cpu_s_per_byte: float = 0.0
     source: str = ""  # the file it came from
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -236,7 +244,10 @@ def profile_from_dict(data, source="<dict>"):
         bandwidth_bps=_number(link, "bandwidth_mbps", f"{source}: link") * 1e6 / 8,
         latency_s=_number(link, "latency_ms", f"{source}: link", strict=False) * 1e-3,
         costs=costs, threads=speedups, sustained=float(sustained), jitter=float(jitter),
-        jitter_call_s=float(jitter_call) * 1e-3, source=str(source),
+        jitter_call_s=float(jitter_call) * 1e-3,
+        message_cpu_s=_number(link, "cpu_us_per_message", f"{source}: link", strict=False, default=0.0) * 1e-6,
+        message_cpu_s_per_byte=_number(link, "cpu_ns_per_byte", f"{source}: link", strict=False, default=0.0) * 1e-9,
+        source=str(source),
         raw=data)
 
 
