@@ -524,6 +524,26 @@ def _busy(stop):
             np.multiply(x, 1.0, out=x)
 
 
+def _loopback_links(arrays):
+    """((link 0 -> 1, link 1 -> 0), (mailbox 0, mailbox 1)): the two ends of
+    a loopback socket pair in this process, each a ``tilec_runtime``
+    ``Link`` over an authenticated ``Channel`` (the MAC both ends would
+    choose), whose frame ``tensor`` t carries an array shaped as ``arrays[t]``."""
+    from tilec_runtime.auth import choose_mac, mac_speeds
+    from tilec_runtime.transport import Channel, Link, Mailbox, Spec
+    speeds = mac_speeds()
+    mac = choose_mac(speeds, speeds)
+    keys = (os.urandom(32), os.urandom(32))
+    a, b = socket.socketpair()
+
+    def expect(kind, step, tensor):
+        return Spec(np.dtype(np.float32), arrays[tensor].shape)
+    boxes = (Mailbox(), Mailbox())
+    links = (Link(Channel(a, keys[0], keys[1], mac), 1, boxes[0], expect),
+             Link(Channel(b, keys[1], keys[0], mac), 0, boxes[1], expect))
+    return links, boxes
+
+
 def measure_transport(pings=100, payload=4 << 20, rounds=5, busy=None):
     """{"latency_ms", "bandwidth_mbps"} of a message through the runtime's own
     stack on this machine (``tilec_runtime.transport``: the frame, its MAC,
@@ -537,19 +557,9 @@ def measure_transport(pings=100, payload=4 << 20, rounds=5, busy=None):
     take one from compute: measured with ``busy`` threads (default: one per
     core) computing throughout. Idle, this machine's loopback measured 3-5x
     faster than what workers then met in their traces."""
-    from tilec_runtime.auth import choose_mac, mac_speeds
-    from tilec_runtime.transport import Channel, Kind, Link, Mailbox, Spec
-    speeds = mac_speeds()
-    mac = choose_mac(speeds, speeds)
-    keys = (os.urandom(32), os.urandom(32))
-    a, b = socket.socketpair()
+    from tilec_runtime.transport import Kind
     small, big = np.zeros(64, np.float32), np.zeros(payload // 4, np.float32)
-
-    def expect(kind, step, tensor):
-        return Spec(np.dtype(np.float32), small.shape if tensor == 0 else big.shape)
-    boxes = (Mailbox(), Mailbox())
-    links = (Link(Channel(a, keys[0], keys[1], mac), 1, boxes[0], expect),
-             Link(Channel(b, keys[1], keys[0], mac), 0, boxes[1], expect))
+    links, boxes = _loopback_links((small, big))
     stop = threading.Event()
     load = [threading.Thread(target=_busy, args=(stop,), daemon=True, name="tilec-busy")
             for _ in range((os.cpu_count() or 1) if busy is None else busy)]
@@ -595,19 +605,9 @@ def measure_message_cpu(sizes=(16 << 10, 1 << 20), megabytes=48):
     time (user and system) over frames of two ``sizes`` sent between the two
     ends of a loopback socket pair in this process, halved. Where a device's
     kernel threads take every core, that is what a message takes from them."""
-    from tilec_runtime.auth import choose_mac, mac_speeds
-    from tilec_runtime.transport import Channel, Kind, Link, Mailbox, Spec
-    speeds = mac_speeds()
-    mac = choose_mac(speeds, speeds)
-    a, b = socket.socketpair()
+    from tilec_runtime.transport import Kind
     arrays = [np.zeros(size // 4, np.float32) for size in sizes]
-
-    def expect(kind, step, tensor):
-        return Spec(np.dtype(np.float32), arrays[tensor].shape)
-    keys = (os.urandom(32), os.urandom(32))
-    inbox = Mailbox()
-    links = (Link(Channel(a, keys[0], keys[1], mac), 1, Mailbox(), expect),
-             Link(Channel(b, keys[1], keys[0], mac), 0, inbox, expect))
+    links, (_, inbox) = _loopback_links(arrays)
     per_frame, step = [], 0
     try:
         for tensor, array in enumerate(arrays):

@@ -60,11 +60,11 @@ def _rounds(rounds, nbytes, members, devices):
     """``rounds`` rounds of ``nbytes`` per member, at the slowest member's link."""
     if len(members) < 2:
         return 0.0
-    bw = min(devices[d].bandwidth_bps for d in members)
-    lat = max(devices[d].latency_s for d in members)
+    bw, lat, _, per_message, per_byte = _links(devices)
+    m = list(members)  # (a tuple would index as several axes)
     # every round, each member sends one message and receives one
-    cpu = max(2 * (devices[d].message_cpu[0] + nbytes * devices[d].message_cpu[1]) for d in members)
-    return rounds * (nbytes / bw + lat + cpu)
+    cpu = 2 * (per_message[m] + nbytes * per_byte[m])
+    return float(rounds * (nbytes / bw[m].min() + lat[m].max() + cpu.max()))
 
 
 def allgather_seconds(nbytes, members, devices):
