@@ -336,8 +336,10 @@ class RankExecutor:
     def step(self, images=None, target=None, inputs=None):
         """One training step: ``images`` the whole batch or ``inputs`` {message
         id: array} this rank's pieces of it (``input_messages``), either on
-        every rank that has input ops; ``target`` on the rank that computes
-        the loss. Returns the loss there, else None."""
+        every rank that has input ops; ``target`` this rank's part of the
+        targets (``shards.cut_target``) where it computes the loss or a part
+        of it. Returns that part of the loss (``shards.total_loss`` adds them
+        up), else None."""
         self.step_no += 1
         if inputs is None and images is not None:
             inputs = {k: input_piece(images, self.plan["messages"][k]) for k in self.input_ids}
@@ -497,7 +499,11 @@ class RankExecutor:
         self.scratch_pages.release()
 
     def _chan_fwd(self, op):
-        self.tails[op["group"]].forward(op["layer"], self.params, self.buffers, op.get("slice"), op.get("slices", 1))
+        target = self.target if self.plan["program"][op["layer"]]["kind"] == "cost" else None
+        loss = self.tails[op["group"]].forward(op["layer"], self.params, self.buffers, op.get("slice"),
+                                               op.get("slices", 1), target)
+        if loss is not None:
+            self.loss = loss
 
     def _chan_post(self, op):
         self.tails[op["group"]].post(op["layer"], self.params, self.buffers, op.get("slice"), op.get("slices", 1))

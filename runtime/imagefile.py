@@ -8,7 +8,8 @@ into an ``.npy`` file and each worker reads the rows of its pieces straight
 into its tiles' input regions before the step (``RankExecutor.input_views``:
 it never holds a piece beside them; a piece narrower than the image goes
 through a buffer of whole rows). The launcher still sends each step's
-labels or targets to rank 0, and every other rank an empty BATCH frame: the
+labels or targets to the ranks that compute the loss (each its part:
+``shards.target_part``), and every other rank an empty BATCH frame: the
 step's go, so that a STOP still ends every worker after the same step.
 
 The file is a ring of ``BATCHES_AHEAD`` batches (``ImageRing``): step s's

@@ -2,15 +2,16 @@
 
 Each device keeps its own copy of the parameters it computes with, its own
 optimiser state and its own running statistics, and talks to the others
-only through the plan's messages, exactly as it would over sockets. Rank 0
-reads the data and reports the loss.
+only through the plan's messages, exactly as it would over sockets. Each
+takes the whole batch (and cuts its pieces of the image), and its part of
+the targets where it computes the loss or a part of it.
 """
 import threading
-import time
 
 from tilec_runtime.comm import InProcessHub, PeerLost
 from tilec_runtime.executor import RankExecutor, cut, holdings, place
 from tilec_runtime.program import buffer_shapes, param_shapes
+from tilec_runtime.shards import cut_target, total_loss
 
 
 def make_executors(plan, comms, module, params, buffers, momentum=None, threads=None, trace=False):
@@ -63,10 +64,11 @@ class _Shared:
             return entry[0]
 
 
-def run_ranks(executors, hub, batches, first_step, steps, on_step=None):
-    """Run ``steps`` steps on every executor, one thread each. Returns the losses."""
+def run_ranks(executors, hub, batches, first_step, steps):
+    """Run ``steps`` steps on every executor, one thread each. Returns the
+    losses (each step's: its parts on every rank that computes one, added up)."""
     n = len(executors)
-    losses, errors = [], [None] * n
+    parts, errors = [[] for _ in range(n)], [None] * n
     shared = _Shared(batches, n)
 
     def run(rank):
@@ -74,15 +76,8 @@ def run_ranks(executors, hub, batches, first_step, steps, on_step=None):
         ex.comm.stepping_thread = threading.get_ident()
         try:
             for step in range(first_step, first_step + steps):
-                t0 = time.perf_counter()
                 images, target = shared.get(step)
-                if rank == 0:
-                    loss = ex.step(images, target)
-                    losses.append(loss)
-                    if on_step:
-                        on_step(step, loss, time.perf_counter() - t0)
-                else:
-                    ex.step(images)
+                parts[rank].append(ex.step(images, cut_target(ex.plan, rank, target)))
         except BaseException as exc:  # noqa: BLE001 - reported below, after join
             errors[rank] = exc
             hub.fail(rank, exc)
@@ -98,18 +93,16 @@ def run_ranks(executors, hub, batches, first_step, steps, on_step=None):
         (e for e in errors if e is not None), None)
     if first_error is not None:
         raise first_error
-    return losses
+    return [total_loss(step) for step in zip(*parts)]
 
 
-def train(plan, params, buffers, batches, steps, module, on_step=None, timeout=120.0, first_step=0, momentum=None,
-          threads=None):
+def train(plan, params, buffers, batches, steps, module, timeout=120.0, first_step=0, momentum=None, threads=None):
     """Train ``steps`` steps with every device a thread. Returns
-    (losses, params, buffers, momentum). ``on_step(step, loss, seconds)`` is
-    called by rank 0 after each step; ``module``: the kernel module of the
-    plan's dtype."""
+    (losses, params, buffers, momentum). ``module``: the kernel module of
+    the plan's dtype."""
     hub = InProcessHub(len(plan["devices"]), timeout)
     executors = make_executors(plan, [hub.comm(r) for r in range(len(plan["devices"]))], module, params, buffers,
                                momentum, threads)
-    losses = run_ranks(executors, hub, batches, first_step, steps, on_step)
+    losses = run_ranks(executors, hub, batches, first_step, steps)
     p, b, m = gather_state(executors)
     return losses, p, b, m

@@ -3,7 +3,8 @@
 ``run_job`` sends a plan and each rank's state to workers that are already
 listening (``tilec worker`` on each device of a cluster, or processes this
 machine starts with ``LocalWorkers``), streams every device its pieces of
-each batch's image (and rank 0 the labels/targets), collects per-step
+each batch's image (and the ranks that compute the loss their part of
+the labels/targets), collects per-step
 metrics from every device and the model state at checkpoint steps, and
 returns the final state. The first fault anywhere
 ends the job with one line naming the device and the step.
@@ -25,6 +26,7 @@ from tilec_runtime.comm import PeerLost
 from tilec_runtime.errors import RuntimeFault
 from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece, place
 from tilec_runtime.imagefile import ImageRing
+from tilec_runtime.shards import cut_target, total_loss
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
 from tilec_runtime.worker import (BUILD_TIMEOUT, FIRST_PIECE, LISTENING, MAX_METRICS_BYTES,
@@ -61,11 +63,12 @@ def run_job(plan, addresses, key, params, buffers, batches, *, steps, kernel_sou
                   trace, lr, local_data(plan, data_dir))
         losses = []
         for step, records, state in job.steps(batches):
-            losses.append(records[0]["loss"])
+            loss = total_loss([r["loss"] for r in records])
+            losses.append(loss)
             if on_metrics:
                 on_metrics(records)
             if on_step:
-                on_step(step, records[0]["loss"], records[0]["step_s"])
+                on_step(step, loss, records[0]["step_s"])
             if state is not None and on_state:
                 on_state(step + 1, *state)
         return (losses, *job.final_state)
@@ -235,11 +238,15 @@ class Job:
                 images, target = batches.get(step)
                 if self.data is not None:
                     self.data.put(step, images)  # (before its go: the workers read it then)
-                self.links[0].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(target, target_dtype))
                 for r, messages in enumerate(image_pieces):
-                    if self.data is not None:  # the workers read the images: the others' go
-                        if r > 0:
-                            self.links[r].send(Kind.BATCH, step, TARGET)
+                    # its part of the targets, where it computes the loss or a part of it; else, where the
+                    # workers read the images, an empty frame: its go
+                    part = cut_target(self.plan, r, target)
+                    if part is not None:
+                        self.links[r].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(part, target_dtype))
+                    elif self.data is not None:
+                        self.links[r].send(Kind.BATCH, step, TARGET)
+                    if self.data is not None:
                         continue
                     for j, m in enumerate(messages):
                         piece = np.ascontiguousarray(input_piece(images, m), dtype)

@@ -14,7 +14,14 @@ parallelism), in pairs, so that a pair needs one collective:
   output, an all-reduce completes it, and every member then applies the
   bias or batch norm and the activation to all channels (the same numbers
   on every member, so B's bias and batch-norm parameters are replicated);
-- max- and average-pooling work on whatever a member holds (per channel).
+- max- and average-pooling work on whatever a member holds (per channel);
+- a sum-of-squares cost, the program's last layer, too: each member sums
+  the squared errors of the channels it holds against those channels of
+  the targets (which the launcher sends it), and its gradient is its own;
+  the step's loss is the members' sum, in rank order. Where the group's
+  last map is replicated, every member computes the whole cost's gradient
+  and the first member alone counts its loss. No map and no gradient goes
+  to one device and back for the loss.
 
 A group may start with a route: every member assembles its whole map from
 the route's inputs, which it receives whole (YOLOv2's route 28 of layers
@@ -39,6 +46,12 @@ from tilec_runtime.program import members_of
 
 SPLITTABLE = ("conv", "connected", "maxpool", "avgpool", "local_avgpool")
 WEIGHTED = ("conv", "connected")
+
+
+def splittable(program, layer):
+    """Whether ``layer`` can be split by channels: a conv, connected or
+    pooling layer, or a sum-of-squares cost that ends the program."""
+    return layer["kind"] in SPLITTABLE or (layer["kind"] == "cost" and layer["index"] == len(program) - 1)
 
 
 def roles(program, first, last):
@@ -74,7 +87,7 @@ def check(program, first, last, k):
         # pooling alone would be computed whole by every member, its input gradient returned k times
         return "it has no conv or connected layer to split"
     for layer in program[first:last + 1]:
-        if layer["kind"] not in SPLITTABLE and not (layer["kind"] == "route" and layer["index"] == first):
+        if not splittable(program, layer) and not (layer["kind"] == "route" and layer["index"] == first):
             return f"layer {layer['index']} ({layer['kind']}) needs the whole map"
         if layer["index"] > first and layer["inputs"] != [layer["index"] - 1]:
             return f"layer {layer['index']} reads an earlier layer than the one before it"
@@ -205,3 +218,50 @@ def share(program, first, last, k, member, i):
     if role == "local":
         return dict(layer, in_shape=[c, h, w], out_shape=[c, *out[1:]])
     return dict(layer, in_shape=[c, h, w])
+
+
+def loss_group(plan):
+    """The group that computes the loss (the one holding the program's last layer)."""
+    last = len(plan["program"]) - 1
+    return next(g for g in plan["groups"] if g["layers"][0] <= last <= g["layers"][1])
+
+
+def target_part(plan, rank):
+    """What ``rank`` takes of each step's targets: None (it computes no
+    part of the loss), ``"all"``, or (c0, c1): channels c0..c1-1 of a
+    sum-of-squares cost split by channels (those its input holds here)."""
+    group = loss_group(plan)
+    members = members_of(group)
+    if rank not in members:
+        return None
+    if group.get("mode") != "channels":
+        return "all" if rank == members[0] else None
+    first, last = group["layers"]
+    held = layouts(plan["program"], first, last, len(members))[last]
+    if held is None:
+        return "all"
+    m = members.index(rank)
+    return (held[m], held[m + 1]) if held[m + 1] > held[m] else None
+
+
+def cut_target(plan, rank, target):
+    """``rank``'s part of ``target`` (``target_part``), or None."""
+    part = target_part(plan, rank)
+    if part is None or target is None:
+        return None
+    if part == "all":
+        return target
+    return np.ascontiguousarray(target[:, part[0]:part[1]])
+
+
+def counts_loss(program, first, last, k, member):
+    """Whether ``member`` of a channel group over program[first..last] ending
+    in the cost adds its loss to the step's: all of them where the cost's
+    input is split, the first alone where it is replicated."""
+    return member == 0 or layouts(program, first, last, k)[last] is not None
+
+
+def total_loss(losses):
+    """The step's loss from every rank's part (None: no part), in rank order."""
+    parts = [x for x in losses if x is not None]
+    return sum(parts[1:], parts[0]) if parts else None

@@ -187,12 +187,14 @@ class ChannelGroup:
 
     # -- forward ------------------------------------------------------------------
 
-    def forward(self, i, params, buffers, piece=None, pieces=1):
+    def forward(self, i, params, buffers, piece=None, pieces=1, target=None):
         """An A or pooling layer on this member's channels; a B layer's partial
         sum (``partial``), or slice ``piece`` of ``pieces`` of its output
         channels (``sliced``: each is all-reduced while the next is
         computed); an A layer after such a B, its sums over that slice of its
-        input channels, added up (``summed``) until ``post`` finishes it."""
+        input channels, added up (``summed``) until ``post`` finishes it; the
+        cost on this member's channels against ``target`` (its channels of
+        the targets): returns this member's part of the loss, or None."""
         layer = self.program[i]
         share = self.layer_share(layer)
         if i == self.first:
@@ -200,11 +202,14 @@ class ChannelGroup:
         x = self.acts.get(i - 1)  # (a leading route reads its own inputs)
         if self.roles[i] == "A" and piece is not None:
             self._add_slice(i, layer, x, params, piece, pieces)
-            return
+            return None
         if self.roles[i] != "B":
-            _, cache = reference.forward_layers([share], params, buffers, self.acts, None, train=True, impl=self.k)
+            loss, cache = reference.forward_layers([share], params, buffers, self.acts, target, train=True,
+                                                   impl=self.k)
             self.cache[i] = cache.get(i)
-            return
+            if layer["kind"] == "cost":
+                return loss if shards.counts_loss(self.program, self.first, self.last, self.n, self.member) else None
+            return None
         w = params[f"{i}.conv.weight" if layer["kind"] == "conv" else f"{i}.fc.weight"]
         if piece is not None:
             bounds = shards.part_bounds(w.shape[0], pieces)
@@ -332,7 +337,8 @@ class ChannelGroup:
         else:
             share = self.layer_share(layer)
             cache = {i: self.cache.pop(i, None)}
-            _, dout = reference.backward_layers([share], params, self.acts, cache, {i: self.grads_in[i]},
+            dy = {i: self.grads_in[i]} if i in self.grads_in else {}  # (the cost's is its own)
+            _, dout = reference.backward_layers([share], params, self.acts, cache, dy,
                                                 impl=self.k, acc=acc, inplace=True)  # (as _output_grad)
             if layer["kind"] == "route":  # (the group's first layer) its inputs' gradients go back to them
                 for src in layer["inputs"]:

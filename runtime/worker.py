@@ -14,8 +14,9 @@ launcher's connection::
                                 rank computes with, in ``state_table`` order
     worker -> launcher   READY  (or ERROR: the plan or state was refused)
     launcher -> worker   GO     every worker is ready: open the mesh
-    launcher -> worker   BATCH  its pieces of the image, and (rank 0) the labels/targets, of each step
-    worker -> launcher   METRICS  per step: loss (rank 0), compute, wait,
+    launcher -> worker   BATCH  its pieces of the image, and its part of the labels/targets (where it
+                                computes the loss or a part of it), of each step
+    worker -> launcher   METRICS  per step: its part of the loss (if any), compute, wait,
                                 bytes sent, peak memory
     worker -> launcher   STATE  at checkpoint steps and at the end: the
                                 state this rank is the lowest holder of
@@ -46,6 +47,7 @@ from tilec_runtime.executor import BATCHES_AHEAD, RankExecutor, input_messages
 from tilec_runtime.executor import holdings as holdings_of
 from tilec_runtime.imagefile import ImagePieces
 from tilec_runtime.program import buffer_shapes, param_shapes
+from tilec_runtime.shards import target_part
 from tilec_runtime.socketcomm import LAUNCHER, PEER_SPEC, SocketComm, open_mesh
 from tilec_runtime.trace import step_events
 from tilec_runtime.transport import (BYTES, EMPTY, ConnectionClosed, FrameError, Kind, Spec, Stopped, as_bytes,
@@ -117,24 +119,28 @@ def piece_shape(shape, piece):
     return tuple(shape)
 
 
-TARGET = 0  # BATCH frames: the labels/targets (to rank 0, which computes the loss), then the image's pieces
+TARGET = 0  # BATCH frames: a rank's part of the labels/targets (``shards.target_part``), then the image's pieces
 FIRST_PIECE = 1
 
 
 def batch_specs(plan, rank, local=False):
-    """{tensor: Spec} of the BATCH frames ``rank`` takes each step: the
-    labels/targets (rank 0) and its pieces of the image (``input_messages``);
+    """{tensor: Spec} of the BATCH frames ``rank`` takes each step: its
+    part of the labels/targets where it computes the loss or a part of it
+    (``shards.target_part``) and its pieces of the image (``input_messages``);
     where it reads its pieces itself (``local``, ``tilec_runtime.imagefile``),
-    the targets, or for any other rank an empty frame (the step's go)."""
+    the targets, or for a rank without any an empty frame (the step's go)."""
     program, dtype, batch = plan["program"], np.dtype(plan["dtype"]), plan["batch"]
     if local:
         specs = {TARGET: EMPTY}
     else:
         specs = {FIRST_PIECE + j: Spec(dtype, shape) for j, (_, shape) in enumerate(input_messages(plan, rank))}
-    if rank == 0:
-        target = (Spec(np.dtype("int64"), (batch,)) if program[-1]["kind"] == "softmax"
-                  else Spec(dtype, (batch, *target_shape(program))))
-        specs[TARGET] = target
+    part = target_part(plan, rank)
+    if part is not None:
+        shape = list(target_shape(program))
+        if part != "all":
+            shape[0] = part[1] - part[0]
+        specs[TARGET] = (Spec(np.dtype("int64"), (batch,)) if program[-1]["kind"] == "softmax"
+                         else Spec(dtype, (batch, *shape)))
     return specs
 
 
@@ -383,7 +389,7 @@ class Job:
                 return None
             out[tensor] = array
         if self.images is not None:
-            return (out[TARGET] if self.rank == 0 else None), self.images.read(step, self.landing)
+            return (out[TARGET] if self.batch_specs[TARGET] is not EMPTY else None), self.images.read(step, self.landing)
         return out.get(TARGET), {k: out[FIRST_PIECE + j] for j, k in enumerate(self.piece_ids)}
 
     def _launcher_expect(self):

@@ -91,12 +91,13 @@ def channel_cases(draw, max_devices=4):
             else []
         for first, last in zip([run_first, *cuts], [*(c - 1 for c in cuts), run_last]):
             k = draw(st.integers(1, n_dev)) if ok else 1
-            # whole maps (route, reorg) on any device, the loss on rank 0
-            members = [0] if last == len(program) - 1 else sorted(draw(st.permutations(range(n_dev)))[:k])
+            # whole maps (route, reorg) on any device, a loss on one device on rank 0; a sum-of-squares cost
+            # split by channels on any of them
+            members = sorted(draw(st.permutations(range(n_dev)))[:k])
             if k > 1 and shards.check(program, first, last, k) is None:
                 tail.append(TailChoice(first, last, "channels", members))
             else:
-                tail.append(TailChoice(first, last, "one", members[:1]))
+                tail.append(TailChoice(first, last, "one", [0] if last == len(program) - 1 else members[:1]))
     return program, prefix, choices, tail, n_dev, draw(st.integers(1, 3))
 
 
@@ -183,7 +184,7 @@ TILED = [GroupChoice(0, 0, [0, 6, 12], [0, 10], [0, 1])]
 
 def test_roles_and_layouts_alternate():
     program = dense_tail()
-    assert runs(program, 1) == [(1, 6, True), (7, 7, False)]
+    assert runs(program, 1) == [(1, 7, True)]  # (a sum-of-squares cost ending the program can be split too)
     assert shards.roles(program, 1, 6) == {1: "A", 2: "local", 3: "B", 4: "A", 5: "B", 6: "A"}
     held = shards.layouts(program, 1, 6, 3)
     assert held[1] == held[2] == [0, 2, 4, 6] and held[3] is None and held[5] is None
@@ -257,11 +258,64 @@ def test_bad_tail_choices_are_refused_with_the_reason():
     with pytest.raises(PlanError, match="must start at layer 1"):
         plan_of(program, 1, TILED, [TailChoice(2, 7, "one", [0])], 2, 2)
     with pytest.raises(PlanError, match="needs the whole map"):
-        plan_of(program, 1, TILED, [TailChoice(1, 7, "channels", [0, 1])], 2, 2)
+        plan_of(passthrough_program(), 1, [GroupChoice(0, 0, [0, 6], [0, 6], [0])],
+                [TailChoice(1, 5, "channels", [0, 1]), TailChoice(6, 10, "one", [0])], 2, 2)
     with pytest.raises(PlanError, match="has 4 output channels for 5 devices|output channels"):
         plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1, 2, 3, 4]), TailChoice(7, 7, "one", [0])], 5, 2)
     with pytest.raises(PlanError, match="the loss runs on rank 0"):
         plan_of(program, 1, TILED, [TailChoice(1, 6, "one", [1]), TailChoice(7, 7, "one", [1])], 2, 2)
+
+
+SPLIT_COSTS = {
+    # the cost after A layer 6 (connected): each member sums its own channels' errors
+    "split": [TailChoice(1, 7, "channels", [0, 1, 2])],
+    # after B layer 6, on devices 1 and 2: both compute the whole cost's gradient, device 1 alone counts its loss
+    "replicated": [TailChoice(1, 4, "channels", [0, 1, 2]), TailChoice(5, 7, "channels", [1, 2])],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPLIT_COSTS))
+def test_a_sum_of_squares_cost_split_by_channels_takes_its_part_of_the_targets(case):
+    """The cost in a channel group: no map and no gradient goes to one device
+    for the loss; each member takes its channels of the targets (where the
+    cost's input is replicated, all of them), and the step's loss is the
+    members' parts added up. Equals one device (float64 1e-10), in one
+    process, over sockets and on local workers (the launcher sends each
+    worker its part of the targets, each worker's frames checked against it)."""
+    from built import kernel_source
+    from tilec_runtime import launch
+    program = dense_tail()
+    plan = plan_of(program, 1, TILED, SPLIT_COSTS[case], 3, 2)
+    planfile.validate(plan)
+    cost = next(g for g in plan["groups"] if g["layers"][1] == 7)
+    assert cost["mode"] == "channels"
+    assert not any(m["tensor"] >= 6 for m in plan["messages"])  # nothing of layer 6 moves: the loss is where it is
+    parts = [shards.target_part(plan, r) for r in range(3)]
+    bounds = shards.part_bounds(4, 3)  # (layer 6's 4 outputs over 3 members)
+    assert parts == ([(bounds[m], bounds[m + 1]) for m in range(3)] if case == "split" else [None, "all", "all"])
+    target = np.arange(2 * 4, dtype=float).reshape(2, 4, 1, 1)
+    cut = [shards.cut_target(plan, r, target) for r in range(3)]
+    if case == "split":
+        assert np.array_equal(np.concatenate(cut, axis=1), target)
+    assert_trains_as_one_device(program, plan, sockets=False)
+    assert_trains_as_one_device(program, plan, sockets=True)
+    params, buffers, batches = setup(program, 2)
+    want = one_device(program, params, buffers, batches, 3)
+    losses, p, b, _ = launch.train_local(plan, params, buffers, batches, steps=3, timeout=30,
+                                         kernel_source=kernel_source("float64"))
+    assert_same((losses, p, b), want, 1e-10, FLOOR)
+
+
+def test_the_planner_may_split_the_cost_with_the_layers_before_it():
+    """The tail groups the solver chooses from put the cost in a channel
+    group with the layers before it (no map to rank 0 for the loss, no
+    gradient back), or on rank 0 alone."""
+    from tilec.cost.candidates import tail_options
+    program = dense_tail()
+    options = tail_options(program, 1, 2, lambda k: tuple(range(k)))
+    assert (1, 7, "channels", (0, 1)) in options and (6, 7, "channels", (0, 1)) in options
+    # a cost on one device stays on rank 0, which every plan of the loss there has
+    assert {d for f, l, mode, d in options if l == 7 and mode == "one"} == {(0,)}
 
 
 def test_plan_validation_checks_channel_ops():
@@ -544,7 +598,7 @@ def test_a_route_of_one_map_starts_a_run_and_is_that_map():
     b.conv(2, 1, 1, 0)
     b.cost()
     program = b.build()
-    assert runs(program, 1) == [(1, 3, True), (4, 5, True), (6, 7, True), (8, 8, False)]
+    assert runs(program, 1) == [(1, 3, True), (4, 5, True), (6, 8, True)]
     assert shards.check(program, 3, 5, 2) == "layer 4 (route) needs the whole map"
     assert shards.check(program, 4, 5, 2) is None  # (a route may lead a group: every member assembles it)
     assert shards.check(program, 5, 5, 2) is None
@@ -585,7 +639,7 @@ def test_a_channel_group_hands_on_the_maps_a_later_route_reads(sockets):
     own backward reaches that layer. Equals one device (float64 1e-10), in
     one process and over sockets."""
     program = passthrough_program()
-    assert runs(program, 1) == [(1, 4, True), (5, 6, True), (7, 7, False), (8, 9, True), (10, 10, False)]
+    assert runs(program, 1) == [(1, 4, True), (5, 6, True), (7, 7, False), (8, 10, True)]
     tiled = [GroupChoice(0, 0, [0, 3, 6], [0, 6], [0, 1])]
     tail = [TailChoice(1, 4, "channels", [0, 1, 2]), TailChoice(5, 6, "one", [1]), TailChoice(7, 8, "one", [2]),
             TailChoice(9, 9, "channels", [1, 2]), TailChoice(10, 10, "one", [0])]

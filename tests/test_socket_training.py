@@ -23,7 +23,7 @@ from built import kernel_source, module
 from test_tiled import FLOOR, assert_same, converges, one_device, tiled_cases, well_conditioned
 from test_transport import OPT, make_plan, run_ranks, small_program
 from tilec.plan.build import build_plan
-from tilec_runtime import inprocess, launch, weights
+from tilec_runtime import inprocess, launch, shards, weights
 from tilec_runtime.data import generated_batches
 from tilec_runtime.socketcomm import socketpair_mesh
 
@@ -46,7 +46,7 @@ def train_socketpairs(plan, params, buffers, batches, steps):
             for step in range(steps):
                 comm.step = step + 1
                 images, target = batches.get(step)  # every rank cuts its pieces of the image
-                out.append(devices[comm.rank].step(images, target if comm.rank == 0 else None))
+                out.append(devices[comm.rank].step(images, shards.cut_target(plan, comm.rank, target)))
             comm.close()
             return out
         except BaseException as exc:
@@ -54,7 +54,7 @@ def train_socketpairs(plan, params, buffers, batches, steps):
             raise
         finally:
             devices[comm.rank].close()
-    losses = run_ranks(comms, run)[0]
+    losses = [shards.total_loss(parts) for parts in zip(*run_ranks(comms, run))]
     p, b, _ = inprocess.gather_state(devices)
     return losses, p, b
 

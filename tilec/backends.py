@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from tilec_runtime.comm import InProcessHub, PeerLost
+from tilec_runtime.shards import cut_target, total_loss
 from tilec_runtime.trace import step_events
 
 
@@ -147,18 +148,19 @@ class ThreadsBackend:
             rate = lr(step)
             if not self.workers:
                 self.executors[0].comm.stepping_thread = threading.get_ident()
-                record, error = self._one(0, images, target, rate)
+                record, error = self._one(0, images, cut_target(self.plan, 0, target), rate)
                 results = [(0, record, error)]
             else:
                 for r, q in enumerate(self.jobs):
-                    q.put((images, target if r == 0 else None, rate))  # each rank cuts its own pieces
+                    # each rank cuts its own pieces of the image; the targets, the part of the loss it computes
+                    q.put((images, cut_target(self.plan, r, target), rate))
                 results = sorted(self.done.get() for _ in self.executors)
             errors = [e for _, _, e in results if e is not None]
             if errors:
                 raise next((e for e in errors if not isinstance(e, PeerLost)), errors[0])
             records = [rec for _, rec, _ in results]
             state = self.state() if step + 1 in reports else None
-            yield StepResult(step, records[0]["loss"], records[0]["step_s"], records, state)
+            yield StepResult(step, total_loss([r["loss"] for r in records]), records[0]["step_s"], records, state)
 
     def state(self):
         """The whole model, each array from the lowest rank that holds it (replicas are identical)."""
@@ -212,7 +214,7 @@ class WorkersBackend:
                       self.threads, self.trace, changes,
                       launch.local_data(self.plan, self.data_dir))
             for step, records, state in job.steps(batches):
-                yield StepResult(step, records[0]["loss"], records[0]["step_s"], records, state)
+                yield StepResult(step, total_loss([r["loss"] for r in records]), records[0]["step_s"], records, state)
         except BaseException as exc:
             job.abort(str(exc) if isinstance(exc, RuntimeFault) else f"the launcher stopped: {type(exc).__name__}")
             raise

@@ -1,10 +1,11 @@
 """The layers after the tiled prefix as the planner sees them: runs, choices, messages.
 
 The tail is cut into *runs*: maximal stretches of layers that can be split
-by channels (conv, connected and pooling layers, each reading the one
-before: ``tilec_runtime.shards``), and the layers between them that need
-the assembled map (route, reorg, the loss), which run whole on one device
-(the loss on rank 0, which has the batch's targets). Each run becomes one
+by channels (conv, connected and pooling layers and a sum-of-squares cost,
+each reading the one before: ``tilec_runtime.shards``), and the layers
+between them that need the assembled map (route, reorg, the other losses),
+which run whole on one device (a loss on one device on rank 0, to which
+the launcher sends the batch's targets). Each run becomes one
 or more tail groups, on one device (``mode: "one"``) or split by channels
 over a set of devices (``mode: "channels"``).
 
@@ -50,11 +51,10 @@ def runs(program, prefix):
     inside its run: a group split by channels hands on any output it holds
     (each member its channels, ``flows``), so the pool after it may join it
     and the next group takes the pooled map, a quarter of the bytes."""
-    readers = readers_of(program)
     out = []
     for layer in program[prefix:]:
         i = layer["index"]
-        ok = layer["kind"] in shards.SPLITTABLE and layer["inputs"] == [i - 1]
+        ok = shards.splittable(program, layer) and layer["inputs"] == [i - 1]
         if layer["kind"] == "route":
             # a route starts a run: a group of it and the layers after it on one device holds a route of
             # one map once (no copy, no second group's input buffer for it); split by channels, every

@@ -69,9 +69,9 @@ def weight_heavy_from(program, prefix):
 def tail_options(program, lo, n, members, mode="auto"):
     """[(first, last, mode, devices)] of every tail group from layer ``lo``:
     each span of a run that can be split by channels (``tilec.plan.tail.runs``)
-    on any one device (``mode`` auto or one) and split over the k first
-    ``members(k)`` (auto or channels; one device where a run cannot be
-    split at all); each other run on rank 0."""
+    on any one device (``mode`` auto or one; the loss on rank 0) and split
+    over the k first ``members(k)`` (auto or channels; one device where a
+    run cannot be split at all); each other run on rank 0."""
     from tilec.analysis.tail import runs
     from tilec_runtime import shards
     out = []
@@ -81,8 +81,8 @@ def tail_options(program, lo, n, members, mode="auto"):
             continue
         split = [(f, l, "channels", members(k)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1)
                  for k in range(2, n + 1) if shards.check(program, f, l, k) is None] if mode != "one" else []
-        ones = [(f, l, "one", (d,)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1) for d in range(n)] \
-            if mode != "channels" or not split else []
+        ones = [(f, l, "one", (d,)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1)
+                for d in ([0] if l == len(program) - 1 else range(n))] if mode != "channels" or not split else []
         out += split + ones
     return out
 
