@@ -25,7 +25,8 @@ class Diverged(RuntimeFault):
 
 def check_loss(step, loss):
     """Raise :class:`Diverged` naming ``step`` (0-based; said 1-based, as the
-    progress line counts) when ``loss`` is not finite; the one check of the
-    training loop and of rank 0's worker."""
+    progress line counts) when ``loss`` is not finite (or its part, on a
+    worker that computes one); the one check of the training loop and of
+    the workers."""
     if loss is not None and not math.isfinite(loss):
         raise Diverged(f"step {step + 1}: the loss diverged ({float(loss)}): lower --lr")

@@ -177,7 +177,7 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize, th
         shares, grads, partial = layers, 0, 0
     else:
         shares = [shards.share(program, first, last, k, member, layer["index"]) for layer in layers]
-        grads = sum(batch * prod(s["out_shape"]) for s in shares)
+        grads = sum(batch * prod(s["out_shape"]) for s in shares if s["kind"] != "cost")  # (a cost's is its own)
         roles = shards.roles(program, first, last)
         partial = max((batch * prod(layer["out_shape"]) for layer in layers if roles[layer["index"]] == "B"),
                       default=0)

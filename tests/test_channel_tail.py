@@ -22,7 +22,7 @@ from tilec.errors import PlanError
 from tilec.cost.memory import plan_memory
 from tilec.inspect.dot import plan_dot
 from tilec.plan.build import GroupChoice, build_plan
-from tilec.analysis.tail import TailChoice, runs
+from tilec.analysis.tail import TailChoice, one_device_tail, runs
 from tilec_runtime import data, inprocess, planfile, shards, weights
 from tilec_runtime.comm import InProcessHub
 from tilec_runtime.errors import ProgramError
@@ -314,8 +314,10 @@ def test_the_planner_may_split_the_cost_with_the_layers_before_it():
     program = dense_tail()
     options = tail_options(program, 1, 2, lambda k: tuple(range(k)))
     assert (1, 7, "channels", (0, 1)) in options and (6, 7, "channels", (0, 1)) in options
-    # a cost on one device stays on rank 0, which every plan of the loss there has
-    assert {d for f, l, mode, d in options if l == 7 and mode == "one"} == {(0,)}
+    # a cost on one device stays on rank 0, alone (the kernels' allocation-free sse), whatever the tail mode
+    assert [o for o in options if o[1] == 7 and o[2] == "one"] == [(7, 7, "one", (0,))]
+    assert (7, 7, "one", (0,)) in tail_options(program, 1, 2, lambda k: tuple(range(k)), "channels")
+    assert [(c.first, c.last) for c in one_device_tail(program, 1)] == [(1, 6), (7, 7)]
 
 
 def test_plan_validation_checks_channel_ops():

@@ -75,8 +75,16 @@ def is_identity(layer):
 
 
 def one_device_tail(program, prefix):
-    """The whole tail on rank 0."""
-    return [TailChoice(first, last, "one", [0]) for first, last, _ in runs(program, prefix)]
+    """The whole tail on rank 0, a run by group; a sum-of-squares cost that
+    ends a run of other layers in a group of its own (where the kernels'
+    allocation-free ``sse`` runs it: ``tilec_runtime.tailstep.native_cost``)."""
+    out = []
+    for first, last, _ in runs(program, prefix):
+        if last > first and program[last]["kind"] == "cost":
+            out.append(TailChoice(first, last - 1, "one", [0]))
+            first = last
+        out.append(TailChoice(first, last, "one", [0]))
+    return out
 
 
 RELAY_MIN = 3  # receivers from which a map held whole by one device goes out through them

@@ -81,8 +81,12 @@ def tail_options(program, lo, n, members, mode="auto"):
             continue
         split = [(f, l, "channels", members(k)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1)
                  for k in range(2, n + 1) if shards.check(program, f, l, k) is None] if mode != "one" else []
-        ones = [(f, l, "one", (d,)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1)
-                for d in ([0] if l == len(program) - 1 else range(n))] if mode != "channels" or not split else []
+        # a sum-of-squares cost ending the run, on one device: on rank 0, alone (the kernels' own ``sse``)
+        cost = l0 == len(program) - 1
+        ones = [(f, l, "one", (d,)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1) if not (cost and f < l == l0)
+                for d in ([0] if l == l0 and cost else range(n))] if mode != "channels" or not split else []
+        if cost and (l0, l0, "one", (0,)) not in ones:
+            ones.append((l0, l0, "one", (0,)))
         out += split + ones
     return out
 

@@ -1,7 +1,8 @@
 """The predicted time and memory of a training step, group by group.
 
-A step runs the tiled groups forward in order, the tail on rank 0, then
-everything backward in reverse. Inside a group every batch-norm layer is a
+A step runs the tiled groups forward in order, then the tail groups (on
+one device or split by channels: :mod:`tilec.cost.tail`), then everything
+backward in reverse. Inside a group every batch-norm layer is a
 barrier (its statistics are all-reduced), so a group takes, per layer, its
 slowest device, forward and backward:
 
@@ -21,8 +22,8 @@ the transition on the two layouts at the boundary alone (see
 exact direct exchange instead. A group that computes a layer the tail reads
 is charged for sending its owned cells to rank 0.
 
-Step = sum of group times and entries + the tail's compute on rank 0 (a
-constant). Per-device memory: see :mod:`tilec.cost.memory` and :mod:`tilec_runtime.footprint`.
+Step = sum of group times and entries + the tail groups' times and the
+moves between them. Per-device memory: see :mod:`tilec.cost.memory` and :mod:`tilec_runtime.footprint`.
 """
 from dataclasses import dataclass, field
 

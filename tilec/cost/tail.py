@@ -16,7 +16,8 @@ backward (a channel group's all-reduces make every layer a barrier), plus
 its all-reduces (an A layer's backward one overlapping its weight
 gradient: the longer of the two; a B layer's forward one slice by slice,
 each overlapping the next slice's sums), its SGD update, and sending rank 0 what a later layer
-other than the next reads (route, reorg and the losses run on rank 0).
+other than the next reads (route, reorg and the losses other than a sum-of-squares cost run on
+rank 0; such a cost may be split by channels with the layers before it).
 Memory per member: ``tilec_runtime.footprint.tail_member_bytes``.
 """
 from dataclasses import dataclass, field

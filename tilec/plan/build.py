@@ -2,8 +2,9 @@
 
 Input: a program (``Graph.to_program()``), the layer groups over its spatial
 prefix, and for each group the split lines and the device of each tile. The
-layers after the prefix form one *tail* group on rank 0, which also reads
-the data and runs the loss. Output: the plan dict of
+layers after the prefix form the *tail* groups (``tilec.plan.tail``: each on
+one device or split by channels; by default all on rank 0), the loss among
+them. Output: the plan dict of
 ``tilec_runtime.planfile`` (sealed with its hash).
 
 Messages are explicit so that any backend can put them on a wire unchanged
