@@ -499,9 +499,8 @@ class RankExecutor:
         self.scratch_pages.release()
 
     def _chan_fwd(self, op):
-        target = self.target if self.plan["program"][op["layer"]]["kind"] == "cost" else None
         loss = self.tails[op["group"]].forward(op["layer"], self.params, self.buffers, op.get("slice"),
-                                               op.get("slices", 1), target)
+                                               op.get("slices", 1), self.target)
         if loss is not None:
             self.loss = loss
 

@@ -11,7 +11,7 @@ import threading
 from tilec_runtime.comm import InProcessHub, PeerLost
 from tilec_runtime.executor import RankExecutor, cut, holdings, place
 from tilec_runtime.program import buffer_shapes, param_shapes
-from tilec_runtime.shards import cut_target, total_loss
+from tilec_runtime.shards import cut_target, target_part, total_loss
 
 
 def make_executors(plan, comms, module, params, buffers, momentum=None, threads=None, trace=False):
@@ -74,10 +74,11 @@ def run_ranks(executors, hub, batches, first_step, steps):
     def run(rank):
         ex = executors[rank]
         ex.comm.stepping_thread = threading.get_ident()
+        mine = target_part(ex.plan, rank)
         try:
             for step in range(first_step, first_step + steps):
                 images, target = shared.get(step)
-                parts[rank].append(ex.step(images, cut_target(ex.plan, rank, target)))
+                parts[rank].append(ex.step(images, cut_target(target, mine)))
         except BaseException as exc:  # noqa: BLE001 - reported below, after join
             errors[rank] = exc
             hub.fail(rank, exc)

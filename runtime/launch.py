@@ -26,7 +26,7 @@ from tilec_runtime.comm import PeerLost
 from tilec_runtime.errors import RuntimeFault
 from tilec_runtime.executor import BATCHES_AHEAD, cut, input_messages, input_piece, place
 from tilec_runtime.imagefile import ImageRing
-from tilec_runtime.shards import cut_target, total_loss
+from tilec_runtime.shards import cut_target, target_part, total_loss
 from tilec_runtime.transport import (EMPTY, FrameError, Kind, Link, Lost, Mailbox, Silent, as_bytes, await_frame,
                                      connect, heartbeat_interval, kind_name, read_expected, send_frame, text_spec)
 from tilec_runtime.worker import (BUILD_TIMEOUT, FIRST_PIECE, LISTENING, MAX_METRICS_BYTES,
@@ -231,6 +231,7 @@ class Job:
         target_dtype = np.int64 if self.plan["program"][-1]["kind"] == "softmax" else dtype
         sent = first  # batches of steps before this one are on their way
         image_pieces = [[self.plan["messages"][k] for k, _ in input_messages(self.plan, r)] for r in range(self.n)]
+        target_parts = [target_part(self.plan, r) for r in range(self.n)]
 
         def send_batch(step):
             nonlocal sent
@@ -241,7 +242,7 @@ class Job:
                 for r, messages in enumerate(image_pieces):
                     # its part of the targets, where it computes the loss or a part of it; else, where the
                     # workers read the images, an empty frame: its go
-                    part = cut_target(self.plan, r, target)
+                    part = cut_target(target, target_parts[r])
                     if part is not None:
                         self.links[r].send(Kind.BATCH, step, TARGET, np.ascontiguousarray(part, target_dtype))
                     elif self.data is not None:

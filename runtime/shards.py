@@ -44,14 +44,9 @@ import numpy as np
 from tilec_runtime.collectives import chunk_bounds as part_bounds, use_ring
 from tilec_runtime.program import members_of
 
-SPLITTABLE = ("conv", "connected", "maxpool", "avgpool", "local_avgpool")
+# (a cost, like every loss, is the program's last layer: ``program.validate``)
+SPLITTABLE = ("conv", "connected", "maxpool", "avgpool", "local_avgpool", "cost")
 WEIGHTED = ("conv", "connected")
-
-
-def splittable(program, layer):
-    """Whether ``layer`` can be split by channels: a conv, connected or
-    pooling layer, or a sum-of-squares cost that ends the program."""
-    return layer["kind"] in SPLITTABLE or (layer["kind"] == "cost" and layer["index"] == len(program) - 1)
 
 
 def roles(program, first, last):
@@ -87,7 +82,7 @@ def check(program, first, last, k):
         # pooling alone would be computed whole by every member, its input gradient returned k times
         return "it has no conv or connected layer to split"
     for layer in program[first:last + 1]:
-        if not splittable(program, layer) and not (layer["kind"] == "route" and layer["index"] == first):
+        if layer["kind"] not in SPLITTABLE and not (layer["kind"] == "route" and layer["index"] == first):
             return f"layer {layer['index']} ({layer['kind']}) needs the whole map"
         if layer["index"] > first and layer["inputs"] != [layer["index"] - 1]:
             return f"layer {layer['index']} reads an earlier layer than the one before it"
@@ -244,21 +239,13 @@ def target_part(plan, rank):
     return (held[m], held[m + 1]) if held[m + 1] > held[m] else None
 
 
-def cut_target(plan, rank, target):
-    """``rank``'s part of ``target`` (``target_part``), or None."""
-    part = target_part(plan, rank)
+def cut_target(target, part):
+    """The ``part`` (``target_part``) of a step's ``target``, or None."""
     if part is None or target is None:
         return None
     if part == "all":
         return target
     return np.ascontiguousarray(target[:, part[0]:part[1]])
-
-
-def counts_loss(program, first, last, k, member):
-    """Whether ``member`` of a channel group over program[first..last] ending
-    in the cost adds its loss to the step's: all of them where the cost's
-    input is split, the first alone where it is replicated."""
-    return member == 0 or layouts(program, first, last, k)[last] is not None
 
 
 def total_loss(losses):

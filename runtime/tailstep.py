@@ -139,6 +139,9 @@ class ChannelGroup:
         self.member, self.n = member, k
         self.roles = shards.roles(program, first, last)
         self.held = shards.layouts(program, first, last, k)
+        # a cost ending the group: every member adds its part of the loss where the cost's input is split,
+        # the first alone where it is replicated (each then computes all of it)
+        self.counts_loss = member == 0 or self.held[last] is not None
         # fixed by the plan: worked out once, not at every step
         self.shares = {i: shards.share(program, first, last, k, member, i) for i in range(first, last + 1)}
         # an A layer's input gradient is partial (all-reduced) when a split layer comes before it in the group
@@ -207,9 +210,7 @@ class ChannelGroup:
             loss, cache = reference.forward_layers([share], params, buffers, self.acts, target, train=True,
                                                    impl=self.k)
             self.cache[i] = cache.get(i)
-            if layer["kind"] == "cost":
-                return loss if shards.counts_loss(self.program, self.first, self.last, self.n, self.member) else None
-            return None
+            return loss if self.counts_loss else None
         w = params[f"{i}.conv.weight" if layer["kind"] == "conv" else f"{i}.fc.weight"]
         if piece is not None:
             bounds = shards.part_bounds(w.shape[0], pieces)

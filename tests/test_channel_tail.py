@@ -294,7 +294,7 @@ def test_a_sum_of_squares_cost_split_by_channels_takes_its_part_of_the_targets(c
     bounds = shards.part_bounds(4, 3)  # (layer 6's 4 outputs over 3 members)
     assert parts == ([(bounds[m], bounds[m + 1]) for m in range(3)] if case == "split" else [None, "all", "all"])
     target = np.arange(2 * 4, dtype=float).reshape(2, 4, 1, 1)
-    cut = [shards.cut_target(plan, r, target) for r in range(3)]
+    cut = [shards.cut_target(target, part) for part in parts]
     if case == "split":
         assert np.array_equal(np.concatenate(cut, axis=1), target)
     assert_trains_as_one_device(program, plan, sockets=False)

@@ -46,7 +46,7 @@ def train_socketpairs(plan, params, buffers, batches, steps):
             for step in range(steps):
                 comm.step = step + 1
                 images, target = batches.get(step)  # every rank cuts its pieces of the image
-                out.append(devices[comm.rank].step(images, shards.cut_target(plan, comm.rank, target)))
+                out.append(devices[comm.rank].step(images, shards.cut_target(target, shards.target_part(plan, comm.rank))))
             comm.close()
             return out
         except BaseException as exc:

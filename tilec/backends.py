@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from tilec_runtime.comm import InProcessHub, PeerLost
-from tilec_runtime.shards import cut_target, total_loss
+from tilec_runtime.shards import cut_target, target_part, total_loss
 from tilec_runtime.trace import step_events
 
 
@@ -141,6 +141,7 @@ class ThreadsBackend:
 
     def steps(self, batches, first, last, lr, state_every):
         reports = report_steps(first, last, state_every)
+        parts = [target_part(self.plan, r) for r in range(len(self.executors))]
         for step in range(first, last):
             if self.stop:
                 return
@@ -148,12 +149,12 @@ class ThreadsBackend:
             rate = lr(step)
             if not self.workers:
                 self.executors[0].comm.stepping_thread = threading.get_ident()
-                record, error = self._one(0, images, cut_target(self.plan, 0, target), rate)
+                record, error = self._one(0, images, cut_target(target, parts[0]), rate)
                 results = [(0, record, error)]
             else:
                 for r, q in enumerate(self.jobs):
                     # each rank cuts its own pieces of the image; the targets, the part of the loss it computes
-                    q.put((images, cut_target(self.plan, r, target), rate))
+                    q.put((images, cut_target(target, parts[r]), rate))
                 results = sorted(self.done.get() for _ in self.executors)
             errors = [e for _, _, e in results if e is not None]
             if errors:

@@ -54,7 +54,7 @@ def runs(program, prefix):
     out = []
     for layer in program[prefix:]:
         i = layer["index"]
-        ok = shards.splittable(program, layer) and layer["inputs"] == [i - 1]
+        ok = layer["kind"] in shards.SPLITTABLE and layer["inputs"] == [i - 1]
         if layer["kind"] == "route":
             # a route starts a run: a group of it and the layers after it on one device holds a route of
             # one map once (no copy, no second group's input buffer for it); split by channels, every

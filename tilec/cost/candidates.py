@@ -83,11 +83,10 @@ def tail_options(program, lo, n, members, mode="auto"):
                  for k in range(2, n + 1) if shards.check(program, f, l, k) is None] if mode != "one" else []
         # a sum-of-squares cost ending the run, on one device: on rank 0, alone (the kernels' own ``sse``)
         cost = l0 == len(program) - 1
-        ones = [(f, l, "one", (d,)) for f in range(f0, l0 + 1) for l in range(f, l0 + 1) if not (cost and f < l == l0)
-                for d in ([0] if l == l0 and cost else range(n))] if mode != "channels" or not split else []
-        if cost and (l0, l0, "one", (0,)) not in ones:
-            ones.append((l0, l0, "one", (0,)))
-        out += split + ones
+        end = l0 if cost else l0 + 1
+        ones = [(f, l, "one", (d,)) for f in range(f0, end) for l in range(f, end) for d in range(n)] \
+            if mode != "channels" or not split else []
+        out += split + ones + ([(l0, l0, "one", (0,))] if cost else [])
     return out
 
 
