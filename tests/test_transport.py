@@ -496,6 +496,53 @@ def test_a_small_frame_leaves_from_the_sending_thread_and_frames_keep_their_orde
         receiver.close()
 
 
+def close_links(sender, receiver, sock):
+    """Close a sending link and its peer's (or, never read, the peer's socket)."""
+    sender.close()
+    if receiver is not None:
+        receiver.close()
+    else:
+        sock.close()
+
+
+def test_a_long_frame_leaves_from_the_sending_thread_without_a_copy(monkeypatch):
+    """A frame of up to ``INLINE_BYTES`` longer than the socket takes at
+    once (a 1 MB halo) is begun by the calling thread itself: what the
+    socket did not take, the sender thread writes from the caller's own
+    array, as for a queued frame (``send`` returns an Event for it): no
+    hand-off before the first byte leaves, no copy of the payload. (Fails
+    where such a frame is queued whole, or its rest copied.)"""
+    from tilec_runtime import transport
+    from tilec_runtime.transport import INLINE_BYTES, Link, Mailbox
+    writers = []
+    real = transport.send_frame
+
+    def recording(sock, kind, step, tensor, array=None):
+        writers.append(tensor)
+        real(sock, kind, step, tensor, array)
+    monkeypatch.setattr(transport, "send_frame", recording)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 14)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14)
+    n = (1 << 20) // 8
+    assert n * 8 <= INLINE_BYTES
+    sender = Link(a, 1, Mailbox(), spec_table(Spec(np.dtype("float64"), (0,))))
+    receiver = None
+    try:
+        array = np.arange(n, dtype=np.float64)
+        left = sender.send(Kind.FWD, 1, 0, array)
+        assert left is not None and not left.is_set()  # the peer reads nothing yet: the rest waits
+        pieces, _ = sender.rest
+        assert any(np.shares_memory(np.frombuffer(p, np.uint8), array) for p in pieces)
+        inbox = Mailbox()
+        receiver = Link(b, 0, inbox, spec_table(Spec(np.dtype("float64"), (n,))))
+        np.testing.assert_array_equal(inbox.get((0, Kind.FWD, 1, 0), 30.0), array)
+        assert left.wait(30.0)
+        assert writers == []  # never through send_frame: begun here, finished by the sender thread
+    finally:
+        close_links(sender, receiver, b)
+
+
 def test_a_peer_that_stops_reading_never_blocks_the_sending_thread():
     """A peer that stopped reading (hung, its connection open) fills the
     socket: ``Link.send`` still returns at once (what a small frame's
@@ -524,11 +571,7 @@ def test_a_peer_that_stops_reading_never_blocks_the_sending_thread():
             np.testing.assert_array_equal(inbox.get((0, Kind.FWD, 1, t), 30.0), arrays[t])
         assert all(d.wait(30.0) for d in dones)
     finally:
-        sender.close()
-        if receiver is not None:
-            receiver.close()
-        else:
-            b.close()
+        close_links(sender, receiver, b)
 
 
 def test_a_received_array_is_freed_once_its_taker_lets_go():
