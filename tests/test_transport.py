@@ -507,11 +507,11 @@ def close_links(sender, receiver, sock):
 
 def test_a_long_frame_leaves_from_the_sending_thread_without_a_copy(monkeypatch):
     """A frame of up to ``INLINE_BYTES`` longer than the socket takes at
-    once (a 1 MB halo) is begun by the calling thread itself: what the
-    socket did not take, the sender thread writes from the caller's own
-    array, as for a queued frame (``send`` returns an Event for it): no
-    hand-off before the first byte leaves, no copy of the payload. (Fails
-    where such a frame is queued whole, or its rest copied.)"""
+    once (a halo of a few hundred KB) is begun by the calling thread
+    itself: what the socket did not take, the sender thread writes from
+    the caller's own array, as for a queued frame (``send`` returns an
+    Event for it): no hand-off before the first byte leaves, no copy of the
+    payload. (Fails where such a frame is queued whole, or its rest copied.)"""
     from tilec_runtime import transport
     from tilec_runtime.transport import INLINE_BYTES, Link, Mailbox
     writers = []
@@ -524,7 +524,7 @@ def test_a_long_frame_leaves_from_the_sending_thread_without_a_copy(monkeypatch)
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 14)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14)
-    n = (1 << 20) // 8
+    n = INLINE_BYTES // 8
     assert n * 8 <= INLINE_BYTES
     sender = Link(a, 1, Mailbox(), spec_table(Spec(np.dtype("float64"), (0,))))
     receiver = None
