@@ -72,11 +72,10 @@ REST = ("rest",)  # queued after a frame a caller could not write whole: the sen
 # lets a running thread finish its slice). Measured against 64 KiB here (yolov2-tiny-12 at batch 1, two
 # single-core workers, whose 86-173 KB halos and channel exchanges were queued): rank 0 waited about 1 ms
 # a step less, and steps were 0.93, 0.97, 0.97 and 0.99 as long (four runs, each the median of 10-14
-# interleaved pairs of jobs). Longer frames still go to the sender thread: written whole by the caller,
-# a frame is hashed whole before its first byte leaves, where the sender thread hashes and writes it
-# ``MAC_CHUNK`` by ``MAC_CHUNK`` and the receiver checks one piece while the next is hashed (with 4 MiB
-# inline, ``tilec profile`` measured the loopback at 0.9 Gbit/s against 4.2 for a 4 MiB frame).
-INLINE_BYTES = 1 << 18
+# interleaved pairs of jobs). A long frame leaves in pieces (``Channel.framed``), each hashed as it is
+# reached, so that the receiver checks one while the next is hashed; longer than this, a frame's hashing
+# would keep the caller from its work for milliseconds where the sender thread can fill the idle ones.
+INLINE_BYTES = 1 << 22
 MAC_CHUNK = 1 << 17  # bytes hashed and sent (or received and checked) at a time
 TAG_BYTES = 16  # the MAC of a frame on a Channel
 READ_AHEAD = 1 << 16  # bytes a Channel reads ahead of the frame it is reading
@@ -235,32 +234,37 @@ class Channel:
         h.update(head)
         return h
 
-    def framed_parts(self, head, payload):
-        """One frame's buffers, its tag last, numbered next: the caller writes
-        them before any frame framed after them."""
+    def framed(self, head, payload):
+        """One frame, numbered next, as the lists of buffers it goes out in
+        (the caller writes all of them before any frame framed after it):
+        a short payload in one, [head, payload, tag]; a long one in pieces
+        of ``MAC_CHUNK``, each hashed only when reached (an iterator), so
+        that the receiver checks one piece while the next is hashed, the tag
+        with the last."""
         with self._lock:
             h = self._mac(self._send_mac, self.sent, head)
             self.sent += 1
-        h.update(payload)
-        return [head, payload, h.digest()[:TAG_BYTES]]
+        if len(payload) <= MAC_CHUNK:
+            h.update(payload)
+            return iter(([head, payload, h.digest()[:TAG_BYTES]],))
+        return self._pieces(h, head, memoryview(payload))
+
+    @staticmethod
+    def _pieces(h, head, payload):
+        for start in range(0, len(payload), MAC_CHUNK):
+            piece = payload[start:start + MAC_CHUNK]
+            h.update(piece)
+            parts = [head, piece] if start == 0 else [piece]
+            if start + MAC_CHUNK >= len(payload):
+                parts.append(h.digest()[:TAG_BYTES])
+            yield parts
 
     def send(self, head, payload):
         """Write one frame and its tag (one writer at a time: the sequence is
-        the order on the wire). A long payload is hashed and written chunk by
-        chunk, so that the receiver checks one chunk while this hashes the next."""
+        the order on the wire), a long payload piece by piece (``framed``)."""
         with self._lock:
-            if len(payload) <= MAC_CHUNK:
-                self.sock.sendall(b"".join(self.framed_parts(head, payload)))
-                return
-            h = self._mac(self._send_mac, self.sent, head)
-            self.sent += 1
-            self.sock.sendall(head)
-            payload = memoryview(payload)
-            for start in range(0, len(payload), MAC_CHUNK):
-                piece = payload[start:start + MAC_CHUNK]
-                h.update(piece)
-                self.sock.sendall(piece)
-            self.sock.sendall(h.digest()[:TAG_BYTES])
+            for parts in self.framed(head, payload):
+                sendall_parts(self.sock, parts)
 
     def receive(self, head, payload, alive=None):
         """Fill ``payload`` (a writable byte view) and check the frame's tag;
@@ -285,20 +289,31 @@ def _contiguous(array):
     return array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
-def frame_parts(sock, kind, step, tensor, array=None):
-    """A frame as the buffers ``send_frame`` writes, in order (on a Channel
-    with its tag, numbered: write them before any frame framed after
-    them): no copy of the payload, which must not change until they are
-    written."""
+def frame_pieces(sock, kind, step, tensor, array=None):
+    """A frame as the lists of buffers ``send_frame`` writes, in order (an
+    iterator; on a Channel, ``Channel.framed``: numbered, so write them all
+    before any frame framed after them): no copy of the payload, which must
+    not change until they are written."""
     array = _contiguous(array)
     head = header(kind, step, tensor, array)
     payload = memoryview(array).cast("B") if array.nbytes else b""
-    return sock.framed_parts(head, payload) if isinstance(sock, Channel) else [head, payload]
+    return sock.framed(head, payload) if isinstance(sock, Channel) else iter(([head, payload],))
 
 
 def frame_bytes(sock, kind, step, tensor, array=None):
-    """A frame whole, as one bytes object (``frame_parts`` joined)."""
-    return b"".join(frame_parts(sock, kind, step, tensor, array))
+    """A frame whole, as one bytes object (``frame_pieces`` joined)."""
+    return b"".join(b"".join(parts) for parts in frame_pieces(sock, kind, step, tensor, array))
+
+
+def sendall_parts(sock, parts):
+    """``sendall`` of several buffers, in one system call where the socket takes them."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = sock.sendmsg(views)
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if views:
+            views[0] = views[0][n:]
 
 
 def send_frame(sock, kind, step, tensor, array=None):
@@ -582,7 +597,7 @@ class Link:
         self.queue = queue.SimpleQueue()
         # whoever writes a frame holds ``writing``; ``pending`` counts frames queued and not yet written
         self.writing, self.counting, self.pending = threading.Lock(), threading.Lock(), 0
-        self.rest = None  # (buffers, done) of a frame a caller began and the sender finishes (``_write_now``)
+        self.rest = None  # (buffers, pieces, done) of a frame a caller began, the sender ends (``_write_now``)
         self.closing = False
         self.dead = False  # the sender has stopped: nothing queued will leave
         self.reader = threading.Thread(target=self._read, name=f"tilec-read-{peer}", daemon=True)
@@ -610,7 +625,7 @@ class Link:
                 with self.counting:
                     idle = self.pending == 0
                 if idle:
-                    return self._write_now(frame_parts(self.sock, kind, step, tensor, array), done)
+                    return self._write_now(frame_pieces(self.sock, kind, step, tensor, array), done)
             finally:
                 self.writing.release()
         done = threading.Event() if done is None else done
@@ -626,34 +641,35 @@ class Link:
         """The socket itself (a Channel's, whose frames are already tagged here)."""
         return self.sock.sock if isinstance(self.sock, Channel) else self.sock
 
-    def _write_now(self, parts, done):
-        """Write a whole frame (its buffers, ``frame_parts``) without blocking
-        (``writing`` held): what the socket does not take now (a peer that
-        stopped reading, a full buffer) the sender thread writes before
-        anything queued, from the caller's array as a queued frame is, so
-        that no caller ever waits on a peer here; a broken connection is its
-        to report. Returns what ``send`` does."""
-        try:
-            n = self.raw.sendmsg(parts, (), socket.MSG_DONTWAIT)
-        except OSError:  # full (BlockingIOError), or broken: the sender meets that again and reports it
-            n = 0
-        rest = []
-        for part in parts:
-            if n >= len(part):
-                n -= len(part)
-            else:
-                rest.append(memoryview(part)[n:])
+    def _write_now(self, pieces, done):
+        """Write a whole frame (its pieces, ``frame_pieces``) without blocking
+        (``writing`` held): from where the socket takes no more (a peer that
+        stopped reading, a full buffer) the sender thread writes the rest,
+        before anything queued, from the caller's array as for a queued
+        frame, so that no caller ever waits on a peer here; a broken
+        connection is its to report. Returns what ``send`` does."""
+        for parts in pieces:
+            try:
+                n = self.raw.sendmsg(parts, (), socket.MSG_DONTWAIT)
+            except OSError:  # full (BlockingIOError), or broken: the sender meets that again and reports it
                 n = 0
-        if not rest:
-            if done is not None:
-                done.set()
-            return None
-        done = threading.Event() if done is None else done
-        with self.counting:
-            self.pending += 1
-        self.rest = (rest, done)
-        self.queue.put(REST)
-        return done
+            rest = []
+            for part in parts:
+                if n >= len(part):
+                    n -= len(part)
+                else:
+                    rest.append(memoryview(part)[n:])
+                    n = 0
+            if rest:
+                done = threading.Event() if done is None else done
+                with self.counting:
+                    self.pending += 1
+                self.rest = (rest, pieces, done)
+                self.queue.put(REST)
+                return done
+        if done is not None:
+            done.set()
+        return None
 
     def _write(self):
         while True:
@@ -667,9 +683,11 @@ class Link:
             try:
                 with self.writing:
                     if self.rest is not None:  # the end of a frame a caller began: first
-                        for piece in self.rest[0]:
-                            self.raw.sendall(piece)
-                        rest_done, self.rest = self.rest[1], None
+                        rest, pieces, rest_done = self.rest
+                        sendall_parts(self.raw, rest)
+                        for parts in pieces:
+                            sendall_parts(self.raw, parts)
+                        self.rest = None
                         with self.counting:
                             self.pending -= 1
                         if rest_done is not None:
@@ -697,8 +715,8 @@ class Link:
         the queued ones (``dead`` first, so a frame queued meanwhile is
         released by ``send`` or here)."""
         self.dead = True
-        if self.rest is not None and self.rest[1] is not None:
-            self.rest[1].set()
+        if self.rest is not None and self.rest[2] is not None:
+            self.rest[2].set()
         while True:
             if done is not None:
                 done.set()
