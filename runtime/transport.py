@@ -26,10 +26,9 @@ in order (so a device computes while its sends drain, and two devices
 sending to each other at once cannot deadlock on full socket buffers). A
 frame sent while nothing is queued is written by the sending thread
 itself (``INLINE_BYTES``), saving a thread hand-off per frame; without
-blocking, and without copying the payload: what the
-socket does not take at once (a peer that stopped reading), the sender
-thread writes, so no caller ever waits on a peer outside the mailbox's
-timed waits.
+blocking, and without copying the payload: what the socket does not take
+at once (a peer that stopped reading), the sender thread writes, so no
+caller ever waits on a peer outside the mailbox's timed waits.
 An idle link sends a HEARTBEAT a few times per receive timeout, so that
 ``await_frame`` tells a silent peer (stopped, hung, cut off without a FIN)
 from one that is merely waiting for someone else, and names the right one.
@@ -612,13 +611,13 @@ class Link:
         """Send a frame: at once from the calling thread when nothing is queued
         or being written and the frame is at most ``INLINE_BYTES`` (no
         hand-off to the sender thread, which on a device whose cores all
-        compute waits for one), else queued. The array must not change until it is sent. Returns
-        None when the frame has left (``done``, if given, set), else an Event
-        (``done``, or one made here) set when it leaves, or when it never
-        will (the connection broke: the mailbox's fault says why), so that
-        no sender waits out its timeout for it. (No Event is made for a
-        frame that leaves at once: on a just-woken core that alone took a
-        sixth of a small frame's send.)"""
+        compute waits for one), else queued. The array must not change
+        until it is sent. Returns None when the frame has left (``done``, if
+        given, set), else an Event (``done``, or one made here) set when it
+        leaves, or when it never will (the connection broke: the mailbox's
+        fault says why), so that no sender waits out its timeout for it. (No
+        Event is made for a frame that leaves at once: on a just-woken core
+        that alone took a sixth of a small frame's send.)"""
         if (array is None or np.asarray(array).nbytes <= INLINE_BYTES) and not self.dead \
                 and self.writing.acquire(blocking=False):
             try:
