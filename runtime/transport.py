@@ -288,43 +288,47 @@ def _contiguous(array):
     return array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
+def _framing(kind, step, tensor, array):
+    """(header, payload) of a frame: the array's own bytes, not a copy."""
+    array = _contiguous(array)
+    return header(kind, step, tensor, array), memoryview(array).cast("B") if array.nbytes else b""
+
+
 def frame_pieces(sock, kind, step, tensor, array=None):
     """A frame as the lists of buffers ``send_frame`` writes, in order (an
     iterator; on a Channel, ``Channel.framed``: numbered, so write them all
     before any frame framed after them): no copy of the payload, which must
     not change until they are written."""
-    array = _contiguous(array)
-    head = header(kind, step, tensor, array)
-    payload = memoryview(array).cast("B") if array.nbytes else b""
+    head, payload = _framing(kind, step, tensor, array)
     return sock.framed(head, payload) if isinstance(sock, Channel) else iter(([head, payload],))
 
 
-def frame_bytes(sock, kind, step, tensor, array=None):
-    """A frame whole, as one bytes object (``frame_pieces`` joined)."""
-    return b"".join(b"".join(parts) for parts in frame_pieces(sock, kind, step, tensor, array))
+def _advance(views, n):
+    """Drop the first ``n`` bytes of ``views``, a list of byte memoryviews (in place)."""
+    while views and n >= len(views[0]):
+        n -= len(views.pop(0))
+    if views:
+        views[0] = views[0][n:]
+
+
+def _byte_views(parts):
+    """Byte memoryviews of the non-empty ``parts`` (for ``_advance``)."""
+    return [memoryview(p).cast("B") for p in parts if len(p)]
 
 
 def sendall_parts(sock, parts):
     """``sendall`` of several buffers, in one system call where the socket takes them."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    views = _byte_views(parts)
     while views:
-        n = sock.sendmsg(views)
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if views:
-            views[0] = views[0][n:]
+        _advance(views, sock.sendmsg(views))
 
 
 def send_frame(sock, kind, step, tensor, array=None):
-    array = _contiguous(array)
-    head = header(kind, step, tensor, array)
+    head, payload = _framing(kind, step, tensor, array)
     if isinstance(sock, Channel):
-        sock.send(head, memoryview(array).cast("B") if array.nbytes else b"")
-    elif array.nbytes <= 65536:
-        sock.sendall(head + array.tobytes())  # one segment for small frames
+        sock.send(head, payload)
     else:
-        sock.sendall(head)
-        sock.sendall(memoryview(array).cast("B"))
+        sendall_parts(sock, [head, payload])
 
 
 def recv_exact(sock, *views, alive=None):
@@ -340,10 +344,7 @@ def recv_exact(sock, *views, alive=None):
         got += k
         if alive is not None:
             alive()
-        while views and k >= len(views[0]):
-            k -= len(views.pop(0))
-        if views:
-            views[0] = views[0][k:]
+        _advance(views, k)
 
 
 def read_header(sock, buf, alive=None):
@@ -652,14 +653,9 @@ class Link:
                 n = self.raw.sendmsg(parts, (), socket.MSG_DONTWAIT)
             except OSError:  # full (BlockingIOError), or broken: the sender meets that again and reports it
                 n = 0
-            rest = []
-            for part in parts:
-                if n >= len(part):
-                    n -= len(part)
-                else:
-                    rest.append(memoryview(part)[n:])
-                    n = 0
-            if rest:
+            if n < sum(len(p) for p in parts):
+                rest = _byte_views(parts)
+                _advance(rest, n)
                 done = threading.Event() if done is None else done
                 with self.counting:
                     self.pending += 1

@@ -43,10 +43,11 @@ def train_socketpairs(plan, params, buffers, batches, steps):
     def run(comm):
         try:
             out = []
+            part = shards.target_part(plan, comm.rank)
             for step in range(steps):
                 comm.step = step + 1
                 images, target = batches.get(step)  # every rank cuts its pieces of the image
-                out.append(devices[comm.rank].step(images, shards.cut_target(target, shards.target_part(plan, comm.rank))))
+                out.append(devices[comm.rank].step(images, shards.cut_target(target, part)))
             comm.close()
             return out
         except BaseException as exc:

@@ -23,9 +23,14 @@ from tilec_runtime.comm import PeerLost
 from tilec_runtime.data import generated_batches
 from tilec_runtime.socketcomm import SocketComm, frame_table, socketpair_mesh
 from tilec_runtime.transport import (HEADER, MAGIC, READ_AHEAD, TAG_BYTES, VERSION, Channel, ConnectionClosed, FrameError, Kind,
-                                     Spec, frame_bytes, header, read_frame, send_frame)
+                                     Spec, frame_pieces, header, read_frame, send_frame)
 
 OPT = {"lr": 0.01, "momentum": 0.9, "decay": 5e-4}
+
+
+def frame_bytes(sock, kind, step, tensor, array=None):
+    """A frame whole, as one bytes object (its pieces joined)."""
+    return b"".join(b"".join(parts) for parts in frame_pieces(sock, kind, step, tensor, array))
 
 
 def small_program():
