@@ -710,8 +710,9 @@ class Link:
         the queued ones (``dead`` first, so a frame queued meanwhile is
         released by ``send`` or here)."""
         self.dead = True
-        if self.rest is not None and self.rest[2] is not None:
-            self.rest[2].set()
+        rest_done = self.rest[-1] if self.rest is not None else None  # (a frame a caller began)
+        if rest_done is not None:
+            rest_done.set()
         while True:
             if done is not None:
                 done.set()
