@@ -46,7 +46,7 @@ from tilec_runtime.geometry import Region
 from tilec_runtime.kernel_set import Kernels
 from tilec_runtime.lower import lower_rank, scratch_bytes
 from tilec_runtime.program import buffer_shapes, decays, members_of, message_shape, param_shapes
-from tilec_runtime.tailstep import ChannelGroup, WholeGroup
+from tilec_runtime.tailstep import ChannelGroup, WholeGroup, fused_shares
 from tilec_runtime.trace import category
 
 
@@ -229,9 +229,12 @@ class RankExecutor:
     def _tiles(self, plan, rank, threads):
         """TileSteps of this rank's tiles, their input buffers, and where each tensor lives."""
         specs = lower_rank(plan, rank, threads)
+        self.fused = fused_shares(plan, rank, threads)
         # what a tile needs only during its own backward, and every im2col workspace, share one scratch:
-        # a device runs one group's backward at a time
-        need = max((scratch_bytes(s, self.dtype.itemsize) for s in specs.values()), default=0)
+        # a device runs one group's backward at a time (a channel group's fused share among them: it
+        # runs between the tiles' forward and backward, and its input gradient is sent before they use it)
+        need = max((scratch_bytes(s, self.dtype.itemsize)
+                    for s in [*specs.values(), *(f.spec for f in self.fused.values())]), default=0)
         self.scratch_pages = pages.Scratch(need)  # (given back while the tail runs: ``scratch_release``)
         self.scratch = self.scratch_pages.array
         self.tiles, self.regions, self.producer = {}, {}, {}
@@ -258,7 +261,7 @@ class RankExecutor:
             first, last = group["layers"]
             if group.get("mode") == "channels":
                 step = ChannelGroup(self.program, first, last, self.batch, self.dtype, impl, members.index(rank),
-                                    len(members))
+                                    len(members), self.fused.get(g), self.k, self.scratch)
             else:
                 step = WholeGroup(self.program, first, last, self.batch, self.dtype, impl, self.k)
             self.tails[g] = step

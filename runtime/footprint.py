@@ -23,7 +23,7 @@ the device then holds the larger of the two, not both (``transient``).
 from math import prod
 
 from tilec_runtime.program import param_shapes, tensor_shape
-from tilec_runtime.tailstep import native_cost
+from tilec_runtime.tailstep import fused_shares, native_cost
 
 STATE_COPIES = 2  # parameters, and momentum buffers that accumulate the gradients
 ARGMAX_BYTES = 2  # int16 max-pool indices
@@ -196,15 +196,19 @@ def tail_member_bytes(program, first, last, mode, k, member, batch, itemsize, th
 
 def tile_bytes(plan, rank):
     """(bytes of ``rank``'s tiles' own arenas and input regions, bytes of the
-    scratch they share)."""
+    scratch they share: with the channel groups' fused shares, which use it
+    while the tail runs and whose arenas ``tail_member_bytes`` counts)."""
     import numpy as np
 
     from tilec_runtime.lower import lower_rank, scratch_bytes
     item = np.dtype(plan["dtype"]).itemsize
+    threads = plan["devices"][rank]["threads"]
     own, scratch = 0, 0
-    for spec in lower_rank(plan, rank, plan["devices"][rank]["threads"]).values():
+    for spec in lower_rank(plan, rank, threads).values():
         own += tile_own_bytes(spec, plan["batch"], item)
         scratch = max(scratch, scratch_bytes(spec, item))
+    for share in fused_shares(plan, rank, threads).values():
+        scratch = max(scratch, scratch_bytes(share.spec, item))
     return own, scratch
 
 

@@ -17,6 +17,7 @@ rank's to predict memory: one memory plan, computed in one place.
 from tilec_runtime import memplan
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.kernel_set import band_rows, filter_split
+from tilec_runtime.program import pads_of
 
 
 def units(program, first, last, outside):
@@ -81,10 +82,13 @@ def _pool_op(layer, tl, base):
             "pads": list(tl["pads"]), "out": [_len(tl["region"][0]), _len(tl["region"][1])]}
 
 
-def lower_tile(program, group, tile, batch, outside, threads=1, regen=True):
+def lower_tile(program, group, tile, batch, outside, threads=1, regen=True, hold=False):
     """The kernel spec of one tile on a device running ``threads`` threads
     (``regen`` False: no conv makes its gradient again, see ``regenerates``;
-    for timing the kernels as every other layer runs them)."""
+    for timing the kernels as every other layer runs them; ``hold``: the
+    outputs read outside the group stay to the end of the step, as in a
+    group that recomputes: a channel group's layers after it read them in
+    their backward)."""
     first, last = group["layers"]
     by_layer = {tl["layer"]: tl for tl in tile["layers"]}
     base = tile["input"]
@@ -110,8 +114,25 @@ def lower_tile(program, group, tile, batch, outside, threads=1, regen=True):
             # (a message to the device itself is copied when received)
             "kept": sorted(produced_by(u) for u in units(program, first, last, outside) if produced_by(u) in outside),
             "ops": ops}
+    if hold:
+        spec["hold"] = True
     _plan_memory(spec, bool(group.get("recompute")), regen=regen)
     return spec
+
+
+def whole_map_tile(program, first, last):
+    """A tile of program[first..last] that covers every map whole, padded
+    at every border: what a member of a channel-split group computes of its
+    share (``program`` holding the layers as the member computes them,
+    ``tilec_runtime.shards.share``), lowered as any tile is."""
+    layers = []
+    for layer in program[first:last + 1]:
+        (_, hi, wi), (_, h, w) = layer["in_shape"], layer["out_shape"]
+        whole = [[0, h - 1], [0, w - 1]]
+        layers.append({"layer": layer["index"], "region": whole, "owned": whole,
+                       "src": [[0, hi - 1], [0, wi - 1]], "pads": list(pads_of(layer))})
+    _, h, w = program[first]["in_shape"]
+    return {"input": [[0, h - 1], [0, w - 1]], "layers": layers}
 
 
 def tile_memory(program, first, last, outside, sizes, in_size, batch, threads):
@@ -283,7 +304,7 @@ def _buffers(spec, recompute=False):
         reads_input_backward = j + 1 < n and ops[j + 1]["kind"] == "conv"
         kept = j == n - 1 or (op["pool"] or op if op["kind"] == "conv" else op)["layer"] in spec["kept"]
         own = bwd[j + 1] if reads_input_backward else (j + 1 if j + 1 < n else j)
-        floats[f"out{j}"] = (size, j, end if kept and recompute else own)
+        floats[f"out{j}"] = (size, j, end if kept and (recompute or spec.get("hold")) else own)
         floats[f"d{j}"] = (size, bwd[j + 1] if j + 1 < n else n, bwd[j])
         if op["kind"] == "conv":
             zrows = max(z1 - z0 for z0, z1, _, _ in op["stream"]) if op.get("stream") else op["out"][0]

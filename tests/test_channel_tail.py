@@ -23,10 +23,12 @@ from tilec.cost.memory import plan_memory
 from tilec.inspect.dot import plan_dot
 from tilec.plan.build import GroupChoice, build_plan
 from tilec.analysis.tail import TailChoice, one_device_tail, runs
-from tilec_runtime import data, inprocess, planfile, shards, weights
+from tilec_runtime import data, inprocess, planfile, shards, tailstep, weights
 from tilec_runtime.comm import InProcessHub
 from tilec_runtime.errors import ProgramError
 from tilec_runtime.executor import RankExecutor, holdings
+from tilec_runtime.footprint import tile_bytes
+from tilec_runtime.lower import scratch_bytes
 from tilec_runtime.program import ACTIVATIONS, param_shapes
 from built import module
 
@@ -233,6 +235,44 @@ def test_without_the_all_reduce_the_result_is_wrong(monkeypatch):
     monkeypatch.setattr(RankExecutor, "_chan_wait", joined)
     got = inprocess.train(plan, params, buffers, batches, 2, module("float64"), timeout=30)
     assert max(rel_err(got[1][k], want[1][k], FLOOR) for k in want[1]) > 1e-3
+
+
+@pytest.mark.parametrize("n_dev", [2, 3])
+def test_a_group_opening_with_a_convolution_runs_it_as_a_fused_tile(monkeypatch, n_dev):
+    """A channel group's first layer, a conv with batch norm and the
+    max-pool after it, runs on each member's share of the filters as one
+    whole-map tile of the fused path (``FusedShare``; 3 members: 2 of 6
+    filters each), in the device's scratch; 3 steps equal one device
+    (float64 1e-10), over sockets too."""
+    program = dense_tail()
+    plan = plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", list(range(n_dev))),
+                                       TailChoice(7, 7, "one", [0])], n_dev, 2)
+    g = next(j for j, group in enumerate(plan["groups"]) if group["layers"] == [1, 6])
+    for r in range(n_dev):
+        share = tailstep.fused_shares(plan, r, 1)[g]
+        assert (share.first, share.last, share.input) == (1, 2, 0)
+        assert share.spec["ops"][0]["filters"] == 6 // n_dev and share.spec["ops"][0]["pool"]
+        # the device's scratch holds the share's workspace and backward buffers
+        assert tile_bytes(plan, r)[1] >= scratch_bytes(share.spec, 8)
+    runs_ = []
+    fused_forward = tailstep.ChannelGroup._fused_forward
+    monkeypatch.setattr(tailstep.ChannelGroup, "_fused_forward",
+                        lambda self, i, *a: runs_.append(i) or fused_forward(self, i, *a))
+    assert_trains_as_one_device(program, plan, sockets=False)
+    assert runs_.count(1) == 3 * n_dev and runs_.count(2) == 3 * n_dev
+    assert_trains_as_one_device(program, plan, sockets=True)
+
+
+def test_a_group_that_lets_go_of_its_arrays_has_no_fused_share():
+    """Where a device gives its memory back during the tail (``tail_free``),
+    its channel groups run every layer on the allocating path: a fused
+    share's arena is held all step, which the memory model counts as freed."""
+    program = dense_tail()
+    plan = plan_of(program, 1, TILED, [TailChoice(1, 6, "channels", [0, 1]), TailChoice(7, 7, "one", [0])], 2, 2,
+                   release_min_bytes=0)
+    freed = {op["group"] for op in plan["schedule"][0] if op["op"] == "tail_free"}
+    assert freed and not set(tailstep.fused_shares(plan, 0, 1)) & freed
+    assert_trains_as_one_device(program, plan, sockets=False)
 
 
 def test_a_replicated_map_passes_between_groups_on_the_same_devices_without_messages():
