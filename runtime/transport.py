@@ -38,7 +38,9 @@ threads ``background`` ones (``yield_cores``), so that its bookkeeping
 runs on a core a worker leaves idle rather than taking one from a worker.
 """
 import collections
+import contextlib
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -580,6 +582,46 @@ def yield_cores(thread):
         os.sched_setscheduler(thread.native_id, policy, os.sched_param(0))  # (that thread alone)
     except OSError:
         pass
+
+
+@functools.lru_cache(maxsize=None)
+def _may_leave_idle():
+    """Whether this process may move a thread out of ``SCHED_IDLE`` again
+    (root, CAP_SYS_NICE or an RLIMIT_NICE of 20: an ordinary user may not),
+    tried on a thread of its own."""
+    done = []
+
+    def probe():
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            done.append(True)
+        except OSError:
+            pass
+    thread = threading.Thread(target=probe, name="tilec-probe")
+    thread.start()
+    thread.join()
+    return bool(done)
+
+
+@contextlib.contextmanager
+def yielding_cores():
+    """The calling thread runs as ``yield_cores`` makes a started one while
+    the block runs, and as before after it: for a launcher's training loop
+    beside the workers it drives (its work of a step, a few ms there, then
+    fills the waits at the workers' barriers instead of lengthening a
+    worker's step). Only where the thread may return to its policy: else
+    every process it started later would inherit the idle one."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None or not hasattr(os, "sched_getscheduler") or not _may_leave_idle():
+        yield
+        return
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, *before)
 
 
 class Link:

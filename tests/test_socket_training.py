@@ -23,7 +23,7 @@ from built import kernel_source, module
 from test_tiled import FLOOR, assert_same, converges, one_device, tiled_cases, well_conditioned
 from test_transport import OPT, make_plan, run_ranks, small_program
 from tilec.plan.build import build_plan
-from tilec_runtime import inprocess, launch, shards, weights
+from tilec_runtime import inprocess, launch, shards, transport, weights
 from tilec_runtime.data import generated_batches
 from tilec_runtime.socketcomm import socketpair_mesh
 
@@ -65,9 +65,17 @@ def test_local_workers_equal_one_device(n, spans):
     program = small_program()
     plan = make_plan(program, n, spans, ring_min_bytes=0)
     params, buffers, batches = setup(program)
-    records = []
+    records, policies = [], []
+    before = os.sched_getscheduler(0)
+
+    def on_metrics(recs):
+        records.append(recs)
+        policies.append(os.sched_getscheduler(0))
     losses, p, b, m = launch.train_local(plan, params, buffers, batches, steps=STEPS, timeout=30,
-                                         on_metrics=records.append, kernel_source=kernel_source("float64"))
+                                         on_metrics=on_metrics, kernel_source=kernel_source("float64"))
+    # between its steps the launcher ran only where a worker left a core idle, and then got its policy back
+    assert policies == [os.SCHED_IDLE if transport._may_leave_idle() else before] * STEPS
+    assert os.sched_getscheduler(0) == before
     want = one_device(program, params, buffers, batches, STEPS)
     assert_same((losses, p, b), want, 1e-10, FLOOR)
     assert set(m) == set(p)  # momentum for every parameter comes back too
