@@ -213,6 +213,7 @@ class RankExecutor:
         # the image pieces this rank cuts when given the whole batch
         self.input_ids = [k for k, _ in input_messages(plan, rank)]
         self.members = [members_of(group) for group in plan["groups"]]
+        self.fused = fused_shares(plan, rank, self.threads)  # (their scratch is the tiles')
         self._tiles(plan, rank, threads=self.threads)
         self._tail(plan, rank)
         self._messages(plan, rank)
@@ -229,7 +230,6 @@ class RankExecutor:
     def _tiles(self, plan, rank, threads):
         """TileSteps of this rank's tiles, their input buffers, and where each tensor lives."""
         specs = lower_rank(plan, rank, threads)
-        self.fused = fused_shares(plan, rank, threads)
         # what a tile needs only during its own backward, and every im2col workspace, share one scratch:
         # a device runs one group's backward at a time (a channel group's fused share among them: it
         # runs between the tiles' forward and backward, and its input gradient is sent before they use it)

@@ -17,6 +17,8 @@ Both keep, per tensor, the output (``output``), the gradient the group
 receives for it (``grad_in``) and the gradient it returns for its inputs
 (``grad_out``), each with the first channel it starts at.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from tilec_runtime import ops, reference, shards
@@ -45,14 +47,13 @@ class Inputs(dict):
     def __init__(self, program, reads, batch, dtype):
         super().__init__()
         self.reads = reads
-        self.pinned = {}  # a map a fused share reads in place (``ChannelGroup``): the same array every step
         self.shapes = {t: (batch, *tensor_shape(program, t)) for t in reads}
         self.dtype = dtype
         for t in reads:
             self[t]
 
     def __missing__(self, t):
-        array = self[t] = self.pinned[t] if t in self.pinned else np.zeros(self.shapes[t], self.dtype)
+        array = self[t] = np.zeros(self.shapes[t], self.dtype)
         return array
 
     def all(self):
@@ -132,15 +133,14 @@ class WholeGroup:
         self.cache = None
 
 
-class FusedShare:
+class FusedShare(NamedTuple):
     """A channel group's first layer (and the max-pool after it) as a tile
     of the fused path (``fused_share``): ``spec`` its kernel spec,
-    ``first``..``last`` its layers, ``input`` the map it reads; ``tile``
-    its TileStep once the group runs it."""
-
-    def __init__(self, spec, first, last, input_):
-        self.spec, self.first, self.last, self.input = spec, first, last, input_
-        self.tile = None
+    ``first``..``last`` its layers, ``input`` the map it reads."""
+    spec: dict
+    first: int
+    last: int
+    input: int
 
 
 def fused_share(program, first, last, k, member, batch, threads, outside):
@@ -225,10 +225,10 @@ class ChannelGroup:
         self.sliced = {}  # a B layer's sums by slices of its output channels, all-reduced one by one
         self.summed = {}  # an A layer's sums over the slices of its input channels so far
         self.grads_in, self.grads_out = {}, {}
+        # the messages land in the tile's input: a group with a fused share never lets go of its inputs
+        # (``fused_shares``), so that array stays the group's
         self.fused = fused
-        if fused is not None:
-            x = self.inputs.pinned[fused.input] = self.inputs[fused.input]  # (the messages land in the tile's input)
-            fused.tile = TileStep(fused.spec, kernels, dtype, x, scratch)
+        self.tile = None if fused is None else TileStep(fused.spec, kernels, dtype, self.inputs[fused.input], scratch)
 
     def _in_fused(self, i):
         return self.fused is not None and self.fused.first <= i <= self.fused.last
@@ -307,14 +307,12 @@ class ChannelGroup:
             self.sliced.setdefault(i, [None] * pieces)[piece] = z
 
     def _fused_forward(self, i, params, buffers):
-        f = self.fused
-        if i != f.first:
+        if i != self.fused.first:
             return  # (the pool ran with the convolution)
-        f.tile.conv_fwd(0, params)
-        f.tile.epi_fwd(0, params, buffers)
-        self.acts[f.last] = f.tile.output
-        f.tile.grad_output.fill(0)  # (its gradient is added up where the tile reads it)
-        self.grads_in[f.last] = f.tile.grad_output
+        self.tile.conv_fwd(0, params)
+        self.tile.epi_fwd(0, params, buffers)
+        self.acts[self.fused.last] = self.tile.output
+        self.grads_in[self.fused.last] = self.tile.grad_output  # (zeroed by ``start_backward``, then added to)
 
     def _add_slice(self, i, layer, x, params, piece, pieces):
         """A layer ``i``'s sums over slice ``piece`` of its input channels
@@ -449,17 +447,14 @@ class ChannelGroup:
             self.grads_out[j] = own(dx)  # (all-reduced in place when the group reduces its input)
 
     def _fused_backward(self, i, params, acc):
-        f = self.fused
-        if i != f.first:
+        if i != self.fused.first:
             return  # (the pool's gradient runs with the convolution's)
-        d, g = f.tile.grad_output, self.grads_in.get(f.last)
-        if g is None:
-            d.fill(0)
-        elif g is not d:  # (made by a layer after it in the group)
+        d, g = self.tile.grad_output, self.grads_in[self.fused.last]
+        if g is not d:  # (made anew by a layer after it in the group)
             np.copyto(d, g)
-        f.tile.epi_bwd(0, params)
-        f.tile.conv_bwd(0, params, acc)
-        self.grads_out[f.input] = f.tile.grad_input  # (the arena's: no other step's array takes its place)
+        self.tile.epi_bwd(0, params)
+        self.tile.conv_bwd(0, params, acc)
+        self.grads_out[self.fused.input] = self.tile.grad_input  # (the arena's: no other step's array takes its place)
 
     def _backward_part(self, i, layer, x, params, acc, part):
         """An A layer's backward in two parts (``backward``): "input" turns

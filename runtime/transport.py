@@ -612,12 +612,11 @@ def yielding_cores():
     fills the waits at the workers' barriers instead of lengthening a
     worker's step). Only where the thread may return to its policy: else
     every process it started later would inherit the idle one."""
-    policy = getattr(os, "SCHED_IDLE", None)
-    if policy is None or not hasattr(os, "sched_getscheduler") or not _may_leave_idle():
+    if not hasattr(os, "SCHED_IDLE") or not hasattr(os, "sched_getscheduler") or not _may_leave_idle():
         yield
         return
     before = os.sched_getscheduler(0), os.sched_getparam(0)
-    os.sched_setscheduler(0, policy, os.sched_param(0))
+    yield_cores(threading.current_thread())
     try:
         yield
     finally:
