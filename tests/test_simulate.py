@@ -180,22 +180,29 @@ def test_step_jitter_is_what_varies_step_to_step_not_between_tiles():
     rng = np.random.default_rng(0)
     price = {0: 5e-3, 1: 1e-3, 2: 3e-3, 3: 4e-3, 4: 9e-3, 5: JITTER_MIN_S / 2}
 
-    def series(spread, slower, steps=400, noisy=(0, 1, 4)):
+    def series(spread, slower, steps=400, noisy=(0, 1, 4), scale=1.0):
         sigma = np.sqrt(np.log1p(spread ** 2))  # a lognormal of that spread, as the simulator draws
         out = {}
         for rank in (0, 1):
-            out[rank] = {i: list(p * (slower if rank else 1.0) * (np.exp(
+            out[rank] = {i: list(scale * p * (slower if rank else 1.0) * (np.exp(
                 sigma * rng.standard_normal(steps) - sigma ** 2 / 2) if i in noisy else np.ones(steps)))
                 for i, p in price.items()}
             # what is left out varies wildly: the send, the conv in row pieces, the call too short to time
             for i, (low, high) in ((2, (0.2, 5.0)), (3, (0.2, 5.0)), (5, (0.5, 1.5))):
-                out[rank][i] = list(price[i] * rng.uniform(low, high, steps))
+                out[rank][i] = list(scale * price[i] * rng.uniform(low, high, steps))
         return out
 
     for spread in (0.05, 0.12):
         assert step_jitter(plan, series(spread, 1.0)) == pytest.approx(spread, rel=0.08)
         assert step_jitter(plan, series(spread, 2.0)) == pytest.approx(spread, rel=0.08)  # rank 1's tile is larger
     assert step_jitter(plan, series(0.0, 1.3)) == pytest.approx(0.0, abs=1e-9)
+    # a machine so fast (or a map so small) that no call lasts JITTER_MIN_S: the longer half of them (0 and 4,
+    # both noisy) still give it, where the CI's quick profile once found none and no jitter at all
+    fast = series(0.1, 1.0, scale=1 / 25)
+    assert max(np.mean(times) for times in fast[0].values()) < JITTER_MIN_S
+    assert step_jitter(plan, fast) == pytest.approx(0.1, rel=0.1)
+    assert jitter_call_seconds(plan, fast) == pytest.approx(
+        (sum(price[i] for i in (0, 4)) / sum(price[i] ** 0.5 for i in (0, 4))) ** 2 / 25, rel=0.02)
     assert step_jitter(plan, {0: series(0.1, 1.0)[0]}) is None
     assert step_jitter(plan, series(0.1, 1.0, steps=2)) is None
     # the length of call it holds for: the one whose spread, falling as a call's length to the -1/4, is the

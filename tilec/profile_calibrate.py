@@ -263,7 +263,9 @@ def _call_seconds(terms):
 def _jitter_terms(plan, series):
     """[(a kernel op's mean seconds, the variance over the steps of the log
     of its two ranks' ratio)] of every kernel op both ranks run
-    (``step_jitter``); [] without two ranks or three steps of a common op."""
+    (``step_jitter``), those of at least ``JITTER_MIN_S`` or, where none
+    is that long, of at least half the longest's; [] without two ranks or
+    three steps of a common op."""
     if len(series) < 2:
         return []
     keyed = []
@@ -280,9 +282,11 @@ def _jitter_terms(plan, series):
     for key in keyed[0].keys() & keyed[1].keys():
         a, b = keyed[0][key], keyed[1][key]
         n = min(len(a), len(b))
-        mean = (sum(a[:n]) + sum(b[:n])) / (2 * n) if n else 0.0
-        if n < 3 or mean < JITTER_MIN_S or min(a[:n] + b[:n]) <= 0:
+        if n < 3 or min(a[:n] + b[:n]) <= 0:
             continue
         logs = [float(np.log(x / y)) for x, y in zip(a[:n], b[:n])]
-        terms.append((mean, statistics.variance(logs)))
-    return terms
+        terms.append(((sum(a[:n]) + sum(b[:n])) / (2 * n), statistics.variance(logs)))
+    # a fast machine at the quick profile's small map (or a plan of many small units) may have no call of
+    # JITTER_MIN_S: then the longer half of them, the spread's length going with it (jitter_call_seconds)
+    shortest = min(JITTER_MIN_S, max((m for m, _ in terms), default=0.0) / 2)
+    return [(m, v) for m, v in terms if m >= shortest]
