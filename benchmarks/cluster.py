@@ -46,8 +46,14 @@ the 2-vs-1 speedups against it; so is that of two loops streaming through
 memory, which two workers on one machine share where two devices would
 not (the memory-bound layers: a 3-channel conv's output, the epilogues,
 the pools); both are measured again (for a second each) at every round's
-start, and printed beside that round's speed-ups. Next to each run, the
-simulator's prediction for its plan (``tilec simulate``) and its error.
+start, and printed beside that round's speed-ups. So is, before and after
+every job, how far apart the two cores are (a cache line handed there and
+back between two threads, ``CORE_PROBE``): this project's VM has its two
+vCPUs sometimes on cores that share a cache (about 60 ns) and sometimes
+apart (about 350 ns), where two threads of one device that share their maps
+run much slower and two processes barely notice; the round-by-round
+speed-ups are summarised by that too. Next to each run, the simulator's
+prediction for its plan (``tilec simulate``) and its error.
 
     python benchmarks/cluster.py [--rounds 3] [--steps 5] [--only tiny416,...] [--json cluster.json]
         [--kernels generated|reference] [--no-torch]
@@ -92,6 +98,71 @@ while time.perf_counter() - t0 < {seconds}:
     n += 1
 print(n / (time.perf_counter() - t0))
 """
+
+
+# two threads handing a cache line back and forth: how far apart the two cores are. This project's VM
+# showed two settings, moment to moment, of its two vCPUs: about 60 ns (cores that share a last-level
+# cache) and about 350 ns (apart, e.g. on two of an EPYC's dies). Two processes barely notice; two threads
+# of one device that share their maps do (tiny416 at batch 1 on two threads: 52 ms a step near, 73 apart)
+CORE_PROBE = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdatomic.h>
+#include <time.h>
+enum { N = 100000 };
+static _Alignas(64) atomic_int flag;
+static void pin(int c) { cpu_set_t s; CPU_ZERO(&s); CPU_SET(c, &s); pthread_setaffinity_np(pthread_self(), sizeof s, &s); }
+static void *other(void *core) {
+    pin(*(int *)core);
+    for (int i = 0; i < N; i++) {
+        while (atomic_load_explicit(&flag, memory_order_acquire) != 2 * i + 1) {}
+        atomic_store_explicit(&flag, 2 * i + 2, memory_order_release);
+    }
+    return 0;
+}
+int main(int argc, char **argv) {
+    int a = atoi(argv[1]), b = atoi(argv[2]);
+    pthread_t t; struct timespec t0, t1;
+    pin(a);
+    pthread_create(&t, 0, other, &b);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < N; i++) {
+        atomic_store_explicit(&flag, 2 * i + 1, memory_order_release);
+        while (atomic_load_explicit(&flag, memory_order_acquire) != 2 * i + 2) {}
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    pthread_join(t, 0);
+    printf("%.1f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / N);
+    return 0;
+}
+"""
+NEAR_NS = 150  # a round trip under this: the two cores share a cache
+
+
+def core_probe(folder):
+    """The compiled ``CORE_PROBE`` (a path), or None: fewer than two cores
+    this process may use, or no C compiler."""
+    import shutil
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if len(cores) < 2 or cc is None:
+        return None
+    src, exe = os.path.join(folder, "core_probe.c"), os.path.join(folder, "core_probe")
+    with open(src, "w") as f:
+        f.write(CORE_PROBE)
+    done = subprocess.run([cc, "-O2", "-pthread", src, "-o", exe], capture_output=True)
+    return [exe, str(cores[0]), str(cores[1])] if done.returncode == 0 else None
+
+
+def core_round_trip(probe):
+    """Nanoseconds of one hand-off of a cache line there and back between
+    the first two cores (``core_probe``); None without a probe."""
+    if probe is None:
+        return None
+    return float(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
 
 
 def parallel_capacity(seconds=2.0, code=CAPACITY):
@@ -348,6 +419,20 @@ def ceiling(merged, model, batch):
     return 2 * statistics.median(solo["step_s"]) / statistics.median(pair["step_s"])
 
 
+def by_placement(runs, by_round):
+    """{run: {"near": [its speed-ups of rounds whose job ran on cores that
+    share a cache], "apart": [the others']}} (``NEAR_NS``, the larger
+    round trip of before and after the job); {} where none was measured."""
+    out = {}
+    for name, ratios in by_round.items():
+        apart = [r.get("core_ns") for r in runs[name]]
+        if None in apart:
+            return {}
+        out[name] = {"near": [x for x, ns in zip(ratios, apart) if ns < NEAR_NS],
+                     "apart": [x for x, ns in zip(ratios, apart) if ns >= NEAR_NS]}
+    return out
+
+
 def round_speedups(runs, runs_wanted):
     """{run: [speed-up of each round]} of every run with a baseline
     (``baseline``): the baseline's median step in that round over the run's."""
@@ -415,20 +500,24 @@ def main():
     plans.update({name: plans[name[:-len(IN_PROCESS)]]  # the very plan the worker ran
                   for name, _, _, _, _ in runs_wanted if name.endswith(IN_PROCESS)})
     capacity_before = parallel_capacity()
+    probe = core_probe(folder)
     runs = {}
     round_capacity = []
     for rnd in range(args.rounds):
         # the machine's moment, beside this round's speed-ups: two matmuls in cache, two streams through memory
         round_capacity.append((parallel_capacity(1.0), parallel_capacity(1.0, BANDWIDTH)))
         for name, model, batch, devices, threads in runs_wanted:
+            before = core_round_trip(probe)
             if name.endswith(SIDE_BY_SIDE):
                 got = side_by_side_job(model, plans[name], batch, args.steps, args.kernels)
             elif name.endswith(IN_PROCESS):
                 got = train_job(cli_models[model], plans[name], batch, args.steps, threads)
             else:
                 got = summarise_tilec(tilec_job(graphs[model], plans[name], batch, args.steps, kernel_source, threads))
+            got["core_ns"] = max((ns for ns in (before, core_round_trip(probe)) if ns is not None), default=None)
             runs.setdefault(name, []).append(got)
-            print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}", file=sys.stderr)
+            apart = "" if got["core_ns"] is None else f" (cores {got['core_ns']:.0f} ns apart)"
+            print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}{apart}", file=sys.stderr)
         if not args.no_torch and (only is None or "tiny416" in only):
             got = ddp_job(8, args.steps, 29500 + rnd)
             runs.setdefault("tiny416 b8 torch DDP 2x4", []).append(got)
@@ -474,8 +563,16 @@ def main():
               f"{' '.join(f'{a:.2f}/{b:.2f}' for a, b in round_capacity)})")
         for name, ratios in by_round.items():
             print(f"  {name}: {' '.join(f'{r:.2f}' for r in ratios)}  (median {statistics.median(ratios):.2f}x)")
+    placement = by_placement(runs, by_round)
+    if placement:
+        print(f"\nthe same by where the machine had its two cores during the run (a cache line there and back "
+              f"under {NEAR_NS} ns: near, sharing a cache; otherwise apart), medians of the rounds' speed-ups")
+        for name, split in placement.items():
+            print(f"  {name}: " + ", ".join(f"{where} {statistics.median(v):.2f}x ({len(v)})" if v else f"{where} -"
+                                           for where, v in split.items()))
     result = {"dtype": "float32", "kernels": args.kernels, "rounds": args.rounds, "steps": args.steps,
-              "round_speedups": by_round, "round_capacity": round_capacity,
+              "round_speedups": by_round, "round_capacity": round_capacity, "by_placement": placement,
+              "core_round_trip_ns": {name: [r.get("core_ns") for r in rs] for name, rs in runs.items()},
               "parallel_capacity": [capacity_before, capacity_after], "memory_parallelism": bandwidth,
               "cpu_count": os.cpu_count(),
               "runs": merged, "simulated_s": sims, "ceilings": ceilings, "plans": {k: v["hash"] for k, v in plans.items()},
