@@ -602,3 +602,23 @@ def test_tail_memory_model_covers_what_a_channel_member_allocates(bn, act):
     # made apart (``inplace`` ignored), a member holds more
     original = reference.conv_output_grad
     assert run(0, lambda *args, inplace=False, **kwargs: original(*args, **kwargs)) > held[0]
+
+
+def test_a_spread_plan_puts_every_group_on_every_device():
+    """``compile_plan(spread=True)`` (what ``tilec profile`` measures two
+    workers side by side with): on a link so slow that the optimiser keeps
+    the tiled prefix on one device, every tiled group still goes over both,
+    and a channel-split tail over both too."""
+    from tilec.profile_calibrate import reference_stack
+    stack = reference_stack(208)
+    cl = uniform_cluster(RPI3, 2)
+    slow = dataclasses.replace(cl, devices=tuple(dataclasses.replace(d, bandwidth_bps=1e4, latency_s=0.05)
+                                                 for d in cl.devices))
+    alone = compile_plan(stack, cluster=slow, batch=1)
+    assert any({t["device"] for t in g["tiles"]} == {0} for g in alone["groups"] if g["kind"] == "tiled")
+    spread = compile_plan(stack, cluster=slow, batch=1, spread=True, tail="channels")
+    tiled = [g for g in spread["groups"] if g["kind"] == "tiled"]
+    assert tiled and all({t["device"] for t in g["tiles"]} == {0, 1} for g in tiled)
+    assert any(g.get("mode") == "channels" and {t["device"] for t in g["tiles"]} == {0, 1}
+               for g in spread["groups"] if g["kind"] == "tail")
+    assert all(any(op["op"] in ("conv_fwd", "chan_fwd") for op in ops) for ops in spread["schedule"])

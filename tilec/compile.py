@@ -65,18 +65,18 @@ TAILS = ("auto", "one", "channels", "data")
 
 def compile_plan(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
                  cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True,
-                 tail="auto", time_slack=DEFAULT_TIME_SLACK):
+                 tail="auto", time_slack=DEFAULT_TIME_SLACK, spread=False):
     """A sealed plan for ``graph`` on ``devices`` (a count or a list of names)
     or on ``cluster`` (a :class:`tilec.cluster.Cluster` or a YAML path)."""
     return plan_with_solution(graph, devices=devices, batch=batch, dtype=dtype, grid=grid, groups=groups,
                               optimizer=optimizer, cluster=cluster, tiled_prefix=tiled_prefix,
                               time_limit=time_limit, workers=workers, recompute=recompute, tail=tail,
-                              time_slack=time_slack)[0]
+                              time_slack=time_slack, spread=spread)[0]
 
 
 def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=None, groups=None, optimizer=None,
                        cluster=None, tiled_prefix=None, time_limit=DEFAULT_TIME_LIMIT, workers=0, recompute=True,
-                       tail="auto", time_slack=DEFAULT_TIME_SLACK):
+                       tail="auto", time_slack=DEFAULT_TIME_SLACK, spread=False):
     """(plan, Solution or None, CostModel or None): the plan and how it was chosen.
 
     The optimiser runs unless ``grid`` or ``groups`` (other than "auto") is
@@ -86,7 +86,10 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
     ends); ``tail``: which tail groups the optimiser may choose (``TAILS``:
     any, one device each, split by channels wherever a layer can be);
     ``time_slack``: of the plans at most that fraction slower than the
-    fastest (predicted), the optimiser takes the one of least memory.
+    fastest (predicted), the optimiser takes the one of least memory;
+    ``spread``: every tiled group over every device, however the optimiser
+    prices one device alone (what measures devices computing side by side
+    needs: ``tilec.profile_calibrate.beside_others``).
     """
     import numpy as np
     if tail not in TAILS:
@@ -126,7 +129,8 @@ def plan_with_solution(graph, *, devices=1, batch=None, dtype="float32", grid=No
         from tilec.solve.cpsat import MEMORY_SHARE, least_memory, solve
         with debug.stage("cost") as st:
             model = CostModel(program, clus, batch, itemsize, prefix=prefix)
-            cands = enumerate_candidates(model, layouts(clus), tail=tail,
+            lays = [lay for lay in layouts(clus) if not spread or len(set(lay.devices)) == len(names)]
+            cands = enumerate_candidates(model, lays, tail=tail,
                                          cuts=None if tiled_prefix is None else (prefix,))
             st.detail = (f"{len(cands.groups)} candidate groups, {len(cands.transitions)} transitions "
                          f"for {len(names)} device(s)")
