@@ -143,17 +143,21 @@ NEAR_NS = 150  # a round trip under this: the two cores share a cache
 
 
 def core_probe(folder):
-    """The compiled ``CORE_PROBE`` (a path), or None: fewer than two cores
-    this process may use, or no C compiler."""
-    import shutil
+    """The command that runs the compiled ``CORE_PROBE`` on the first two
+    cores this process may use, or None: fewer than two, or no C compiler
+    (the one the kernels are built with, ``native.find_compiler``)."""
+    from tilec_runtime.native import KernelBuildError, find_compiler
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if len(cores) < 2 or cc is None:
+    try:
+        cc = find_compiler()
+    except KernelBuildError:
+        return None
+    if len(cores) < 2:
         return None
     src, exe = os.path.join(folder, "core_probe.c"), os.path.join(folder, "core_probe")
     with open(src, "w") as f:
         f.write(CORE_PROBE)
-    done = subprocess.run([cc, "-O2", "-pthread", src, "-o", exe], capture_output=True)
+    done = subprocess.run([*cc, "-O2", "-pthread", src, "-o", exe], capture_output=True)
     return [exe, str(cores[0]), str(cores[1])] if done.returncode == 0 else None
 
 
@@ -425,11 +429,11 @@ def by_placement(runs, by_round):
     round trip of before and after the job); {} where none was measured."""
     out = {}
     for name, ratios in by_round.items():
-        apart = [r.get("core_ns") for r in runs[name]]
-        if None in apart:
+        distance = [r.get("core_ns") for r in runs[name]]
+        if None in distance:
             return {}
-        out[name] = {"near": [x for x, ns in zip(ratios, apart) if ns < NEAR_NS],
-                     "apart": [x for x, ns in zip(ratios, apart) if ns >= NEAR_NS]}
+        out[name] = {"near": [x for x, ns in zip(ratios, distance) if ns < NEAR_NS],
+                     "apart": [x for x, ns in zip(ratios, distance) if ns >= NEAR_NS]}
     return out
 
 
@@ -514,7 +518,7 @@ def main():
                 got = train_job(cli_models[model], plans[name], batch, args.steps, threads)
             else:
                 got = summarise_tilec(tilec_job(graphs[model], plans[name], batch, args.steps, kernel_source, threads))
-            got["core_ns"] = max((ns for ns in (before, core_round_trip(probe)) if ns is not None), default=None)
+            got["core_ns"] = None if probe is None else max(before, core_round_trip(probe))
             runs.setdefault(name, []).append(got)
             apart = "" if got["core_ns"] is None else f" (cores {got['core_ns']:.0f} ns apart)"
             print(f"round {rnd + 1}: {name}: {[round(s, 3) for s in got['step_s']]}{apart}", file=sys.stderr)
