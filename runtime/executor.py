@@ -209,7 +209,6 @@ class RankExecutor:
         # (``lr`` may be changed between steps: a learning-rate schedule)
         self.lr, self.momentum = float(opt["lr"]), float(opt.get("momentum", 0.0))
         self.decay = float(opt.get("decay", 0.0))
-        self._momentum = np.array(self.momentum, self.dtype)
         # the image pieces this rank cuts when given the whole batch
         self.input_ids = [k for k, _ in input_messages(plan, rank)]
         self.members = [members_of(group) for group in plan["groups"]]
@@ -460,13 +459,12 @@ class RankExecutor:
     def _grad_zero(self, op):
         # the accumulators start the backward holding momentum * v (here, not
         # at the step's start: a step abandoned in its forward changes nothing)
+        # (on the kernels' threads, in sgd's parts: each accumulator stays
+        # on the core that steps it; tiles' gradients in the rows that fill them)
         for k, a in self.acc.items():
-            if k in self.holds_momentum:
-                np.multiply(a, self._momentum, out=a)  # (an array factor: no temporary)
-            else:
-                a.fill(0)
+            self.k.scale(a.reshape(-1), self.momentum if k in self.holds_momentum else 0.0)
         for step in self.tiles.values():
-            step.grad_output.fill(0)
+            self.k.zero_rows(step.grad_output)
         for tail in self.tails.values():
             tail.start_backward()
 

@@ -200,9 +200,19 @@ class TileStep:
             y = u.bandflat[:n].reshape(b, f, p1 - p0, pw)
             arg = u.bandargs[:n].reshape(b, f, p1 - p0, pw)
             self.k.pool_forward(z[:, :, r0:r0 + h, c0:c0 + w], u.spec["pool"]["size"], u.spec["pool"]["stride"],
-                                pads, y, arg, u.pre, u.act, u.mean_t, u.inv_t, gamma, params[u.beta])
+                                pads, y, arg, u.pre, u.act, u.mean_t, u.inv_t, gamma, params[u.beta],
+                                by_rows=self._by_rows(u))
             u.out[:, :, p0:p1] = y
             u.arg[:, :, p0:p1] = arg
+
+    def _by_rows(self, u):
+        """Whether unit ``u``'s epilogue and activation gradient split rows
+        between the threads: where its conv does (``splits_rows``), so that
+        each thread keeps its own rows of the map from kernel to kernel."""
+        if u.kind != "conv":
+            return False
+        s = u.spec
+        return self.k.module.splits_rows(s["out"][0], s["out"][1], s["band"], s["filters"], self.spec["batch"])
 
     def output_of(self, layer):
         """The forward output of ``layer`` (a layer some unit hands on)."""
@@ -265,9 +275,9 @@ class TileStep:
         if u.spec["pool"]:
             p = u.spec["pool"]
             self.k.pool_forward(u.z[:, :, u.prs, u.pcs], p["size"], p["stride"], p["pads"], u.out, u.arg,
-                                u.pre, u.act, u.mean_t, u.inv_t, gamma, beta)
+                                u.pre, u.act, u.mean_t, u.inv_t, gamma, beta, by_rows=self._by_rows(u))
         else:
-            self.k.bn_act(u.z, u.out, u.pre, u.act, u.mean_t, u.inv_t, gamma, beta)
+            self.k.bn_act(u.z, u.out, u.pre, u.act, u.mean_t, u.inv_t, gamma, beta, by_rows=self._by_rows(u))
 
     def pool_fwd(self, j):
         u, s = self.units[j], self.units[j].spec
@@ -299,9 +309,10 @@ class TileStep:
         if u.gamma is not None:
             u.s2.fill(0.0)
             self.k.act_grad(g, u.z, u.pre, u.act, u.s1, u.s2, u.mean_t, u.inv_t, params[u.gamma], params[u.beta],
-                            pool)
+                            pool, by_rows=self._by_rows(u))
         else:
-            self.k.act_grad(g, u.z, u.pre, u.act, u.s1, None, None, None, None, params[u.beta], pool)
+            self.k.act_grad(g, u.z, u.pre, u.act, u.s1, None, None, None, None, params[u.beta], pool,
+                            by_rows=self._by_rows(u))
 
     def _stream_sums(self, u, params):
         bn = u.gamma is not None
@@ -311,7 +322,7 @@ class TileStep:
             z = self._band_conv(u, params, z0, z1)
             self.k.act_grad(None, z, u.pre, u.act, u.s1, u.s2 if bn else None, u.mean_t if bn else None,
                             u.inv_t if bn else None, params[u.gamma] if bn else None, params[u.beta],
-                            self._band_pool_grad(u, z0, z1, p0, p1))
+                            self._band_pool_grad(u, z0, z1, p0, p1), by_rows=self._by_rows(u))
 
     def sums(self, j):
         """(sum dy, sum dy*xhat) of unit ``j`` (this tile's until combined in place)."""
@@ -334,7 +345,7 @@ class TileStep:
         else:
             self.k.add_sums(u.s1, acc[u.beta])
         if u.dst is not None:
-            u.dst.fill(0)
+            self.k.zero_rows(u.dst)
         if u.bands:  # each band made again: its gradient, its batch norm's, its weight and input gradients' share
             for z0, z1, p0, p1 in u.bands:
                 z = self._band_conv(u, params, z0, z1)
@@ -355,5 +366,6 @@ class TileStep:
     def pool_bwd(self, j):
         u, s = self.units[j], self.units[j].spec
         if u.dst is not None:
-            u.dst.fill(0)
-            self.k.pool_backward(u.d, u.arg, s["size"], s["stride"], s["pads"], u.dx)
+            self.k.zero_rows(u.dst)
+            self.k.pool_backward(u.d, u.arg, s["size"], s["stride"], s["pads"], u.dx,
+                                 by_rows=j > 0 and self._by_rows(self.units[j - 1]))

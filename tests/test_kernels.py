@@ -341,7 +341,8 @@ def bn_case(draw):
     r0, c0 = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
     owned = (r0, draw(st.integers(r0 + 1, h)), c0, draw(st.integers(c0 + 1, w)))
     return dict(dtype=dt, shape=(b, c, h, w), owned=owned, pre=draw(st.sampled_from(["none", "bn", "bias"])),
-                act=draw(st.sampled_from(["linear", "leaky", "relu"])), seed=draw(SEEDS), threads=draw(THREADS))
+                act=draw(st.sampled_from(["linear", "leaky", "relu"])), seed=draw(SEEDS), threads=draw(THREADS),
+                by_rows=draw(st.booleans()))
 
 
 def bn_setup(case):
@@ -372,7 +373,8 @@ def test_normalise_and_activate(case):
     k, dt = kern(case["dtype"]), case["dtype"]
     y = np.empty(z.shape, dt)
     with threads(dt, case["threads"]):
-        k.bn_act(z, y, k.pre[case["pre"]], k.act[case["act"]], mean.astype(dt), inv, gamma, beta)
+        k.bn_act(z, y, k.pre[case["pre"]], k.act[case["act"]], mean.astype(dt), inv, gamma, beta,
+                 by_rows=case["by_rows"])
     check(y, reference_pre_act(z, case, mean, var, gamma, beta)[2], dt)
 
 
@@ -386,7 +388,8 @@ def test_activation_gradient_and_batch_norm_sums(case):
     s1, s2 = np.zeros(c), np.zeros(c)
     da = dy.copy()
     with threads(dt, case["threads"]):
-        k.act_grad(da, z, k.pre[case["pre"]], k.act[case["act"]], s1, s2, mean.astype(dt), inv, gamma, beta)
+        k.act_grad(da, z, k.pre[case["pre"]], k.act[case["act"]], s1, s2, mean.astype(dt), inv, gamma, beta,
+                   by_rows=case["by_rows"])
     _, xhat, y = reference_pre_act(z, case, mean, var, gamma, beta)
     want = ops.act_backward(y, case["act"], dy)
     check(da, want, dt)
@@ -425,7 +428,7 @@ def pool_case(draw):
     return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w), size=size,
                 stride=draw(st.integers(1, 3)), pads=pads, pre=draw(st.sampled_from(["none", "bn", "bias"])),
                 act=draw(st.sampled_from(["linear", "leaky", "relu"])), offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)),
-                ties=draw(st.booleans()), seed=draw(SEEDS), threads=draw(THREADS))
+                ties=draw(st.booleans()), seed=draw(SEEDS), threads=draw(THREADS), by_rows=draw(st.booleans()))
 
 
 # YOLO's 2x2 stride-2 pool, which has cores of its own (no scratch row; on a
@@ -433,20 +436,22 @@ def pool_case(draw):
 # an odd map inside a larger array, with ties, on rows too wide for it, and
 # on contiguous maps, one tall enough for several CHUNKs of row pairs
 YOLO_POOLS = [dict(dtype=np.dtype(dt), shape=(2, 3, h, w), size=2, stride=2, pads=(0, 0, 0, 0), pre=pre, act=act,
-                   offsets=offsets, ties=ties, seed=7, threads=threads)
-              for dt, h, w, pre, act, ties, threads, offsets in [
-                  ("float32", 9, 11, "bn", "leaky", True, 2, (1, 0, 2, 1)),
-                  ("float64", 6, 8, "bias", "relu", False, 1, (1, 0, 2, 1)),
-                  ("float32", 5, 300, "none", "linear", True, 3, (1, 0, 2, 1)),
-                  ("float32", 9, 11, "bn", "leaky", True, 2, (1, 0, 2, 0)),
-                  ("float64", 201, 12, "bn", "leaky", True, 2, (0, 0, 0, 0))]]
+                   offsets=offsets, ties=ties, seed=7, threads=threads, by_rows=by_rows)
+              for dt, h, w, pre, act, ties, threads, offsets, by_rows in [
+                  ("float32", 9, 11, "bn", "leaky", True, 2, (1, 0, 2, 1), False),
+                  ("float64", 6, 8, "bias", "relu", False, 1, (1, 0, 2, 1), True),
+                  ("float32", 5, 300, "none", "linear", True, 3, (1, 0, 2, 1), True),
+                  ("float32", 9, 11, "bn", "leaky", True, 2, (1, 0, 2, 0), True),
+                  ("float64", 201, 12, "bn", "leaky", True, 2, (0, 0, 0, 0), False),
+                  ("float64", 201, 12, "bn", "leaky", True, 3, (0, 0, 0, 0), True)]]
 # the pool's gradient inside act_grad on maps of several CHUNKs of rows, with
 # windows across a chunk's edge: overlapping (3 by 2, padded; 2 by 1) and not
 GRAD_POOLS = [dict(dtype=np.dtype(dt), shape=(1, 2, h, w), size=size, stride=stride, pads=pads, pre="bias",
-                   act="leaky", offsets=(3, 1, 2, 2), ties=True, seed=3, threads=threads)
-              for dt, h, w, size, stride, pads, threads in [
-                  ("float64", 150, 40, 3, 2, (1, 1, 1, 1), 2), ("float32", 97, 30, 2, 1, (0, 1, 0, 1), 1),
-                  ("float64", 64, 64, 2, 2, (0, 0, 0, 0), 3)]]
+                   act="leaky", offsets=(3, 1, 2, 2), ties=True, seed=3, threads=threads, by_rows=by_rows)
+              for dt, h, w, size, stride, pads, threads, by_rows in [
+                  ("float64", 150, 40, 3, 2, (1, 1, 1, 1), 2, False), ("float32", 97, 30, 2, 1, (0, 1, 0, 1), 1, False),
+                  ("float64", 64, 64, 2, 2, (0, 0, 0, 0), 3, False), ("float64", 150, 40, 3, 2, (1, 1, 1, 1), 2, True),
+                  ("float32", 97, 30, 2, 1, (0, 1, 0, 1), 3, True)]]
 
 
 @FAST
@@ -456,6 +461,7 @@ GRAD_POOLS = [dict(dtype=np.dtype(dt), shape=(1, 2, h, w), size=size, stride=str
 @example(YOLO_POOLS[2])
 @example(YOLO_POOLS[3])
 @example(YOLO_POOLS[4])
+@example(YOLO_POOLS[5])
 def test_max_pool_of_the_activation_forward_and_backward(case):
     """Pooling fused with the conv epilogue equals normalise, activate, pool;
     ties (rounded inputs) must pick the first maximum, as ops does."""
@@ -473,7 +479,7 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
     y, arg = np.empty((b, c, ho, wo), dt), np.empty((b, c, ho, wo), np.int16)
     with threads(dt, case["threads"]):
         k.pool_forward(z, case["size"], case["stride"], case["pads"], y, arg, k.pre[case["pre"]], k.act[case["act"]],
-                       mean.astype(dt), inv, gamma, beta)
+                       mean.astype(dt), inv, gamma, beta, by_rows=case["by_rows"])
     a = reference_pre_act(z, case, mean, var, gamma, beta)[2]
     want_y, want_arg = ops.maxpool_forward(a, case["size"], case["stride"], case["pads"])
     np.testing.assert_array_equal(y, want_y)
@@ -482,7 +488,7 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
     dx = embedded(rng, z.shape, dt, case["offsets"])
     before = dx.copy()
     with threads(dt, case["threads"]):
-        k.pool_backward(dy, arg, case["size"], case["stride"], case["pads"], dx)
+        k.pool_backward(dy, arg, case["size"], case["stride"], case["pads"], dx, by_rows=case["by_rows"])
     want_dx = ops.maxpool_backward(z.shape, case["size"], case["stride"], case["pads"], want_arg, dy)
     check(dx, before + want_dx, dt, np.abs(before) + ops.maxpool_backward(
         z.shape, case["size"], case["stride"], case["pads"], want_arg, np.abs(dy)))
@@ -493,6 +499,8 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
 @example(GRAD_POOLS[0])
 @example(GRAD_POOLS[1])
 @example(GRAD_POOLS[2])
+@example(GRAD_POOLS[3])
+@example(GRAD_POOLS[4])
 def test_pool_gradient_routed_inside_the_activation_gradient(case):
     """act_grad with a fused pool equals ops's max-pool backward followed by
     the activation backward, for a pool reading a window of the conv output."""
@@ -519,7 +527,7 @@ def test_pool_gradient_routed_inside_the_activation_gradient(case):
     s1 = np.zeros(c)
     with threads(dt, case["threads"]):
         k.act_grad(da, zbig, k.pre[pre], k.act[case["act"]], s1, None, None, None, None, bias,
-                   (dp, arg, case["size"], case["stride"], case["pads"], (r0, c0, h, w)))
+                   (dp, arg, case["size"], case["stride"], case["pads"], (r0, c0, h, w)), by_rows=case["by_rows"])
     check(da, want, dt, np.abs(want) + ops.maxpool_backward(a.shape, case["size"], case["stride"], case["pads"],
                                                              arg, np.abs(dp)).max())
     # (overlapping windows add several dp into one element, in the data dtype)
@@ -570,7 +578,7 @@ def test_a_conv_backward_that_makes_its_gradient_again_equals_one_given_it(case,
         for regen in (False, True):
             da = None if regen else np.full(z.shape, np.nan, dt)
             s1, s2 = np.zeros(f), (np.zeros(f) if pre == "bn" else None)
-            k.act_grad(da, z, k.pre[pre], k.act[act], s1, s2, *vectors, pool)
+            k.act_grad(da, z, k.pre[pre], k.act[act], s1, s2, *vectors, pool, by_rows=case["by_rows"])
             dw = np.ones(wt.shape, dt)
             dx = np.ones(x.shape, dt) if input_grad else None
             k.conv_backward(x, wt, 1, (1, 1, 1, 1), z if regen else da, ws, band, dw, dx, bn, owned,
@@ -630,7 +638,8 @@ def test_sum_of_squares_loss_and_sgd_step(dtype, batch, n, momentum, decay, seed
     sgd = SGD(**opt)
     for step in range(3):
         g = rng.standard_normal(n).astype(dtype)
-        a *= dtype.type(opt["momentum"])
+        with threads(dtype, nthreads):
+            k.scale(a, opt["momentum"])  # (what backward starts from: momentum * v, or 0)
         a += g
         with threads(dtype, nthreads):
             k.sgd(p, a, opt["lr"], opt["decay"])
@@ -638,6 +647,22 @@ def test_sum_of_squares_loss_and_sgd_step(dtype, batch, n, momentum, decay, seed
     check(p, ref["0.conv.weight"], dtype, np.abs(ref["0.conv.weight"]) + 1)
     if momentum:
         check(a, sgd.velocity["0.conv.weight"], dtype, np.abs(sgd.velocity["0.conv.weight"]) + 1)
+
+
+@FAST
+@given(DTYPES, st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.integers(1, 9),
+       st.tuples(*[st.integers(0, 2)] * 4), SEEDS, THREADS)
+def test_zero_rows_zeroes_a_strided_map_and_nothing_around_it(dtype, b, c, h, w, offsets, seed, nthreads):
+    """zero_rows (a tile's gradient buffers, cleared on the rows each thread
+    later adds into) clears the view and leaves the array around it."""
+    r0, c0, extra_r, extra_c = offsets
+    big = np.random.default_rng(seed).standard_normal((b, c, h + r0 + extra_r, w + c0 + extra_c)).astype(dtype) + 5
+    before = big.copy()
+    with threads(dtype, nthreads):
+        kern(dtype).zero_rows(big[:, :, r0:r0 + h, c0:c0 + w])
+    want = before.copy()
+    want[:, :, r0:r0 + h, c0:c0 + w] = 0
+    np.testing.assert_array_equal(big, want)
 
 
 # -- the ops-compatible kernel object -------------------------------------------------
