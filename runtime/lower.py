@@ -266,16 +266,16 @@ def workspace(op, threads, dx):
     kernels' ``workspace_size``): an im2col band per thread, and backward a
     private weight gradient for every thread but the first; a band of
     several images also holds their GEMM output; an op that regenerates its
-    gradient, that gradient's band per thread; one band alone where the
-    threads split the filters (``kernel_set.filter_split``, not with a
-    regenerated gradient)."""
+    gradient, that gradient's band per thread; where the threads split the
+    filters (``kernel_set.filter_split``, not with a regenerated gradient),
+    one band, or with an input gradient one per thread."""
     if op["kind"] != "conv":
         return 0
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
     if not op.get("regen") and filter_split(ho, wo, band, f, threads):
-        need = ckk * min(band, ho) * wo
+        need = ckk * min(band, ho) * wo * (threads if dx else 1)
     else:
         need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
     if band > ho:
