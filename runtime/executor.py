@@ -157,6 +157,11 @@ def place(out, key, array, piece, shape):
     cut(whole, piece)[...] = array
 
 
+def _rows_of(a):
+    """Whether ``a`` is a map of rows that the kernels take (``copy_rows``)."""
+    return a.ndim == 4 and a.shape[3] > 1 and a.strides[3] == a.itemsize
+
+
 def momentum_holders(plan, rank):
     """Parameter keys whose all-reduced accumulator this rank keeps the momentum of
     (every key it holds but the partial ones of which it is not the lowest member)."""
@@ -429,7 +434,9 @@ class RankExecutor:
     def _land(self, m, piece):
         dst, region, base, add = self._destination(m)
         view = self._piece(dst, (region, base), m)
-        if add:
+        if piece.dtype == view.dtype and piece.shape == view.shape and _rows_of(piece) and _rows_of(view):
+            self.k.copy_rows(piece, view, add)  # (by rows, on the threads that make and read them)
+        elif add:
             view += piece
         else:
             np.copyto(view, piece)

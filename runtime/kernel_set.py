@@ -5,7 +5,8 @@ import numpy as np
 
 _SUFFIX = {"float32": "f32", "float64": "f64"}
 FUNCTIONS = ("conv_forward", "conv_backward", "bn_act", "act_grad", "pool_forward", "pool_backward", "bn_stats",
-             "bn_constants", "bn_grad_constants", "bn_backward", "add_sums", "sse", "sgd", "scale", "zero_rows")
+             "bn_constants", "bn_grad_constants", "bn_backward", "add_sums", "sse", "sgd", "scale", "zero_rows",
+             "copy_rows")
 
 
 # im2col band of a conv: whole output rows adding up to about BAND_POSITIONS

@@ -665,6 +665,30 @@ def test_zero_rows_zeroes_a_strided_map_and_nothing_around_it(dtype, b, c, h, w,
     np.testing.assert_array_equal(big, want)
 
 
+@FAST
+@given(DTYPES, st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.integers(1, 9),
+       st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.booleans(), SEEDS, THREADS)
+def test_copy_rows_copies_or_adds_a_map_between_strided_views(dtype, b, c, h, w, offsets, add, readonly, seed,
+                                                              nthreads):
+    """copy_rows (a map landing in a tile's buffer: dst = src, or += src)
+    equals numpy's, touches nothing around dst, and reads a read-only src
+    (a frame's bytes)."""
+    rng = np.random.default_rng(seed)
+    r0, c0, extra_r, extra_c = offsets
+    src = embedded(rng, (b, c, h, w), dtype, offsets[::-1])
+    if readonly:
+        src.flags.writeable = False
+    big = rng.standard_normal((b, c, h + r0 + extra_r, w + c0 + extra_c)).astype(dtype)
+    want = big.copy()
+    if add:
+        want[:, :, r0:r0 + h, c0:c0 + w] += src
+    else:
+        want[:, :, r0:r0 + h, c0:c0 + w] = src
+    with threads(dtype, nthreads):
+        kern(dtype).copy_rows(src, big[:, :, r0:r0 + h, c0:c0 + w], add)
+    np.testing.assert_array_equal(big, want)
+
+
 # -- the ops-compatible kernel object -------------------------------------------------
 
 @FAST
