@@ -58,6 +58,7 @@ class TileStep:
         self.scratch = scratch[:spec["scratch"] * dt.itemsize].view(dt)
         self.scratch_args = scratch[split:split + 2 * spec["scratch_args"]].view(np.int16)
         self.ws = self.scratch[:max(spec["workspace"], 1)] if spec["workspace"] else np.empty(1, dt)
+        self.tstride = spec.get("thread_stride", 0)  # (each thread's bands in one place from conv to conv)
         if x.shape != (b, *spec["input"]):
             raise ValueError(f"tile input {x.shape} is not the spec's {(b, *spec['input'])}")
         self.x = x
@@ -146,12 +147,13 @@ class TileStep:
         xb, pads = self._band_input(u, z0, z1)
         z = u.zflat[:b * f * (z1 - z0) * wo].reshape(b, f, z1 - z0, wo)
         if stats is None:
-            self.k.conv_forward(xb, params[u.w], s["stride"], pads, z, self.ws, s["band"])
+            self.k.conv_forward(xb, params[u.w], s["stride"], pads, z, self.ws, s["band"], tstride=self.tstride)
             return z
         or0, or1, oc0, oc1 = u.owned
         a, e = max(or0, stats[0], z0) - z0, min(or1, stats[1], z1) - z0
         owned = (a, max(a, e), oc0, oc1)
-        self.k.conv_forward(xb, params[u.w], s["stride"], pads, z, self.ws, s["band"], owned, u.n, u.mean, u.m2)
+        self.k.conv_forward(xb, params[u.w], s["stride"], pads, z, self.ws, s["band"], owned, u.n, u.mean, u.m2,
+                            tstride=self.tstride)
         return z
 
     @staticmethod
@@ -231,7 +233,8 @@ class TileStep:
         if u.n is None and u.bands:
             return  # (no statistics to take: its epilogue makes each band)
         if u.n is None:
-            self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"], rows=rows)
+            self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"], rows=rows,
+                                tstride=self.tstride)
             return
         if not u.open:
             u.n[0] = 0.0
@@ -247,7 +250,7 @@ class TileStep:
                     self._band_conv(u, params, min(a, c1 - s["band"]), c1, (a, e))
             return
         self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"], u.owned, u.n, u.mean,
-                            u.m2, rows=rows)
+                            u.m2, rows=rows, tstride=self.tstride)
 
     def stats(self, j):
         """(n, mean, m2) of unit ``j``: this tile's, until the executor combines them in place."""
@@ -292,7 +295,8 @@ class TileStep:
                 continue
             s = u.spec
             if not u.bands:  # (a streamed conv makes its bands in its epilogue)
-                self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"])
+                self.k.conv_forward(u.src, params[u.w], s["stride"], u.pads, u.z, self.ws, s["band"],
+                                    tstride=self.tstride)
             self._epilogue(u, params)
 
     # -- backward stages -------------------------------------------------------
@@ -358,10 +362,10 @@ class TileStep:
                 self.k.conv_backward(u.src[:, :, rows], params[u.w], s["stride"], pads, z, self.ws, s["band"],
                                      acc[u.w], dx, bnb,
                                      (a, max(a, e), oc0, oc1), accumulate=True,
-                                     regen=(pool, u.pre, u.act, z, params[u.beta]))
+                                     regen=(pool, u.pre, u.act, z, params[u.beta]), tstride=self.tstride)
             return
         self.k.conv_backward(u.src, params[u.w], s["stride"], u.pads, g, self.ws, s["band"], acc[u.w], u.dx, bn,
-                             u.owned, accumulate=True, regen=regen)
+                             u.owned, accumulate=True, regen=regen, tstride=self.tstride)
 
     def pool_bwd(self, j):
         u, s = self.units[j], self.units[j].spec

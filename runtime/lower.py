@@ -283,6 +283,38 @@ def workspace(op, threads, dx):
     return need
 
 
+def thread_band(op):
+    """Elements of one thread's band in a conv op's workspace (what the
+    kernels call ``per``: its columns, a band of several images' GEMM
+    output, a regenerated gradient's band)."""
+    if op["kind"] != "conv":
+        return 0
+    ho, wo = op["out"]
+    ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
+    one = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo
+    return max(one, (ckk + f) * band * wo) if band > ho else one
+
+
+def strided_workspace(ops, threads, input_grad):
+    """(thread stride, elements) of the workspace a tile's convs share on
+    ``threads`` threads: each thread's band ``thread stride`` apart, the
+    largest band of any of them, so that a thread finds its band in the
+    same place in every conv (on its own core: bands the other thread last
+    wrote cost a VM's vCPUs that share no cache 5 ms of a 52 ms step);
+    after them the private weight gradients (``workspace`` says which)."""
+    stride = memplan.round_up(max((thread_band(op) for op in ops), default=0))
+    need = 0
+    for j, op in enumerate(ops):
+        if op["kind"] != "conv":
+            continue
+        ho, wo = op["out"]
+        ckk, f = op["channels"] * op["size"] ** 2, op["filters"]
+        # (a band of several images may split them instead: private weight gradients)
+        split = not op.get("regen") and op["band"] <= ho and filter_split(ho, wo, op["band"], f, threads)
+        need = max(need, stride * threads + (0 if split else (threads - 1) * f * ckk))
+    return stride, memplan.round_up(need)
+
+
 def _buffers(spec, recompute=False):
     """({name: (size, first, last)} float buffers, the same for int16) of a
     tile's step: forward op j at time j, backward op j at 2n-1-j.
@@ -365,8 +397,7 @@ def _plan_memory(spec, recompute=False, check=True, regen=True):
     spill, spill_args = scratch_buffers(floats, ints, len(spec["ops"]), recompute)
     spec["buffers"], spec["arena"] = _pack(floats, set(floats) - spill, check=check)
     spec["arg_buffers"], spec["arg_arena"] = _pack(ints, set(ints) - spill_args, check=check)
-    spec["workspace"] = memplan.round_up(max((workspace(op, spec["threads"], j > 0 or spec["input_grad"])
-                                              for j, op in enumerate(spec["ops"])), default=0))
+    spec["thread_stride"], spec["workspace"] = strided_workspace(spec["ops"], spec["threads"], spec["input_grad"])
     spec["scratch_buffers"], spec["scratch"] = _pack(floats, spill, spec["workspace"], check)
     spec["scratch_arg_buffers"], spec["scratch_args"] = _pack(ints, spill_args, check=check)
 

@@ -37,7 +37,7 @@ from tilec_runtime.executor import RankExecutor
 from tilec_runtime.fused import TileStep
 from tilec_runtime.genops import GeneratedOps
 from tilec_runtime.kernel_set import FILTER_SPLIT_MIN, Kernels, band_rows, filter_split
-from tilec_runtime.lower import lower_rank, workspace
+from tilec_runtime.lower import lower_rank, strided_workspace, workspace
 from tilec_runtime.optim import SGD
 from tilec_runtime.program import param_shapes
 
@@ -181,6 +181,39 @@ def test_conv_backward_adds_the_input_gradient_and_sets_or_adds_the_weight_gradi
     check(dw, want_dw + (7.0 if accumulate else 0.0), dt, mag_dw + 7.0)
     if with_dx:
         check(dx, before + want_dx, dt, mag_dx + np.abs(before))
+
+
+@FAST
+@given(conv_case(), st.integers(0, 40), st.booleans())
+def test_a_thread_stride_moves_the_bands_and_changes_no_result(case, extra, with_dx):
+    """``tstride`` (a tile's convs each thread's band in one place): forward
+    and backward in a workspace whose thread bands lie ``tstride`` apart,
+    the lowering's layout (``lower.strided_workspace``),
+    give what bands ``per`` apart give; shorter than a band is refused."""
+    rng, x, w, ho, wo, ws = conv_setup(case)
+    dt, nt = case["dtype"], case["threads"]
+    op = {"kind": "conv", "channels": x.shape[1], "size": case["k"], "filters": case["f"], "out": [ho, wo],
+          "band": case["band"]}
+    stride, need = strided_workspace([op], nt, True)
+    stride += extra
+    big = np.full(need + extra * nt, np.nan, dt)
+    dy = rng.standard_normal((x.shape[0], case["f"], ho, wo)).astype(dt)
+    got = []
+    with threads(dt, nt):
+        for use, tstride in ((ws, 0), (big, stride)):
+            z = np.empty((x.shape[0], case["f"], ho, wo), dt)
+            kern(dt).conv_forward(x, w, case["stride"], case["pads"], z, use, case["band"], tstride=tstride)
+            dw = np.zeros(w.shape, dt)
+            dx = np.zeros(x.shape, dt) if with_dx else None
+            kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, use, case["band"], dw, dx, tstride=tstride)
+            got.append((z, dw, dx))
+        if x.shape[1] * case["k"] ** 2 * min(case["band"], ho) * wo > 1:  # (a band of more than 1 element)
+            with pytest.raises(ValueError, match="thread stride"):
+                kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, big, case["band"], np.zeros(w.shape, dt),
+                                       None, tstride=1)
+    for a, b in zip(*got):
+        if a is not None:
+            np.testing.assert_array_equal(b, a)
 
 
 @FAST
