@@ -268,14 +268,14 @@ def workspace(op, threads, dx):
     several images also holds their GEMM output; an op that regenerates its
     gradient, that gradient's band per thread; where the threads split the
     filters (``kernel_set.filter_split``, not with a regenerated gradient),
-    one band, or with an input gradient one per thread."""
+    a band per thread and no private weight gradients."""
     if op["kind"] != "conv":
         return 0
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
     if not op.get("regen") and filter_split(ho, wo, band, f, threads):
-        need = ckk * min(band, ho) * wo * (threads if dx else 1)
+        need = ckk * min(band, ho) * wo * threads
     else:
         need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
     if band > ho:
