@@ -274,16 +274,15 @@ def workspace(op, threads, dx):
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
-    if not op.get("regen") and filter_split(ho, wo, band, f, threads):
-        need = ckk * min(band, ho) * wo * threads
-    else:
-        need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
+    if not op.get("regen") and filter_split(ho, wo, band, f, threads):  # (at any batch: not by images)
+        return ckk * min(band, ho) * wo * threads
+    need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
     if band > ho:
         need = max(need, (ckk + f) * band * wo * threads + (threads - 1) * f * ckk)
     return need
 
 
-def thread_band(op):
+def thread_band(op, threads):
     """Elements of one thread's band in a conv op's workspace (what the
     kernels call ``per``: its columns, a band of several images' GEMM
     output, a regenerated gradient's band)."""
@@ -292,7 +291,9 @@ def thread_band(op):
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     one = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo
-    return max(one, (ckk + f) * band * wo) if band > ho else one
+    if band > ho and not (not op.get("regen") and filter_split(ho, wo, band, f, threads)):
+        return max(one, (ckk + f) * band * wo)
+    return one
 
 
 def strided_workspace(ops, threads, input_grad):
@@ -302,15 +303,14 @@ def strided_workspace(ops, threads, input_grad):
     same place in every conv (on its own core: bands the other thread last
     wrote cost a VM's vCPUs that share no cache 5 ms of a 52 ms step);
     after them the private weight gradients (``workspace`` says which)."""
-    stride = memplan.round_up(max((thread_band(op) for op in ops), default=0))
+    stride = memplan.round_up(max((thread_band(op, threads) for op in ops), default=0))
     need = 0
     for j, op in enumerate(ops):
         if op["kind"] != "conv":
             continue
         ho, wo = op["out"]
         ckk, f = op["channels"] * op["size"] ** 2, op["filters"]
-        # (a band of several images may split them instead: private weight gradients)
-        split = not op.get("regen") and op["band"] <= ho and filter_split(ho, wo, op["band"], f, threads)
+        split = not op.get("regen") and filter_split(ho, wo, op["band"], f, threads)
         need = max(need, stride * threads + (0 if split else (threads - 1) * f * ckk))
     return stride, memplan.round_up(need)
 
