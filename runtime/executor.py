@@ -465,9 +465,9 @@ class RankExecutor:
 
     def _grad_zero(self, op):
         # the accumulators start the backward holding momentum * v (here, not
-        # at the step's start: a step abandoned in its forward changes nothing)
-        # (on the kernels' threads, in sgd's parts: each accumulator stays
-        # on the core that steps it; tiles' gradients in the rows that fill them)
+        # at the step's start: a step abandoned in its forward changes nothing),
+        # made on the kernels' threads in sgd's parts, and the tiles' gradients
+        # cleared in the rows that fill them: each stays on the core that uses it
         for k, a in self.acc.items():
             self.k.scale(a.reshape(-1), self.momentum if k in self.holds_momentum else 0.0)
         for step in self.tiles.values():

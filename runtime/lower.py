@@ -261,20 +261,28 @@ def stream_bands(op, batch):
     return bands
 
 
+def _splits_filters(op, threads):
+    """Whether a conv op's threads split its filters (``kernel_set.filter_split``,
+    at any batch, not with a regenerated gradient): a band per thread, no
+    private weight gradients."""
+    ho, wo = op["out"]
+    return not op.get("regen") and filter_split(ho, wo, op["band"], op["filters"], threads)
+
+
 def workspace(op, threads, dx):
     """Elements of workspace a conv op needs on ``threads`` threads (the
     kernels' ``workspace_size``): an im2col band per thread, and backward a
     private weight gradient for every thread but the first; a band of
     several images also holds their GEMM output; an op that regenerates its
     gradient, that gradient's band per thread; where the threads split the
-    filters (``kernel_set.filter_split``, not with a regenerated gradient),
-    a band per thread and no private weight gradients."""
+    filters (``_splits_filters``), a band per thread and no private weight
+    gradients."""
     if op["kind"] != "conv":
         return 0
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     nt = max(1, min(threads, ho))
-    if not op.get("regen") and filter_split(ho, wo, band, f, threads):  # (at any batch: not by images)
+    if _splits_filters(op, threads):
         return ckk * min(band, ho) * wo * threads
     need = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo * nt + (nt - 1) * f * ckk
     if band > ho:
@@ -291,27 +299,23 @@ def thread_band(op, threads):
     ho, wo = op["out"]
     ckk, f, band = op["channels"] * op["size"] ** 2, op["filters"], op["band"]
     one = (ckk + (f if op.get("regen") else 0)) * min(band, ho) * wo
-    if band > ho and not (not op.get("regen") and filter_split(ho, wo, band, f, threads)):
+    if band > ho and not _splits_filters(op, threads):
         return max(one, (ckk + f) * band * wo)
     return one
 
 
-def strided_workspace(ops, threads, input_grad):
+def strided_workspace(ops, threads):
     """(thread stride, elements) of the workspace a tile's convs share on
     ``threads`` threads: each thread's band ``thread stride`` apart, the
     largest band of any of them, so that a thread finds its band in the
     same place in every conv (on its own core: bands the other thread last
     wrote cost a VM's vCPUs that share no cache 5 ms of a 52 ms step);
     after them the private weight gradients (``workspace`` says which)."""
-    stride = memplan.round_up(max((thread_band(op, threads) for op in ops), default=0))
-    need = 0
-    for j, op in enumerate(ops):
-        if op["kind"] != "conv":
-            continue
-        ho, wo = op["out"]
-        ckk, f = op["channels"] * op["size"] ** 2, op["filters"]
-        split = not op.get("regen") and filter_split(ho, wo, op["band"], f, threads)
-        need = max(need, stride * threads + (0 if split else (threads - 1) * f * ckk))
+    convs = [op for op in ops if op["kind"] == "conv"]
+    stride = memplan.round_up(max((thread_band(op, threads) for op in convs), default=0))
+    need = max((stride * threads + (0 if _splits_filters(op, threads) else
+                                    (threads - 1) * op["filters"] * op["channels"] * op["size"] ** 2)
+                for op in convs), default=0)
     return stride, memplan.round_up(need)
 
 
@@ -397,7 +401,7 @@ def _plan_memory(spec, recompute=False, check=True, regen=True):
     spill, spill_args = scratch_buffers(floats, ints, len(spec["ops"]), recompute)
     spec["buffers"], spec["arena"] = _pack(floats, set(floats) - spill, check=check)
     spec["arg_buffers"], spec["arg_arena"] = _pack(ints, set(ints) - spill_args, check=check)
-    spec["thread_stride"], spec["workspace"] = strided_workspace(spec["ops"], spec["threads"], spec["input_grad"])
+    spec["thread_stride"], spec["workspace"] = strided_workspace(spec["ops"], spec["threads"])
     spec["scratch_buffers"], spec["scratch"] = _pack(floats, spill, spec["workspace"], check)
     spec["scratch_arg_buffers"], spec["scratch_args"] = _pack(ints, spill_args, check=check)
 

@@ -194,7 +194,7 @@ def test_a_thread_stride_moves_the_bands_and_changes_no_result(case, extra, with
     dt, nt = case["dtype"], case["threads"]
     op = {"kind": "conv", "channels": x.shape[1], "size": case["k"], "filters": case["f"], "out": [ho, wo],
           "band": case["band"]}
-    stride, need = strided_workspace([op], nt, True)
+    stride, need = strided_workspace([op], nt)
     stride += extra
     big = np.full(need + extra * nt, np.nan, dt)
     dy = rng.standard_normal((x.shape[0], case["f"], ho, wo)).astype(dt)
