@@ -161,6 +161,31 @@ def test_least_memory_within_the_slack_matches_the_exhaustive_one(n, prefix, bat
         assert lean.stats()["fastest_s"] == round(fastest.prediction.step_s, 6)
 
 
+def test_of_equally_fast_plans_the_solver_settles_on_the_earliest_candidates():
+    """Of plans exactly as fast (a square map split into rows or into
+    columns), CP-SAT returns whichever a worker finds first, so one compile
+    could plan differently from the next; ``settle`` takes, of the plans as
+    fast, the one whose candidates come first. Here
+    the fastest plan's first group stands twice in the candidates, first
+    and last, and the search is seeded with the last: the plan settles on
+    the first."""
+    cands, model, _ = candidates("tiny", cluster(2), 1, 4, cuts=(4,))
+    cands = rank0_tail(cands)
+    fastest = shortest_path(cands)[1]
+    gi = fastest[0][0]
+    n = len(cands.groups)
+    twice = subset(cands, [gi] + list(range(n)) + [gi])  # positions 0 and n + 1: the same group
+    late = [(n + 1, fastest[0][1])] + [(g + 1, rec) for g, rec in fastest[1:]]
+    from ortools.sat.python import cp_model
+    pm = PlanModel(twice, recompute=False)
+    pm.hint(late)
+    pm.model.minimize(pm.time_expr)
+    solver, status = pm.solve(10)
+    assert status == cp_model.OPTIMAL
+    settled = pm.settle(solver, 10)
+    assert settled == [(0, fastest[0][1])] + late[1:]
+
+
 def test_least_memory_takes_a_leaner_plan_and_none_without_slack():
     """yolov2-tiny at batch 8 on one Pi 3: the fastest plan is not the
     leanest within 1% (the cost model: 596 against 554 MB); with no slack

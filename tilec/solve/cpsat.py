@@ -272,6 +272,29 @@ class PlanModel:
         chosen = sorted((self.cands.groups[gi].first, gi) for gi, v in enumerate(self.use) if solver.value(v))
         return [(gi, bool(gi in self.rec and solver.value(self.rec[gi]))) for _, gi in chosen]
 
+    def settle(self, solver, time_limit, workers=0):
+        """The path of ``solver``'s solution to this model (its time
+        objective just minimised), or, among the plans as fast, the one
+        whose chosen candidates come first in the candidate list.
+
+        Plans can be exactly as fast (a square map split into rows or
+        into columns), and CP-SAT's parallel workers then return whichever
+        of them one finds first: with a memory layout tried and not kept,
+        under which both splits of detector-small on two Pi 3s also took
+        the same memory, one compile in five chose the other split, and a
+        resumed demo trained on another plan than the run it continued.
+        Fixing the time and minimising the candidates' positions makes the
+        plan one of them, always the same where the search proves it
+        optimal."""
+        path = self.path(solver)
+        model = self.model
+        model.clear_hints()
+        self.hint(path)
+        model.add(self.time_expr <= round(solver.value(self.time_expr)))
+        model.minimize(sum(gi * v for gi, v in enumerate(self.use)))
+        solver, status = self.solve(time_limit, workers)
+        return self.path(solver) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else path
+
 
 def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
     """The fastest plan that fits: a :class:`tilec.solve.Solution`.
@@ -364,9 +387,13 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         sol.objective_s = sol.prediction.step_s
         return sol
     lower = max(solver.best_objective_bound / US, bounds.lower_bound(cands, tried))
-    return solution_from_path(reduced, pm.path(solver), solver="cp-sat", status=solver.status_name(status),
-                              objective_s=solver.objective_value / US, bound_s=min(lower,
-                              solver.objective_value / US), wall_s=wall, booleans=pm.booleans)
+    objective_s, status_name = solver.objective_value / US, solver.status_name(status)
+    path = pm.path(solver)
+    if status == cp_model.OPTIMAL:
+        path = pm.settle(solver, max(MIN_IMPROVE, time_limit - (time.perf_counter() - t0)), workers)
+        wall = time.perf_counter() - t0
+    return solution_from_path(reduced, path, solver="cp-sat", status=status_name, objective_s=objective_s,
+                              bound_s=min(lower, objective_s), wall_s=wall, booleans=pm.booleans)
 
 
 SHARE = 1_000_000  # a device's peak in millionths of its memory
@@ -430,7 +457,10 @@ def least_memory(cands, solution, slack, *, time_limit=1.5, workers=0, recompute
     model.add(share <= solver.value(share))
     model.minimize(pm.time_expr)
     solver, status = pm.solve(max(0.1, time_limit - (time.perf_counter() - t0)), workers)
-    path = pm.path(solver) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else first
+    if status == cp_model.OPTIMAL:
+        path = pm.settle(solver, max(0.1, time_limit - (time.perf_counter() - t0)), workers)
+    else:
+        path = pm.path(solver) if status == cp_model.FEASIBLE else first
     found = solution_from_path(reduced, path, solver=f"{solution.solver}, then least memory within "
                                f"{100 * slack:g}%", status=solution.status, objective_s=0.0,
                                bound_s=solution.bound_s, wall_s=solution.wall_s + time.perf_counter() - t0,
