@@ -290,7 +290,7 @@ class PlanModel:
         model = self.model
         model.clear_hints()
         self.hint(path)
-        model.add(self.time_expr <= round(solver.value(self.time_expr)))
+        model.add(self.time_expr <= solver.value(self.time_expr))
         model.minimize(sum(gi * v for gi, v in enumerate(self.use)))
         solver, status = self.solve(time_limit, workers)
         return self.path(solver) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else path
@@ -387,13 +387,13 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         sol.objective_s = sol.prediction.step_s
         return sol
     lower = max(solver.best_objective_bound / US, bounds.lower_bound(cands, tried))
-    objective_s, status_name = solver.objective_value / US, solver.status_name(status)
     path = pm.path(solver)
     if status == cp_model.OPTIMAL:
         path = pm.settle(solver, max(MIN_IMPROVE, time_limit - (time.perf_counter() - t0)), workers)
         wall = time.perf_counter() - t0
-    return solution_from_path(reduced, path, solver="cp-sat", status=status_name, objective_s=objective_s,
-                              bound_s=min(lower, objective_s), wall_s=wall, booleans=pm.booleans)
+    return solution_from_path(reduced, path, solver="cp-sat", status=solver.status_name(status),
+                              objective_s=solver.objective_value / US, bound_s=min(lower,
+                              solver.objective_value / US), wall_s=wall, booleans=pm.booleans)
 
 
 SHARE = 1_000_000  # a device's peak in millionths of its memory
