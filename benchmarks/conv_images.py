@@ -31,7 +31,7 @@ def conv_call(module, kernels, layer, x, w, dy, batch_for_band):
     ho, wo = dy.shape[2:]
     pads = (layer["pad"],) * 4
     band = band_rows(c, k, ho, wo, batch_for_band)
-    ws = np.empty(module.workspace_size(c, k, band, ho, wo, True, True, 0, f), x.dtype)  # (backward's is the larger)
+    ws = np.empty(module.workspace_size(c, k, band, ho, wo, True, 0, f), x.dtype)  # (backward's is the larger)
     z, dw, dx = np.empty(dy.shape, x.dtype), np.empty(w.shape, x.dtype), np.empty(x.shape, x.dtype)
 
     def run():

@@ -33,7 +33,7 @@ def conv_call(module, kernels, layer, x, w, dy, threads, split):
     pads = (layer["pad"],) * 4
     band = band_rows(c, k, ho, wo, x.shape[0])
     module.allow_filter_split(split)
-    ws = np.empty(module.workspace_size(c, k, band, ho, wo, True, True, threads, f), x.dtype)
+    ws = np.empty(module.workspace_size(c, k, band, ho, wo, True, threads, f), x.dtype)
     module.allow_filter_split(True)
     z, dw, dx = np.empty(dy.shape, x.dtype), np.zeros(w.shape, x.dtype), np.empty(x.shape, x.dtype)
 

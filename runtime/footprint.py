@@ -124,7 +124,7 @@ def workspace_bytes(layer, positions, batch, itemsize, threads=1, inplace=False)
         ho = max(1, -(-positions // wo))
         op = {"kind": "conv", "channels": c, "filters": f, "size": k, "out": [ho, wo],
               "band": band_rows(c, k, ho, wo, batch)}
-        ws, dx = workspace(op, threads, True), m * c * layer["stride"] ** 2
+        ws, dx = workspace(op, threads), m * c * layer["stride"] ** 2
         if inplace:
             return itemsize * max(ws + m * f, 2 * m * f, ws + dx)
         return itemsize * (ws + m * 2 * f + dx)

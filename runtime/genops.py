@@ -53,7 +53,7 @@ class GeneratedOps:
         wo = ops.out_size(x.shape[3], ks, stride, pads[2], pads[3])
         band = band_rows(c, ks, ho, wo, x.shape[0])
         z = np.empty((x.shape[0], f, ho, wo), x.dtype)
-        ws = np.empty(self.module.workspace_size(c, ks, band, ho, wo, False, False, 0, f), x.dtype)
+        ws = np.empty(self.module.workspace_size(c, ks, band, ho, wo, False, 0, f), x.dtype)
         k.conv_forward(x, w, stride, tuple(pads), z, ws, band)
         return z
 
@@ -69,7 +69,7 @@ class GeneratedOps:
         band = band_rows(c, ks, dy.shape[2], dy.shape[3], x.shape[0])
         dx = np.zeros(x.shape, x.dtype) if input_grad else None
         out = (np.empty(w.shape, x.dtype) if dw is None else dw) if weight_grad else None
-        ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, True, 0, f), x.dtype)
+        ws = np.empty(self.module.workspace_size(c, ks, band, dy.shape[2], dy.shape[3], True, 0, f), x.dtype)
         k.conv_backward(x, w, stride, tuple(pads), dy, ws, band, out, dx, accumulate=dw is not None)
         return dx, out
 

@@ -269,7 +269,7 @@ def _splits_filters(op, threads):
     return not op.get("regen") and filter_split(ho, wo, op["band"], op["filters"], threads)
 
 
-def workspace(op, threads, dx):
+def workspace(op, threads):
     """Elements of workspace a conv op needs on ``threads`` threads (the
     kernels' ``workspace_size``): an im2col band per thread, and backward a
     private weight gradient for every thread but the first; a band of

@@ -104,8 +104,8 @@ def conv_setup(case):
     ho = ops.out_size(h, k, case["stride"], case["pads"][0], case["pads"][1])
     wo = ops.out_size(w, k, case["stride"], case["pads"][2], case["pads"][3])
     size = module(dt).workspace_size
-    ws = np.empty(max(size(c, k, case["band"], ho, wo, False, False, case["threads"], case["f"]),
-                      size(c, k, case["band"], ho, wo, True, True, case["threads"], case["f"])), dt)
+    ws = np.empty(max(size(c, k, case["band"], ho, wo, False, case["threads"], case["f"]),
+                      size(c, k, case["band"], ho, wo, True, case["threads"], case["f"])), dt)
     return rng, x, wt, ho, wo, ws
 
 
@@ -226,7 +226,7 @@ def test_conv_backward_without_dw_adds_the_input_gradient_alone(case, images):
     dt = case["dtype"]
     band = case["band"] if images == 1 else images * ho
     if images > 1:
-        ws = np.empty(module(dt).workspace_size(x.shape[1], w.shape[2], band, ho, wo, True, True, 3, case["f"]), dt)
+        ws = np.empty(module(dt).workspace_size(x.shape[1], w.shape[2], band, ho, wo, True, 3, case["f"]), dt)
     dy = rng.standard_normal((x.shape[0], case["f"], ho, wo)).astype(dt)
     dx = embedded(rng, x.shape, dt, case["offsets"][::-1])
     before = dx.copy()
@@ -273,7 +273,7 @@ def test_threads_that_split_the_filters_compute_what_one_thread_does(case, data_
     rng, x, w, ho, wo, _ = conv_setup(case)
     dt, f, nb, nt = case["dtype"], case["f"], x.shape[0], case["threads"]
     assert module(dt).splits_filters(ho, wo, case["band"], f, nt)
-    size = module(dt).workspace_size(x.shape[1], case["k"], case["band"], ho, wo, True, True, nt, f)
+    size = module(dt).workspace_size(x.shape[1], case["k"], case["band"], ho, wo, True, nt, f)
     assert size == x.shape[1] * case["k"] ** 2 * case["band"] * wo * nt
     ws = np.empty(size, dt)
     owned = (ho // 3, ho, 0, max(1, wo // 2))
@@ -292,7 +292,7 @@ def test_threads_that_split_the_filters_compute_what_one_thread_does(case, data_
             assert bool(module(dt).splits_filters(ho, wo, case["band"], f, nt)) == split
             use = ws
             if not split:  # by rows: a band per thread and a private weight gradient per thread but the first
-                use = np.empty(module(dt).workspace_size(x.shape[1], case["k"], case["band"], ho, wo, True, True, nt,
+                use = np.empty(module(dt).workspace_size(x.shape[1], case["k"], case["band"], ho, wo, True, nt,
                                                          f), dt)
             with threads(dt, threads_):
                 for rows in ((cut, ho), (0, cut)):
@@ -330,7 +330,7 @@ def test_the_planner_sizes_a_conv_workspace_as_the_kernels_do():
                 op = {"kind": "conv", "channels": c, "size": k, "filters": f, "out": [ho, wo], "band": band}
                 assert bool(kernels.splits_filters(ho, wo, band, f, threads_)) == filter_split(ho, wo, band, f,
                                                                                                  threads_)
-                assert workspace(op, threads_, True) == kernels.workspace_size(c, k, band, ho, wo, True, True,
+                assert workspace(op, threads_) == kernels.workspace_size(c, k, band, ho, wo, True,
                                                                                threads_, f)
     assert filter_split(13, 13, 13, 512, 2) and not filter_split(26, 26, 26, 256, 2)
     assert filter_split(13, 13, 8, 1024, 4) and filter_split(13, 13, 6, 512, 2)  # bands of 104 and 78 positions
@@ -353,7 +353,7 @@ def test_several_images_per_gemm_equal_one_image_per_gemm_with_the_batch_norm_fi
     got = []
     for band in (ho, images * ho):
         size = module(dt).workspace_size
-        ws = np.empty(max(size(x.shape[1], case["k"], band, ho, wo, b, True, case["threads"], f) for b in (0, 1)), dt)
+        ws = np.empty(max(size(x.shape[1], case["k"], band, ho, wo, b, case["threads"], f) for b in (0, 1)), dt)
         d, dw, dx = dz.copy(), np.ones(w.shape, dt), np.zeros(x.shape, dt)
         out, n, mu, var = np.empty_like(z), np.zeros(1), np.zeros(f), np.zeros(f)
         with threads(dt, case["threads"]):

@@ -285,7 +285,7 @@ class PlanModel:
         resumed demo trained on another plan than the run it continued.
         Fixing the time and minimising the candidates' positions makes the
         plan one of them, always the same where the search proves it
-        optimal."""
+        optimal. The model keeps that bound and objective: it is spent."""
         path = self.path(solver)
         model = self.model
         model.clear_hints()
