@@ -142,10 +142,11 @@ int main(int argc, char **argv) {
 NEAR_NS = 150  # a round trip under this: the two cores share a cache
 
 
-def core_probe(folder):
-    """The command that runs the compiled ``CORE_PROBE`` on the first two
-    cores this process may use, or None: fewer than two, or no C compiler
-    (the one the kernels are built with, ``native.find_compiler``)."""
+def two_core_probe(folder, name, source):
+    """[executable, first core, second core]: the C program ``source``
+    compiled in ``folder`` (the compiler the kernels are built with,
+    ``native.find_compiler``), to run on the first two cores this process
+    may use; None where there are fewer than two or no C compiler."""
     from tilec_runtime.native import KernelBuildError, find_compiler
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     try:
@@ -154,11 +155,16 @@ def core_probe(folder):
         return None
     if len(cores) < 2:
         return None
-    src, exe = os.path.join(folder, "core_probe.c"), os.path.join(folder, "core_probe")
+    src, exe = os.path.join(folder, f"{name}.c"), os.path.join(folder, name)
     with open(src, "w") as f:
-        f.write(CORE_PROBE)
+        f.write(source)
     done = subprocess.run([*cc, "-O2", "-pthread", src, "-o", exe], capture_output=True)
     return [exe, str(cores[0]), str(cores[1])] if done.returncode == 0 else None
+
+
+def core_probe(folder):
+    """The command that runs the compiled ``CORE_PROBE`` (``two_core_probe``), or None."""
+    return two_core_probe(folder, "core_probe", CORE_PROBE)
 
 
 def core_round_trip(probe):

@@ -18,13 +18,16 @@ image:
 
 Both do the same arithmetic on runs of the same length, and each thread
 touches only what it owns, so the difference is where each thread's bytes
-lie. Measured on this project's VM (see the README's "Threads" notes), the
-hardware reaches past the end of a thread's part into the other's, whose
-writes then cross between the cores: a probe in C that gave each thread's
-part a 4 KB gap of its own ran as fast on two vCPUs that share no cache as
-on two that do, and without it 1.2x (86 KB parts) to 2x (5 KB) slower.
-A device laid out thread by thread would need its halo rows twice, as
-devices do.
+lie. A second table says why, with a probe in C (``EDGE_PROBE``): two
+pinned threads over two 8 MB arrays (y = 0.5 x + y), the arrays cut into
+parts of the sizes above that alternate between the threads, either
+adjacent, as a map's are, or each followed by a 4 KB gap; nanoseconds per
+KB a thread moves. On this project's VM the adjacent parts of 21 KB and
+less cost 1.4-2.3x as much on two vCPUs that share no cache as on two
+that do, and the gapped ones the same on both: the hardware reaches past
+the end of a thread's part into the other's, whose writes then cross
+between the cores. A device laid out thread by thread would need its halo
+rows twice, as devices do.
 
 The contenders alternate call by call, so that machine noise (and the VM
 moving its vCPUs) hits both alike; the table reports medians over rounds.
@@ -39,6 +42,68 @@ import tempfile
 import time
 
 import numpy as np
+
+
+# two pinned threads over two arrays cut into parts of `part` bytes, alternating between them (thread t
+# takes parts t, t + 2, ...), each part followed by `gap` bytes no one touches; prints the larger of the
+# two threads' nanoseconds per KB of y = 0.5 x + y
+EDGE_PROBE = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <sys/mman.h>
+static long bytes, part, gap, passes; static int cores[2]; static float *x, *y;
+static _Alignas(4096) double spent[2][512]; static _Alignas(4096) double moved[2][512];
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+static void *run(void *arg) {
+    int t = (int)(long)arg; cpu_set_t s; CPU_ZERO(&s); CPU_SET(cores[t], &s);
+    pthread_setaffinity_np(pthread_self(), sizeof s, &s);
+    long n = bytes / 4, p = part / 4, step = (part + gap) / 4;
+    for (long k = 0; k < passes; k++) {
+        double t0 = now();
+        for (long c = t * step; c < n; c += 2 * step) {
+            long e = c + p < n ? c + p : n;
+            for (long i = c; i < e; i++) y[i] = 0.5f * x[i] + y[i];
+            moved[t][0] += (e - c) * 4.0;
+        }
+        spent[t][0] += now() - t0;
+    }
+    return 0;
+}
+int main(int argc, char **argv) {
+    bytes = atol(argv[1]); part = atol(argv[2]); gap = atol(argv[3]); passes = atol(argv[4]);
+    cores[0] = atoi(argv[5]); cores[1] = atoi(argv[6]);
+    x = mmap(0, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    y = mmap(0, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (long i = 0; i < bytes / 4; i++) { x[i] = 1; y[i] = 0; }
+    pthread_t th[2];
+    for (long t = 0; t < 2; t++) pthread_create(&th[t], 0, run, (void *)t);
+    for (int t = 0; t < 2; t++) pthread_join(th[t], 0);
+    double a = spent[0][0] / moved[0][0] * 1e9 * 1024, b = spent[1][0] / moved[1][0] * 1e9 * 1024;
+    printf("%.2f\n", a > b ? a : b);
+    return 0;
+}
+"""
+EDGE_BYTES = 8 << 20
+EDGE_GAP = 4096
+
+
+def edge_probe(folder):
+    """[executable, first core, second core] of the compiled ``EDGE_PROBE``, or None (``two_core_probe``)."""
+    from cluster import two_core_probe
+    return two_core_probe(folder, "edge_probe", EDGE_PROBE)
+
+
+def edge_cost(probe, part, gap, passes=100):
+    """Nanoseconds per KB of the slower thread (``EDGE_PROBE``)."""
+    import subprocess
+    exe, a, b = probe
+    out = subprocess.run([exe, str(EDGE_BYTES), str(part), str(gap), str(passes), a, b], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout)
 
 
 def maps_of(program):
@@ -91,11 +156,15 @@ def main():
     maps = [(index, c, h, w, contenders(kernels, c, h, w, rng))
             for index, c, h, w in maps_of(program) if h % 2 == 0]  # (blocks of equal rows only)
     times = {index: {"rows": [], "blocks": []} for index, *_ in maps}
+    parts = sorted({(h // 2) * w * 4 for _, c, h, w, _ in maps})
+    edges = {(p, g): [] for p in parts for g in (0, EDGE_GAP)}
     with tempfile.TemporaryDirectory() as folder:
-        probe = core_probe(folder)
+        probe, edge = core_probe(folder), edge_probe(folder)
         distance = []
         for rnd in range(args.rounds):
             before = core_round_trip(probe)
+            for key in edges if edge is not None else ():
+                edges[key].append(edge_cost(edge, *key))
             for index, c, h, w, calls in maps:
                 per = {name: [] for name in calls}
                 for _ in range(args.calls):
@@ -136,9 +205,30 @@ def main():
               f" {by(r, 'near'):>13} {by(r, 'apart'):>13}")
     print(f"(near / apart: the rounds' rows/blocks by where the two cores were, a cache line there and back "
           f"under {NEAR_NS} ns or not; in brackets the rounds)")
+    probe_rows = []
+    if edge is not None:
+        print(f"\nEDGE_PROBE: two threads over two {EDGE_BYTES >> 20} MB arrays in alternating parts, ns per KB "
+              f"of the slower thread, medians of the rounds near / apart (rounds)")
+        print(f"{'part':>9} {'adjacent near':>14} {'apart':>8} {f'{EDGE_GAP} B gap near':>16} {'apart':>8}")
+
+        def placed(values, where):
+            got = [v for v, ns in zip(values, distance)
+                   if ns is not None and (ns < NEAR_NS) == (where == "near")]
+            return (float(np.median(got)) if got else None), len(got)
+        for p in parts:
+            row = {"part_bytes": p}
+            for g in (0, EDGE_GAP):
+                for where in ("near", "apart"):
+                    row[f"gap{g}_{where}"], row[f"gap{g}_{where}_rounds"] = placed(edges[(p, g)], where)
+                row[f"gap{g}_ns_per_kb"] = edges[(p, g)]
+            probe_rows.append(row)
+            cell = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
+            print(f"{p / 1024:>6.1f} KB {cell(row['gap0_near']):>14} {cell(row['gap0_apart']):>8} "
+                  f"{cell(row[f'gap{EDGE_GAP}_near']):>16} {cell(row[f'gap{EDGE_GAP}_apart']):>8}")
     with open(args.json, "w") as fh:
         json.dump({"model": args.model, "rounds": args.rounds, "calls": args.calls, "blas": blas,
-                   "openblas_overrides": overrides, "core_round_trip_ns": distance, "maps": rows}, fh, indent=1)
+                   "openblas_overrides": overrides, "core_round_trip_ns": distance, "maps": rows,
+                   "edge_probe": probe_rows}, fh, indent=1)
     print(f"wrote {args.json}")
 
 
