@@ -429,17 +429,23 @@ def ceiling(merged, model, batch):
     return 2 * statistics.median(solo["step_s"]) / statistics.median(pair["step_s"])
 
 
+def near_apart(values, distance):
+    """{"near": [the values of rounds on cores that share a cache], "apart":
+    [the others']}, by each round's round trip (``NEAR_NS``); rounds not
+    measured (None) in neither."""
+    return {"near": [x for x, ns in zip(values, distance) if ns is not None and ns < NEAR_NS],
+            "apart": [x for x, ns in zip(values, distance) if ns is not None and ns >= NEAR_NS]}
+
+
 def by_placement(runs, by_round):
-    """{run: {"near": [its speed-ups of rounds whose job ran on cores that
-    share a cache], "apart": [the others']}} (``NEAR_NS``, the larger
-    round trip of before and after the job); {} where none was measured."""
+    """{run: ``near_apart`` of its rounds' speed-ups} (the larger round trip
+    of before and after each job); {} where none was measured."""
     out = {}
     for name, ratios in by_round.items():
         distance = [r.get("core_ns") for r in runs[name]]
         if None in distance:
             return {}
-        out[name] = {"near": [x for x, ns in zip(ratios, distance) if ns < NEAR_NS],
-                     "apart": [x for x, ns in zip(ratios, distance) if ns >= NEAR_NS]}
+        out[name] = near_apart(ratios, distance)
     return out
 
 

@@ -37,6 +37,7 @@ moving its vCPUs) hits both alike; the table reports medians over rounds.
 """
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,11 +100,16 @@ def edge_probe(folder):
 
 def edge_cost(probe, part, gap, passes=100):
     """Nanoseconds per KB of the slower thread (``EDGE_PROBE``)."""
-    import subprocess
     exe, a, b = probe
     out = subprocess.run([exe, str(EDGE_BYTES), str(part), str(gap), str(passes), a, b], capture_output=True,
                          text=True, check=True)
     return float(out.stdout)
+
+
+def medians(split):
+    """({where: median or None}, {where: rounds}) of a ``near_apart`` split."""
+    return ({k: float(np.median(v)) if v else None for k, v in split.items()},
+            {k: len(v) for k, v in split.items()})
 
 
 def maps_of(program):
@@ -140,7 +146,7 @@ def main():
     args = ap.parse_args()
 
     import threadpoolctl
-    from cluster import NEAR_NS, core_probe, core_round_trip
+    from cluster import NEAR_NS, core_probe, core_round_trip, near_apart
     from kernels import blas_info, load_graph, openblas_overrides
     from tilec.codegen import build_modules
     from tilec_runtime.kernel_set import Kernels
@@ -153,10 +159,10 @@ def main():
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
         program = load_graph(args.model, folder).to_program()
-    maps = [(index, c, h, w, contenders(kernels, c, h, w, rng))
+    maps = [(index, c, h, w, (h // 2) * w * 4, contenders(kernels, c, h, w, rng))
             for index, c, h, w in maps_of(program) if h % 2 == 0]  # (blocks of equal rows only)
     times = {index: {"rows": [], "blocks": []} for index, *_ in maps}
-    parts = sorted({(h // 2) * w * 4 for _, c, h, w, _ in maps})
+    parts = sorted({part for *_, part, _ in maps})
     edges = {(p, g): [] for p in parts for g in (0, EDGE_GAP)}
     with tempfile.TemporaryDirectory() as folder:
         probe, edge = core_probe(folder), edge_probe(folder)
@@ -165,7 +171,7 @@ def main():
             before = core_round_trip(probe)
             for key in edges if edge is not None else ():
                 edges[key].append(edge_cost(edge, *key))
-            for index, c, h, w, calls in maps:
+            for index, *_, calls in maps:
                 per = {name: [] for name in calls}
                 for _ in range(args.calls):
                     for name, call in calls.items():
@@ -177,16 +183,13 @@ def main():
             distance.append(None if probe is None else max(before, core_round_trip(probe)))
             print(f"round {rnd + 1}: cores {distance[-1]} ns apart", file=sys.stderr)
     rows = []
-    for index, c, h, w, _ in maps:
+    for index, c, h, w, part, _ in maps:
         t = times[index]
         med = {name: float(np.median(v)) for name, v in t.items()}
-        ratios = [a / b for a, b in zip(t["rows"], t["blocks"])]
-        split = {"near": [x for x, ns in zip(ratios, distance) if ns is not None and ns < NEAR_NS],
-                 "apart": [x for x, ns in zip(ratios, distance) if ns is not None and ns >= NEAR_NS]}
-        rows.append({"layer": index, "map": [c, h, w], "part_bytes": (h // 2) * w * 4, "median_s": med,
-                     "times_s": t, "rows_over_blocks": med["rows"] / med["blocks"],
-                     "by_placement": {k: float(np.median(v)) if v else None for k, v in split.items()},
-                     "rounds_by_placement": {k: len(v) for k, v in split.items()}})
+        placed, rounds = medians(near_apart([a / b for a, b in zip(t["rows"], t["blocks"])], distance))
+        rows.append({"layer": index, "map": [c, h, w], "part_bytes": part, "median_s": med, "times_s": t,
+                     "rows_over_blocks": med["rows"] / med["blocks"], "by_placement": placed,
+                     "rounds_by_placement": rounds})
     module.set_threads(1)
     blas = blas_info()
     limiter.restore_original_limits()
@@ -211,20 +214,18 @@ def main():
               f"of the slower thread, medians of the rounds near / apart (rounds)")
         print(f"{'part':>9} {'adjacent near':>14} {'apart':>8} {f'{EDGE_GAP} B gap near':>16} {'apart':>8}")
 
-        def placed(values, where):
-            got = [v for v, ns in zip(values, distance)
-                   if ns is not None and (ns < NEAR_NS) == (where == "near")]
-            return (float(np.median(got)) if got else None), len(got)
+        def cell(v):
+            return f"{v:.1f}" if v is not None else "-"
         for p in parts:
             row = {"part_bytes": p}
             for g in (0, EDGE_GAP):
-                for where in ("near", "apart"):
-                    row[f"gap{g}_{where}"], row[f"gap{g}_{where}_rounds"] = placed(edges[(p, g)], where)
-                row[f"gap{g}_ns_per_kb"] = edges[(p, g)]
+                placed, rounds = medians(near_apart(edges[(p, g)], distance))
+                row[f"gap{g}"] = {"ns_per_kb": edges[(p, g)], "by_placement": placed, "rounds_by_placement": rounds}
             probe_rows.append(row)
-            cell = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
-            print(f"{p / 1024:>6.1f} KB {cell(row['gap0_near']):>14} {cell(row['gap0_apart']):>8} "
-                  f"{cell(row[f'gap{EDGE_GAP}_near']):>16} {cell(row[f'gap{EDGE_GAP}_apart']):>8}")
+            print(f"{p / 1024:>6.1f} KB {cell(row['gap0']['by_placement']['near']):>14} "
+                  f"{cell(row['gap0']['by_placement']['apart']):>8} "
+                  f"{cell(row[f'gap{EDGE_GAP}']['by_placement']['near']):>16} "
+                  f"{cell(row[f'gap{EDGE_GAP}']['by_placement']['apart']):>8}")
     with open(args.json, "w") as fh:
         json.dump({"model": args.model, "rounds": args.rounds, "calls": args.calls, "blas": blas,
                    "openblas_overrides": overrides, "core_round_trip_ns": distance, "maps": rows,
