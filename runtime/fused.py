@@ -203,18 +203,20 @@ class TileStep:
             arg = u.bandargs[:n].reshape(b, f, p1 - p0, pw)
             self.k.pool_forward(z[:, :, r0:r0 + h, c0:c0 + w], u.spec["pool"]["size"], u.spec["pool"]["stride"],
                                 pads, y, arg, u.pre, u.act, u.mean_t, u.inv_t, gamma, params[u.beta],
-                                by_rows=self._by_rows(u))
+                                **self._split(u))
             u.out[:, :, p0:p1] = y
             u.arg[:, :, p0:p1] = arg
 
-    def _by_rows(self, u):
-        """Whether unit ``u``'s epilogue and activation gradient split rows
-        between the threads: where its conv does (``splits_rows``), so that
-        each thread keeps its own rows of the map from kernel to kernel."""
+    def _split(self, u):
+        """How unit ``u``'s epilogue and activation gradient split the map
+        between the threads (the kernels' ``by_rows`` and ``by_images``): as
+        its conv does (``splits_rows``, ``splits_images``), so that each
+        thread keeps its own part of the map from kernel to kernel."""
         if u.kind != "conv":
-            return False
-        s = u.spec
-        return self.k.module.splits_rows(s["out"][0], s["out"][1], s["band"], s["filters"], self.spec["batch"])
+            return {}
+        s, m = u.spec, self.k.module
+        args = (s["out"][0], s["out"][1], s["band"], s["filters"], self.spec["batch"])
+        return {"by_rows": m.splits_rows(*args), "by_images": m.splits_images(*args)}
 
     def output_of(self, layer):
         """The forward output of ``layer`` (a layer some unit hands on)."""
@@ -278,9 +280,9 @@ class TileStep:
         if u.spec["pool"]:
             p = u.spec["pool"]
             self.k.pool_forward(u.z[:, :, u.prs, u.pcs], p["size"], p["stride"], p["pads"], u.out, u.arg,
-                                u.pre, u.act, u.mean_t, u.inv_t, gamma, beta, by_rows=self._by_rows(u))
+                                u.pre, u.act, u.mean_t, u.inv_t, gamma, beta, **self._split(u))
         else:
-            self.k.bn_act(u.z, u.out, u.pre, u.act, u.mean_t, u.inv_t, gamma, beta, by_rows=self._by_rows(u))
+            self.k.bn_act(u.z, u.out, u.pre, u.act, u.mean_t, u.inv_t, gamma, beta, **self._split(u))
 
     def pool_fwd(self, j):
         u, s = self.units[j], self.units[j].spec
@@ -313,10 +315,10 @@ class TileStep:
         if u.gamma is not None:
             u.s2.fill(0.0)
             self.k.act_grad(g, u.z, u.pre, u.act, u.s1, u.s2, u.mean_t, u.inv_t, params[u.gamma], params[u.beta],
-                            pool, by_rows=self._by_rows(u))
+                            pool, **self._split(u))
         else:
             self.k.act_grad(g, u.z, u.pre, u.act, u.s1, None, None, None, None, params[u.beta], pool,
-                            by_rows=self._by_rows(u))
+                            **self._split(u))
 
     def _stream_sums(self, u, params):
         bn = u.gamma is not None
@@ -326,7 +328,7 @@ class TileStep:
             z = self._band_conv(u, params, z0, z1)
             self.k.act_grad(None, z, u.pre, u.act, u.s1, u.s2 if bn else None, u.mean_t if bn else None,
                             u.inv_t if bn else None, params[u.gamma] if bn else None, params[u.beta],
-                            self._band_pool_grad(u, z0, z1, p0, p1), by_rows=self._by_rows(u))
+                            self._band_pool_grad(u, z0, z1, p0, p1), **self._split(u))
 
     def sums(self, j):
         """(sum dy, sum dy*xhat) of unit ``j`` (this tile's until combined in place)."""
@@ -372,4 +374,4 @@ class TileStep:
         if u.dst is not None:
             self.k.zero_rows(u.dst)
             self.k.pool_backward(u.d, u.arg, s["size"], s["stride"], s["pads"], u.dx,
-                                 by_rows=j > 0 and self._by_rows(self.units[j - 1]))
+                                 **(self._split(self.units[j - 1]) if j > 0 else {}))

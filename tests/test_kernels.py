@@ -240,6 +240,73 @@ def test_conv_backward_without_dw_adds_the_input_gradient_alone(case, images):
         kern(dt).conv_backward(x, w, case["stride"], case["pads"], dy, ws, band, None, None)
 
 
+def split_inputs(rng, data_, nb, f, ho, wo, dt):
+    """What a test of a conv's thread split feeds both passes: the owned
+    rectangle, the row where the forward is cut in two calls, z and dz, the
+    batch-norm vectors (mean, inv, gamma, m1, m2), and which gradients to
+    make (weight, input)."""
+    owned = (ho // 3, ho, 0, max(1, wo // 2))
+    cut = data_.draw(st.integers(0, ho))
+    z = rng.standard_normal((nb, f, ho, wo)).astype(dt)
+    dz = rng.standard_normal((nb, f, ho, wo)).astype(dt)
+    vectors = tuple(rng.standard_normal(f).astype(dt) for _ in range(5))
+    return owned, cut, z, dz, vectors, data_.draw(st.sampled_from([(True, True), (True, False), (False, True)]))
+
+
+@st.composite
+def image_split_case(draw):
+    """A conv whose threads split its images one at a time: two images or
+    more that share out evenly enough, a band of the map's rows at most, too
+    few filters to split them, 2 or 3 threads."""
+    k = draw(st.sampled_from((1, 3)))
+    pads = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
+    h = draw(st.integers(max(3, k + 1 - pads[0] - pads[1]), 9))
+    w = draw(st.integers(max(1, k - pads[2] - pads[3]), 9))
+    ho = ops.out_size(h, k, 1, pads[0], pads[1])
+    nt = draw(st.integers(2, min(3, ho)))
+    nb = draw(st.sampled_from([nt, 2 * nt, 4 * nt + 1]))
+    return dict(dtype=draw(DTYPES), shape=(nb, draw(st.integers(1, 4)), h, w), f=draw(st.integers(1, 6)), k=k,
+                stride=1, pads=pads, band=draw(st.integers(1, ho)),
+                offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)), seed=draw(SEEDS), threads=nt)
+
+
+@FAST
+@given(image_split_case(), st.data())
+def test_threads_that_split_the_images_compute_what_one_thread_does(case, data_):
+    """Forward (in two calls of some rows each) with its statistics, and
+    backward with the batch-norm finish on an owned rectangle, with and
+    without either gradient: on threads that split the images (each its
+    own images, every row, a private weight gradient but the first), as
+    one thread does, and by rows, the split turned off
+    (``allow_image_split``), as one thread does too; the epilogue kernels
+    split the same images (``splits_images``) only where it is on."""
+    rng, x, w, ho, wo, ws = conv_setup(case)
+    dt, f, nb, nt, band = case["dtype"], case["f"], x.shape[0], case["threads"], case["band"]
+    owned, cut, z, dz, (mean, inv, gamma, m1, m2), (with_dw, with_dx) = split_inputs(rng, data_, nb, f, ho, wo, dt)
+    got = {}
+    for threads_, split in ((1, True), (nt, True), (nt, False)):
+        out, n, mu, var = np.empty((nb, f, ho, wo), dt), np.zeros(1), np.zeros(f), np.zeros(f)
+        d, dw, dx = dz.copy(), np.ones(w.shape, dt), np.zeros(x.shape, dt)
+        module(dt).allow_image_split(split)
+        try:
+            with threads(dt, threads_):
+                assert bool(module(dt).splits_images(ho, wo, band, f, nb)) == (split and threads_ > 1)
+                assert not module(dt).splits_rows(ho, wo, band, f, nb) or not split
+                for rows in ((cut, ho), (0, cut)):
+                    kern(dt).conv_forward(x, w, 1, case["pads"], out, ws, band, owned, n, mu, var, rows=rows)
+                kern(dt).conv_backward(x, w, 1, case["pads"], d, ws, band, dw if with_dw else None,
+                                       dx if with_dx else None,
+                                       (z, mean, inv, gamma, m1, m2) if with_dw else None, owned, accumulate=True)
+        finally:
+            module(dt).allow_image_split(True)
+        got[threads_, split] = (out, n, mu, var, d, dw, dx)
+    check(got[nt, True][0], ops.conv2d_forward(x, w, 1, case["pads"]), dt, abs_conv(x, w, 1, case["pads"]))
+    tol = 1e-4 if dt == np.float32 else 1e-11
+    for key in ((nt, True), (nt, False)):
+        for one, several in zip(got[1, True], got[key]):
+            np.testing.assert_allclose(several, one, rtol=tol, atol=tol * (1 + np.abs(one).max()))
+
+
 @st.composite
 def filter_split_case(draw):
     """A conv whose threads split its filters: a band (of one or all of a
@@ -276,12 +343,7 @@ def test_threads_that_split_the_filters_compute_what_one_thread_does(case, data_
     size = module(dt).workspace_size(x.shape[1], case["k"], case["band"], ho, wo, True, nt, f)
     assert size == x.shape[1] * case["k"] ** 2 * case["band"] * wo * nt
     ws = np.empty(size, dt)
-    owned = (ho // 3, ho, 0, max(1, wo // 2))
-    cut = data_.draw(st.integers(0, ho))
-    z = rng.standard_normal((nb, f, ho, wo)).astype(dt)
-    dz = rng.standard_normal((nb, f, ho, wo)).astype(dt)
-    mean, inv, gamma, m1, m2 = (rng.standard_normal(f).astype(dt) for _ in range(5))
-    with_dw, with_dx = data_.draw(st.sampled_from([(True, True), (True, False), (False, True)]))
+    owned, cut, z, dz, (mean, inv, gamma, m1, m2), (with_dw, with_dx) = split_inputs(rng, data_, nb, f, ho, wo, dt)
     accumulate = data_.draw(st.booleans())
     got = {}
     for threads_, split in ((1, True), (nt, True), (nt, False)):  # (False: by rows, as the split turned off has it)
@@ -375,7 +437,7 @@ def bn_case(draw):
     owned = (r0, draw(st.integers(r0 + 1, h)), c0, draw(st.integers(c0 + 1, w)))
     return dict(dtype=dt, shape=(b, c, h, w), owned=owned, pre=draw(st.sampled_from(["none", "bn", "bias"])),
                 act=draw(st.sampled_from(["linear", "leaky", "relu"])), seed=draw(SEEDS), threads=draw(THREADS),
-                by_rows=draw(st.booleans()))
+                by_rows=draw(st.booleans()), by_images=draw(st.booleans()))
 
 
 def bn_setup(case):
@@ -407,7 +469,7 @@ def test_normalise_and_activate(case):
     y = np.empty(z.shape, dt)
     with threads(dt, case["threads"]):
         k.bn_act(z, y, k.pre[case["pre"]], k.act[case["act"]], mean.astype(dt), inv, gamma, beta,
-                 by_rows=case["by_rows"])
+                 by_rows=case["by_rows"], by_images=case["by_images"])
     check(y, reference_pre_act(z, case, mean, var, gamma, beta)[2], dt)
 
 
@@ -422,7 +484,7 @@ def test_activation_gradient_and_batch_norm_sums(case):
     da = dy.copy()
     with threads(dt, case["threads"]):
         k.act_grad(da, z, k.pre[case["pre"]], k.act[case["act"]], s1, s2, mean.astype(dt), inv, gamma, beta,
-                   by_rows=case["by_rows"])
+                   by_rows=case["by_rows"], by_images=case["by_images"])
     _, xhat, y = reference_pre_act(z, case, mean, var, gamma, beta)
     want = ops.act_backward(y, case["act"], dy)
     check(da, want, dt)
@@ -461,7 +523,8 @@ def pool_case(draw):
     return dict(dtype=draw(DTYPES), shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4)), h, w), size=size,
                 stride=draw(st.integers(1, 3)), pads=pads, pre=draw(st.sampled_from(["none", "bn", "bias"])),
                 act=draw(st.sampled_from(["linear", "leaky", "relu"])), offsets=tuple(draw(st.integers(0, 2)) for _ in range(4)),
-                ties=draw(st.booleans()), seed=draw(SEEDS), threads=draw(THREADS), by_rows=draw(st.booleans()))
+                ties=draw(st.booleans()), seed=draw(SEEDS), threads=draw(THREADS), by_rows=draw(st.booleans()),
+                by_images=draw(st.booleans()))
 
 
 # YOLO's 2x2 stride-2 pool, which has cores of its own (no scratch row; on a
@@ -469,7 +532,8 @@ def pool_case(draw):
 # an odd map inside a larger array, with ties, on rows too wide for it, and
 # on contiguous maps, one tall enough for several CHUNKs of row pairs
 YOLO_POOLS = [dict(dtype=np.dtype(dt), shape=(2, 3, h, w), size=2, stride=2, pads=(0, 0, 0, 0), pre=pre, act=act,
-                   offsets=offsets, ties=ties, seed=7, threads=threads, by_rows=by_rows)
+                   offsets=offsets, ties=ties, seed=7, threads=threads, by_rows=by_rows,
+                   by_images=by_rows and threads == 2)
               for dt, h, w, pre, act, ties, threads, offsets, by_rows in [
                   ("float32", 9, 11, "bn", "leaky", True, 2, (1, 0, 2, 1), False),
                   ("float64", 6, 8, "bias", "relu", False, 1, (1, 0, 2, 1), True),
@@ -480,7 +544,8 @@ YOLO_POOLS = [dict(dtype=np.dtype(dt), shape=(2, 3, h, w), size=2, stride=2, pad
 # the pool's gradient inside act_grad on maps of several CHUNKs of rows, with
 # windows across a chunk's edge: overlapping (3 by 2, padded; 2 by 1) and not
 GRAD_POOLS = [dict(dtype=np.dtype(dt), shape=(1, 2, h, w), size=size, stride=stride, pads=pads, pre="bias",
-                   act="leaky", offsets=(3, 1, 2, 2), ties=True, seed=3, threads=threads, by_rows=by_rows)
+                   act="leaky", offsets=(3, 1, 2, 2), ties=True, seed=3, threads=threads, by_rows=by_rows,
+                   by_images=False)
               for dt, h, w, size, stride, pads, threads, by_rows in [
                   ("float64", 150, 40, 3, 2, (1, 1, 1, 1), 2, False), ("float32", 97, 30, 2, 1, (0, 1, 0, 1), 1, False),
                   ("float64", 64, 64, 2, 2, (0, 0, 0, 0), 3, False), ("float64", 150, 40, 3, 2, (1, 1, 1, 1), 2, True),
@@ -512,7 +577,7 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
     y, arg = np.empty((b, c, ho, wo), dt), np.empty((b, c, ho, wo), np.int16)
     with threads(dt, case["threads"]):
         k.pool_forward(z, case["size"], case["stride"], case["pads"], y, arg, k.pre[case["pre"]], k.act[case["act"]],
-                       mean.astype(dt), inv, gamma, beta, by_rows=case["by_rows"])
+                       mean.astype(dt), inv, gamma, beta, by_rows=case["by_rows"], by_images=case["by_images"])
     a = reference_pre_act(z, case, mean, var, gamma, beta)[2]
     want_y, want_arg = ops.maxpool_forward(a, case["size"], case["stride"], case["pads"])
     np.testing.assert_array_equal(y, want_y)
@@ -521,7 +586,8 @@ def test_max_pool_of_the_activation_forward_and_backward(case):
     dx = embedded(rng, z.shape, dt, case["offsets"])
     before = dx.copy()
     with threads(dt, case["threads"]):
-        k.pool_backward(dy, arg, case["size"], case["stride"], case["pads"], dx, by_rows=case["by_rows"])
+        k.pool_backward(dy, arg, case["size"], case["stride"], case["pads"], dx, by_rows=case["by_rows"],
+                        by_images=case["by_images"])
     want_dx = ops.maxpool_backward(z.shape, case["size"], case["stride"], case["pads"], want_arg, dy)
     check(dx, before + want_dx, dt, np.abs(before) + ops.maxpool_backward(
         z.shape, case["size"], case["stride"], case["pads"], want_arg, np.abs(dy)))
@@ -560,7 +626,8 @@ def test_pool_gradient_routed_inside_the_activation_gradient(case):
     s1 = np.zeros(c)
     with threads(dt, case["threads"]):
         k.act_grad(da, zbig, k.pre[pre], k.act[case["act"]], s1, None, None, None, None, bias,
-                   (dp, arg, case["size"], case["stride"], case["pads"], (r0, c0, h, w)), by_rows=case["by_rows"])
+                   (dp, arg, case["size"], case["stride"], case["pads"], (r0, c0, h, w)), by_rows=case["by_rows"],
+                   by_images=case["by_images"])
     check(da, want, dt, np.abs(want) + ops.maxpool_backward(a.shape, case["size"], case["stride"], case["pads"],
                                                              arg, np.abs(dp)).max())
     # (overlapping windows add several dp into one element, in the data dtype)
@@ -611,7 +678,8 @@ def test_a_conv_backward_that_makes_its_gradient_again_equals_one_given_it(case,
         for regen in (False, True):
             da = None if regen else np.full(z.shape, np.nan, dt)
             s1, s2 = np.zeros(f), (np.zeros(f) if pre == "bn" else None)
-            k.act_grad(da, z, k.pre[pre], k.act[act], s1, s2, *vectors, pool, by_rows=case["by_rows"])
+            k.act_grad(da, z, k.pre[pre], k.act[act], s1, s2, *vectors, pool, by_rows=case["by_rows"],
+                       by_images=case["by_images"])
             dw = np.ones(wt.shape, dt)
             dx = np.ones(x.shape, dt) if input_grad else None
             k.conv_backward(x, wt, 1, (1, 1, 1, 1), z if regen else da, ws, band, dw, dx, bn, owned,

@@ -160,6 +160,17 @@ def test_tiled_float64_equals_one_device(case):
     assert_same(got, want, 1e-10, FLOOR)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiled_cases(), st.integers(2, 3))
+def test_tiled_float64_on_several_kernel_threads_equals_one_device(case, threads):
+    """Each device's kernels on 2 or 3 threads, which split a conv's rows,
+    filters or (from two images) its images, and the epilogues the same:
+    still the one-device result."""
+    got, want = run_case(*case, dtype="float64", threads=threads)
+    assume(converges(want[0]) and well_conditioned_case(case))
+    assert_same(got, want, 1e-10, FLOOR)
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tiled_cases(max_devices=4))
 def test_tiled_float32_equals_one_device(case):
