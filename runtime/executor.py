@@ -314,21 +314,23 @@ class RankExecutor:
         return self.tiles[g].grad_input, self.regions[g]["input"], 0
 
     def _destination(self, m):
-        """(array, region it covers, its first channel, add) where message ``m`` lands on its receiver."""
+        """(array, region it covers, its first channel, add, whether the
+        threads that use it split its images: ``TileStep.splits_images``)
+        where message ``m`` lands on its receiver."""
         t, g = m["tensor"], m["group"]
         if m.get("relay") and m["phase"] == "backward":  # another member's partial gradient of its slice
             buf, base = self.tails[g].grad_out(t)
-            return buf, Region.whole(*buf.shape[2:]), base, True
+            return buf, Region.whole(*buf.shape[2:]), base, True, False
         if m["phase"] == "forward":
             if g in self.tails:
                 buf = self.tails[g].inputs[t]
-                return buf, Region.whole(*buf.shape[2:]), 0, False
-            return self.tiles[g].x, self.regions[g]["input"], 0, False
+                return buf, Region.whole(*buf.shape[2:]), 0, False, False
+            return self.tiles[g].x, self.regions[g]["input"], 0, False, self.tiles[g].splits_images()
         if t in self.tail_of:
             buf, base = self.tails[self.tail_of[t]].grad_in(t)
-            return buf, Region.whole(*buf.shape[2:]), base, True
-        p = self.producer[t]
-        return self.tiles[p].grad_of(t), self.regions[p][t], 0, True
+            return buf, Region.whole(*buf.shape[2:]), base, True, False
+        step = self.tiles[self.producer[t]]
+        return step.grad_of(t), self.regions[self.producer[t]][t], 0, True, step.splits_images(step.produces[t])
 
     @staticmethod
     def _piece(array, base, m):
@@ -423,7 +425,7 @@ class RankExecutor:
         for k, _ in input_messages(self.plan, self.rank):
             m = self.plan["messages"][k]
             if m["group"] in self.tiles:
-                dst, region, base, _ = self._destination(m)
+                dst, region, base, _, _ = self._destination(m)
                 views[k] = self._piece(dst, (region, base), m)
         return views
 
@@ -432,10 +434,10 @@ class RankExecutor:
         self._land(m, self._piece(src, (region, base), m))
 
     def _land(self, m, piece):
-        dst, region, base, add = self._destination(m)
+        dst, region, base, add, images = self._destination(m)
         view = self._piece(dst, (region, base), m)
         if piece.dtype == view.dtype and piece.shape == view.shape and _rows_of(piece) and _rows_of(view):
-            self.k.copy_rows(piece, view, add)  # (by rows, on the threads that make and read them)
+            self.k.copy_rows(piece, view, add, images)  # (by rows or images, on the threads that make and read them)
         elif add:
             view += piece
         else:
@@ -471,7 +473,7 @@ class RankExecutor:
         for k, a in self.acc.items():
             self.k.scale(a.reshape(-1), self.momentum if k in self.holds_momentum else 0.0)
         for step in self.tiles.values():
-            self.k.zero_rows(step.grad_output)
+            self.k.zero_rows(step.grad_output, step.splits_images(-1))
         for tail in self.tails.values():
             tail.start_backward()
 

@@ -218,6 +218,13 @@ class TileStep:
         args = (s["out"][0], s["out"][1], s["band"], s["filters"], self.spec["batch"])
         return {"by_rows": m.splits_rows(*args), "by_images": m.splits_images(*args)}
 
+    def splits_images(self, j=0):
+        """Whether the threads of unit ``j`` split its images (the maps it
+        reads and writes; unit 0 reads the tile's input): who clears a
+        gradient of those maps or copies one in (``zero_rows``,
+        ``copy_rows``) then takes the same images."""
+        return bool(self._split(self.units[j]).get("by_images"))
+
     def output_of(self, layer):
         """The forward output of ``layer`` (a layer some unit hands on)."""
         return self.units[self.produces[layer]].out
@@ -351,7 +358,7 @@ class TileStep:
         else:
             self.k.add_sums(u.s1, acc[u.beta])
         if u.dst is not None:
-            self.k.zero_rows(u.dst)
+            self.k.zero_rows(u.dst, bool(self._split(u).get("by_images")))
         if u.bands:  # each band made again: its gradient, its batch norm's, its weight and input gradients' share
             for z0, z1, p0, p1 in u.bands:
                 z = self._band_conv(u, params, z0, z1)
@@ -372,6 +379,6 @@ class TileStep:
     def pool_bwd(self, j):
         u, s = self.units[j], self.units[j].spec
         if u.dst is not None:
-            self.k.zero_rows(u.dst)
-            self.k.pool_backward(u.d, u.arg, s["size"], s["stride"], s["pads"], u.dx,
-                                 **(self._split(self.units[j - 1]) if j > 0 else {}))
+            split = self._split(self.units[j - 1]) if j > 0 else {}
+            self.k.zero_rows(u.dst, bool(split.get("by_images")))
+            self.k.pool_backward(u.d, u.arg, s["size"], s["stride"], s["pads"], u.dx, **split)

@@ -255,9 +255,9 @@ def split_inputs(rng, data_, nb, f, ho, wo, dt):
 
 @st.composite
 def image_split_case(draw):
-    """A conv whose threads split its images one at a time: two images or
-    more that share out evenly enough, a band of the map's rows at most, too
-    few filters to split them, 2 or 3 threads."""
+    """A conv whose threads split its images one at a time: an image or
+    more per thread, shared out evenly enough, a band of the map's rows at
+    most, too few filters to split them, 2 or 3 threads."""
     k = draw(st.sampled_from((1, 3)))
     pads = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
     h = draw(st.integers(max(3, k + 1 - pads[0] - pads[1]), 9))
@@ -291,6 +291,8 @@ def test_threads_that_split_the_images_compute_what_one_thread_does(case, data_)
         try:
             with threads(dt, threads_):
                 assert bool(module(dt).splits_images(ho, wo, band, f, nb)) == (split and threads_ > 1)
+                # (not where a thread would get no image: rows keep every thread busy)
+                assert threads_ < 3 or not module(dt).splits_images(ho, wo, band, f, 2)
                 assert not module(dt).splits_rows(ho, wo, band, f, nb) or not split
                 for rows in ((cut, ho), (0, cut)):
                     kern(dt).conv_forward(x, w, 1, case["pads"], out, ws, band, owned, n, mu, var, rows=rows)
@@ -752,15 +754,16 @@ def test_sum_of_squares_loss_and_sgd_step(dtype, batch, n, momentum, decay, seed
 
 @FAST
 @given(DTYPES, st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.integers(1, 9),
-       st.tuples(*[st.integers(0, 2)] * 4), SEEDS, THREADS)
-def test_zero_rows_zeroes_a_strided_map_and_nothing_around_it(dtype, b, c, h, w, offsets, seed, nthreads):
-    """zero_rows (a tile's gradient buffers, cleared on the rows each thread
-    later adds into) clears the view and leaves the array around it."""
+       st.tuples(*[st.integers(0, 2)] * 4), SEEDS, THREADS, st.booleans())
+def test_zero_rows_zeroes_a_strided_map_and_nothing_around_it(dtype, b, c, h, w, offsets, seed, nthreads, by_images):
+    """zero_rows (a tile's gradient buffers, cleared on the rows or images
+    each thread later adds into) clears the view and leaves the array
+    around it."""
     r0, c0, extra_r, extra_c = offsets
     big = np.random.default_rng(seed).standard_normal((b, c, h + r0 + extra_r, w + c0 + extra_c)).astype(dtype) + 5
     before = big.copy()
     with threads(dtype, nthreads):
-        kern(dtype).zero_rows(big[:, :, r0:r0 + h, c0:c0 + w])
+        kern(dtype).zero_rows(big[:, :, r0:r0 + h, c0:c0 + w], by_images)
     want = before.copy()
     want[:, :, r0:r0 + h, c0:c0 + w] = 0
     np.testing.assert_array_equal(big, want)
@@ -768,9 +771,9 @@ def test_zero_rows_zeroes_a_strided_map_and_nothing_around_it(dtype, b, c, h, w,
 
 @FAST
 @given(DTYPES, st.integers(1, 3), st.integers(1, 3), st.integers(1, 12), st.integers(1, 9),
-       st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.booleans(), SEEDS, THREADS)
+       st.tuples(*[st.integers(0, 2)] * 4), st.booleans(), st.booleans(), SEEDS, THREADS, st.booleans())
 def test_copy_rows_copies_or_adds_a_map_between_strided_views(dtype, b, c, h, w, offsets, add, readonly, seed,
-                                                              nthreads):
+                                                              nthreads, by_images):
     """copy_rows (a map landing in a tile's buffer: dst = src, or += src)
     equals numpy's, touches nothing around dst, and reads a read-only src
     (a frame's bytes)."""
@@ -786,7 +789,7 @@ def test_copy_rows_copies_or_adds_a_map_between_strided_views(dtype, b, c, h, w,
     else:
         want[:, :, r0:r0 + h, c0:c0 + w] = src
     with threads(dtype, nthreads):
-        kern(dtype).copy_rows(src, big[:, :, r0:r0 + h, c0:c0 + w], add)
+        kern(dtype).copy_rows(src, big[:, :, r0:r0 + h, c0:c0 + w], add, by_images)
     np.testing.assert_array_equal(big, want)
 
 
