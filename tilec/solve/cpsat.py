@@ -387,14 +387,15 @@ def solve(cands, *, time_limit=10.0, workers=0, recompute=True, log=False):
         sol.objective_s = sol.prediction.step_s
         return sol
     lower = max(solver.best_objective_bound / US, bounds.lower_bound(cands, tried))
+    objective_s = solver.objective_value / US
     if status == cp_model.OPTIMAL:
         path = pm.settle(solver, max(MIN_IMPROVE, time_limit - (time.perf_counter() - t0)), workers)
         wall = time.perf_counter() - t0
     else:
         path = pm.path(solver)
     return solution_from_path(reduced, path, solver="cp-sat", status=solver.status_name(status),
-                              objective_s=solver.objective_value / US, bound_s=min(lower,
-                              solver.objective_value / US), wall_s=wall, booleans=pm.booleans)
+                              objective_s=objective_s, bound_s=min(lower, objective_s), wall_s=wall,
+                              booleans=pm.booleans)
 
 
 SHARE = 1_000_000  # a device's peak in millionths of its memory
