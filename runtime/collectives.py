@@ -1,6 +1,7 @@
 """All-reduces over the devices of a group, on any ``Comm``.
 
-Weight gradients use a ring all-reduce: a reduce-scatter then an all-gather,
+Weight gradients of three or more members (``use_ring``) use a ring
+all-reduce: a reduce-scatter then an all-gather,
 each of ``n - 1`` rounds in which every member sends one ``1/n`` chunk to
 its successor in the ring (members in rank order, wrapping around). Each
 member sends ``2 (n - 1) / n`` of the array whatever ``n`` is, the least
@@ -24,7 +25,11 @@ RING_MIN_BYTES = 64 * 1024  # below this, latency dominates: one all-gather roun
 
 
 def use_ring(nbytes, n_members, ring_min_bytes=RING_MIN_BYTES):
-    return n_members > 1 and nbytes >= ring_min_bytes
+    """A ring for ``nbytes`` over ``n_members``: from three members, where it
+    sends less than an all-gather. Two members send each other the whole
+    array either way; the all-gather does it in one round instead of two
+    (and two frames a member instead of four), the same sum on both."""
+    return n_members > 2 and nbytes >= ring_min_bytes
 
 
 def chunk_bounds(size, parts):

@@ -14,10 +14,11 @@ allocate more than the plan allows, and nothing is ever unpickled: control
 messages are UTF-8 JSON in a ``uint8`` payload.
 
 After the handshake (``auth.py``) a connection is a ``Channel``: every frame
-ends in a 16-byte tag, keyed BLAKE2b of a sequence number, the header and
-the payload, under a key of this connection and direction derived in the
-handshake. The sequence numbers are not sent; both ends count. A frame that
-was changed, replayed, reordered, dropped or sent the other way is refused
+ends in a 16-byte tag, a MAC (keyed BLAKE2b, HMAC-SHA256 or Poly1305:
+``new_mac``) of a sequence number, the header and the payload, under a key
+of this connection and direction derived in the handshake. The sequence
+numbers are not sent; both ends count. A frame that was changed, replayed,
+reordered, dropped or sent the other way is refused
 before anything reads its payload.
 
 ``Link`` is one connection in use: a reader thread that validates frames and
@@ -55,6 +56,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tilec_runtime import poly1305
 from tilec_runtime.errors import RuntimeFault
 
 MAGIC = b"TLCF"
@@ -176,14 +178,28 @@ def header(kind, step, tensor, array):
     return HEADER.pack(MAGIC, VERSION, int(kind), _DCODE[array.dtype], array.ndim, step, tensor, *shape, array.nbytes)
 
 
-MACS = ("blake2b", "sha256")
+MACS = ("blake2b", "sha256") + ((poly1305.NAME,) if poly1305.available() and not os.environ.get("TILEC_EXP_NOPOLY") else ())
 
 
 def new_mac(name, key):
-    """A keyed hash for frame MACs: BLAKE2b, or HMAC-SHA256 (cut to ``TAG_BYTES``)."""
+    """One direction's frame MAC under ``key``: keyed BLAKE2b, HMAC-SHA256
+    (cut to ``TAG_BYTES``) or Poly1305 (``tilec_runtime.poly1305``); each
+    frame's starts at ``frame_mac``."""
+    if name == poly1305.NAME:
+        return poly1305.Key(key)
     if name == "blake2b":
         return hashlib.blake2b(key=key, digest_size=TAG_BYTES)
     return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def frame_mac(base, seq):
+    """The MAC of frame number ``seq`` under ``base`` (``new_mac``), the
+    number already in it: a hash starts from a copy of the keyed one (keying
+    costs a compression per frame), Poly1305 from a one-time key of its own
+    (the number is its nonce too)."""
+    h = base.frame(seq) if isinstance(base, poly1305.Key) else base.copy()
+    h.update(seq.to_bytes(8, "big"))
+    return h
 
 
 class Channel:
@@ -201,7 +217,6 @@ class Channel:
         if mac not in MACS:
             raise ValueError(f"unknown MAC {mac!r}")
         self.sock, self.mac = sock, mac
-        # keyed once: each frame's MAC starts from a copy (keying costs a compression per frame)
         self._send_mac, self._recv_mac = new_mac(mac, bytes(send_key)), new_mac(mac, bytes(recv_key))
         self.sent = self.received = 0
         self._lock = threading.RLock()  # numbering and writing a frame (``send`` frames under it)
@@ -229,9 +244,9 @@ class Channel:
                 break
         return got, [], 0, None
 
-    def _mac(self, base, seq, head):
-        h = base.copy()
-        h.update(seq.to_bytes(8, "big"))
+    @staticmethod
+    def _mac(base, seq, head):
+        h = frame_mac(base, seq)
         h.update(head)
         return h
 

@@ -5,9 +5,10 @@ outgoing bandwidth, its receives the incoming one, and every message costs
 one latency. An exchange (all messages at one group boundary, sent at
 once) takes as long as its busiest device. All-reduces follow the socket
 runtime (``tilec_runtime.collectives``): weight gradients of at least
-``RING_MIN_BYTES`` go round a ring (2 (n-1) rounds of one 1/n chunk to the
-next member), smaller ones and batch-norm sums are all-gathered (every
-member sends its whole contribution to every other member).
+``RING_MIN_BYTES`` over three or more members go round a ring (2 (n-1)
+rounds of one 1/n chunk to the next member), the rest and batch-norm sums
+are all-gathered (every member sends its whole contribution to every other
+member).
 
 Where a device's kernel threads take every core (``Device.message_cpu``),
 each message it sends or receives also takes its CPU time (the frame's
