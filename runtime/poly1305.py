@@ -35,7 +35,7 @@ def _library():
     """libcrypto with its EVP functions typed, or None."""
     for path in _candidates():
         try:
-            lib = ctypes.CDLL(path)
+            lib = ctypes.PyDLL(path)  # (holds the GIL: a call takes microseconds, a GIL hand-off more)
             cipher = lib.EVP_chacha20_poly1305
         except (OSError, AttributeError):
             continue
@@ -132,10 +132,16 @@ class FrameMac:
 
     def update(self, data):
         if isinstance(data, bytes):
-            address, n, keep = data, len(data), None
+            address, n = data, len(data)
         else:
-            keep = np.frombuffer(data, np.uint8)  # (read-only views too; the array holds the buffer)
-            address, n = keep.__array_interface__["data"][0], keep.nbytes
+            view = memoryview(data)
+            n = view.nbytes
+            if not n:
+                return
+            if view.readonly:  # (the array holds the buffer through the call)
+                address = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
+            else:  # a tenth of the time of the above, where the buffer allows it
+                address = ctypes.addressof(ctypes.c_char.from_buffer(view))
         if n:
             c = self.ctx
             c.ok(c.lib.EVP_EncryptUpdate(c.ctx, None, c.out_ref, address, n), "EncryptUpdate")

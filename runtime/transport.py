@@ -192,13 +192,13 @@ def new_mac(name, key):
     return hmac.new(key, digestmod=hashlib.sha256)
 
 
-def frame_mac(base, seq):
+def frame_mac(base, seq, head=b""):
     """The MAC of frame number ``seq`` under ``base`` (``new_mac``), the
-    number already in it: a hash starts from a copy of the keyed one (keying
-    costs a compression per frame), Poly1305 from a one-time key of its own
-    (the number is its nonce too)."""
+    number and ``head`` already in it: a hash starts from a copy of the
+    keyed one (keying costs a compression per frame), Poly1305 from a
+    one-time key of its own (the number is its nonce too)."""
     h = base.frame(seq) if isinstance(base, poly1305.Key) else base.copy()
-    h.update(seq.to_bytes(8, "big"))
+    h.update(seq.to_bytes(8, "big") + bytes(head))  # (one call: a Poly1305 update is a foreign call)
     return h
 
 
@@ -244,12 +244,6 @@ class Channel:
                 break
         return got, [], 0, None
 
-    @staticmethod
-    def _mac(base, seq, head):
-        h = frame_mac(base, seq)
-        h.update(head)
-        return h
-
     def framed(self, head, payload):
         """One frame, numbered next, as the lists of buffers it goes out in
         (the caller writes all of them before any frame framed after it):
@@ -258,7 +252,7 @@ class Channel:
         that the receiver checks one piece while the next is hashed, the tag
         with the last."""
         with self._lock:
-            h = self._mac(self._send_mac, self.sent, head)
+            h = frame_mac(self._send_mac, self.sent, head)
             self.sent += 1
         if len(payload) <= MAC_CHUNK:
             h.update(payload)
@@ -287,7 +281,7 @@ class Channel:
         FrameError if the frame is not the next one this peer sent. The
         payload's last piece (a short payload: all of it) is read with the
         tag (one request: for a small frame, already read ahead)."""
-        h = self._mac(self._recv_mac, self.received, head)
+        h = frame_mac(self._recv_mac, self.received, head)
         self.received += 1
         tag = bytearray(TAG_BYTES)
         pieces = [payload[start:start + MAC_CHUNK] for start in range(0, len(payload), MAC_CHUNK)] or [payload]
