@@ -216,3 +216,12 @@ def test_progress_on_a_terminal_without_tqdm_is_plain_lines(monkeypatch):
     progress(1, 1.25, 0.1)
     progress.close()
     assert out.getvalue().splitlines()[-1].startswith("step    2/2  loss 1.250000")
+
+
+def test_a_profile_taken_on_a_busy_machine_says_so():
+    from tilec.commands.profile import busy_warning
+    calm = {"conv.forward": 0.02, "conv.backward": 0.04, "epilogue.backward": 0.18}
+    assert busy_warning(calm) is None  # (the convolutions, most of a step, decide)
+    busy = dict(calm, **{"conv.backward": 0.134})
+    warning = busy_warning(busy)
+    assert "conv.backward 13%" in warning and "conv.forward" not in warning and "tilec profile" in warning

@@ -44,4 +44,26 @@ def run(args):
     print("fit, worst relative error per kernel: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in worst.items()))
     print("noise, median over best timing: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in noise.items()))
     print(f"wrote {path}")
+    warning = busy_warning(noise)
+    if warning:
+        print(warning)
     return 0
+
+
+BUSY_NOISE = 0.10  # the convolutions' median over best timing above which a profile is suspect
+
+
+def busy_warning(noise, limit=BUSY_NOISE):
+    """A warning where the convolutions' timings varied more than ``limit``
+    between repeats (``noise``: kind.direction -> median over best - 1):
+    something else ran meanwhile, and its predictions may be off as much.
+    Measured here: a profile with conv.backward at 13% (epilogue.backward
+    18%) predicted steps 13-37% long; one taken minutes later at 4% and 2%,
+    -2..+8%."""
+    busy = {k: v for k, v in noise.items() if k.startswith("conv.") and v > limit}
+    if not busy:
+        return None
+    worst = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(busy.items()))
+    return (f"warning: the machine was busy while this ran (timings of the same call varied: {worst}); the "
+            f"predictions of plans made with this profile may be off by as much: run `tilec profile` again in a "
+            f"quieter moment")
