@@ -57,14 +57,18 @@ def _library():
 
 
 def _candidates():
+    """Paths to try, in order: the libcrypto hashlib loaded, the usual
+    names, then what ``ctypes.util`` finds (last: it may run ``ldconfig``)."""
     try:
         importlib.import_module("_hashlib")  # (loads the libcrypto that hashlib uses)
         with open("/proc/self/maps") as maps:
-            loaded = [line.split()[-1] for line in maps if "/libcrypto.so" in line]
+            yield from dict.fromkeys(line.split()[-1] for line in maps if "/libcrypto.so" in line)
     except (ImportError, OSError):
-        loaded = []
+        pass
+    yield from ("libcrypto.so.3", "libcrypto.so.1.1")
     found = ctypes.util.find_library("crypto")
-    return list(dict.fromkeys(loaded + ([found] if found else []) + ["libcrypto.so.3", "libcrypto.so.1.1"]))
+    if found:
+        yield found
 
 
 def available():
