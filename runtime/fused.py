@@ -358,7 +358,7 @@ class TileStep:
         else:
             self.k.add_sums(u.s1, acc[u.beta])
         if u.dst is not None:
-            self.k.zero_rows(u.dst, bool(self._split(u).get("by_images")))
+            self.k.zero_rows(u.dst, self.splits_images(j))
         if u.bands:  # each band made again: its gradient, its batch norm's, its weight and input gradients' share
             for z0, z1, p0, p1 in u.bands:
                 z = self._band_conv(u, params, z0, z1)

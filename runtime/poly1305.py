@@ -18,7 +18,6 @@ false without one that has ChaCha20-Poly1305, and ``auth`` then never offers
 this MAC in a handshake. Only ``ctypes`` and numpy: nothing to build.
 """
 import ctypes
-import ctypes.util
 import functools
 import importlib
 
@@ -66,9 +65,15 @@ def _candidates():
     except (ImportError, OSError):
         pass
     yield from ("libcrypto.so.3", "libcrypto.so.1.1")
+    import ctypes.util  # (here: importing it takes 8 ms, every process of the runtime would pay)
     found = ctypes.util.find_library("crypto")
     if found:
         yield found
+
+
+def _check(result, what):
+    if result != 1:
+        raise RuntimeError(f"OpenSSL {what} failed")
 
 
 def available():
@@ -100,10 +105,10 @@ class Key:
             ctx = self.pool.pop()
         except IndexError:
             ctx = _Context(self.lib)
-            ctx.ok(self.lib.EVP_EncryptInit_ex(ctx.ctx, self.lib.EVP_chacha20_poly1305(), None, self.key, nonce),
+            _check(self.lib.EVP_EncryptInit_ex(ctx.ctx, self.lib.EVP_chacha20_poly1305(), None, self.key, nonce),
                    "EncryptInit")
         else:
-            ctx.ok(self.lib.EVP_EncryptInit_ex(ctx.ctx, None, None, None, nonce), "EncryptInit")
+            _check(self.lib.EVP_EncryptInit_ex(ctx.ctx, None, None, None, nonce), "EncryptInit")
         return FrameMac(self, ctx)
 
 
@@ -116,10 +121,6 @@ class _Context:
             raise MemoryError("EVP_CIPHER_CTX_new")
         self.out, self.tag = ctypes.c_int(), ctypes.create_string_buffer(TAG_BYTES)
         self.out_ref = ctypes.byref(self.out)
-
-    def ok(self, result, what):
-        if result != 1:
-            raise RuntimeError(f"OpenSSL {what} failed")
 
     def __del__(self):
         if self.ctx:
@@ -140,20 +141,18 @@ class FrameMac:
         else:
             view = memoryview(data)
             n = view.nbytes
-            if not n:
-                return
-            if view.readonly:  # (the array holds the buffer through the call)
+            if n and view.readonly:  # (the array holds the buffer through the call)
                 address = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
-            else:  # a tenth of the time of the above, where the buffer allows it
+            elif n:  # a tenth of the time of the above, where the buffer allows it
                 address = ctypes.addressof(ctypes.c_char.from_buffer(view))
         if n:
             c = self.ctx
-            c.ok(c.lib.EVP_EncryptUpdate(c.ctx, None, c.out_ref, address, n), "EncryptUpdate")
+            _check(c.lib.EVP_EncryptUpdate(c.ctx, None, c.out_ref, address, n), "EncryptUpdate")
 
     def digest(self):
         c, self.ctx = self.ctx, None
-        c.ok(c.lib.EVP_EncryptFinal_ex(c.ctx, None, c.out_ref), "EncryptFinal")
-        c.ok(c.lib.EVP_CIPHER_CTX_ctrl(c.ctx, _GET_TAG, TAG_BYTES, c.tag), "get tag")
+        _check(c.lib.EVP_EncryptFinal_ex(c.ctx, None, c.out_ref), "EncryptFinal")
+        _check(c.lib.EVP_CIPHER_CTX_ctrl(c.ctx, _GET_TAG, TAG_BYTES, c.tag), "get tag")
         tag = c.tag.raw
         self.key.pool.append(c)
         return tag

@@ -181,23 +181,33 @@ def header(kind, step, tensor, array):
 MACS = ("blake2b", "sha256") + ((poly1305.NAME,) if poly1305.available() else ())
 
 
+class KeyedHash:
+    """A keyed hash as a frame MAC (``new_mac``): each frame's starts from
+    a copy of the keyed one (keying costs a compression per frame)."""
+
+    def __init__(self, keyed):
+        self.keyed = keyed
+
+    def frame(self, seq):
+        return self.keyed.copy()
+
+
 def new_mac(name, key):
     """One direction's frame MAC under ``key``: keyed BLAKE2b, HMAC-SHA256
-    (cut to ``TAG_BYTES``) or Poly1305 (``tilec_runtime.poly1305``); each
-    frame's starts at ``frame_mac``."""
+    (cut to ``TAG_BYTES``) or Poly1305 (``tilec_runtime.poly1305``: a
+    one-time key per frame, its number the nonce); ``frame(seq)`` starts a
+    frame's (``frame_mac``)."""
     if name == poly1305.NAME:
         return poly1305.Key(key)
     if name == "blake2b":
-        return hashlib.blake2b(key=key, digest_size=TAG_BYTES)
-    return hmac.new(key, digestmod=hashlib.sha256)
+        return KeyedHash(hashlib.blake2b(key=key, digest_size=TAG_BYTES))
+    return KeyedHash(hmac.new(key, digestmod=hashlib.sha256))
 
 
 def frame_mac(base, seq, head=b""):
     """The MAC of frame number ``seq`` under ``base`` (``new_mac``), the
-    number and ``head`` already in it: a hash starts from a copy of the
-    keyed one (keying costs a compression per frame), Poly1305 from a
-    one-time key of its own (the number is its nonce too)."""
-    h = base.frame(seq) if isinstance(base, poly1305.Key) else base.copy()
+    number and ``head`` already in it."""
+    h = base.frame(seq)
     h.update(seq.to_bytes(8, "big") + bytes(head))  # (one call: a Poly1305 update is a foreign call)
     return h
 
